@@ -1,0 +1,1 @@
+"""Flower ClientApp: receive the global adapter, train locally, send the encoded delta."""

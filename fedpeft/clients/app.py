@@ -1,0 +1,67 @@
+"""The Flower ClientApp. One data holder: apply the received global adapter, train on the local
+partition, reply with the (compressed) adapter delta and metrics.
+
+The partition comes from the node config (``partition-id``); the run configuration from the run
+config (``fedpeft-config``). The base model is loaded once per process (``runtime.get_runtime``).
+Error-feedback residuals live in ``context.state``, which Flower keeps per node across rounds.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from fedpeft import config, models
+from fedpeft.compression import ErrorFeedback, Layout, make_codec
+from fedpeft.runtime import get_runtime
+from fedpeft.server import protocol
+from fedpeft.training import set_threads, train_local
+
+app = ClientApp()
+EF_STATE = "fedpeft.error-feedback"
+
+
+def client_seed(seed: int, rnd: int, partition_id: int) -> int:
+    """The training seed of one client in one round (independent of engine and sampling order)."""
+    return (seed * 1_000_003 + rnd * 10_007 + partition_id) % (2**63 - 1)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train on the local partition starting from the received global adapter."""
+    t0 = time.perf_counter()
+    cfg = config.loads(str(context.run_config["fedpeft-config"]))
+    set_threads(cfg.run.threads, workers=int(context.run_config.get("workers", 1)))
+    rt = get_runtime(cfg)
+    partition_id = int(context.node_config["partition-id"])
+    layout = Layout.from_state(rt.initial_adapter())
+    instruction = msg.content[protocol.CONFIG]
+    global_state = make_codec(cfg.compression.downlink).decode(
+        protocol.record_payload(msg.content[protocol.GLOBAL]), layout)
+    models.set_adapter_state(rt.model, global_state)
+    rnd = int(instruction["round"])
+    result = train_local(rt.model, rt.client_dataset(partition_id), rt.collate, cfg.train, rt.device,
+                         seed=client_seed(int(instruction["seed"]), rnd, partition_id),
+                         proximal_mu=float(instruction["proximal-mu"]))
+    delta = models.subtract(models.adapter_state(rt.model), global_state)
+
+    codec = make_codec(cfg.compression.uplink)
+    use_ef = cfg.compression.error_feedback and not codec.lossless
+    t_enc = time.perf_counter()
+    if use_ef:
+        ef = ErrorFeedback()
+        if EF_STATE in context.state:
+            ef.load_state_dict({k: v.numpy() for k, v in context.state[EF_STATE].items()})
+        delta = ef.compensate(delta)
+    payload = codec.encode(delta, layout, rng=np.random.default_rng(client_seed(cfg.run.seed, rnd, partition_id)))
+    encode_ms = 1000 * (time.perf_counter() - t_enc)
+    if use_ef:
+        ef.update(delta, codec.decode(payload, layout))
+        context.state[EF_STATE] = ArrayRecord({k: Array(np.asarray(v)) for k, v in ef.state_dict().items()})
+    metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-steps": result.steps,
+               "train-seconds": result.seconds, "encode-ms": encode_ms,
+               "client-seconds": time.perf_counter() - t0, "partition-id": partition_id}
+    return Message(protocol.train_reply(payload, metrics), reply_to=msg)

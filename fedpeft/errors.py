@@ -1,0 +1,25 @@
+"""The project's error hierarchy: every expected failure is one of these, with a message a user can act on."""
+
+
+class FedPeftError(Exception):
+    """Base class: the CLI prints the message (no traceback) and exits non-zero."""
+
+
+class ConfigError(FedPeftError):
+    """A configuration key or value is unknown or invalid."""
+
+
+class DataError(FedPeftError):
+    """A dataset is missing, unreadable or does not have the expected columns."""
+
+
+class ModelError(FedPeftError):
+    """A model or adapter cannot be loaded or built."""
+
+
+class PayloadError(FedPeftError):
+    """A payload received over the network failed validation; the update is dropped."""
+
+
+class PrivacyError(FedPeftError):
+    """A privacy setting is impossible (e.g. an unreachable epsilon target)."""

@@ -1,0 +1,92 @@
+"""Run reports: ``summary.md`` (markdown tables) and ``curves.png`` from ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import Config
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-round rows of a run."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """Compact cell text: floats rounded, None as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as network traffic is usually quoted)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+ROUND_COLUMNS = ["round", "replies", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
+                 "bytes_up", "bytes_down", "seconds"]
+
+
+def write_run_report(run_dir: Path, cfg: Config) -> None:
+    """Write summary.md and (if enabled) curves.png for a finished run."""
+    rows = read_metrics(run_dir)
+    cols = [c for c in ROUND_COLUMNS if any(c in r for r in rows)]
+    last = rows[-1] if rows else {}
+    up = sum(r.get("bytes_up", 0) for r in rows)
+    dense = sum(r.get("bytes_up_fp32", 0) for r in rows)
+    text = [f"# Run `{run_dir.name}`\n",
+            f"- model `{cfg.model.name}` ({cfg.model.task}), adapter `{cfg.adapter.type}`, "
+            f"strategy `{cfg.federation.strategy}`, {cfg.data.num_clients} clients, {len(rows)} rounds",
+            f"- codecs: uplink `{cfg.compression.uplink}`, downlink `{cfg.compression.downlink}`",
+            f"- uplink total {human_bytes(up)} (fp32 dense: {human_bytes(dense)}, "
+            f"ratio {dense / up:.1f}x)" if up else "- uplink total 0 B",
+            f"- final: " + ", ".join(f"{k} {fmt(last[k])}" for k in ("eval_loss", "eval_accuracy", "eval_perplexity")
+                                   if last.get(k) is not None),
+            f"- wall time {fmt(last.get('elapsed'))} s, peak RSS {fmt(last.get('peak_rss_mb'))} MiB\n",
+            "## Rounds\n", markdown_table(cols, [[r.get(c) for c in cols] for r in rows])]
+    (run_dir / "summary.md").write_text("\n".join(text))
+    if cfg.output.plots and rows:
+        plot_curves(rows, run_dir / "curves.png")
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy (or perplexity) and loss against round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    evals = [r for r in rows if r.get("eval_loss") is not None]
+    ax2.plot([r["round"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    trains = [r for r in rows if r.get("train_loss") is not None]
+    ax2.plot([r["round"] for r in trains], [r["train_loss"] for r in trains], "s--", label="train loss")
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("loss")
+    ax2.legend()
+    key = "eval_accuracy" if any("eval_accuracy" in r for r in evals) else "eval_perplexity"
+    ax1.plot([r["round"] for r in evals], [r.get(key) for r in evals], "o-", color="tab:green")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel(key.replace("eval_", "eval "))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

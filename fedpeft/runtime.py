@@ -1,0 +1,80 @@
+"""Everything a process needs to train or evaluate for one configuration, loaded once.
+
+A :class:`Runtime` holds the tokenizer, the frozen base model wrapped with the adapter, the data
+split into client partitions and the held-out global eval set. In the in-process engine the server
+and every virtual client share one runtime (one base model; adapters are swapped in and out); in a
+deployment each ClientApp process builds its own. Flower-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from functools import cached_property
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from fedpeft import data, models
+from fedpeft.config import Config
+from fedpeft.training import select_device
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Model, adapter and data for one configuration (built lazily, cached per process)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.device = select_device(cfg.run.device)
+        self.examples = data.load_examples(cfg.data, cfg.model.task, seed=cfg.run.seed)
+        self.train_examples, eval_examples = data.split_eval(self.examples, cfg.data.eval_fraction, cfg.run.seed)
+        if cfg.train.max_eval_examples and len(eval_examples) > cfg.train.max_eval_examples:
+            eval_examples = eval_examples.subset(np.arange(cfg.train.max_eval_examples))
+        self.eval_examples = eval_examples
+        self.partitions = data.partition(self.train_examples, cfg.data, cfg.run.seed)
+        self.tokenizer = models.load_tokenizer(cfg.model)
+        self.collate = data.Collator(self.tokenizer.pad_token_id, cfg.model.task)
+        self._client_data: dict[int, Dataset] = {}
+
+    @cached_property
+    def model(self):  # noqa: ANN201 - a peft model
+        """The peft-wrapped model on the device; its adapter is the seeded initial one until swapped."""
+        num_labels = len(self.examples.label_names) if self.cfg.model.task == "classification" else 0
+        base = models.load_base_model(self.cfg.model, num_labels=num_labels, seed=self.cfg.run.seed)
+        model = models.build_peft_model(base, self.cfg.adapter, self.cfg.model.task, seed=self.cfg.run.seed)
+        self.initial_state = models.adapter_state(model)
+        return model.to(self.device).eval()
+
+    def initial_adapter(self) -> models.AdapterState:
+        """The seeded initial adapter (identical in every process for the same config)."""
+        _ = self.model
+        return {k: v.clone() for k, v in self.initial_state.items()}
+
+    def client_dataset(self, partition_id: int) -> Dataset:
+        """The tokenized local data of one client (cached: clients are revisited across rounds)."""
+        if not 0 <= partition_id < len(self.partitions):
+            raise ValueError(f"partition-id {partition_id} out of range 0..{len(self.partitions) - 1}")
+        if partition_id not in self._client_data:
+            subset = self.train_examples.subset(self.partitions[partition_id])
+            self._client_data[partition_id] = data.tokenize(subset, self.tokenizer, self.cfg.model.max_length,
+                                                            self.cfg.model.task)
+        return self._client_data[partition_id]
+
+    @cached_property
+    def eval_dataset(self) -> Dataset:
+        """The tokenized held-out global eval set."""
+        return data.tokenize(self.eval_examples, self.tokenizer, self.cfg.model.max_length, self.cfg.model.task)
+
+
+_CACHE: dict[str, Runtime] = {}
+
+
+def get_runtime(cfg: Config) -> Runtime:
+    """The process-wide runtime for ``cfg`` (one at a time: a new config replaces the old one)."""
+    key = hashlib.sha256(cfg.to_toml().encode()).hexdigest()
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = Runtime(cfg)
+    return _CACHE[key]

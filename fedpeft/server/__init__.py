@@ -1,0 +1,1 @@
+"""Flower ServerApp: sample clients, decode and validate replies, aggregate, checkpoint, evaluate."""

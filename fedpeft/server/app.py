@@ -1,0 +1,28 @@
+"""The Flower ServerApp. Every engine and a real deployment run this same object.
+
+The run configuration travels in the Flower run config: ``fedpeft-config`` (the resolved TOML text),
+``run-dir`` (where metrics, checkpoints and the adapter go) and ``resume`` (continue from the
+checkpoint in ``run-dir``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft import config
+from fedpeft.server.loop import FederatedServer
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Load the configuration from the run config and run the federated rounds."""
+    cfg = config.loads(str(context.run_config["fedpeft-config"]))
+    run_dir = Path(str(context.run_config["run-dir"]))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = bool(context.run_config.get("resume", False))
+    FederatedServer(cfg, run_dir, resume=resume).run(grid)

@@ -1,0 +1,60 @@
+"""Resumable server checkpoints: global adapter, server-optimizer state, sampling RNG, round.
+
+Tensors go to safetensors files, everything else to JSON; nothing is pickled, so a checkpoint is
+safe to load even if it came from elsewhere. Files are written to a temporary directory and swapped
+in, so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedpeft.errors import ConfigError
+
+
+@dataclass
+class ServerCheckpoint:
+    """What the server needs to continue a run exactly."""
+
+    round: int
+    global_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, torch.Tensor]
+    optimizer_t: int
+    rng_state: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save(ckpt: ServerCheckpoint, directory: Path) -> None:
+    """Write ``ckpt`` atomically into ``directory`` (replacing an older checkpoint)."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in ckpt.global_state.items()}, str(tmp / "global.safetensors"))
+    save_file({k: v.contiguous() for k, v in ckpt.optimizer_state.items()}, str(tmp / "optimizer.safetensors"))
+    meta = {"round": ckpt.round, "optimizer_t": ckpt.optimizer_t, "rng_state": ckpt.rng_state, "extra": ckpt.extra}
+    (tmp / "server.json").write_text(json.dumps(meta, indent=1))
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load(directory: Path) -> ServerCheckpoint:
+    """Read a checkpoint written by :func:`save`."""
+    meta_path = directory / "server.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"no checkpoint in {directory} (expected {meta_path.name}); cannot resume")
+    meta = json.loads(meta_path.read_text())
+    return ServerCheckpoint(round=int(meta["round"]), global_state=load_file(str(directory / "global.safetensors")),
+                            optimizer_state=load_file(str(directory / "optimizer.safetensors")),
+                            optimizer_t=int(meta["optimizer_t"]), rng_state=meta["rng_state"],
+                            extra=meta.get("extra", {}))

@@ -1,0 +1,186 @@
+"""The federated round loop, run inside the Flower ServerApp on any ``Grid``.
+
+Per round: wait for enough nodes, sample (seeded; the RNG state is checkpointed), send the global
+adapter through the downlink codec, receive replies, validate and decode each one (a bad reply is
+dropped and logged, the round goes on), aggregate, evaluate on the held-out set, append one JSON
+line to ``metrics.jsonl``, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedpeft import models
+from fedpeft.compression import Layout, make_codec
+from fedpeft.config import Config
+from fedpeft.errors import FedPeftError, PayloadError
+from fedpeft.runtime import get_runtime
+from fedpeft.server import checkpoint, protocol
+from fedpeft.server.aggregate import make_server_optimizer, weighted_mean
+from fedpeft.training import evaluate
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class FederatedServer:
+    """Owns the global adapter, the server optimizer, client sampling and the run directory."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.rt = get_runtime(cfg)
+        self.global_state = self.rt.initial_adapter()
+        self.layout = Layout.from_state(self.global_state)
+        self.uplink = make_codec(cfg.compression.uplink)
+        self.downlink = make_codec(cfg.compression.downlink)
+        self.optimizer = make_server_optimizer(cfg.federation)
+        self.rng = np.random.default_rng(cfg.run.seed)
+        self.round = 0
+        self.started = time.time()
+        if resume:
+            self._restore()
+
+    # ---- persistence -------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoint"
+
+    def _restore(self) -> None:
+        ckpt = checkpoint.load(self.checkpoint_dir)
+        models.set_adapter_state(self.rt.model, ckpt.global_state)  # validates names and shapes
+        self.global_state = ckpt.global_state
+        self.optimizer.load_state_dict(ckpt.optimizer_state, ckpt.optimizer_t)
+        self.rng.bit_generator.state = ckpt.rng_state
+        self.round = ckpt.round
+        self.started = time.time() - float(ckpt.extra.get("elapsed", 0.0))
+        _truncate_metrics(self.run_dir / METRICS_FILE, self.round)
+        log.info("resumed from round %d", self.round)
+
+    def _save(self, grid: Grid) -> None:
+        opt_state, t = self.optimizer.state_dict()
+        ckpt = checkpoint.ServerCheckpoint(round=self.round, global_state=self.global_state,
+                                           optimizer_state=opt_state, optimizer_t=t,
+                                           rng_state=self.rng.bit_generator.state,
+                                           extra={"elapsed": time.time() - self.started})
+        checkpoint.save(ckpt, self.checkpoint_dir)
+        save_nodes = getattr(grid, "save_node_states", None)  # the in-process engine keeps client state
+        if save_nodes is not None:
+            save_nodes(self.checkpoint_dir / "nodes")
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self, grid: Grid) -> None:
+        """Run the remaining rounds, then write the final adapter and the report."""
+        if self.round and getattr(grid, "load_node_states", None) is not None:
+            grid.load_node_states(self.checkpoint_dir / "nodes")
+        for rnd in range(self.round + 1, self.cfg.federation.rounds + 1):
+            row = self.run_round(grid, rnd)
+            with open(self.run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.round = rnd
+            if rnd % self.cfg.output.checkpoint_every == 0 or rnd == self.cfg.federation.rounds:
+                self._save(grid)
+        self.finish()
+
+    def _sample(self, grid: Grid) -> list[int]:
+        fed = self.cfg.federation
+        wanted = fed.clients_per_round or self.cfg.data.num_clients
+        deadline = time.time() + fed.node_wait_timeout
+        nodes = sorted(grid.get_node_ids())
+        while len(nodes) < wanted and time.time() < deadline:
+            time.sleep(1.0)
+            nodes = sorted(grid.get_node_ids())
+        if len(nodes) < fed.min_clients:
+            raise FedPeftError(f"only {len(nodes)} node(s) connected after {fed.node_wait_timeout:.0f} s; "
+                               f"federation.min_clients = {fed.min_clients}")
+        k = min(wanted, len(nodes))
+        return sorted(int(n) for n in self.rng.choice(nodes, size=k, replace=False))
+
+    def run_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
+        """One round; returns its metrics row."""
+        t0 = time.time()
+        sampled = self._sample(grid)
+        down_payload = self.downlink.encode(self.global_state, self.layout)
+        content = protocol.train_instruction(down_payload, {
+            "round": rnd, "seed": self.cfg.run.seed,
+            "proximal-mu": self.cfg.federation.proximal_mu if self.cfg.federation.strategy == "fedprox" else 0.0})
+        bytes_down = protocol.record_bytes(content) * len(sampled)
+        messages = [Message(content, node, protocol.TRAIN, group_id=str(rnd)) for node in sampled]
+        timeout = self.cfg.federation.round_timeout or None
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+
+        deltas, weights, losses, bytes_up, dropped = [], [], [], 0, []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                dropped.append(node)
+                log.warning("round %d: node %s failed: %s", rnd, node, reply.error.reason)
+                continue
+            try:
+                payload, metrics = protocol.parse_reply(reply.content)
+                delta = self.uplink.decode(payload, self.layout)
+            except PayloadError as e:
+                dropped.append(node)
+                log.warning("round %d: dropped the update of node %s: %s", rnd, node, e)
+                continue
+            bytes_up += protocol.record_bytes(reply.content)
+            deltas.append(delta)
+            weights.append(metrics["num-examples"])
+            losses.append(metrics["train-loss"])
+        missing = len(sampled) - len(replies)
+        row: dict[str, Any] = {"round": rnd, "sampled": len(sampled), "replies": len(deltas),
+                               "dropped": len(dropped) + missing}
+        if len(deltas) >= self.cfg.federation.min_clients:
+            mean = weighted_mean(deltas, weights)
+            self.global_state = self.optimizer.apply(self.global_state, mean)
+            row["train_loss"] = float(np.average(losses, weights=weights))
+        else:
+            log.warning("round %d: %d valid update(s) < federation.min_clients = %d; global adapter unchanged",
+                        rnd, len(deltas), self.cfg.federation.min_clients)
+            row["train_loss"] = None
+        if rnd % self.cfg.federation.eval_every == 0 or rnd == self.cfg.federation.rounds:
+            row.update(self.evaluate())
+        row.update({"bytes_up": bytes_up, "bytes_down": bytes_down,
+                    "bytes_up_fp32": 4 * self.layout.total * len(deltas),
+                    "bytes_up_fp16": 2 * self.layout.total * len(deltas),
+                    "seconds": round(time.time() - t0, 3), "elapsed": round(time.time() - self.started, 3),
+                    "peak_rss_mb": round(peak_rss_mb(), 1)})
+        log.info("round %d: %s", rnd, row)
+        return row
+
+    def evaluate(self) -> dict[str, float]:
+        """Centralized evaluation of the global adapter on the held-out set."""
+        models.set_adapter_state(self.rt.model, self.global_state)
+        return evaluate(self.rt.model, self.rt.eval_dataset, self.rt.collate, self.cfg.train.eval_batch_size,
+                        self.rt.device, self.cfg.model.task)
+
+    def finish(self) -> None:
+        """Write the final adapter (peft format), summary.md and plots."""
+        from fedpeft import report
+
+        models.save_adapter(self.rt.model, self.global_state, self.run_dir / "adapter")
+        report.write_run_report(self.run_dir, self.cfg)
+
+
+def _truncate_metrics(path: Path, last_round: int) -> None:
+    """Keep only rows up to ``last_round`` (rows after the checkpoint are replayed on resume)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["round"] <= last_round]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -1,0 +1,125 @@
+"""The in-process engine: one process, no sockets, deterministic.
+
+:class:`InProcessGrid` implements Flower's ``Grid`` interface, so the ServerApp runs unchanged: each
+pushed message is handed to the ClientApp of its virtual node, one after another. All virtual
+clients share the process's one frozen base model (``runtime.get_runtime``) and swap adapters, so
+memory stays flat as clients and rounds grow; a node's ``Context`` (its persistent state, e.g. the
+error-feedback residual) is created when the node is first sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+log = logging.getLogger(__name__)
+
+SERVER_NODE_ID = 0
+NODE_ID_BASE = 1000  # virtual node i has node id NODE_ID_BASE + i and partition-id i
+
+
+def node_id(partition_id: int) -> int:
+    """The node id of the virtual client holding ``partition_id``."""
+    return NODE_ID_BASE + partition_id
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are virtual clients called in this process."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict, run_id: int = 1) -> None:
+        self.client_app = client_app
+        self.num_nodes = num_nodes
+        self.run_config = run_config
+        self._run = Run.create_empty(run_id)
+        self._contexts: dict[int, Context] = {}
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [node_id(i) for i in range(self.num_nodes)]
+
+    def context(self, node: int) -> Context:
+        """The persistent context of a virtual node (created on first use)."""
+        if node not in self._contexts:
+            pid = node - NODE_ID_BASE
+            self._contexts[node] = Context(run_id=self._run.run_id, node_id=node,
+                                           node_config={"partition-id": pid, "num-partitions": self.num_nodes},
+                                           state=RecordDict(), run_config=dict(self.run_config))
+        return self._contexts[node]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self.get_node_ids():
+                raise ValueError(f"unknown node {msg.metadata.dst_node_id}")
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            try:
+                reply = self.client_app(msg, self.context(msg.metadata.dst_node_id))
+            except Exception as e:  # a failing client is an error reply, as in a deployment
+                log.exception("virtual node %s failed", msg.metadata.dst_node_id)
+                reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
+            self._replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    # ---- persistence of client state (called by the server at checkpoints) ------------------
+    def save_node_states(self, directory: Path) -> None:
+        """Save every node's array state (one .npz per node; nothing pickled)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for node, ctx in self._contexts.items():
+            arrays = {f"{rec}/{key}": arr.numpy() for rec, record in ctx.state.items()
+                      if isinstance(record, ArrayRecord) for key, arr in record.items()}
+            np.savez(directory / f"{node}.npz", **arrays)
+
+    def load_node_states(self, directory: Path) -> None:
+        """Restore node states saved by :meth:`save_node_states`."""
+        if not directory.is_dir():
+            return
+        for path in sorted(directory.glob("*.npz")):
+            ctx = self.context(int(path.stem))
+            with np.load(path, allow_pickle=False) as npz:
+                records: dict[str, dict[str, Array]] = {}
+                for name in npz.files:
+                    rec, key = name.split("/", 1)
+                    records.setdefault(rec, {})[key] = Array(npz[name])
+            for rec, arrays in records.items():
+                ctx.state[rec] = ArrayRecord(arrays)
+
+
+def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int, run_config: dict) -> float:
+    """Run ``server_app`` against ``num_nodes`` virtual clients; returns the wall time in seconds."""
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = SERVER_NODE_ID
+    TaskIdentity.task_id = 1
+    grid = InProcessGrid(client_app, num_nodes, run_config)
+    server_ctx = Context(run_id=1, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
+                         run_config=dict(run_config))
+    t0 = time.perf_counter()
+    server_app(grid, server_ctx)
+    return time.perf_counter() - t0

@@ -1,0 +1,1 @@
+"""Split-learning offload: model cut, gRPC tensor stream, split client and server."""

@@ -1,0 +1,163 @@
+"""Local training and evaluation loops on plain torch (used by clients, the server's evaluation,
+split learning and the attacks).
+
+Deterministic on CPU: batches are drawn from a generator seeded per (run seed, round, client), so
+the same configuration gives the same metrics whichever engine runs it and whether or not the run
+was interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedpeft.config import TrainSection
+
+log = logging.getLogger(__name__)
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """cuda > mps > cpu for 'auto'; an explicit choice that is unavailable falls back to cpu with a warning."""
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if preference in ("auto", "mps") and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    if preference not in ("auto", "cpu"):
+        log.warning("device %r is not available here; using cpu", preference)
+    return torch.device("cpu")
+
+
+def set_threads(threads: int, workers: int = 1) -> int:
+    """Set torch's intra-op threads: ``threads`` if given, else the cores divided among the workers."""
+    n = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 (or fp16 where bf16 is unsupported) autocast on GPU; nothing on CPU/MPS."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _batches(dataset: Dataset, collate: Callable, batch_size: int, generator: torch.Generator) -> Iterator[dict]:
+    """Endless shuffled batches (a new permutation each epoch, drawn from ``generator``)."""
+    while True:
+        yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator)
+
+
+def num_local_steps(cfg: TrainSection, num_examples: int) -> int:
+    """Optimizer steps in one round: ``local_steps``, or ``local_epochs`` worth of batches."""
+    if cfg.local_steps > 0:
+        return cfg.local_steps
+    return max(1, math.ceil(cfg.local_epochs * num_examples / cfg.batch_size))
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainSection) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainSection, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then constant / linear decay / cosine decay over ``steps``."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class TrainResult:
+    """What one local training run reports."""
+
+    num_examples: int
+    steps: int
+    loss: float
+    seconds: float
+
+
+def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: TrainSection, device: torch.device,
+                seed: int, proximal_mu: float = 0.0, steps: int | None = None) -> TrainResult:
+    """Train the model's trainable parameters in place for one round.
+
+    ``proximal_mu > 0`` adds FedProx's term mu/2 * ||w - w_start||^2 (w_start: the received global).
+    """
+    start = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    steps = steps or num_local_steps(cfg, len(dataset))
+    optimizer = make_optimizer(params, cfg)
+    schedule = make_schedule(optimizer, cfg, steps)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    total, batches = 0.0, _batches(dataset, collate, cfg.batch_size, generator)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout
+        for _ in range(steps):
+            batch = _to(next(batches), device)
+            with _autocast(device):
+                loss = model(**batch).loss
+            if proximal_mu > 0:
+                loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach())
+    model.eval()
+    return TrainResult(num_examples=len(dataset), steps=steps, loss=total / steps,
+                       seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: int, device: torch.device,
+             task: str) -> dict[str, float]:
+    """Loss and accuracy (classification) or loss and perplexity (causal LM, over response tokens)."""
+    model.eval()
+    loss_sum, weight, correct, seen = 0.0, 0, 0, 0
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+        batch = _to(batch, device)
+        with _autocast(device):
+            out = model(**batch)
+        if task == "classification":
+            n = batch["labels"].shape[0]
+            loss_sum += float(out.loss) * n
+            weight += n
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            seen += n
+        else:
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            loss_sum += float(out.loss) * n
+            weight += n
+    loss = loss_sum / max(1, weight)
+    if task == "classification":
+        return {"eval_loss": loss, "eval_accuracy": correct / max(1, seen)}
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}

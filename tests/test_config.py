@@ -1,0 +1,60 @@
+"""Configuration: TOML + overrides, strict validation with actionable messages."""
+
+from pathlib import Path
+
+import pytest
+
+from fedpeft import config
+from fedpeft.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_quickstart_scenario():
+    assert config.load(ROOT / "simulations" / "quickstart.toml") == config.load(None)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "simulations").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_scenario_is_valid(path):
+    cfg = config.load(path)
+    assert cfg.run.name == path.stem
+
+
+def test_overrides_are_typed_and_round_trip():
+    cfg = config.load(None, ["federation.rounds=7", "train.lr=0.5", "adapter.target_modules=q,k,v",
+                             "run.name=x y", "output.plots=false"])
+    assert (cfg.federation.rounds, cfg.train.lr, cfg.adapter.target_modules) == (7, 0.5, ["q", "k", "v"])
+    assert cfg.run.name == "x y" and cfg.output.plots is False
+    assert config.loads(cfg.to_toml()) == cfg
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("federation.roundz=3", "unknown key federation.roundz; valid keys in [federation]: rounds"),
+    ("nope.x=1", "unknown section [nope]; valid sections: run, model"),
+    ("adapter.type=lorra", "adapter.type = 'lorra' is not allowed; choose one of: 'lora', 'prompt'"),
+    ("federation.rounds=0", "federation.rounds = 0 is below the minimum 1"),
+    ("federation.rounds=1.5", "federation.rounds = 1.5: expected an integer"),
+    ("train.lr=fast", "train.lr = 'fast': expected a number"),
+    ("output.plots=1", "output.plots = 1: expected true or false"),
+    ("rounds=3", "expected section.key=value"),
+    ("data.source=file", "data.source = 'file' needs data.path"),
+    ("federation.clients_per_round=9", "exceeds data.num_clients = 4"),
+])
+def test_bad_settings_name_the_key_and_the_allowed_values(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, [override])
+    assert fragment in str(e.value)
+
+
+def test_missing_and_malformed_scenario_files(tmp_path):
+    with pytest.raises(ConfigError, match="scenario file not found"):
+        config.load(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\nname=1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(bad)
+
+
+def test_reference_lists_every_key():
+    keys = {row[0] for row in config.describe()}
+    assert {"run.seed", "adapter.r", "federation.strategy", "compression.uplink", "privacy.mode"} <= keys

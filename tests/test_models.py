@@ -1,0 +1,93 @@
+"""Base models and adapters: every adapter type on every tiny architecture, state handling, peft reload."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fedpeft import config, models
+from fedpeft.errors import ModelError
+
+X = ["apple rain today", "engine wheel"]
+
+
+def _model(name, task, adapter, **extra):
+    cfg = config.load(None, [f"model.name={name}", f"model.task={task}", f"adapter.type={adapter}",
+                             "model.tiny_hidden_size=32", "data.source=file", "data.path=x.jsonl"]
+                      + [f"{k}={v}" for k, v in extra.items()])
+    base = models.load_base_model(cfg.model, num_labels=3 if task == "classification" else 0, seed=1)
+    return cfg, base, models.build_peft_model(base, cfg.adapter, task, seed=1)
+
+
+def _batch(task):
+    tok = models.byte_tokenizer()
+    enc = tok(X, return_tensors="pt", padding=True)
+    enc["labels"] = torch.tensor([0, 2]) if task == "classification" else enc["input_ids"].clone()
+    return enc
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prompt", "prefix", "ia3"])
+@pytest.mark.parametrize("name, task", [("tiny-bert", "classification"), ("tiny-gpt2", "causal_lm"),
+                                        ("tiny-llama", "causal_lm")])
+def test_adapter_trains_only_its_own_tensors(name, task, adapter):
+    cfg, base, model = _model(name, task, adapter)
+    state = models.adapter_state(model)
+    assert state, "no trainable tensors"
+    assert sum(v.numel() for v in state.values()) < 0.5 * sum(p.numel() for p in model.parameters())
+    out = model(**_batch(task))
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_seeded_init_is_reproducible_and_state_round_trips():
+    _, _, a = _model("tiny-bert", "classification", "lora")
+    _, _, b = _model("tiny-bert", "classification", "lora")
+    sa, sb = models.adapter_state(a), models.adapter_state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    shifted = models.add(sa, {k: torch.ones_like(v) for k, v in sa.items()})
+    models.set_adapter_state(a, shifted)
+    assert all(torch.equal(models.adapter_state(a)[k], shifted[k]) for k in sa)
+    assert all(torch.allclose(models.subtract(shifted, sa)[k], torch.ones_like(sa[k])) for k in sa)
+
+
+def test_set_adapter_state_rejects_mismatches():
+    _, _, m = _model("tiny-bert", "classification", "lora")
+    state = models.adapter_state(m)
+    key = next(iter(state))
+    with pytest.raises(ModelError, match="missing"):
+        models.set_adapter_state(m, {k: v for k, v in state.items() if k != key})
+    with pytest.raises(ModelError, match="shape"):
+        models.set_adapter_state(m, {**state, key: torch.zeros(1)})
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prompt"])
+def test_saved_adapter_reloads_with_peft(tmp_path, adapter):
+    cfg, _, model = _model("tiny-bert", "classification", adapter)
+    state = {k: v + 0.01 for k, v in models.adapter_state(model).items()}
+    models.save_adapter(model, state, tmp_path / "adapter")
+    fresh = models.load_base_model(cfg.model, num_labels=3, seed=1)
+    loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).eval()
+    model.eval()
+    batch = _batch("classification")
+    batch.pop("labels")
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, loaded(**batch).logits, atol=1e-6)
+
+
+def test_unknown_model_is_a_clear_error():
+    cfg = config.load(None, ["model.name=no-such-org/no-such-model"])
+    with pytest.raises(ModelError, match="cannot load model 'no-such-org/no-such-model'.*built-in"):
+        models.load_tokenizer(cfg.model)
+
+
+def test_packaged_minilm_loads_offline():
+    cfg = config.load(None)
+    tok = models.load_tokenizer(cfg.model)
+    base = models.load_base_model(cfg.model, num_labels=5)
+    model = models.build_peft_model(base, cfg.adapter, "classification")
+    names = list(models.adapter_state(model))
+    assert any("query.lora_A" in n for n in names) and any("value.lora_B" in n for n in names)
+    enc = tok(["markets rallied"], return_tensors="pt")
+    with torch.no_grad():
+        assert model(**enc).logits.shape == (1, 5)
