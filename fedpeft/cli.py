@@ -34,8 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     _scenario_args(sim)
     sim.add_argument("--engine", choices=("inprocess", "ray"), help="override run.engine")
     sim.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    cmp = sub.add_parser("compare-compression", help="run a scenario once per codec and compare bytes and accuracy")
+    _scenario_args(cmp)
+    cmp.add_argument("--codecs", help="comma-separated codec specs, e.g. none,fp16,int8,topk:0.1,compeft:0.1 "
+                                      "(a codec's key=value options follow it: compeft:0.05,scale=std); "
+                                      "default: compression.sweep")
+    cmp.add_argument("--both-directions", action="store_true", help="apply each codec to the downlink too")
     cfg = sub.add_parser("config", help="print the resolved configuration (TOML) and exit")
     _scenario_args(cfg)
+    cfg.add_argument("--reference", action="store_true", help="print the reference of every key (markdown)")
     return p
 
 
@@ -103,12 +110,52 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_codecs(text: str) -> list[str]:
+    """'none,compeft:0.05,scale=std,int8' -> ['none', 'compeft:0.05,scale=std', 'int8']."""
+    specs: list[str] = []
+    for token in (t.strip() for t in text.split(",") if t.strip()):
+        if "=" in token and specs:
+            specs[-1] += "," + token
+        else:
+            specs.append(token)
+    return specs
+
+
+def cmd_compare_compression(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedpeft.simulation.sweep import compare_compression
+
+    cfg = config.load(args.scenario, args.overrides)
+    codecs = split_codecs(args.codecs) if args.codecs else list(cfg.compression.sweep)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task(f"codecs ({codecs[0]} first)", total=len(codecs))
+
+        def done(row: dict[str, Any]) -> None:
+            acc = report.fmt(row["final_accuracy"])
+            ratio = report.fmt(row["ratio_vs_fp32"], 3)
+            progress.console.print(f"{row['codec']}: up {report.human_bytes(row['uplink_bytes_per_round'])}/round "
+                                   f"({ratio}x smaller than fp32), final accuracy {acc}")
+            progress.advance(task)
+
+        sweep_dir = compare_compression(cfg, codecs, args.both_directions, on_done=done)
+    console.print((sweep_dir / "compression.md").read_text())
+    console.print(f"sweep written to [bold]{sweep_dir}[/]")
+    print(json.dumps({"sweep_dir": str(sweep_dir)}))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.reference:
+        rows = [[f"`{k}`", t, f"`{d}`", h.replace("|", "/")] for k, t, d, h in config.describe()]
+        print(report.markdown_table(["key", "type", "default", "meaning"], rows), end="")
+        return 0
     print(config.load(args.scenario, args.overrides).to_toml())
     return 0
 
 
-COMMANDS = {"simulate": cmd_simulate, "config": cmd_config}
+COMMANDS = {"simulate": cmd_simulate, "compare-compression": cmd_compare_compression, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,8 +135,9 @@ class CompressionSection:
 
     uplink: str = _opt("none", help="client -> server codec, e.g. none, fp16, int8, topk:0.1, compeft:0.1")
     downlink: str = _opt("none", help="server -> client codec for the global adapter")
-    error_feedback: bool = _opt(True, help="carry what compression dropped into the next round")
-    residual: str = _opt("client", choices=("client", "server"), help="who keeps the error-feedback residual")
+    error_feedback: bool = _opt(True, help="carry what compression dropped into the next round (client-held)")
+    sweep: list[str] = _opt(["none", "fp16", "int8", "topk:0.1", "compeft:0.1", "compeft:0.05"],
+                            help="codecs that compare-compression runs when --codecs is not given")
 
 
 @dataclass

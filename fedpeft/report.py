@@ -38,7 +38,7 @@ def human_bytes(n: float) -> str:
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     """A GitHub-flavoured markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]  # fmt leaves str as is
     return "\n".join(lines) + "\n"
 
 

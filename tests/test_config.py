@@ -58,3 +58,9 @@ def test_missing_and_malformed_scenario_files(tmp_path):
 def test_reference_lists_every_key():
     keys = {row[0] for row in config.describe()}
     assert {"run.seed", "adapter.r", "federation.strategy", "compression.uplink", "privacy.mode"} <= keys
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key, *_ in config.describe() if f"`{key}`" not in readme]
+    assert not missing, f"README configuration reference lacks {missing}"

@@ -3,7 +3,8 @@ partition, reply with the (compressed) adapter delta and metrics.
 
 The partition comes from the node config (``partition-id``); the run configuration from the run
 config (``fedpeft-config``). The base model is loaded once per process (``runtime.get_runtime``).
-Error-feedback residuals live in ``context.state``, which Flower keeps per node across rounds.
+Error-feedback residuals and (with a lossy downlink codec) the last broadcast state live in
+``context.state``, which Flower keeps per node across rounds.
 """
 
 from __future__ import annotations
@@ -11,17 +12,53 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpeft import config, models
 from fedpeft.compression import ErrorFeedback, Layout, make_codec
+from fedpeft.errors import PayloadError
 from fedpeft.runtime import get_runtime
 from fedpeft.server import protocol
 from fedpeft.training import set_threads, train_local
 
 app = ClientApp()
 EF_STATE = "fedpeft.error-feedback"
+BROADCAST_STATE, BROADCAST_ROUND = "fedpeft.broadcast", "fedpeft.broadcast-round"
+
+
+def _arrays(record: ArrayRecord) -> dict:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _record(state: dict) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(np.asarray(v))) for k, v in state.items()})
+
+
+def receive_global(msg: Message, context: Context, layout: Layout, downlink_spec: str) -> models.AdapterState:
+    """The adapter to start from: a full state, or the stored broadcast state plus a coded delta."""
+    instruction = msg.content[protocol.CONFIG]
+    kind, spec = str(instruction["downlink"]), str(instruction["codec"])
+    configured = make_codec(downlink_spec)
+    if spec not in (configured.spec, "none"):
+        raise PayloadError(f"downlink codec {spec!r} is neither the configured {configured.spec!r} nor 'none'")
+    decoded = make_codec(spec).decode(protocol.record_payload(msg.content[protocol.GLOBAL]), layout)
+    if kind == "full":
+        state = decoded
+    elif kind == "delta":
+        held = int(context.state[BROADCAST_ROUND]["round"]) if BROADCAST_ROUND in context.state else None
+        if held != int(instruction["base-round"]):
+            raise PayloadError(f"downlink delta is against round {instruction['base-round']}, this node holds "
+                               f"{held}; the server will send the full state next time")
+        stored = _arrays(context.state[BROADCAST_STATE])
+        state = {k: v + torch.from_numpy(stored[k]) for k, v in decoded.items()}
+    else:
+        raise PayloadError(f"unknown downlink kind {kind!r}")
+    if not configured.lossless:
+        context.state[BROADCAST_STATE] = _record({k: v.numpy() for k, v in state.items()})
+        context.state[BROADCAST_ROUND] = ConfigRecord({"round": int(instruction["round"])})
+    return state
 
 
 def client_seed(seed: int, rnd: int, partition_id: int) -> int:
@@ -39,8 +76,7 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config["partition-id"])
     layout = Layout.from_state(rt.initial_adapter())
     instruction = msg.content[protocol.CONFIG]
-    global_state = make_codec(cfg.compression.downlink).decode(
-        protocol.record_payload(msg.content[protocol.GLOBAL]), layout)
+    global_state = receive_global(msg, context, layout, cfg.compression.downlink)
     models.set_adapter_state(rt.model, global_state)
     rnd = int(instruction["round"])
     result = train_local(rt.model, rt.client_dataset(partition_id), rt.collate, cfg.train, rt.device,
@@ -49,18 +85,18 @@ def train(msg: Message, context: Context) -> Message:
     delta = models.subtract(models.adapter_state(rt.model), global_state)
 
     codec = make_codec(cfg.compression.uplink)
-    use_ef = cfg.compression.error_feedback and not codec.lossless
+    use_ef = cfg.compression.error_feedback and codec.biased
     t_enc = time.perf_counter()
     if use_ef:
         ef = ErrorFeedback()
         if EF_STATE in context.state:
-            ef.load_state_dict({k: v.numpy() for k, v in context.state[EF_STATE].items()})
+            ef.load_state_dict(_arrays(context.state[EF_STATE]))
         delta = ef.compensate(delta)
     payload = codec.encode(delta, layout, rng=np.random.default_rng(client_seed(cfg.run.seed, rnd, partition_id)))
     encode_ms = 1000 * (time.perf_counter() - t_enc)
     if use_ef:
         ef.update(delta, codec.decode(payload, layout))
-        context.state[EF_STATE] = ArrayRecord({k: Array(np.asarray(v)) for k, v in ef.state_dict().items()})
+        context.state[EF_STATE] = _record(ef.state_dict())
     metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-steps": result.steps,
                "train-seconds": result.seconds, "encode-ms": encode_ms,
                "client-seconds": time.perf_counter() - t0, "partition-id": partition_id}

@@ -37,6 +37,8 @@ def free_port() -> int:
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """The environment for Flower processes: private FLWR_HOME, no telemetry or update checks."""
     env = dict(os.environ)
+    # Flower's processes start each other by name (flower-superexec, flwr-serverapp, ...)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update({"FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1")})
     return env

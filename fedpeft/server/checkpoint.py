@@ -24,9 +24,7 @@ class ServerCheckpoint:
     """What the server needs to continue a run exactly."""
 
     round: int
-    global_state: dict[str, torch.Tensor]
-    optimizer_state: dict[str, torch.Tensor]
-    optimizer_t: int
+    tensors: dict[str, dict[str, torch.Tensor]]  # e.g. "global", "optimizer", "broadcast"
     rng_state: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -36,9 +34,9 @@ def save(ckpt: ServerCheckpoint, directory: Path) -> None:
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in ckpt.global_state.items()}, str(tmp / "global.safetensors"))
-    save_file({k: v.contiguous() for k, v in ckpt.optimizer_state.items()}, str(tmp / "optimizer.safetensors"))
-    meta = {"round": ckpt.round, "optimizer_t": ckpt.optimizer_t, "rng_state": ckpt.rng_state, "extra": ckpt.extra}
+    for name, tensors in ckpt.tensors.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+    meta = {"round": ckpt.round, "tensors": sorted(ckpt.tensors), "rng_state": ckpt.rng_state, "extra": ckpt.extra}
     (tmp / "server.json").write_text(json.dumps(meta, indent=1))
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -54,7 +52,6 @@ def load(directory: Path) -> ServerCheckpoint:
     if not meta_path.is_file():
         raise ConfigError(f"no checkpoint in {directory} (expected {meta_path.name}); cannot resume")
     meta = json.loads(meta_path.read_text())
-    return ServerCheckpoint(round=int(meta["round"]), global_state=load_file(str(directory / "global.safetensors")),
-                            optimizer_state=load_file(str(directory / "optimizer.safetensors")),
-                            optimizer_t=int(meta["optimizer_t"]), rng_state=meta["rng_state"],
+    tensors = {name: load_file(str(directory / f"{name}.safetensors")) for name in meta["tensors"]}
+    return ServerCheckpoint(round=int(meta["round"]), tensors=tensors, rng_state=meta["rng_state"],
                             extra=meta.get("extra", {}))

@@ -4,6 +4,12 @@ Per round: wait for enough nodes, sample (seeded; the RNG state is checkpointed)
 adapter through the downlink codec, receive replies, validate and decode each one (a bad reply is
 dropped and logged, the round goes on), aggregate, evaluate on the held-out set, append one JSON
 line to ``metrics.jsonl``, checkpoint.
+
+Downlink. With a lossless downlink codec every sampled client gets the global adapter. With a lossy
+one the server keeps the *broadcast state* (what clients reconstruct) and sends
+``encode(global - broadcast)`` to clients that hold the previous broadcast state (they replied last
+round), and the exact broadcast state (codec ``none``) to every other client. What the codec dropped
+stays in ``global - broadcast`` and goes out next round (error feedback on the downlink).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedpeft import models
-from fedpeft.compression import Layout, make_codec
+from fedpeft.compression import Codec, Layout, Payload, make_codec
 from fedpeft.config import Config
 from fedpeft.errors import FedPeftError, PayloadError
 from fedpeft.runtime import get_runtime
@@ -49,8 +55,11 @@ class FederatedServer:
         self.layout = Layout.from_state(self.global_state)
         self.uplink = make_codec(cfg.compression.uplink)
         self.downlink = make_codec(cfg.compression.downlink)
+        self.exact = make_codec("none")
         self.optimizer = make_server_optimizer(cfg.federation)
         self.rng = np.random.default_rng(cfg.run.seed)
+        self.broadcast = {k: v.clone() for k, v in self.global_state.items()}
+        self.synced: dict[int, int] = {}  # node -> round whose broadcast state it holds (lossy downlink)
         self.round = 0
         self.started = time.time()
         if resume:
@@ -63,10 +72,12 @@ class FederatedServer:
 
     def _restore(self) -> None:
         ckpt = checkpoint.load(self.checkpoint_dir)
-        models.set_adapter_state(self.rt.model, ckpt.global_state)  # validates names and shapes
-        self.global_state = ckpt.global_state
-        self.optimizer.load_state_dict(ckpt.optimizer_state, ckpt.optimizer_t)
+        models.set_adapter_state(self.rt.model, ckpt.tensors["global"])  # validates names and shapes
+        self.global_state = ckpt.tensors["global"]
+        self.broadcast = ckpt.tensors["broadcast"]
+        self.optimizer.load_state_dict(ckpt.tensors["optimizer"], int(ckpt.extra["optimizer_t"]))
         self.rng.bit_generator.state = ckpt.rng_state
+        self.synced = {int(k): int(v) for k, v in ckpt.extra["synced"].items()}
         self.round = ckpt.round
         self.started = time.time() - float(ckpt.extra.get("elapsed", 0.0))
         _truncate_metrics(self.run_dir / METRICS_FILE, self.round)
@@ -74,10 +85,10 @@ class FederatedServer:
 
     def _save(self, grid: Grid) -> None:
         opt_state, t = self.optimizer.state_dict()
-        ckpt = checkpoint.ServerCheckpoint(round=self.round, global_state=self.global_state,
-                                           optimizer_state=opt_state, optimizer_t=t,
-                                           rng_state=self.rng.bit_generator.state,
-                                           extra={"elapsed": time.time() - self.started})
+        ckpt = checkpoint.ServerCheckpoint(
+            round=self.round, tensors={"global": self.global_state, "optimizer": opt_state, "broadcast": self.broadcast},
+            rng_state=self.rng.bit_generator.state,
+            extra={"elapsed": time.time() - self.started, "optimizer_t": t, "synced": self.synced})
         checkpoint.save(ckpt, self.checkpoint_dir)
         save_nodes = getattr(grid, "save_node_states", None)  # the in-process engine keeps client state
         if save_nodes is not None:
@@ -111,20 +122,39 @@ class FederatedServer:
         k = min(wanted, len(nodes))
         return sorted(int(n) for n in self.rng.choice(nodes, size=k, replace=False))
 
+    def _instructions(self, sampled: list[int], rnd: int) -> dict[int, protocol.RecordDict]:
+        """The training message content for each sampled node (see the module docstring)."""
+        base = {"round": rnd, "seed": self.cfg.run.seed,
+                "proximal-mu": self.cfg.federation.proximal_mu if self.cfg.federation.strategy == "fedprox" else 0.0}
+
+        def content(kind: str, codec: Codec, payload: Payload) -> protocol.RecordDict:
+            return protocol.train_instruction(payload, {**base, "downlink": kind, "codec": codec.spec,
+                                                        "base-round": rnd - 1})
+
+        if self.downlink.lossless:
+            self.broadcast = self.global_state
+            full = content("full", self.downlink, self.downlink.encode(self.global_state, self.layout))
+            return {node: full for node in sampled}
+        delta_payload = self.downlink.encode(models.subtract(self.global_state, self.broadcast), self.layout)
+        self.broadcast = models.add(self.broadcast, self.downlink.decode(delta_payload, self.layout))
+        full = content("full", self.exact, self.exact.encode(self.broadcast, self.layout))
+        delta = content("delta", self.downlink, delta_payload)
+        return {node: delta if self.synced.get(node) == rnd - 1 else full for node in sampled}
+
     def run_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
         """One round; returns its metrics row."""
         t0 = time.time()
         sampled = self._sample(grid)
-        down_payload = self.downlink.encode(self.global_state, self.layout)
-        content = protocol.train_instruction(down_payload, {
-            "round": rnd, "seed": self.cfg.run.seed,
-            "proximal-mu": self.cfg.federation.proximal_mu if self.cfg.federation.strategy == "fedprox" else 0.0})
-        bytes_down = protocol.record_bytes(content) * len(sampled)
-        messages = [Message(content, node, protocol.TRAIN, group_id=str(rnd)) for node in sampled]
+        contents = self._instructions(sampled, rnd)
+        bytes_down = sum(protocol.record_bytes(c) for c in contents.values())
+        messages = [Message(contents[node], node, protocol.TRAIN, group_id=str(rnd)) for node in sampled]
         timeout = self.cfg.federation.round_timeout or None
         replies = list(grid.send_and_receive(messages, timeout=timeout))
 
-        deltas, weights, losses, bytes_up, dropped = [], [], [], 0, []
+        deltas, weights, losses, dropped, ok_nodes = [], [], [], [], []
+        up: dict[str, float] = {"bytes_up": 0, "up_positions": 0, "up_values": 0, "up_scales": 0, "up_header": 0,
+                                "up_framing": 0}
+        encode_ms, decode_ms = [], []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -133,15 +163,27 @@ class FederatedServer:
                 continue
             try:
                 payload, metrics = protocol.parse_reply(reply.content)
+                t_dec = time.perf_counter()
                 delta = self.uplink.decode(payload, self.layout)
+                decode_ms.append(1000 * (time.perf_counter() - t_dec))
             except PayloadError as e:
                 dropped.append(node)
                 log.warning("round %d: dropped the update of node %s: %s", rnd, node, e)
                 continue
-            bytes_up += protocol.record_bytes(reply.content)
+            size = protocol.record_bytes(reply.content)
+            up["bytes_up"] += size
+            for part, n in payload.breakdown().items():
+                up[f"up_{part}"] += n
+            up["up_framing"] += size - payload.nbytes
+            encode_ms.append(metrics.get("encode-ms", 0.0))
             deltas.append(delta)
             weights.append(metrics["num-examples"])
             losses.append(metrics["train-loss"])
+            ok_nodes.append(node)
+        if not self.downlink.lossless:
+            for node in sampled:
+                self.synced.pop(node, None)
+            self.synced.update({node: rnd for node in ok_nodes})
         missing = len(sampled) - len(replies)
         row: dict[str, Any] = {"round": rnd, "sampled": len(sampled), "replies": len(deltas),
                                "dropped": len(dropped) + missing}
@@ -155,9 +197,11 @@ class FederatedServer:
             row["train_loss"] = None
         if rnd % self.cfg.federation.eval_every == 0 or rnd == self.cfg.federation.rounds:
             row.update(self.evaluate())
-        row.update({"bytes_up": bytes_up, "bytes_down": bytes_down,
+        row.update({**up, "bytes_down": bytes_down,
                     "bytes_up_fp32": 4 * self.layout.total * len(deltas),
                     "bytes_up_fp16": 2 * self.layout.total * len(deltas),
+                    "encode_ms": float(np.mean(encode_ms)) if encode_ms else None,
+                    "decode_ms": float(np.mean(decode_ms)) if decode_ms else None,
                     "seconds": round(time.time() - t0, 3), "elapsed": round(time.time() - self.started, 3),
                     "peak_rss_mb": round(peak_rss_mb(), 1)})
         log.info("round %d: %s", rnd, row)

@@ -9,6 +9,7 @@ error-feedback residual) is created when the node is first sampled.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -16,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
@@ -90,12 +91,14 @@ class InProcessGrid(Grid):
 
     # ---- persistence of client state (called by the server at checkpoints) ------------------
     def save_node_states(self, directory: Path) -> None:
-        """Save every node's array state (one .npz per node; nothing pickled)."""
+        """Save every node's state: arrays to ``<node>.npz``, config records to ``<node>.json`` (no pickle)."""
         directory.mkdir(parents=True, exist_ok=True)
         for node, ctx in self._contexts.items():
             arrays = {f"{rec}/{key}": arr.numpy() for rec, record in ctx.state.items()
                       if isinstance(record, ArrayRecord) for key, arr in record.items()}
+            configs = {rec: dict(record) for rec, record in ctx.state.items() if isinstance(record, ConfigRecord)}
             np.savez(directory / f"{node}.npz", **arrays)
+            (directory / f"{node}.json").write_text(json.dumps(configs))
 
     def load_node_states(self, directory: Path) -> None:
         """Restore node states saved by :meth:`save_node_states`."""
@@ -110,6 +113,10 @@ class InProcessGrid(Grid):
                     records.setdefault(rec, {})[key] = Array(npz[name])
             for rec, arrays in records.items():
                 ctx.state[rec] = ArrayRecord(arrays)
+            configs = path.with_suffix(".json")
+            if configs.exists():
+                for rec, values in json.loads(configs.read_text()).items():
+                    ctx.state[rec] = ConfigRecord(values)
 
 
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int, run_config: dict) -> float:

@@ -39,8 +39,10 @@ def run_ray(cfg: Config, run_config: dict) -> None:
         flower.write_connection(home, f"127.0.0.1:{port}")
         fed = cfg.federation
         workers = max(1, int((os.cpu_count() or 1) // max(fed.ray_num_cpus, 1e-9)))
-        fed_cfg = (f"num-supernodes={cfg.data.num_clients} client-resources-num-cpus={fed.ray_num_cpus} "
-                   f"client-resources-num-gpus={fed.ray_num_gpus}")
+        cpus = int(fed.ray_num_cpus) if float(fed.ray_num_cpus).is_integer() else fed.ray_num_cpus
+        gpus = int(fed.ray_num_gpus) if float(fed.ray_num_gpus).is_integer() else fed.ray_num_gpus
+        fed_cfg = (f"num-supernodes={cfg.data.num_clients} client-resources-num-cpus={cpus} "
+                   f"client-resources-num-gpus={gpus}")
         run_id = flower.run_app(home, flower.app_dir(home / "app"), {**run_config, "workers": workers}, fed_cfg)
         status = flower.wait_run(home, run_id)
         if status != "finished:completed":

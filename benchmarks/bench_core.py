@@ -1,0 +1,176 @@
+"""Core framework benchmarks (issue: core).
+
+1. overhead: one round of N clients through the in-process engine (real ServerApp/ClientApp, Flower
+   messages, codec, byte accounting) vs the same local steps in a plain peft loop in the same process.
+2. scale: 10 / 100 / 1,000 virtual clients (10 sampled per round) on a tiny model, each in a fresh
+   process: seconds per round and peak RSS after the first and the last round.
+3. default: the embedded default (`fedpeft simulate`, no arguments) end to end: wall time, accuracy.
+
+Usage: python benchmarks/bench_core.py [--only overhead,scale,default] [--no-append]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from common import append_results, table  # noqa: E402
+
+
+def _cfg(overrides: list[str]):
+    from fedpeft import config
+    return config.load(None, overrides)
+
+
+def plain_round(cfg, rt, global_state) -> float:
+    """The same local training as one round, with no framework around it: peft model, AdamW, average."""
+    import torch
+
+    from fedpeft import models
+    from fedpeft.clients.app import client_seed
+    from fedpeft.server.aggregate import weighted_mean
+    from fedpeft.training import train_local
+
+    t0 = time.perf_counter()
+    deltas, weights = [], []
+    for pid in range(cfg.data.num_clients):
+        models.set_adapter_state(rt.model, global_state)
+        res = train_local(rt.model, rt.client_dataset(pid), rt.collate, cfg.train, rt.device,
+                          seed=client_seed(cfg.run.seed, 1, pid))
+        deltas.append(models.subtract(models.adapter_state(rt.model), global_state))
+        weights.append(res.num_examples)
+    with torch.no_grad():
+        weighted_mean(deltas, weights)
+    return time.perf_counter() - t0
+
+
+def framework_round(cfg, rt, global_state) -> float:
+    """One round through the real ServerApp/ClientApp on the in-process Grid (no evaluation)."""
+    from fedpeft.server.loop import FederatedServer
+    from fedpeft.clients.app import app as client_app
+    from fedpeft.simulation import inprocess, runner
+
+    with tempfile.TemporaryDirectory() as d:
+        rc = runner.run_config(cfg, Path(d), False)
+        inprocess.TaskIdentity.run_id, inprocess.TaskIdentity.node_id, inprocess.TaskIdentity.task_id = 1, 0, 1
+        grid = inprocess.InProcessGrid(client_app, cfg.data.num_clients, rc)
+        server = FederatedServer(cfg, Path(d))
+        server.global_state = {k: v.clone() for k, v in global_state.items()}
+        server.evaluate = lambda: {}  # centralized evaluation is not part of the compared work
+        t0 = time.perf_counter()
+        server.run_round(grid, 1)
+        return time.perf_counter() - t0
+
+
+def bench_overhead(repeats: int = 3) -> str:
+    from fedpeft.runtime import get_runtime
+    from fedpeft.training import set_threads
+
+    set_threads(0)
+    rows = []
+    for label, overrides in [
+        ("MiniLM-L6 LoRA r8, BBC, 4 clients x 5 steps", ["train.local_steps=5", "data.max_examples=800"]),
+        ("tiny-bert LoRA r4, 4 clients x 10 steps", ["model.name=tiny-bert", "data.max_examples=800",
+                                                     "train.local_steps=10", "adapter.r=4", "model.max_length=64"]),
+    ]:
+        cfg = _cfg(overrides)
+        rt = get_runtime(cfg)
+        g = rt.initial_adapter()
+        for pid in range(cfg.data.num_clients):
+            rt.client_dataset(pid)
+        plain_round(cfg, rt, g)  # warm-up both paths once
+        framework_round(cfg, rt, g)
+        plain, fw = [], []
+        for _ in range(repeats):  # interleaved so drift in machine load hits both alike
+            plain.append(plain_round(cfg, rt, g))
+            fw.append(framework_round(cfg, rt, g))
+        p, f = min(plain), min(fw)
+        rows.append([label, f"{p:.2f}", f"{f:.2f}", f"{f / p:.3f}"])
+    return ("One round, in-process engine vs the same local steps in a plain peft loop (same process, "
+            f"best of {repeats}, interleaved). Target ratio <= 1.10.\n\n"
+            + table(["workload", "plain s", "fedpeft s", "ratio"], rows))
+
+
+SCALE_CHILD = r"""
+import json, sys, os, time
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+from conftest import write_classification
+from fedpeft import config, report
+from fedpeft.simulation import runner
+n = int(sys.argv[1]); d = Path(sys.argv[3])
+data = write_classification(d / "data.jsonl", n=max(3000, 3 * n))
+cfg = config.load(None, [f"data.num_clients={n}", "federation.clients_per_round=10", "federation.rounds=5",
+    "model.name=\"tiny-bert\"", "model.tiny_hidden_size=64", "model.max_length=48", "data.source=\"file\"",
+    f"data.path=\"{data}\"", "data.partition=\"iid\"", "train.local_steps=5", "train.batch_size=8",
+    "output.plots=false", f"output.dir=\"{d}\"", "train.max_eval_examples=300"])
+t = time.time(); rd = runner.simulate(cfg); rows = report.read_metrics(rd)
+print(json.dumps({"rows": rows, "wall": time.time() - t}))
+"""
+
+
+def bench_scale() -> str:
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    out = []
+    for n in (10, 100, 1000):
+        with tempfile.TemporaryDirectory() as d:
+            res = subprocess.run([sys.executable, "-c", SCALE_CHILD, str(n), tests, d], capture_output=True,
+                                 text=True, check=True)
+            data = json.loads(res.stdout.strip().splitlines()[-1])
+        rows = data["rows"]
+        per_round = sum(r["seconds"] for r in rows[1:]) / max(1, len(rows) - 1)
+        out.append([n, 10, f"{rows[0]['seconds']:.2f}", f"{per_round:.2f}", f"{rows[0]['peak_rss_mb']:.0f}",
+                    f"{rows[-1]['peak_rss_mb']:.0f}", f"{rows[-1]['eval_accuracy']:.3f}"])
+        print(out[-1], flush=True)
+    return ("Virtual clients on tiny-bert (hidden 64, 2 layers, LoRA r8), 10 sampled per round, 5 rounds x 5 "
+            "local steps, each size in a fresh process. Peak RSS after round 1 and after round 5.\n\n"
+            + table(["clients", "sampled", "round 1 s", "later rounds s", "RSS r1 MiB", "RSS r5 MiB",
+                     "final acc"], out))
+
+
+def bench_default() -> str:
+    with tempfile.TemporaryDirectory() as d:
+        t = time.time()
+        res = subprocess.run([sys.executable, "-m", "fedpeft.cli", "simulate", "--set", f"output.dir=\"{d}\""],
+                             capture_output=True, text=True)
+        wall = time.time() - t
+        if res.returncode != 0:
+            raise SystemExit(res.stderr[-2000:])
+        run_dir = Path(json.loads(res.stdout.strip().splitlines()[-1])["run_dir"])
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    body = table(["round", "eval accuracy", "eval loss", "seconds"],
+                 [[r["round"], f"{r['eval_accuracy']:.4f}", f"{r['eval_loss']:.4f}", f"{r['seconds']:.1f}"]
+                  for r in rows])
+    return (f"`fedpeft simulate` (embedded default: MiniLM-L6 + LoRA r8, BBC News, 4 clients, Dirichlet 1.0, "
+            f"3 rounds x 15 steps) as a fresh process: wall time {wall:.0f} s including start-up, final accuracy "
+            f"{rows[-1]['eval_accuracy']:.4f}. Goal: >= 0.85 within 180 s.\n\n{body}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="overhead,scale,default")
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args()
+    parts = []
+    for name, fn in (("overhead", bench_overhead), ("scale", bench_scale), ("default", bench_default)):
+        if name in args.only.split(","):
+            text = fn()
+            print(f"\n### {name}\n\n{text}\n", flush=True)
+            parts.append(f"### {name}\n\n{text}\n")
+    if not args.no_append:
+        append_results("Core: framework overhead, scale, embedded default", "\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""``fedpeft compare-compression``: the same seeded scenario once per codec, side by side.
+
+Writes ``compression.csv``, ``compression.md`` and ``compression.png`` (final accuracy against total
+uplink bytes, log x) into one sweep directory; each codec's full run directory is kept beneath it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedpeft import report
+from fedpeft.compression import entropy_bound_bits, make_codec
+from fedpeft.config import Config
+from fedpeft.errors import ConfigError
+from fedpeft.simulation import runner
+
+COLUMNS = ["codec", "density", "uplink_bytes_per_round", "downlink_bytes_per_round", "ratio_vs_fp32",
+           "ratio_vs_fp16", "entropy_bound_ratio", "final_accuracy", "accuracy_delta_vs_none", "final_eval_loss",
+           "encode_ms", "decode_ms", "run_dir"]
+
+
+def _ideal_bits(spec: str, d: int) -> float | None:
+    """Entropy bound of one update: sparse ternary d*(H(p)+p); top-k with fp16 values d*H(p) + 16*p*d."""
+    codec = make_codec(spec)
+    p = getattr(codec.params, "p", None)
+    if p is None or not 0 < p < 1:
+        return None
+    if codec.name == "compeft":
+        return entropy_bound_bits(d, p)
+    if codec.name == "topk":
+        return entropy_bound_bits(d, p) - p * d + 16 * p * d
+    return None
+
+
+def summarize(spec: str, rows: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
+    """One sweep row from a run's metrics."""
+    n = max(1, len(rows))
+    up, fp32 = sum(r["bytes_up"] for r in rows), sum(r["bytes_up_fp32"] for r in rows)
+    fp16 = sum(r["bytes_up_fp16"] for r in rows)
+    replies = sum(r["replies"] for r in rows)
+    d = fp32 // max(1, 4 * replies)
+    ideal = _ideal_bits(spec, d)
+    last = rows[-1]
+    enc = [r["encode_ms"] for r in rows if r.get("encode_ms") is not None]
+    dec = [r["decode_ms"] for r in rows if r.get("decode_ms") is not None]
+    return {"codec": spec, "density": getattr(make_codec(spec).params, "p", 1.0),
+            "uplink_bytes_per_round": up / n, "downlink_bytes_per_round": sum(r["bytes_down"] for r in rows) / n,
+            "ratio_vs_fp32": fp32 / up if up else None, "ratio_vs_fp16": fp16 / up if up else None,
+            "entropy_bound_ratio": 32 * d / ideal if ideal else None,
+            "final_accuracy": last.get("eval_accuracy"), "final_eval_loss": last.get("eval_loss"),
+            "accuracy_delta_vs_none": None,
+            "encode_ms": sum(enc) / len(enc) if enc else None, "decode_ms": sum(dec) / len(dec) if dec else None,
+            "run_dir": str(run_dir)}
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", spec).strip("-")
+
+
+def compare_compression(cfg: Config, codecs: list[str], both_directions: bool = False,
+                        on_done: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """Run ``cfg`` once per uplink codec (and downlink too if ``both_directions``); returns the sweep dir."""
+    if not codecs:
+        raise ConfigError("no codecs to compare: pass --codecs or set compression.sweep")
+    for spec in codecs:
+        make_codec(spec)  # every spec is checked before any work starts
+    sweep_dir = Path(cfg.output.dir) / f"{cfg.run.name}-compression-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir.mkdir(parents=True)
+    results = []
+    for spec in codecs:
+        compression = dataclasses.replace(cfg.compression, uplink=spec,
+                                          downlink=spec if both_directions else cfg.compression.downlink)
+        run_cfg = dataclasses.replace(cfg, compression=compression,
+                                      run=dataclasses.replace(cfg.run, name=_slug(spec)),
+                                      output=dataclasses.replace(cfg.output, dir=str(sweep_dir / "runs")))
+        run_dir = runner.simulate(run_cfg)
+        results.append(summarize(spec, report.read_metrics(run_dir), run_dir))
+        if on_done:
+            on_done(results[-1])
+    base = next((r["final_accuracy"] for r in results if r["codec"] == "none"), None)
+    for r in results:
+        if base is not None and r["final_accuracy"] is not None:
+            r["accuracy_delta_vs_none"] = r["final_accuracy"] - base
+    write_sweep(sweep_dir, cfg, results)
+    return sweep_dir
+
+
+def write_sweep(sweep_dir: Path, cfg: Config, results: list[dict[str, Any]]) -> None:
+    """compression.csv, compression.md and compression.png."""
+    with open(sweep_dir / "compression.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(results)
+    cols = [c for c in COLUMNS if c != "run_dir"]
+    text = [f"# Compression sweep: `{cfg.run.name}`\n",
+            f"Model `{cfg.model.name}`, adapter `{cfg.adapter.type}` (r={cfg.adapter.r}), {cfg.data.num_clients} "
+            f"clients, {cfg.federation.rounds} rounds, seed {cfg.run.seed}. Bytes are serialized Flower records "
+            "per round (all clients); ratios compare with the dense fp32 / fp16 size of the same updates; "
+            "`entropy_bound_ratio` is the ideal ratio vs fp32 for that density.\n",
+            report.markdown_table(cols, [[r[c] for c in cols] for r in results])]
+    (sweep_dir / "compression.md").write_text("\n".join(text))
+    if cfg.output.plots:
+        plot_sweep(results, sweep_dir / "compression.png")
+
+
+def plot_sweep(results: list[dict[str, Any]], path: Path) -> None:
+    """Final accuracy against uplink bytes per round (log x), one labelled point per codec."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in results if r["final_accuracy"] is not None]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.scatter([r["uplink_bytes_per_round"] for r in pts], [r["final_accuracy"] for r in pts])
+    for r in pts:
+        ax.annotate(r["codec"], (r["uplink_bytes_per_round"], r["final_accuracy"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("uplink bytes per round (log)")
+    ax.set_ylabel("final eval accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,117 @@
+"""Bad input: malformed client replies are dropped and logged, the round goes on; CLI errors are clean."""
+
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from fedpeft import report
+from fedpeft.clients.app import app as client_app
+from fedpeft.server import protocol
+from fedpeft.simulation import runner
+
+
+def _corrupt_buffer(reply: Message) -> Message:
+    arrays = {k: a.numpy().copy() for k, a in reply.content[protocol.UPDATE].items()}
+    arrays["header"][:] = np.iinfo(np.int64).max  # absurd counts and lengths
+    content = RecordDict({protocol.UPDATE: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          protocol.METRICS: reply.content[protocol.METRICS]})
+    return Message(content, reply_to=_corrupt_buffer.request)
+
+
+def _truncate(reply: Message) -> Message:
+    arrays = {k: a.numpy() for k, a in reply.content[protocol.UPDATE].items()}
+    arrays["buffer"] = arrays["buffer"][: len(arrays["buffer"]) // 2]
+    content = RecordDict({protocol.UPDATE: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          protocol.METRICS: reply.content[protocol.METRICS]})
+    return Message(content, reply_to=_truncate.request)
+
+
+def _nan_metric(reply: Message) -> Message:
+    content = RecordDict({protocol.UPDATE: reply.content[protocol.UPDATE],
+                          protocol.METRICS: MetricRecord({"num-examples": 10.0, "train-loss": float("nan")})})
+    return Message(content, reply_to=_nan_metric.request)
+
+
+def _extra_record(reply: Message) -> Message:
+    content = RecordDict({**reply.content, "smuggled": ArrayRecord({"x": Array(np.zeros(3))})})
+    return Message(content, reply_to=_extra_record.request)
+
+
+@pytest.mark.parametrize("mangle, reason, codec", [
+    (_corrupt_buffer, "dropped the update of node 1001", "none"),
+    (_corrupt_buffer, "dropped the update of node 1001", "compeft:0.2"),
+    (_truncate, "dropped the update of node 1001", "compeft:0.2"),
+    (_nan_metric, "must be a finite number", "none"),
+    (_extra_record, "must hold exactly", "none")])
+def test_a_malformed_reply_is_dropped_logged_and_the_round_goes_on(tiny_cfg, monkeypatch, caplog, mangle, reason,
+                                                                   codec):
+    original = type(client_app).__call__
+
+    def call(self, message, context):
+        reply = original(self, message, context)
+        if message.metadata.dst_node_id == 1001:
+            mangle.request = message
+            return mangle(reply)
+        return reply
+
+    monkeypatch.setattr(type(client_app), "__call__", call)
+    caplog.set_level(logging.WARNING)
+    rows = report.read_metrics(runner.simulate(tiny_cfg(**{"federation.rounds": 1, "compression.uplink": codec})))
+    assert [(r["replies"], r["dropped"]) for r in rows] == [(2, 1)]
+    assert rows[-1]["eval_loss"] is not None
+    assert reason in caplog.text
+
+
+def test_a_crashing_client_is_an_error_reply_not_a_crash(tiny_cfg, monkeypatch, caplog):
+    original = type(client_app).__call__
+
+    def call(self, message, context):
+        if message.metadata.dst_node_id == 1002:
+            raise RuntimeError("out of memory on this node")
+        return original(self, message, context)
+
+    monkeypatch.setattr(type(client_app), "__call__", call)
+    rows = report.read_metrics(runner.simulate(tiny_cfg(**{"federation.rounds": 1})))
+    assert (rows[0]["replies"], rows[0]["dropped"]) == (2, 1)
+    assert "out of memory on this node" in caplog.text
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fedpeft.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["simulate", "--set", "federation.roundz=2"], "unknown key federation.roundz"),
+    (["simulate", "missing.toml"], "scenario file not found: missing.toml"),
+    (["simulate", "--set", "data.source=file", "--set", "data.path=/no/such.jsonl"], "/no/such.jsonl"),
+    (["simulate", "--set", "model.name=no-such/model", "--set", "data.source=file", "--set", "data.path=DATA"],
+     "cannot load model 'no-such/model'"),
+    (["simulate", "--resume", "/no/run"], "not a run directory"),
+])
+def test_cli_errors_print_a_message_not_a_traceback(args, message, cls_data, tmp_path):
+    args = [a.replace("DATA", str(cls_data)) for a in args]
+    res = _cli(*args, "--set", f"output.dir={tmp_path}" if "--resume" not in args else "run.seed=0", cwd=tmp_path) \
+        if "--resume" not in args else _cli(*args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_simulate_end_to_end(cls_data, tmp_path):
+    from conftest import tiny_overrides
+    sets = [x for s in tiny_overrides(cls_data, tmp_path / "runs", **{"federation.rounds": 2}) for x in ("--set", s)]
+    res = _cli("simulate", *sets, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "round 2/2" in res.stderr and "eval acc" in res.stderr
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert len(report.read_metrics(run_dir)) == 2 and (run_dir / "adapter" / "adapter_config.json").exists()
+
+
+def test_cli_config_prints_the_resolved_toml():
+    res = _cli("config", "--set", "federation.rounds=9")
+    assert res.returncode == 0 and "rounds = 9" in res.stdout
