@@ -53,6 +53,9 @@ def _round_line(row: dict[str, Any], total: int) -> str:
     for key, label in (("eval_accuracy", "eval acc"), ("eval_loss", "eval loss"), ("eval_perplexity", "ppl")):
         if row.get(key) is not None:
             parts.append(f"{label} {row[key]:.4f}")
+    for key, label in (("epsilon_client", "ε client"), ("epsilon_local", "ε local")):
+        if row.get(key) is not None:
+            parts.append(f"{label} {row[key]:.3g}")
     parts.append(f"up {report.human_bytes(row['bytes_up'])} down {report.human_bytes(row['bytes_down'])}")
     parts.append(f"{row['seconds']:.1f} s")
     return " | ".join(parts)

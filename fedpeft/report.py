@@ -43,7 +43,8 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 ROUND_COLUMNS = ["round", "replies", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
-                 "bytes_up", "bytes_down", "seconds"]
+                 "epsilon_client", "epsilon_local", "clip_norm", "bytes_up", "bytes_down", "seconds"]
+BYTE_PARTS = ["up_positions", "up_values", "up_scales", "up_header", "up_framing"]
 
 
 def write_run_report(run_dir: Path, cfg: Config) -> None:
@@ -59,8 +60,12 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
             f"- codecs: uplink `{cfg.compression.uplink}`, downlink `{cfg.compression.downlink}`",
             f"- uplink total {human_bytes(up)} (fp32 dense: {human_bytes(dense)}, "
             f"ratio {dense / up:.1f}x)" if up else "- uplink total 0 B",
-            f"- final: " + ", ".join(f"{k} {fmt(last[k])}" for k in ("eval_loss", "eval_accuracy", "eval_perplexity")
+            f"- uplink bytes by part: " + ", ".join(
+                f"{k[3:]} {human_bytes(sum(r.get(k, 0) for r in rows))}" for k in BYTE_PARTS),
+            f"- final: " + ", ".join(f"{k} {fmt(last[k])}" for k in ("eval_loss", "eval_accuracy", "eval_perplexity",
+                                                                    "epsilon_client", "epsilon_local")
                                    if last.get(k) is not None),
+            f"- privacy: mode `{cfg.privacy.mode}`, delta {cfg.privacy.delta:g}",
             f"- wall time {fmt(last.get('elapsed'))} s, peak RSS {fmt(last.get('peak_rss_mb'))} MiB\n",
             "## Rounds\n", markdown_table(cols, [[r.get(c) for c in cols] for r in rows])]
     (run_dir / "summary.md").write_text("\n".join(text))

@@ -16,7 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpeft import config, models
+from fedpeft import config, models, privacy
 from fedpeft.compression import ErrorFeedback, Layout, make_codec
 from fedpeft.errors import PayloadError
 from fedpeft.runtime import get_runtime
@@ -86,18 +86,28 @@ def train(msg: Message, context: Context) -> Message:
 
     codec = make_codec(cfg.compression.uplink)
     use_ef = cfg.compression.error_feedback and codec.biased
+    client_dp = cfg.privacy.mode in ("client", "both")
+    extra: dict[str, float] = {}
     t_enc = time.perf_counter()
     if use_ef:
         ef = ErrorFeedback()
         if EF_STATE in context.state:
             ef.load_state_dict(_arrays(context.state[EF_STATE]))
         delta = ef.compensate(delta)
+    if client_dp:  # bound what goes into the codec; the server bounds what comes out of it
+        clip = float(instruction["clip-norm"])
+        norm = privacy.global_norm(delta)
+        extra = {"clip-indicator": privacy.AdaptiveClipper.indicator(norm, clip), "update-norm": norm}
+        delta = privacy.clip_update(delta, clip)[0]
     payload = codec.encode(delta, layout, rng=np.random.default_rng(client_seed(cfg.run.seed, rnd, partition_id)))
     encode_ms = 1000 * (time.perf_counter() - t_enc)
     if use_ef:
-        ef.update(delta, codec.decode(payload, layout))
+        sent = codec.decode(payload, layout)
+        if client_dp:
+            sent = privacy.clip_to_norm(sent, clip)  # exactly what the server will aggregate
+        ef.update(delta, sent)
         context.state[EF_STATE] = _record(ef.state_dict())
     metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-steps": result.steps,
                "train-seconds": result.seconds, "encode-ms": encode_ms,
-               "client-seconds": time.perf_counter() - t0, "partition-id": partition_id}
+               "client-seconds": time.perf_counter() - t0, "partition-id": partition_id, **extra}
     return Message(protocol.train_reply(payload, metrics), reply_to=msg)

@@ -32,6 +32,8 @@ from fedpeft.errors import FedPeftError, PayloadError
 from fedpeft.runtime import get_runtime
 from fedpeft.server import checkpoint, protocol
 from fedpeft.server.aggregate import make_server_optimizer, weighted_mean
+from fedpeft.privacy import check_privacy
+from fedpeft.server.privacy import ServerPrivacy
 from fedpeft.training import evaluate
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,10 @@ class FederatedServer:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
-        self.rt = get_runtime(cfg)
+        self.rt = get_runtime(cfg)  # data first: the privacy check needs the partition sizes, not the model
+        check_privacy(cfg.privacy, cfg.data.num_clients, cfg.federation.clients_per_round, cfg.federation.rounds,
+                      min(len(p) for p in self.rt.partitions), batch_size=cfg.train.batch_size,
+                      local_steps=cfg.train.local_steps or None)
         self.global_state = self.rt.initial_adapter()
         self.layout = Layout.from_state(self.global_state)
         self.uplink = make_codec(cfg.compression.uplink)
@@ -60,6 +65,7 @@ class FederatedServer:
         self.rng = np.random.default_rng(cfg.run.seed)
         self.broadcast = {k: v.clone() for k, v in self.global_state.items()}
         self.synced: dict[int, int] = {}  # node -> round whose broadcast state it holds (lossy downlink)
+        self.privacy = ServerPrivacy(cfg)
         self.round = 0
         self.started = time.time()
         if resume:
@@ -78,6 +84,7 @@ class FederatedServer:
         self.optimizer.load_state_dict(ckpt.tensors["optimizer"], int(ckpt.extra["optimizer_t"]))
         self.rng.bit_generator.state = ckpt.rng_state
         self.synced = {int(k): int(v) for k, v in ckpt.extra["synced"].items()}
+        self.privacy.restore(ckpt.extra["privacy"], ckpt.tensors["privacy"])
         self.round = ckpt.round
         self.started = time.time() - float(ckpt.extra.get("elapsed", 0.0))
         _truncate_metrics(self.run_dir / METRICS_FILE, self.round)
@@ -85,10 +92,13 @@ class FederatedServer:
 
     def _save(self, grid: Grid) -> None:
         opt_state, t = self.optimizer.state_dict()
+        privacy_meta, privacy_tensors = self.privacy.state()
         ckpt = checkpoint.ServerCheckpoint(
-            round=self.round, tensors={"global": self.global_state, "optimizer": opt_state, "broadcast": self.broadcast},
+            round=self.round, tensors={"global": self.global_state, "optimizer": opt_state, "broadcast": self.broadcast,
+                                       "privacy": privacy_tensors},
             rng_state=self.rng.bit_generator.state,
-            extra={"elapsed": time.time() - self.started, "optimizer_t": t, "synced": self.synced})
+            extra={"elapsed": time.time() - self.started, "optimizer_t": t, "synced": self.synced,
+                   "privacy": privacy_meta})
         checkpoint.save(ckpt, self.checkpoint_dir)
         save_nodes = getattr(grid, "save_node_states", None)  # the in-process engine keeps client state
         if save_nodes is not None:
@@ -124,7 +134,7 @@ class FederatedServer:
 
     def _instructions(self, sampled: list[int], rnd: int) -> dict[int, protocol.RecordDict]:
         """The training message content for each sampled node (see the module docstring)."""
-        base = {"round": rnd, "seed": self.cfg.run.seed,
+        base = {"round": rnd, "seed": self.cfg.run.seed, "clip-norm": self.privacy.clip_norm,
                 "proximal-mu": self.cfg.federation.proximal_mu if self.cfg.federation.strategy == "fedprox" else 0.0}
 
         def content(kind: str, codec: Codec, payload: Payload) -> protocol.RecordDict:
@@ -154,7 +164,7 @@ class FederatedServer:
         deltas, weights, losses, dropped, ok_nodes = [], [], [], [], []
         up: dict[str, float] = {"bytes_up": 0, "up_positions": 0, "up_values": 0, "up_scales": 0, "up_header": 0,
                                 "up_framing": 0}
-        encode_ms, decode_ms = [], []
+        encode_ms, decode_ms, indicators, local_eps = [], [], [], []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -176,6 +186,10 @@ class FederatedServer:
                 up[f"up_{part}"] += n
             up["up_framing"] += size - payload.nbytes
             encode_ms.append(metrics.get("encode-ms", 0.0))
+            if "clip-indicator" in metrics:
+                indicators.append(metrics["clip-indicator"])
+            if "epsilon-local" in metrics:
+                local_eps.append(metrics["epsilon-local"])
             deltas.append(delta)
             weights.append(metrics["num-examples"])
             losses.append(metrics["train-loss"])
@@ -188,13 +202,17 @@ class FederatedServer:
         row: dict[str, Any] = {"round": rnd, "sampled": len(sampled), "replies": len(deltas),
                                "dropped": len(dropped) + missing}
         if len(deltas) >= self.cfg.federation.min_clients:
-            mean = weighted_mean(deltas, weights)
+            mean = self.privacy.aggregate(deltas) if self.privacy.active else weighted_mean(deltas, weights)
             self.global_state = self.optimizer.apply(self.global_state, mean)
             row["train_loss"] = float(np.average(losses, weights=weights))
         else:
             log.warning("round %d: %d valid update(s) < federation.min_clients = %d; global adapter unchanged",
                         rnd, len(deltas), self.cfg.federation.min_clients)
             row["train_loss"] = None
+        if self.privacy.active:  # charged every round: the noisy release happens whatever arrived
+            row.update(self.privacy.end_round(indicators))
+        if local_eps:
+            row["epsilon_local"] = max(local_eps)
         if rnd % self.cfg.federation.eval_every == 0 or rnd == self.cfg.federation.rounds:
             row.update(self.evaluate())
         row.update({**up, "bytes_down": bytes_down,
