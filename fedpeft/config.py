@@ -293,6 +293,15 @@ def loads(text: str) -> Config:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that single-key validation cannot see."""
+    from fedpeft.compression import make_codec  # codec specs are checked here, before any work
+
+    for key in ("uplink", "downlink"):
+        try:
+            make_codec(getattr(cfg.compression, key))
+        except ConfigError as e:
+            raise ConfigError(f"compression.{key}: {e}") from None
+    for spec in cfg.compression.sweep:
+        make_codec(spec)
     if cfg.data.source == "file" and not cfg.data.path:
         raise ConfigError("data.source = 'file' needs data.path (a .jsonl, .csv or .parquet file)")
     if cfg.data.partition == "natural" and not cfg.data.group_column:
@@ -310,6 +319,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.task = 'causal_lm' needs prompt/response data: data.source = 'chatterbot' or 'file'")
     if cfg.model.task == "classification" and cfg.data.source == "chatterbot":
         raise ConfigError("data.source = 'chatterbot' is prompt/response data: set model.task = 'causal_lm'")
+    if cfg.privacy.mode in ("local", "both") and cfg.federation.strategy == "fedprox":
+        raise ConfigError("local DP-SGD with fedprox is not supported (the proximal term is not a per-example "
+                          "loss); use fedavg or a server optimizer")
+    if cfg.privacy.mode in ("local", "both") and cfg.adapter.type in ("ia3", "prompt"):
+        raise ConfigError(f"local DP-SGD supports adapter.type = 'lora' or 'prefix', not {cfg.adapter.type!r} "
+                          "(peft's prompt and IA3 parameters get no per-example gradients)")
     if cfg.adapter.type == "lora" and cfg.adapter.alpha <= 0:
         raise ConfigError("adapter.alpha must be > 0 for LoRA")
 
