@@ -102,38 +102,66 @@ class TrainResult:
     seconds: float
 
 
+def _loss(model: nn.Module, batch: dict[str, torch.Tensor], per_example_mean: bool) -> torch.Tensor:
+    """The model's loss; under DP-SGD a mean over examples (HF's causal-LM loss averages over all
+    tokens of the batch, which couples examples and breaks per-example clipping)."""
+    out = model(**batch)
+    if per_example_mean and "logits" in out and out.logits.dim() == 3:
+        from fedpeft.privacy import causal_lm_loss
+
+        return causal_lm_loss(out.logits, batch["labels"])
+    return out.loss
+
+
 def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: TrainSection, device: torch.device,
-                seed: int, proximal_mu: float = 0.0, steps: int | None = None) -> TrainResult:
+                seed: int, proximal_mu: float = 0.0, steps: int | None = None, dp: object | None = None) -> TrainResult:
     """Train the model's trainable parameters in place for one round.
 
     ``proximal_mu > 0`` adds FedProx's term mu/2 * ||w - w_start||^2 (w_start: the received global).
+    ``dp`` (a :class:`fedpeft.privacy.LocalDP`) makes it DP-SGD: Poisson batches, per-example clipping
+    and noise by Opacus, accounted in ``dp``.
     """
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     steps = steps or num_local_steps(cfg, len(dataset))
     optimizer = make_optimizer(params, cfg)
-    schedule = make_schedule(optimizer, cfg, steps)
-    generator = torch.Generator().manual_seed(seed)
     model.train()
-    total, batches = 0.0, _batches(dataset, collate, cfg.batch_size, generator)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # dropout
-        for _ in range(steps):
-            batch = _to(next(batches), device)
-            with _autocast(device):
-                loss = model(**batch).loss
-            if proximal_mu > 0:
-                loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach())
+    if dp is not None:
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate)
+        model, optimizer, dp_loader = dp.make_private(model, optimizer, loader, steps=steps)  # type: ignore[attr-defined]
+        batches: Iterator = iter(dp_loader)
+    else:
+        batches = _batches(dataset, collate, cfg.batch_size, torch.Generator().manual_seed(seed))
+    schedule = make_schedule(optimizer, cfg, steps)
+    total, counted = 0.0, 0
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # dropout
+            for _ in range(steps):
+                batch = next(batches)
+                optimizer.zero_grad(set_to_none=True)
+                if batch is None:  # an empty Poisson draw: a noise-only step, still accounted
+                    dp.empty_step(optimizer)  # type: ignore[union-attr]
+                    schedule.step()
+                    continue
+                batch = _to(batch, device)
+                with _autocast(device):
+                    loss = _loss(model, batch, dp is not None)
+                if proximal_mu > 0:
+                    loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                loss.backward()
+                if cfg.max_grad_norm > 0 and dp is None:  # DP-SGD clips per example instead
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                total += float(loss.detach())
+                counted += 1
+    finally:
+        if dp is not None:
+            dp.release()  # type: ignore[attr-defined]  # the base model is shared: leave no hooks behind
     model.eval()
-    return TrainResult(num_examples=len(dataset), steps=steps, loss=total / steps,
+    return TrainResult(num_examples=len(dataset), steps=steps, loss=total / max(1, counted),
                        seconds=time.perf_counter() - start)
 
 

@@ -47,3 +47,20 @@ def test_adaptive_clipping_with_compression_and_resume(tiny_cfg, monkeypatch):
     monkeypatch.setattr(loop.FederatedServer, "run_round", original)
     runner.simulate(resume=run_dir)
     assert [[r[k] for k in keys] for r in report.read_metrics(run_dir)] == [[r[k] for k in keys] for r in full]
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prefix"])
+def test_local_dp_sgd_run_accounts_every_round(tiny_cfg, adapter):
+    extra = {"privacy.mode": "both", "privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0,
+             "privacy.delta": 1e-3, "federation.rounds": 2, "adapter.type": adapter,
+             "privacy.server_noise_multiplier": 0.3}
+    rows = report.read_metrics(runner.simulate(tiny_cfg(**extra)))
+    assert all(r["replies"] == 3 for r in rows)
+    assert 0 < rows[0]["epsilon_local"] < rows[1]["epsilon_local"]  # the client's accountant spans rounds
+    assert rows[1]["epsilon_client"] > rows[0]["epsilon_client"]
+
+
+def test_local_dp_refuses_unsupported_adapters(tiny_cfg):
+    from fedpeft.errors import ConfigError
+    with pytest.raises(ConfigError, match="local DP-SGD supports adapter.type"):
+        tiny_cfg(**{"privacy.mode": "local", "adapter.type": "ia3"})

@@ -9,6 +9,7 @@ Error-feedback residuals and (with a lossy downlink codec) the last broadcast st
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -21,10 +22,11 @@ from fedpeft.compression import ErrorFeedback, Layout, make_codec
 from fedpeft.errors import PayloadError
 from fedpeft.runtime import get_runtime
 from fedpeft.server import protocol
-from fedpeft.training import set_threads, train_local
+from fedpeft.training import num_local_steps, set_threads, train_local
 
 app = ClientApp()
 EF_STATE = "fedpeft.error-feedback"
+LOCAL_DP_STATE = "fedpeft.local-dp"
 BROADCAST_STATE, BROADCAST_ROUND = "fedpeft.broadcast", "fedpeft.broadcast-round"
 
 
@@ -79,15 +81,26 @@ def train(msg: Message, context: Context) -> Message:
     global_state = receive_global(msg, context, layout, cfg.compression.downlink)
     models.set_adapter_state(rt.model, global_state)
     rnd = int(instruction["round"])
-    result = train_local(rt.model, rt.client_dataset(partition_id), rt.collate, cfg.train, rt.device,
-                         seed=client_seed(int(instruction["seed"]), rnd, partition_id),
-                         proximal_mu=float(instruction["proximal-mu"]))
+    dataset = rt.client_dataset(partition_id)
+    seed = client_seed(int(instruction["seed"]), rnd, partition_id)
+    local_dp = None
+    if cfg.privacy.mode in ("local", "both"):
+        local_dp = privacy.LocalDP(cfg.privacy, dataset_size=len(dataset), batch_size=cfg.train.batch_size,
+                                   total_steps=cfg.federation.rounds * num_local_steps(cfg.train, len(dataset)),
+                                   seed=seed if context.run_config.get("simulation", False) else None)
+        if LOCAL_DP_STATE in context.state:
+            local_dp.load_state_dict(json.loads(str(context.state[LOCAL_DP_STATE]["json"])))
+    result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
+                         proximal_mu=float(instruction["proximal-mu"]), dp=local_dp)
     delta = models.subtract(models.adapter_state(rt.model), global_state)
 
     codec = make_codec(cfg.compression.uplink)
+    extra: dict[str, float] = {}
+    if local_dp is not None:
+        context.state[LOCAL_DP_STATE] = ConfigRecord({"json": json.dumps(local_dp.state_dict())})
+        extra["epsilon-local"] = local_dp.epsilon()
     use_ef = cfg.compression.error_feedback and codec.biased
     client_dp = cfg.privacy.mode in ("client", "both")
-    extra: dict[str, float] = {}
     t_enc = time.perf_counter()
     if use_ef:
         ef = ErrorFeedback()
@@ -97,7 +110,7 @@ def train(msg: Message, context: Context) -> Message:
     if client_dp:  # bound what goes into the codec; the server bounds what comes out of it
         clip = float(instruction["clip-norm"])
         norm = privacy.global_norm(delta)
-        extra = {"clip-indicator": privacy.AdaptiveClipper.indicator(norm, clip), "update-norm": norm}
+        extra.update({"clip-indicator": privacy.AdaptiveClipper.indicator(norm, clip), "update-norm": norm})
         delta = privacy.clip_update(delta, clip)[0]
     payload = codec.encode(delta, layout, rng=np.random.default_rng(client_seed(cfg.run.seed, rnd, partition_id)))
     encode_ms = 1000 * (time.perf_counter() - t_enc)

@@ -27,7 +27,8 @@ def new_run_dir(cfg: Config) -> Path:
 
 def run_config(cfg: Config, run_dir: Path, resume: bool) -> dict[str, str | bool | int]:
     """The Flower run config that carries a fedpeft run to the ServerApp and ClientApps."""
-    return {"fedpeft-config": cfg.to_toml(), "run-dir": str(run_dir.resolve()), "resume": resume}
+    return {"fedpeft-config": cfg.to_toml(), "run-dir": str(run_dir.resolve()), "resume": resume,
+            "simulation": True}  # simulations seed DP noise so that runs are reproducible
 
 
 def prepare(cfg: Config | None = None, resume: Path | None = None) -> tuple[Config, Path]:
