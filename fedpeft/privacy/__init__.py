@@ -1,0 +1,47 @@
+"""Differential privacy for fedpeft (the only package that imports ``opacus``; never imports ``flwr``).
+
+- :mod:`.client_dp` -- client-level DP (DP-FedAvg): clip updates, uniform average, server noise,
+  adaptive clipping. Pure torch.
+- :mod:`.accounting` -- :class:`ClientLevelAccountant` (RDP / PRV with amplification by sampling).
+- :mod:`.dpsgd` -- :class:`LocalDP`: record-level DP-SGD on a client with Opacus.
+- :mod:`.soft_prompt` -- a prompt-tuning module with per-example gradients.
+- :mod:`.checks` -- :func:`check_privacy`, up-front validation of the settings.
+
+Opacus-backed names are imported lazily, so ``import fedpeft.privacy`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fedpeft.privacy.checks import check_privacy
+from fedpeft.privacy.client_dp import (
+    AdaptiveClipper,
+    add_server_noise,
+    clip_factor,
+    clip_to_norm,
+    clip_update,
+    dp_average,
+    global_norm,
+    update_noise_multiplier,
+)
+
+_LAZY = {
+    "ClientLevelAccountant": "fedpeft.privacy.accounting",
+    "LocalDP": "fedpeft.privacy.dpsgd",
+    "derive_noise_multiplier": "fedpeft.privacy.dpsgd",
+    "causal_lm_loss": "fedpeft.privacy.dpsgd",
+    "per_example_causal_lm_loss": "fedpeft.privacy.dpsgd",
+    "SoftPrompt": "fedpeft.privacy.soft_prompt",
+    "SoftPromptModel": "fedpeft.privacy.soft_prompt",
+}
+
+__all__ = ["check_privacy", "AdaptiveClipper", "add_server_noise", "clip_factor", "clip_to_norm",
+           "clip_update", "dp_average", "global_norm", "update_noise_multiplier", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fedpeft.privacy' has no attribute {name!r}")
