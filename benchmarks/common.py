@@ -10,22 +10,28 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
-def machine() -> str:
-    """One line: CPU model, cores, memory, Python and library versions."""
-    import numpy
-    import torch
-
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU model name (from /proc/cpuinfo where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line: CPU model, cores, memory, load, Python and library versions."""
+    import numpy
+    import torch
+
+    cpu = cpu_model()
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpu}; Python {platform.python_version()}, "
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpu}, load average {load}; "
+            f"Python {platform.python_version()}, "
             f"torch {torch.__version__}, numpy {numpy.__version__}")
 
 
