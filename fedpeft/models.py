@@ -189,7 +189,8 @@ def load_base_model(cfg: ModelSection, num_labels: int = 0, seed: int = 0) -> nn
                     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             except (OSError, ValueError) as e:
                 raise ModelError(_load_failure(cfg.name, e)) from None
-    model = model.float()
+    if any(p.dtype != torch.float32 for p in model.parameters()):  # GGUF models are dequantized already
+        model = model.to(torch.float32)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
