@@ -14,20 +14,24 @@ from fedpeft.server import protocol
 from fedpeft.simulation import runner
 
 
-def _corrupt_buffer(reply: Message) -> Message:
-    arrays = {k: a.numpy().copy() for k, a in reply.content[protocol.UPDATE].items()}
-    arrays["header"][:] = np.iinfo(np.int64).max  # absurd counts and lengths
-    content = RecordDict({protocol.UPDATE: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+def _replace_payload(reply: Message, request: Message, edit) -> Message:
+    payload = protocol.record_payload(reply.content[protocol.UPDATE])
+    data = edit(bytearray(protocol.pack_payload(payload)))
+    array = Array(dtype="uint8", shape=(len(data),), stype="raw", data=bytes(data))
+    content = RecordDict({protocol.UPDATE: ArrayRecord({protocol.PAYLOAD: array}),
                           protocol.METRICS: reply.content[protocol.METRICS]})
-    return Message(content, reply_to=_corrupt_buffer.request)
+    return Message(content, reply_to=request)
+
+
+def _corrupt_buffer(reply: Message) -> Message:
+    def absurd_header(data: bytearray) -> bytearray:
+        data[12:12 + 8 * 4] = np.full(4, np.iinfo(np.int64).max, dtype="<i8").tobytes()  # counts and lengths
+        return data
+    return _replace_payload(reply, _corrupt_buffer.request, absurd_header)
 
 
 def _truncate(reply: Message) -> Message:
-    arrays = {k: a.numpy() for k, a in reply.content[protocol.UPDATE].items()}
-    arrays["buffer"] = arrays["buffer"][: len(arrays["buffer"]) // 2]
-    content = RecordDict({protocol.UPDATE: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          protocol.METRICS: reply.content[protocol.METRICS]})
-    return Message(content, reply_to=_truncate.request)
+    return _replace_payload(reply, _truncate.request, lambda data: data[: len(data) // 2])
 
 
 def _nan_metric(reply: Message) -> Message:
@@ -115,3 +119,29 @@ def test_cli_simulate_end_to_end(cls_data, tmp_path):
 def test_cli_config_prints_the_resolved_toml():
     res = _cli("config", "--set", "federation.rounds=9")
     assert res.returncode == 0 and "rounds = 9" in res.stdout
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda d: d[:5], "shorter than its 12-byte preamble"),
+    (lambda d: d + b"x", "add up to"),
+    (lambda d: np.array([7, 0, 0], "<u4").tobytes() + bytes(7), "not a whole number"),
+])
+def test_packed_payload_framing_is_validated(edit, reason):
+    import torch
+
+    from fedpeft.compression import Layout, make_codec
+    from fedpeft.errors import PayloadError
+
+    state = {"w": torch.randn(4, 4)}
+    data = protocol.pack_payload(make_codec("compeft:0.5").encode(state, Layout.from_state(state)))
+    with pytest.raises(PayloadError, match=reason):
+        protocol.unpack_payload(edit(data))
+
+
+def test_a_payload_array_that_is_not_raw_bytes_is_refused():
+    from fedpeft.errors import PayloadError
+
+    with pytest.raises(PayloadError, match="exactly one array"):
+        protocol.record_payload(ArrayRecord({"header": Array(np.zeros(3, np.int64))}))
+    with pytest.raises(PayloadError, match="not raw uint8"):
+        protocol.record_payload(ArrayRecord({protocol.PAYLOAD: Array(np.zeros(3, np.int64))}))

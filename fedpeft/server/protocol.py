@@ -5,9 +5,13 @@ payload of the global adapter) and ``config`` (ConfigRecord: round, seed, per-ro
 Client -> server: ``update`` (ArrayRecord: the uplink codec's packed payload of the adapter delta)
 and ``metrics`` (MetricRecord: num-examples, train-loss, ...).
 
-A payload travels as a handful of 1-D numpy arrays inside one ArrayRecord (Flower serializes them
-with ``np.save(allow_pickle=False)``); nothing received is unpickled. Bytes are counted from the
-serialized Flower objects themselves (what the object store pushes), so reported == sent.
+A payload travels as ONE raw ``uint8`` Array (``stype="raw"``): a 12-byte preamble with the byte
+lengths of the header, buffer and scales sections, then the sections. Flower turns every Array into
+two objects plus an npy header, so three separate arrays cost about 1 kB more per message (measured:
+2,562 B vs about 1,550 B for a 709-byte ComPEFT payload). Nothing received is unpickled or passed to
+``np.load``: the bytes are sliced by validated lengths and handed to ``Payload.from_arrays``, which
+checks dtypes and the codec checks everything else. Bytes are counted from the serialized Flower
+objects themselves (what the object store pushes), so reported == sent.
 """
 
 from __future__ import annotations
@@ -21,28 +25,56 @@ from fedpeft.errors import PayloadError
 
 TRAIN = "train"
 GLOBAL, CONFIG, UPDATE, METRICS = "global", "config", "update", "metrics"
+PAYLOAD = "payload"
 REQUIRED_METRICS = ("num-examples", "train-loss")
 MAX_NUM_EXAMPLES = 10**9
+SECTIONS = (("header", np.dtype("<i8")), ("buffer", np.dtype("u1")), ("scales", np.dtype("<f4")))
+PREAMBLE = np.dtype("<u4")
+
+
+def pack_payload(payload: Payload) -> bytes:
+    """Preamble (three uint32 section lengths in bytes) + header + buffer + scales."""
+    arrays = payload.arrays()
+    parts = [np.ascontiguousarray(arrays.get(name, np.zeros(0, dt)), dtype=dt).tobytes() for name, dt in SECTIONS]
+    return np.array([len(p) for p in parts], dtype=PREAMBLE).tobytes() + b"".join(parts)
+
+
+def unpack_payload(data: bytes) -> Payload:
+    """Inverse of :func:`pack_payload`; every length is checked before slicing (raises PayloadError)."""
+    head = 3 * PREAMBLE.itemsize
+    if len(data) < head:
+        raise PayloadError(f"payload of {len(data)} bytes is shorter than its {head}-byte preamble")
+    lengths = [int(n) for n in np.frombuffer(data[:head], dtype=PREAMBLE)]
+    if sum(lengths) != len(data) - head:
+        raise PayloadError(f"payload sections add up to {sum(lengths)} bytes, {len(data) - head} were received")
+    arrays, offset = {}, head
+    for (name, dt), n in zip(SECTIONS, lengths):
+        if n % dt.itemsize:
+            raise PayloadError(f"payload {name} section of {n} bytes is not a whole number of {dt} values")
+        if n or name != "scales":
+            arrays[name] = np.frombuffer(data[offset:offset + n], dtype=dt)
+        offset += n
+    return Payload.from_arrays(arrays)
 
 
 def payload_record(payload: Payload) -> ArrayRecord:
-    """Pack a codec payload into one ArrayRecord."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.arrays().items()})
+    """Pack a codec payload into one ArrayRecord holding one raw uint8 Array."""
+    data = pack_payload(payload)
+    return ArrayRecord({PAYLOAD: Array(dtype="uint8", shape=(len(data),), stype="raw", data=data)})
 
 
 def record_payload(record: object) -> Payload:
-    """Unpack an ArrayRecord into a Payload, validating types (raises PayloadError)."""
+    """Unpack the ArrayRecord of :func:`payload_record` into a Payload (raises PayloadError)."""
     if not isinstance(record, ArrayRecord):
         raise PayloadError(f"expected an ArrayRecord, got {type(record).__name__}")
-    arrays = {}
-    for key, arr in record.items():
-        if not isinstance(arr, Array) or arr.stype != "numpy.ndarray":
-            raise PayloadError(f"array {key!r} is not a serialized numpy array")
-        try:
-            arrays[key] = arr.numpy()
-        except Exception as e:  # malformed npy bytes: np.load raises many types
-            raise PayloadError(f"array {key!r} cannot be read: {e}") from None
-    return Payload.from_arrays(arrays)
+    if list(record.keys()) != [PAYLOAD]:
+        raise PayloadError(f"expected exactly one array {PAYLOAD!r}, got {sorted(record.keys())}")
+    arr = record[PAYLOAD]
+    if not isinstance(arr, Array) or arr.stype != "raw" or arr.dtype != "uint8":
+        raise PayloadError("the payload array is not raw uint8 bytes")
+    if tuple(arr.shape) != (len(arr.data),):
+        raise PayloadError(f"payload array declares shape {tuple(arr.shape)} but carries {len(arr.data)} bytes")
+    return unpack_payload(bytes(arr.data))
 
 
 def record_bytes(content: RecordDict) -> int:
