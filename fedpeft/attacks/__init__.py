@@ -1,1 +1,11 @@
-"""Gradient-inversion attacks, leakage metrics and the privacy audit (see issue: attack suite)."""
+"""Gradient-inversion attacks, leakage metrics and the privacy audit (see issue: attack suite).
+
+An attack is ``run(obs: Observation, **params) -> AttackResult``, registered by name in
+:data:`ATTACKS`; :func:`run_attack` runs one by name. Importing this package registers them all.
+"""
+
+from fedpeft.attacks import grad_match, label_and_canary, span, span_decode, subspace_opt  # noqa: F401
+from fedpeft.attacks.observation import (ATTACKS, AttackResult, NotApplicable, Observation, register_attack,
+                                         run_attack)
+
+__all__ = ["ATTACKS", "AttackResult", "NotApplicable", "Observation", "register_attack", "run_attack"]

@@ -1,0 +1,88 @@
+"""``grad_match``: TAG/LAMP-style optimisation attack for any adapter (LoRA, prompt, prefix).
+
+Optimise soft token distributions Z (batch × L × C, softmax over C candidate tokens) so that the
+adapter gradient they induce — the causal-LM loss of the soft input against its own soft next
+tokens, differentiated w.r.t. the trainable parameters with ``create_graph`` — matches the observed
+update: (1 − cosine) + λ·relative L2. A delta is compared in gradient units (−delta / (lr·steps)).
+Candidates are the whole vocabulary or the top of the span / subspace ranking. The result is the
+argmax sequence per position and a per-token score (max probability over positions).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fedpeft.attacks.observation import AttackResult, Observation, register_attack, run_attack
+
+log = logging.getLogger(__name__)
+
+
+def _soft_loss(model: torch.nn.Module, probs: torch.Tensor, emb: torch.Tensor, cand: torch.Tensor,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of the soft sequence against its own (soft) next tokens, or the
+    classification loss against ``labels`` (recovered from the head by iDLG)."""
+    x = probs @ emb  # b × L × d
+    logits = model(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long)).logits
+    if labels is not None:
+        return F.cross_entropy(logits, labels)
+    logits = logits[:, -probs.shape[1]:]  # prompt tuning prepends virtual-token positions
+    logp = torch.log_softmax(logits[:, :-1], -1)[..., cand]
+    return -(probs[:, 1:] * logp).sum(-1).mean()
+
+
+def candidate_tokens(obs: Observation, candidates: str, top_k: int, vocab: int) -> torch.Tensor:
+    """All token ids, or the ``top_k`` of the span / subspace_opt ranking."""
+    if candidates == "all":
+        return torch.arange(vocab)
+    ranking = run_attack("span" if candidates == "span" else "subspace_opt", obs).token_scores
+    return torch.topk(ranking, min(top_k, vocab)).indices.sort().values
+
+
+@register_attack("grad_match")
+def run(obs: Observation, iterations: int = 60, lr: float = 0.1, candidates: str = "all", top_k: int = 64,
+        l2_weight: float = 0.1, temperature: float = 1.0, seed: int = 0, **_: Any) -> AttackResult:
+    """Gradient matching over soft tokens; ``candidates`` = "all", "span" or "subspace"."""
+    model = obs.working_model(torch.float32)
+    emb_all = model.get_input_embeddings().weight.detach()
+    vocab = emb_all.shape[0]
+    cand = candidate_tokens(obs, candidates, top_k, vocab)
+    emb = emb_all[cand]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    target_state = obs.as_gradient()
+    target = torch.cat([target_state[n].to(torch.float32).flatten() for n in names])
+    tnorm = target.norm().clamp_min(1e-30)
+    labels = None
+    if obs.task == "classification":
+        from fedpeft.attacks.label_and_canary import head_gradients, recover_labels
+
+        found = recover_labels(*head_gradients(obs), obs.batch_size)
+        labels = torch.tensor(found if len(found) == obs.batch_size else [0] * obs.batch_size)
+    g = torch.Generator().manual_seed(seed)
+    z = (0.01 * torch.randn((obs.batch_size, obs.seq_len, cand.numel()), generator=g)).requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    best, best_z = float("inf"), z.detach().clone()
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):  # the math kernel has a double backward
+        for _ in range(iterations):
+            probs = torch.softmax(z / temperature, -1)
+            grads = torch.autograd.grad(_soft_loss(model, probs, emb, cand, labels), params, create_graph=True)
+            flat = torch.cat([gr.flatten() for gr in grads])
+            obj = 1 - F.cosine_similarity(flat, target, dim=0) + l2_weight * ((flat - target).norm() / tnorm) ** 2
+            if float(obj.detach()) < best:  # the objective of the current z (before this step)
+                best, best_z = float(obj.detach()), z.detach().clone()
+            opt.zero_grad()
+            obj.backward()
+            opt.step()
+    probs = torch.softmax(best_z / temperature, -1)
+    seqs = cand[probs.argmax(-1)].tolist()
+    token_scores = torch.zeros(vocab)
+    token_scores[cand] = probs.amax(dim=(0, 1)) + 1e-6  # candidates above every non-candidate
+    bag = sorted({t for s in seqs for t in s})
+    log.info("grad_match: %d iterations over %d candidates, objective %.4f", iterations, cand.numel(), best)
+    return AttackResult("grad_match", token_scores=token_scores, bag=bag, sequences=seqs,
+                        extra={"objective": best, "candidates": candidates, "num_candidates": cand.numel()})

@@ -1,0 +1,171 @@
+"""Shared machinery for the span attacks: find LoRA layers, capture the inputs they read for chosen
+token sequences (forward hooks with an early exit), and project candidates onto a row space.
+
+Everything is architecture-agnostic: which LoRA modules read the same, token-local input is found by
+probing the model, not from module names.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+class _Stop(Exception):
+    """Raised by a hook once every wanted input is captured (skip the rest of the forward pass)."""
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-adapted linear map: its module path, layer index and adapter-state parameter names."""
+
+    path: str
+    layer: int
+    a_name: str
+    b_name: str
+
+
+def lora_modules(model: nn.Module) -> list[LoraModule]:
+    """All LoRA A/B pairs of ``model`` (names as in :func:`fedpeft.models.adapter_state`), in order."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    found = []
+    for name, _ in model.named_modules():
+        if ".lora_A." not in name + "." or not name.split(".")[-2] == "lora_A":
+            continue
+        a_name = f"{name}.weight"
+        b_name = a_name.replace(".lora_A.", ".lora_B.")
+        if a_name in trainable and b_name in trainable:
+            m = _LAYER.search(name)
+            found.append(LoraModule(name.rsplit(".lora_A.", 1)[0], int(m.group(1)) if m else -1, a_name, b_name))
+    return found
+
+
+def _input_ids_kwargs(model: nn.Module, ids: torch.Tensor) -> dict:
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, ids: torch.Tensor, paths: list[str]) -> dict[str, torch.Tensor]:
+    """The inputs (batch × seq × d_in) that the lora_A maps under ``paths`` read for token ids ``ids``."""
+    modules = dict(model.named_modules())
+    got: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(path: str):
+        def hook(_m: nn.Module, args: tuple) -> None:
+            got[path] = args[0].detach().clone()
+            if len(got) == len(paths):
+                raise _Stop
+
+        return hook
+
+    for p in paths:
+        lora_a = modules[f"{p}.lora_A"]
+        target = next(iter(lora_a.values())) if isinstance(lora_a, nn.ModuleDict) else lora_a
+        handles.append(target.register_forward_pre_hook(hook_for(p)))
+    try:
+        model(**_input_ids_kwargs(model, ids))
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [p for p in paths if p not in got]
+    if missing:
+        raise RuntimeError(f"no input captured for {missing}")
+    return got
+
+
+def shared_groups(model: nn.Module, layer: int, token_local: bool, vocab: int) -> list[list[LoraModule]]:
+    """LoRA modules of ``layer`` grouped by identical input (e.g. q/k/v), largest group first.
+
+    With ``token_local`` only modules whose input at a position depends on that position's token
+    alone are kept (the first block's normed embeddings, not attention outputs).
+    """
+    mods = [m for m in lora_modules(model) if m.layer == layer]
+    if not mods:
+        return []
+    g = torch.Generator().manual_seed(1)
+    probe = torch.randint(5, vocab, (2, 6), generator=g)
+    probe[1, 3] = probe[0, 3]
+    inputs = capture_inputs(model, probe, [m.path for m in mods])
+    groups: list[list[LoraModule]] = []
+    for m in mods:
+        x = inputs[m.path]
+        if token_local and not torch.allclose(x[0, 3], x[1, 3], rtol=1e-5, atol=1e-6):
+            continue
+        for grp in groups:
+            y = inputs[grp[0].path]
+            if y.shape == x.shape and torch.allclose(x, y, rtol=1e-6, atol=1e-7):
+                grp.append(m)
+                break
+        else:
+            groups.append([m])
+    return sorted(groups, key=len, reverse=True)
+
+
+@torch.no_grad()
+def token_inputs(model: nn.Module, path: str, vocab: int, seq_len: int,
+                 chunk: int = 512) -> tuple[torch.Tensor, bool]:
+    """Candidate first-layer inputs for every (token, position): (positions × vocab × d).
+
+    Returns a single position when the inputs do not depend on the position (RoPE models).
+    """
+    probe = torch.tensor([[7] * min(seq_len, 4)])
+    x = capture_inputs(model, probe, [path])[path][0]
+    positional = not torch.allclose(x[0], x[-1], rtol=1e-6, atol=1e-7)
+    length = seq_len if positional else 1
+    outs = []
+    per = max(1, chunk // length)
+    for start in range(0, vocab, per):
+        ids = torch.arange(start, min(vocab, start + per)).unsqueeze(1).repeat(1, length)
+        outs.append(capture_inputs(model, ids, [path])[path])
+    return torch.cat(outs).transpose(0, 1).contiguous(), positional
+
+
+def row_basis(rows: torch.Tensor, bound: int, rel_floor: float = 1e-13) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal basis (k × d) of the row space of ``rows`` (float64 SVD) and all singular values.
+
+    k = min(bound, #rows, d − 1, #singular values above ``rel_floor``·s_max): the rank comes from the
+    token-count bound, not from a relative tolerance (the true spectrum spans many decades).
+    """
+    m = rows.to(torch.float64)
+    if m.numel() == 0 or float(m.abs().max()) == 0.0:
+        return m.new_zeros((0, m.shape[-1])), m.new_zeros(0)
+    _, s, vh = torch.linalg.svd(m, full_matrices=False)
+    numeric = int((s > s[0] * rel_floor).sum())
+    k = max(0, min(bound, vh.shape[0], m.shape[1] - 1, numeric))
+    return vh[:k], s
+
+
+def residuals(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Normalised distance of each row of ``x`` (… × d) from span(basis): 0 = inside, 1 = orthogonal."""
+    x = x.to(torch.float64)
+    norm = x.norm(dim=-1)
+    if basis.shape[0] == 0:
+        return torch.ones(x.shape[:-1], dtype=torch.float64)
+    proj = (x @ basis.T) @ basis
+    res = (x - proj).norm(dim=-1) / norm.clamp_min(1e-300)
+    return torch.where(norm > 1e-12 * float(norm.max()), res, torch.ones_like(res))  # zero inputs (padding rows)
+
+
+def gap_cut(values: torch.Tensor, bound: int, min_ratio: float = 10.0) -> float:
+    """Threshold at the largest multiplicative gap among the ``bound``+1 smallest values.
+
+    Returns 0.0 (select nothing) when no gap reaches ``min_ratio`` (no clear separation).
+    """
+    v = torch.sort(values.flatten().to(torch.float64)).values[: bound + 1].clamp_min(1e-300)
+    if v.numel() < 2:
+        return 0.0
+    ratios = v[1:] / v[:-1]
+    i = int(torch.argmax(ratios))
+    if float(ratios[i]) < min_ratio:
+        return 0.0
+    return float(torch.sqrt(v[i] * v[i + 1]))

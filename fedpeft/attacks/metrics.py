@@ -1,0 +1,145 @@
+"""Leakage metrics: bag-of-token precision/recall/F1, positional accuracy, ROUGE-1/2/L, exact
+sequence match, a threshold-free ranking score with its chance baseline, canary exposure.
+
+Ground truth enters here and nowhere else in :mod:`fedpeft.attacks`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+
+def token_prf(recovered: Sequence[int], truth: Sequence[int]) -> dict[str, float]:
+    """Precision / recall / F1 of the recovered *set* of tokens against the true set.
+
+    Both empty counts as perfect (1.0); exactly one empty gives 0.0.
+    """
+    rec, tru = set(int(t) for t in recovered), set(int(t) for t in truth)
+    if not rec and not tru:
+        return {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    hit = len(rec & tru)
+    p = hit / len(rec) if rec else 0.0
+    r = hit / len(tru) if tru else 0.0
+    f1 = 2 * p * r / (p + r) if p + r else 0.0
+    return {"precision": p, "recall": r, "f1": f1}
+
+
+def positional_accuracy(position_hits: Sequence[tuple[int, int]], truth: torch.Tensor) -> float:
+    """Fraction of true (position, token) pairs (over the batch) that were recovered."""
+    true_pairs = {(p, int(v)) for row in truth.tolist() for p, v in enumerate(row)}
+    return len(true_pairs & {(int(p), int(v)) for p, v in position_hits}) / max(1, len(true_pairs))
+
+
+def _ngrams(seq: Sequence[int], n: int) -> Counter:
+    return Counter(tuple(seq[i:i + n]) for i in range(len(seq) - n + 1))
+
+
+def rouge_n(candidate: Sequence, reference: Sequence, n: int) -> float:
+    """ROUGE-N F-measure (clipped n-gram overlap)."""
+    c, r = _ngrams(list(candidate), n), _ngrams(list(reference), n)
+    overlap = sum((c & r).values())
+    if not c or not r or not overlap:
+        return 0.0
+    p, rec = overlap / sum(c.values()), overlap / sum(r.values())
+    return 2 * p * rec / (p + rec)
+
+
+def _lcs(a: Sequence, b: Sequence) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(candidate: Sequence, reference: Sequence) -> float:
+    """ROUGE-L F-measure (longest common subsequence)."""
+    if not candidate or not reference:
+        return 0.0
+    lcs = _lcs(list(candidate), list(reference))
+    if not lcs:
+        return 0.0
+    p, r = lcs / len(candidate), lcs / len(reference)
+    return 2 * p * r / (p + r)
+
+
+def _best_match(sequences: Sequence[Sequence[int]], truth: torch.Tensor) -> list[Sequence[int]]:
+    """For each true sequence, the recovered sequence with the highest ROUGE-L (empty if none)."""
+    return [max(sequences, key=lambda s: rouge_l(s, t), default=[]) for t in truth.tolist()]
+
+
+def sequence_metrics(sequences: Sequence[Sequence[int]], truth: torch.Tensor) -> dict[str, float]:
+    """ROUGE-1/2/L and exact-match rate, each true sequence against its best recovered one."""
+    true_rows = truth.tolist()
+    best = _best_match(sequences, truth)
+    n = max(1, len(true_rows))
+    return {"rouge1": sum(rouge_n(b, t, 1) for b, t in zip(best, true_rows)) / n,
+            "rouge2": sum(rouge_n(b, t, 2) for b, t in zip(best, true_rows)) / n,
+            "rougeL": sum(rouge_l(b, t) for b, t in zip(best, true_rows)) / n,
+            "exact": sum(list(b) == t for b, t in zip(best, true_rows)) / n}
+
+
+def ranking_score(scores: torch.Tensor, truth: Sequence[int]) -> dict[str, float]:
+    """Threshold-free: fraction of true tokens among the top-|true| scored tokens, and MRR.
+
+    Chance: |true| / vocab for the top-|true| fraction; the mean reciprocal rank of a random order
+    is the mean of 1/rank over uniformly random ranks (≈ ln(V)/V) for comparison.
+    """
+    tru = sorted(set(int(t) for t in truth))
+    vocab = scores.numel()
+    if not tru:
+        return {"top_true": 0.0, "mrr": 0.0, "chance_top_true": 0.0, "chance_mrr": 0.0}
+    order = torch.argsort(scores.flatten().float(), descending=True, stable=True)
+    rank = torch.empty(vocab, dtype=torch.long)
+    rank[order] = torch.arange(1, vocab + 1)
+    top = set(order[: len(tru)].tolist())
+    true_ranks = rank[tru].double()
+    chance_mrr = sum(1.0 / k for k in range(1, vocab + 1)) / vocab
+    return {"top_true": len(top & set(tru)) / len(tru), "mrr": float((1.0 / true_ranks).mean()),
+            "chance_top_true": len(tru) / vocab, "chance_mrr": chance_mrr}
+
+
+def exposure(rank: int, candidates: int) -> float:
+    """Canary exposure (Carlini et al.): log2(#candidates) − log2(rank), rank 1 = best."""
+    return math.log2(max(1, candidates)) - math.log2(max(1, rank))
+
+
+def summarize(result: object, truth: torch.Tensor) -> dict[str, float]:
+    """All applicable metrics of an :class:`AttackResult` against the true token ids (batch × L)."""
+    flat = truth.flatten().tolist()
+    out: dict[str, float] = {"seconds": float(getattr(result, "seconds", 0.0))}
+    out.update({f"token_{k}": v for k, v in token_prf(result.bag, flat).items()})  # type: ignore[attr-defined]
+    if result.token_scores is not None:  # type: ignore[attr-defined]
+        out.update(ranking_score(result.token_scores, flat))  # type: ignore[attr-defined]
+    positions = result.extra.get("positions") if hasattr(result, "extra") else None  # type: ignore[attr-defined]
+    if positions:
+        out["positional_accuracy"] = positional_accuracy(positions, truth)
+    if result.sequences:  # type: ignore[attr-defined]
+        out.update(sequence_metrics(result.sequences, truth))  # type: ignore[attr-defined]
+    return out
+
+
+def evaluate(obs: object, truth: torch.Tensor, names: Sequence[str] | None = None,
+             params: dict[str, dict] | None = None) -> dict[str, dict[str, float]]:
+    """Run attacks (default: all registered) on one observation and score each against ``truth``.
+
+    Attacks that do not apply to the observation (:class:`NotApplicable`) are reported as
+    ``{"applicable": 0.0}``; every other row has ``applicable = 1.0`` and :func:`summarize`'s metrics.
+    """
+    from fedpeft.attacks.observation import ATTACKS, NotApplicable, run_attack
+
+    rows: dict[str, dict[str, float]] = {}
+    for name in names or ATTACKS.names():
+        try:
+            result = run_attack(name, obs, **(params or {}).get(name, {}))  # type: ignore[arg-type]
+        except NotApplicable:
+            rows[name] = {"applicable": 0.0}
+            continue
+        rows[name] = {"applicable": 1.0, **summarize(result, truth)}
+    return rows

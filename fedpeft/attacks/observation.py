@@ -1,0 +1,140 @@
+"""What an honest-but-curious server sees (:class:`Observation`), what an attack returns
+(:class:`AttackResult`), and the attack registry.
+
+Ground truth (the client's private token ids / labels) is never part of an Observation: it reaches
+only :mod:`fedpeft.attacks.metrics`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedpeft.registry import Registry
+
+log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+
+
+class NotApplicable(ValueError):
+    """The attack does not apply to this observation (e.g. a span attack on a soft prompt)."""
+
+
+@dataclass
+class Observation:
+    """Everything the server knows about one client's update.
+
+    ``model``: the peft model (architecture + frozen base weights; its adapter values are ignored,
+    attacks load ``global_state`` themselves). ``global_state``: the global adapter the client started
+    from (names as :func:`fedpeft.models.adapter_state`). ``update``: the update as received — a
+    single-step gradient (``kind="gradient"``, dL/dθ) or a multi-step delta (``kind="delta"``,
+    θ_local − θ_global), possibly compressed or noised. ``history``: earlier (global_state, update)
+    pairs of the same client. The remaining fields are public metadata.
+    """
+
+    model: nn.Module
+    global_state: State
+    update: State
+    kind: str = "gradient"
+    history: list[tuple[State, State]] = field(default_factory=list)
+    batch_size: int = 1
+    num_examples: int = 1
+    seq_len: int = 16
+    local_steps: int = 1
+    lr: float = 1.0
+    optimizer: str = "sgd"
+    task: str = "causal_lm"
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gradient", "delta"):
+            raise ValueError(f"Observation.kind must be 'gradient' or 'delta', got {self.kind!r}")
+
+    @classmethod
+    def from_round(cls, model: nn.Module, global_state: State, delta: State, train: Any, num_examples: int,
+                   seq_len: int, task: str = "causal_lm", history: list[tuple[State, State]] | None = None,
+                   local_steps: int | None = None) -> Observation:
+        """The observation of one federated reply: ``delta`` is the decoded update (local − global) as the
+        server received it, ``train`` the public :class:`fedpeft.config.TrainSection` of the run,
+        ``history`` earlier (global, decoded delta) pairs of the same client (cross-silo stacking)."""
+        return cls(model=model, global_state=global_state, update=delta, kind="delta", history=list(history or []),
+                   batch_size=train.batch_size, num_examples=num_examples, seq_len=seq_len,
+                   local_steps=local_steps or train.local_steps or 1, lr=train.lr, optimizer=train.optimizer,
+                   task=task)
+
+    @property
+    def token_bound(self) -> int:
+        """Public upper bound on the client's token count (examples × sequence length)."""
+        return max(1, max(self.num_examples, self.batch_size) * self.seq_len)
+
+    def updates(self) -> list[tuple[State, State]]:
+        """All (global_state, update) pairs of this client, oldest first, the current one last."""
+        return [*self.history, (self.global_state, self.update)]
+
+    def as_gradient(self, update: State | None = None) -> State:
+        """The update rescaled to gradient units: a delta ≈ −lr·steps·gradient (SGD)."""
+        update = self.update if update is None else update
+        if self.kind == "gradient":
+            return update
+        scale = -1.0 / max(self.lr * self.local_steps, 1e-12)
+        return {k: v * scale for k, v in update.items()}
+
+    def working_model(self, dtype: torch.dtype = torch.float64) -> nn.Module:
+        """A private copy of the model in ``dtype`` with the global adapter loaded (cached, eval mode)."""
+        key = f"model:{dtype}"
+        if key not in self._cache:
+            from fedpeft.models import set_adapter_state
+
+            m = copy.deepcopy(self.model).to(dtype)
+            set_adapter_state(m, {k: v.to(dtype) for k, v in self.global_state.items()})
+            m.eval()
+            self._cache[key] = m
+        return self._cache[key]
+
+
+@dataclass
+class AttackResult:
+    """What an attack recovered.
+
+    ``token_scores``: one score per vocabulary token (higher = more likely in the batch).
+    ``position_scores``: optional (seq_len × vocab) scores for learned-position models.
+    ``bag``: the recovered set of token ids; ``sequences``: recovered sequences (may be empty).
+    ``labels``: recovered class labels (classification heads). ``extra``: attack-specific numbers.
+    """
+
+    attack: str
+    token_scores: torch.Tensor | None = None
+    position_scores: torch.Tensor | None = None
+    bag: list[int] = field(default_factory=list)
+    sequences: list[list[int]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+AttackFn = Callable[..., AttackResult]
+ATTACKS: Registry[AttackFn] = Registry("attack")
+
+
+def register_attack(name: str) -> Callable[[AttackFn], AttackFn]:
+    """Register ``run(obs, **params) -> AttackResult`` under ``name``."""
+    return ATTACKS.register(name)
+
+
+def run_attack(name: str, obs: Observation, **params: Any) -> AttackResult:
+    """Run the registered attack ``name`` on ``obs``; fills in the runtime."""
+    fn = ATTACKS.get(name)
+    start = time.perf_counter()
+    result = fn(obs, **params)
+    result.seconds = time.perf_counter() - start
+    log.info("attack %s: %.2fs, %d tokens, %d sequences", name, result.seconds, len(result.bag),
+             len(result.sequences))
+    return result

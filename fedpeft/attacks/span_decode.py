@@ -1,0 +1,167 @@
+"""``span_decode``: order the span attack's tokens into sequences with the second block (DAGER's
+greedy decoder for causal models).
+
+The layer-1 input at position p depends on tokens 0..p only (causal attention). The server knows the
+global adapter, so it pushes every candidate prefix through block 0 and keeps the extensions whose
+layer-1 input lies in the row space of the stacked layer-1 dL/dA. The last position of a causal-LM
+sequence is invisible to every span test (δ = 0 there); for a single-step gradient it is recovered
+from the label channel: the observed gradient minus everything the known prefix explains equals
+−(1/N)·Σ_i ∇θ logit_{i,L−2}[y_i], matched over the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from fedpeft.attacks import span
+from fedpeft.attacks.lora_io import capture_inputs, residuals, row_basis, shared_groups
+from fedpeft.attacks.observation import AttackResult, NotApplicable, Observation, register_attack
+
+log = logging.getLogger(__name__)
+
+
+def _candidates(res0: AttackResult, positional: bool, seq_len: int, max_cands: int) -> list[list[int]]:
+    """Candidate tokens per position from the layer-0 span result (its bag, else its top scores)."""
+    if positional:
+        hits = res0.extra.get("positions") or []
+        per = [sorted({v for p, v in hits if p == pos}) for pos in range(seq_len)]
+        consistent = res0.extra.get("consistent") or [[] for _ in range(seq_len)]
+        if res0.bag:
+            return [per[p] or consistent[p] or list(res0.bag) for p in range(seq_len)]
+        return [per[p] or torch.topk(res0.position_scores[p], 3).indices.tolist() for p in range(seq_len)]
+    bag = res0.bag or torch.topk(res0.token_scores, max_cands).indices.tolist()
+    return [list(bag)] * seq_len
+
+
+def _layer1_residuals(model: torch.nn.Module, path: str, prefixes: list[list[int]], basis: torch.Tensor,
+                      penalty: float) -> torch.Tensor:
+    """Residual of each prefix's last layer-1 input; an input that repeats an earlier position of the
+    same prefix (a constant prefix under RoPE) is trivially in the span and gets ``penalty``."""
+    x = capture_inputs(model, torch.tensor(prefixes), [path])[path]
+    res = residuals(x[:, -1], basis)
+    if x.shape[1] > 1:
+        cos = torch.nn.functional.cosine_similarity(x[:, -1:], x[:, :-1], dim=-1).max(dim=1).values
+        res = torch.where(cos > 1 - 1e-9, torch.full_like(res, penalty), res)
+    return res
+
+
+def greedy_decode(model: torch.nn.Module, path: str, basis: torch.Tensor, cands: list[list[int]], length: int,
+                  beams: int, ratio: float = 1e3, tau: float = 0.05) -> list[tuple[list[int], float]]:
+    """Extend prefixes token by token, keeping extensions whose layer-1 input is in the span."""
+    prefixes: list[tuple[list[int], float]] = [([], 0.0)]
+    for pos in range(length):
+        exts = [(p + [c], s) for p, s in prefixes for c in cands[pos]]
+        if not exts:
+            break
+        res = _layer1_residuals(model, path, [e for e, _ in exts], basis, tau)
+        nxt: list[tuple[list[int], float]] = []
+        for i, (pre, _) in enumerate(prefixes):
+            idx = [j for j, (e, _) in enumerate(exts) if e[:-1] == pre]
+            r = res[idx]
+            best = float(r.min())
+            keep = [j for j, rv in zip(idx, r.tolist()) if rv <= max(best * ratio, 1e-12) and rv < tau] or \
+                [idx[int(torch.argmin(r))]]
+            nxt += [(exts[j][0], prefixes[i][1] + float(res[j])) for j in keep]
+        nxt.sort(key=lambda t: t[1])
+        prefixes = nxt[:beams]
+    return prefixes
+
+
+def _label_params(model: torch.nn.Module, max_elems: int) -> tuple[list[str], list[torch.nn.Parameter]]:
+    """Trainable tensors from the output side, up to ``max_elems`` elements (at least one tensor)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    chosen, total = [], 0
+    for n, p in reversed(named):
+        if chosen and total + p.numel() > max_elems:
+            break
+        chosen.append((n, p))
+        total += p.numel()
+    return [n for n, _ in chosen], [p for _, p in chosen]
+
+
+def last_tokens(obs: Observation, prefixes: list[list[int]], max_elems: int = 200_000,
+                chunk: int = 64) -> list[int] | None:
+    """The invisible last token of each sequence from the label channel (single-step gradients only).
+
+    With the prefixes known, diff = N·(∇θ[known part of the loss] − g_obs) = Σ_i ∇θ logit_{i,L−2}[y_i]
+    = Σ_i W[y_i]·H_i (W: the output embedding, H_i = ∂h_{i,L−2}/∂θ). Scoring every y needs only
+    u_i = H_i·diff and H_i·H_jᵀ (d-dimensional), so it is cheap for any vocabulary size.
+    """
+    if obs.kind != "gradient" or obs.task != "causal_lm" or len(prefixes) != obs.batch_size or not prefixes:
+        return None
+    model = obs.working_model()
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None or getattr(head, "bias", None) is not None:
+        return None
+    names, params = _label_params(model, max_elems)
+    ids = torch.tensor(prefixes)
+    b, l1 = ids.shape
+    n = b * l1  # labels of full sequences of length l1 + 1
+    hidden: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _m, args: hidden.append(args[0]))
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            logp = torch.log_softmax(logits, -1)
+            known = -logp[:, :-1].gather(-1, ids[:, 1:, None]).sum() + torch.logsumexp(logits[:, -1], -1).sum()
+            g_known = torch.autograd.grad(known / n, params, retain_graph=True)
+            diff = torch.cat([(gk - obs.update[nm].to(gk.dtype)).flatten() for gk, nm in zip(g_known, names)]) * n
+            h = hidden[-1]
+            d = h.shape[-1]
+            jac_h = []
+            for i in range(b):
+                rows = []
+                for start in range(0, d, chunk):
+                    k = min(d, start + chunk) - start
+                    out = torch.zeros((k, *h.shape), dtype=h.dtype)
+                    out[torch.arange(k), i, -1, start + torch.arange(k)] = 1.0
+                    g = torch.autograd.grad(h, params, grad_outputs=out, retain_graph=True, is_grads_batched=True)
+                    rows.append(torch.cat([t.reshape(k, -1) for t in g], 1))
+                jac_h.append(torch.cat(rows))  # d × P
+    finally:
+        handle.remove()
+    w = head.weight.detach().to(diff.dtype)  # vocab × d
+    u = [w @ (jh @ diff) for jh in jac_h]  # vocab: <J_i[y], diff>
+    gram = [[jac_h[i] @ jac_h[j].T for j in range(b)] for i in range(b)]
+    self_sq = [((w @ gram[i][i]) * w).sum(1) for i in range(b)]  # ||J_i[y]||²
+    ys = [int(torch.argmax(u[i] / self_sq[i].clamp_min(1e-300).sqrt())) for i in range(b)]  # best cosine
+    for _ in range(3):  # coordinate descent on ||diff − Σ_i J_i[y_i]||²
+        for i in range(b):
+            cross = sum(w @ (gram[i][j] @ w[ys[j]]) for j in range(b) if j != i)
+            ys[i] = int(torch.argmin(self_sq[i] - 2 * (u[i] - cross)))
+    return ys
+
+
+@register_attack("span_decode")
+def run(obs: Observation, beams: int | None = None, max_cands: int = 64, ratio: float = 1e3, tau: float = 0.05,
+        **_: Any) -> AttackResult:
+    """Layer-0 span check, then greedy layer-1 decoding with ``beams`` prefixes (default 2 × batch size);
+    the best batch-size sequences are returned."""
+    res0 = span.run(obs)
+    _, _, positional = span.first_layer(obs)
+    model = obs.working_model()
+    vocab = model.get_input_embeddings().num_embeddings
+    groups = shared_groups(model, 1, token_local=False, vocab=vocab)
+    if not groups:
+        raise NotApplicable("span_decode needs LoRA modules in the second block")
+    group = groups[0]
+    rows = torch.cat([upd[m.a_name].to(torch.float64) for _, upd in obs.updates() for m in group])
+    basis, _ = row_basis(rows, obs.token_bound)
+    cands = _candidates(res0, positional, obs.seq_len, max_cands)
+    beams = beams or 2 * obs.batch_size
+    length = obs.seq_len - 1 if obs.task == "causal_lm" else obs.seq_len  # causal LM: last token invisible
+    decoded = greedy_decode(model, group[0].path, basis, cands, length, beams, ratio, tau)
+    seqs = [p for p, _ in decoded][: obs.batch_size]
+    tails = last_tokens(obs, seqs) if length < obs.seq_len else None
+    if tails is not None:
+        seqs = [s + [t] for s, t in zip(seqs, tails)]
+    log.info("span_decode: %d sequences (layer-1 rank %d), last token %s", len(seqs), basis.shape[0],
+             "from the label channel" if tails else "unknown")
+    return AttackResult("span_decode", token_scores=res0.token_scores, position_scores=res0.position_scores,
+                        bag=res0.bag, sequences=seqs,
+                        extra={"layer1_rank": basis.shape[0], "scores": [s for _, s in decoded],
+                               "last_token": tails is not None, "positions": res0.extra.get("positions", [])})
