@@ -145,3 +145,19 @@ def test_a_payload_array_that_is_not_raw_bytes_is_refused():
         protocol.record_payload(ArrayRecord({"header": Array(np.zeros(3, np.int64))}))
     with pytest.raises(PayloadError, match="not raw uint8"):
         protocol.record_payload(ArrayRecord({protocol.PAYLOAD: Array(np.zeros(3, np.int64))}))
+
+
+def test_sampling_keeps_64_bit_node_ids_exact(tiny_cfg, tmp_path):
+    """Real node ids are random uint64s; mixing ids above and below 2**63 must not turn them into floats."""
+    from fedpeft.server.loop import FederatedServer
+
+    ids = [2**64 - 59, 3, 2**63 + 7, 12_345_678_901_234_567]
+
+    class Nodes:
+        def get_node_ids(self):
+            return ids
+
+    server = FederatedServer(tiny_cfg(**{"data.num_clients": 4, "federation.clients_per_round": 3}), tmp_path)
+    for rnd in (1, 2, 3):
+        sampled = server._sample(Nodes(), rnd)
+        assert len(sampled) == 3 and set(sampled) <= set(ids)

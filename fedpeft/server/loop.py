@@ -67,6 +67,7 @@ class FederatedServer:
         self.synced: dict[int, int] = {}  # node -> round whose broadcast state it holds (lossy downlink)
         self.privacy = ServerPrivacy(cfg)
         self.round = 0
+        self.first_round = 1
         self.started = time.time()
         if resume:
             self._restore()
@@ -107,8 +108,12 @@ class FederatedServer:
     # ---- the loop ----------------------------------------------------------------------------
     def run(self, grid: Grid) -> None:
         """Run the remaining rounds, then write the final adapter and the report."""
-        if self.round and getattr(grid, "load_node_states", None) is not None:
-            grid.load_node_states(self.checkpoint_dir / "nodes")
+        self.first_round = self.round + 1
+        if self.round:
+            if getattr(grid, "load_node_states", None) is not None:
+                grid.load_node_states(self.checkpoint_dir / "nodes")
+            else:  # a new deployment run: nodes start with empty state, so none holds a broadcast state
+                self.synced = {}
         for rnd in range(self.round + 1, self.cfg.federation.rounds + 1):
             row = self.run_round(grid, rnd)
             with open(self.run_dir / METRICS_FILE, "a") as f:
@@ -118,19 +123,24 @@ class FederatedServer:
                 self._save(grid)
         self.finish()
 
-    def _sample(self, grid: Grid) -> list[int]:
+    def _sample(self, grid: Grid, rnd: int) -> list[int]:
+        """Seeded sample of connected nodes. Waits up to node_wait_timeout for enough nodes in the first
+        round (and after a resume); later rounds wait at most 10 s, so a node that died does not stall
+        every round."""
         fed = self.cfg.federation
         wanted = fed.clients_per_round or self.cfg.data.num_clients
-        deadline = time.time() + fed.node_wait_timeout
+        patience = fed.node_wait_timeout if rnd == self.first_round else min(fed.node_wait_timeout, 10.0)
+        deadline = time.time() + patience
         nodes = sorted(grid.get_node_ids())
         while len(nodes) < wanted and time.time() < deadline:
             time.sleep(1.0)
             nodes = sorted(grid.get_node_ids())
         if len(nodes) < fed.min_clients:
-            raise FedPeftError(f"only {len(nodes)} node(s) connected after {fed.node_wait_timeout:.0f} s; "
+            raise FedPeftError(f"only {len(nodes)} node(s) connected after {patience:.0f} s; "
                                f"federation.min_clients = {fed.min_clients}")
         k = min(wanted, len(nodes))
-        return sorted(int(n) for n in self.rng.choice(nodes, size=k, replace=False))
+        # draw indices, not ids: real node ids are random uint64 values that numpy would turn into floats
+        return sorted(int(nodes[i]) for i in self.rng.choice(len(nodes), size=k, replace=False))
 
     def _instructions(self, sampled: list[int], rnd: int) -> dict[int, protocol.RecordDict]:
         """The training message content for each sampled node (see the module docstring)."""
@@ -154,7 +164,7 @@ class FederatedServer:
     def run_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
         """One round; returns its metrics row."""
         t0 = time.time()
-        sampled = self._sample(grid)
+        sampled = self._sample(grid, rnd)
         contents = self._instructions(sampled, rnd)
         bytes_down = sum(protocol.record_bytes(c) for c in contents.values())
         messages = [Message(contents[node], node, protocol.TRAIN, group_id=str(rnd)) for node in sampled]
