@@ -43,7 +43,64 @@ def _parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="print the resolved configuration (TOML) and exit")
     _scenario_args(cfg)
     cfg.add_argument("--reference", action="store_true", help="print the reference of every key (markdown)")
+    _deploy_parsers(sub)
     return p
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--superlink", metavar="HOST:PORT", help="SuperLink address (default: the stored connection)")
+    p.add_argument("--ca", type=Path, help="CA certificate of the SuperLink (ca.crt from `fedpeft certs`)")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP (local tests only)")
+    p.add_argument("--flwr-home", type=Path, help="where the connection is stored (default $FLWR_HOME or "
+                                                  "~/.fedpeft/flwr)")
+
+
+def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
+    link = sub.add_parser("superlink", help="run a Flower SuperLink (TLS + node auth) in the foreground")
+    link.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    link.add_argument("--port", type=int, default=8000, help="the one HTTP port (Fleet, Control, ServerAppIo)")
+    link.add_argument("--certs", type=Path, help="directory with ca.crt, server.crt, server.key")
+    link.add_argument("--insecure", action="store_true", help="no TLS (needs --no-auth; local tests only)")
+    link.add_argument("--no-auth", dest="auth", action="store_false", help="accept unregistered SuperNodes")
+    link.add_argument("--database", type=Path, help="state file (runs, registered nodes) that survives restarts")
+    link.add_argument("--flwr-home", type=Path)
+    node = sub.add_parser("node", help="run a Flower SuperNode for this machine's data in the foreground")
+    node.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    node.add_argument("--data", type=Path, help="this node's own data file (all of it is trained on)")
+    node.add_argument("--partition-id", type=int, help="train on this partition of the scenario data instead")
+    node.add_argument("--num-partitions", type=int)
+    node.add_argument("--ca", type=Path, help="CA certificate of the SuperLink")
+    node.add_argument("--key", type=Path, help="node private key (from `fedpeft node-key`)")
+    node.add_argument("--port", type=int, default=9094, help="local Runtime API port (one per node on a host)")
+    node.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
+    node.add_argument("--warm", action="store_true", help="keep one ClientApp process (and the model) loaded")
+    node.add_argument("--max-wait", type=float, help="give up after this many seconds without the SuperLink")
+    node.add_argument("--flwr-home", type=Path)
+    certs = sub.add_parser("certs", help="create a CA and a server certificate for the SuperLink")
+    certs.add_argument("--host", required=True, help="the SuperLink's host name (also valid: localhost, 127.0.0.1)")
+    certs.add_argument("--san", action="append", default=[], help="another host name or IP (repeatable)")
+    certs.add_argument("--out", type=Path, required=True)
+    certs.add_argument("--days", type=int, default=365)
+    certs.add_argument("--force", action="store_true", help="overwrite existing files")
+    key = sub.add_parser("node-key", help="create a SuperNode key pair (EC P-384, OpenSSH format)")
+    key.add_argument("--out", type=Path, required=True)
+    key.add_argument("--name", default="node_key", help="file name of the private key (.pub beside it)")
+    key.add_argument("--force", action="store_true")
+    reg = sub.add_parser("register-node", help="allow a SuperNode's public key on the SuperLink")
+    reg.add_argument("public_key", type=Path)
+    reg.add_argument("--name", help="a name for the node")
+    _connection_args(reg)
+    run = sub.add_parser("run", help="submit a scenario to a SuperLink (real deployment)")
+    _scenario_args(run)
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its checkpoint")
+    run.add_argument("--wait", action="store_true", help="wait until the run finishes; exit 1 if it failed")
+    _connection_args(run)
+    st = sub.add_parser("status", help="list the SuperLink's runs")
+    st.add_argument("run_id", nargs="?", type=int)
+    _connection_args(st)
+    logs = sub.add_parser("logs", help="print the ServerApp log of a run")
+    logs.add_argument("run_id", type=int)
+    _connection_args(logs)
 
 
 def _round_line(row: dict[str, Any], total: int) -> str:
@@ -158,7 +215,86 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"simulate": cmd_simulate, "compare-compression": cmd_compare_compression, "config": cmd_config}
+def _home(args: argparse.Namespace) -> Path:
+    from fedpeft.deploy import launch, submit
+
+    home = args.flwr_home or launch.default_home()
+    if hasattr(args, "superlink"):
+        submit.connect(home, args.superlink, args.ca, args.insecure)
+    return home
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    from fedpeft.deploy import launch
+
+    return launch.run_superlink(args.flwr_home, host=args.host, port=args.port, certs=args.certs,
+                                insecure=args.insecure, auth=args.auth, database=args.database)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from fedpeft.deploy import launch
+
+    opts = launch.NodeOptions(args.superlink, args.data, args.partition_id, args.num_partitions, args.ca, args.key,
+                              args.port, args.insecure, args.warm, args.max_wait)
+    return launch.run_node(opts, args.flwr_home)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedpeft.deploy import certs
+
+    paths = certs.make_certs(args.host, args.out, args.days, args.san, args.force)
+    print(json.dumps({k: str(v) for k, v in vars(paths).items()}))
+    return 0
+
+
+def cmd_node_key(args: argparse.Namespace) -> int:
+    from fedpeft.deploy import certs
+
+    paths = certs.make_node_key(args.out, args.name, force=args.force)
+    print(json.dumps({"private": str(paths.private), "public": str(paths.public)}))
+    return 0
+
+
+def cmd_register_node(args: argparse.Namespace) -> int:
+    from fedpeft.deploy import submit
+
+    print(json.dumps(submit.register_node(_home(args), args.public_key, args.name)))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedpeft.deploy import submit
+
+    cfg = None if args.resume else config.load(args.scenario, args.overrides)
+    home = _home(args)
+    run_id, run_dir = submit.submit(home, cfg, args.resume)
+    console.print(f"run [bold]{run_id}[/] submitted; run directory {run_dir}")
+    print(json.dumps({"run_id": run_id, "run_dir": str(run_dir)}), flush=True)
+    if not args.wait:
+        return 0
+    with console.status(f"waiting for run {run_id} ..."):
+        final = submit.wait(home, run_id)
+    console.print(f"run {run_id}: {final}")
+    return 0 if final == "finished:completed" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fedpeft.deploy import submit
+
+    print(json.dumps(submit.status(_home(args), args.run_id), indent=1))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from fedpeft.deploy import submit
+
+    print(submit.logs(_home(args), args.run_id), end="")
+    return 0
+
+
+COMMANDS = {"simulate": cmd_simulate, "compare-compression": cmd_compare_compression, "config": cmd_config,
+            "superlink": cmd_superlink, "node": cmd_node, "certs": cmd_certs, "node-key": cmd_node_key,
+            "register-node": cmd_register_node, "run": cmd_run, "status": cmd_status, "logs": cmd_logs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ deployment each ClientApp process builds its own. Flower-free.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from functools import cached_property
@@ -25,15 +26,22 @@ log = logging.getLogger(__name__)
 class Runtime:
     """Model, adapter and data for one configuration (built lazily, cached per process)."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, data_path: str | None = None) -> None:
         self.cfg = cfg
         self.device = select_device(cfg.run.device)
-        self.examples = data.load_examples(cfg.data, cfg.model.task, seed=cfg.run.seed)
-        self.train_examples, eval_examples = data.split_eval(self.examples, cfg.data.eval_fraction, cfg.run.seed)
-        if cfg.train.max_eval_examples and len(eval_examples) > cfg.train.max_eval_examples:
-            eval_examples = eval_examples.subset(np.arange(cfg.train.max_eval_examples))
-        self.eval_examples = eval_examples
-        self.partitions = data.partition(self.train_examples, cfg.data, cfg.run.seed)
+        if data_path:  # a deployed node's own file: all of it is partition 0, no eval split
+            node_data = dataclasses.replace(cfg.data, source="file", path=data_path)
+            self.examples = data.load_examples(node_data, cfg.model.task, seed=cfg.run.seed)
+            self.train_examples, self.eval_examples = self.examples, self.examples.subset([])
+            self.partitions = [np.arange(len(self.examples))]
+        else:
+            self.examples = data.load_examples(cfg.data, cfg.model.task, seed=cfg.run.seed)
+            self.train_examples, eval_examples = data.split_eval(self.examples, cfg.data.eval_fraction,
+                                                                 cfg.run.seed)
+            if cfg.train.max_eval_examples and len(eval_examples) > cfg.train.max_eval_examples:
+                eval_examples = eval_examples.subset(np.arange(cfg.train.max_eval_examples))
+            self.eval_examples = eval_examples
+            self.partitions = data.partition(self.train_examples, cfg.data, cfg.run.seed)
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.collate = data.Collator(self.tokenizer.pad_token_id, cfg.model.task)
         self._client_data: dict[int, Dataset] = {}
@@ -71,10 +79,13 @@ class Runtime:
 _CACHE: dict[str, Runtime] = {}
 
 
-def get_runtime(cfg: Config) -> Runtime:
-    """The process-wide runtime for ``cfg`` (one at a time: a new config replaces the old one)."""
-    key = hashlib.sha256(cfg.to_toml().encode()).hexdigest()
+def get_runtime(cfg: Config, data_path: str | None = None) -> Runtime:
+    """The process-wide runtime for ``cfg`` (one at a time: a new config replaces the old one).
+
+    ``data_path`` (a deployed node's ``data-path``) replaces the scenario data by that whole file.
+    """
+    key = hashlib.sha256((cfg.to_toml() + "\0" + (data_path or "")).encode()).hexdigest()
     if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[key] = Runtime(cfg)
+        _CACHE[key] = Runtime(cfg, data_path)
     return _CACHE[key]

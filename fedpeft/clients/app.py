@@ -1,8 +1,10 @@
 """The Flower ClientApp. One data holder: apply the received global adapter, train on the local
 partition, reply with the (compressed) adapter delta and metrics.
 
-The partition comes from the node config (``partition-id``); the run configuration from the run
-config (``fedpeft-config``). The base model is loaded once per process (``runtime.get_runtime``).
+The partition comes from the node config (``partition-id``), or a deployed node trains on all of
+its own file (node config ``data-path``, read with the scenario's data settings); the run
+configuration comes from the run config (``fedpeft-config``). The base model is loaded once per
+process (``runtime.get_runtime``).
 Error-feedback residuals and (with a lossy downlink codec) the last broadcast state live in
 ``context.state``, which Flower keeps per node across rounds.
 """
@@ -74,14 +76,16 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     cfg = config.loads(str(context.run_config["fedpeft-config"]))
     set_threads(cfg.run.threads, workers=int(context.run_config.get("workers", 1)))
-    rt = get_runtime(cfg)
-    partition_id = int(context.node_config["partition-id"])
+    data_path = str(context.node_config.get("data-path", "")) or None  # a deployed node's own data file
+    rt = get_runtime(cfg, data_path)
+    partition_id = int(context.node_config.get("partition-id", 0)) if data_path else int(
+        context.node_config["partition-id"])
     layout = Layout.from_state(rt.initial_adapter())
     instruction = msg.content[protocol.CONFIG]
     global_state = receive_global(msg, context, layout, cfg.compression.downlink)
     models.set_adapter_state(rt.model, global_state)
     rnd = int(instruction["round"])
-    dataset = rt.client_dataset(partition_id)
+    dataset = rt.client_dataset(0 if data_path else partition_id)
     seed = client_seed(int(instruction["seed"]), rnd, partition_id)
     local_dp = None
     if cfg.privacy.mode in ("local", "both"):

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -91,14 +92,17 @@ class FlowerProcesses:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Wait until the SuperLink answers on /health (or fail with its exit code)."""
+def wait_healthy(port: int, proc: subprocess.Popen | None, timeout: float = 60.0, ca: Path | None = None,
+                 host: str = "127.0.0.1") -> None:
+    """Wait until the SuperLink answers on /health (HTTPS verified against ``ca`` if given)."""
     deadline = time.time() + timeout
+    ctx = ssl.create_default_context(cafile=str(ca)) if ca is not None else None
+    url = f"{'https' if ca is not None else 'http'}://{host}:{port}/health"
     while time.time() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise FedPeftError(f"flower-superlink exited with code {proc.returncode}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
                 if r.status == 200:
                     return
         except OSError:

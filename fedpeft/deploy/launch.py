@@ -1,0 +1,164 @@
+"""``fedpeft superlink`` and ``fedpeft node``: Flower's SuperLink / SuperNode as foreground processes.
+
+Both build the ``flower-*`` command line from a few options and supervise the child processes:
+SIGTERM/SIGINT are passed on, and the exit code of the Flower process is returned (a SuperNode whose
+key is not registered exits with 305). ``--warm`` runs the SuperNode with ``--isolation process``
+plus one long-lived :mod:`fedpeft.deploy.warm` executor, so the model stays loaded across rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedpeft.deploy import flower
+from fedpeft.errors import FedPeftError
+
+log = logging.getLogger(__name__)
+
+
+def default_home() -> Path:
+    """``$FLWR_HOME`` if set, else ``~/.fedpeft/flwr`` (connections, installed app bundles)."""
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".fedpeft" / "flwr").expanduser()
+
+
+def _existing(path: Path | None, what: str) -> Path | None:
+    if path is not None and not Path(path).is_file():
+        raise FedPeftError(f"{what} {path}: no such file")
+    return None if path is None else Path(path).resolve()
+
+
+def superlink_args(host: str = "0.0.0.0", port: int = 8000, certs: Path | None = None, insecure: bool = False,
+                   auth: bool = True, database: Path | None = None, extra: list[str] | None = None) -> list[str]:
+    """The ``flower-superlink`` command: TLS from ``certs`` (ca.crt, server.crt, server.key), node auth."""
+    args = [flower.flower_bin("flower-superlink"), "--host", host, "--port", str(port),
+            "--disable-runtime-dependency-installation"]
+    if insecure:
+        if auth:
+            raise FedPeftError("SuperNode authentication needs TLS: give --certs DIR (see `fedpeft certs`) "
+                               "or add --no-auth to --insecure")
+        args.append("--insecure")
+    else:
+        if certs is None:
+            raise FedPeftError("give --certs DIR with ca.crt, server.crt and server.key (make them with "
+                               "`fedpeft certs --host NAME --out DIR`), or --insecure for a local test")
+        files = {flag: _existing(Path(certs) / name, "certificate file") for flag, name in
+                 (("--ssl-ca-certfile", "ca.crt"), ("--ssl-certfile", "server.crt"), ("--ssl-keyfile", "server.key"))}
+        for flag, path in files.items():
+            args += [flag, str(path)]
+    if auth:
+        args.append("--enable-supernode-auth")
+    if database is not None:
+        args += ["--database", str(Path(database).resolve())]
+    return args + list(extra or [])
+
+
+@dataclass
+class NodeOptions:
+    """What ``fedpeft node`` needs to start one SuperNode."""
+
+    superlink: str
+    data: Path | None = None
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    ca: Path | None = None
+    key: Path | None = None
+    port: int = 9094
+    insecure: bool = False
+    warm: bool = False
+    max_wait: float | None = None
+
+
+def node_config(opts: NodeOptions) -> str:
+    """The ``--node-config`` string: ``data-path`` (absolute) and/or ``partition-id``/``num-partitions``."""
+    items = []
+    if opts.data is not None:
+        path = Path(opts.data).expanduser().resolve()
+        if not path.is_file():
+            raise FedPeftError(f"--data {opts.data}: no such file")
+        if any(c in str(path) for c in ' "\\'):
+            raise FedPeftError(f"--data {path}: the path may not contain spaces, quotes or backslashes")
+        items.append(f'data-path="{path}"')
+    elif opts.partition_id is None:
+        raise FedPeftError("give --data PATH (this node's own data) or --partition-id N (a scenario partition)")
+    if opts.partition_id is not None:
+        items.append(f"partition-id={int(opts.partition_id)}")
+    if opts.num_partitions is not None:
+        items.append(f"num-partitions={int(opts.num_partitions)}")
+    return " ".join(items)
+
+
+def node_args(opts: NodeOptions) -> list[str]:
+    """The ``flower-supernode`` command for ``opts``."""
+    args = [flower.flower_bin("flower-supernode"), "--superlink", opts.superlink, "--port", str(opts.port),
+            "--node-config", node_config(opts)]
+    if opts.insecure:
+        args.append("--insecure")
+    elif opts.ca is not None:
+        args += ["--root-certificates", str(_existing(opts.ca, "--ca"))]
+    if opts.key is not None:
+        args += ["--auth-supernode-private-key", str(_existing(opts.key, "--key"))]
+    if opts.warm:
+        args += ["--isolation", "process"]
+    if opts.max_wait is not None:
+        args += ["--max-wait-time", str(opts.max_wait)]
+    return args
+
+
+def warm_args(port: int) -> list[str]:
+    """The warm executor serving the SuperNode's Runtime API on ``127.0.0.1:port``."""
+    return [sys.executable, "-m", "fedpeft.deploy.warm", "--runtime-api-address", f"127.0.0.1:{port}"]
+
+
+def supervise(commands: list[list[str]], home: Path) -> int:
+    """Run ``commands`` as children; when the first one exits, stop the rest and return its exit code."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = flower.flower_env(home)
+    procs = [subprocess.Popen(cmd, env=env) for cmd in commands]
+    log.info("started %s", ", ".join(f"{Path(c[0]).name if 'python' not in c[0] else c[2]} (pid {p.pid})"
+                                     for c, p in zip(commands, procs)))
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        main = procs[0]
+        for p in procs[1:]:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if main.returncode == 0 and any(p.returncode for p in procs[1:]):
+            return 1  # a helper died first: report failure so a supervisor restarts the node
+        return int(main.returncode)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_superlink(home: Path | None = None, **kwargs: object) -> int:
+    """``fedpeft superlink``: run flower-superlink in the foreground; returns its exit code."""
+    return supervise([superlink_args(**kwargs)], home or default_home())  # type: ignore[arg-type]
+
+
+def run_node(opts: NodeOptions, home: Path | None = None) -> int:
+    """``fedpeft node``: run flower-supernode (plus the warm executor) in the foreground."""
+    commands = [node_args(opts)]
+    if opts.warm:
+        commands.append(warm_args(opts.port))
+    return supervise(commands, home or default_home())
