@@ -77,3 +77,30 @@ def tiny_cfg(cls_data: Path, tmp_path: Path):
         return config.load(None, tiny_overrides(cls_data, tmp_path / "runs", **extra))
 
     return make
+
+
+class Interrupted(Exception):
+    """Raised inside a run to simulate a crash."""
+
+
+def interrupt_and_resume(cfg: config.Config, crash_round: int, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run ``cfg``, crash at the start of ``crash_round``, then ``simulate --resume``; returns the run dir."""
+    from fedpeft import report
+    from fedpeft.server import loop
+    from fedpeft.simulation import runner
+
+    original = loop.FederatedServer.run_round
+
+    def crash(self, grid, rnd):
+        if rnd == crash_round:
+            raise Interrupted()
+        return original(self, grid, rnd)
+
+    monkeypatch.setattr(loop.FederatedServer, "run_round", crash)
+    cfg, run_dir = runner.prepare(cfg)
+    with pytest.raises(Interrupted):
+        runner.execute(cfg, run_dir)
+    assert len(report.read_metrics(run_dir)) == crash_round - 1
+    monkeypatch.setattr(loop.FederatedServer, "run_round", original)
+    runner.simulate(resume=run_dir)
+    return run_dir

@@ -188,8 +188,6 @@ def test_real_deployment_tls_auth_compeft_and_a_node_failure(tmp_path: Path, cap
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("FEDPEFT_TEST_RESUME") != "1",
-                    reason="about 90 s more; run with FEDPEFT_TEST_RESUME=1")
 def test_superlink_restart_then_resume_continues_the_run(tmp_path: Path) -> None:
     pki = certs.make_certs("localhost", tmp_path / "certs")
     data = write_classification(tmp_path / "all.jsonl", n=120)

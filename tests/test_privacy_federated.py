@@ -5,6 +5,7 @@ import pytest
 from fedpeft import report
 from fedpeft.privacy import ClientLevelAccountant
 from fedpeft.simulation import runner
+from conftest import interrupt_and_resume
 
 DP = {"privacy.mode": "client", "privacy.server_noise_multiplier": 0.5, "privacy.clip_norm": 0.5,
       "privacy.delta": 1e-3, "data.num_clients": 4, "federation.clients_per_round": 2, "federation.rounds": 3}
@@ -29,23 +30,7 @@ def test_adaptive_clipping_with_compression_and_resume(tiny_cfg, monkeypatch):
     full = report.read_metrics(runner.simulate(tiny_cfg(**extra)))
     assert len({r["clip_norm"] for r in full}) == 3  # the clip norm moves every round
 
-    from fedpeft.server import loop
-    original = loop.FederatedServer.run_round
-
-    class Stop(Exception):
-        pass
-
-    def crash(self, grid, rnd):
-        if rnd == 3:
-            raise Stop()
-        return original(self, grid, rnd)
-
-    monkeypatch.setattr(loop.FederatedServer, "run_round", crash)
-    cfg, run_dir = runner.prepare(tiny_cfg(**extra))
-    with pytest.raises(Stop):
-        runner.execute(cfg, run_dir)
-    monkeypatch.setattr(loop.FederatedServer, "run_round", original)
-    runner.simulate(resume=run_dir)
+    run_dir = interrupt_and_resume(tiny_cfg(**extra), 3, monkeypatch)
     assert [[r[k] for k in keys] for r in report.read_metrics(run_dir)] == [[r[k] for k in keys] for r in full]
 
 

@@ -13,6 +13,7 @@ from fedpeft.clients.app import app as client_app
 from fedpeft.runtime import get_runtime
 from fedpeft.server import protocol
 from fedpeft.simulation import runner
+from conftest import interrupt_and_resume
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -50,10 +51,6 @@ def test_same_config_and_seed_give_the_same_metrics(tiny_cfg):
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(tiny_cfg, monkeypatch):
     extra = {"federation.rounds": 4, "federation.clients_per_round": 2, "federation.strategy": "fedadam",
              "federation.server_lr": 0.05, "compression.uplink": "compeft:0.2"}
@@ -61,22 +58,7 @@ def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(tiny_cfg, mon
     full = _rows(runner.simulate(tiny_cfg(**extra)))
     assert all(r["replies"] == 2 for r in full)
 
-    from fedpeft.server import loop
-    original = loop.FederatedServer.run_round
-
-    def crash_in_round_3(self, grid, rnd):
-        if rnd == 3:
-            raise _Interrupt()
-        return original(self, grid, rnd)
-
-    monkeypatch.setattr(loop.FederatedServer, "run_round", crash_in_round_3)
-    cfg, run_dir = runner.prepare(tiny_cfg(**extra))
-    with pytest.raises(_Interrupt):
-        runner.execute(cfg, run_dir)
-    assert len(_rows(run_dir)) == 2
-    monkeypatch.setattr(loop.FederatedServer, "run_round", original)
-    runner.simulate(resume=run_dir)
-    resumed = _rows(run_dir)
+    resumed = _rows(interrupt_and_resume(tiny_cfg(**extra), 3, monkeypatch))
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
 
 
@@ -154,19 +136,6 @@ def test_resume_with_lossy_codecs_both_ways(tiny_cfg, monkeypatch):
              "compression.downlink": "compeft:0.3", "compression.uplink": "compeft:0.2"}
     keys = ("train_loss", "eval_loss", "bytes_up", "bytes_down")
     full = _rows(runner.simulate(tiny_cfg(**extra)))
-    from fedpeft.server import loop
-    original = loop.FederatedServer.run_round
-
-    def crash(self, grid, rnd):
-        if rnd == 3:
-            raise _Interrupt()
-        return original(self, grid, rnd)
-
-    monkeypatch.setattr(loop.FederatedServer, "run_round", crash)
-    cfg, run_dir = runner.prepare(tiny_cfg(**extra))
-    with pytest.raises(_Interrupt):
-        runner.execute(cfg, run_dir)
-    monkeypatch.setattr(loop.FederatedServer, "run_round", original)
-    runner.simulate(resume=run_dir)
+    run_dir = interrupt_and_resume(tiny_cfg(**extra), 3, monkeypatch)
     assert [[r[k] for k in keys] for r in _rows(run_dir)] == [[r[k] for k in keys] for r in full]
     assert all(r["dropped"] == 0 for r in full)
