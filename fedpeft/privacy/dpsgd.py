@@ -136,7 +136,8 @@ class LocalDP:
             log.warning("DP-SGD with noise multiplier 0: clipping only, epsilon is infinite")
         self.seed = seed
         if seed is not None:
-            log.warning("DP-SGD noise is seeded: anyone who knows the seed can remove it (simulation only)")
+            warnings.warn("DP-SGD noise is seeded: anyone who knows the seed can remove it (simulation only)",
+                          stacklevel=2)  # shown once per process, not once per client and round
         self._accountant = make_accountant(cfg.accountant)
         self._hooks: GradSampleHooks | None = None
 
