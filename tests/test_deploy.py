@@ -209,7 +209,7 @@ def test_superlink_restart_then_resume_continues_the_run(tmp_path: Path) -> None
             key = certs.make_node_key(tmp_path / "keys", name=f"n{i}")
             submit.register_node(home, key.public)
             cluster.start(f"n{i}", _cli("node", "--superlink", address, "--ca", pki.ca_cert, "--key", key.private,
-                                        "--port", flower.free_port(), "--partition-id", i, "--warm"),
+                                        "--port", flower.free_port(), "--partition-id", i),
                           tmp_path / f"home-n{i}")
         cfg = config.load(None, tiny_overrides(data, tmp_path / "runs", **{
             "data.num_clients": 2, "federation.rounds": 3, "federation.round_timeout": 60.0, "run.threads": 1}))
