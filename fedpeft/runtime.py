@@ -17,6 +17,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from fedpeft import data, models
+from fedpeft.compression import Layout
 from fedpeft.config import Config
 from fedpeft.training import select_device
 
@@ -59,6 +60,12 @@ class Runtime:
         """The seeded initial adapter (identical in every process for the same config)."""
         _ = self.model
         return {k: v.clone() for k, v in self.initial_state.items()}
+
+    @cached_property
+    def layout(self) -> Layout:
+        """Names and shapes of the adapter tensors (what every payload is checked against)."""
+        _ = self.model
+        return Layout.from_state(self.initial_state)
 
     def client_dataset(self, partition_id: int) -> Dataset:
         """The tokenized local data of one client (cached: clients are revisited across rounds)."""

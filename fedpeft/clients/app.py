@@ -80,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     rt = get_runtime(cfg, data_path)
     partition_id = int(context.node_config.get("partition-id", 0)) if data_path else int(
         context.node_config["partition-id"])
-    layout = Layout.from_state(rt.initial_adapter())
+    layout = rt.layout
     instruction = msg.content[protocol.CONFIG]
     global_state = receive_global(msg, context, layout, cfg.compression.downlink)
     models.set_adapter_state(rt.model, global_state)
@@ -116,7 +116,7 @@ def train(msg: Message, context: Context) -> Message:
         norm = privacy.global_norm(delta)
         extra.update({"clip-indicator": privacy.AdaptiveClipper.indicator(norm, clip), "update-norm": norm})
         delta = privacy.clip_update(delta, clip)[0]
-    payload = codec.encode(delta, layout, rng=np.random.default_rng(client_seed(cfg.run.seed, rnd, partition_id)))
+    payload = codec.encode(delta, layout, rng=np.random.default_rng(seed))
     encode_ms = 1000 * (time.perf_counter() - t_enc)
     if use_ef:
         sent = codec.decode(payload, layout)

@@ -26,7 +26,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedpeft import models
-from fedpeft.compression import Codec, Layout, Payload, make_codec
+from fedpeft.compression import Codec, Payload, make_codec
 from fedpeft.config import Config
 from fedpeft.errors import FedPeftError, PayloadError
 from fedpeft.runtime import get_runtime
@@ -57,7 +57,7 @@ class FederatedServer:
                       min(len(p) for p in self.rt.partitions), batch_size=cfg.train.batch_size,
                       local_steps=cfg.train.local_steps or None)
         self.global_state = self.rt.initial_adapter()
-        self.layout = Layout.from_state(self.global_state)
+        self.layout = self.rt.layout
         self.uplink = make_codec(cfg.compression.uplink)
         self.downlink = make_codec(cfg.compression.downlink)
         self.exact = make_codec("none")
@@ -166,7 +166,9 @@ class FederatedServer:
         t0 = time.time()
         sampled = self._sample(grid, rnd)
         contents = self._instructions(sampled, rnd)
-        bytes_down = sum(protocol.record_bytes(c) for c in contents.values())
+        distinct = {id(c): c for c in contents.values()}  # sampled nodes share one content per kind
+        sizes = {key: protocol.record_bytes(c) for key, c in distinct.items()}
+        bytes_down = sum(sizes[id(c)] for c in contents.values())
         messages = [Message(contents[node], node, protocol.TRAIN, group_id=str(rnd)) for node in sampled]
         timeout = self.cfg.federation.round_timeout or None
         replies = list(grid.send_and_receive(messages, timeout=timeout))
