@@ -23,3 +23,7 @@ class PayloadError(FedPeftError):
 
 class PrivacyError(FedPeftError):
     """A privacy setting is impossible (e.g. an unreachable epsilon target)."""
+
+
+class SplitError(FedPeftError):
+    """A split-learning session failed: mismatched model/cut, malformed frame, or a lost server."""
