@@ -322,9 +322,9 @@ def validate(cfg: Config) -> None:
     if cfg.privacy.mode in ("local", "both") and cfg.federation.strategy == "fedprox":
         raise ConfigError("local DP-SGD with fedprox is not supported (the proximal term is not a per-example "
                           "loss); use fedavg or a server optimizer")
-    if cfg.privacy.mode in ("local", "both") and cfg.adapter.type in ("ia3", "prompt"):
-        raise ConfigError(f"local DP-SGD supports adapter.type = 'lora' or 'prefix', not {cfg.adapter.type!r} "
-                          "(peft's prompt and IA3 parameters get no per-example gradients)")
+    if cfg.privacy.mode in ("local", "both") and cfg.adapter.type == "ia3":
+        raise ConfigError("local DP-SGD supports adapter.type = 'lora', 'prefix' or 'prompt', not 'ia3' "
+                          "(peft keeps IA3 vectors in a ParameterDict, which gets no per-example gradients)")
     if cfg.adapter.type == "lora" and cfg.adapter.alpha <= 0:
         raise ConfigError("adapter.alpha must be > 0 for LoRA")
 

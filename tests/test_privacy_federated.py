@@ -34,7 +34,7 @@ def test_adaptive_clipping_with_compression_and_resume(tiny_cfg, monkeypatch):
     assert [[r[k] for k in keys] for r in report.read_metrics(run_dir)] == [[r[k] for k in keys] for r in full]
 
 
-@pytest.mark.parametrize("adapter", ["lora", "prefix"])
+@pytest.mark.parametrize("adapter", ["lora", "prefix", "prompt"])
 def test_local_dp_sgd_run_accounts_every_round(tiny_cfg, adapter):
     extra = {"privacy.mode": "both", "privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0,
              "privacy.delta": 1e-3, "federation.rounds": 2, "adapter.type": adapter,

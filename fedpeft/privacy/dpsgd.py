@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from fedpeft.config import PrivacySection
 from fedpeft.errors import PrivacyError
-from fedpeft.privacy import soft_prompt as _soft_prompt  # noqa: F401  (registers the SoftPrompt grad sampler)
+from fedpeft.privacy.soft_prompt import per_example_prompts  # (importing it registers the SoftPrompt sampler)
 from fedpeft.privacy.accounting import compute_epsilon, history_from_json, history_to_json, make_accountant
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,7 @@ class LocalDP:
                           stacklevel=2)  # shown once per process, not once per client and round
         self._accountant = make_accountant(cfg.accountant)
         self._hooks: GradSampleHooks | None = None
+        self._undo_prompts: Callable[[], None] = lambda: None
 
     @property
     def steps(self) -> int:
@@ -205,6 +206,7 @@ class LocalDP:
         except NotImplementedError as e:
             raise PrivacyError(f"model is not compatible with per-example gradients: {e}") from None
         self._hooks.forbid_grad_accumulation()
+        self._undo_prompts = per_example_prompts(model)  # peft prompt tuning: per-example prompt lookups
         dp_optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
                                    max_grad_norm=self.max_grad_norm,
                                    expected_batch_size=self.expected_batch_size,  # type: ignore[arg-type]
@@ -231,6 +233,8 @@ class LocalDP:
         if self._hooks is not None:
             self._hooks.cleanup()
             self._hooks = None
+        self._undo_prompts()
+        self._undo_prompts = lambda: None
 
     def epsilon(self, delta: float | None = None) -> float:
         """Epsilon spent so far over all rounds at ``delta`` (default: the configured delta)."""

@@ -13,12 +13,19 @@ the attention mask (ones), ``token_type_ids`` (zeros) and token-level labels (-1
 peft's prompt tuning does, so ``soft_prompt.weight`` is interchangeable with peft's
 ``prompt_embeddings`` adapter tensor of shape ``(num_virtual_tokens, hidden)``.
 
+:func:`per_example_prompts` does the same for a peft prompt-tuning model in place: while it is
+installed, the model looks its virtual tokens up for the *whole* batch (``(B, T)`` indices into the
+prompt ``nn.Embedding``), so Opacus' embedding grad sampler sees B examples; the adapter keeps peft's
+names and format (``adapter.type = "prompt"`` with local DP uses this).
+
 (Prefix tuning needs none of this: peft expands the prefix token ids to the batch *before* the prefix
 encoder, so Opacus' ``nn.Embedding`` / ``nn.Linear`` grad samplers see the real batch; see tests.)
 """
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -114,3 +121,31 @@ class SoftPromptModel(nn.Module):
                 **kwargs: Any) -> Any:
         inputs = self.build_inputs(input_ids, attention_mask, token_type_ids, labels)
         return self.base(**inputs, **kwargs)
+
+
+def _is_prompt_tuning(model: nn.Module) -> bool:
+    cfg = getattr(model, "active_peft_config", None)
+    return str(getattr(cfg, "peft_type", "")) in ("PROMPT_TUNING", "PeftType.PROMPT_TUNING")
+
+
+def _batched_get_prompt(self: Any, batch_size: int, task_ids: Any = None, max_cache_len: Any = None) -> torch.Tensor:
+    """peft's ``get_prompt`` for prompt tuning, without its batch-of-one shortcut."""
+    del task_ids, max_cache_len
+    encoder = self.prompt_encoder[self.active_adapter]
+    tokens = self.prompt_tokens[self.active_adapter].to(encoder.embedding.weight.device)
+    return encoder(tokens.unsqueeze(0).expand(batch_size, -1))
+
+
+def per_example_prompts(model: nn.Module) -> Callable[[], None]:
+    """Make a peft prompt-tuning model compute its prompt per example; returns the undo function.
+
+    Any other model is left alone (the undo is a no-op). The prompt values are identical; only the
+    graph changes, from one lookup repeated B times to B lookups, which costs ``B x T x H`` floats.
+    """
+    if not _is_prompt_tuning(model):
+        return lambda: None
+    model.get_prompt = types.MethodType(_batched_get_prompt, model)  # type: ignore[method-assign]
+
+    def undo() -> None:
+        model.__dict__.pop("get_prompt", None)
+    return undo
