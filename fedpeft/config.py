@@ -155,6 +155,8 @@ class PrivacySection:
     adaptive_clip: bool = _opt(False, help="quantile-based adaptive clipping")
     target_quantile: float = _opt(0.5, lo=0.0, hi=1.0)
     clip_lr: float = _opt(0.2, lo=0.0)
+    clip_count_noise: float = _opt(0.0, lo=0.0, help="adaptive clipping: std of the noise on the clipped count "
+                                                    "(0 = m/20, Andrew et al.; must exceed z/2)")
 
 
 @dataclass

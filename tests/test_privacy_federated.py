@@ -49,3 +49,14 @@ def test_local_dp_refuses_unsupported_adapters(tiny_cfg):
     from fedpeft.errors import ConfigError
     with pytest.raises(ConfigError, match="local DP-SGD supports adapter.type"):
         tiny_cfg(**{"privacy.mode": "local", "adapter.type": "ia3"})
+
+
+def test_clip_count_noise_lifts_the_adaptive_clipping_client_minimum(tiny_cfg):
+    """4 clients per round, z = 1: the default count noise (m/20 = 0.2) is refused, 0.6 runs."""
+    from fedpeft.errors import PrivacyError
+    extra = {**DP, "privacy.adaptive_clip": True, "privacy.server_noise_multiplier": 1.0,
+             "federation.clients_per_round": 4, "federation.rounds": 2}
+    with pytest.raises(PrivacyError, match="clip_count_noise"):
+        runner.simulate(tiny_cfg(**extra))
+    rows = report.read_metrics(runner.simulate(tiny_cfg(**extra, **{"privacy.clip_count_noise": 0.6})))
+    assert len(rows) == 2 and rows[1]["clip_norm"] != rows[0]["clip_norm"]

@@ -79,4 +79,4 @@ def check_privacy(cfg: PrivacySection, num_clients: int, clients_per_round: int,
                                    "0 and 1 for adaptive clipping")
             if not cfg.clip_lr > 0:
                 raise PrivacyError("privacy.clip_lr must be > 0 for adaptive clipping")
-            update_noise_multiplier(cfg.server_noise_multiplier, COUNT_NOISE_FRACTION * m)
+            update_noise_multiplier(cfg.server_noise_multiplier, cfg.clip_count_noise or COUNT_NOISE_FRACTION * m)

@@ -158,7 +158,7 @@ def update_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> 
             f"adaptive clipping: count noise std {count_noise_std:.4g} is too small for noise multiplier "
             f"{noise_multiplier:.4g} (needs 2*sigma_b > z, i.e. sigma_b > {noise_multiplier / 2:.4g}); with the "
             f"default sigma_b = m/20 this means more than {10 * noise_multiplier:.4g} clients per round. "
-            "Sample more clients per round or turn adaptive clipping off.")
+            "Sample more clients per round, set privacy.clip_count_noise above z/2, or turn adaptive clipping off.")
     return (noise_multiplier ** -2 - (2 * count_noise_std) ** -2) ** -0.5
 
 

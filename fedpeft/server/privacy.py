@@ -30,7 +30,8 @@ class ServerPrivacy:
         self.accountant = ClientLevelAccountant(p.accountant)
         self.clipper = (AdaptiveClipper(p.clip_norm, expected_clients=self.expected,
                                         noise_multiplier=p.server_noise_multiplier, target_quantile=p.target_quantile,
-                                        lr=p.clip_lr) if self.active and p.adaptive_clip else None)
+                                        lr=p.clip_lr, count_noise_std=p.clip_count_noise or None)
+                        if self.active and p.adaptive_clip else None)
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + 17)
 
     @property
