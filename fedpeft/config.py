@@ -135,6 +135,9 @@ class CompressionSection:
 
     uplink: str = _opt("none", help="client -> server codec, e.g. none, fp16, int8, topk:0.1, compeft:0.1")
     downlink: str = _opt("none", help="server -> client codec for the global adapter")
+    downlink_residual: str = _opt("shared", choices=("shared", "per_client"),
+                                  help="lossy downlink: one broadcast state, or one held per client (rare clients "
+                                       "get coded deltas too; one adapter of server memory per client)")
     error_feedback: bool = _opt(True, help="carry what compression dropped into the next round (client-held)")
     sweep: list[str] = _opt(["none", "fp16", "int8", "topk:0.1", "compeft:0.1", "compeft:0.05"],
                             help="codecs that compare-compression runs when --codecs is not given")
@@ -304,6 +307,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"compression.{key}: {e}") from None
     for spec in cfg.compression.sweep:
         make_codec(spec)
+    if cfg.compression.downlink_residual == "per_client" and make_codec(cfg.compression.downlink).lossless:
+        raise ConfigError(f"compression.downlink_residual = 'per_client' needs a lossy compression.downlink codec "
+                          f"(got {cfg.compression.downlink!r}: clients already receive the exact global adapter)")
     if cfg.data.source == "file" and not cfg.data.path:
         raise ConfigError("data.source = 'file' needs data.path (a .jsonl, .csv or .parquet file)")
     if cfg.data.partition == "natural" and not cfg.data.group_column:

@@ -5,11 +5,8 @@ adapter through the downlink codec, receive replies, validate and decode each on
 dropped and logged, the round goes on), aggregate, evaluate on the held-out set, append one JSON
 line to ``metrics.jsonl``, checkpoint.
 
-Downlink. With a lossless downlink codec every sampled client gets the global adapter. With a lossy
-one the server keeps the *broadcast state* (what clients reconstruct) and sends
-``encode(global - broadcast)`` to clients that hold the previous broadcast state (they replied last
-round), and the exact broadcast state (codec ``none``) to every other client. What the codec dropped
-stays in ``global - broadcast`` and goes out next round (error feedback on the downlink).
+What each client receives (the global adapter, or a coded delta against what it holds, with
+server-side error feedback on the downlink) is decided in :mod:`fedpeft.server.downlink`.
 """
 
 from __future__ import annotations
@@ -26,12 +23,13 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedpeft import models
-from fedpeft.compression import Codec, Payload, make_codec
+from fedpeft.compression import make_codec
 from fedpeft.config import Config
 from fedpeft.errors import FedPeftError, PayloadError
 from fedpeft.runtime import get_runtime
 from fedpeft.server import checkpoint, protocol
 from fedpeft.server.aggregate import make_server_optimizer, weighted_mean
+from fedpeft.server.downlink import Downlink
 from fedpeft.privacy import check_privacy
 from fedpeft.server.privacy import ServerPrivacy
 from fedpeft.training import evaluate
@@ -59,12 +57,9 @@ class FederatedServer:
         self.global_state = self.rt.initial_adapter()
         self.layout = self.rt.layout
         self.uplink = make_codec(cfg.compression.uplink)
-        self.downlink = make_codec(cfg.compression.downlink)
-        self.exact = make_codec("none")
+        self.downlink = Downlink(cfg, self.layout, self.global_state)
         self.optimizer = make_server_optimizer(cfg.federation)
         self.rng = np.random.default_rng(cfg.run.seed)
-        self.broadcast = {k: v.clone() for k, v in self.global_state.items()}
-        self.synced: dict[int, int] = {}  # node -> round whose broadcast state it holds (lossy downlink)
         self.privacy = ServerPrivacy(cfg)
         self.round = 0
         self.first_round = 1
@@ -81,10 +76,9 @@ class FederatedServer:
         ckpt = checkpoint.load(self.checkpoint_dir)
         models.set_adapter_state(self.rt.model, ckpt.tensors["global"])  # validates names and shapes
         self.global_state = ckpt.tensors["global"]
-        self.broadcast = ckpt.tensors["broadcast"]
         self.optimizer.load_state_dict(ckpt.tensors["optimizer"], int(ckpt.extra["optimizer_t"]))
         self.rng.bit_generator.state = ckpt.rng_state
-        self.synced = {int(k): int(v) for k, v in ckpt.extra["synced"].items()}
+        self.downlink.restore(ckpt.extra, ckpt.tensors)
         self.privacy.restore(ckpt.extra["privacy"], ckpt.tensors["privacy"])
         self.round = ckpt.round
         self.started = time.time() - float(ckpt.extra.get("elapsed", 0.0))
@@ -94,12 +88,12 @@ class FederatedServer:
     def _save(self, grid: Grid) -> None:
         opt_state, t = self.optimizer.state_dict()
         privacy_meta, privacy_tensors = self.privacy.state()
+        downlink_meta, downlink_tensors = self.downlink.state()
         ckpt = checkpoint.ServerCheckpoint(
-            round=self.round, tensors={"global": self.global_state, "optimizer": opt_state, "broadcast": self.broadcast,
-                                       "privacy": privacy_tensors},
+            round=self.round, tensors={"global": self.global_state, "optimizer": opt_state, "privacy": privacy_tensors,
+                                       **downlink_tensors},
             rng_state=self.rng.bit_generator.state,
-            extra={"elapsed": time.time() - self.started, "optimizer_t": t, "synced": self.synced,
-                   "privacy": privacy_meta})
+            extra={"elapsed": time.time() - self.started, "optimizer_t": t, "privacy": privacy_meta, **downlink_meta})
         checkpoint.save(ckpt, self.checkpoint_dir)
         save_nodes = getattr(grid, "save_node_states", None)  # the in-process engine keeps client state
         if save_nodes is not None:
@@ -113,7 +107,7 @@ class FederatedServer:
             if getattr(grid, "load_node_states", None) is not None:
                 grid.load_node_states(self.checkpoint_dir / "nodes")
             else:  # a new deployment run: nodes start with empty state, so none holds a broadcast state
-                self.synced = {}
+                self.downlink.forget_nodes()
         for rnd in range(self.round + 1, self.cfg.federation.rounds + 1):
             row = self.run_round(grid, rnd)
             with open(self.run_dir / METRICS_FILE, "a") as f:
@@ -143,23 +137,10 @@ class FederatedServer:
         return sorted(int(nodes[i]) for i in self.rng.choice(len(nodes), size=k, replace=False))
 
     def _instructions(self, sampled: list[int], rnd: int) -> dict[int, protocol.RecordDict]:
-        """The training message content for each sampled node (see the module docstring)."""
+        """The training message content for each sampled node (see :mod:`fedpeft.server.downlink`)."""
         base = {"round": rnd, "seed": self.cfg.run.seed, "clip-norm": self.privacy.clip_norm,
                 "proximal-mu": self.cfg.federation.proximal_mu if self.cfg.federation.strategy == "fedprox" else 0.0}
-
-        def content(kind: str, codec: Codec, payload: Payload) -> protocol.RecordDict:
-            return protocol.train_instruction(payload, {**base, "downlink": kind, "codec": codec.spec,
-                                                        "base-round": rnd - 1})
-
-        if self.downlink.lossless:
-            self.broadcast = self.global_state
-            full = content("full", self.downlink, self.downlink.encode(self.global_state, self.layout))
-            return {node: full for node in sampled}
-        delta_payload = self.downlink.encode(models.subtract(self.global_state, self.broadcast), self.layout)
-        self.broadcast = models.add(self.broadcast, self.downlink.decode(delta_payload, self.layout))
-        full = content("full", self.exact, self.exact.encode(self.broadcast, self.layout))
-        delta = content("delta", self.downlink, delta_payload)
-        return {node: delta if self.synced.get(node) == rnd - 1 else full for node in sampled}
+        return self.downlink.contents(self.global_state, sampled, rnd, base)
 
     def run_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
         """One round; returns its metrics row."""
@@ -206,10 +187,7 @@ class FederatedServer:
             weights.append(metrics["num-examples"])
             losses.append(metrics["train-loss"])
             ok_nodes.append(node)
-        if not self.downlink.lossless:
-            for node in sampled:
-                self.synced.pop(node, None)
-            self.synced.update({node: rnd for node in ok_nodes})
+        self.downlink.commit(sampled, ok_nodes, rnd)
         missing = len(sampled) - len(replies)
         row: dict[str, Any] = {"round": rnd, "sampled": len(sampled), "replies": len(deltas),
                                "dropped": len(dropped) + missing}
