@@ -76,8 +76,12 @@ class Examples:
 
 # ----------------------------------------------------------------------------- loading
 
-def load_examples(cfg: DataSection, task: str, seed: int = 0) -> Examples:
-    """Load ``cfg.source`` for ``task``; cap at ``cfg.max_examples`` (seeded shuffle, then take)."""
+def load_examples(cfg: DataSection, task: str, seed: int = 0, label_names: Sequence[str] | None = None) -> Examples:
+    """Load ``cfg.source`` for ``task``; cap at ``cfg.max_examples`` (seeded shuffle, then take).
+
+    ``label_names`` (classification files only) numbers the labels by that list, e.g. a deployed node's own
+    file by the scenario's labels; a label outside it is an error.
+    """
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     if cfg.source == "bbc_news":
@@ -89,7 +93,7 @@ def load_examples(cfg: DataSection, task: str, seed: int = 0) -> Examples:
             raise DataError("data.source = 'chatterbot' is prompt/response data (model.task = 'causal_lm')")
         ex = _load_chatterbot()
     elif cfg.source == "file":
-        ex = _load_file(cfg, task)
+        ex = _load_file(cfg, task, label_names)
     else:
         raise DataError(f"unknown data.source {cfg.source!r}; choose one of: bbc_news, chatterbot, file")
     if len(ex) == 0:
@@ -243,8 +247,11 @@ def _column(path: Path, columns: list[str], rows: list[tuple[str, dict[str, Any]
 _INT = re.compile(r"[+-]?\d+")
 
 
-def _encode_labels(raw: list[Any]) -> tuple[np.ndarray, list[str]]:
-    """Integer-like labels keep their numeric order; anything else is mapped to sorted names."""
+def _encode_labels(raw: list[Any], label_names: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Integer-like labels keep their numeric order; anything else is mapped to sorted names.
+
+    With ``label_names`` the labels are numbered by that list instead (a label not in it raises ``ValueError``).
+    """
     def as_int(v: Any) -> int | None:
         if isinstance(v, bool):
             return None
@@ -257,6 +264,13 @@ def _encode_labels(raw: list[Any]) -> tuple[np.ndarray, list[str]]:
         return None
 
     ints = [as_int(v) for v in raw]
+    if label_names is not None:
+        keys = [str(i) if i is not None else str(v).strip() for i, v in zip(ints, raw)]
+        lookup = {str(n): i for i, n in enumerate(label_names)}
+        unknown = sorted(set(keys) - set(lookup))
+        if unknown:
+            raise ValueError(f"label(s) {unknown[:10]} are not among the scenario's labels {list(label_names)}")
+        return np.asarray([lookup[k] for k in keys], dtype=np.int64), [str(n) for n in label_names]
     if all(i is not None for i in ints):
         values = sorted(set(ints))  # type: ignore[type-var]
         names = [str(v) for v in values]
@@ -269,7 +283,7 @@ def _encode_labels(raw: list[Any]) -> tuple[np.ndarray, list[str]]:
     return np.asarray([lookup[k] for k in keys], dtype=np.int64), names
 
 
-def _load_file(cfg: DataSection, task: str) -> Examples:
+def _load_file(cfg: DataSection, task: str, label_names: Sequence[str] | None = None) -> Examples:
     if not cfg.path:
         raise DataError("data.source = 'file' needs data.path (a .jsonl, .csv or .parquet file)")
     path = Path(cfg.path).expanduser()
@@ -281,8 +295,11 @@ def _load_file(cfg: DataSection, task: str) -> Examples:
         groups = [str(g) for g in _column(path, columns, rows, cfg.group_column, "group_column")]
     if task == "classification":
         texts = [str(t) for t in _column(path, columns, rows, cfg.text_column, "text_column")]
-        labels, names = _encode_labels(
-            _column(path, columns, rows, cfg.label_column, "label_column", allow_empty=False))
+        raw = _column(path, columns, rows, cfg.label_column, "label_column", allow_empty=False)
+        try:
+            labels, names = _encode_labels(raw, label_names)
+        except ValueError as ex:
+            raise DataError(f"{path}: {ex}") from None
         return Examples("classification", texts, labels, names, groups=groups)
     prompts = [str(p) for p in _column(path, columns, rows, cfg.prompt_column, "prompt_column")]
     responses = [str(r) for r in _column(path, columns, rows, cfg.response_column, "response_column")]

@@ -6,12 +6,16 @@ the process groups it made. TLS and SuperNode authentication are on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +81,60 @@ def test_node_local_data_file_is_the_whole_partition(tmp_path: Path) -> None:
     assert len(rt.client_dataset(0)) == 30 and len(rt.eval_examples) == 0
 
 
+def test_node_labels_are_numbered_by_the_scenario(tmp_path: Path) -> None:
+    from fedpeft.clients.app import label_names
+    from fedpeft.data import DataError, load_examples
+    from fedpeft.runtime import get_runtime
+
+    scenario = write_classification(tmp_path / "all.jsonl")
+    cfg = config.load(None, tiny_overrides(scenario, tmp_path / "runs"))
+    names = submit.scenario_label_names(cfg)
+    assert names == ["fruit", "motor", "weather"]
+    rc = submit.run_config(cfg, tmp_path / "run", resume=False)
+    assert label_names(rc) == names and label_names({}) is None
+    # a node that holds only two of the three labels: by its own file "motor" would be 0, by the scenario it is 1
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps({"text": f"engine rain {i}", "label": ["motor", "weather"][i % 2]}) + "\n"
+                           for i in range(10)))
+    assert load_examples(cfg.data.__class__(source="file", path=str(own)), "classification").labels[0] == 0
+    rt = get_runtime(cfg, str(own), names)
+    assert rt.examples.label_names == names and list(rt.examples.labels[:2]) == [1, 2]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "a b", "label": "sports"}) + "\n")
+    with pytest.raises(DataError, match="sports"):
+        get_runtime(cfg, str(bad), names)
+
+
+def test_warm_executor_retries_are_bounded_and_never_signal(caplog: pytest.LogCaptureFixture) -> None:
+    import httpx
+
+    from fedpeft.deploy import warm
+
+    def status(code: int) -> None:
+        req = httpx.Request("POST", "http://127.0.0.1/v1/runtime/pull-object")
+        raise httpx.HTTPStatusError("x", request=req, response=httpx.Response(code, request=req))
+
+    calls = []
+    seen = []
+    old = signal.signal(signal.SIGINT, lambda *_: seen.append("SIGINT"))
+    try:
+        with pytest.raises(httpx.HTTPStatusError):  # 401: revoked task token -> raised at once (Flower: SIGINT + retry)
+            warm.retry_invoker(30).invoke(lambda: calls.append(1) or status(401))
+        assert calls == [1] and seen == []
+        t0 = time.time()
+        with pytest.raises(httpx.ConnectError):  # the SuperNode is away: retried for at most max_time
+            warm.retry_invoker(1.0).invoke(lambda: (_ for _ in ()).throw(httpx.ConnectError("refused")))
+        assert time.time() - t0 < 8
+        # the executor's loop survives a SuperNode that is not there (restarting) and stops when asked
+        stop = threading.Event()
+        threading.Timer(1.5, stop.set).start()
+        with caplog.at_level("WARNING", logger="fedpeft.warm"):
+            warm.serve(f"127.0.0.1:{flower.free_port()}", poll=0.05, stop=stop, retry_time=0.2)
+        assert "cannot reach the SuperNode" in caplog.text
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 # ---------------------------------------------------------------------------------- integration
 
 def _cli(*args: object) -> list[str]:
@@ -119,6 +177,9 @@ def test_real_deployment_tls_auth_compeft_and_a_node_failure(tmp_path: Path, cap
     keys = {n: certs.make_node_key(tmp_path / "keys", name=n) for n in ("a", "b", "intruder")}
     server_data = write_classification(tmp_path / "all.jsonl", n=120)
     node_data = {n: write_classification(tmp_path / f"{n}.jsonl", n=48, seed=i + 1) for i, n in enumerate("ab")}
+    # node b lacks a label: it still answers because its labels get the scenario's ids (run config label-names)
+    node_data["b"].write_text("".join(f"{line}\n" for line in node_data["b"].read_text().splitlines()
+                                      if '"fruit"' not in line))
     port = flower.free_port()
     address = f"127.0.0.1:{port}"
     cluster = Cluster(tmp_path)
@@ -228,4 +289,136 @@ def test_superlink_restart_then_resume_continues_the_run(tmp_path: Path) -> None
         assert [r["round"] for r in rows] == [1, 2, 3] and all(r["replies"] == 2 for r in rows)
         assert (run_dir / "adapter").is_dir()
     finally:
+        cluster.stop()
+
+
+
+def _wait_for(pred: Callable[[], object], timeout: float, what: Callable[[], str]) -> None:
+    """Poll ``pred`` every 50 ms until it is true; fail with ``what()`` after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while not pred():
+        assert time.time() < deadline, what()
+        time.sleep(0.05)
+
+
+class HoldingProxy:
+    """A TCP forwarder 127.0.0.1:port -> 127.0.0.1:target that can freeze a node's link at a chosen request.
+
+    Once :meth:`arm` is called, the first request that contains ``needle`` is held: from then on nothing more
+    reaches the SuperLink (new connections wait too) until :meth:`release`, which drops the held requests (the
+    nodes see a broken connection and retry) and forwards normally again. Plain HTTP only.
+    """
+
+    def __init__(self, target: int, needle: bytes) -> None:
+        self.target, self.needle = target, needle
+        self.armed, self.holding, self.released = threading.Event(), threading.Event(), threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self) -> None:
+        self.released.clear()
+        self.armed.set()
+
+    def release(self) -> None:
+        self.armed.clear()
+        self.holding.clear()
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        if self.holding.is_set():  # frozen: this connection waits, then goes through
+            self.released.wait()
+        try:
+            up = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            up.settimeout(None)
+        except OSError:
+            conn.close()
+            return
+        threading.Thread(target=self._pipe, args=(up, conn, False), daemon=True).start()
+        self._pipe(conn, up, True)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, outbound: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if outbound and (self.holding.is_set() or (self.armed.is_set() and self.needle in data)):
+                    self.holding.set()
+                    self.released.wait()
+                    break  # drop the held request
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            if outbound or not self.holding.is_set():
+                for s in (src, dst):
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+                    s.close()
+
+
+@pytest.mark.slow
+def test_superlink_killed_mid_task_then_resume_with_warm_nodes(tmp_path: Path) -> None:
+    """The SuperLink dies while both warm executors hold a round-2 task of run A whose input is still arriving.
+
+    A proxy between the nodes and the SuperLink holds the nodes' first object pull of round 2 (the executors have
+    acquired the task and wait for its input), the SuperLink is killed and restarted on its database, the old run
+    ends, and only then do the nodes' retries get through ("run is not running"). The resumed run must get a reply
+    from both warm nodes in every round, and the executors must not have restarted (the model stays loaded).
+    Plain HTTP without node auth, so that the proxy can see the request paths (TLS is covered above).
+    """
+    data = write_classification(tmp_path / "all.jsonl", n=120)
+    port = flower.free_port()
+    proxy = HoldingProxy(port, b"/v1/fleet/pull-object")
+    cluster = Cluster(tmp_path)
+
+    def superlink(tag: str) -> None:
+        proc = cluster.start(f"superlink{tag}", _cli("superlink", "--host", "127.0.0.1", "--port", port, "--insecure",
+                                                     "--no-auth", "--database", tmp_path / "state.db"),
+                             tmp_path / "home-link")
+        flower.wait_healthy(port, proc)
+
+    def node_log(i: int) -> str:
+        return (tmp_path / f"n{i}.log").read_text(errors="replace")
+
+    try:
+        superlink("1")
+        home = tmp_path / "home-cli"
+        submit.connect(home, f"127.0.0.1:{port}", insecure=True)
+        for i in range(2):
+            cluster.start(f"n{i}", _cli("node", "--superlink", f"127.0.0.1:{proxy.port}", "--insecure", "--port",
+                                        flower.free_port(), "--partition-id", i, "--warm"), tmp_path / f"home-n{i}")
+        cfg = config.load(None, tiny_overrides(data, tmp_path / "runs", **{
+            "data.num_clients": 2, "federation.rounds": 3, "federation.round_timeout": 30.0, "run.threads": 1}))
+        run_a, run_dir = submit.submit(home, cfg)
+        metrics = run_dir / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 150, lambda: cluster.log("superlink1"))
+        proxy.arm()  # round 1 is done: hold the first object pull of round 2
+        _wait_for(proxy.holding.is_set, 60, lambda: cluster.log("n0") + cluster.log("n1"))
+        time.sleep(1.0)  # the executors poll every 0.2 s: they have acquired the task and wait for its input
+        cluster.kill("superlink1")
+        superlink("2")  # same database: the nodes stay registered
+        _wait_for(lambda: submit.status(home, run_a)[0]["status"].startswith("finished"), 60,
+                  lambda: cluster.log("superlink2"))
+        proxy.release()  # the held pulls fail; the nodes' retries now meet a finished run
+        out = subprocess.run(_cli("run", "--resume", run_dir, "--flwr-home", home, "--wait"), capture_output=True,
+                             text=True, timeout=240, env=flower.flower_env(home))
+        assert out.returncode == 0, out.stdout + out.stderr
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        assert [r["round"] for r in rows] == [1, 2, 3], rows
+        assert all(r["replies"] == 2 for r in rows), (rows, cluster.log("n0"), cluster.log("n1"))
+        for i in range(2):
+            assert node_log(i).count("warm executor ready") == 1, cluster.log(f"n{i}")
+    finally:
+        proxy.close()
         cluster.stop()

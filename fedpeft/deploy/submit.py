@@ -2,16 +2,18 @@
 
 The connection (address, CA certificate) is written as ``[superlink.fedpeft]`` into
 ``$FLWR_HOME/config.toml``; ``flwr run`` then submits the thin Flower App with the run config
-``{fedpeft-config, run-dir, resume, workers, simulation}``. The ServerApp runs on the SuperLink host,
+``{fedpeft-config, run-dir, resume, workers, simulation, label-names}``. The ServerApp runs on the SuperLink host,
 so ``run-dir`` is a path on that host (submit from there, or use a path that exists there).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 from pathlib import Path
 
+from fedpeft import data
 from fedpeft.config import Config
 from fedpeft.deploy import flower
 from fedpeft.errors import FedPeftError
@@ -33,9 +35,28 @@ def connect(home: Path, superlink: str | None, ca: Path | None = None, insecure:
     flower.write_connection(home, superlink, None if insecure else Path(ca))  # type: ignore[arg-type]
 
 
+def scenario_label_names(cfg: Config) -> list[str] | None:
+    """The scenario's classification label names, in the order the server numbers them (None if unknown).
+
+    Nodes number the labels of their own data files by these (see :func:`fedpeft.clients.app.label_names`).
+    Read from the scenario data where the run is submitted (the server); if it is not readable there,
+    nodes fall back to numbering their own labels, with a warning.
+    """
+    if cfg.model.task != "classification":
+        return None
+    try:
+        return list(data.load_examples(cfg.data, cfg.model.task, seed=cfg.run.seed).label_names)
+    except (FedPeftError, OSError) as ex:
+        log.warning("cannot read the scenario's labels here (%s); each node will number its own labels, which "
+                    "only agrees with the server if every node has exactly the scenario's label set", ex)
+        return None
+
+
 def run_config(cfg: Config, run_dir: Path, resume: bool) -> dict[str, str | bool | int]:
-    """The run config of a real deployment: one worker per node, unseeded DP noise."""
-    return {**runner.run_config(cfg, run_dir, resume), "workers": 1, "simulation": False}
+    """The run config of a real deployment: one worker per node, unseeded DP noise, the scenario's labels."""
+    names = scenario_label_names(cfg)
+    return {**runner.run_config(cfg, run_dir, resume), "workers": 1, "simulation": False,
+            "label-names": json.dumps(names) if names is not None else ""}
 
 
 def submit(home: Path, cfg: Config | None = None, resume: Path | None = None) -> tuple[int, Path]:
