@@ -186,3 +186,33 @@ def test_evaluate_runs_every_attack_and_marks_inapplicable_ones() -> None:
     rows = evaluate(obs, truth.input_ids, params={"grad_match": {"iterations": 3}})
     assert set(rows) == set(ATTACKS.names())
     assert rows["span"] == {"applicable": 0.0} and rows["grad_match"]["applicable"] == 1.0
+
+
+def test_canary_rank_counts_ties_as_average_rank() -> None:
+    from fedpeft.attacks.label_and_canary import canary_rank
+    from fedpeft.attacks.metrics import exposure
+
+    alphabet = list(range(10))
+    rank, space = canary_rank([3, 4, 5], torch.zeros(50), alphabet, samples=2000, seed=0)
+    assert space == 1000 and abs(rank - 500.5) <= 1  # flat scores: the middle, not rank 1
+    assert exposure(rank, space) == pytest.approx(1.0, abs=0.01)
+    peaked = torch.zeros(50)
+    peaked[3] = 1.0
+    assert canary_rank([3, 3, 3], peaked, alphabet, samples=2000, seed=0)[0] == 1  # the unique top sequence
+    rank = canary_rank([6, 6, 6], peaked, alphabet, samples=2000, seed=0)[0]
+    assert abs(rank - (271 + 365)) < 40  # below the 271 sequences with a 3, middle of the 729 tied ones
+
+
+def test_grad_match_lm_prior_runs_and_changes_the_optimisation() -> None:
+    obs, truth = make_victim(batch_size=1, seed=0, r=8)
+    plain = run_attack("grad_match", obs, iterations=6)
+    again = run_attack("grad_match", obs, iterations=6, lm_weight=0.0)
+    prior = run_attack("grad_match", obs, iterations=6, lm_weight=1.0)
+    base = run_attack("grad_match", obs, iterations=6, lm_weight=1.0, lm_model="base")
+    assert torch.equal(plain.token_scores, again.token_scores)  # off by default, deterministic
+    assert not torch.equal(plain.token_scores, prior.token_scores)
+    assert not torch.equal(prior.token_scores, base.token_scores)  # base model ≠ model with the global adapter
+    assert prior.extra["lm_weight"] == 1.0 and "positional_accuracy" in summarize(prior, truth.input_ids)
+    cls_obs, _ = make_victim(task="classification", batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="causal LM"):
+        run_attack("grad_match", cls_obs, iterations=1, lm_weight=0.1)

@@ -6,6 +6,11 @@ tokens, differentiated w.r.t. the trainable parameters with ``create_graph`` —
 update: (1 − cosine) + λ·relative L2. A delta is compared in gradient units (−delta / (lr·steps)).
 Candidates are the whole vocabulary or the top of the span / subspace ranking. The result is the
 argmax sequence per position and a per-token score (max probability over positions).
+
+LM prior (LAMP): with ``lm_weight`` > 0 the objective adds lm_weight × the mean next-token NLL of
+the soft sequence under a causal LM: ``lm_model="global"`` the model with the global adapter (the
+matched loss itself, no extra forward), ``"base"`` the frozen base model (adapter disabled). On the
+random-weight tiny models the prior encodes no language; measured numbers: ``docs/audit.md``.
 """
 
 from __future__ import annotations
@@ -43,10 +48,25 @@ def candidate_tokens(obs: Observation, candidates: str, top_k: int, vocab: int) 
     return torch.topk(ranking, min(top_k, vocab)).indices.sort().values
 
 
+def lm_prior(model: torch.nn.Module, probs: torch.Tensor, emb: torch.Tensor, cand: torch.Tensor,
+             matched_loss: torch.Tensor, lm_model: str) -> torch.Tensor:
+    """NLL of the soft sequence under the prior LM ("global": the matched loss; "base": adapter off)."""
+    if lm_model == "global":
+        return matched_loss
+    if lm_model != "base":
+        raise ValueError(f"grad_match lm_model must be 'global' or 'base', got {lm_model!r}")
+    with model.disable_adapter():
+        return _soft_loss(model, probs, emb, cand)
+
+
 @register_attack("grad_match")
 def run(obs: Observation, iterations: int = 60, lr: float = 0.1, candidates: str = "all", top_k: int = 64,
-        l2_weight: float = 0.1, temperature: float = 1.0, seed: int = 0, **_: Any) -> AttackResult:
-    """Gradient matching over soft tokens; ``candidates`` = "all", "span" or "subspace"."""
+        l2_weight: float = 0.1, temperature: float = 1.0, seed: int = 0, lm_weight: float = 0.0,
+        lm_model: str = "global", **_: Any) -> AttackResult:
+    """Gradient matching over soft tokens; ``candidates`` = "all", "span" or "subspace"; ``lm_weight``
+    > 0 adds the LM prior (causal LMs only)."""
+    if lm_weight and obs.task != "causal_lm":
+        raise ValueError(f"grad_match lm_weight needs a causal LM, the task is {obs.task!r}")
     model = obs.working_model(torch.float32)
     emb_all = model.get_input_embeddings().weight.detach()
     vocab = emb_all.shape[0]
@@ -70,9 +90,12 @@ def run(obs: Observation, iterations: int = 60, lr: float = 0.1, candidates: str
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):  # the math kernel has a double backward
         for _ in range(iterations):
             probs = torch.softmax(z / temperature, -1)
-            grads = torch.autograd.grad(_soft_loss(model, probs, emb, cand, labels), params, create_graph=True)
+            loss = _soft_loss(model, probs, emb, cand, labels)
+            grads = torch.autograd.grad(loss, params, create_graph=True)
             flat = torch.cat([gr.flatten() for gr in grads])
             obj = 1 - F.cosine_similarity(flat, target, dim=0) + l2_weight * ((flat - target).norm() / tnorm) ** 2
+            if lm_weight:
+                obj = obj + lm_weight * lm_prior(model, probs, emb, cand, loss, lm_model)
             if float(obj.detach()) < best:  # the objective of the current z (before this step)
                 best, best_z = float(obj.detach()), z.detach().clone()
             opt.zero_grad()
@@ -85,4 +108,5 @@ def run(obs: Observation, iterations: int = 60, lr: float = 0.1, candidates: str
     bag = sorted({t for s in seqs for t in s})
     log.info("grad_match: %d iterations over %d candidates, objective %.4f", iterations, cand.numel(), best)
     return AttackResult("grad_match", token_scores=token_scores, bag=bag, sequences=seqs,
-                        extra={"objective": best, "candidates": candidates, "num_candidates": cand.numel()})
+                        extra={"objective": best, "candidates": candidates, "num_candidates": cand.numel(),
+                               "lm_weight": lm_weight, "positions": [(p, v) for s in seqs for p, v in enumerate(s)]})

@@ -56,16 +56,22 @@ def recover_labels(weight: torch.Tensor | None, bias: torch.Tensor | None, batch
 
 
 def canary_rank(canary: list[int], token_scores: torch.Tensor, alphabet: list[int], samples: int,
-                seed: int) -> tuple[int, int]:
-    """Estimated rank of ``canary`` (by summed token scores) among all sequences over ``alphabet``."""
+                seed: int, rel_tol: float = 1e-9) -> tuple[int, int]:
+    """Estimated rank of ``canary`` (by summed token scores) among all sequences over ``alphabet``.
+
+    The fraction of sampled sequences scoring above the canary, plus half of those tied with it
+    (within ``rel_tol``), places the canary at its average rank over ties: a flat ranking puts it in
+    the middle ((#candidates + 1) / 2, exposure ≈ 1 bit), not first.
+    """
     space = len(alphabet) ** len(canary)
     s = token_scores.to(torch.float64)
     own = float(s[canary].sum())
     g = torch.Generator().manual_seed(seed)
     alpha = torch.tensor(alphabet)
-    draws = alpha[torch.randint(len(alphabet), (samples, len(canary)), generator=g)]
-    higher = float((s[draws].sum(1) > own).double().mean())
-    return max(1, int(round(1 + higher * (space - 1)))), space
+    draws = s[alpha[torch.randint(len(alphabet), (samples, len(canary)), generator=g)]].sum(1)
+    tol = rel_tol * max(1.0, abs(own))
+    above = float(((draws > own + tol).double() + 0.5 * ((draws - own).abs() <= tol).double()).mean())
+    return max(1, int(round(1 + above * (space - 1)))), space
 
 
 @register_attack("label_and_canary")

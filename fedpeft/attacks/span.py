@@ -7,6 +7,9 @@ stacked row space. Exact while distinct inputs ≤ modules × rank; beyond that 
 
 When A's gradient is zero (first round, B = 0) the leak moves to dL/dB, whose rows lie in
 span{A x_t} ⊂ R^r: the same test on projected candidates A·x (discriminates only when tokens < r).
+
+For a prefix-tuning adapter the same idea runs per attention head on the layer-0 prefix-key gradient,
+whose rows lie in the span of the client's layer-0 queries: see :mod:`fedpeft.attacks.prefix_span`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from fedpeft.attacks.lora_io import gap_cut, residuals, row_basis, shared_groups, token_inputs
 from fedpeft.attacks.observation import AttackResult, NotApplicable, Observation, register_attack
+from fedpeft.attacks.prefix_span import prefix_layout, run_prefix
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +87,10 @@ def run(obs: Observation, channel: str = "auto", rounds: str = "all", bound: int
 
     ``bound``: upper bound on distinct first-layer inputs (default: the public token count).
     ``threshold``: residual cut for the recovered bag (default: the largest gap, see ``gap_cut``).
+    Prefix-tuning observations get the per-head prefix-key check (``channel`` is ignored there).
     """
+    if prefix_layout(obs.working_model()) is not None:
+        return run_prefix(obs, rounds, bound, threshold)
     group, cands, positional = first_layer(obs, layer)
     bound = bound or obs.token_bound
     a_zero = all(float(upd[m.a_name].abs().max()) == 0.0 for _, upd in obs.updates() for m in group)

@@ -141,8 +141,8 @@ def run(obs: Observation, beams: int | None = None, max_cands: int = 64, ratio: 
         **_: Any) -> AttackResult:
     """Layer-0 span check, then greedy layer-1 decoding with ``beams`` prefixes (default 2 × batch size);
     the best batch-size sequences are returned."""
+    _, _, positional = span.first_layer(obs)  # LoRA only: NotApplicable before any work otherwise
     res0 = span.run(obs)
-    _, _, positional = span.first_layer(obs)
     model = obs.working_model()
     vocab = model.get_input_embeddings().num_embeddings
     groups = shared_groups(model, 1, token_local=False, vocab=vocab)
