@@ -1,0 +1,350 @@
+"""Secure aggregation of the training round with Flower's SecAgg+ (``privacy.secure_aggregation``).
+
+**Server.** :class:`SecureAggregator` runs Flower's own :class:`SecAggPlusWorkflow` (all four stages:
+setup, share keys, collect masked vectors, unmask) for one of our rounds. The workflow is written for
+Flower's legacy ``DefaultWorkflow``: it takes a ``LegacyContext`` whose legacy ``Strategy`` samples
+clients (``configure_fit``) and receives the unmasked sum (``aggregate_fit``). We hand it a
+LegacyContext around a one-round strategy (:class:`_RoundStrategy`) that returns *our* sampled nodes
+and instructions and captures the unmasked aggregate, so no protocol logic is re-implemented here.
+The grid it talks through (:class:`_WireGrid`) counts the serialized bytes of every SecAgg+ message in
+both directions and hands each node a copy of its message, as a real transport does (Flower's client
+mod pops keys from what it receives; the in-process engine would otherwise share one object).
+
+**Client.** :func:`client_mod` wraps the ClientApp's train handler: plain messages pass through;
+SecAgg+ messages go through Flower's ``secaggplus_mod``, which calls :func:`_train_for_secagg`. That
+turns the legacy ``FitIns`` back into our instruction, runs the normal training, decodes the client's
+own (lossless) payload and answers a legacy ``FitRes`` holding one flat float64 vector: the delta (+ the
+0/1 clip indicator under adaptive clipping). Flower's mod weights it, quantizes, masks it and clears it
+from the reply, so the server only ever receives masked integers.
+
+**Weights.** FedAvg weights by ``num-examples``: Flower's mod multiplies the vector by
+``w / max_weight`` (quantized) before masking and sums that factor as an extra element, and the
+workflow divides by it. Under client-level DP every weight is 1 (the DP average is uniform with the
+fixed denominator m): the server turns the mean back into the sum and adds noise (:func:`dp_release`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from fedpeft import config as fconfig
+from fedpeft import privacy
+from fedpeft.compression import Layout, make_codec
+from fedpeft.config import Config
+from fedpeft.errors import FedPeftError, PayloadError
+from fedpeft.models import AdapterState
+from fedpeft.runtime import get_runtime
+from fedpeft.server import protocol
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_TYPE = "fedpeft.payload"  # tensor_type of the legacy Parameters that carry our packed payload
+DP_FLAG, WEIGHT_CAP, SLACK = "secagg-dp", "secagg-max-weight", "secagg-clip-slack"
+HIDDEN_METRICS = ("clip-indicator", "update-norm")  # per-client values that must not travel in the clear
+
+
+def _shares(value: float) -> int | float:
+    """Our config's 'fraction or count' as Flower wants it: a float fraction or an int count."""
+    return float(value) if value <= 1 else int(value)
+
+
+def rounding_slack(num_elements: int, clipping_range: float, quantization_range: int) -> float:
+    """Largest L2 norm that SecAgg+'s stochastic rounding can add to one client's vector (weight 1)."""
+    return math.sqrt(num_elements) * 2.0 * clipping_range / quantization_range
+
+
+@dataclass
+class SecureRound:
+    """What one SecAgg+ round leaves the server: the aggregate and per-client public metadata only."""
+
+    mean: AdapterState | None = None  # weighted mean of the summed updates (uniform under client DP)
+    nodes: list[int] = field(default_factory=list)  # nodes whose update is inside the sum
+    metrics: list[dict[str, float]] = field(default_factory=list)  # their cleartext metrics
+    weights: list[float] = field(default_factory=list)  # the weights that went into the sum
+    indicator_sum: float | None = None  # sum of the clip indicators (adaptive clipping)
+    bytes_down: dict[str, int] = field(default_factory=dict)  # per stage
+    bytes_up: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage (collect includes training)
+    failure: str = ""
+
+    def loop_values(self) -> tuple[list[int], list[float], list[float], list[float], list[float], list[float],
+                                   dict[str, float], int]:
+        """(nodes, example weights, losses, encode ms, local epsilons, clip indicators, uplink byte row,
+        downlink bytes) in the shape the round loop keeps them."""
+        weights = [m.get("num-examples", 1.0) for m in self.metrics]
+        losses = [m.get("train-loss", float("nan")) for m in self.metrics]
+        encode_ms = [m.get("encode-ms", 0.0) for m in self.metrics]
+        local_eps = [m["epsilon-local"] for m in self.metrics if "epsilon-local" in m]
+        up: dict[str, float] = {"bytes_up": sum(self.bytes_up.values()), "up_positions": 0, "up_values": 0,
+                                "up_scales": 0, "up_header": 0, "up_framing": sum(self.bytes_up.values()),
+                                "secagg_clipped": sum(m.get("secagg-clipped", 0.0) for m in self.metrics)}
+        for stage, n in self.bytes_down.items():
+            up[f"secagg_down_{stage}"] = n
+        for stage, n in self.bytes_up.items():
+            up[f"secagg_up_{stage}"] = n
+        for stage, t in self.seconds.items():
+            up[f"secagg_seconds_{stage}"] = t
+        if up["secagg_clipped"]:
+            log.warning("SecAgg+ clipped %d update elements to +-privacy.secagg_clipping_range",
+                        up["secagg_clipped"])
+        return (list(self.nodes), weights, losses, encode_ms, local_eps,
+                indicators_from_sum(self.indicator_sum, len(self.nodes)), up, sum(self.bytes_down.values()))
+
+    def release(self, server_privacy: Any) -> AdapterState:
+        """The mean the server optimizer steps with: the secure weighted mean, or under client-level DP
+        the secure sum / m plus Gaussian noise (:func:`dp_release`)."""
+        if self.mean is None:
+            raise FedPeftError("no secure aggregate this round")
+        return dp_release(server_privacy, self) if server_privacy.active else self.mean
+
+
+def _copy_records(content: RecordDict) -> RecordDict:
+    """A copy of every record (arrays are shared, never mutated): the receiver may edit what it gets."""
+    return RecordDict({name: type(record)(dict(record)) for name, record in content.items()})
+
+
+class _WireGrid(Grid):
+    """Delegates to the round's grid; copies what it sends, counts serialized bytes per stage."""
+
+    def __init__(self, inner: Grid, result: SecureRound) -> None:
+        self.inner, self.result = inner, result
+
+    def set_run(self, run: Any) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        sent, stage = [], "?"
+        for msg in messages:
+            stage = str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+            self.result.bytes_down[stage] = self.result.bytes_down.get(stage, 0) + protocol.record_bytes(msg.content)
+            sent.append(Message(_copy_records(msg.content), msg.metadata.dst_node_id, msg.metadata.message_type,
+                                group_id=msg.metadata.group_id))
+        t0 = time.perf_counter()
+        replies = list(self.inner.send_and_receive(sent, timeout=timeout))
+        self.result.seconds[stage] = round(time.perf_counter() - t0, 3)
+        for reply in replies:
+            if not reply.has_error():
+                self.result.bytes_up[stage] = self.result.bytes_up.get(stage, 0) + protocol.record_bytes(reply.content)
+            else:
+                log.warning("SecAgg+ %s: node %s failed: %s", stage, reply.metadata.src_node_id, reply.error.reason)
+        return replies
+
+
+class _RoundStrategy(Strategy):
+    """The legacy Strategy the SecAgg+ workflow asks for: our sampled nodes in, the unmasked sum out."""
+
+    def __init__(self, contents: dict[int, RecordDict], grid: Grid, extra: dict[str, Any], result: SecureRound,
+                 width: int) -> None:
+        self.contents, self.grid, self.extra, self.result, self.width = contents, grid, extra, result, width
+        self.vector: np.ndarray | None = None
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
+        pairs = []
+        for node, content in self.contents.items():
+            data = bytes(content[protocol.GLOBAL][protocol.PAYLOAD].data)
+            fit_config = {**dict(content[protocol.CONFIG]), **self.extra}
+            proxy = GridClientProxy(node, self.grid, self.grid.run.run_id)
+            pairs.append((proxy, FitIns(Parameters(tensors=[data], tensor_type=PAYLOAD_TYPE), fit_config)))
+        return pairs
+
+    def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[None, dict]:
+        for proxy, res in results:
+            self.result.nodes.append(int(proxy.node_id))
+            self.result.metrics.append({k: float(v) for k, v in res.metrics.items()
+                                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            self.result.weights.append(float(res.num_examples))
+        if results:
+            arrays = parameters_to_ndarrays(results[0][1].parameters)
+            if len(arrays) != 1 or arrays[0].shape != (self.width,) or not np.all(np.isfinite(arrays[0])):
+                raise PayloadError(f"SecAgg+ aggregate has shapes {[a.shape for a in arrays]}, "
+                                   f"expected one vector of {self.width} finite values")
+            self.vector = arrays[0]
+        return None, {}  # the loop applies the aggregate itself
+
+    # the workflow calls only the two methods above
+    def initialize_parameters(self, client_manager: Any) -> None:
+        return None
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple[None, dict]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        return None
+
+
+class _SecAggPlus(SecAggPlusWorkflow):
+    """Flower's workflow with one fix: a node lost before it shared its key shares is not "dead".
+
+    Flower 1.41 counts every node sampled at setup as dead in the unmask stage if it is no longer
+    active, and asks the survivors for its key shares; a node that dropped during setup or share-keys
+    never sent any, so the survivors fail (KeyError) and the round halts. Such a node is in no one's
+    masks (clients mask only with the nodes whose shares they received), so after share-keys the
+    protocol's participants are exactly the nodes still active.
+    """
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        state.sampled_node_ids = set(state.active_node_ids)
+        return ok
+
+
+class SecureAggregator:
+    """Runs one training round under SecAgg+; the server gets the aggregate, never an individual update."""
+
+    def __init__(self, cfg: Config, layout: Layout, max_partition: int) -> None:
+        p = cfg.privacy
+        self.cfg, self.layout = cfg, layout
+        self.client_dp = p.mode in ("client", "both")
+        self.adaptive = self.client_dp and p.adaptive_clip
+        self.width = layout.total + (1 if self.client_dp else 0)  # + the clip indicator
+        self.max_weight = 1.0 if self.client_dp else float(p.secagg_max_weight or max(1, max_partition))
+        timeout = p.secagg_timeout or cfg.federation.round_timeout
+        self.workflow = _SecAggPlus(
+            num_shares=_shares(p.secagg_num_shares),
+            reconstruction_threshold=_shares(p.secagg_reconstruction_threshold),
+            max_weight=self.max_weight, clipping_range=p.secagg_clipping_range,
+            quantization_range=p.secagg_quantization_range, modulus_range=p.secagg_modulus_range,
+            timeout=timeout or None)
+        self.slack = rounding_slack(self.width, p.secagg_clipping_range, p.secagg_quantization_range)
+        if self.client_dp and self.slack >= 0.1 * p.clip_norm:
+            log.warning("SecAgg+ rounding can add up to %.3g to an update's norm (clip norm %.3g): raise "
+                        "privacy.secagg_quantization_range", self.slack, p.clip_norm)
+
+    def run_round(self, grid: Grid, contents: dict[int, RecordDict], rnd: int) -> SecureRound:
+        """Drive the four SecAgg+ stages for the sampled nodes (keys of ``contents``)."""
+        result = SecureRound()
+        wire = _WireGrid(grid, result)
+        extra = {DP_FLAG: self.client_dp, WEIGHT_CAP: self.max_weight, SLACK: self.slack}
+        strategy = _RoundStrategy(contents, wire, extra, result, self.width)
+        state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd}),
+                            MAIN_PARAMS_RECORD: ArrayRecord()})
+        context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=state,
+                                        run_config={}), strategy=strategy)
+        try:
+            self.workflow(wire, context)
+        except (PayloadError, ValueError, KeyError, TypeError, IndexError) as e:  # a malformed masked vector
+            result.failure = f"{type(e).__name__}: {e}"
+        if strategy.vector is None or result.failure:
+            result.nodes, result.metrics, result.weights = [], [], []
+            result.failure = result.failure or "SecAgg+ halted (too few nodes or shares left; see the log)"
+            log.warning("round %d: %s", rnd, result.failure)
+            return result
+        vec = strategy.vector
+        result.mean = {name: torch.from_numpy(vec[lo:hi].reshape(shape).astype(np.float32))
+                       for name, shape, lo, hi in zip(self.layout.names, self.layout.shapes,
+                                                      self.layout.offsets[:-1], self.layout.offsets[1:])}
+        if self.adaptive:
+            result.indicator_sum = float(vec[-1]) * len(result.nodes)
+        return result
+
+
+def dp_release(server_privacy: Any, secure: SecureRound) -> AdapterState:
+    """DP-FedAvg on a secure sum: sum / m (the planned clients) + noise std z*C/m. Clients clipped already."""
+    assert secure.mean is not None
+    n, m = len(secure.nodes), server_privacy.expected
+    mean = {k: v * (n / m) for k, v in secure.mean.items()}
+    return privacy.add_server_noise(mean, server_privacy.clip_norm, server_privacy.update_noise_multiplier, m,
+                                    server_privacy.generator)
+
+
+def indicators_from_sum(total: float | None, n: int) -> list[float]:
+    """The clip indicators as a list with the securely summed count of ones (all the clipper needs)."""
+    if total is None:
+        return []
+    ones = min(n, max(0, round(total)))
+    return [1.0] * ones + [0.0] * (n - ones)
+
+
+# ---- client side -----------------------------------------------------------------------------------
+def client_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """Function mod of the train handler: SecAgg+ messages go through Flower's ``secaggplus_mod``."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
+    reply = secaggplus_mod(msg, context, functools.partial(_train_for_secagg, call_next=call_next))
+    if stage == Stage.UNMASK:  # the round's keys and shares are spent: do not keep them in the node state
+        context.state.config_records.pop(RECORD_KEY_STATE, None)
+    return reply
+
+
+def _train_for_secagg(msg: Message, context: Context, call_next: Any) -> Message:
+    """Legacy FitIns -> our instruction -> train -> legacy FitRes with the dense update as one vector."""
+    fit_config = dict(msg.content.config_records["fitins.config"])
+    arrays = list(msg.content.array_records["fitins.parameters"].values())
+    if len(arrays) != 1 or arrays[0].stype != PAYLOAD_TYPE:
+        raise PayloadError("SecAgg+ instruction does not carry exactly one fedpeft payload")
+    data = bytes(arrays[0].data)
+    global_record = ArrayRecord({protocol.PAYLOAD: Array(dtype="uint8", shape=(len(data),), stype="raw", data=data)})
+    msg.content = RecordDict({protocol.GLOBAL: global_record, protocol.CONFIG: ConfigRecord(
+        {k: v for k, v in fit_config.items() if not k.startswith("secagg-")})})
+    reply = call_next(msg, context)
+    if reply.has_error():
+        raise FedPeftError(f"training failed: {reply.error.reason}")
+    payload, metrics = protocol.parse_reply(reply.content)
+    cfg = fconfig.loads(str(context.run_config["fedpeft-config"]))
+    layout = get_runtime(cfg, str(context.node_config.get("data-path", "")) or None).layout
+    delta = make_codec(cfg.compression.uplink).decode(payload, layout)
+    vector = np.concatenate([delta[n].numpy().ravel() for n in layout.names]).astype(np.float64)
+    dp = bool(fit_config[DP_FLAG])
+    if dp:  # bound what enters the sum, SecAgg+ rounding included: the server cannot clip it
+        bound = float(fit_config["clip-norm"]) - float(fit_config[SLACK])
+        norm = float(np.linalg.norm(vector))
+        if norm > bound:
+            vector *= max(bound, 0.0) / norm
+        if "clip-indicator" in metrics:
+            vector = np.append(vector, metrics["clip-indicator"])
+        weight = 1
+    else:
+        cap = float(fit_config[WEIGHT_CAP])
+        weight = int(metrics["num-examples"])
+        if weight > cap:
+            log.warning("num-examples %d exceeds privacy.secagg_max_weight %g: weighted as %g", weight, cap, cap)
+            weight = int(cap)
+    ratio = weight / float(fit_config[WEIGHT_CAP])
+    clipped = int(np.sum(np.abs(vector * ratio) > cfg.privacy.secagg_clipping_range))
+    public = {k: v for k, v in metrics.items() if k not in HIDDEN_METRICS}
+    public["secagg-clipped"] = float(clipped)
+    fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters([vector]),
+                    num_examples=weight, metrics=public)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
