@@ -1,0 +1,290 @@
+"""The audit grid: parse ``key=v1,v2`` axes into cells, and produce one cell's observation the way a
+real client produces its reply.
+
+A cell's client trains with :func:`fedpeft.training.train_local` (the ClientApp's own loop: its
+optimizer, gradient clip, and Opacus DP-SGD through :class:`fedpeft.privacy.LocalDP`), applies
+error feedback and client-level clipping like ``clients/app.py``, encodes with the real codec, and
+the server side decodes (and, under client-level DP, clips) it. The attacker gets what the server
+decoded; the payload size and the real accountant's epsilon are recorded beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft import config
+from fedpeft.attacks.observation import Observation, State
+from fedpeft.attacks.victim import Truth, _later_round, private_batch, victim_config
+from fedpeft.compression import ErrorFeedback, Layout, make_codec
+from fedpeft.errors import ConfigError, FedPeftError
+
+log = logging.getLogger(__name__)
+
+
+def _int(lo: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise ValueError(f"must be >= {lo}, got {value}")
+        return value
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"choose one of {', '.join(choices)}; got {text!r}")
+        return text
+    return parse
+
+
+def _codec(text: str) -> str:
+    make_codec(text)  # ConfigError names the known codecs
+    return text
+
+
+def _targets(text: str) -> str:
+    mods = [m for m in text.split("+") if m]
+    if not mods:
+        raise ValueError("expected module names joined by '+', e.g. q_proj+k_proj+v_proj")
+    return "+".join(mods)
+
+
+def parse_dp(text: str) -> tuple[str, str, float]:
+    """``none`` | ``local:Z`` | ``local:eps=E`` | ``client:Z`` -> (mode, "z" or "eps", value)."""
+    if text == "none":
+        return "none", "z", 0.0
+    mode, _, arg = text.partition(":")
+    if mode not in ("local", "client") or not arg:
+        raise ValueError(f"expected none, local:Z, local:eps=E or client:Z; got {text!r}")
+    kind, value_text = ("eps", arg[4:]) if arg.startswith("eps=") else ("z", arg)
+    if mode == "client" and kind == "eps":
+        raise ValueError("client-level DP takes a noise multiplier (client:Z), not a target epsilon")
+    try:
+        value = float(value_text)
+    except ValueError:
+        raise ValueError(f"{text!r}: {value_text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{text!r}: the noise multiplier / epsilon must be > 0")
+    return mode, kind, value
+
+
+def _dp(text: str) -> str:
+    parse_dp(text)
+    return text
+
+
+#: grid key -> (value parser, meaning). The order is the column order of the report.
+GRID_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "batch_size": (_int(1), "examples in the client's private batch (its whole local data)"),
+    "rank": (_int(1), "LoRA rank r"),
+    "targets": (_targets, "LoRA target modules joined by '+', e.g. q_proj+k_proj+v_proj"),
+    "steps": (_int(1), "local optimizer steps per round (1 + sgd = a single-step gradient)"),
+    "optimizer": (_choice("sgd", "adamw"), "local optimizer"),
+    "round": (_choice("first", "later"), "first: global adapter at init (LoRA B = 0); later: a trained one"),
+    "rounds": (_int(1), "rounds of the same client (same data) the server stacks"),
+    "codec": (_codec, "uplink codec spec; its density p is reported"),
+    "dp": (_dp, "none | local:Z (DP-SGD noise multiplier) | local:eps=E (target) | client:Z (clip + server noise)"),
+    "observed": (_choice("all", "lora_A", "lora_B"),
+                 "LoRA tensors the attacker is given: all (the real reply), or one channel in isolation"),
+}
+
+
+def _bad_key(key: str) -> ConfigError:
+    return ConfigError(f"unknown audit grid key {key!r}; valid keys: {', '.join(GRID_KEYS)}")
+
+
+def parse_grid(entries: list[str]) -> dict[str, list[Any]]:
+    """``["batch_size=1,4", "codec=none,compeft:0.05,scale=std"]`` -> {key: [values]}.
+
+    A comma-separated token starts a new axis only when it is ``grid_key=...``; anything else
+    (a codec option such as ``scale=std``, or a value split off by ``--set``) continues the current
+    axis. A key given twice: the later one wins.
+    """
+    axes: dict[str, list[str]] = {}
+    current: str | None = None
+    for token in (t.strip() for e in entries for t in e.split(",") if t.strip()):
+        key, eq, rest = token.partition("=")
+        if eq and key.strip() in GRID_KEYS:
+            current = key.strip()
+            axes[current] = [rest.strip()] if rest.strip() else []
+        elif current is None:
+            raise _bad_key(key.strip()) if eq else ConfigError(
+                f"audit grid entry {token!r}: expected key=v1,v2,... with a key among: {', '.join(GRID_KEYS)}")
+        elif eq and current == "codec" and axes[current]:  # codec option: belongs to the previous spec
+            axes[current][-1] += "," + token
+        elif eq and re.fullmatch(r"[A-Za-z_]+", key.strip()):
+            raise _bad_key(key.strip())
+        else:
+            axes[current].append(token)
+    out: dict[str, list[Any]] = {}
+    for key, values in axes.items():
+        if not values:
+            raise ConfigError(f"audit grid key {key!r} has no values (write {key}=v1,v2)")
+        parser, meaning = GRID_KEYS[key]
+        parsed = []
+        for v in values:
+            try:
+                parsed.append(parser(v))
+            except (ValueError, ConfigError) as e:
+                raise ConfigError(f"audit grid {key}={v!r}: {e} ({meaning})") from None
+        out[key] = list(dict.fromkeys(parsed))
+    return out
+
+
+def scenario_defaults(cfg: config.Config) -> dict[str, Any]:
+    """Values of keys the grid does not vary, from the scenario."""
+    p = cfg.privacy
+    if p.mode in ("local", "both"):
+        dp = f"local:eps={p.target_epsilon:g}" if p.target_epsilon > 0 else f"local:{p.noise_multiplier:g}"
+    elif p.mode == "client":
+        dp = f"client:{p.server_noise_multiplier:g}"
+    else:
+        dp = "none"
+    targets = "+".join(cfg.adapter.target_modules) or {"tiny-llama": "q_proj+k_proj+v_proj",
+                                                       "tiny-gpt2": "c_attn"}.get(cfg.model.name, "q_proj+v_proj")
+    return {"batch_size": cfg.train.batch_size, "rank": cfg.adapter.r, "targets": targets,
+            "steps": max(1, cfg.train.local_steps), "optimizer": cfg.train.optimizer, "round": "later",
+            "rounds": 1, "codec": cfg.compression.uplink, "dp": dp, "observed": "all"}
+
+
+def plan(cfg: config.Config, extra_grid: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every cell of the scenario's grid (``audit.grid`` overridden axis by axis by ``extra_grid``)."""
+    axes = parse_grid(list(cfg.audit.grid))
+    axes.update(parse_grid(list(extra_grid or [])))
+    if cfg.model.task != "causal_lm" or cfg.adapter.type != "lora":
+        raise ConfigError("fedpeft audit builds causal-LM LoRA victims: set model.task = 'causal_lm' and "
+                          f"adapter.type = 'lora' (got {cfg.model.task!r}, {cfg.adapter.type!r})")
+    base = scenario_defaults(cfg)
+    keys = list(GRID_KEYS)
+    values = [axes.get(k, [base[k]]) for k in keys]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+@dataclass
+class ClientView:
+    """One cell's observation, the private truth (metrics only) and what the run would report."""
+
+    obs: Observation
+    truth: Truth
+    epsilon: float
+    payload_bytes: int
+    dense_bytes: int
+    density: float
+    utility_cos: float
+
+
+def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    ids = torch.stack([it["input_ids"] for it in items])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _cosine(a: State, b: State) -> float:
+    x = torch.cat([a[k].double().flatten() for k in sorted(a)])
+    y = torch.cat([b[k].double().flatten() for k in sorted(a)])
+    den = float(x.norm() * y.norm())
+    return float(x @ y) / den if den else 0.0
+
+
+def _local_dp(cfg: config.Config, mode: str, kind: str, value: float, n: int, total_steps: int, seed: int) -> Any:
+    from fedpeft.privacy import LocalDP
+
+    pcfg = dataclasses.replace(cfg.privacy, mode="local", noise_multiplier=value if kind == "z" else 0.0,
+                               target_epsilon=value if kind == "eps" else 0.0)
+    return LocalDP(pcfg, dataset_size=n, batch_size=n, total_steps=total_steps, seed=seed)
+
+
+def client_view(cfg: config.Config, cell: dict[str, Any], seed: int) -> ClientView:
+    """Train one victim client for ``cell['rounds']`` rounds and return what the server decoded."""
+    from fedpeft.models import adapter_state, build_peft_model, load_base_model, set_adapter_state, subtract
+    from fedpeft.privacy import ClientLevelAccountant, clip_to_norm, clip_update
+    from fedpeft.training import train_local
+
+    vcfg = victim_config(cfg.model.name, "lora", cell["rank"], cell["targets"].replace("+", ","),
+                         cfg.model.tiny_hidden_size, "causal_lm")
+    vcfg.adapter.alpha = cfg.adapter.alpha
+    try:
+        model = build_peft_model(load_base_model(vcfg.model, seed=seed % 3), vcfg.adapter, "causal_lm", seed=seed)
+    except FedPeftError as e:
+        raise ConfigError(f"audit cell {cell}: {e}") from None
+    b, seq_len, rounds = cell["batch_size"], cfg.audit.seq_len, cell["rounds"]
+    ids = private_batch(b, seq_len, seed, cfg.audit.text, model.get_input_embeddings().num_embeddings)
+    dataset = [{"input_ids": row} for row in ids]
+    train = dataclasses.replace(cfg.train, batch_size=b, local_steps=cell["steps"], local_epochs=0.0,
+                                optimizer=cell["optimizer"])
+    mode, kind, value = parse_dp(cell["dp"])
+    ldp = _local_dp(cfg, mode, kind, value, b, rounds * cell["steps"], seed) if mode == "local" else None
+    codec = make_codec(cell["codec"])
+    ef = ErrorFeedback() if cfg.compression.error_feedback and codec.biased else None
+    init = adapter_state(model)
+    layout = Layout.from_state(init)
+    pairs: list[tuple[State, State]] = []
+    nbytes, cos = 0, 1.0
+    for rnd in range(rounds):
+        fresh = cell["round"] == "first" and rnd == 0
+        g_state = init if fresh else _later_round(init, seed * 100 + rnd, cfg.audit.later_scale)
+        set_adapter_state(model, g_state)
+        cpu = torch.device("cpu")
+        if ldp is not None:  # utility reference: the same client's round without DP
+            train_local(model, dataset, _collate, train, cpu, seed=seed * 1000 + rnd)
+            reference = subtract(adapter_state(model), g_state)
+            set_adapter_state(model, g_state)
+        train_local(model, dataset, _collate, train, cpu, seed=seed * 1000 + rnd, dp=ldp)
+        clean = subtract(adapter_state(model), g_state)
+        reference = reference if ldp is not None else clean
+        delta = ef.compensate(clean) if ef else clean
+        if mode == "client":  # the client bounds what goes into the codec ...
+            delta = clip_update(delta, cfg.privacy.clip_norm)[0]
+        payload = codec.encode(delta, layout, rng=np.random.default_rng(seed * 1000 + rnd))
+        decoded = codec.decode(payload, layout)
+        if mode == "client":  # ... and the server bounds what came out of it (noise comes after averaging)
+            decoded = clip_to_norm(decoded, cfg.privacy.clip_norm)
+        if ef:
+            ef.update(delta, decoded)
+        nbytes, cos = payload.nbytes, _cosine(decoded, reference)
+        if cell["observed"] != "all":  # isolate one channel: the other LoRA tensors are withheld (zero)
+            decoded = {k: v if f".{cell['observed']}." in k else torch.zeros_like(v) for k, v in decoded.items()}
+        pairs.append((g_state, decoded))
+    set_adapter_state(model, pairs[-1][0])
+    model.eval()
+    if ldp is not None:
+        epsilon = ldp.epsilon()
+    elif mode == "client":
+        acc = ClientLevelAccountant(cfg.privacy.accountant)
+        m = cfg.federation.clients_per_round or cfg.data.num_clients
+        for _ in range(rounds):
+            acc.step(value, m / cfg.data.num_clients)
+        epsilon = acc.epsilon(cfg.privacy.delta)
+    else:
+        epsilon = math.inf
+    obs = _observation(model, pairs, train, b, seq_len)
+    density = float(getattr(codec.params, "p", 1.0))
+    return ClientView(obs, Truth(ids, vocab_size=model.get_input_embeddings().num_embeddings), epsilon, nbytes,
+                      4 * layout.total, density, cos)
+
+
+def _observation(model: torch.nn.Module, pairs: list[tuple[State, State]], train: config.TrainSection, b: int,
+                 seq_len: int) -> Observation:
+    """The server's observation. A one-step SGD delta at a constant, public lr is −lr·gradient, so the
+    server rescales it to the gradient (what the label channel of ``span_decode`` needs)."""
+    single = (train.local_steps == 1 and train.optimizer == "sgd" and train.weight_decay == 0
+              and train.schedule == "constant" and train.warmup_steps == 0 and train.lr > 0)
+    kind = "gradient" if single else "delta"
+    if single:
+        pairs = [(g, {k: v * (-1.0 / train.lr) for k, v in u.items()}) for g, u in pairs]
+    return Observation(model=model, global_state=pairs[-1][0], update=pairs[-1][1], kind=kind, history=pairs[:-1],
+                       batch_size=b, num_examples=b, seq_len=seq_len, local_steps=train.local_steps, lr=train.lr,
+                       optimizer=train.optimizer, task="causal_lm")

@@ -1,0 +1,124 @@
+"""The audit's report: ``audit.csv`` (one row per cell), ``audit.md`` (verdict table with a legend)
+and ``audit.png`` (leakage against epsilon and against codec density)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from fedpeft import report
+from fedpeft.attacks.audit_grid import GRID_KEYS
+from fedpeft.config import Config
+
+VERDICT_COLORS = {"fail": "tab:red", "warn": "tab:orange", "pass": "tab:green"}
+
+
+def _eps(value: float) -> str:
+    return "∞ (no DP)" if math.isinf(value) else f"{value:.3g}"
+
+
+def metric_legend(cfg: Config) -> list[str]:
+    """The verdict and leakage-metric lines of the legend (shared with the capture audit of a real run)."""
+    a = cfg.audit
+    return [
+        f"- **verdict**: `fail` = best token F1 or ROUGE-2 >= {a.fail_f1:g}, or any exact sequence; `warn` = an "
+        f"attack ranks >= {a.warn_factor:g}x chance of the true tokens into its top-|true| with binomial p-value "
+        f"< {a.warn_pvalue:g} / (ranking attacks), or the planted canary reaches >= {a.canary_warn:g} of its "
+        "maximum exposure; `pass` = no attack distinguishable from chance at that level (evidence about these "
+        "attacks, not a privacy guarantee).",
+        "- **token_f1**: bag-of-tokens F1 of the recovered set (best attack); **rouge2**, **exact**: best "
+        "recovered sequence per true sequence (ROUGE-2 F, exact-match rate); **top_true**: fraction of the "
+        "distinct true tokens among an attack's top-|true| ranked tokens (threshold-free, best attack); "
+        "**chance**: the same for a random ranking (|true| / vocabulary); **hit_pvalue**: binomial tail of the "
+        "best attack's hits at chance; **canary_exposure**: exposure of the planted canary / its maximum."]
+
+
+def legend(cfg: Config) -> str:
+    """What the columns and verdicts mean (written under the table)."""
+    return "\n".join([
+        "## Legend\n",
+        *metric_legend(cfg),
+        "- **epsilon**: from the real accountant at delta = "
+        f"{cfg.privacy.delta:g} (`local`: Opacus DP-SGD on the client's batch, sampling rate 1, all stacked "
+        "rounds x steps; `client`: the server's client-level accountant over the stacked rounds). Client-level "
+        "DP noise is added *after* averaging, so the server itself sees the un-noised (clipped) update: its "
+        "epsilon protects the released model, not the client's reply against this attacker.",
+        "- **payload_bytes**: the encoded uplink payload (header + buffer + scales) of the observed round, without "
+        "Flower's framing (about 1 kB per reply); **dense_bytes**: the same update as fp32.",
+        "- **utility_cos**: utility proxy, not accuracy: cosine between what the server decoded and the same "
+        "client's undefended update (1 = the defence kept the whole training signal). The accuracy of a full "
+        "federated run with a codec or DP setting is what `fedpeft compare-compression` / `fedpeft simulate` "
+        "report.",
+        "- Grid keys: " + "; ".join(f"`{k}`: {m}" for k, (_, m) in GRID_KEYS.items()) + ".\n"])
+
+
+def write(out: Path, cfg: Config, rows: list[dict[str, Any]]) -> None:
+    """audit.csv, audit.md and (if output.plots) audit.png."""
+    from fedpeft.attacks.audit import COLUMNS
+
+    with open(out / "audit.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    varying = [k for k in GRID_KEYS if len({str(r[k]) for r in rows}) > 1]
+    fixed = {k: rows[0][k] for k in GRID_KEYS if k not in varying} if rows else {}
+    cols = [*varying, "verdict", "best_attack", "token_f1", "rouge2", "exact", "top_true", "chance",
+            "hit_pvalue", "canary_exposure", "epsilon", "payload_bytes", "utility_cos"]
+    table = [[_eps(r[c]) if c == "epsilon" else (f"**{r[c]}**" if c == "verdict" else r[c]) for c in cols]
+             for r in rows]
+    attacks = [a for a in cfg.audit.attacks if any(a in r["per_attack"] for r in rows)]
+    detail = [[*(r[k] for k in varying), *(r["per_attack"].get(a, {}).get("token_f1") for a in attacks),
+               *(r["per_attack"].get(a, {}).get("top_true") for a in attacks)] for r in rows]
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("fail", "warn", "pass")}
+    text = [f"# Privacy audit: `{cfg.run.name}`\n",
+            f"Honest-but-curious server attacking one client's reply. Model `{cfg.model.name}` "
+            f"(hidden {cfg.model.tiny_hidden_size}), LoRA alpha {cfg.adapter.alpha:g}, causal LM, "
+            f"{cfg.audit.seq_len}-token private sequences ({cfg.audit.text}), lr {cfg.train.lr:g}, "
+            f"{cfg.audit.seeds} victim(s) per cell, seed {cfg.run.seed}.\n",
+            "Fixed for every cell: " + ", ".join(f"`{k}={v}`" for k, v in fixed.items()) + ".\n",
+            f"Verdicts: {counts['fail']} fail, {counts['warn']} warn, {counts['pass']} pass "
+            f"(of {len(rows)} cells).\n",
+            report.markdown_table(cols, table),
+            "\n### Per attack (token F1, then top_true)\n",
+            report.markdown_table([*varying, *(f"F1 {a}" for a in attacks), *(f"top {a}" for a in attacks)], detail),
+            "", legend(cfg)]
+    (out / "audit.md").write_text("\n".join(text))
+    if cfg.output.plots:
+        plot(rows, out / "audit.png")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Leakage (best token F1 and best ranking score) against epsilon and against codec density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [r["epsilon"] for r in rows if not math.isinf(r["epsilon"])]
+    inf_x = (max(finite) * 10 if finite else 1.0)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "epsilon", "epsilon (log; rightmost = no DP)"),
+                           (axes[1], "density", "codec density p (log; 1 = dense)")):
+        for metric, marker in (("token_f1", "o"), ("top_true", "^")):
+            for v, color in VERDICT_COLORS.items():
+                pts = [r for r in rows if r["verdict"] == v]
+                xs = [inf_x if key == "epsilon" and math.isinf(r[key]) else r[key] for r in pts]
+                ax.scatter(xs, [r[metric] for r in pts], c=color, marker=marker, alpha=0.75,
+                           label=f"{metric} ({v})" if ax is axes[0] else None)
+        chance = max((r["chance"] for r in rows), default=0.0)
+        ax.axhline(chance, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    if any(math.isinf(r["epsilon"]) for r in rows):
+        axes[0].annotate("no DP", (inf_x, 0.5), xytext=(0, 0), textcoords="offset points", rotation=90,
+                         ha="right", va="center", fontsize=8, color="grey")
+    axes[0].set_ylabel("leakage (best over attacks)")
+    axes[0].legend(fontsize=7, loc="center left")
+    fig.suptitle("leakage vs epsilon and vs density (dotted: chance)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
