@@ -5,7 +5,7 @@
   bytes than fp32.
 - privacy: accuracy at local DP-SGD target epsilon 1, 3, 8 (over the whole run, delta 1e-4) and without DP.
 
-Usage: python benchmarks/bench_quality.py [--only compression,privacy] [--codecs ...] [--no-append]
+Usage: python benchmarks/bench_quality.py [--only compression,privacy] [--codecs ...] [--set k=v] [--no-append]
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from common import append_results, table  # noqa: E402
 
 from fedpeft import config, report  # noqa: E402
 from fedpeft.simulation import runner  # noqa: E402
-from fedpeft.simulation.sweep import compare_compression  # noqa: E402
+from fedpeft.simulation.sweep import compare_compression, split_codecs  # noqa: E402
 
-CODECS = "none,fp16,int8,topk:0.1,compeft:0.1,compeft:0.05"
+CODECS = "none,fp16,int8,topk:0.1,compeft:0.1,compeft:0.1,alpha=1.5,compeft:0.05,compeft:0.05,alpha=1.5"
 
 
-def bench_compression(codecs: list[str], out: Path) -> tuple[str, Path | None]:
+def bench_compression(codecs: list[str], out: Path, sets: list[str]) -> tuple[str, Path | None]:
     """The sweep's table, and the run directory of the `none` codec (the no-DP baseline below)."""
-    cfg = config.load(None, [f"output.dir=\"{out}\"", "output.plots=false"])
+    cfg = config.load(None, [f"output.dir=\"{out}\"", "output.plots=false", *sets])
     sweep = compare_compression(cfg, codecs, on_done=lambda r: print(r["codec"], r["final_accuracy"], flush=True))
     text = (sweep / "compression.md").read_text().split("\n", 2)[2]
     none = next((p for p in (sweep / "runs").iterdir() if p.name.startswith("none-")), None)
@@ -63,11 +63,13 @@ def main() -> None:
     ap.add_argument("--only", default="compression,privacy")
     ap.add_argument("--codecs", default=CODECS)
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="extra setting for the compression sweep, e.g. run.threads=1 on a busy machine")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         parts, none_run = [], None
         if "compression" in args.only:
-            text, none_run = bench_compression(args.codecs.split(","), Path(d))
+            text, none_run = bench_compression(split_codecs(args.codecs), Path(d), args.overrides)
             parts.append("### Compression sweep\n\n" + text)
         if "privacy" in args.only:
             parts.append("### Utility vs epsilon\n\n" + bench_privacy(Path(d), none_run))

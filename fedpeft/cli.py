@@ -44,7 +44,42 @@ def _parser() -> argparse.ArgumentParser:
     _scenario_args(cfg)
     cfg.add_argument("--reference", action="store_true", help="print the reference of every key (markdown)")
     _deploy_parsers(sub)
+    _split_parser(sub)
+    _audit_parser(sub)
     return p
+
+
+def _audit_parser(sub: argparse._SubParsersAction) -> None:
+    aud = sub.add_parser("audit", help="attack what the server sees over a grid of settings; verdict per cell")
+    _scenario_args(aud)
+    aud.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                     help="one grid axis, e.g. --grid batch_size=1,4 --grid dp=none,local:0.1 (repeatable; "
+                          "replaces that axis of audit.grid). Keys: batch_size, rank, targets, steps, optimizer, "
+                          "round, rounds, codec, dp, observed")
+    aud.add_argument("--attacks", help="comma-separated attacks (default: audit.attacks)")
+    aud.add_argument("--capture", action="store_true",
+                     help="run the scenario itself (in-process) and attack the real updates the server decodes, "
+                          "instead of the grid; writes audit.md/csv/png into the run directory")
+    aud.add_argument("--rounds", type=_ints, metavar="R1,R2", help="--capture: rounds to attack (default: all)")
+    aud.add_argument("--clients", type=_ints, metavar="P1,P2",
+                     help="--capture: partition ids to attack (default: all)")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _split_parser(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("split-server", help="serve the middle of a scenario's model to split-learning clients (gRPC)")
+    _scenario_args(sp)
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=9200, help="port (0 = any free port; the address is printed)")
+    sp.add_argument("--certs", type=Path, help="directory with ca.crt, server.crt, server.key (TLS)")
+    sp.add_argument("--state-dir", type=Path, help="keep the server-side adapters here across restarts")
+    sp.add_argument("--save-every", type=int, default=10, help="save the state every N backward steps")
 
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
@@ -114,6 +149,8 @@ def _round_line(row: dict[str, Any], total: int) -> str:
         if row.get(key) is not None:
             parts.append(f"{label} {row[key]:.3g}")
     parts.append(f"up {report.human_bytes(row['bytes_up'])} down {report.human_bytes(row['bytes_down'])}")
+    if row.get("split_bytes_up") is not None:
+        parts.append(f"split {report.human_bytes(row['split_bytes_up'])} / {report.human_bytes(row['split_bytes_down'])}")
     parts.append(f"{row['seconds']:.1f} s")
     return " | ".join(parts)
 
@@ -138,7 +175,7 @@ def _summary_table(run_dir: Path) -> Table:
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:
-        table.add_row(*[report.human_bytes(r[c]) if c.startswith("bytes") else report.fmt(r.get(c)) for c in cols])
+        table.add_row(*[report.human_bytes(r[c]) if "bytes" in c and r.get(c) is not None else report.fmt(r.get(c)) for c in cols])
     return table
 
 
@@ -170,24 +207,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def split_codecs(text: str) -> list[str]:
-    """'none,compeft:0.05,scale=std,int8' -> ['none', 'compeft:0.05,scale=std', 'int8']."""
-    specs: list[str] = []
-    for token in (t.strip() for t in text.split(",") if t.strip()):
-        if "=" in token and specs:
-            specs[-1] += "," + token
-        else:
-            specs.append(token)
-    return specs
-
-
 def cmd_compare_compression(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fedpeft.simulation import sweep
     from fedpeft.simulation.sweep import compare_compression
 
     cfg = config.load(args.scenario, args.overrides)
-    codecs = split_codecs(args.codecs) if args.codecs else list(cfg.compression.sweep)
+    codecs = sweep.split_codecs(args.codecs) if args.codecs else list(cfg.compression.sweep)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task(f"codecs ({codecs[0]} first)", total=len(codecs))
@@ -203,6 +230,67 @@ def cmd_compare_compression(args: argparse.Namespace) -> int:
     console.print((sweep_dir / "compression.md").read_text())
     console.print(f"sweep written to [bold]{sweep_dir}[/]")
     print(json.dumps({"sweep_dir": str(sweep_dir)}))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedpeft.attacks import audit
+
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None
+    if args.capture:
+        return _audit_capture(args, attacks)
+    if args.rounds or args.clients:
+        raise FedPeftError("--rounds and --clients select updates of a real run: use them with --capture")
+    cfg, cells = audit.check(config.load(args.scenario, args.overrides), args.grid, attacks)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("audit cells", total=len(cells))
+
+        varying = [k for k in audit.GRID_KEYS if len({str(c[k]) for c in cells}) > 1] or ["batch_size"]
+
+        def done(i: int, total: int, row: dict[str, Any]) -> None:
+            cell = ", ".join(f"{k}={row[k]}" for k in varying)
+            progress.console.print(f"[bold]{row['verdict']}[/] {cell}: F1 {row['token_f1']:.2f}, "
+                                   f"top {row['top_true']:.2f} (chance {row['chance']:.2f})")
+            progress.advance(task)
+
+        out = audit.run_audit(cfg, cells, on_cell=done)
+    console.print((out / "audit.md").read_text())
+    console.print(f"audit written to [bold]{out}[/]")
+    print(json.dumps({"audit_dir": str(out)}))
+    return 0
+
+
+def cmd_split_server(args: argparse.Namespace) -> int:
+    from fedpeft.split.server import run_split_server
+
+    cfg = config.load(args.scenario, args.overrides)
+
+    def ready(server: Any) -> None:
+        console.print(f"split server for [bold]{cfg.run.name}[/] listening on {args.host}:{server.port} "
+                      f"({'TLS' if args.certs else 'plaintext'}); Ctrl-C to stop")
+        print(json.dumps({"split_server": f"{args.host}:{server.port}"}), flush=True)
+
+    run_split_server(cfg, args.host, args.port, args.certs, args.state_dir, save_every=args.save_every, on_ready=ready)
+    return 0
+
+
+def _audit_capture(args: argparse.Namespace, attacks: list[str] | None) -> int:
+    from fedpeft.simulation import capture
+
+    cfg = capture.check(config.load(args.scenario, args.overrides), attacks, args.grid)
+    with console.status("running the scenario; the server keeps the updates it decodes"):
+        def done(i: int, total: int, row: dict[str, Any]) -> None:
+            console.print(f"[bold]{row['verdict']}[/] round {row['round']} client {row['client']} "
+                          f"({i + 1}/{total}): F1 {row['token_f1']:.2f}, top {row['top_true']:.2f} "
+                          f"(chance {row['chance']:.2f})")
+
+        out = capture.audit_run(cfg, rounds=args.rounds, clients=args.clients, on_update=done)
+    console.print((out / "audit.md").read_text())
+    console.print(f"audit written to [bold]{out}[/]")
+    print(json.dumps({"audit_dir": str(out)}))
     return 0
 
 
@@ -293,6 +381,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"simulate": cmd_simulate, "compare-compression": cmd_compare_compression, "config": cmd_config,
+            "audit": cmd_audit, "split-server": cmd_split_server,
             "superlink": cmd_superlink, "node": cmd_node, "certs": cmd_certs, "node-key": cmd_node_key,
             "register-node": cmd_register_node, "run": cmd_run, "status": cmd_status, "logs": cmd_logs}
 

@@ -160,6 +160,61 @@ class PrivacySection:
     clip_lr: float = _opt(0.2, lo=0.0)
     clip_count_noise: float = _opt(0.0, lo=0.0, help="adaptive clipping: std of the noise on the clipped count "
                                                     "(0 = m/20, Andrew et al.; must exceed z/2)")
+    secure_aggregation: str = _opt("none", choices=("none", "secaggplus"),
+                                   help="Flower SecAgg+: the server sees only the sum of the updates (docs/privacy.md)")
+    secagg_num_shares: float = _opt(1.0, lo=0.0, help="SecAgg+ shares per client secret: > 1 = that many (an "
+                                                      "integer >= 3), <= 1 = that fraction of the sampled clients")
+    secagg_reconstruction_threshold: float = _opt(0.67, lo=0.0, help="SecAgg+ shares needed to reconstruct: > 1 = "
+                                                                     "that many, <= 1 = that fraction of the shares")
+    secagg_clipping_range: float = _opt(8.0, lo=0.0, help="SecAgg+ clips each weighted update element to +-this")
+    secagg_quantization_range: int = _opt(2**22, lo=2, help="SecAgg+ integer levels over the clipping range")
+    secagg_modulus_range: int = _opt(2**32, lo=4, hi=2**32, help="SecAgg+ mask modulus (a power of 2)")
+    secagg_max_weight: float = _opt(0.0, lo=0.0, help="SecAgg+ largest client weight (num-examples; 0 = the "
+                                                      "largest partition; 1 under client-level DP)")
+    secagg_timeout: float = _opt(0.0, lo=0.0, help="seconds to wait in each SecAgg+ stage (0 = "
+                                                   "federation.round_timeout)")
+
+
+@dataclass
+class AuditSection:
+    """The privacy audit (``fedpeft audit``): grid of victim settings, attacks, verdict thresholds."""
+
+    grid: list[str] = _opt(["batch_size=1,4", "round=first,later", "steps=1", "optimizer=sgd",
+                            "codec=none,compeft:0.1", "dp=none,local:0.1"],
+                           help="grid axes 'key=v1,v2' (keys: see docs/audit.md); unset keys come from the scenario")
+    attacks: list[str] = _opt(["span", "span_decode", "subspace_opt", "grad_match", "label_and_canary"],
+                              help="attacks run on every cell (those that do not apply are skipped)")
+    seeds: int = _opt(1, lo=1, hi=100, help="victims (private batches) per cell; metrics are averaged")
+    seq_len: int = _opt(16, lo=2, hi=512, help="tokens per private example")
+    text: str = _opt("words", choices=("words", "uniform"), help="private text: random words or uniform token ids")
+    later_scale: float = _opt(0.05, lo=0.0, help="round = later: std of the trained global adapter's offset from init")
+    grad_match_iterations: int = _opt(60, lo=1, help="budget of grad_match (optimizer iterations per cell)")
+    grad_match_candidates: str = _opt("all", choices=("all", "span", "subspace"),
+                                      help="grad_match token candidates: all, or the top of a ranking attack")
+    fail_f1: float = _opt(0.5, lo=0.0, hi=1.0, help="verdict fail: best token F1 (or ROUGE-2) at or above this")
+    warn_factor: float = _opt(3.0, lo=1.0, help="verdict warn: an attack ranks true tokens >= this x chance ...")
+    warn_pvalue: float = _opt(0.01, lo=0.0, hi=1.0,
+                              help="... and that many hits has binomial p-value below this (Bonferroni over attacks)")
+    canary_warn: float = _opt(0.8, lo=0.0, hi=1.0,
+                              help="verdict warn: planted canary exposure >= this fraction of its maximum")
+
+
+@dataclass
+class SplitSection:
+    """Split learning (U-shape, SFPrompt-style): the client keeps both ends, a split server the middle (docs/split.md)."""
+
+    enabled: bool = _opt(False, help="train through a split server instead of the whole model on the client")
+    front_layers: int = _opt(1, lo=0, help="blocks on the client's input side (after the embeddings)")
+    back_layers: int = _opt(1, lo=0, help="blocks on the client's output side (before the norm and head)")
+    server_adapters: str = _opt("per_client", choices=("per_client", "shared"),
+                                help="server-side adapters: one set per client, or one set all clients train")
+    address: str = _opt("", help="host:port of a split server (fedpeft split-server); empty = in-process body")
+    ca_cert: str = _opt("", help="CA certificate of the split server (TLS); empty = plaintext (loopback only)")
+    activation_noise: float = _opt(0.0, lo=0.0, help="std of Gaussian noise on the activations sent")
+    local_loss_steps: int = _opt(0, lo=0, help="SFPrompt client-only steps per round (front -> back, no server)")
+    prune_fraction: float = _opt(0.0, lo=0.0, hi=0.99,
+                                 help="SFPrompt EL2N pruning: drop this fraction of the easiest examples per round")
+    wire_dtype: str = _opt("fp32", choices=("fp32", "bf16"), help="float tensors on the split wire")
 
 
 @dataclass
@@ -183,6 +238,8 @@ class Config:
     federation: FederationSection = field(default_factory=FederationSection)
     compression: CompressionSection = field(default_factory=CompressionSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    audit: AuditSection = field(default_factory=AuditSection)
+    split: SplitSection = field(default_factory=SplitSection)
     output: OutputSection = field(default_factory=OutputSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -335,6 +392,63 @@ def validate(cfg: Config) -> None:
                           "(peft keeps IA3 vectors in a ParameterDict, which gets no per-example gradients)")
     if cfg.adapter.type == "lora" and cfg.adapter.alpha <= 0:
         raise ConfigError("adapter.alpha must be > 0 for LoRA")
+    if cfg.split.enabled:
+        _validate_split(cfg)
+    if cfg.privacy.secure_aggregation == "secaggplus":
+        _validate_secagg(cfg)
+
+
+def _validate_split(cfg: Config) -> None:
+    """What the split cut (fedpeft.split.cut) cannot do; the layer count is checked when the model is cut."""
+    if cfg.adapter.type == "prefix":
+        raise ConfigError("split.enabled with adapter.type = 'prefix' is not supported (prefixes live in every "
+                          "block); use lora, ia3 or prompt")
+    if cfg.model.task == "classification" and cfg.model.pooling == "model":
+        raise ConfigError("split.enabled needs model.pooling = 'mean' or 'cls' (the split head is the repo's "
+                          "pooling classifier)")
+    if cfg.privacy.mode in ("local", "both"):
+        raise ConfigError("split.enabled with local DP-SGD is not supported (per-example gradients would have to "
+                          "cross the split)")
+    if cfg.model.name in ("tiny-bert", "tiny-gpt2", "tiny-llama") and \
+            cfg.split.front_layers + cfg.split.back_layers >= cfg.model.tiny_layers:
+        raise ConfigError(f"split.front_layers + split.back_layers = {cfg.split.front_layers + cfg.split.back_layers} "
+                          f"leaves no block for the server (model.tiny_layers = {cfg.model.tiny_layers})")
+
+
+def _validate_secagg(cfg: Config) -> None:
+    """SecAgg+ sums dense integer vectors: refuse what cannot be summed that way (see docs/privacy.md)."""
+    from fedpeft.compression import make_codec
+
+    p, sa = cfg.privacy, "privacy.secure_aggregation = 'secaggplus'"
+    if not make_codec(cfg.compression.uplink).lossless:
+        raise ConfigError(f"{sa} needs compression.uplink = 'none' (got {cfg.compression.uplink!r}): SecAgg+ "
+                          "masks and sums dense integer vectors, so a codec's packed payload cannot be summed and "
+                          "the masked upload is dense whatever the codec (it would only add its error)")
+    m = cfg.federation.clients_per_round or cfg.data.num_clients
+    if m < 3:
+        raise ConfigError(f"{sa} needs at least 3 clients per round (got {m}): with two, each client can subtract "
+                          "its own update from the new global adapter and learn the other's")
+    for key in ("secagg_num_shares", "secagg_reconstruction_threshold"):
+        v = getattr(p, key)
+        if v <= 0 or (v > 1 and not float(v).is_integer()):
+            raise ConfigError(f"privacy.{key} = {v!r}: expected a fraction in (0, 1] or a whole number")
+    if p.secagg_num_shares > 1 and not 3 <= p.secagg_num_shares <= m:
+        raise ConfigError(f"privacy.secagg_num_shares = {p.secagg_num_shares:g} must be between 3 and the "
+                          f"{m} clients sampled per round")
+    if p.secagg_num_shares > 1 and p.secagg_reconstruction_threshold >= p.secagg_num_shares:
+        raise ConfigError(f"privacy.secagg_reconstruction_threshold = {p.secagg_reconstruction_threshold:g} must "
+                          f"be below privacy.secagg_num_shares = {p.secagg_num_shares:g}")
+    if p.secagg_modulus_range & (p.secagg_modulus_range - 1):
+        raise ConfigError(f"privacy.secagg_modulus_range = {p.secagg_modulus_range} must be a power of 2")
+    if m * p.secagg_quantization_range >= p.secagg_modulus_range:
+        raise ConfigError(f"privacy.secagg_quantization_range = {p.secagg_quantization_range} x {m} clients per "
+                          f"round must stay below privacy.secagg_modulus_range = {p.secagg_modulus_range} "
+                          "(the sum would wrap around)")
+    if p.secagg_clipping_range <= 0:
+        raise ConfigError("privacy.secagg_clipping_range must be > 0")
+    if p.mode in ("client", "both") and p.adaptive_clip and p.secagg_clipping_range < 1:
+        raise ConfigError(f"privacy.secagg_clipping_range = {p.secagg_clipping_range:g} must be >= 1 with "
+                          "privacy.adaptive_clip (the 0/1 clip indicators are summed securely too)")
 
 
 def describe() -> list[tuple[str, str, str, str]]:

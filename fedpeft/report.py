@@ -43,7 +43,8 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 ROUND_COLUMNS = ["round", "replies", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
-                 "epsilon_client", "epsilon_local", "clip_norm", "bytes_up", "bytes_down", "seconds"]
+                 "epsilon_client", "epsilon_local", "clip_norm", "bytes_up", "bytes_down", "split_bytes_up",
+                 "split_bytes_down", "seconds"]
 BYTE_PARTS = ["up_positions", "up_values", "up_scales", "up_header", "up_framing"]
 
 
@@ -65,12 +66,24 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
             f"- final: " + ", ".join(f"{k} {fmt(last[k])}" for k in ("eval_loss", "eval_accuracy", "eval_perplexity",
                                                                     "epsilon_client", "epsilon_local")
                                    if last.get(k) is not None),
+            *_split_lines(cfg, rows),
             f"- privacy: mode `{cfg.privacy.mode}`, delta {cfg.privacy.delta:g}",
             f"- wall time {fmt(last.get('elapsed'))} s, peak RSS {fmt(last.get('peak_rss_mb'))} MiB\n",
             "## Rounds\n", markdown_table(cols, [[r.get(c) for c in cols] for r in rows])]
     (run_dir / "summary.md").write_text("\n".join(text))
     if cfg.output.plots and rows:
         plot_curves(rows, run_dir / "curves.png")
+
+
+def _split_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
+    """Split learning: activation/gradient bytes beside what plain adapter FL sends for the same rounds."""
+    if not cfg.split.enabled:
+        return []
+    up, down = (sum(r.get(k, 0) for r in rows) for k in ("split_bytes_up", "split_bytes_down"))
+    fl = sum(r.get("fl_adapter_bytes_fp32", 0) for r in rows)
+    return [f"- split learning (front {cfg.split.front_layers}, back {cfg.split.back_layers} blocks on the client, "
+            f"wire {cfg.split.wire_dtype}): {human_bytes(up)} activations up, {human_bytes(down)} gradients down; "
+            f"plain adapter FL would send the whole fp32 adapter each way: {human_bytes(fl)} per direction"]
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:

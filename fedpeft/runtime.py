@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from collections.abc import Sequence
 from functools import cached_property
 
 import numpy as np
@@ -27,12 +28,13 @@ log = logging.getLogger(__name__)
 class Runtime:
     """Model, adapter and data for one configuration (built lazily, cached per process)."""
 
-    def __init__(self, cfg: Config, data_path: str | None = None) -> None:
+    def __init__(self, cfg: Config, data_path: str | None = None, label_names: Sequence[str] | None = None) -> None:
         self.cfg = cfg
         self.device = select_device(cfg.run.device)
         if data_path:  # a deployed node's own file: all of it is partition 0, no eval split
             node_data = dataclasses.replace(cfg.data, source="file", path=data_path)
-            self.examples = data.load_examples(node_data, cfg.model.task, seed=cfg.run.seed)
+            self.examples = data.load_examples(node_data, cfg.model.task, seed=cfg.run.seed,
+                                               label_names=label_names if cfg.model.task == "classification" else None)
             self.train_examples, self.eval_examples = self.examples, self.examples.subset([])
             self.partitions = [np.arange(len(self.examples))]
         else:
@@ -57,15 +59,34 @@ class Runtime:
         return model.to(self.device).eval()
 
     def initial_adapter(self) -> models.AdapterState:
-        """The seeded initial adapter (identical in every process for the same config)."""
+        """The seeded initial adapter (identical in every process for the same config).
+
+        With split learning only the client side (front + back) travels and is aggregated.
+        """
         _ = self.model
-        return {k: v.clone() for k, v in self.initial_state.items()}
+        keys = self.split.client_parameters().keys() if self.split is not None else self.initial_state.keys()
+        return {k: self.initial_state[k].clone() for k in keys}
 
     @cached_property
     def layout(self) -> Layout:
         """Names and shapes of the adapter tensors (what every payload is checked against)."""
-        _ = self.model
-        return Layout.from_state(self.initial_state)
+        return Layout.from_state(self.initial_adapter())
+
+    @cached_property
+    def split(self):  # noqa: ANN201 - a fedpeft.split.cut.SplitModel or None
+        """The model cut at ``[split]``'s cut points (parameters shared with :attr:`model`), if enabled."""
+        if not self.cfg.split.enabled:
+            return None
+        from fedpeft.split.federated import cut_for
+
+        return cut_for(self.cfg, self.model)
+
+    @cached_property
+    def body_service(self):  # noqa: ANN201 - a fedpeft.split.service.BodyService
+        """The split server's body: in process (shared by every virtual client), or a gRPC proxy."""
+        from fedpeft.split.federated import make_service
+
+        return make_service(self.cfg, self.split)
 
     def client_dataset(self, partition_id: int) -> Dataset:
         """The tokenized local data of one client (cached: clients are revisited across rounds)."""
@@ -86,13 +107,15 @@ class Runtime:
 _CACHE: dict[str, Runtime] = {}
 
 
-def get_runtime(cfg: Config, data_path: str | None = None) -> Runtime:
+def get_runtime(cfg: Config, data_path: str | None = None, label_names: Sequence[str] | None = None) -> Runtime:
     """The process-wide runtime for ``cfg`` (one at a time: a new config replaces the old one).
 
-    ``data_path`` (a deployed node's ``data-path``) replaces the scenario data by that whole file.
+    ``data_path`` (a deployed node's ``data-path``) replaces the scenario data by that whole file, its labels
+    numbered by the scenario's ``label_names`` if given (``fedpeft run`` sends them in the run config).
     """
-    key = hashlib.sha256((cfg.to_toml() + "\0" + (data_path or "")).encode()).hexdigest()
+    names = tuple(str(n) for n in label_names) if data_path and label_names is not None else None
+    key = hashlib.sha256((cfg.to_toml() + "\0" + (data_path or "") + "\0" + repr(names)).encode()).hexdigest()
     if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[key] = Runtime(cfg, data_path)
+        _CACHE[key] = Runtime(cfg, data_path, names)
     return _CACHE[key]

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from fedpeft.cli import split_codecs
+from fedpeft.simulation.sweep import split_codecs
 
 
 def test_codec_list_keeps_options_with_their_codec():

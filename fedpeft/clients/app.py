@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpeft import config, models, privacy
 from fedpeft.compression import ErrorFeedback, Layout, make_codec
 from fedpeft.errors import PayloadError
-from fedpeft.runtime import get_runtime
-from fedpeft.server import protocol
-from fedpeft.training import num_local_steps, set_threads, train_local
+from fedpeft.runtime import Runtime, get_runtime
+from fedpeft.server import protocol, secagg
+from fedpeft.training import TrainResult, num_local_steps, set_threads, train_local
 
 app = ClientApp()
 EF_STATE = "fedpeft.error-feedback"
@@ -65,25 +67,51 @@ def receive_global(msg: Message, context: Context, layout: Layout, downlink_spec
     return state
 
 
+def label_names(run_config: Mapping[str, object]) -> list[str] | None:
+    """The scenario's label names from the run config (``label-names``, a JSON list; None if absent).
+
+    A deployed node numbers the labels of its own data file by them, so its head matches the server's.
+    """
+    raw = str(run_config.get("label-names", "") or "")
+    if not raw:
+        return None
+    names = json.loads(raw)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise PayloadError(f"run config label-names must be a JSON list of strings, not {raw[:80]!r}")
+    return names
+
+
 def client_seed(seed: int, rnd: int, partition_id: int) -> int:
     """The training seed of one client in one round (independent of engine and sampling order)."""
     return (seed * 1_000_003 + rnd * 10_007 + partition_id) % (2**63 - 1)
 
 
-@app.train()
+def _train_split(cfg: config.Config, rt: Runtime, client_id: str, dataset: Dataset, global_state: models.AdapterState,
+                 seed: int) -> tuple[TrainResult, models.AdapterState, dict[str, float]]:
+    """One SplitFed round of this client (see :mod:`fedpeft.split.federated`)."""
+    from fedpeft.split.federated import train_split_round
+
+    sr = train_split_round(cfg, rt.split, rt.body_service, client_id, dataset, rt.collate, global_state, seed,
+                           rt.device)
+    result = TrainResult(num_examples=sr.num_examples, steps=int(sr.metrics["split_steps"]),
+                         loss=sr.metrics["train_loss"], seconds=sr.metrics["split_seconds"])
+    keep = ("split_bytes_up", "split_bytes_down", "split_steps", "split_local_steps", "fl_adapter_bytes_fp32")
+    return result, sr.state, {k.replace("_", "-"): sr.metrics[k] for k in keep}
+
+
+@app.train(mods=[secagg.client_mod])  # SecAgg+ rounds go through Flower's secaggplus_mod
 def train(msg: Message, context: Context) -> Message:
     """Train on the local partition starting from the received global adapter."""
     t0 = time.perf_counter()
     cfg = config.loads(str(context.run_config["fedpeft-config"]))
     set_threads(cfg.run.threads, workers=int(context.run_config.get("workers", 1)))
     data_path = str(context.node_config.get("data-path", "")) or None  # a deployed node's own data file
-    rt = get_runtime(cfg, data_path)
+    rt = get_runtime(cfg, data_path, label_names(context.run_config))
     partition_id = int(context.node_config.get("partition-id", 0)) if data_path else int(
         context.node_config["partition-id"])
     layout = rt.layout
     instruction = msg.content[protocol.CONFIG]
     global_state = receive_global(msg, context, layout, cfg.compression.downlink)
-    models.set_adapter_state(rt.model, global_state)
     rnd = int(instruction["round"])
     dataset = rt.client_dataset(0 if data_path else partition_id)
     seed = client_seed(int(instruction["seed"]), rnd, partition_id)
@@ -94,12 +122,18 @@ def train(msg: Message, context: Context) -> Message:
                                    seed=seed if context.run_config.get("simulation", False) else None)
         if LOCAL_DP_STATE in context.state:
             local_dp.load_state_dict(json.loads(str(context.state[LOCAL_DP_STATE]["json"])))
-    result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
-                         proximal_mu=float(instruction["proximal-mu"]), dp=local_dp)
-    delta = models.subtract(models.adapter_state(rt.model), global_state)
+    extra: dict[str, float] = {}
+    if cfg.split.enabled:  # SplitFed: train through the split server's body; only the client side travels
+        result, state, split_metrics = _train_split(cfg, rt, f"node-{context.node_id}", dataset, global_state, seed)
+        extra.update(split_metrics)
+    else:
+        models.set_adapter_state(rt.model, global_state)
+        result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
+                             proximal_mu=float(instruction["proximal-mu"]), dp=local_dp)
+        state = models.adapter_state(rt.model)
+    delta = models.subtract(state, global_state)
 
     codec = make_codec(cfg.compression.uplink)
-    extra: dict[str, float] = {}
     if local_dp is not None:
         context.state[LOCAL_DP_STATE] = ConfigRecord({"json": json.dumps(local_dp.state_dict())})
         extra["epsilon-local"] = local_dp.epsilon()

@@ -7,22 +7,30 @@ checkpoint in ``run-dir``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import config
-from fedpeft.server.loop import FederatedServer
-
-app = ServerApp()
+from fedpeft.server.loop import FederatedServer, Observer
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Load the configuration from the run config and run the federated rounds."""
-    cfg = config.loads(str(context.run_config["fedpeft-config"]))
-    run_dir = Path(str(context.run_config["run-dir"]))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume = bool(context.run_config.get("resume", False))
-    FederatedServer(cfg, run_dir, resume=resume).run(grid)
+def make_app(observers: Sequence[Observer] = ()) -> ServerApp:
+    """A ServerApp; ``observers`` see every decoded update (only where the app runs in this process)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        """Load the configuration from the run config and run the federated rounds."""
+        cfg = config.loads(str(context.run_config["fedpeft-config"]))
+        run_dir = Path(str(context.run_config["run-dir"]))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resume = bool(context.run_config.get("resume", False))
+        FederatedServer(cfg, run_dir, resume=resume, observers=observers).run(grid)
+
+    return server_app
+
+
+app = make_app()

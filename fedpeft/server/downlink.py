@@ -72,6 +72,10 @@ class Downlink:
         self._pending[node] = models.add(held, self.codec.decode(payload, self.layout))
         return content("delta", self.codec, payload, self.held[node])
 
+    def start_state(self, node: int) -> models.AdapterState:
+        """The adapter ``node`` trained from this round (valid between :meth:`contents` and :meth:`commit`)."""
+        return self._pending.get(node, self.broadcast)
+
     def commit(self, sampled: list[int], replied: list[int], rnd: int) -> None:
         """After the round: nodes that replied hold this round's state; other sampled nodes are forgotten."""
         if self.codec.lossless:

@@ -15,10 +15,13 @@ import json
 import logging
 import resource
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.torch import save_file
 from flwr.app import Message
 from flwr.serverapp import Grid
 
@@ -35,6 +38,7 @@ from fedpeft.server.privacy import ServerPrivacy
 from fedpeft.training import evaluate
 
 log = logging.getLogger(__name__)
+SPLIT_METRICS = ("split-bytes-up", "split-bytes-down", "fl-adapter-bytes-fp32")
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -44,12 +48,35 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-class FederatedServer:
-    """Owns the global adapter, the server optimizer, client sampling and the run directory."""
+@dataclass(frozen=True)
+class ObservedUpdate:
+    """One client's update exactly as the server decoded it, with what it was trained from.
 
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False) -> None:
+    What an honest-but-curious server holds (the privacy audit attacks these); nothing here is
+    ground truth: ``partition_id`` only lets an audit score an attack against that client's data.
+    """
+
+    round: int
+    node: int
+    partition_id: int
+    start_state: models.AdapterState
+    delta: models.AdapterState
+    metrics: dict[str, float]
+
+
+Observer = Callable[[ObservedUpdate], None]
+
+
+class FederatedServer:
+    """Owns the global adapter, the server optimizer, client sampling and the run directory.
+
+    ``observers`` are called with every valid decoded update (before aggregation); in-process only.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, observers: Sequence[Observer] = ()) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        self.observers = list(observers)
         self.rt = get_runtime(cfg)  # data first: the privacy check needs the partition sizes, not the model
         check_privacy(cfg.privacy, cfg.data.num_clients, cfg.federation.clients_per_round, cfg.federation.rounds,
                       min(len(p) for p in self.rt.partitions), batch_size=cfg.train.batch_size,
@@ -61,6 +88,11 @@ class FederatedServer:
         self.optimizer = make_server_optimizer(cfg.federation)
         self.rng = np.random.default_rng(cfg.run.seed)
         self.privacy = ServerPrivacy(cfg)
+        self.secagg = None
+        if cfg.privacy.secure_aggregation == "secaggplus":  # the server sees only the sum (server/secagg.py)
+            from fedpeft.server.secagg import SecureAggregator
+
+            self.secagg = SecureAggregator(cfg, self.layout, max(len(p) for p in self.rt.partitions))
         self.round = 0
         self.first_round = 1
         self.started = time.time()
@@ -152,12 +184,14 @@ class FederatedServer:
         bytes_down = sum(sizes[id(c)] for c in contents.values())
         messages = [Message(contents[node], node, protocol.TRAIN, group_id=str(rnd)) for node in sampled]
         timeout = self.cfg.federation.round_timeout or None
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        secure = self.secagg.run_round(grid, contents, rnd) if self.secagg else None
+        replies = [] if secure else list(grid.send_and_receive(messages, timeout=timeout))
 
         deltas, weights, losses, dropped, ok_nodes = [], [], [], [], []
         up: dict[str, float] = {"bytes_up": 0, "up_positions": 0, "up_values": 0, "up_scales": 0, "up_header": 0,
                                 "up_framing": 0}
         encode_ms, decode_ms, indicators, local_eps = [], [], [], []
+        split: dict[str, float] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -187,17 +221,29 @@ class FederatedServer:
             weights.append(metrics["num-examples"])
             losses.append(metrics["train-loss"])
             ok_nodes.append(node)
+            for key in SPLIT_METRICS:  # split learning: activation/gradient bytes beside the adapter bytes
+                if key in metrics:
+                    split[key.replace("-", "_")] = split.get(key.replace("-", "_"), 0.0) + metrics[key]
+            for observe in self.observers:
+                observe(ObservedUpdate(rnd, node, int(metrics.get("partition-id", -1)),
+                                       self.downlink.start_state(node), delta, dict(metrics)))
+        if secure:  # SecAgg+: cleartext metadata per client; the secure aggregate stands in for the deltas
+            ok_nodes, weights, losses, encode_ms, local_eps, indicators, up, bytes_down = secure.loop_values()
+            replies = ok_nodes
         self.downlink.commit(sampled, ok_nodes, rnd)
         missing = len(sampled) - len(replies)
-        row: dict[str, Any] = {"round": rnd, "sampled": len(sampled), "replies": len(deltas),
+        row: dict[str, Any] = {"round": rnd, "sampled": len(sampled), "replies": len(ok_nodes),
                                "dropped": len(dropped) + missing}
-        if len(deltas) >= self.cfg.federation.min_clients:
-            mean = self.privacy.aggregate(deltas) if self.privacy.active else weighted_mean(deltas, weights)
+        if len(ok_nodes) >= self.cfg.federation.min_clients:
+            if secure:
+                mean = secure.release(self.privacy)
+            else:
+                mean = self.privacy.aggregate(deltas) if self.privacy.active else weighted_mean(deltas, weights)
             self.global_state = self.optimizer.apply(self.global_state, mean)
             row["train_loss"] = float(np.average(losses, weights=weights))
         else:
             log.warning("round %d: %d valid update(s) < federation.min_clients = %d; global adapter unchanged",
-                        rnd, len(deltas), self.cfg.federation.min_clients)
+                        rnd, len(ok_nodes), self.cfg.federation.min_clients)
             row["train_loss"] = None
         if self.privacy.active:  # charged every round: the noisy release happens whatever arrived
             row.update(self.privacy.end_round(indicators))
@@ -205,9 +251,9 @@ class FederatedServer:
             row["epsilon_local"] = max(local_eps)
         if rnd % self.cfg.federation.eval_every == 0 or rnd == self.cfg.federation.rounds:
             row.update(self.evaluate())
-        row.update({**up, "bytes_down": bytes_down,
-                    "bytes_up_fp32": 4 * self.layout.total * len(deltas),
-                    "bytes_up_fp16": 2 * self.layout.total * len(deltas),
+        row.update({**up, **split, "bytes_down": bytes_down,
+                    "bytes_up_fp32": 4 * self.layout.total * len(ok_nodes),
+                    "bytes_up_fp16": 2 * self.layout.total * len(ok_nodes),
                     "encode_ms": float(np.mean(encode_ms)) if encode_ms else None,
                     "decode_ms": float(np.mean(decode_ms)) if decode_ms else None,
                     "seconds": round(time.time() - t0, 3), "elapsed": round(time.time() - self.started, 3),
@@ -215,17 +261,36 @@ class FederatedServer:
         log.info("round %d: %s", rnd, row)
         return row
 
+    def model_state(self) -> models.AdapterState | None:
+        """The whole adapter of the model being trained; with split learning the client side plus the
+        in-process body's adapters (None with a remote split server: its adapters live there)."""
+        if self.rt.split is None:
+            return self.global_state
+        from fedpeft.split.federated import eval_state
+
+        return eval_state(self.rt.split, self.rt.body_service, self.global_state)
+
     def evaluate(self) -> dict[str, float]:
         """Centralized evaluation of the global adapter on the held-out set."""
-        models.set_adapter_state(self.rt.model, self.global_state)
+        state = self.model_state()
+        if state is None:
+            log.info("remote split server: the body's adapters are not here; centralized evaluation skipped")
+            return {}
+        models.set_adapter_state(self.rt.model, state)
         return evaluate(self.rt.model, self.rt.eval_dataset, self.rt.collate, self.cfg.train.eval_batch_size,
                         self.rt.device, self.cfg.model.task)
 
     def finish(self) -> None:
-        """Write the final adapter (peft format), summary.md and plots."""
+        """Write the final adapter (peft format; with a remote split server only its client side), summary.md
+        and plots."""
         from fedpeft import report
 
-        models.save_adapter(self.rt.model, self.global_state, self.run_dir / "adapter")
+        state = self.model_state()
+        if state is None:
+            (self.run_dir / "adapter").mkdir(exist_ok=True)
+            save_file(self.global_state, str(self.run_dir / "adapter" / "client_side.safetensors"))
+        else:
+            models.save_adapter(self.rt.model, state, self.run_dir / "adapter")
         report.write_run_report(self.run_dir, self.cfg)
 
 

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 SERVER_NODE_ID = 0
 NODE_ID_BASE = 1000  # virtual node i has node id NODE_ID_BASE + i and partition-id i
+# Node state never written to checkpoints: Flower's SecAgg+ state of an unfinished round (secret keys and
+# shares as bytes; a new round starts the protocol afresh, and key material does not belong on disk).
+TRANSIENT_STATE = ("secaggplus_state",)
 
 
 def node_id(partition_id: int) -> int:
@@ -96,7 +99,8 @@ class InProcessGrid(Grid):
         for node, ctx in self._contexts.items():
             arrays = {f"{rec}/{key}": arr.numpy() for rec, record in ctx.state.items()
                       if isinstance(record, ArrayRecord) for key, arr in record.items()}
-            configs = {rec: dict(record) for rec, record in ctx.state.items() if isinstance(record, ConfigRecord)}
+            configs = {rec: dict(record) for rec, record in ctx.state.items() if isinstance(record, ConfigRecord)
+                       and rec not in TRANSIENT_STATE}
             np.savez(directory / f"{node}.npz", **arrays)
             (directory / f"{node}.json").write_text(json.dumps(configs))
 

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedpeft import config
 from fedpeft.config import Config
 from fedpeft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedpeft.server.loop import Observer
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.toml"
@@ -44,24 +49,31 @@ def prepare(cfg: Config | None = None, resume: Path | None = None) -> tuple[Conf
     return cfg, run_dir
 
 
-def execute(cfg: Config, run_dir: Path, resume: bool = False, engine: str | None = None) -> None:
-    """Run (or continue) the scenario in ``run_dir`` on the chosen engine."""
+def execute(cfg: Config, run_dir: Path, resume: bool = False, engine: str | None = None,
+            observers: Sequence[Observer] = ()) -> None:
+    """Run (or continue) the scenario in ``run_dir`` on the chosen engine.
+
+    ``observers`` (in-process engine only) see every update the server decodes, e.g. for an audit.
+    """
     engine = engine or cfg.run.engine
     rc = run_config(cfg, run_dir, resume)
+    if observers and engine != "inprocess":
+        raise ConfigError(f"observing the decoded updates needs run.engine = 'inprocess', not {engine!r}")
     if engine == "ray":
         from fedpeft.simulation.ray import run_ray
 
         run_ray(cfg, rc)
         return
     from fedpeft.clients.app import app as client_app
-    from fedpeft.server.app import app as server_app
+    from fedpeft.server.app import app, make_app
     from fedpeft.simulation.inprocess import run_inprocess
 
-    run_inprocess(server_app, client_app, cfg.data.num_clients, rc)
+    run_inprocess(make_app(observers) if observers else app, client_app, cfg.data.num_clients, rc)
 
 
-def simulate(cfg: Config | None = None, resume: Path | None = None, engine: str | None = None) -> Path:
+def simulate(cfg: Config | None = None, resume: Path | None = None, engine: str | None = None,
+             observers: Sequence[Observer] = ()) -> Path:
     """Run a simulation (or resume one from its run directory); returns the run directory."""
     cfg, run_dir = prepare(cfg, resume)
-    execute(cfg, run_dir, resume is not None, engine)
+    execute(cfg, run_dir, resume is not None, engine, observers)
     return run_dir

@@ -59,6 +59,17 @@ def summarize(spec: str, rows: list[dict[str, Any]], run_dir: Path) -> dict[str,
             "run_dir": str(run_dir)}
 
 
+def split_codecs(text: str) -> list[str]:
+    """'none,compeft:0.05,scale=std,int8' -> ['none', 'compeft:0.05,scale=std', 'int8']."""
+    specs: list[str] = []
+    for token in (t.strip() for t in text.split(",") if t.strip()):
+        if "=" in token and specs:
+            specs[-1] += "," + token
+        else:
+            specs.append(token)
+    return specs
+
+
 def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", spec).strip("-")
 
