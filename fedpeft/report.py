@@ -61,9 +61,9 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
             f"- codecs: uplink `{cfg.compression.uplink}`, downlink `{cfg.compression.downlink}`",
             f"- uplink total {human_bytes(up)} (fp32 dense: {human_bytes(dense)}, "
             f"ratio {dense / up:.1f}x)" if up else "- uplink total 0 B",
-            f"- uplink bytes by part: " + ", ".join(
+            "- uplink bytes by part: " + ", ".join(
                 f"{k[3:]} {human_bytes(sum(r.get(k, 0) for r in rows))}" for k in BYTE_PARTS),
-            f"- final: " + ", ".join(f"{k} {fmt(last[k])}" for k in ("eval_loss", "eval_accuracy", "eval_perplexity",
+            "- final: " + ", ".join(f"{k} {fmt(last[k])}" for k in ("eval_loss", "eval_accuracy", "eval_perplexity",
                                                                     "epsilon_client", "epsilon_local")
                                    if last.get(k) is not None),
             *_split_lines(cfg, rows),

@@ -104,3 +104,14 @@ def interrupt_and_resume(cfg: config.Config, crash_round: int, monkeypatch: pyte
     monkeypatch.setattr(loop.FederatedServer, "run_round", original)
     runner.simulate(resume=run_dir)
     return run_dir
+
+
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test (tiny models run faster without contention)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

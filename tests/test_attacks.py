@@ -16,13 +16,7 @@ from fedpeft.attacks.metrics import ranking_score, summarize, token_prf
 from fedpeft.attacks.victim import make_victim
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models run faster without contention on a shared box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is faster
 
 
 def _mean(rows: list[dict[str, float]], key: str) -> float:

@@ -20,12 +20,7 @@ from fedpeft.attacks.victim import observe, private_batch, victim_config
 from fedpeft.models import build_peft_model, load_base_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is faster
 
 
 def prefix_victim(model: str = "tiny-gpt2", virtual_tokens: int = 8, batch_size: int = 1, seq_len: int = 16,

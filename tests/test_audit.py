@@ -22,12 +22,7 @@ from fedpeft.errors import ConfigError
 SCENARIO = Path(__file__).resolve().parents[1] / "simulations" / "privacy-audit.toml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is faster
 
 
 def _cfg(tmp_path: Path, *sets: str) -> config.Config:

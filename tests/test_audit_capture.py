@@ -25,12 +25,7 @@ from fedpeft.simulation import capture
 FAST = ["span", "subspace_opt"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is faster
 
 
 def _private_qa(path: Path, n: int = 80, seed: int = 0) -> Path:

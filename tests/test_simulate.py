@@ -1,6 +1,5 @@
 """End to end: the in-process engine runs the real ServerApp/ClientApp on a tiny model."""
 
-import json
 from pathlib import Path
 
 import pytest

@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,16 +169,22 @@ def run_cell(cfg: Config, cell: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def check(cfg: Config, extra_grid: list[str] | None = None,
-          attacks: list[str] | None = None) -> tuple[Config, list[dict[str, Any]]]:
-    """Validate the audit settings (``extra_grid`` axes and ``attacks`` override ``[audit]``) before any
-    work starts; returns the effective config and the grid's cells."""
+def with_attacks(cfg: Config, attacks: Sequence[str] | None) -> Config:
+    """``cfg`` with ``attacks`` (if given) replacing ``audit.attacks``; every name must be a known attack."""
     if attacks:
         cfg = dataclasses.replace(cfg, audit=dataclasses.replace(cfg.audit, attacks=list(attacks)))
     unknown = [a for a in cfg.audit.attacks if a not in ATTACKS.names()]
     if unknown or not cfg.audit.attacks:
         raise ConfigError(f"audit.attacks = {list(cfg.audit.attacks)}: unknown {unknown}; known attacks: "
                           f"{', '.join(ATTACKS.names())}")
+    return cfg
+
+
+def check(cfg: Config, extra_grid: list[str] | None = None,
+          attacks: list[str] | None = None) -> tuple[Config, list[dict[str, Any]]]:
+    """Validate the audit settings (``extra_grid`` axes and ``attacks`` override ``[audit]``) before any
+    work starts; returns the effective config and the grid's cells."""
+    cfg = with_attacks(cfg, attacks)
     cells = plan(cfg, extra_grid)
     from fedpeft.attacks.audit_grid import parse_dp
 

@@ -35,7 +35,7 @@ import torch
 from fedpeft import report
 from fedpeft.attacks import audit, audit_report
 from fedpeft.attacks.metrics import ranking_score, rouge_l, rouge_n, token_prf
-from fedpeft.attacks.observation import ATTACKS, NotApplicable, Observation, State, run_attack
+from fedpeft.attacks.observation import NotApplicable, Observation, State, run_attack
 from fedpeft.config import Config
 from fedpeft.errors import ConfigError
 from fedpeft.server.loop import ObservedUpdate
@@ -87,12 +87,7 @@ def check(cfg: Config, attacks: Sequence[str] | None = None, grid: Sequence[str]
     if grid:
         raise ConfigError("--grid and --capture exclude each other: a capture audit attacks the scenario's own "
                           "run; vary the scenario with --set instead")
-    if attacks:
-        cfg = dataclasses.replace(cfg, audit=dataclasses.replace(cfg.audit, attacks=list(attacks)))
-    unknown = [a for a in cfg.audit.attacks if a not in ATTACKS.names()]
-    if unknown or not cfg.audit.attacks:
-        raise ConfigError(f"audit.attacks = {list(cfg.audit.attacks)}: unknown {unknown}; known attacks: "
-                          f"{', '.join(ATTACKS.names())}")
+    cfg = audit.with_attacks(cfg, attacks)
     if cfg.run.engine != "inprocess":
         log.info("capture audit: run.engine %r -> 'inprocess' (the observer hook is in-process only)",
                  cfg.run.engine)
