@@ -82,7 +82,7 @@ def test_node_local_data_file_is_the_whole_partition(tmp_path: Path) -> None:
 
 
 def test_node_labels_are_numbered_by_the_scenario(tmp_path: Path) -> None:
-    from fedpeft.clients.app import label_names
+    from fedpeft.clients import label_names
     from fedpeft.data import DataError, load_examples
     from fedpeft.runtime import get_runtime
 

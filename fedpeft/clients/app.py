@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -24,8 +23,9 @@ from flwr.clientapp import ClientApp
 from fedpeft import config, models, privacy
 from fedpeft.compression import ErrorFeedback, Layout, make_codec
 from fedpeft.errors import PayloadError
-from fedpeft.runtime import Runtime, get_runtime
-from fedpeft.server import protocol, secagg
+from fedpeft.runtime import Runtime
+from fedpeft.clients import node_runtime, secagg
+from fedpeft.server import protocol
 from fedpeft.training import TrainResult, num_local_steps, set_threads, train_local
 
 app = ClientApp()
@@ -67,20 +67,6 @@ def receive_global(msg: Message, context: Context, layout: Layout, downlink_spec
     return state
 
 
-def label_names(run_config: Mapping[str, object]) -> list[str] | None:
-    """The scenario's label names from the run config (``label-names``, a JSON list; None if absent).
-
-    A deployed node numbers the labels of its own data file by them, so its head matches the server's.
-    """
-    raw = str(run_config.get("label-names", "") or "")
-    if not raw:
-        return None
-    names = json.loads(raw)
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise PayloadError(f"run config label-names must be a JSON list of strings, not {raw[:80]!r}")
-    return names
-
-
 def client_seed(seed: int, rnd: int, partition_id: int) -> int:
     """The training seed of one client in one round (independent of engine and sampling order)."""
     return (seed * 1_000_003 + rnd * 10_007 + partition_id) % (2**63 - 1)
@@ -106,7 +92,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = config.loads(str(context.run_config["fedpeft-config"]))
     set_threads(cfg.run.threads, workers=int(context.run_config.get("workers", 1)))
     data_path = str(context.node_config.get("data-path", "")) or None  # a deployed node's own data file
-    rt = get_runtime(cfg, data_path, label_names(context.run_config))
+    rt = node_runtime(cfg, context)
     partition_id = int(context.node_config.get("partition-id", 0)) if data_path else int(
         context.node_config["partition-id"])
     layout = rt.layout

@@ -38,7 +38,7 @@ def connect(home: Path, superlink: str | None, ca: Path | None = None, insecure:
 def scenario_label_names(cfg: Config) -> list[str] | None:
     """The scenario's classification label names, in the order the server numbers them (None if unknown).
 
-    Nodes number the labels of their own data files by these (see :func:`fedpeft.clients.app.label_names`).
+    Nodes number the labels of their own data files by these (see :func:`fedpeft.clients.label_names`).
     Read from the scenario data where the run is submitted (the server); if it is not readable there,
     nodes fall back to numbering their own labels, with a warning.
     """

@@ -110,3 +110,9 @@ def parse_reply(content: RecordDict) -> tuple[Payload, dict[str, float]]:
     if not 0 < metrics["num-examples"] <= MAX_NUM_EXAMPLES or metrics["num-examples"] != int(metrics["num-examples"]):
         raise PayloadError(f"num-examples must be a positive integer, got {metrics['num-examples']}")
     return record_payload(content[UPDATE]), metrics
+
+
+# SecAgg+ rounds (fedpeft.server.secagg drives them, fedpeft.clients.secagg answers them)
+PAYLOAD_TYPE = "fedpeft.payload"  # tensor_type of the legacy Parameters that carry our packed payload
+DP_FLAG, WEIGHT_CAP, SLACK = "secagg-dp", "secagg-max-weight", "secagg-clip-slack"  # fit-config keys
+HIDDEN_METRICS = ("clip-indicator", "update-norm")  # per-client values that must not travel in the clear

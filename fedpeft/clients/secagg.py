@@ -1,0 +1,84 @@
+"""The client side of a SecAgg+ round (the server side is :mod:`fedpeft.server.secagg`).
+
+``client_mod`` wraps the ClientApp's train handler: plain messages pass through; SecAgg+ messages go
+through Flower's ``secaggplus_mod``, which calls ``_train_for_secagg``: it turns the legacy ``FitIns``
+back into our instruction, runs the normal training, decodes the client's own (lossless) payload and
+answers a legacy ``FitRes`` holding one flat float64 vector (the delta, + the 0/1 clip indicator under
+adaptive clipping). Flower's mod weights, quantizes and masks it and clears it from the reply, so the
+server only ever receives masked integers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
+
+from fedpeft import config as fconfig
+from fedpeft.compression import make_codec
+from fedpeft.errors import FedPeftError, PayloadError
+from fedpeft.clients import node_runtime
+from fedpeft.server import protocol
+from fedpeft.server.protocol import DP_FLAG, HIDDEN_METRICS, PAYLOAD_TYPE, SLACK, WEIGHT_CAP
+
+log = logging.getLogger(__name__)
+
+
+def client_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """Function mod of the train handler: SecAgg+ messages go through Flower's ``secaggplus_mod``."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
+    reply = secaggplus_mod(msg, context, functools.partial(_train_for_secagg, call_next=call_next))
+    if stage == Stage.UNMASK:  # the round's keys and shares are spent: do not keep them in the node state
+        context.state.config_records.pop(RECORD_KEY_STATE, None)
+    return reply
+
+
+def _train_for_secagg(msg: Message, context: Context, call_next: Any) -> Message:
+    """Legacy FitIns -> our instruction -> train -> legacy FitRes with the dense update as one vector."""
+    fit_config = dict(msg.content.config_records["fitins.config"])
+    arrays = list(msg.content.array_records["fitins.parameters"].values())
+    if len(arrays) != 1 or arrays[0].stype != PAYLOAD_TYPE:
+        raise PayloadError("SecAgg+ instruction does not carry exactly one fedpeft payload")
+    data = bytes(arrays[0].data)
+    global_record = ArrayRecord({protocol.PAYLOAD: Array(dtype="uint8", shape=(len(data),), stype="raw", data=data)})
+    msg.content = RecordDict({protocol.GLOBAL: global_record, protocol.CONFIG: ConfigRecord(
+        {k: v for k, v in fit_config.items() if not k.startswith("secagg-")})})
+    reply = call_next(msg, context)
+    if reply.has_error():
+        raise FedPeftError(f"training failed: {reply.error.reason}")
+    payload, metrics = protocol.parse_reply(reply.content)
+    cfg = fconfig.loads(str(context.run_config["fedpeft-config"]))
+    layout = node_runtime(cfg, context).layout
+    delta = make_codec(cfg.compression.uplink).decode(payload, layout)
+    vector = np.concatenate([delta[n].numpy().ravel() for n in layout.names]).astype(np.float64)
+    dp = bool(fit_config[DP_FLAG])
+    if dp:  # bound what enters the sum, SecAgg+ rounding included: the server cannot clip it
+        bound = float(fit_config["clip-norm"]) - float(fit_config[SLACK])
+        norm = float(np.linalg.norm(vector))
+        if norm > bound:
+            vector *= max(bound, 0.0) / norm
+        if "clip-indicator" in metrics:
+            vector = np.append(vector, metrics["clip-indicator"])
+        weight = 1
+    else:
+        cap = float(fit_config[WEIGHT_CAP])
+        weight = int(metrics["num-examples"])
+        if weight > cap:
+            log.warning("num-examples %d exceeds privacy.secagg_max_weight %g: weighted as %g", weight, cap, cap)
+            weight = int(cap)
+    ratio = weight / float(fit_config[WEIGHT_CAP])
+    clipped = int(np.sum(np.abs(vector * ratio) > cfg.privacy.secagg_clipping_range))
+    public = {k: v for k, v in metrics.items() if k not in HIDDEN_METRICS}
+    public["secagg-clipped"] = float(clipped)
+    fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters([vector]),
+                    num_examples=weight, metrics=public)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
