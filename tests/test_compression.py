@@ -169,8 +169,9 @@ def test_compeft_scales() -> None:
     _, out = roundtrip("compeft:0.1", delta)
     for name in layout.names:
         kept = out[name] != 0
-        if kept.any():  # mean |kept| per tensor, the sign of the original
-            assert torch.allclose(out[name][kept].abs(), delta[name][kept].abs().mean().expand(int(kept.sum())))
+        if kept.any():  # alpha (default 1.5) x mean |kept| per tensor, the sign of the original
+            expected = 1.5 * delta[name][kept].abs().mean()
+            assert torch.allclose(out[name][kept].abs(), expected.expand(int(kept.sum())))
             assert torch.equal(out[name][kept].sign(), delta[name][kept].sign())
     _, out = roundtrip("compeft:0.1,scale=std,alpha=2.0", delta)
     flat = torch.cat([delta[n].reshape(-1) for n in layout.names]).double()
@@ -182,7 +183,7 @@ def test_compeft_scales() -> None:
 
 def test_compeft_ties_zeros_and_empty() -> None:
     delta = {"w": torch.ones(100), "z": torch.zeros(10)}
-    payload, out = roundtrip("compeft:0.1", delta)
+    payload, out = roundtrip("compeft:0.1,alpha=1", delta)
     assert torch.equal(out["w"][:11], torch.ones(11)) and not out["w"][11:].any()  # ties: lowest index
     payload, out = roundtrip("compeft:0.5", {"w": torch.zeros(64)})
     assert payload.breakdown() == {"positions": 0, "values": 0, "scales": 0, "header": payload.header.nbytes}
