@@ -225,6 +225,8 @@ def _parse_tensor(r: _Reader, i: int, limits: Limits) -> _Spec:
     if ndim > limits.max_ndim:
         raise SplitError(f"tensor {name!r}: {ndim} dims, at most {limits.max_ndim} allowed")
     dims = struct.unpack(f"<{ndim}Q", r.take(8 * ndim, f"tensor {name!r} shape"))
+    if any(d > limits.max_decoded_bytes for d in dims):  # an empty tensor may not carry an absurd dimension
+        raise SplitError(f"tensor {name!r}: dimension {max(dims)} exceeds {limits.max_decoded_bytes}")
     (nbytes,) = _U64.unpack(r.take(8, f"tensor {name!r} byte count"))
     item = np.dtype(_DTYPES[wire][1]).itemsize
     numel = math.prod(dims)  # python ints: no overflow; checked against the real byte count below
