@@ -2,9 +2,11 @@
 
 An attack is ``run(obs: Observation, **params) -> AttackResult``, registered by name in
 :data:`ATTACKS`; :func:`run_attack` runs one by name. Importing this package registers them all.
+``smashed`` takes a :class:`fedpeft.attacks.smashed.SplitObservation` (split-learning activations)
+instead and raises :class:`NotApplicable` on adapter updates.
 """
 
-from fedpeft.attacks import grad_match, label_and_canary, span, span_decode, subspace_opt  # noqa: F401
+from fedpeft.attacks import grad_match, label_and_canary, smashed, span, span_decode, subspace_opt  # noqa: F401
 from fedpeft.attacks.observation import (ATTACKS, AttackResult, NotApplicable, Observation, register_attack,
                                          run_attack)
 
