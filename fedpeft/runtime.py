@@ -74,12 +74,21 @@ class Runtime:
 
     @cached_property
     def split(self):  # noqa: ANN201 - a fedpeft.split.cut.SplitModel or None
-        """The model cut at ``[split]``'s cut points (parameters shared with :attr:`model`), if enabled."""
+        """The model cut at ``[split]``'s cut points (parameters shared with :attr:`model`), if enabled.
+
+        With a remote split server (``split.address``) the body's weights are freed from :attr:`model`
+        after the cut (docs/split.md): the model then holds only the front and the back, so nothing
+        here may run it whole or read its whole adapter (``models.adapter_state`` has no body keys).
+        """
         if not self.cfg.split.enabled:
             return None
         from fedpeft.split.federated import cut_for
 
-        return cut_for(self.cfg, self.model)
+        split = cut_for(self.cfg, self.model)
+        if split.body_freed:  # nor keep the body adapter's initial copy
+            client = split.client_parameters().keys()
+            self.initial_state = {k: v for k, v in self.initial_state.items() if k in client}
+        return split
 
     @cached_property
     def body_service(self):  # noqa: ANN201 - a fedpeft.split.service.BodyService

@@ -86,3 +86,12 @@ def test_split_server_process_killed_mid_round_and_clients_recover(tiny_cfg, tmp
     finally:
         for p in procs:
             _kill(p)
+
+
+def test_splitfed_resume_continues_exactly(tiny_cfg, monkeypatch):
+    """The in-process body's adapters and optimizer are checkpointed with the run."""
+    from conftest import interrupt_and_resume
+    keys = ("train_loss", "eval_loss", "bytes_up", "split_bytes_up")
+    full = report.read_metrics(runner.simulate(tiny_cfg(**{**SPLIT, "federation.rounds": 3})))
+    resumed = report.read_metrics(interrupt_and_resume(tiny_cfg(**{**SPLIT, "federation.rounds": 3}), 3, monkeypatch))
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]

@@ -96,6 +96,9 @@ class FederatedServer:
         self.round = 0
         self.first_round = 1
         self.started = time.time()
+        body = self._local_body()
+        if body is not None:  # the in-process body outlives runs in this process: start from its initial adapters
+            body.reset()
         if resume:
             self._restore()
 
@@ -106,8 +109,14 @@ class FederatedServer:
 
     def _restore(self) -> None:
         ckpt = checkpoint.load(self.checkpoint_dir)
-        models.set_adapter_state(self.rt.model, ckpt.tensors["global"])  # validates names and shapes
+        try:
+            self.layout.check(ckpt.tensors["global"])
+        except PayloadError as e:
+            raise FedPeftError(f"the checkpoint in {self.checkpoint_dir} does not fit this run's adapter: {e}") from None
         self.global_state = ckpt.tensors["global"]
+        body = self._local_body()
+        if body is not None and "split_body" in ckpt.tensors:  # in-process split body: its adapters + optimizer
+            body.load_state_dict(ckpt.tensors["split_body"], ckpt.extra["split_body"])
         self.optimizer.load_state_dict(ckpt.tensors["optimizer"], int(ckpt.extra["optimizer_t"]))
         self.rng.bit_generator.state = ckpt.rng_state
         self.downlink.restore(ckpt.extra, ckpt.tensors)
@@ -121,6 +130,11 @@ class FederatedServer:
         opt_state, t = self.optimizer.state_dict()
         privacy_meta, privacy_tensors = self.privacy.state()
         downlink_meta, downlink_tensors = self.downlink.state()
+        body = self._local_body()
+        if body is not None:
+            body_tensors, body_meta = body.state_dict()
+            downlink_tensors = {**downlink_tensors, "split_body": body_tensors}
+            downlink_meta = {**downlink_meta, "split_body": body_meta}
         ckpt = checkpoint.ServerCheckpoint(
             round=self.round, tensors={"global": self.global_state, "optimizer": opt_state, "privacy": privacy_tensors,
                                        **downlink_tensors},
@@ -260,6 +274,14 @@ class FederatedServer:
                     "peak_rss_mb": round(peak_rss_mb(), 1)})
         log.info("round %d: %s", rnd, row)
         return row
+
+    def _local_body(self) -> Any:
+        """The in-process split body server (checkpointed with the run), or None."""
+        if self.rt.split is None:
+            return None
+        from fedpeft.split.body import BodyServer
+
+        return self.rt.body_service if isinstance(self.rt.body_service, BodyServer) else None
 
     def model_state(self) -> models.AdapterState | None:
         """The whole adapter of the model being trained; with split learning the client side plus the

@@ -78,6 +78,9 @@ class BodyServer:
         self.fingerprint, self.names, self.train_cfg, self.mode = fingerprint, names, train, server_adapters
         self.device, self.max_pending = torch.device(device), max_pending
         self._template = body
+        # the template's adapters as they are now: new sets start here even if the template's module is later
+        # overwritten (in process it is shared with the run's model, which evaluation loads trained adapters into)
+        self._initial = {n: p.detach().clone() for n, p in body.named_parameters() if n in names}
         self.hidden_size = int(body._stack.config.hidden_size)
         self._slots: dict[str, _Slot] = {}
         self._sessions: dict[str, _Session] = {}
@@ -94,6 +97,10 @@ class BodyServer:
     def _new_slot(self) -> _Slot:
         body = clone_body(self._template).to(self.device)
         body.train()
+        with torch.no_grad():
+            for n, p in body.named_parameters():
+                if n in self._initial:
+                    p.copy_(self._initial[n])
         params = {self.names[n]: p for n, p in body.named_parameters() if n in self.names}
         optimizer = make_optimizer(list(params.values()), self.train_cfg) if params else None
         return _Slot(body, params, optimizer)
@@ -113,6 +120,11 @@ class BodyServer:
         slot = self._slot(client_id or SHARED)
         with slot.lock:
             return {n: p.detach().to("cpu", torch.float32).clone() for n, p in slot.params.items()}
+
+    def reset(self) -> None:
+        """Forget every adapter set and session (a new run on the same in-process body)."""
+        with self._lock:
+            self._slots, self._sessions = {}, {}
 
     def mean_adapter_state(self) -> dict[str, torch.Tensor] | None:
         """The server adapters to evaluate with: the shared set, or the mean of the per-client sets.

@@ -185,6 +185,7 @@ class SplitClient:
         result = SplitTrainResult(num_examples=len(dataset), steps=steps, local_steps=opts.local_loss_steps,
                                   loss=0.0, local_loss=0.0, seconds=0.0, kept_examples=len(dataset))
         self.service.open(self.client_id, self.model.fingerprint)
+        self.model.peft_model.train()  # also modules outside the parts, e.g. GPT-2's embedding dropout
         self.model.front.train()
         self.model.back.train()
         try:
@@ -199,8 +200,7 @@ class SplitClient:
                     result.local_loss += self.local_step(_to(next(batches), self.device), optimizer) / opts.local_loss_steps
                     schedule.step()
         finally:
-            self.model.front.eval()
-            self.model.back.eval()
+            self.model.peft_model.eval()
             self.service.close(self.client_id)
         result.bytes_sent = sum(b.sent for b in result.step_bytes)
         result.bytes_received = sum(b.received for b in result.step_bytes)
@@ -214,8 +214,7 @@ class SplitClient:
 def el2n_scores(model: SplitModel, dataset: Dataset, collate: Callable, batch_size: int = 64,
                 device: str | torch.device = "cpu") -> torch.Tensor:
     """EL2N score per example with the client's head+tail model (front -> back, no server call)."""
-    model.front.eval()
-    model.back.eval()
+    model.peft_model.eval()  # the parts and what lies outside them (e.g. GPT-2's embedding dropout)
     scores = []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
         batch = _to(batch, torch.device(device))

@@ -17,6 +17,8 @@ monolithic forward uses for right-padded batches) and, for LLaMA, the rotary emb
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import hashlib
 import json
 import logging
@@ -181,14 +183,32 @@ class FrontPart(nn.Module):
         return hidden, attention_mask
 
 
+_FREED = ("this process freed the body's weights after the cut (split.address is set: the body runs on the "
+          "split server)")
+
+
+class _FreedBlock(nn.Module):
+    """Stands in for a body block whose weights were freed: no parameters or buffers; calling it fails."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        raise SplitError(f"block {self.index} belongs to the body: {_FREED}")
+
+
 class BodyPart(nn.Module):
     """Server middle: the body blocks, run on received hidden states with a mask rebuilt from the 2-D mask."""
 
     def __init__(self, stack: _Stack, layers: nn.ModuleList) -> None:
         super().__init__()
         self._stack, self.layers, self.aux = stack, layers, stack.aux()
+        self.freed = False
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.freed:
+            raise SplitError(f"cannot run the body: {_FREED}")
         return self._stack.run(self.layers, hidden, self._stack.context(hidden, attention_mask))
 
 
@@ -225,8 +245,39 @@ class SplitModel:
     front_layers: int
     back_layers: int
     fingerprint: str
+    adapter_numel: int  # trainable elements of the whole (uncut) model, front + body + back
+
+    @property
+    def body_freed(self) -> bool:
+        """True once :meth:`free_body` dropped the body's weights from this process."""
+        return self.body.freed
+
+    def free_body(self) -> int:
+        """Drop the body's weights and buffers from this process; returns the bytes released.
+
+        For a client whose body runs on a remote split server. The body blocks in the model's own
+        block list are replaced by parameterless placeholders (indices kept), so the client-side
+        parameter names, the client adapter and the fingerprint (computed at the cut) do not change.
+        Afterwards running the body, or asking for its parameters, raises :class:`SplitError`.
+        """
+        if self.body.freed:
+            return 0
+        released = sum(t.numel() * t.element_size() for t in (*self.body.layers.parameters(),
+                                                               *self.body.layers.buffers()))
+        blocks = self.body._stack.layers  # the model's own ModuleList: replace in place, keep indices
+        first, stop = self.front_layers, len(blocks) - self.back_layers
+        for i in range(first, stop):
+            blocks[i] = _FreedBlock(i)
+        self.body.layers = nn.ModuleList(blocks[i] for i in range(first, stop))
+        self.body.freed = True
+        gc.collect()
+        _trim_heap()
+        log.info("freed the body's weights in this process: %d blocks, %d bytes", stop - first, released)
+        return released
 
     def _named(self, part: str) -> dict[str, nn.Parameter]:
+        if part == "server" and self.body.freed:
+            raise SplitError(f"the body's adapters are not here: {_FREED}")
         owned = set()
         for module in ((self.front, self.back) if part == "client" else (self.body,)):
             owned |= {id(p) for p in module.parameters()}
@@ -256,6 +307,14 @@ class SplitModel:
         """Body-relative parameter name -> monolithic name, for the body's trainable parameters."""
         full = {id(p): n for n, p in self.server_parameters().items()}
         return {n: full[id(p)] for n, p in self.body.named_parameters() if id(p) in full}
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps mid-sized freed blocks otherwise); best effort."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _load(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor], what: str) -> None:
@@ -330,7 +389,8 @@ def cut_model(peft_model: nn.Module, task: str, front_layers: int, back_layers: 
     fingerprint = _fingerprint(peft_model, stack, task, front_layers, back_layers)
     log.info("cut %s into %d + %d + %d blocks (%s)", type(base).__name__, front_layers, len(body.layers),
              back_layers, fingerprint)
-    return SplitModel(peft_model, front, body, back, task, front_layers, back_layers, fingerprint)
+    numel = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    return SplitModel(peft_model, front, body, back, task, front_layers, back_layers, fingerprint, numel)
 
 
 def clone_body(body: BodyPart) -> BodyPart:

@@ -33,10 +33,18 @@ def split_options(cfg: Config) -> SplitOptions:
 
 
 def cut_for(cfg: Config, peft_model: nn.Module) -> SplitModel:
-    """Cut the (runtime's) peft model at ``cfg.split``'s cut points; parameters stay shared with it."""
+    """Cut the (runtime's) peft model at ``cfg.split``'s cut points; parameters stay shared with it.
+
+    With a remote split server (``split.address`` set) the body's weights are then freed in this
+    process (:meth:`SplitModel.free_body`): the client keeps only the front and the back. With an
+    empty address the in-process body server runs on this very model, so the body stays.
+    """
     if not cfg.split.enabled:
         raise SplitError("split.enabled is false")
-    return cut_model(peft_model, cfg.model.task, cfg.split.front_layers, cfg.split.back_layers)
+    split = cut_model(peft_model, cfg.model.task, cfg.split.front_layers, cfg.split.back_layers)
+    if cfg.split.address:
+        split.free_body()
+    return split
 
 
 def make_service(cfg: Config, split: SplitModel) -> BodyService:
@@ -91,7 +99,7 @@ def train_split_round(cfg: Config, split: SplitModel, service: BodyService, clie
     client = SplitClient(split, service, client_id, cfg.train, split_options(cfg), device, seed)
     result = client.train(dataset, collate, seed)  # type: ignore[arg-type]
     state = split.client_state()
-    whole = sum(p.numel() for p in split.peft_model.parameters() if p.requires_grad)
+    whole = split.adapter_numel  # counted at the cut: a client with a remote body no longer holds the body
     metrics = {"train_loss": result.loss, "split_local_loss": result.local_loss,
                "split_bytes_up": float(result.bytes_sent), "split_bytes_down": float(result.bytes_received),
                "split_steps": float(result.steps), "split_local_steps": float(result.local_steps),
