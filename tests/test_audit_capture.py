@@ -126,3 +126,10 @@ def test_cli_capture_rejects_a_grid_before_running(tmp_path: Path) -> None:
     code = cli.main(["audit", "--capture", "--grid", "batch_size=1", *sets])
     assert code == 2
     assert not (tmp_path / "runs").exists()
+
+
+def test_capture_refuses_split_learning_runs(tiny_cfg):
+    from fedpeft.errors import ConfigError
+    cfg = tiny_cfg(**{"split.enabled": True, "model.tiny_layers": 4})
+    with pytest.raises(ConfigError, match="smashed"):
+        capture.check(cfg)

@@ -88,6 +88,9 @@ def check(cfg: Config, attacks: Sequence[str] | None = None, grid: Sequence[str]
         raise ConfigError("--grid and --capture exclude each other: a capture audit attacks the scenario's own "
                           "run; vary the scenario with --set instead")
     cfg = audit.with_attacks(cfg, attacks)
+    if cfg.split.enabled:
+        raise ConfigError("--capture attacks whole-adapter updates; with split.enabled the server sees activations "
+                          "instead: use the smashed attack (docs/audit.md, 'Split learning')")
     if cfg.run.engine != "inprocess":
         log.info("capture audit: run.engine %r -> 'inprocess' (the observer hook is in-process only)",
                  cfg.run.engine)
