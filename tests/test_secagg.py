@@ -159,18 +159,25 @@ def test_the_server_never_receives_an_individual_update(data, plain):
     assert masked_seen == 3
 
 
-def test_a_client_dropping_out_of_the_masked_vector_stage_still_lets_the_round_finish(data, plain):
-    cfg = make_cfg(data, **SECAGG)
-    victim = node_id(1)
-    server, grid, row, start = one_round(cfg, data[1] / "secagg-drop", drop=(victim, Stage.COLLECT_MASKED_VECTORS))
-    assert row["replies"] == 2 and row["dropped"] == 1 and row["train_loss"] is not None
-    survivors = sorted(n for n in plain["clients"] if n != victim)
+def assert_survivors_mean(cfg, server, start, plain, dropped: int) -> tuple[np.ndarray, float]:
+    """The round's mean equals the weighted mean of the survivors' plain updates within the SecAgg+ bound."""
+    survivors = sorted(n for n in plain["clients"] if n != dropped)
     expected, weights = weighted(plain["clients"], survivors)
     mean = flat(server.global_state, plain["names"]) - flat(start, plain["names"])
     p = cfg.privacy
     bound = secagg_bound(weights, server.secagg.max_weight, [plain["clients"][n][0] for n in survivors],
                          p.secagg_clipping_range, p.secagg_quantization_range)
     assert float(np.abs(mean - expected).max()) <= bound
+    return mean, bound
+
+
+def test_a_client_dropping_out_of_the_masked_vector_stage_still_lets_the_round_finish(data, plain):
+    cfg = make_cfg(data, **SECAGG)
+    victim = node_id(1)
+    server, grid, row, start = one_round(cfg, data[1] / "secagg-drop", drop=(victim, Stage.COLLECT_MASKED_VECTORS))
+    assert row["replies"] == 2 and row["dropped"] == 1 and row["train_loss"] is not None
+    mean, bound = assert_survivors_mean(cfg, server, start, plain, victim)
+    survivors = sorted(n for n in plain["clients"] if n != victim)
     assert float(np.abs(mean - plain["mean"]).max()) > 10 * bound  # the victim's update is really out
     # a node that never answered the masked stage is asked for nothing more
     unmask_to = [node for node, stage, _ in grid.sent if stage == Stage.UNMASK]
@@ -183,13 +190,7 @@ def test_an_early_dropout_is_left_out_of_the_sum(data, plain, stage):
     cfg = make_cfg(data, **SECAGG)
     server, grid, row, start = one_round(cfg, data[1] / f"secagg-{stage}", drop=(node_id(0), stage))
     assert row["replies"] == 2 and row["dropped"] == 1
-    survivors = sorted(n for n in plain["clients"] if n != node_id(0))
-    expected, weights = weighted(plain["clients"], survivors)
-    mean = flat(server.global_state, plain["names"]) - flat(start, plain["names"])
-    p = cfg.privacy
-    bound = secagg_bound(weights, server.secagg.max_weight, [plain["clients"][n][0] for n in survivors],
-                         p.secagg_clipping_range, p.secagg_quantization_range)
-    assert float(np.abs(mean - expected).max()) <= bound
+    assert_survivors_mean(cfg, server, start, plain, node_id(0))
 
 
 def test_too_many_dropouts_leave_the_global_adapter_unchanged(data):
