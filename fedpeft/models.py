@@ -234,17 +234,22 @@ def adapter_state(model: nn.Module) -> AdapterState:
     return {n: p.detach().to("cpu", torch.float32).clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def set_adapter_state(model: nn.Module, state: AdapterState) -> None:
-    """Copy ``state`` into the model's trainable parameters (names and shapes must match exactly)."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+def load_parameters(params: dict[str, nn.Parameter], state: AdapterState, what: str = "model",
+                    error: type[Exception] = ModelError) -> None:
+    """Copy ``state`` into ``params`` (names and shapes must match exactly; else ``error`` naming ``what``)."""
     if params.keys() != state.keys():
         missing, extra = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
-        raise ModelError(f"adapter state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise error(f"adapter state does not match the {what}: missing {missing[:3]}, unexpected {extra[:3]}")
     with torch.no_grad():
         for n, p in params.items():
             if p.shape != state[n].shape:
-                raise ModelError(f"adapter tensor {n}: shape {tuple(state[n].shape)} != model {tuple(p.shape)}")
+                raise error(f"adapter tensor {n}: shape {tuple(state[n].shape)} != {what} {tuple(p.shape)}")
             p.copy_(state[n])
+
+
+def set_adapter_state(model: nn.Module, state: AdapterState) -> None:
+    """Copy ``state`` into the model's trainable parameters (names and shapes must match exactly)."""
+    load_parameters({n: p for n, p in model.named_parameters() if p.requires_grad}, state)
 
 
 def subtract(a: AdapterState, b: AdapterState) -> AdapterState:

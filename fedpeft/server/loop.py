@@ -130,16 +130,13 @@ class FederatedServer:
         opt_state, t = self.optimizer.state_dict()
         privacy_meta, privacy_tensors = self.privacy.state()
         downlink_meta, downlink_tensors = self.downlink.state()
+        tensors = {"global": self.global_state, "optimizer": opt_state, "privacy": privacy_tensors, **downlink_tensors}
+        extra = {"elapsed": time.time() - self.started, "optimizer_t": t, "privacy": privacy_meta, **downlink_meta}
         body = self._local_body()
-        if body is not None:
-            body_tensors, body_meta = body.state_dict()
-            downlink_tensors = {**downlink_tensors, "split_body": body_tensors}
-            downlink_meta = {**downlink_meta, "split_body": body_meta}
-        ckpt = checkpoint.ServerCheckpoint(
-            round=self.round, tensors={"global": self.global_state, "optimizer": opt_state, "privacy": privacy_tensors,
-                                       **downlink_tensors},
-            rng_state=self.rng.bit_generator.state,
-            extra={"elapsed": time.time() - self.started, "optimizer_t": t, "privacy": privacy_meta, **downlink_meta})
+        if body is not None:  # the in-process split body's adapters and optimizer
+            tensors["split_body"], extra["split_body"] = body.state_dict()
+        ckpt = checkpoint.ServerCheckpoint(round=self.round, tensors=tensors, rng_state=self.rng.bit_generator.state,
+                                           extra=extra)
         checkpoint.save(ckpt, self.checkpoint_dir)
         save_nodes = getattr(grid, "save_node_states", None)  # the in-process engine keeps client state
         if save_nodes is not None:
@@ -237,7 +234,8 @@ class FederatedServer:
             ok_nodes.append(node)
             for key in SPLIT_METRICS:  # split learning: activation/gradient bytes beside the adapter bytes
                 if key in metrics:
-                    split[key.replace("-", "_")] = split.get(key.replace("-", "_"), 0.0) + metrics[key]
+                    name = key.replace("-", "_")
+                    split[name] = split.get(name, 0.0) + metrics[key]
             for observe in self.observers:
                 observe(ObservedUpdate(rnd, node, int(metrics.get("partition-id", -1)),
                                        self.downlink.start_state(node), delta, dict(metrics)))
@@ -288,9 +286,12 @@ class FederatedServer:
         in-process body's adapters (None with a remote split server: its adapters live there)."""
         if self.rt.split is None:
             return self.global_state
+        body = self._local_body()
+        if body is None:
+            return None
         from fedpeft.split.federated import eval_state
 
-        return eval_state(self.rt.split, self.rt.body_service, self.global_state)
+        return eval_state(self.rt.split, body, self.global_state)
 
     def evaluate(self) -> dict[str, float]:
         """Centralized evaluation of the global adapter on the held-out set."""

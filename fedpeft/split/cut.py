@@ -32,7 +32,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from fedpeft.errors import SplitError
-from fedpeft.models import MeanPoolClassifier
+from fedpeft.models import MeanPoolClassifier, load_parameters
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class SplitModel:
 
     def set_client_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load a client adapter state (e.g. the aggregated SplitFed global); names and shapes must match."""
-        _load(self.client_parameters(), state, "client")
+        load_parameters(self.client_parameters(), state, "client side", SplitError)
 
     def body_names(self) -> dict[str, str]:
         """Body-relative parameter name -> monolithic name, for the body's trainable parameters."""
@@ -315,17 +315,6 @@ def _trim_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-def _load(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor], what: str) -> None:
-    if params.keys() != state.keys():
-        missing, extra = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
-        raise SplitError(f"{what} adapter state does not match: missing {missing[:3]}, unexpected {extra[:3]}")
-    with torch.no_grad():
-        for n, p in params.items():
-            if p.shape != state[n].shape:
-                raise SplitError(f"{what} adapter tensor {n}: shape {tuple(state[n].shape)} != {tuple(p.shape)}")
-            p.copy_(state[n])
 
 
 def _head_and_encoder(base: nn.Module, task: str) -> tuple[nn.Module, nn.Module]:

@@ -57,18 +57,10 @@ def make_service(cfg: Config, split: SplitModel) -> BodyService:
     return BodyServer.from_split(split, cfg.train, cfg.split.server_adapters)
 
 
-def eval_state(split: SplitModel, service: BodyService, client_state: dict[str, torch.Tensor]
-               ) -> dict[str, torch.Tensor] | None:
-    """The whole adapter to evaluate: the global client side plus the body's adapters.
-
-    The body's adapters are the shared set or the mean of the per-client sets of an in-process body
-    server (their initial values before any training). None for a remote split server, whose adapters
-    live in another process: centralized evaluation is then skipped.
-    """
-    if not isinstance(service, BodyServer):
-        return None
-    body = service.mean_adapter_state() or split.server_state()
-    return {**client_state, **body}
+def eval_state(split: SplitModel, body: BodyServer, client_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole adapter to evaluate: the global client side plus the in-process body's adapters
+    (the shared set or the mean of the per-client sets; their initial values before any training)."""
+    return {**client_state, **(body.mean_adapter_state() or split.server_state())}
 
 
 @dataclass
