@@ -100,6 +100,10 @@ class TrainResult:
     steps: int
     loss: float
     seconds: float
+    fisher: dict[str, torch.Tensor] | None = None
+    """Mean squared gradient of each trainable element over the steps (the diagonal empirical
+    Fisher, after clipping; under DP-SGD of the noised gradients, so using it costs no privacy),
+    float32 on the CPU, keyed like :func:`fedpeft.models.adapter_state`. Compression ranks by it."""
 
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor], per_example_mean: bool) -> torch.Tensor:
@@ -122,7 +126,9 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
     and noise by Opacus, accounted in ``dp``.
     """
     start = time.perf_counter()
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    sq_grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     steps = steps or num_local_steps(cfg, len(dataset))
     optimizer = make_optimizer(params, cfg)
@@ -155,14 +161,19 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 schedule.step()
+                for acc, p in zip(sq_grads, params):  # the gradient the step used (DP-SGD: noised)
+                    if p.grad is not None:
+                        g = p.grad.float()
+                        acc.addcmul_(g, g)
                 total += float(loss.detach())
                 counted += 1
     finally:
         if dp is not None:
             dp.release()  # type: ignore[attr-defined]  # the base model is shared: leave no hooks behind
     model.eval()
+    fisher = {n: (acc / max(1, counted)).cpu() for (n, _), acc in zip(named, sq_grads)}
     return TrainResult(num_examples=len(dataset), steps=steps, loss=total / max(1, counted),
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start, fisher=fisher)
 
 
 @torch.no_grad()

@@ -181,6 +181,36 @@ def test_compeft_scales() -> None:
                           rtol=1e-5)
 
 
+@pytest.mark.parametrize("spec", ["compeft:0.1", "topk:0.1", "compeft:0.1,scope=per_tensor"])
+def test_fisher_selection_keeps_what_the_loss_is_sensitive_to(spec: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    delta = {"flat": torch.randn(500, generator=g), "steep": 0.2 * torch.randn(500, generator=g)}
+    fisher = {"flat": torch.full((500,), 1e-4), "steep": torch.ones(500)}  # a 100x larger sqrt(F) on "steep"
+    layout = Layout.from_state(delta)
+    magnitude, ranked = make_codec(spec), make_codec(spec + ",select=fisher")
+    by_size = magnitude.decode(magnitude.encode(delta, layout), layout)
+    ignored = magnitude.decode(magnitude.encode(delta, layout, fisher=fisher), layout)
+    assert all(torch.equal(by_size[n], ignored[n]) for n in delta)  # select=magnitude ignores the Fisher
+    payload = ranked.encode(delta, layout, fisher=fisher)
+    out = magnitude.decode(payload, layout)  # the wire format is the same: any decoder of the codec reads it
+    score = torch.cat([delta[n].abs() * fisher[n].sqrt() for n in layout.names])
+    expected = torch.zeros(1000, dtype=torch.bool)
+    if "per_tensor" in spec:
+        expected[score[:500].topk(50).indices] = True
+        expected[500 + score[500:].topk(50).indices] = True
+    else:
+        expected[score.topk(100).indices] = True
+    kept = torch.cat([out[n] != 0 for n in layout.names])
+    assert torch.equal(kept, expected)  # the top-k of sqrt(F) * |x|, exactly
+    if "per_tensor" not in spec:
+        assert int((by_size["steep"] != 0).sum()) < 10 and int((out["steep"] != 0).sum()) > 90
+    bad = {"flat": fisher["flat"], "steep": -fisher["steep"]}
+    for wrong, words in [(bad, "non-negative"), ({**fisher, "steep": torch.full((500,), float("nan"))}, "finite"),
+                         ({"flat": fisher["flat"]}, "")]:
+        with pytest.raises(PayloadError, match=words):
+            ranked.encode(delta, layout, fisher=wrong)
+
+
 def test_compeft_ties_zeros_and_empty() -> None:
     delta = {"w": torch.ones(100), "z": torch.zeros(10)}
     payload, out = roundtrip("compeft:0.1,alpha=1", delta)

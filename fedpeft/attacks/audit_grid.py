@@ -242,13 +242,13 @@ def client_view(cfg: config.Config, cell: dict[str, Any], seed: int) -> ClientVi
             train_local(model, dataset, _collate, train, cpu, seed=seed * 1000 + rnd)
             reference = subtract(adapter_state(model), g_state)
             set_adapter_state(model, g_state)
-        train_local(model, dataset, _collate, train, cpu, seed=seed * 1000 + rnd, dp=ldp)
+        fisher = train_local(model, dataset, _collate, train, cpu, seed=seed * 1000 + rnd, dp=ldp).fisher
         clean = subtract(adapter_state(model), g_state)
         reference = reference if ldp is not None else clean
         delta = ef.compensate(clean) if ef else clean
         if mode == "client":  # the client bounds what goes into the codec ...
             delta = clip_update(delta, cfg.privacy.clip_norm)[0]
-        payload = codec.encode(delta, layout, rng=np.random.default_rng(seed * 1000 + rnd))
+        payload = codec.encode(delta, layout, rng=np.random.default_rng(seed * 1000 + rnd), fisher=fisher)
         decoded = codec.decode(payload, layout)
         if mode == "client":  # ... and the server bounds what came out of it (noise comes after averaging)
             decoded = clip_to_norm(decoded, cfg.privacy.clip_norm)

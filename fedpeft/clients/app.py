@@ -136,7 +136,7 @@ def train(msg: Message, context: Context) -> Message:
         norm = privacy.global_norm(delta)
         extra.update({"clip-indicator": privacy.AdaptiveClipper.indicator(norm, clip), "update-norm": norm})
         delta = privacy.clip_update(delta, clip)[0]
-    payload = codec.encode(delta, layout, rng=np.random.default_rng(seed))
+    payload = codec.encode(delta, layout, rng=np.random.default_rng(seed), fisher=result.fisher)
     encode_ms = 1000 * (time.perf_counter() - t_enc)
     if use_ef:
         sent = codec.decode(payload, layout)

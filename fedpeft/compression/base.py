@@ -111,6 +111,7 @@ class Codec(ABC):
     biased: ClassVar[bool] = True  # E[decoded] != x: error feedback helps (off for lossless/unbiased)
     Params: ClassVar[type] = NoParams
     n_fields: ClassVar[int] = 0  # codec-specific header fields
+    uses_fisher: ClassVar[bool] = False  # the encoder can rank elements by a Fisher estimate
 
     def __init__(self, params: Any = None) -> None:
         params = self.Params() if params is None else params
@@ -130,16 +131,25 @@ class Codec(ABC):
     def __repr__(self) -> str:
         return f"<codec {self.spec}>"
 
-    def encode(self, delta: Mapping[str, torch.Tensor], layout: Layout,
-               rng: np.random.Generator | None = None) -> Payload:
+    def encode(self, delta: Mapping[str, torch.Tensor], layout: Layout, rng: np.random.Generator | None = None,
+               fisher: Mapping[str, torch.Tensor] | None = None) -> Payload:
         """Encode ``delta`` (names and shapes of ``layout``, any float dtype).
 
-        Raises :class:`PayloadError` when the delta does not match the layout or is not finite.
+        ``fisher`` (optional, same names and shapes, >= 0) is a diagonal estimate of each element's
+        curvature, such as the mean squared gradient of local training; sparsifying codecs with
+        ``select=fisher`` keep the elements whose loss would suffer most from being dropped. Only the
+        sender uses it: nothing of it goes on the wire. Raises :class:`PayloadError` when the delta or
+        the Fisher does not match the layout or is not finite.
         """
         flat = layout.flatten(delta)
         if flat.size and not (np.isfinite(flat.max()) and np.isfinite(flat.min())):  # NaN propagates
             raise PayloadError("delta contains NaN or inf; refusing to encode it")
-        fields, positions, values, scales = self._encode(flat, layout, rng)
+        curvature = None
+        if fisher is not None and self.uses_fisher:
+            curvature = layout.flatten(fisher)
+            if curvature.size and not (np.isfinite(curvature.max()) and curvature.min() >= 0):
+                raise PayloadError("fisher weights must be finite and non-negative")
+        fields, positions, values, scales = self._encode(flat, layout, rng, curvature)
         assert len(fields) == self.n_fields
         payload = Payload.build(self.codec_id, layout, fields, positions, values, scales)
         log.debug("%s: %d elements -> %d bytes %s", self.spec, layout.total, payload.nbytes, payload.breakdown())
@@ -165,8 +175,10 @@ class Codec(ABC):
         return layout.unflatten(flat)
 
     @abstractmethod
-    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None) -> Encoded:
-        """Encode a finite float32 vector (read-only: it may be a view of the caller's tensors)."""
+    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
+                fisher: np.ndarray | None) -> Encoded:
+        """Encode a finite float32 vector (read-only: it may be a view of the caller's tensors);
+        ``fisher`` is given only to codecs with ``uses_fisher``, and may be None."""
 
     @abstractmethod
     def _decode(self, fields: tuple[int, ...], positions: np.ndarray, values: np.ndarray,

@@ -29,7 +29,8 @@ class NoneCodec(Codec):
     biased = False
     lossless = True
 
-    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None) -> Encoded:
+    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
+                fisher: np.ndarray | None) -> Encoded:
         return [], _EMPTY, flat.astype("<f4", copy=False), None
 
     def _decode(self, fields: tuple[int, ...], positions: np.ndarray, values: np.ndarray,
@@ -46,7 +47,8 @@ class Fp16Codec(Codec):
 
     codec_id = 2
 
-    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None) -> Encoded:
+    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
+                fisher: np.ndarray | None) -> Encoded:
         return [], _EMPTY, np.clip(flat, -FP16_MAX, FP16_MAX).astype("<f2"), None
 
     def _decode(self, fields: tuple[int, ...], positions: np.ndarray, values: np.ndarray,
@@ -63,7 +65,8 @@ class Bf16Codec(Codec):
 
     codec_id = 3
 
-    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None) -> Encoded:
+    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
+                fisher: np.ndarray | None) -> Encoded:
         u = flat.astype(np.float32, copy=False).view(np.uint32)
         top = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype("<u2")
         overflow = (top & 0x7F80) == 0x7F80  # rounded up to inf: clamp to the largest finite bf16
@@ -84,7 +87,8 @@ class Int8Codec(Codec):
 
     codec_id = 4
 
-    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None) -> Encoded:
+    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
+                fisher: np.ndarray | None) -> Encoded:
         scales = per_tensor(np.maximum, np.abs(flat), layout) / np.float32(127)
         inv = np.divide(1.0, scales, out=np.zeros_like(scales), where=scales > 0)
         codes = np.rint(flat * per_element(inv, layout))

@@ -55,7 +55,8 @@ class QsgdCodec(Codec):
     Params = QsgdParams
     n_fields = 2
 
-    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None) -> Encoded:
+    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
+                fisher: np.ndarray | None) -> Encoded:
         s, bucket = self.params.s, self.params.bucket
         rng = np.random.default_rng() if rng is None else rng
         norms = _norms(flat, layout, bucket)

@@ -63,19 +63,24 @@ def topk_indices(x: np.ndarray, k: int) -> np.ndarray:
     return (idx if cand is None else cand[idx]).astype(np.int64, copy=False)
 
 
-def select(flat: np.ndarray, offsets: np.ndarray, p: float, scope: str) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``p`` nonzero magnitudes over all tensors or per tensor: (sorted positions, their values).
+def select(flat: np.ndarray, offsets: np.ndarray, p: float, scope: str,
+           fisher: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``p`` nonzero elements over all tensors or per tensor: (sorted positions, their values).
 
+    Ranked by magnitude, or with ``fisher`` by ``sqrt(F) * |x|``: the diagonal-Fisher estimate of
+    how much the loss grows when the element is dropped (``F * x^2 / 2``, as in optimal brain
+    damage), so that a large step in a flat direction yields to a smaller one the loss is sensitive to.
     Zeros are never kept (their sign is meaningless and sending them wastes bits), so fewer than k
     positions come back when the delta has fewer than k nonzeros.
     """
+    score = flat if fisher is None else np.abs(flat) * np.sqrt(fisher)
     if scope == "global":
-        pos = topk_indices(flat, k_for(flat.size, p))
+        pos = topk_indices(score, k_for(flat.size, p))
     else:
         parts = []
         for i in range(offsets.size - 1):  # loop over tensors, not elements
             lo, hi = int(offsets[i]), int(offsets[i + 1])
-            parts.append(topk_indices(flat[lo:hi], k_for(hi - lo, p)) + lo)
+            parts.append(topk_indices(score[lo:hi], k_for(hi - lo, p)) + lo)
         pos = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     kept = flat[pos]
     if not kept.all():

@@ -17,7 +17,8 @@ class SignCodec(Codec):
 
     codec_id = 6
 
-    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None) -> Encoded:
+    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
+                fisher: np.ndarray | None) -> Encoded:
         sums = per_tensor(np.add, np.abs(flat), layout, dtype=np.float64)
         scales = (sums / np.maximum(np.asarray(layout.numels), 1)).astype(np.float32)
         return [], _EMPTY, pack_bits(flat < 0), scales

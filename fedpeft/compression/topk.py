@@ -16,6 +16,7 @@ from fedpeft.compression.payload import Layout, require
 from fedpeft.compression.select import k_for, max_kept, select
 
 SCOPES = ("global", "per_tensor")
+RANKINGS = ("magnitude", "fisher")
 FP16_MAX = float(np.finfo(np.float16).max)
 N_SPARSE_FIELDS = 3 + N_POS_FIELDS
 
@@ -24,10 +25,11 @@ def _p_bits(p: float) -> int:
     return int(np.float64(p).view(np.int64))
 
 
-def sparse_encode(flat: np.ndarray, layout: Layout, p: float,
-                  scope: str) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
-    """Select the top-p positions; returns (header fields, positions bytes, positions, kept values)."""
-    pos, kept = select(flat, layout.offsets, p, scope)
+def sparse_encode(flat: np.ndarray, layout: Layout, p: float, scope: str,
+                  fisher: np.ndarray | None) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """Select the top-p positions (see :func:`select`); returns (header fields, positions bytes,
+    positions, kept values)."""
+    pos, kept = select(flat, layout.offsets, p, scope, fisher)
     pos_fields, pos_bytes = encode_positions(pos, layout.total)
     return [pos.size, _p_bits(p), SCOPES.index(scope), *pos_fields], pos_bytes, pos, kept
 
@@ -55,6 +57,8 @@ class TopkParams:
 
     p: float = param(0.1, lo=0.0, hi=1.0, help="density: fraction of elements kept")
     scope: str = param("global", choices=SCOPES, help="select over all tensors or within each")
+    select: str = param("magnitude", choices=RANKINGS, help="rank by |x|, or by sqrt(Fisher) * |x| "
+                        "where the sender has a Fisher estimate (clients do; see the compression docs)")
 
 
 @register_codec("topk")
@@ -64,9 +68,13 @@ class TopkCodec(Codec):
     codec_id = 5
     Params = TopkParams
     n_fields = N_SPARSE_FIELDS
+    uses_fisher = True
 
-    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None) -> Encoded:
-        fields, pos_bytes, _, kept = sparse_encode(flat, layout, self.params.p, self.params.scope)
+    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
+                fisher: np.ndarray | None) -> Encoded:
+        prm = self.params
+        fields, pos_bytes, _, kept = sparse_encode(flat, layout, prm.p, prm.scope,
+                                                   fisher if prm.select == "fisher" else None)
         values = np.clip(kept, -FP16_MAX, FP16_MAX).astype("<f2")
         return fields, pos_bytes, values, None
 
