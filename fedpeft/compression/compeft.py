@@ -4,7 +4,7 @@ Keep the fraction ``p`` of elements (over all tensors or within each) and send o
 and signs; every kept element decodes to ``sign * scale`` of its tensor. Which elements:
 
 * ``select=magnitude``: the largest ``|x|``, as in the paper;
-* ``select=fisher``: the largest ``sqrt(F) * |x|``, where ``F`` is the client's mean squared gradient
+* ``select=fisher`` (default): the largest ``sqrt(F) * |x|``, where ``F`` is the client's mean squared gradient
   of the round (:attr:`fedpeft.training.TrainResult.fisher`): the elements whose loss would grow most
   if dropped. Adam-trained adapter deltas are nearly flat in magnitude (Adam moves every element
   about ``lr`` per step), so magnitude alone says little about what matters: in the first round of
@@ -48,8 +48,8 @@ class CompeftParams:
     scale: str = param("mean", choices=("mean", "std"), help="mean |kept| per tensor, or std of the delta")
     alpha: float = param(1.5, lo=0.0, lo_open=True, help="multiplier on the scale (1.5 measured best, see doc)")
     scope: str = param("global", choices=SCOPES, help="select over all tensors or within each")
-    select: str = param("magnitude", choices=RANKINGS, help="rank by |x|, or by sqrt(Fisher) * |x| "
-                        "where the sender has a Fisher estimate (clients do; see the compression docs)")
+    select: str = param("fisher", choices=RANKINGS, help="rank by sqrt(Fisher) * |x| where the sender has a "
+                        "Fisher estimate (clients do; else by |x|), or by |x| as in the paper")
 
 
 def _std_scales(flat: np.ndarray, layout: Layout, scope: str) -> np.ndarray:
