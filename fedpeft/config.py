@@ -139,7 +139,7 @@ class CompressionSection:
                                   help="lossy downlink: one broadcast state, or one held per client (rare clients "
                                        "get coded deltas too; one adapter of server memory per client)")
     error_feedback: bool = _opt(True, help="carry what compression dropped into the next round (client-held)")
-    sweep: list[str] = _opt(["none", "fp16", "int8", "topk:0.1", "compeft:0.1", "compeft:0.1,select=magnitude",
+    sweep: list[str] = _opt(["none", "fp16", "int8", "topk:0.1", "compeft:0.1", "compeft:0.1,select=fisher",
                               "compeft:0.05"],
                             help="codecs that compare-compression runs when --codecs is not given")
 

@@ -42,7 +42,7 @@ def test_fisher_is_the_squared_gradient_the_step_used(tiny_cfg, dp: bool) -> Non
 def test_clients_rank_their_compressed_update_by_their_fisher(tiny_cfg) -> None:
     """What the server decodes equals a replay of the client's round encoded with its own Fisher, and
     differs from magnitude ranking (so the Fisher really reached the codec)."""
-    spec = "compeft:0.1"  # select=fisher is the default
+    spec = "compeft:0.1,select=fisher"
     cfg = tiny_cfg(**{"federation.rounds": 1, "compression.uplink": spec})
     seen = []
     runner.simulate(cfg, observers=[seen.append])

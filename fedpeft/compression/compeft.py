@@ -3,15 +3,19 @@
 Keep the fraction ``p`` of elements (over all tensors or within each) and send only their positions
 and signs; every kept element decodes to ``sign * scale`` of its tensor. Which elements:
 
-* ``select=magnitude``: the largest ``|x|``, as in the paper;
-* ``select=fisher`` (default): the largest ``sqrt(F) * |x|``, where ``F`` is the client's mean squared gradient
+* ``select=magnitude`` (default): the largest ``|x|``, as in the paper;
+* ``select=fisher``: the largest ``sqrt(F) * |x|``, where ``F`` is the client's mean squared gradient
   of the round (:attr:`fedpeft.training.TrainResult.fisher`): the elements whose loss would grow most
   if dropped. Adam-trained adapter deltas are nearly flat in magnitude (Adam moves every element
   about ``lr`` per step), so magnitude alone says little about what matters: in the first round of
   the embedded default LoRA's ``A`` deltas are as large as the ``B`` deltas although changing ``A``
   does nothing while ``B`` is still zero, and the top 10% by magnitude hold only 24-37% of a
   client delta's energy (rounds 1-3). Senders without a Fisher (the server's downlink,
-  split-learning clients) fall back to magnitude.
+  split-learning clients) fall back to magnitude. On the embedded default it beat magnitude on
+  every seed measured (``benchmarks/RESULTS.md``); it is not the default because on the tiny test
+  model (Adam at lr 0.03, compeft both ways) it diverged in the fourth round where magnitude did
+  not (a likely cause, not verified: small kept elements of high curvature decode to the tensor's
+  larger scale, which overshoots where the loss is most sensitive).
 
 The scale:
 
@@ -20,10 +24,13 @@ The scale:
 * ``scale=std``: ``alpha * std(delta)`` as in the paper (the whole delta for scope=global,
   each tensor for scope=per_tensor).
 
-``alpha`` defaults to 1.5: on the embedded default (3 rounds, error feedback) it beat ``alpha = 1`` in
-every comparison measured (p = 0.1 seeds 0 and 1: +1.8 and +7.5 accuracy points; p = 0.05: +14.4),
-as the ComPEFT paper found that scaling the ternary vector up helps; the dropped mass that error
-feedback has not yet paid back is partly made up for by the larger kept values.
+``alpha`` defaults to 1.5: on the embedded default (3 rounds, error feedback) it beat ``alpha = 1``
+with magnitude ranking (p = 0.1 seeds 0 and 1: +1.8 and +7.5 accuracy points; p = 0.05: +14.4) and
+with Fisher ranking (seeds 0, 1, 2: +2.0, -0.4, +1.3), as the ComPEFT paper found that scaling the
+ternary vector up helps: the dropped mass that error feedback has not yet paid back is partly made up
+for by the larger kept values. More is not better: ``alpha = 2`` (Fisher, seed 1) diverged in the
+third round (accuracy 0.44): a kept element then decodes to about twice its size, and the residual
+no longer shrinks.
 
 The size is within about 1% of the entropy bound ``d * (H(p) + p)`` bits plus the header.
 """
@@ -48,8 +55,8 @@ class CompeftParams:
     scale: str = param("mean", choices=("mean", "std"), help="mean |kept| per tensor, or std of the delta")
     alpha: float = param(1.5, lo=0.0, lo_open=True, help="multiplier on the scale (1.5 measured best, see doc)")
     scope: str = param("global", choices=SCOPES, help="select over all tensors or within each")
-    select: str = param("fisher", choices=RANKINGS, help="rank by sqrt(Fisher) * |x| where the sender has a "
-                        "Fisher estimate (clients do; else by |x|), or by |x| as in the paper")
+    select: str = param("magnitude", choices=RANKINGS, help="rank by |x| as in the paper, or by sqrt(Fisher) "
+                        "* |x| where the sender has a Fisher estimate (clients do; see the compression docs)")
 
 
 def _std_scales(flat: np.ndarray, layout: Layout, scope: str) -> np.ndarray:
