@@ -44,7 +44,7 @@ import numpy as np
 from fedpeft.compression.base import Codec, Encoded, check_scales, param, per_tensor, register_codec
 from fedpeft.compression.bits import nbytes_for, pack_bits, unpack_bits
 from fedpeft.compression.payload import Layout, require
-from fedpeft.compression.topk import N_SPARSE_FIELDS, RANKINGS, SCOPES, sparse_decode, sparse_encode
+from fedpeft.compression.topk import N_SPARSE_FIELDS, SCOPES, select_param, sparse_decode, sparse_encode
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,7 @@ class CompeftParams:
     scale: str = param("mean", choices=("mean", "std"), help="mean |kept| per tensor, or std of the delta")
     alpha: float = param(1.5, lo=0.0, lo_open=True, help="multiplier on the scale (1.5 measured best, see doc)")
     scope: str = param("global", choices=SCOPES, help="select over all tensors or within each")
-    select: str = param("magnitude", choices=RANKINGS, help="rank by |x| as in the paper, or by sqrt(Fisher) "
-                        "* |x| where the sender has a Fisher estimate (clients do; see the compression docs)")
+    select: str = select_param()
 
 
 def _std_scales(flat: np.ndarray, layout: Layout, scope: str) -> np.ndarray:
@@ -84,8 +83,7 @@ class CompeftCodec(Codec):
     def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
                 fisher: np.ndarray | None) -> Encoded:
         prm = self.params
-        fields, pos_bytes, pos, kept = sparse_encode(flat, layout, prm.p, prm.scope,
-                                                     fisher if prm.select == "fisher" else None)
+        fields, pos_bytes, pos, kept = sparse_encode(flat, layout, prm, fisher)
         if prm.scale == "mean":
             counts = layout.counts(pos)
             sums = np.zeros(counts.size)

@@ -7,6 +7,7 @@ bits, scope, *position fields]`` and the checks a decoder makes on them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -25,11 +26,18 @@ def _p_bits(p: float) -> int:
     return int(np.float64(p).view(np.int64))
 
 
-def sparse_encode(flat: np.ndarray, layout: Layout, p: float, scope: str,
+def select_param() -> Any:
+    """The ``select`` field of a sparsifying codec's parameters."""
+    return param("magnitude", choices=RANKINGS, help="rank by |x|, or by sqrt(Fisher) * |x| where the sender "
+                 "has a Fisher estimate (clients do; see the README's compressed transport section)")
+
+
+def sparse_encode(flat: np.ndarray, layout: Layout, prm: Any,
                   fisher: np.ndarray | None) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
-    """Select the top-p positions (see :func:`select`); returns (header fields, positions bytes,
-    positions, kept values)."""
-    pos, kept = select(flat, layout.offsets, p, scope, fisher)
+    """Select the top ``prm.p`` positions, ranked as ``prm.select`` says (see :func:`select`);
+    returns (header fields, positions bytes, positions, kept values)."""
+    p, scope = prm.p, prm.scope
+    pos, kept = select(flat, layout.offsets, p, scope, fisher if prm.select == "fisher" else None)
     pos_fields, pos_bytes = encode_positions(pos, layout.total)
     return [pos.size, _p_bits(p), SCOPES.index(scope), *pos_fields], pos_bytes, pos, kept
 
@@ -57,8 +65,7 @@ class TopkParams:
 
     p: float = param(0.1, lo=0.0, hi=1.0, help="density: fraction of elements kept")
     scope: str = param("global", choices=SCOPES, help="select over all tensors or within each")
-    select: str = param("magnitude", choices=RANKINGS, help="rank by |x|, or by sqrt(Fisher) * |x| "
-                        "where the sender has a Fisher estimate (clients do; see the compression docs)")
+    select: str = select_param()
 
 
 @register_codec("topk")
@@ -72,9 +79,7 @@ class TopkCodec(Codec):
 
     def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
                 fisher: np.ndarray | None) -> Encoded:
-        prm = self.params
-        fields, pos_bytes, _, kept = sparse_encode(flat, layout, prm.p, prm.scope,
-                                                   fisher if prm.select == "fisher" else None)
+        fields, pos_bytes, _, kept = sparse_encode(flat, layout, self.params, fisher)
         values = np.clip(kept, -FP16_MAX, FP16_MAX).astype("<f2")
         return fields, pos_bytes, values, None
 
