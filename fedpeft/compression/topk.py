@@ -1,4 +1,5 @@
-"""``topk:p``: keep the fraction ``p`` of largest-magnitude elements as fp16 values.
+"""``topk:p``: keep the fraction ``p`` of largest-magnitude elements (or, with ``select=fisher``, of
+largest ``sqrt(F) * |x|``; see :func:`fedpeft.compression.select.select`) as fp16 values.
 
 The sparse-position helpers here are shared with ``compeft``: header fields ``[k, p as float64
 bits, scope, *position fields]`` and the checks a decoder makes on them.
