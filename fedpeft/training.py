@@ -118,17 +118,19 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor], per_example_mean: bo
 
 
 def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: TrainSection, device: torch.device,
-                seed: int, proximal_mu: float = 0.0, steps: int | None = None, dp: object | None = None) -> TrainResult:
+                seed: int, proximal_mu: float = 0.0, steps: int | None = None, dp: object | None = None,
+                fisher: bool = True) -> TrainResult:
     """Train the model's trainable parameters in place for one round.
 
     ``proximal_mu > 0`` adds FedProx's term mu/2 * ||w - w_start||^2 (w_start: the received global).
     ``dp`` (a :class:`fedpeft.privacy.LocalDP`) makes it DP-SGD: Poisson batches, per-example clipping
-    and noise by Opacus, accounted in ``dp``.
+    and noise by Opacus, accounted in ``dp``. ``fisher=False`` skips the squared-gradient sums (one
+    adapter-sized buffer and one multiply-add per step) when nothing will rank by them.
     """
     start = time.perf_counter()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    sq_grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    sq_grads = [torch.zeros_like(p, dtype=torch.float32) for p in params] if fisher else []
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     steps = steps or num_local_steps(cfg, len(dataset))
     optimizer = make_optimizer(params, cfg)
@@ -171,9 +173,10 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
         if dp is not None:
             dp.release()  # type: ignore[attr-defined]  # the base model is shared: leave no hooks behind
     model.eval()
-    fisher = {n: (acc / max(1, counted)).cpu() for (n, _), acc in zip(named, sq_grads)}
     return TrainResult(num_examples=len(dataset), steps=steps, loss=total / max(1, counted),
-                       seconds=time.perf_counter() - start, fisher=fisher)
+                       seconds=time.perf_counter() - start,
+                       fisher={n: (acc / max(1, counted)).cpu() for (n, _), acc in zip(named, sq_grads)} if fisher
+                       else None)
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ def test_fisher_is_the_squared_gradient_the_step_used(tiny_cfg, dp: bool) -> Non
     for name, d in delta.items():
         torch.testing.assert_close(result.fisher[name], (d / train.lr) ** 2, rtol=1e-4, atol=1e-12)
     assert sum(float(f.sum()) for f in result.fisher.values()) > 0
+    assert train_local(rt.model, dataset, rt.collate, train, CPU, seed=3, fisher=False).fisher is None
 
 
 def test_clients_rank_their_compressed_update_by_their_fisher(tiny_cfg) -> None:

@@ -109,17 +109,18 @@ def train(msg: Message, context: Context) -> Message:
         if LOCAL_DP_STATE in context.state:
             local_dp.load_state_dict(json.loads(str(context.state[LOCAL_DP_STATE]["json"])))
     extra: dict[str, float] = {}
+    codec = make_codec(cfg.compression.uplink)
     if cfg.split.enabled:  # SplitFed: train through the split server's body; only the client side travels
         result, state, split_metrics = _train_split(cfg, rt, f"node-{context.node_id}", dataset, global_state, seed)
         extra.update(split_metrics)
     else:
         models.set_adapter_state(rt.model, global_state)
         result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
-                             proximal_mu=float(instruction["proximal-mu"]), dp=local_dp)
+                             proximal_mu=float(instruction["proximal-mu"]), dp=local_dp,
+                             fisher=getattr(codec.params, "select", "") == "fisher")
         state = models.adapter_state(rt.model)
     delta = models.subtract(state, global_state)
 
-    codec = make_codec(cfg.compression.uplink)
     if local_dp is not None:
         context.state[LOCAL_DP_STATE] = ConfigRecord({"json": json.dumps(local_dp.state_dict())})
         extra["epsilon-local"] = local_dp.epsilon()
