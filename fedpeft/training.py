@@ -103,7 +103,8 @@ class TrainResult:
     fisher: dict[str, torch.Tensor] | None = None
     """Mean squared gradient of each trainable element over the steps (the diagonal empirical
     Fisher, after clipping; under DP-SGD of the noised gradients, so using it costs no privacy),
-    float32 on the CPU, keyed like :func:`fedpeft.models.adapter_state`. Compression ranks by it."""
+    float32 on the CPU, keyed like :func:`fedpeft.models.adapter_state`; None unless asked for
+    (``train_local(fisher=True)``). Compression ranks by it."""
 
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor], per_example_mean: bool) -> torch.Tensor:
@@ -119,13 +120,13 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor], per_example_mean: bo
 
 def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: TrainSection, device: torch.device,
                 seed: int, proximal_mu: float = 0.0, steps: int | None = None, dp: object | None = None,
-                fisher: bool = True) -> TrainResult:
+                fisher: bool = False) -> TrainResult:
     """Train the model's trainable parameters in place for one round.
 
     ``proximal_mu > 0`` adds FedProx's term mu/2 * ||w - w_start||^2 (w_start: the received global).
     ``dp`` (a :class:`fedpeft.privacy.LocalDP`) makes it DP-SGD: Poisson batches, per-example clipping
-    and noise by Opacus, accounted in ``dp``. ``fisher=False`` skips the squared-gradient sums (one
-    adapter-sized buffer and one multiply-add per step) when nothing will rank by them.
+    and noise by Opacus, accounted in ``dp``. ``fisher=True`` also sums the squared gradients
+    (:attr:`TrainResult.fisher`; one adapter-sized buffer and one multiply-add per step).
     """
     start = time.perf_counter()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -188,6 +188,7 @@ def test_fisher_selection_keeps_what_the_loss_is_sensitive_to(spec: str) -> None
     fisher = {"flat": torch.full((500,), 1e-4), "steep": torch.ones(500)}  # a 100x larger sqrt(F) on "steep"
     layout = Layout.from_state(delta)
     magnitude, ranked = make_codec(spec + ",select=magnitude"), make_codec(spec + ",select=fisher")
+    assert ranked.wants_fisher and not magnitude.wants_fisher and not make_codec("int8").wants_fisher
     by_size = magnitude.decode(magnitude.encode(delta, layout), layout)
     ignored = magnitude.decode(magnitude.encode(delta, layout, fisher=fisher), layout)
     assert all(torch.equal(by_size[n], ignored[n]) for n in delta)  # select=magnitude ignores the Fisher

@@ -31,7 +31,7 @@ def test_fisher_is_the_squared_gradient_the_step_used(tiny_cfg, dp: bool) -> Non
     models.set_adapter_state(rt.model, start)
     ldp = LocalDP(PrivacySection(mode="local", noise_multiplier=1.0, max_grad_norm=0.1), dataset_size=len(dataset),
                   batch_size=train.batch_size, total_steps=1, seed=3) if dp else None
-    result = train_local(rt.model, dataset, rt.collate, train, CPU, seed=3, dp=ldp)
+    result = train_local(rt.model, dataset, rt.collate, train, CPU, seed=3, dp=ldp, fisher=True)
     delta = models.subtract(models.adapter_state(rt.model), start)
     assert result.fisher is not None and result.fisher.keys() == delta.keys()
     for name, d in delta.items():
@@ -53,7 +53,7 @@ def test_clients_rank_their_compressed_update_by_their_fisher(tiny_cfg) -> None:
     for u in seen:
         models.set_adapter_state(rt.model, u.start_state)
         result = train_local(rt.model, rt.client_dataset(u.partition_id), rt.collate, cfg.train, CPU,
-                             seed=client_seed(cfg.run.seed, 1, u.partition_id))
+                             seed=client_seed(cfg.run.seed, 1, u.partition_id), fisher=True)
         delta = models.subtract(models.adapter_state(rt.model), u.start_state)
         replay = ranked.decode(ranked.encode(delta, rt.layout, fisher=result.fisher), rt.layout)
         assert all(torch.equal(replay[k], u.delta[k]) for k in delta)

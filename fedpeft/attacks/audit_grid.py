@@ -242,7 +242,8 @@ def client_view(cfg: config.Config, cell: dict[str, Any], seed: int) -> ClientVi
             train_local(model, dataset, _collate, train, cpu, seed=seed * 1000 + rnd)
             reference = subtract(adapter_state(model), g_state)
             set_adapter_state(model, g_state)
-        fisher = train_local(model, dataset, _collate, train, cpu, seed=seed * 1000 + rnd, dp=ldp).fisher
+        fisher = train_local(model, dataset, _collate, train, cpu, seed=seed * 1000 + rnd, dp=ldp,
+                             fisher=codec.wants_fisher).fisher
         clean = subtract(adapter_state(model), g_state)
         reference = reference if ldp is not None else clean
         delta = ef.compensate(clean) if ef else clean

@@ -117,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
         models.set_adapter_state(rt.model, global_state)
         result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
                              proximal_mu=float(instruction["proximal-mu"]), dp=local_dp,
-                             fisher=getattr(codec.params, "select", "") == "fisher")
+                             fisher=codec.wants_fisher)
         state = models.adapter_state(rt.model)
     delta = models.subtract(state, global_state)
 

@@ -111,7 +111,6 @@ class Codec(ABC):
     biased: ClassVar[bool] = True  # E[decoded] != x: error feedback helps (off for lossless/unbiased)
     Params: ClassVar[type] = NoParams
     n_fields: ClassVar[int] = 0  # codec-specific header fields
-    uses_fisher: ClassVar[bool] = False  # the encoder can rank elements by a Fisher estimate
 
     def __init__(self, params: Any = None) -> None:
         params = self.Params() if params is None else params
@@ -131,6 +130,11 @@ class Codec(ABC):
     def __repr__(self) -> str:
         return f"<codec {self.spec}>"
 
+    @property
+    def wants_fisher(self) -> bool:
+        """The encoder ranks by a Fisher estimate (``select=fisher``): a sender should compute one."""
+        return getattr(self.params, "select", "magnitude") == "fisher"
+
     def encode(self, delta: Mapping[str, torch.Tensor], layout: Layout, rng: np.random.Generator | None = None,
                fisher: Mapping[str, torch.Tensor] | None = None) -> Payload:
         """Encode ``delta`` (names and shapes of ``layout``, any float dtype).
@@ -145,7 +149,7 @@ class Codec(ABC):
         if flat.size and not (np.isfinite(flat.max()) and np.isfinite(flat.min())):  # NaN propagates
             raise PayloadError("delta contains NaN or inf; refusing to encode it")
         curvature = None
-        if fisher is not None and self.uses_fisher:
+        if fisher is not None and self.wants_fisher:
             curvature = layout.flatten(fisher)
             if curvature.size and not (np.isfinite(curvature.max()) and curvature.min() >= 0):
                 raise PayloadError("fisher weights must be finite and non-negative")
@@ -178,7 +182,7 @@ class Codec(ABC):
     def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
                 fisher: np.ndarray | None) -> Encoded:
         """Encode a finite float32 vector (read-only: it may be a view of the caller's tensors);
-        ``fisher`` is given only to codecs with ``uses_fisher``, and may be None."""
+        ``fisher`` is given only when :attr:`wants_fisher`, and may be None."""
 
     @abstractmethod
     def _decode(self, fields: tuple[int, ...], positions: np.ndarray, values: np.ndarray,

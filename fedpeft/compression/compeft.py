@@ -78,7 +78,6 @@ class CompeftCodec(Codec):
     codec_id = 8
     Params = CompeftParams
     n_fields = N_SPARSE_FIELDS
-    uses_fisher = True
 
     def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
                 fisher: np.ndarray | None) -> Encoded:

@@ -35,10 +35,10 @@ def select_param() -> Any:
 
 def sparse_encode(flat: np.ndarray, layout: Layout, prm: Any,
                   fisher: np.ndarray | None) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
-    """Select the top ``prm.p`` positions, ranked as ``prm.select`` says (see :func:`select`);
-    returns (header fields, positions bytes, positions, kept values)."""
+    """Select the top ``prm.p`` positions (by ``sqrt(fisher) * |x|`` when a Fisher is given, see
+    :func:`select`); returns (header fields, positions bytes, positions, kept values)."""
     p, scope = prm.p, prm.scope
-    pos, kept = select(flat, layout.offsets, p, scope, fisher if prm.select == "fisher" else None)
+    pos, kept = select(flat, layout.offsets, p, scope, fisher)
     pos_fields, pos_bytes = encode_positions(pos, layout.total)
     return [pos.size, _p_bits(p), SCOPES.index(scope), *pos_fields], pos_bytes, pos, kept
 
@@ -76,7 +76,6 @@ class TopkCodec(Codec):
     codec_id = 5
     Params = TopkParams
     n_fields = N_SPARSE_FIELDS
-    uses_fisher = True
 
     def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
                 fisher: np.ndarray | None) -> Encoded:
