@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -26,9 +27,16 @@ def _scenario_args(p: argparse.ArgumentParser) -> None:
                    help="override one setting, e.g. --set federation.rounds=5 (repeatable)")
 
 
+def _own_version() -> str:
+    from importlib import metadata
+
+    return metadata.version("fedpeft")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpeft", description="Federated parameter-efficient fine-tuning on Flower.")
     p.add_argument("-v", "--verbose", action="store_true", help="log every round and library detail")
+    p.add_argument("--version", action="version", version=f"fedpeft {_own_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a federated scenario on this machine")
     _scenario_args(sim)
@@ -43,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="print the resolved configuration (TOML) and exit")
     _scenario_args(cfg)
     cfg.add_argument("--reference", action="store_true", help="print the reference of every key (markdown)")
+    doc = sub.add_parser("doctor", help="installed versions against the tested ranges, device, threads")
+    doc.add_argument("--json", action="store_true", help="print the facts as JSON (what each run stores)")
     _deploy_parsers(sub)
     _split_parser(sub)
     _audit_parser(sub)
@@ -303,6 +313,28 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from fedpeft import versions
+
+    facts = versions.environment()
+    if args.json:
+        print(json.dumps(facts, indent=1))
+    else:
+        table = Table(title=f"fedpeft {facts['fedpeft']} · Python {facts['python']}", caption=facts["platform"])
+        for col in ("package", "installed", "tested range", ""):
+            table.add_column(col)
+        for pkg in facts["packages"]:
+            table.add_row(pkg["name"], pkg["installed"] or "missing", pkg["tested"],
+                          "ok" if pkg["ok"] else "[red]outside the tested range[/]")
+        console.print(table)
+        for key, value in facts["device"].items():
+            console.print(f"{key}: {value}", markup=False, highlight=False)
+    bad = [p["name"] for p in facts["packages"] if not p["ok"]]
+    if bad:
+        console.print(f"[yellow]untested versions:[/] {', '.join(bad)} (see the README's 'Supported versions')")
+    return 1 if bad else 0
+
+
 def _home(args: argparse.Namespace) -> Path:
     from fedpeft.deploy import launch, submit
 
@@ -381,6 +413,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"simulate": cmd_simulate, "compare-compression": cmd_compare_compression, "config": cmd_config,
+            "doctor": cmd_doctor,
             "audit": cmd_audit, "split-server": cmd_split_server,
             "superlink": cmd_superlink, "node": cmd_node, "certs": cmd_certs, "node-key": cmd_node_key,
             "register-node": cmd_register_node, "run": cmd_run, "status": cmd_status, "logs": cmd_logs}
@@ -391,11 +424,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
+    if args.command != "doctor":
+        from fedpeft import versions
+
+        versions.warn_if_untested()
     try:
         return COMMANDS[args.command](args)
     except FedPeftError as e:
         console.print(f"[red]error:[/] {e}")
         return 2
+    except BrokenPipeError:  # the reader went away (`fedpeft config | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -222,11 +222,40 @@ def build_peft_model(base: nn.Module, adapter: AdapterSection, task: str, seed: 
         except ValueError as e:
             raise ModelError(f"cannot build a {adapter.type} adapter on this model: {e}. "
                              f"Set adapter.target_modules explicitly.") from None
+        if adapter.type == "prefix":
+            _probe_prefix(model)
     if task == "classification" and not adapter.train_head:
         for name, p in model.named_parameters():
             if "classifier" in name or "score" in name:
                 p.requires_grad_(False)
     return model
+
+
+def _probe_prefix(model: nn.Module) -> None:
+    """Refuse prefix tuning where peft cannot hand the prefixes to the model, before any training.
+
+    peft passes prefixes as ``past_key_values`` and, for sequence classification, first checks that the
+    model's ``forward`` (or its backbone's) names that argument. transformers 5.24 renamed it to ``cache``
+    in every architecture, so an architecture's own classification head (``model.pooling = "model"``)
+    fails there, while fedpeft's pooling head still names it. A two-token forward asks peft itself, so the
+    answer is right for every installed version (the caller runs this inside its forked RNG).
+    """
+    import peft
+    import transformers
+
+    ids = torch.ones(1, 2, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except ValueError as e:
+        if "past key values" not in str(e):
+            raise
+        raise ModelError(
+            f"prefix tuning does not work on this model with transformers {transformers.__version__} and peft "
+            f"{peft.__version__}: peft passes prefixes as 'past_key_values', which this model's forward does not "
+            f"accept (transformers >= 5.24 calls it 'cache'). Use model.pooling = 'mean' or 'cls' (fedpeft's "
+            f"pooling head accepts prefixes on every supported version), adapter.type = 'lora', 'prompt' or "
+            f"'ia3', or transformers < 5.24.") from None
 
 
 def adapter_state(model: nn.Module) -> AdapterState:

@@ -91,3 +91,31 @@ def test_packaged_minilm_loads_offline():
     enc = tok(["markets rallied"], return_tensors="pt")
     with torch.no_grad():
         assert model(**enc).logits.shape == (1, 5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "model"])
+def test_prefix_tuning_refused_exactly_where_peft_cannot_pass_prefixes(pooling):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``: peft then refuses prefixes on an architecture's
+    own classification head. fedpeft must refuse exactly those combinations up front and train the others."""
+    import peft
+
+    cfg = config.load(None, ["model.name=tiny-bert", f"model.pooling={pooling}", "adapter.type=prefix",
+                             "model.tiny_hidden_size=32", "data.source=file", "data.path=x.jsonl"])
+    plain = peft.get_peft_model(models.load_base_model(cfg.model, num_labels=3, seed=1),
+                                peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
+    try:
+        plain(**_batch("classification"))
+        peft_passes_prefixes = True
+    except ValueError:
+        peft_passes_prefixes = False
+    if pooling != "model":
+        assert peft_passes_prefixes, "fedpeft's pooling head must accept prefixes on every supported version"
+    base = models.load_base_model(cfg.model, num_labels=3, seed=1)
+    if not peft_passes_prefixes:
+        with pytest.raises(ModelError, match="model.pooling = 'mean' or 'cls'"):
+            models.build_peft_model(base, cfg.adapter, "classification", seed=1)
+        return
+    model = models.build_peft_model(base, cfg.adapter, "classification", seed=1)
+    model(**_batch("classification")).loss.backward()
+    prefix = [p for n, p in model.named_parameters() if "prompt_encoder" in n]
+    assert prefix and all(p.grad is not None and p.grad.abs().sum() > 0 for p in prefix)

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from fedpeft.config import PrivacySection
 from fedpeft.errors import PrivacyError
+from fedpeft.models import MeanPoolClassifier
 from fedpeft.privacy import LocalDP, SoftPromptModel, causal_lm_loss, derive_noise_multiplier
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -80,8 +81,11 @@ def prefix_gpt2() -> nn.Module:
 
 
 def prefix_bert() -> nn.Module:
-    return peft.get_peft_model(tiny_bert(), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4,
-                                                                    prefix_projection=True, encoder_hidden_size=16))
+    # fedpeft's pooling head: an architecture's own classification head refuses prefixes from transformers 5.24 on
+    # (tests/test_models.py::test_prefix_tuning_refused_exactly_where_peft_cannot_pass_prefixes)
+    base = MeanPoolClassifier(tiny_bert().bert, num_labels=3, pooling="cls")
+    return peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4,
+                                                             prefix_projection=True, encoder_hidden_size=16))
 
 
 def peft_prompt_bert() -> nn.Module:

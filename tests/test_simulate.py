@@ -1,9 +1,12 @@
 """End to end: the in-process engine runs the real ServerApp/ClientApp on a tiny model."""
 
+import json
 from pathlib import Path
 
+import peft
 import pytest
 import torch
+import transformers
 from flwr.app import Message
 from peft import PeftModel
 
@@ -32,6 +35,10 @@ def test_simulate_learns_and_writes_a_complete_run_directory(tiny_cfg):
         assert (run_dir / name).exists(), name
     assert config.load(run_dir / "config.toml") == cfg
     assert "eval_accuracy" in (run_dir / "summary.md").read_text()
+    env = json.loads((run_dir / "versions.json").read_text())
+    installed = {p["name"]: p["installed"] for p in env["packages"]}
+    assert installed["transformers"] == transformers.__version__ and installed["peft"] == peft.__version__
+    assert env["device"]["device"] == "cpu"
 
     # the saved adapter reloads with plain peft and reproduces the final evaluation
     rt = get_runtime(cfg)

@@ -1,8 +1,8 @@
 """The Flower ServerApp. Every engine and a real deployment run this same object.
 
 The run configuration travels in the Flower run config: ``fedpeft-config`` (the resolved TOML text),
-``run-dir`` (where metrics, checkpoints and the adapter go) and ``resume`` (continue from the
-checkpoint in ``run-dir``).
+``run-dir`` (where metrics, checkpoints, the adapter and ``versions.json`` go) and ``resume`` (continue
+from the checkpoint in ``run-dir``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft import config
+from fedpeft import config, versions
 from fedpeft.server.loop import FederatedServer, Observer
 
 
@@ -27,6 +27,7 @@ def make_app(observers: Sequence[Observer] = ()) -> ServerApp:
         cfg = config.loads(str(context.run_config["fedpeft-config"]))
         run_dir = Path(str(context.run_config["run-dir"]))
         run_dir.mkdir(parents=True, exist_ok=True)
+        versions.write_versions(run_dir)  # the server process's environment, rewritten on resume
         resume = bool(context.run_config.get("resume", False))
         FederatedServer(cfg, run_dir, resume=resume, observers=observers).run(grid)
 
