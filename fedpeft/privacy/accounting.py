@@ -1,14 +1,21 @@
 """Privacy accounting with amplification by sampling, on top of ``opacus.accountants``.
 
 :class:`ClientLevelAccountant` is the server's accountant for client-level DP: one sampled-Gaussian
-step per round with sampling rate ``q = clients sampled / total clients``. Unlike Flower's built-in
-fixed-clipping accountant (which assumes every client every round, q = 1: epsilon ~ 96 after 100 rounds
-at z = 1, delta = 1e-5) this accounts for the amplification that client sampling gives
-(q = 0.1: epsilon ~ 7.9 with RDP).
+step per round. Unlike Flower's built-in fixed-clipping accountant (which assumes every client every
+round, q = 1: epsilon ~ 96 after 100 rounds at z = 1, delta = 1e-5) it accounts for the amplification
+that client sampling gives (q = 0.1: epsilon ~ 7.9 with RDP). Each round is charged with its own
+sampling rate, so rounds with different populations compose (both RDP and PRV take mixed histories).
 
-The analysis assumes Poisson sampling of clients (each independently with probability q). Sampling a
-fixed number m of N clients without replacement is the usual approximation (as in DP-FedAvg); for a
-strict guarantee under fixed-size sampling the server should sample clients with Poisson sampling.
+Two sampling schemes, each with the neighbouring relation its analysis needs:
+
+- ``poisson``: every eligible client joins a round independently with probability q; neighbouring
+  federations differ by adding or removing one client (add/remove). opacus' sampled-Gaussian RDP or
+  PRV accountant, sensitivity ``C`` of the clipped sum.
+- ``fixed``: exactly m of N clients, uniformly without replacement; neighbouring federations have the
+  same N and differ in one client's data (replace-one). The sensitivity of the clipped sum is then
+  ``2C``, and the RDP of the subsampled Gaussian is bounded with Wang, Balle & Kasiviswanathan (2019,
+  "Subsampled Renyi Differential Privacy and Analytical Moments Accountant", Theorem 9) at integer
+  orders. Only ``accountant = "rdp"`` supports it.
 
 The state is the composition history ``[[noise_multiplier, sample_rate, steps], ...]`` as plain JSON,
 so a resumed run continues the exact same epsilon curve.
@@ -23,12 +30,16 @@ from typing import Any
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
+from opacus.accountants.analysis.rdp import get_privacy_spent
 
 from fedpeft.errors import PrivacyError
 
 log = logging.getLogger(__name__)
 
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
+SAMPLING = ("poisson", "fixed")
+#: integer RDP orders for fixed-size sampling (the without-replacement bound is stated at integer orders)
+FIXED_ORDERS = [*range(2, 65), 80, 96, 128, 192, 256]
 
 
 def make_accountant(kind: str) -> IAccountant:
@@ -72,11 +83,54 @@ def compute_epsilon(accountant: IAccountant, delta: float) -> float:
     return float(accountant.get_epsilon(delta=delta))
 
 
-class ClientLevelAccountant:
-    """Server-side accountant for client-level DP: :meth:`step` once per round."""
+def _log_add(a: float, b: float) -> float:
+    hi, lo = max(a, b), min(a, b)
+    return hi if lo == -math.inf else hi + math.log1p(math.exp(lo - hi))
 
-    def __init__(self, kind: str = "rdp") -> None:
+
+def rdp_fixed_size_gaussian(noise_multiplier: float, sample_rate: float, order: int) -> float:
+    """RDP at integer ``order`` >= 2 of one round: m = ``sample_rate`` * N clients drawn without replacement,
+    Gaussian noise ``noise_multiplier * C`` on a sum of updates clipped to C, replace-one relation.
+
+    Wang, Balle & Kasiviswanathan (2019), Theorem 9, for a base mechanism with eps(inf) = inf:
+    (1/(a-1)) log(1 + g^2 C(a,2) min(4(e^eps(2) - 1), 2 e^eps(2)) + sum_{j=3..a} 2 g^j C(a,j) e^((j-1) eps(j))),
+    where eps(j) = j (2C)^2 / (2 (zC)^2) = 2j / z^2 is the Gaussian mechanism's RDP at sensitivity 2C.
+    """
+    z, g, a = noise_multiplier, sample_rate, order
+    if z <= 0:
+        return math.inf
+
+    def eps(j: int) -> float:
+        return 2.0 * j / z**2
+
+    if g >= 1.0:
+        return eps(a)
+    log_g = math.log(g)
+    two = 2 * log_g + math.log(math.comb(a, 2)) + min(math.log(4) + eps(2) + math.log(-math.expm1(-eps(2))),
+                                                      math.log(2) + eps(2))
+    log_sum = _log_add(0.0, two)
+    for j in range(3, a + 1):
+        log_sum = _log_add(log_sum, math.log(2) + j * log_g + math.log(math.comb(a, j)) + (j - 1) * eps(j))
+    return log_sum / (a - 1)
+
+
+def fixed_size_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at ``delta`` of a fixed-size-sampling history (RDP composition, then opacus' conversion)."""
+    rdp = [sum(n * rdp_fixed_size_gaussian(z, q, a) for z, q, n in history) for a in FIXED_ORDERS]
+    return float(get_privacy_spent(orders=FIXED_ORDERS, rdp=rdp, delta=delta)[0])
+
+
+class ClientLevelAccountant:
+    """Server-side accountant for client-level DP: :meth:`step` once per round, with that round's q."""
+
+    def __init__(self, kind: str = "rdp", sampling: str = "poisson") -> None:
+        if sampling not in SAMPLING:
+            raise PrivacyError(f"unknown client sampling {sampling!r}; known: {', '.join(SAMPLING)}")
+        if sampling == "fixed" and kind != "rdp":
+            raise PrivacyError(f"fixed-size client sampling is accounted with RDP only (replace-one bound); "
+                               f"privacy.accountant = {kind!r} works with poisson sampling")
         self.kind = kind
+        self.sampling = sampling
         self._acc = make_accountant(kind)
 
     def step(self, noise_multiplier: float, sample_rate: float) -> None:
@@ -99,14 +153,19 @@ class ClientLevelAccountant:
 
     def epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta``."""
-        return compute_epsilon(self._acc, delta)
+        if self.sampling == "poisson" or not self._acc.history:
+            return compute_epsilon(self._acc, delta)
+        if not 0 < delta < 1:
+            raise PrivacyError(f"delta must be in (0, 1), got {delta}")
+        return fixed_size_epsilon(self.history, delta)
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain JSON-able state: the accountant kind and its history."""
-        return {"kind": self.kind, "history": history_to_json(self._acc.history)}
+        """Plain JSON-able state: the accountant kind, the sampling scheme and the history."""
+        return {"kind": self.kind, "sampling": self.sampling, "history": history_to_json(self._acc.history)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; the kind must match."""
-        if state.get("kind") != self.kind:
-            raise PrivacyError(f"accountant state is for {state.get('kind')!r}, this accountant is {self.kind!r}")
+        """Restore from :meth:`state_dict`; kind and sampling scheme must match."""
+        if state.get("kind") != self.kind or state.get("sampling", "poisson") != self.sampling:
+            raise PrivacyError(f"accountant state is for {state.get('kind')!r} with {state.get('sampling')!r} "
+                               f"sampling, this accountant is {self.kind!r} with {self.sampling!r}")
         self._acc.history = history_from_json(state.get("history"))

@@ -20,9 +20,9 @@ client::
     sent    = clip_to_norm(decoded, C)                   bound what is actually sent (AFTER encode->decode)
     residual = delta - sent                              (error feedback keeps what was dropped/shrunk)
 
-For codecs whose decode is linear in a scale (sign x scale, per-tensor int8 scales, top-k values),
-``sent`` is the payload with its scales multiplied by ``clip_factor(decoded, C)``; the client never has
-to send ``sent`` in any other form.
+The payload on the wire is ``encode(delta)`` unchanged: the client does not rescale it. ``sent`` is what
+the server will make of it (decode, then ``clip_to_norm``); the client computes it only to keep its
+error-feedback residual exact, and the server applies the same clip to every decoded reply.
 
 server::
 
