@@ -25,7 +25,7 @@ from fedpeft.compression import ErrorFeedback, Layout, make_codec
 from fedpeft.errors import PayloadError
 from fedpeft.runtime import Runtime
 from fedpeft.clients import node_runtime, secagg
-from fedpeft.server import protocol
+from fedpeft import protocol
 from fedpeft.training import TrainResult, num_local_steps, set_threads, train_local
 
 app = ClientApp()
