@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from fedpeft import models
-from fedpeft.clients.app import client_seed
 from fedpeft.compression import ErrorFeedback, Layout, make_codec
 from fedpeft.privacy import clip_to_norm, clip_update, global_norm
 from fedpeft.runtime import get_runtime
 from fedpeft.simulation import runner
-from fedpeft.training import train_local
+from fedpeft.training import client_seed, train_local
 from fedpeft.update import encode_update, error_feedback
 
 CPU = torch.device("cpu")

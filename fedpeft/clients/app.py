@@ -25,7 +25,7 @@ from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import PayloadError
 from fedpeft.runtime import Runtime
 from fedpeft.clients import node_runtime, secagg
-from fedpeft.training import TrainResult, num_local_steps, set_threads, train_local
+from fedpeft.training import TrainResult, client_seed, num_local_steps, set_threads, train_local
 
 app = ClientApp()
 EF_STATE = "fedpeft.error-feedback"
@@ -64,11 +64,6 @@ def receive_global(msg: Message, context: Context, layout: Layout, downlink_spec
         context.state[BROADCAST_STATE] = _record({k: v.numpy() for k, v in state.items()})
         context.state[BROADCAST_ROUND] = ConfigRecord({"round": int(instruction["round"])})
     return state
-
-
-def client_seed(seed: int, rnd: int, partition_id: int) -> int:
-    """The training seed of one client in one round (independent of engine and sampling order)."""
-    return (seed * 1_000_003 + rnd * 10_007 + partition_id) % (2**63 - 1)
 
 
 def _train_split(cfg: config.Config, rt: Runtime, client_id: str, dataset: Dataset, global_state: models.AdapterState,

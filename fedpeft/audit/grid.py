@@ -24,7 +24,7 @@ import torch
 
 from fedpeft import config
 from fedpeft.attacks.observation import Observation, State
-from fedpeft.attacks.victim import Truth, _later_round, private_batch, victim_config
+from fedpeft.audit.victim import Truth, _later_round, private_batch, victim_config
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.update import encode_update, error_feedback
