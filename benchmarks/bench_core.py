@@ -38,7 +38,7 @@ def plain_round(cfg, rt, global_state) -> float:
     import torch
 
     from fedpeft import models
-    from fedpeft.clients.app import client_seed
+    from fedpeft.training import client_seed
     from fedpeft.server.aggregate import weighted_mean
     from fedpeft.training import train_local
 

@@ -246,19 +246,20 @@ def cmd_compare_compression(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedpeft.attacks import audit
+    from fedpeft.audit.grid import GRID_KEYS
+    from fedpeft.audit.run import check, run_audit
 
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None
     if args.capture:
         return _audit_capture(args, attacks)
     if args.rounds or args.clients:
         raise FedPeftError("--rounds and --clients select updates of a real run: use them with --capture")
-    cfg, cells = audit.check(config.load(args.scenario, args.overrides), args.grid, attacks)
+    cfg, cells = check(config.load(args.scenario, args.overrides), args.grid, attacks)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("audit cells", total=len(cells))
 
-        varying = [k for k in audit.GRID_KEYS if len({str(c[k]) for c in cells}) > 1] or ["batch_size"]
+        varying = [k for k in GRID_KEYS if len({str(c[k]) for c in cells}) > 1] or ["batch_size"]
 
         def done(i: int, total: int, row: dict[str, Any]) -> None:
             cell = ", ".join(f"{k}={row[k]}" for k in varying)
@@ -266,7 +267,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                    f"top {row['top_true']:.2f} (chance {row['chance']:.2f})")
             progress.advance(task)
 
-        out = audit.run_audit(cfg, cells, on_cell=done)
+        out = run_audit(cfg, cells, on_cell=done)
     console.print((out / "audit.md").read_text())
     console.print(f"audit written to [bold]{out}[/]")
     print(json.dumps({"audit_dir": str(out)}))
@@ -288,7 +289,7 @@ def cmd_split_server(args: argparse.Namespace) -> int:
 
 
 def _audit_capture(args: argparse.Namespace, attacks: list[str] | None) -> int:
-    from fedpeft.simulation import capture
+    from fedpeft.audit import capture
 
     cfg = capture.check(config.load(args.scenario, args.overrides), attacks, args.grid)
     with console.status("running the scenario; the server keeps the updates it decodes"):

@@ -69,6 +69,11 @@ def num_local_steps(cfg: TrainSection, num_examples: int) -> int:
     return max(1, math.ceil(cfg.local_epochs * num_examples / cfg.batch_size))
 
 
+def client_seed(seed: int, rnd: int, partition_id: int) -> int:
+    """The training seed of one client in one round (independent of engine and sampling order)."""
+    return (seed * 1_000_003 + rnd * 10_007 + partition_id) % (2**63 - 1)
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: TrainSection) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters."""
     if cfg.optimizer == "sgd":

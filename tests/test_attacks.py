@@ -13,7 +13,7 @@ import torch
 
 from fedpeft.attacks import ATTACKS, AttackResult, NotApplicable, Observation, run_attack
 from fedpeft.attacks.metrics import ranking_score, summarize, token_prf
-from fedpeft.attacks.victim import make_victim
+from fedpeft.audit.victim import make_victim
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is faster

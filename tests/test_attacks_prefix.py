@@ -16,7 +16,7 @@ from fedpeft.attacks import Observation, run_attack
 from fedpeft.attacks.lora_io import residuals, row_basis
 from fedpeft.attacks.metrics import summarize
 from fedpeft.attacks.prefix_span import key_blocks, layer0_queries, prefix_layout
-from fedpeft.attacks.victim import observe, private_batch, victim_config
+from fedpeft.audit.victim import observe, private_batch, victim_config
 from fedpeft.models import build_peft_model, load_base_model
 
 
@@ -98,7 +98,7 @@ def test_stacking_rounds_adds_prefix_rows_and_makes_the_check_exact() -> None:
 def test_prefix_span_says_not_applicable_without_prefix_keys() -> None:
     from fedpeft.attacks import NotApplicable
     from fedpeft.attacks.prefix_span import run_prefix
-    from fedpeft.attacks.victim import make_victim
+    from fedpeft.audit.victim import make_victim
 
     obs, _ = make_victim(adapter="prompt", batch_size=1, seed=0)
     with pytest.raises(NotApplicable):

@@ -17,7 +17,7 @@ from fedpeft import models
 from fedpeft.attacks import NotApplicable, Observation, run_attack
 from fedpeft.attacks.metrics import summarize
 from fedpeft.attacks.smashed import SplitObservation
-from fedpeft.attacks.victim import make_victim, private_batch
+from fedpeft.audit.victim import make_victim, private_batch
 from fedpeft.config import AdapterSection, ModelSection, TrainSection
 from fedpeft.split.body import BodyServer
 from fedpeft.split.client import SplitClient, SplitOptions

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from fedpeft import cli, config
-from fedpeft.attacks import audit
-from fedpeft.attacks.audit_grid import parse_grid
+from fedpeft.audit import run as audit
+from fedpeft.audit.grid import parse_grid
 from fedpeft.errors import ConfigError
 
 SCENARIO = Path(__file__).resolve().parents[1] / "simulations" / "privacy-audit.toml"

@@ -20,7 +20,7 @@ import torch
 from conftest import tiny_overrides
 
 from fedpeft import cli, config, report
-from fedpeft.simulation import capture
+from fedpeft.audit import capture
 
 FAST = ["span", "subspace_opt"]
 
@@ -53,7 +53,7 @@ def _rows(run_dir: Path) -> list[dict[str, str]]:
 
 def test_replayed_sampler_draws_what_the_client_trained_on(tmp_path: Path) -> None:
     """drawn_indices == the indices train_local actually read (batch 2, 3 steps, multi-epoch)."""
-    from fedpeft.clients.app import client_seed
+    from fedpeft.training import client_seed
     from fedpeft.runtime import get_runtime
     from fedpeft.training import train_local
 

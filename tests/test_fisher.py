@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from fedpeft import models
-from fedpeft.clients.app import client_seed
 from fedpeft.compression import make_codec
 from fedpeft.config import PrivacySection
 from fedpeft.privacy import LocalDP
 from fedpeft.runtime import get_runtime
 from fedpeft.simulation import runner
-from fedpeft.training import train_local
+from fedpeft.training import client_seed, train_local
 
 CPU = torch.device("cpu")
 

@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedpeft import report
 from fedpeft.clients.app import app as client_app
-from fedpeft.server import protocol
+from fedpeft import protocol
 from fedpeft.simulation import runner
 
 

@@ -23,7 +23,7 @@ from fedpeft import config
 from fedpeft.clients.app import app as client_app
 from fedpeft.compression import make_codec
 from fedpeft.errors import ConfigError
-from fedpeft.server import protocol
+from fedpeft import protocol
 from fedpeft.server.loop import FederatedServer
 from fedpeft.simulation import runner
 from fedpeft.simulation.inprocess import InProcessGrid, node_id

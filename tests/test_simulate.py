@@ -13,7 +13,7 @@ from peft import PeftModel
 from fedpeft import config, models, report
 from fedpeft.clients.app import app as client_app
 from fedpeft.runtime import get_runtime
-from fedpeft.server import protocol
+from fedpeft import protocol
 from fedpeft.simulation import runner
 from conftest import interrupt_and_resume
 

@@ -1,4 +1,4 @@
-"""Gradient-inversion attacks, leakage metrics and the privacy audit (see issue: attack suite).
+"""Gradient-inversion attacks and leakage metrics (the audit that runs them: :mod:`fedpeft.audit`).
 
 An attack is ``run(obs: Observation, **params) -> AttackResult``, registered by name in
 :data:`ATTACKS`; :func:`run_attack` runs one by name. Importing this package registers them all.

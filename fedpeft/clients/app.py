@@ -20,13 +20,12 @@ from torch.utils.data import Dataset
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpeft import config, models, privacy
-from fedpeft.compression import ErrorFeedback, Layout, make_codec
+from fedpeft import config, models, privacy, protocol, update
+from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import PayloadError
 from fedpeft.runtime import Runtime
 from fedpeft.clients import node_runtime, secagg
-from fedpeft.server import protocol
-from fedpeft.training import TrainResult, num_local_steps, set_threads, train_local
+from fedpeft.training import TrainResult, client_seed, num_local_steps, set_threads, train_local
 
 app = ClientApp()
 EF_STATE = "fedpeft.error-feedback"
@@ -65,11 +64,6 @@ def receive_global(msg: Message, context: Context, layout: Layout, downlink_spec
         context.state[BROADCAST_STATE] = _record({k: v.numpy() for k, v in state.items()})
         context.state[BROADCAST_ROUND] = ConfigRecord({"round": int(instruction["round"])})
     return state
-
-
-def client_seed(seed: int, rnd: int, partition_id: int) -> int:
-    """The training seed of one client in one round (independent of engine and sampling order)."""
-    return (seed * 1_000_003 + rnd * 10_007 + partition_id) % (2**63 - 1)
 
 
 def _train_split(cfg: config.Config, rt: Runtime, client_id: str, dataset: Dataset, global_state: models.AdapterState,
@@ -124,28 +118,17 @@ def train(msg: Message, context: Context) -> Message:
     if local_dp is not None:
         context.state[LOCAL_DP_STATE] = ConfigRecord({"json": json.dumps(local_dp.state_dict())})
         extra["epsilon-local"] = local_dp.epsilon()
-    use_ef = cfg.compression.error_feedback and codec.biased
-    client_dp = cfg.privacy.mode in ("client", "both")
-    t_enc = time.perf_counter()
-    if use_ef:
-        ef = ErrorFeedback()
-        if EF_STATE in context.state:
-            ef.load_state_dict(_arrays(context.state[EF_STATE]))
-        delta = ef.compensate(delta)
-    if client_dp:  # bound what goes into the codec; the server bounds what comes out of it
-        clip = float(instruction["clip-norm"])
-        norm = privacy.global_norm(delta)
-        extra.update({"clip-indicator": privacy.AdaptiveClipper.indicator(norm, clip), "update-norm": norm})
-        delta = privacy.clip_update(delta, clip)[0]
-    payload = codec.encode(delta, layout, rng=np.random.default_rng(seed), fisher=result.fisher)
-    encode_ms = 1000 * (time.perf_counter() - t_enc)
-    if use_ef:
-        sent = codec.decode(payload, layout)
-        if client_dp:
-            sent = privacy.clip_to_norm(sent, clip)  # exactly what the server will aggregate
-        ef.update(delta, sent)
+    ef = update.error_feedback(codec, cfg.compression.error_feedback)
+    if ef is not None and EF_STATE in context.state:
+        ef.load_state_dict(_arrays(context.state[EF_STATE]))
+    clip = float(instruction["clip-norm"]) if cfg.privacy.mode in ("client", "both") else None
+    enc = update.encode_update(delta, codec, layout, rng=np.random.default_rng(seed), fisher=result.fisher, ef=ef,
+                               clip=clip)
+    if ef is not None:
         context.state[EF_STATE] = _record(ef.state_dict())
+    if clip is not None:
+        extra.update({"clip-indicator": enc.clip_indicator, "update-norm": enc.update_norm})
     metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-steps": result.steps,
-               "train-seconds": result.seconds, "encode-ms": encode_ms,
+               "train-seconds": result.seconds, "encode-ms": enc.encode_ms,
                "client-seconds": time.perf_counter() - t0, "partition-id": partition_id, **extra}
-    return Message(protocol.train_reply(payload, metrics), reply_to=msg)
+    return Message(protocol.train_reply(enc.payload, metrics), reply_to=msg)

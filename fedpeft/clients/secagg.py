@@ -25,8 +25,8 @@ from fedpeft import config as fconfig
 from fedpeft.compression import make_codec
 from fedpeft.errors import FedPeftError, PayloadError
 from fedpeft.clients import node_runtime
-from fedpeft.server import protocol
-from fedpeft.server.protocol import DP_FLAG, HIDDEN_METRICS, PAYLOAD_TYPE, SLACK, WEIGHT_CAP
+from fedpeft import protocol
+from fedpeft.protocol import DP_FLAG, HIDDEN_METRICS, PAYLOAD_TYPE, SLACK, WEIGHT_CAP
 
 log = logging.getLogger(__name__)
 

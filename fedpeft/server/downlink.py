@@ -26,7 +26,7 @@ import torch
 from fedpeft import models
 from fedpeft.compression import Codec, Layout, Payload, make_codec
 from fedpeft.config import Config
-from fedpeft.server import protocol
+from fedpeft import protocol
 
 Content = protocol.RecordDict
 

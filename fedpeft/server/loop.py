@@ -25,12 +25,12 @@ from safetensors.torch import save_file
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedpeft import models
+from fedpeft import models, protocol
 from fedpeft.compression import make_codec
 from fedpeft.config import Config
 from fedpeft.errors import FedPeftError, PayloadError
 from fedpeft.runtime import get_runtime
-from fedpeft.server import checkpoint, protocol
+from fedpeft.server import checkpoint
 from fedpeft.server.aggregate import make_server_optimizer, weighted_mean
 from fedpeft.server.downlink import Downlink
 from fedpeft.privacy import check_privacy

@@ -50,8 +50,8 @@ from fedpeft.compression import Layout
 from fedpeft.config import Config
 from fedpeft.errors import FedPeftError, PayloadError
 from fedpeft.models import AdapterState
-from fedpeft.server import protocol
-from fedpeft.server.protocol import DP_FLAG, PAYLOAD_TYPE, SLACK, WEIGHT_CAP
+from fedpeft import protocol
+from fedpeft.protocol import DP_FLAG, PAYLOAD_TYPE, SLACK, WEIGHT_CAP
 
 log = logging.getLogger(__name__)
 

@@ -103,15 +103,16 @@ def privatize(update: State, clip: float | None, noise_multiplier: float, seed: 
 
 
 def compress(update: State, codec: str, seed: int = 0) -> State:
-    """Encode + decode through a :mod:`fedpeft.compression` codec (what the server decodes)."""
+    """Encode + decode through a :mod:`fedpeft.compression` codec (what the server decodes), by the
+    clients' own pipeline (:func:`fedpeft.update.encode_update`; no error feedback: one round each)."""
     import numpy as np
 
     from fedpeft.compression import Layout, make_codec
+    from fedpeft.update import encode_update
 
-    c = make_codec(codec)
     f32 = {k: v.to(torch.float32) for k, v in update.items()}
     layout = Layout.from_state(f32)
-    decoded = c.decode(c.encode(f32, layout, rng=np.random.default_rng(seed)), layout)
+    decoded = encode_update(f32, make_codec(codec), layout, rng=np.random.default_rng(seed)).sent
     return {k: decoded[k].to(update[k].dtype) for k in update}
 
 

@@ -1,6 +1,6 @@
 """``fedpeft audit``: run the attack suite over a grid of victim settings and give each cell a verdict.
 
-Per cell (see :mod:`fedpeft.attacks.audit_grid` for the grid and how a cell's client update is
+Per cell (see :mod:`fedpeft.audit.grid` for the grid and how a cell's client update is
 produced): every configured attack runs on the server's observation; its result is scored against
 the private batch (only here does ground truth meet an attack's output). The cell keeps the best
 value over attacks of token F1, ROUGE-2, exact-sequence rate and the threshold-free ranking score
@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
-from fedpeft.attacks.audit_grid import GRID_KEYS, ClientView, client_view, plan
 from fedpeft.attacks.label_and_canary import canary_rank
 from fedpeft.attacks.metrics import exposure, summarize
 from fedpeft.attacks.observation import ATTACKS, NotApplicable, run_attack
-from fedpeft.attacks.victim import WORDS
+from fedpeft.audit.grid import GRID_KEYS, ClientView, client_view, parse_dp, plan
+from fedpeft.audit.victim import WORDS
 from fedpeft.config import AuditSection, Config
 from fedpeft.errors import ConfigError
 
@@ -186,7 +186,6 @@ def check(cfg: Config, extra_grid: list[str] | None = None,
     work starts; returns the effective config and the grid's cells."""
     cfg = with_attacks(cfg, attacks)
     cells = plan(cfg, extra_grid)
-    from fedpeft.attacks.audit_grid import parse_dp
 
     for cell in cells:  # an unreachable target epsilon fails here, not after an hour of cells
         mode, kind, value = parse_dp(cell["dp"])
@@ -203,7 +202,7 @@ def run_audit(cfg: Config, cells: list[dict[str, Any]] | None = None,
     """Run every cell (default: the cells of ``cfg.audit.grid``), write ``audit.md``, ``audit.csv``,
     ``audit.png`` and ``config.toml``; returns the audit directory. ``on_cell(i, total, row)`` is
     called after each cell (progress display)."""
-    from fedpeft.attacks import audit_report
+    from fedpeft.audit import report
 
     if cells is None:
         cfg, cells = check(cfg)
@@ -217,5 +216,5 @@ def run_audit(cfg: Config, cells: list[dict[str, Any]] | None = None,
             log.info("audit cell %d/%d: %s -> %s", i + 1, len(cells), cell, rows[-1]["verdict"])
             if on_cell:
                 on_cell(i, len(cells), rows[-1])
-    audit_report.write(out, cfg, rows)
+    report.write(out, cfg, rows)
     return out

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft import report
-from fedpeft.attacks.audit_grid import GRID_KEYS
+from fedpeft.audit.grid import GRID_KEYS
 from fedpeft.config import Config
 
 VERDICT_COLORS = {"fail": "tab:red", "warn": "tab:orange", "pass": "tab:green"}
@@ -56,7 +56,7 @@ def legend(cfg: Config) -> str:
 
 def write(out: Path, cfg: Config, rows: list[dict[str, Any]]) -> None:
     """audit.csv, audit.md and (if output.plots) audit.png."""
-    from fedpeft.attacks.audit import COLUMNS
+    from fedpeft.audit.run import COLUMNS
 
     with open(out / "audit.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")

@@ -2,10 +2,10 @@
 real client produces its reply.
 
 A cell's client trains with :func:`fedpeft.training.train_local` (the ClientApp's own loop: its
-optimizer, gradient clip, and Opacus DP-SGD through :class:`fedpeft.privacy.LocalDP`), applies
-error feedback and client-level clipping like ``clients/app.py``, encodes with the real codec, and
-the server side decodes (and, under client-level DP, clips) it. The attacker gets what the server
-decoded; the payload size and the real accountant's epsilon are recorded beside it.
+optimizer, gradient clip, and Opacus DP-SGD through :class:`fedpeft.privacy.LocalDP`), then sends its
+delta through :func:`fedpeft.update.encode_update`, the ClientApp's own pipeline (error feedback,
+client-level clip, the real codec, decode, server-side clip). The attacker gets what the server
+aggregates; the payload size and the real accountant's epsilon are recorded beside it.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import torch
 
 from fedpeft import config
 from fedpeft.attacks.observation import Observation, State
-from fedpeft.attacks.victim import Truth, _later_round, private_batch, victim_config
-from fedpeft.compression import ErrorFeedback, Layout, make_codec
+from fedpeft.audit.victim import Truth, _later_round, private_batch, victim_config
+from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import ConfigError, FedPeftError
+from fedpeft.update import encode_update, error_feedback
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def _local_dp(cfg: config.Config, mode: str, kind: str, value: float, n: int, to
 def client_view(cfg: config.Config, cell: dict[str, Any], seed: int) -> ClientView:
     """Train one victim client for ``cell['rounds']`` rounds and return what the server decoded."""
     from fedpeft.models import adapter_state, build_peft_model, load_base_model, set_adapter_state, subtract
-    from fedpeft.privacy import ClientLevelAccountant, clip_to_norm, clip_update
+    from fedpeft.privacy import ClientLevelAccountant
     from fedpeft.training import train_local
 
     vcfg = victim_config(cfg.model.name, "lora", cell["rank"], cell["targets"].replace("+", ","),
@@ -228,7 +229,7 @@ def client_view(cfg: config.Config, cell: dict[str, Any], seed: int) -> ClientVi
     mode, kind, value = parse_dp(cell["dp"])
     ldp = _local_dp(cfg, mode, kind, value, b, rounds * cell["steps"], seed) if mode == "local" else None
     codec = make_codec(cell["codec"])
-    ef = ErrorFeedback() if cfg.compression.error_feedback and codec.biased else None
+    ef = error_feedback(codec, cfg.compression.error_feedback)
     init = adapter_state(model)
     layout = Layout.from_state(init)
     pairs: list[tuple[State, State]] = []
@@ -246,16 +247,10 @@ def client_view(cfg: config.Config, cell: dict[str, Any], seed: int) -> ClientVi
                              fisher=codec.wants_fisher).fisher
         clean = subtract(adapter_state(model), g_state)
         reference = reference if ldp is not None else clean
-        delta = ef.compensate(clean) if ef else clean
-        if mode == "client":  # the client bounds what goes into the codec ...
-            delta = clip_update(delta, cfg.privacy.clip_norm)[0]
-        payload = codec.encode(delta, layout, rng=np.random.default_rng(seed * 1000 + rnd), fisher=fisher)
-        decoded = codec.decode(payload, layout)
-        if mode == "client":  # ... and the server bounds what came out of it (noise comes after averaging)
-            decoded = clip_to_norm(decoded, cfg.privacy.clip_norm)
-        if ef:
-            ef.update(delta, decoded)
-        nbytes, cos = payload.nbytes, _cosine(decoded, reference)
+        enc = encode_update(clean, codec, layout, rng=np.random.default_rng(seed * 1000 + rnd), fisher=fisher,
+                            ef=ef, clip=cfg.privacy.clip_norm if mode == "client" else None)
+        decoded = enc.sent
+        nbytes, cos = enc.payload.nbytes, _cosine(decoded, reference)
         if cell["observed"] != "all":  # isolate one channel: the other LoRA tensors are withheld (zero)
             decoded = {k: v if f".{cell['observed']}." in k else torch.zeros_like(v) for k, v in decoded.items()}
         pairs.append((g_state, decoded))

@@ -1,6 +1,7 @@
 """Capture mode of ``fedpeft audit``: attack the updates of a real federated run.
 
-The scenario runs on the in-process engine with an observer in the server loop
+The scenario runs on the in-process engine (:func:`fedpeft.simulation.runner.simulate`, imported when
+a capture starts, so this module needs no Flower) with an observer in the server loop
 (:class:`fedpeft.server.loop.ObservedUpdate`): every update the server decoded — after the real uplink
 codec, the client's clip and any local DP noise — is kept (references, no copies) for the selected
 rounds and clients. After the run each one becomes an attack :class:`~fedpeft.attacks.observation.Observation`
@@ -13,7 +14,7 @@ local DP the client's seeded sampler is replayed (:func:`drawn_indices`: ``clien
 Under local DP-SGD the Poisson sample (Opacus, inside :mod:`fedpeft.privacy`) is not replayed and the
 truth is the client's whole partition (``truth = partition``).
 
-Verdicts use :func:`fedpeft.attacks.audit.verdict` and the grid audit's thresholds; ``audit.md``,
+Verdicts use :func:`fedpeft.audit.run.verdict` and the grid audit's thresholds; ``audit.md``,
 ``audit.csv`` and ``audit.png`` are written into the run directory beside its ``metrics.jsonl``.
 """
 
@@ -28,17 +29,20 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedpeft import report
-from fedpeft.attacks import audit, audit_report
 from fedpeft.attacks.metrics import ranking_score, rouge_l, rouge_n, token_prf
 from fedpeft.attacks.observation import NotApplicable, Observation, State, run_attack
+from fedpeft.audit import run
+from fedpeft.audit.report import metric_legend, plot
 from fedpeft.config import Config
 from fedpeft.errors import ConfigError
-from fedpeft.server.loop import ObservedUpdate
+
+if TYPE_CHECKING:  # the server loop imports flwr: audit/ names the type only
+    from fedpeft.server.loop import ObservedUpdate
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,7 @@ def check(cfg: Config, attacks: Sequence[str] | None = None, grid: Sequence[str]
     if grid:
         raise ConfigError("--grid and --capture exclude each other: a capture audit attacks the scenario's own "
                           "run; vary the scenario with --set instead")
-    cfg = audit.with_attacks(cfg, attacks)
+    cfg = run.with_attacks(cfg, attacks)
     if cfg.split.enabled:
         raise ConfigError("--capture attacks whole-adapter updates; with split.enabled the server sees activations "
                           "instead: use the smashed attack (docs/audit.md, 'Split learning')")
@@ -101,8 +105,7 @@ def check(cfg: Config, attacks: Sequence[str] | None = None, grid: Sequence[str]
 def drawn_indices(cfg: Config, rnd: int, partition_id: int, num_examples: int) -> list[int]:
     """The partition indices the client's seeded sampler drew in round ``rnd`` (no local DP), in order
     of first use: ``train_local``'s shuffled loader replayed with ``client_seed`` on indices only."""
-    from fedpeft.clients.app import client_seed
-    from fedpeft.training import _batches, num_local_steps  # the loader the client itself uses
+    from fedpeft.training import _batches, client_seed, num_local_steps  # the loader the client itself uses
 
     steps = num_local_steps(cfg.train, num_examples)
     gen = torch.Generator().manual_seed(client_seed(cfg.run.seed, rnd, partition_id))
@@ -165,7 +168,7 @@ def attack_update(obs: Observation, rows: list[list[int]], vocab: int, cfg: Conf
     for name in cfg.audit.attacks:
         try:
             # the grid's attack settings (grad_match budget, canary ranking), so both modes are comparable
-            result = run_attack(name, obs, **audit._attack_params(cfg.audit, name, canary, alphabet, cfg.run.seed))
+            result = run_attack(name, obs, **run._attack_params(cfg.audit, name, canary, alphabet, cfg.run.seed))
         except NotApplicable as e:
             log.info("capture: %s not applicable: %s", name, e)
             continue
@@ -176,9 +179,9 @@ def attack_update(obs: Observation, rows: list[list[int]], vocab: int, cfg: Conf
             canary_frac = max(canary_frac, per[name]["canary_exposure"])
     distinct = len({t for r in rows for t in r})
     chance = distinct / vocab
-    ranking = sorted(a for a, m in per.items() if "top_true" in m and audit.RANKING_COPIES.get(a) not in per)
+    ranking = sorted(a for a, m in per.items() if "top_true" in m and run.RANKING_COPIES.get(a) not in per)
     tops = [per[a]["top_true"] for a in ranking]
-    pvalues = [audit.binomial_tail(round(t * distinct), distinct, chance) for t in tops]
+    pvalues = [run.binomial_tail(round(t * distinct), distinct, chance) for t in tops]
     best = {k: max((float(m.get(k, 0.0)) for m in per.values()), default=0.0)
             for k in ("token_f1", "rouge2", "exact")}
     row: dict[str, Any] = {
@@ -188,7 +191,7 @@ def attack_update(obs: Observation, rows: list[list[int]], vocab: int, cfg: Conf
         "ranking_attacks": len(ranking), "canary_exposure": canary_frac,
         "per_attack": {a: {k: m.get(k, 0.0) for k in ("token_f1", "top_true", "rouge2", "exact")}
                        for a, m in per.items()}}
-    row["verdict"] = audit.verdict(row, cfg.audit)
+    row["verdict"] = run.verdict(row, cfg.audit)
     return row
 
 
@@ -268,7 +271,7 @@ def audit_run(cfg: Config, attacks: Sequence[str] | None = None, rounds: Sequenc
             start = time.perf_counter()
             rows, truth = _truth(rt, cfg, cap)
             first = rows[0] if rows else []
-            canary = first[common:common + audit.CANARY_LEN] or first[-audit.CANARY_LEN:]
+            canary = first[common:common + run.CANARY_LEN] or first[-run.CANARY_LEN:]
             obs = observation(model, cfg, cap)
             found = attack_update(obs, rows, vocab, cfg, canary, sorted(set(alphabet) | set(canary)))
             row = _row(cfg, cap, truth, rows, found, per_round.get(cap.update.round, {}), density, dense_bytes)
@@ -335,10 +338,10 @@ def write(out: Path, cfg: Config, rows: list[dict[str, Any]], metrics: list[dict
         text += [report.markdown_table(cols, table), "\n### Per attack (token F1, then top_true)\n",
                  report.markdown_table(["round", "client", *(f"F1 {x}" for x in attacks),
                                         *(f"top {x}" for x in attacks)], detail)]
-    text += ["", "## Legend\n", *audit_report.metric_legend(cfg), *NOTES]
+    text += ["", "## Legend\n", *metric_legend(cfg), *NOTES]
     (out / "audit.md").write_text("\n".join(text) + "\n")
     if cfg.output.plots and rows:
-        audit_report.plot(rows, out / "audit.png")
+        plot(rows, out / "audit.png")
 
 
 NOTES = [
