@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from fedpeft import config
-from fedpeft.server.aggregate import OPTIMIZERS, make_server_optimizer, weighted_mean
+from fedpeft.server.aggregators import AGGREGATORS as OPTIMIZERS
+from fedpeft.server.aggregators import make_aggregator as make_server_optimizer
+from fedpeft.server.aggregators import weighted_mean
 
 
 def test_weighted_mean_weights_by_examples():
