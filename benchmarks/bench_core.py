@@ -39,7 +39,7 @@ def plain_round(cfg, rt, global_state) -> float:
 
     from fedpeft import models
     from fedpeft.training import client_seed
-    from fedpeft.server.aggregate import weighted_mean
+    from fedpeft.server.aggregators import weighted_mean
     from fedpeft.training import train_local
 
     t0 = time.perf_counter()

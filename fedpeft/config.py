@@ -12,6 +12,7 @@ import dataclasses
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,26 @@ import tomli_w
 from fedpeft.errors import ConfigError
 
 
-def _opt(default: Any, *, choices: tuple[Any, ...] | None = None, lo: float | None = None,
-         hi: float | None = None, help: str = "") -> Any:
-    """A dataclass field with validation metadata (allowed choices, inclusive range)."""
+def _opt(default: Any, *, choices: tuple[Any, ...] | Callable[[], Sequence[Any]] | None = None,
+         lo: float | None = None, hi: float | None = None, help: str = "") -> Any:
+    """A dataclass field with validation metadata (allowed choices, or a function naming them when they
+    come from a registry; inclusive range)."""
     meta = {"choices": choices, "lo": lo, "hi": hi, "help": help}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _choices(f: dataclasses.Field) -> Sequence[Any]:
+    """The allowed values of a field (empty: any), asking the registry when they come from one."""
+    choices = f.metadata.get("choices")
+    return (choices() if callable(choices) else choices) or ()
+
+
+def _aggregators() -> list[str]:
+    from fedpeft.server.aggregators import AGGREGATORS  # imported when validating: it needs torch
+
+    return AGGREGATORS.names()
 
 
 @dataclass
@@ -115,7 +129,7 @@ class FederationSection:
     rounds: int = _opt(3, lo=1)
     clients_per_round: int = _opt(0, lo=0, help="clients sampled per round (0 = all)")
     min_clients: int = _opt(1, lo=1, help="a round needs at least this many valid replies")
-    strategy: str = _opt("fedavg", choices=("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"))
+    strategy: str = _opt("fedavg", choices=_aggregators, help="registered aggregator (fedpeft.server.aggregators)")
     server_lr: float = _opt(1.0, lo=0.0, help="server learning rate (FedOpt family, FedAvgM)")
     server_momentum: float = _opt(0.9, lo=0.0, hi=1.0, help="FedAvgM momentum")
     beta1: float = _opt(0.9, lo=0.0, hi=1.0)
@@ -279,9 +293,9 @@ def _check_value(section: str, f: dataclasses.Field, ftype: Any, value: Any) -> 
     elif ftype is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} = {value!r}: expected a string")
-    meta = f.metadata
-    if meta.get("choices") and value not in meta["choices"]:
-        allowed = ", ".join(repr(c) for c in meta["choices"])
+    meta, choices = f.metadata, _choices(f)
+    if choices and value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
         raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {allowed}")
     if meta.get("lo") is not None and value < meta["lo"]:
         raise ConfigError(f"{key} = {value!r} is below the minimum {meta['lo']}")
@@ -460,8 +474,8 @@ def describe() -> list[tuple[str, str, str, str]]:
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
             extra = f.metadata.get("help", "")
-            if f.metadata.get("choices"):
-                extra = (extra + "; " if extra else "") + "one of " + ", ".join(map(str, f.metadata["choices"]))
+            if _choices(f):
+                extra = (extra + "; " if extra else "") + "one of " + ", ".join(map(str, _choices(f)))
             tname = getattr(hints[f.name], "__name__", str(hints[f.name]))
             rows.append((f"{sname}.{f.name}", tname, repr(default), extra))
     return rows

@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from fedpeft import config
-from fedpeft.server.aggregate import OPTIMIZERS, make_server_optimizer, weighted_mean
+from fedpeft.errors import ConfigError, FedPeftError
+from fedpeft.server.aggregators import AGGREGATORS as OPTIMIZERS
+from fedpeft.server.aggregators import make_aggregator as make_server_optimizer
+from fedpeft.server.aggregators import weighted_mean
+from fedpeft.server.replies import ClientReply, RoundReplies
 
 
 def test_weighted_mean_weights_by_examples():
@@ -54,3 +58,47 @@ def test_every_strategy_moves_towards_the_delta_and_restores_state(name):
     g = {"w": out.clone()}
     assert torch.equal(opt.apply(g, {"w": torch.tensor([0.3, 0.3])})["w"],
                        twin.apply(g, {"w": torch.tensor([0.3, 0.3])})["w"])
+
+
+def test_the_registry_lists_every_strategy_and_config_refuses_unknown_ones():
+    assert OPTIMIZERS.names() == ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedprox", "fedyogi"]
+    with pytest.raises(ConfigError) as e:
+        config.load(None, ["federation.strategy=fedmedian"])
+    assert "federation.strategy = 'fedmedian'" in str(e.value)
+    assert all(repr(name) in str(e.value) for name in OPTIMIZERS.names())
+
+
+def _replies(*deltas, weights=None):
+    weights = weights or [1.0] * len(deltas)
+    return RoundReplies(clients=[ClientReply(i, w, {"num-examples": w, "train-loss": 0.0}, {"w": torch.tensor(d)})
+                                 for i, (d, w) in enumerate(zip(deltas, weights))])
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
+def test_an_aggregator_resumed_from_its_state_dict_continues_identically(name):
+    cfg = config.load(None, [f"federation.strategy={name}", "federation.server_lr=0.5"]).federation
+    agg = make_server_optimizer(cfg)
+    g = {"w": torch.zeros(2)}
+    for r in ([0.1, -0.2], [0.3, 0.1]):
+        g = agg.aggregate(_replies(r, [0.0, 0.4], weights=[3.0, 1.0]), g)
+    state, t = agg.state_dict()
+    twin = make_server_optimizer(cfg)
+    twin.load_state_dict({k: v.clone() for k, v in state.items()}, t)
+    a, b = {"w": g["w"].clone()}, {"w": g["w"].clone()}
+    for r in ([-0.2, 0.2], [0.05, 0.0]):
+        a = agg.aggregate(_replies(r, [0.1, 0.1]), a)
+        b = twin.aggregate(_replies(r, [0.1, 0.1]), b)
+        assert torch.equal(a["w"], b["w"])
+    assert agg.state_dict()[1] == twin.state_dict()[1] == t + 2
+
+
+def test_mean_aggregators_step_from_the_example_weighted_or_secure_mean():
+    agg = make_server_optimizer(config.load(None).federation)
+    assert not agg.needs_individual_updates
+    g = {"w": torch.zeros(2)}
+    out = agg.aggregate(_replies([1.0, 0.0], [0.0, 1.0], weights=[3.0, 1.0]), g)
+    assert torch.allclose(out["w"], torch.tensor([0.75, 0.25]))
+    secure = RoundReplies(clients=_replies([0.0, 0.0]).clients, secure_mean={"w": torch.tensor([0.5, 0.5])})
+    assert torch.equal(agg.aggregate(secure, g)["w"], torch.tensor([0.5, 0.5]))
+    with pytest.raises(FedPeftError, match="only the sum"):
+        secure.deltas  # noqa: B018

@@ -1,12 +1,13 @@
 """The federated round loop, run inside the Flower ServerApp on any ``Grid``.
 
-Per round: wait for enough nodes, sample (seeded; the RNG state is checkpointed), send the global
-adapter through the downlink codec, receive replies, validate and decode each one (a bad reply is
-dropped and logged, the round goes on), aggregate, evaluate on the held-out set, append one JSON
-line to ``metrics.jsonl``, checkpoint.
-
-What each client receives (the global adapter, or a coded delta against what it holds, with
-server-side error feedback on the downlink) is decided in :mod:`fedpeft.server.downlink`.
+A round reads as phases, like Flower's ``Strategy.start``: **sample** connected nodes (seeded; the RNG
+state is checkpointed) -> **instruct** them (the global adapter through the downlink codec,
+:mod:`fedpeft.server.downlink`) -> **collect** the replies into one
+:class:`~fedpeft.server.replies.RoundReplies` (validated and decoded; a bad reply is dropped and
+logged, the round goes on; under SecAgg+ a secure sum, :mod:`fedpeft.server.secagg`) -> **aggregate**
+with the registered aggregator (:mod:`fedpeft.server.aggregators`) if the quorum guard passes ->
+**account** privacy -> **evaluate** on the held-out set -> **record** one JSON line in
+``metrics.jsonl`` and the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any
 
 import numpy as np
 from safetensors.torch import save_file
-from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedpeft import models, protocol
@@ -31,15 +31,14 @@ from fedpeft.config import Config
 from fedpeft.errors import FedPeftError, PayloadError
 from fedpeft.runtime import get_runtime
 from fedpeft.server import checkpoint
-from fedpeft.server.aggregate import make_server_optimizer, weighted_mean
+from fedpeft.server.aggregators import make_aggregator
 from fedpeft.server.downlink import Downlink
 from fedpeft.privacy import check_privacy
 from fedpeft.server.privacy import ServerPrivacy
+from fedpeft.server.replies import RoundReplies, collect
 from fedpeft.training import evaluate
 
 log = logging.getLogger(__name__)
-SPLIT_METRICS = ("split-bytes-up", "split-bytes-down", "fl-adapter-bytes-fp32")
-
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -68,7 +67,7 @@ Observer = Callable[[ObservedUpdate], None]
 
 
 class FederatedServer:
-    """Owns the global adapter, the server optimizer, client sampling and the run directory.
+    """Owns the global adapter, the aggregator, client sampling and the run directory.
 
     ``observers`` are called with every valid decoded update (before aggregation); in-process only.
     """
@@ -85,9 +84,9 @@ class FederatedServer:
         self.layout = self.rt.layout
         self.uplink = make_codec(cfg.compression.uplink)
         self.downlink = Downlink(cfg, self.layout, self.global_state)
-        self.optimizer = make_server_optimizer(cfg.federation)
         self.rng = np.random.default_rng(cfg.run.seed)
         self.privacy = ServerPrivacy(cfg)
+        self.aggregator = make_aggregator(cfg.federation, self.privacy)
         self.secagg = None
         if cfg.privacy.secure_aggregation == "secaggplus":  # the server sees only the sum (server/secagg.py)
             from fedpeft.server.secagg import SecureAggregator
@@ -117,7 +116,7 @@ class FederatedServer:
         body = self._local_body()
         if body is not None and "split_body" in ckpt.tensors:  # in-process split body: its adapters + optimizer
             body.load_state_dict(ckpt.tensors["split_body"], ckpt.extra["split_body"])
-        self.optimizer.load_state_dict(ckpt.tensors["optimizer"], int(ckpt.extra["optimizer_t"]))
+        self.aggregator.load_state_dict(ckpt.tensors["optimizer"], int(ckpt.extra["optimizer_t"]))
         self.rng.bit_generator.state = ckpt.rng_state
         self.downlink.restore(ckpt.extra, ckpt.tensors)
         self.privacy.restore(ckpt.extra["privacy"], ckpt.tensors["privacy"])
@@ -127,10 +126,10 @@ class FederatedServer:
         log.info("resumed from round %d", self.round)
 
     def _save(self, grid: Grid) -> None:
-        opt_state, t = self.optimizer.state_dict()
+        agg_state, t = self.aggregator.state_dict()
         privacy_meta, privacy_tensors = self.privacy.state()
         downlink_meta, downlink_tensors = self.downlink.state()
-        tensors = {"global": self.global_state, "optimizer": opt_state, "privacy": privacy_tensors, **downlink_tensors}
+        tensors = {"global": self.global_state, "optimizer": agg_state, "privacy": privacy_tensors, **downlink_tensors}
         extra = {"elapsed": time.time() - self.started, "optimizer_t": t, "privacy": privacy_meta, **downlink_meta}
         body = self._local_body()
         if body is not None:  # the in-process split body's adapters and optimizer
@@ -152,13 +151,16 @@ class FederatedServer:
             else:  # a new deployment run: nodes start with empty state, so none holds a broadcast state
                 self.downlink.forget_nodes()
         for rnd in range(self.round + 1, self.cfg.federation.rounds + 1):
-            row = self.run_round(grid, rnd)
-            with open(self.run_dir / METRICS_FILE, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            self.round = rnd
-            if rnd % self.cfg.output.checkpoint_every == 0 or rnd == self.cfg.federation.rounds:
-                self._save(grid)
+            self._record(grid, rnd, self.run_round(grid, rnd))
         self.finish()
+
+    def _record(self, grid: Grid, rnd: int, row: dict[str, Any]) -> None:
+        """Append the round's row to metrics.jsonl; checkpoint every output.checkpoint_every rounds and last."""
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.round = rnd
+        if rnd % self.cfg.output.checkpoint_every == 0 or rnd == self.cfg.federation.rounds:
+            self._save(grid)
 
     def _sample(self, grid: Grid, rnd: int) -> list[int]:
         """Seeded sample of connected nodes. Waits up to node_wait_timeout for enough nodes in the first
@@ -182,92 +184,51 @@ class FederatedServer:
     def _instructions(self, sampled: list[int], rnd: int) -> dict[int, protocol.RecordDict]:
         """The training message content for each sampled node (see :mod:`fedpeft.server.downlink`)."""
         base = {"round": rnd, "seed": self.cfg.run.seed, "clip-norm": self.privacy.clip_norm,
-                "proximal-mu": self.cfg.federation.proximal_mu if self.cfg.federation.strategy == "fedprox" else 0.0}
+                "proximal-mu": self.aggregator.proximal_mu}
         return self.downlink.contents(self.global_state, sampled, rnd, base)
 
+    def _collect(self, grid: Grid, contents: dict[int, protocol.RecordDict], rnd: int) -> RoundReplies:
+        """Send the instructions and collect the replies: decoded per client, or a secure sum (SecAgg+)."""
+        if self.secagg:
+            return self.secagg.run_round(grid, contents, rnd)
+        replies = collect(grid, contents, rnd, self.uplink, self.layout, self.cfg.federation.round_timeout or None)
+        for c, delta in zip(replies.clients, replies.deltas):
+            for observe in self.observers:
+                observe(ObservedUpdate(rnd, c.node, int(c.metrics.get("partition-id", -1)),
+                                       self.downlink.start_state(c.node), delta, dict(c.metrics)))
+        return replies
+
+    def _aggregate(self, replies: RoundReplies, rnd: int) -> float | None:
+        """Step the global adapter with the aggregator if enough valid updates arrived (the quorum guard);
+        returns the round's example-weighted training loss (None when the round is skipped)."""
+        if len(replies.clients) < self.cfg.federation.min_clients:
+            log.warning("round %d: %d valid update(s) < federation.min_clients = %d; global adapter unchanged",
+                        rnd, len(replies.clients), self.cfg.federation.min_clients)
+            return None
+        self.global_state = self.aggregator.aggregate(replies, self.global_state)
+        return replies.train_loss()
+
+    def _account(self, replies: RoundReplies) -> dict[str, float]:
+        """Privacy metrics: client-level DP is charged every round (the noisy release happens whatever
+        arrived); local DP-SGD reports the largest client epsilon."""
+        row = self.privacy.end_round(replies.clip_indicators) if self.privacy.active else {}
+        if replies.local_epsilons:
+            row["epsilon_local"] = max(replies.local_epsilons)
+        return row
+
     def run_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
-        """One round; returns its metrics row."""
+        """One round: sample, instruct, collect, aggregate, account, evaluate; returns its metrics row."""
         t0 = time.time()
         sampled = self._sample(grid, rnd)
-        contents = self._instructions(sampled, rnd)
-        distinct = {id(c): c for c in contents.values()}  # sampled nodes share one content per kind
-        sizes = {key: protocol.record_bytes(c) for key, c in distinct.items()}
-        bytes_down = sum(sizes[id(c)] for c in contents.values())
-        messages = [Message(contents[node], node, protocol.TRAIN, group_id=str(rnd)) for node in sampled]
-        timeout = self.cfg.federation.round_timeout or None
-        secure = self.secagg.run_round(grid, contents, rnd) if self.secagg else None
-        replies = [] if secure else list(grid.send_and_receive(messages, timeout=timeout))
-
-        deltas, weights, losses, dropped, ok_nodes = [], [], [], [], []
-        up: dict[str, float] = {"bytes_up": 0, "up_positions": 0, "up_values": 0, "up_scales": 0, "up_header": 0,
-                                "up_framing": 0}
-        encode_ms, decode_ms, indicators, local_eps = [], [], [], []
-        split: dict[str, float] = {}
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                dropped.append(node)
-                log.warning("round %d: node %s failed: %s", rnd, node, reply.error.reason)
-                continue
-            try:
-                payload, metrics = protocol.parse_reply(reply.content)
-                t_dec = time.perf_counter()
-                delta = self.uplink.decode(payload, self.layout)
-                decode_ms.append(1000 * (time.perf_counter() - t_dec))
-            except PayloadError as e:
-                dropped.append(node)
-                log.warning("round %d: dropped the update of node %s: %s", rnd, node, e)
-                continue
-            size = protocol.record_bytes(reply.content)
-            up["bytes_up"] += size
-            for part, n in payload.breakdown().items():
-                up[f"up_{part}"] += n
-            up["up_framing"] += size - payload.nbytes
-            encode_ms.append(metrics.get("encode-ms", 0.0))
-            if "clip-indicator" in metrics:
-                indicators.append(metrics["clip-indicator"])
-            if "epsilon-local" in metrics:
-                local_eps.append(metrics["epsilon-local"])
-            deltas.append(delta)
-            weights.append(metrics["num-examples"])
-            losses.append(metrics["train-loss"])
-            ok_nodes.append(node)
-            for key in SPLIT_METRICS:  # split learning: activation/gradient bytes beside the adapter bytes
-                if key in metrics:
-                    name = key.replace("-", "_")
-                    split[name] = split.get(name, 0.0) + metrics[key]
-            for observe in self.observers:
-                observe(ObservedUpdate(rnd, node, int(metrics.get("partition-id", -1)),
-                                       self.downlink.start_state(node), delta, dict(metrics)))
-        if secure:  # SecAgg+: cleartext metadata per client; the secure aggregate stands in for the deltas
-            ok_nodes, weights, losses, encode_ms, local_eps, indicators, up, bytes_down = secure.loop_values()
-            replies = ok_nodes
-        self.downlink.commit(sampled, ok_nodes, rnd)
-        missing = len(sampled) - len(replies)
-        row: dict[str, Any] = {"round": rnd, "sampled": len(sampled), "replies": len(ok_nodes),
-                               "dropped": len(dropped) + missing}
-        if len(ok_nodes) >= self.cfg.federation.min_clients:
-            if secure:
-                mean = secure.release(self.privacy)
-            else:
-                mean = self.privacy.aggregate(deltas) if self.privacy.active else weighted_mean(deltas, weights)
-            self.global_state = self.optimizer.apply(self.global_state, mean)
-            row["train_loss"] = float(np.average(losses, weights=weights))
-        else:
-            log.warning("round %d: %d valid update(s) < federation.min_clients = %d; global adapter unchanged",
-                        rnd, len(ok_nodes), self.cfg.federation.min_clients)
-            row["train_loss"] = None
-        if self.privacy.active:  # charged every round: the noisy release happens whatever arrived
-            row.update(self.privacy.end_round(indicators))
-        if local_eps:
-            row["epsilon_local"] = max(local_eps)
+        replies = self._collect(grid, self._instructions(sampled, rnd), rnd)
+        self.downlink.commit(sampled, replies.nodes, rnd)
+        row: dict[str, Any] = {"round": rnd, "sampled": len(sampled), "replies": len(replies.clients),
+                               "dropped": len(replies.dropped)}
+        row["train_loss"] = self._aggregate(replies, rnd)
+        row.update(self._account(replies))
         if rnd % self.cfg.federation.eval_every == 0 or rnd == self.cfg.federation.rounds:
             row.update(self.evaluate())
-        row.update({**up, **split, "bytes_down": bytes_down,
-                    "bytes_up_fp32": 4 * self.layout.total * len(ok_nodes),
-                    "bytes_up_fp16": 2 * self.layout.total * len(ok_nodes),
-                    "encode_ms": float(np.mean(encode_ms)) if encode_ms else None,
-                    "decode_ms": float(np.mean(decode_ms)) if decode_ms else None,
+        row.update({**replies.traffic_row(self.layout.total),
                     "seconds": round(time.time() - t0, 3), "elapsed": round(time.time() - self.started, 3),
                     "peak_rss_mb": round(peak_rss_mb(), 1)})
         log.info("round %d: %s", rnd, row)

@@ -50,6 +50,12 @@ class ServerPrivacy:
         mean = dp_average([clip_to_norm(d, c) for d in deltas], self.expected)
         return add_server_noise(mean, c, self.update_noise_multiplier, self.expected, self.generator)
 
+    def release_secure(self, secure_mean: AdapterState, n: int) -> AdapterState:
+        """DP-FedAvg on a SecAgg+ sum of ``n`` uniformly weighted updates the clients clipped already:
+        sum / m (the planned clients) + noise std z*C/m."""
+        mean = {k: v * (n / self.expected) for k, v in secure_mean.items()}
+        return add_server_noise(mean, self.clip_norm, self.update_noise_multiplier, self.expected, self.generator)
+
     def end_round(self, indicators: list[float]) -> dict[str, float]:
         """Charge the round to the accountant, adapt the clip norm; returns the round's privacy metrics."""
         used_clip = self.clip_norm

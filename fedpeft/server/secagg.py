@@ -20,7 +20,9 @@ from the reply, so the server only ever receives masked integers.
 **Weights.** FedAvg weights by ``num-examples``: Flower's mod multiplies the vector by
 ``w / max_weight`` (quantized) before masking and sums that factor as an extra element, and the
 workflow divides by it. Under client-level DP every weight is 1 (the DP average is uniform with the
-fixed denominator m): the server turns the mean back into the sum and adds noise (:func:`dp_release`).
+fixed denominator m): the server turns the mean back into the sum and adds noise
+(:meth:`fedpeft.server.privacy.ServerPrivacy.release_secure`). The round reaches the loop as a
+:class:`~fedpeft.server.replies.RoundReplies` whose ``secure_mean`` stands in for the per-client deltas.
 """
 
 from __future__ import annotations
@@ -45,13 +47,13 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from fedpeft import privacy
 from fedpeft.compression import Layout
 from fedpeft.config import Config
-from fedpeft.errors import FedPeftError, PayloadError
+from fedpeft.errors import PayloadError
 from fedpeft.models import AdapterState
 from fedpeft import protocol
 from fedpeft.protocol import DP_FLAG, PAYLOAD_TYPE, SLACK, WEIGHT_CAP
+from fedpeft.server.replies import UP_KEYS, ClientReply, RoundReplies
 
 log = logging.getLogger(__name__)
 
@@ -74,42 +76,32 @@ class SecureRound:
     mean: AdapterState | None = None  # weighted mean of the summed updates (uniform under client DP)
     nodes: list[int] = field(default_factory=list)  # nodes whose update is inside the sum
     metrics: list[dict[str, float]] = field(default_factory=list)  # their cleartext metrics
-    weights: list[float] = field(default_factory=list)  # the weights that went into the sum
     indicator_sum: float | None = None  # sum of the clip indicators (adaptive clipping)
     bytes_down: dict[str, int] = field(default_factory=dict)  # per stage
     bytes_up: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage (collect includes training)
     failure: str = ""
 
-    def loop_values(self) -> tuple[list[int], list[float], list[float], list[float], list[float], list[float],
-                                   dict[str, float], int]:
-        """(nodes, example weights, losses, encode ms, local epsilons, clip indicators, uplink byte row,
-        downlink bytes) in the shape the round loop keeps them."""
-        weights = [m.get("num-examples", 1.0) for m in self.metrics]
-        losses = [m.get("train-loss", float("nan")) for m in self.metrics]
-        encode_ms = [m.get("encode-ms", 0.0) for m in self.metrics]
-        local_eps = [m["epsilon-local"] for m in self.metrics if "epsilon-local" in m]
-        up: dict[str, float] = {"bytes_up": sum(self.bytes_up.values()), "up_positions": 0, "up_values": 0,
-                                "up_scales": 0, "up_header": 0, "up_framing": sum(self.bytes_up.values()),
-                                "secagg_clipped": sum(m.get("secagg-clipped", 0.0) for m in self.metrics)}
+    def replies(self, sampled: Iterable[int]) -> RoundReplies:
+        """The round as every other round reads it: cleartext metadata per client, the secure mean
+        standing in for their deltas, all SecAgg+ traffic as framing."""
+        total_up = sum(self.bytes_up.values())
+        up = {**dict.fromkeys(UP_KEYS, 0), "bytes_up": total_up, "up_framing": total_up}
+        stats: dict[str, float] = {"secagg_clipped": sum(m.get("secagg-clipped", 0.0) for m in self.metrics)}
         for stage, n in self.bytes_down.items():
-            up[f"secagg_down_{stage}"] = n
+            stats[f"secagg_down_{stage}"] = n
         for stage, n in self.bytes_up.items():
-            up[f"secagg_up_{stage}"] = n
+            stats[f"secagg_up_{stage}"] = n
         for stage, t in self.seconds.items():
-            up[f"secagg_seconds_{stage}"] = t
-        if up["secagg_clipped"]:
+            stats[f"secagg_seconds_{stage}"] = t
+        if stats["secagg_clipped"]:
             log.warning("SecAgg+ clipped %d update elements to +-privacy.secagg_clipping_range",
-                        up["secagg_clipped"])
-        return (list(self.nodes), weights, losses, encode_ms, local_eps,
-                indicators_from_sum(self.indicator_sum, len(self.nodes)), up, sum(self.bytes_down.values()))
-
-    def release(self, server_privacy: Any) -> AdapterState:
-        """The mean the server optimizer steps with: the secure weighted mean, or under client-level DP
-        the secure sum / m plus Gaussian noise (:func:`dp_release`)."""
-        if self.mean is None:
-            raise FedPeftError("no secure aggregate this round")
-        return dp_release(server_privacy, self) if server_privacy.active else self.mean
+                        stats["secagg_clipped"])
+        clients = [ClientReply(node, m.get("num-examples", 1.0), m) for node, m in zip(self.nodes, self.metrics)]
+        dropped = {node: self.failure or "not in the secure sum" for node in sampled if node not in self.nodes}
+        return RoundReplies(clients=clients, dropped=dropped, secure_mean=self.mean, up=up,
+                            bytes_down=sum(self.bytes_down.values()), secagg=stats,
+                            clip_indicators=indicators_from_sum(self.indicator_sum, len(self.nodes)))
 
 
 def _copy_records(content: RecordDict) -> RecordDict:
@@ -183,7 +175,6 @@ class _RoundStrategy(Strategy):
             self.result.nodes.append(int(proxy.node_id))
             self.result.metrics.append({k: float(v) for k, v in res.metrics.items()
                                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            self.result.weights.append(float(res.num_examples))
         if results:
             arrays = parameters_to_ndarrays(results[0][1].parameters)
             if len(arrays) != 1 or arrays[0].shape != (self.width,) or not np.all(np.isfinite(arrays[0])):
@@ -244,7 +235,7 @@ class SecureAggregator:
             log.warning("SecAgg+ rounding can add up to %.3g to an update's norm (clip norm %.3g): raise "
                         "privacy.secagg_quantization_range", self.slack, p.clip_norm)
 
-    def run_round(self, grid: Grid, contents: dict[int, RecordDict], rnd: int) -> SecureRound:
+    def run_round(self, grid: Grid, contents: dict[int, RecordDict], rnd: int) -> RoundReplies:
         """Drive the four SecAgg+ stages for the sampled nodes (keys of ``contents``)."""
         result = SecureRound()
         wire = _WireGrid(grid, result)
@@ -259,26 +250,17 @@ class SecureAggregator:
         except (PayloadError, ValueError, KeyError, TypeError, IndexError) as e:  # a malformed masked vector
             result.failure = f"{type(e).__name__}: {e}"
         if strategy.vector is None or result.failure:
-            result.nodes, result.metrics, result.weights = [], [], []
+            result.nodes, result.metrics = [], []
             result.failure = result.failure or "SecAgg+ halted (too few nodes or shares left; see the log)"
             log.warning("round %d: %s", rnd, result.failure)
-            return result
+            return result.replies(contents)
         vec = strategy.vector
         result.mean = {name: torch.from_numpy(vec[lo:hi].reshape(shape).astype(np.float32))
                        for name, shape, lo, hi in zip(self.layout.names, self.layout.shapes,
                                                       self.layout.offsets[:-1], self.layout.offsets[1:])}
         if self.adaptive:
             result.indicator_sum = float(vec[-1]) * len(result.nodes)
-        return result
-
-
-def dp_release(server_privacy: Any, secure: SecureRound) -> AdapterState:
-    """DP-FedAvg on a secure sum: sum / m (the planned clients) + noise std z*C/m. Clients clipped already."""
-    assert secure.mean is not None
-    n, m = len(secure.nodes), server_privacy.expected
-    mean = {k: v * (n / m) for k, v in secure.mean.items()}
-    return privacy.add_server_noise(mean, server_privacy.clip_norm, server_privacy.update_noise_multiplier, m,
-                                    server_privacy.generator)
+        return result.replies(contents)
 
 
 def indicators_from_sum(total: float | None, n: int) -> list[float]:
@@ -287,6 +269,3 @@ def indicators_from_sum(total: float | None, n: int) -> list[float]:
         return []
     ones = min(n, max(0, round(total)))
     return [1.0] * ones + [0.0] * (n - ones)
-
-
-# ---- client side -----------------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""The aggregator plug-in interface, its registry, and the shared mean every mean-based aggregator uses.
+
+An :class:`Aggregator` turns one round's :class:`~fedpeft.server.replies.RoundReplies` and the current
+global adapter into the next global adapter. Aggregators that need every client's update (robust,
+LoRA-aware) read ``replies.deltas`` and set ``needs_individual_updates`` (they cannot run under
+SecAgg+, where the server holds only the sum); those that step from the mean call :func:`mean_update`,
+the one place that decides how the round's updates are averaged: example-weighted, SecAgg+'s secure
+mean, or client-level DP (clip, fixed denominator, noise; :mod:`fedpeft.server.privacy`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from fedpeft.registry import Registry
+
+if TYPE_CHECKING:
+    from fedpeft.config import FederationSection
+    from fedpeft.models import AdapterState
+    from fedpeft.server.privacy import ServerPrivacy
+    from fedpeft.server.replies import RoundReplies
+
+
+class Aggregator(ABC):
+    """Round replies + global adapter -> new global adapter; its tensor state and step count checkpoint."""
+
+    needs_individual_updates: ClassVar[bool] = False  # True: refuses SecAgg+ (the server sees only the sum)
+
+    def __init__(self, cfg: FederationSection, privacy: ServerPrivacy | None = None) -> None:
+        self.cfg = cfg
+        self.privacy = privacy
+        self.state: dict[str, torch.Tensor] = {}
+        self.t = 0
+
+    @property
+    def proximal_mu(self) -> float:
+        """Weight of the proximal term the clients add to their loss (FedProx); sent with each instruction."""
+        return 0.0
+
+    @abstractmethod
+    def aggregate(self, replies: RoundReplies, global_state: AdapterState) -> AdapterState:
+        """The next global adapter from this round's replies."""
+
+    def _buf(self, name: str, key: str, like: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """A persistent per-tensor state buffer (created on first use, saved by :meth:`state_dict`)."""
+        full = f"{name}/{key}"
+        if full not in self.state:
+            self.state[full] = torch.full_like(like, fill)
+        return self.state[full]
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], int]:
+        """(tensor state, step count) for the checkpoint."""
+        return dict(self.state), self.t
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], t: int) -> None:
+        """Continue exactly from :meth:`state_dict`."""
+        self.state, self.t = dict(state), t
+
+
+AGGREGATORS: Registry[type[Aggregator]] = Registry("aggregation strategy")
+
+
+def make_aggregator(cfg: FederationSection, privacy: ServerPrivacy | None = None) -> Aggregator:
+    """The aggregator named by ``federation.strategy`` (averaging under ``privacy`` when it is active)."""
+    return AGGREGATORS.get(cfg.strategy)(cfg, privacy)
+
+
+def weighted_mean(deltas: list[AdapterState], weights: list[float]) -> AdapterState:
+    """Sum_i w_i * delta_i / sum_i w_i (float64 accumulation, float32 result)."""
+    total = float(sum(weights))
+    if not deltas or total <= 0:
+        raise ValueError("need at least one delta with positive weight")
+    out = {}
+    for k in deltas[0]:
+        acc = torch.zeros_like(deltas[0][k], dtype=torch.float64)
+        for d, w in zip(deltas, weights):
+            acc += d[k].to(torch.float64) * (w / total)
+        out[k] = acc.to(torch.float32)
+    return out
+
+
+def mean_update(replies: RoundReplies, privacy: ServerPrivacy | None) -> AdapterState:
+    """The round's mean update: SecAgg+'s secure mean or the example-weighted mean; under client-level DP
+    the clipped fixed-denominator mean plus noise (of the secure sum, or of the decoded updates)."""
+    dp = privacy is not None and privacy.active
+    if replies.secure_mean is not None:
+        return privacy.release_secure(replies.secure_mean, len(replies.clients)) if dp else replies.secure_mean
+    return privacy.aggregate(replies.deltas) if dp else weighted_mean(replies.deltas, replies.weights)
