@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,23 +10,13 @@ from typing import TYPE_CHECKING
 from fedpeft import config
 from fedpeft.config import Config
 from fedpeft.errors import ConfigError
+from fedpeft.rundir import new_run_dir
 
 if TYPE_CHECKING:
     from fedpeft.server.loop import Observer
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.toml"
-
-
-def new_run_dir(cfg: Config) -> Path:
-    """``<output.dir>/<run.name>-<timestamp>`` (a numeric suffix keeps concurrent runs apart)."""
-    base = Path(cfg.output.dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
-    return path
 
 
 def run_config(cfg: Config, run_dir: Path, resume: bool) -> dict[str, str | bool | int]:
@@ -44,7 +33,7 @@ def prepare(cfg: Config | None = None, resume: Path | None = None) -> tuple[Conf
         return config.load(resume / CONFIG_FILE), resume
     if cfg is None:
         raise ConfigError("no configuration given")
-    run_dir = new_run_dir(cfg)
+    run_dir = new_run_dir(cfg.output.dir, cfg.run.name)
     (run_dir / CONFIG_FILE).write_text(cfg.to_toml())
     return cfg, run_dir
 
