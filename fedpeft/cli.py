@@ -360,7 +360,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from fedpeft.deploy import certs
+    from fedpeft import certs
 
     paths = certs.make_certs(args.host, args.out, args.days, args.san, args.force)
     print(json.dumps({k: str(v) for k, v in vars(paths).items()}))
@@ -368,7 +368,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_node_key(args: argparse.Namespace) -> int:
-    from fedpeft.deploy import certs
+    from fedpeft import certs
 
     paths = certs.make_node_key(args.out, args.name, force=args.force)
     print(json.dumps({"private": str(paths.private), "public": str(paths.public)}))
