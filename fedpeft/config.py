@@ -9,8 +9,10 @@ all-MiniLM-L6-v2 + LoRA on BBC News across 4 clients), so ``fedpeft simulate`` n
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import tomllib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,13 +23,22 @@ from fedpeft.errors import ConfigError
 from fedpeft.fields import check, choices_of, option
 
 
+def _registered(module: str, registry: str) -> Callable[[], list[str]]:
+    """The names registered in ``module.registry``, in registration order, looked up when a value is checked.
+
+    Importing the registry's (light) module then, not here, keeps ``import fedpeft.config`` cheap and cycle-free.
+    """
+    return lambda: list(getattr(importlib.import_module(module), registry))
+
+
 @dataclass
 class RunSection:
     """Identity and reproducibility of a run."""
 
     name: str = option("quickstart", help="run name; the run directory is <output.dir>/<name>-<timestamp>")
     seed: int = option(0, lo=0, help="seeds data partition, client sampling, init and training")
-    engine: str = option("inprocess", choices=("inprocess", "ray"), help="simulation engine")
+    engine: str = option("inprocess", choices=_registered("fedpeft.simulation.runner", "ENGINES"),
+                         help="simulation engine")
     device: str = option("auto", choices=("auto", "cpu", "cuda", "mps"), help="training device")
     threads: int = option(0, lo=0, help="torch threads per worker; 0 = one per core for in-process, 1 per Ray actor")
 
@@ -52,7 +63,7 @@ class ModelSection:
 class AdapterSection:
     """The trainable parameter-efficient adapter (through peft)."""
 
-    type: str = option("lora", choices=("lora", "prompt", "prefix", "ia3"))
+    type: str = option("lora", choices=_registered("fedpeft.adapters", "ADAPTERS"))
     r: int = option(8, lo=1, hi=4096, help="LoRA rank")
     alpha: float = option(16.0, lo=0.0, help="LoRA alpha (scale = alpha / r)")
     dropout: float = option(0.0, lo=0.0, hi=0.9, help="LoRA dropout")
@@ -65,7 +76,7 @@ class AdapterSection:
 class DataSection:
     """Where the examples come from and how they are split across clients."""
 
-    source: str = option("bbc_news", choices=("bbc_news", "chatterbot", "file"),
+    source: str = option("bbc_news", choices=_registered("fedpeft.sources", "SOURCES"),
                        help="packaged BBC News (5 topics), packaged chatterbot Q/A, or a local file")
     path: str = option("", help="local .jsonl/.csv/.parquet file (source = 'file')")
     text_column: str = option("text")
@@ -76,7 +87,7 @@ class DataSection:
     max_examples: int = option(0, lo=0, help="use at most this many examples (0 = all)")
     eval_fraction: float = option(0.2, lo=0.01, hi=0.9, help="held-out global eval split")
     num_clients: int = option(4, lo=1, help="number of data holders (virtual clients)")
-    partition: str = option("dirichlet", choices=("iid", "dirichlet", "natural", "quantity", "pathological"))
+    partition: str = option("dirichlet", choices=_registered("fedpeft.partition", "PARTITIONS"))
     dirichlet_alpha: float = option(1.0, lo=1e-4, help="label-skew concentration (smaller = more skewed)")
     quantity_alpha: float = option(1.0, lo=1e-4, help="size-skew concentration for partition = 'quantity'")
     classes_per_client: int = option(1, lo=1, help="labels per client for partition = 'pathological'")

@@ -1,15 +1,16 @@
-"""``fedpeft simulate``: create (or reopen) a run directory and run the scenario on an engine."""
+"""``fedpeft simulate``: create (or reopen) a run directory and run the scenario on a registered engine."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedpeft import config
 from fedpeft.config import Config
 from fedpeft.errors import ConfigError
+from fedpeft.registry import Registry
 from fedpeft.rundir import new_run_dir
 
 if TYPE_CHECKING:
@@ -17,6 +18,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.toml"
+
+
+Engine = Callable[[Config, dict, Sequence["Observer"]], None]
+ENGINES: Registry[Engine] = Registry("engine")
+
+
+@ENGINES.register("inprocess")
+def _inprocess(cfg: Config, rc: dict, observers: Sequence[Observer]) -> None:
+    """Every client in this process, one after another (deterministic; observers allowed)."""
+    from fedpeft.clients.app import app as client_app
+    from fedpeft.server.app import app, make_app
+    from fedpeft.simulation.inprocess import run_inprocess
+
+    run_inprocess(make_app(observers) if observers else app, client_app, cfg.data.num_clients, rc)
+
+
+@ENGINES.register("ray")
+def _ray(cfg: Config, rc: dict, observers: Sequence[Observer]) -> None:
+    """Flower's Ray simulation behind a local SuperLink (clients in parallel actors)."""
+    from fedpeft.simulation.ray import run_ray
+
+    run_ray(cfg, rc)
 
 
 def run_config(cfg: Config, run_dir: Path, resume: bool) -> dict[str, str | bool | int]:
@@ -48,16 +71,7 @@ def execute(cfg: Config, run_dir: Path, resume: bool = False, engine: str | None
     rc = run_config(cfg, run_dir, resume)
     if observers and engine != "inprocess":
         raise ConfigError(f"observing the decoded updates needs run.engine = 'inprocess', not {engine!r}")
-    if engine == "ray":
-        from fedpeft.simulation.ray import run_ray
-
-        run_ray(cfg, rc)
-        return
-    from fedpeft.clients.app import app as client_app
-    from fedpeft.server.app import app, make_app
-    from fedpeft.simulation.inprocess import run_inprocess
-
-    run_inprocess(make_app(observers) if observers else app, client_app, cfg.data.num_clients, rc)
+    ENGINES.get(engine)(cfg, rc, observers)
 
 
 def simulate(cfg: Config | None = None, resume: Path | None = None, engine: str | None = None,
