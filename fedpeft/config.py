@@ -190,7 +190,8 @@ class AuditSection:
     seeds: int = option(1, lo=1, hi=100, help="victims (private batches) per cell; metrics are averaged")
     seq_len: int = option(16, lo=2, hi=512, help="tokens per private example")
     text: str = option("words", choices=("words", "uniform"), help="private text: random words or uniform token ids")
-    later_scale: float = option(0.05, lo=0.0, help="round = later: std of the trained global adapter's offset from init")
+    later_scale: float = option(0.05, lo=0.0,
+                                help="round = later: std of the trained global adapter's offset from init")
     grad_match_iterations: int = option(60, lo=1, help="budget of grad_match (optimizer iterations per cell)")
     grad_match_candidates: str = option("all", choices=("all", "span", "subspace"),
                                       help="grad_match token candidates: all, or the top of a ranking attack")

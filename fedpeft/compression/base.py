@@ -1,8 +1,9 @@
 """The codec interface, the codec registry and the spec grammar ``name[:positional][,key=value]*``.
 
 Each codec is a :class:`Codec` subclass with a small parameter dataclass (``Params``) whose fields
-carry their allowed choices / ranges (:func:`fedpeft.fields.option`, checked like config keys); ``make_codec("compeft:0.05,scale=std")`` parses and validates
-a spec against it. Adding a codec = one module with a ``@register_codec("name")`` class.
+carry their allowed choices / ranges (:func:`fedpeft.fields.option`, checked like config keys);
+``make_codec("compeft:0.05,scale=std")`` parses and validates a spec against it. Adding a codec = one
+module with a ``@register_codec("name")`` class.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def codec_names() -> list[str]:
 def _validated(cls: type[Codec], values: Mapping[str, Any]) -> Any:
     hints = typing.get_type_hints(cls.Params)
     fields = {f.name: f for f in dataclasses.fields(cls.Params)}
-    return cls.Params(**{k: check(f"codec {cls.name!r} parameter {k}", fields[k], hints[k], v, text=True) for k, v in values.items()})
+    return cls.Params(**{k: check(f"codec {cls.name!r} parameter {k}", fields[k], hints[k], v, text=True)
+                         for k, v in values.items()})
 
 
 class Codec(ABC):
