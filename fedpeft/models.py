@@ -23,6 +23,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
                           AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from fedpeft.adapters import ADAPTERS
 from fedpeft.config import AdapterSection, ModelSection
 from fedpeft.errors import ModelError
 
@@ -198,23 +199,14 @@ def load_base_model(cfg: ModelSection, num_labels: int = 0, seed: int = 0) -> nn
 
 def build_peft_model(base: nn.Module, adapter: AdapterSection, task: str, seed: int = 0) -> nn.Module:
     """Wrap ``base`` with a peft adapter; the adapter init is seeded (same seed = same adapter)."""
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+    from peft import TaskType, get_peft_model
 
     task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
     targets = list(adapter.target_modules) or None
     extra: dict = {}
     if task == "classification":
         extra["modules_to_save"] = ["classifier", "score"] if adapter.train_head else []
-    if adapter.type == "lora":
-        pcfg = LoraConfig(task_type=task_type, r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                          target_modules=targets, **extra)
-    elif adapter.type == "ia3":
-        pcfg = IA3Config(task_type=task_type, target_modules=targets,
-                         feedforward_modules=[] if targets else None, **extra)
-    elif adapter.type == "prompt":
-        pcfg = PromptTuningConfig(task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens, **extra)
-    else:
-        pcfg = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens, **extra)
+    pcfg = ADAPTERS.get(adapter.type)(adapter, task_type, targets, extra)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

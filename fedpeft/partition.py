@@ -26,11 +26,13 @@ chatterbot category) as the class variable.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedpeft.errors import DataError
+from fedpeft.registry import Registry
 
 if TYPE_CHECKING:
     from fedpeft.config import DataSection
@@ -39,6 +41,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_TRIES = 100
+# A scheme: (examples, data section, seeded generator) -> num_clients index arrays (sorted by the caller).
+Scheme = Callable[["Examples", "DataSection", np.random.Generator], list[np.ndarray]]
+PARTITIONS: Registry[Scheme] = Registry("partition scheme")
 
 
 def partition(ex: Examples, cfg: DataSection, seed: int) -> list[np.ndarray]:
@@ -47,29 +52,9 @@ def partition(ex: Examples, cfg: DataSection, seed: int) -> list[np.ndarray]:
     if k > n:
         raise DataError(f"data.num_clients = {k} exceeds the {n} training examples; "
                         "lower num_clients or use more data")
-    rng = np.random.default_rng(seed)
-    scheme = cfg.partition
-    if scheme == "iid":
-        parts = [p for p in np.array_split(rng.permutation(n), k)]
-    elif scheme == "quantity":
-        parts = _quantity(n, k, cfg.quantity_alpha, rng)
-    elif scheme == "natural":
-        if ex.groups is None:
-            raise DataError("data.partition = 'natural' needs a group column, but these examples have "
-                            "none (set data.group_column to a column of the file; chatterbot uses its "
-                            "category; bbc_news has no groups)")
-        parts = _natural(ex.groups, k, rng)
-    elif scheme in ("dirichlet", "pathological"):
-        classes = _class_ids(ex, scheme)
-        if scheme == "dirichlet":
-            parts = _dirichlet(classes, k, cfg.dirichlet_alpha, rng)
-        else:
-            parts = _pathological(classes, k, cfg.classes_per_client, rng)
-    else:
-        raise DataError(f"unknown partition scheme {scheme!r}; "
-                        "choose one of: iid, dirichlet, natural, quantity, pathological")
+    parts = PARTITIONS.get(cfg.partition)(ex, cfg, np.random.default_rng(seed))
     out = [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    logger.info("partition %s over %d clients: sizes %s", scheme, k, [len(p) for p in out])
+    logger.info("partition %s over %d clients: sizes %s", cfg.partition, k, [len(p) for p in out])
     return out
 
 
@@ -135,26 +120,14 @@ def _fill_empty(parts: list[np.ndarray], rng: np.random.Generator) -> list[np.nd
     return parts
 
 
-def _quantity(n: int, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
-    shares = rng.dirichlet(np.full(k, alpha))
-    sizes = 1 + rng.multinomial(n - k, shares)
-    return np.split(rng.permutation(n), np.cumsum(sizes)[:-1])
+@PARTITIONS.register("iid")
+def _iid(ex: Examples, cfg: DataSection, rng: np.random.Generator) -> list[np.ndarray]:
+    return np.array_split(rng.permutation(len(ex)), cfg.num_clients)
 
 
-def _natural(groups: list[str], k: int, rng: np.random.Generator) -> list[np.ndarray]:
-    names, inv = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-    if len(names) < k:
-        raise DataError(f"data.partition = 'natural': only {len(names)} distinct groups "
-                        f"({', '.join(map(str, names[:10]))}) for data.num_clients = {k}; "
-                        "lower num_clients or choose another partition")
-    order = rng.permutation(len(names))
-    client_of_group = np.empty(len(names), dtype=np.int64)
-    client_of_group[order] = np.arange(len(names)) % k
-    owner = client_of_group[inv]
-    return [np.flatnonzero(owner == j) for j in range(k)]
-
-
-def _dirichlet(labels: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+@PARTITIONS.register("dirichlet")
+def _dirichlet(ex: Examples, cfg: DataSection, rng: np.random.Generator) -> list[np.ndarray]:
+    labels, k, alpha = _class_ids(ex, "dirichlet"), cfg.num_clients, cfg.dirichlet_alpha
     classes = np.unique(labels)
     parts: list[np.ndarray] = []
     for _ in range(MAX_TRIES):
@@ -173,8 +146,36 @@ def _dirichlet(labels: np.ndarray, k: int, alpha: float, rng: np.random.Generato
     return _fill_empty(parts, rng)
 
 
-def _pathological(labels: np.ndarray, k: int, per_client: int,
-                  rng: np.random.Generator) -> list[np.ndarray]:
+@PARTITIONS.register("natural")
+def _natural(ex: Examples, cfg: DataSection, rng: np.random.Generator) -> list[np.ndarray]:
+    if ex.groups is None:
+        raise DataError("data.partition = 'natural' needs a group column, but these examples have "
+                        "none (set data.group_column to a column of the file; chatterbot uses its "
+                        "category; bbc_news has no groups)")
+    k = cfg.num_clients
+    names, inv = np.unique(np.asarray(ex.groups, dtype=object).astype(str), return_inverse=True)
+    if len(names) < k:
+        raise DataError(f"data.partition = 'natural': only {len(names)} distinct groups "
+                        f"({', '.join(map(str, names[:10]))}) for data.num_clients = {k}; "
+                        "lower num_clients or choose another partition")
+    order = rng.permutation(len(names))
+    client_of_group = np.empty(len(names), dtype=np.int64)
+    client_of_group[order] = np.arange(len(names)) % k
+    owner = client_of_group[inv]
+    return [np.flatnonzero(owner == j) for j in range(k)]
+
+
+@PARTITIONS.register("quantity")
+def _quantity(ex: Examples, cfg: DataSection, rng: np.random.Generator) -> list[np.ndarray]:
+    n, k = len(ex), cfg.num_clients
+    shares = rng.dirichlet(np.full(k, cfg.quantity_alpha))
+    sizes = 1 + rng.multinomial(n - k, shares)
+    return np.split(rng.permutation(n), np.cumsum(sizes)[:-1])
+
+
+@PARTITIONS.register("pathological")
+def _pathological(ex: Examples, cfg: DataSection, rng: np.random.Generator) -> list[np.ndarray]:
+    labels, k, per_client = _class_ids(ex, "pathological"), cfg.num_clients, cfg.classes_per_client
     classes = np.unique(labels)
     c = len(classes)
     if per_client > c:

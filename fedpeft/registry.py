@@ -6,7 +6,7 @@ file is answered with the valid choices.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from fedpeft.errors import ConfigError
@@ -47,3 +47,7 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        """Names in registration order (the order a module declares its choices, default first)."""
+        return iter(list(self._items))

@@ -1,9 +1,10 @@
 """Everything a process needs to train or evaluate for one configuration, loaded once.
 
 A :class:`Runtime` holds the tokenizer, the frozen base model wrapped with the adapter, the data
-split into client partitions and the held-out global eval set. In the in-process engine the server
-and every virtual client share one runtime (one base model; adapters are swapped in and out); in a
-deployment each ClientApp process builds its own. Flower-free.
+split into client partitions and the held-out global eval set. A :class:`RuntimeCache` keeps it per
+process: the in-process engine hands its cache to the server and every virtual client, so they share
+one runtime (one base model; adapters are swapped in and out); in a deployment each ClientApp process
+builds its own. Flower-free.
 """
 
 from __future__ import annotations
@@ -113,18 +114,41 @@ class Runtime:
         return data.tokenize(self.eval_examples, self.tokenizer, self.cfg.model.max_length, self.cfg.model.task)
 
 
-_CACHE: dict[str, Runtime] = {}
+class RuntimeCache:
+    """The runtimes of one process, by configuration (one at a time: a new config replaces the old one).
+
+    An engine owns one and hands it to the ServerApp and ClientApps it runs (through their ``Context``,
+    see :func:`runtimes_of`); a process that Flower starts for an app uses :data:`PROCESS_RUNTIMES`.
+    """
+
+    def __init__(self) -> None:
+        self._runtimes: dict[str, Runtime] = {}
+
+    def get(self, cfg: Config, data_path: str | None = None, label_names: Sequence[str] | None = None) -> Runtime:
+        """The runtime for ``cfg``, built on first use.
+
+        ``data_path`` (a deployed node's ``data-path``) replaces the scenario data by that whole file, its labels
+        numbered by the scenario's ``label_names`` if given (``fedpeft run`` sends them in the run config).
+        """
+        names = tuple(str(n) for n in label_names) if data_path and label_names is not None else None
+        key = hashlib.sha256((cfg.to_toml() + "\0" + (data_path or "") + "\0" + repr(names)).encode()).hexdigest()
+        if key not in self._runtimes:
+            self._runtimes.clear()
+            self._runtimes[key] = Runtime(cfg, data_path, names)
+        return self._runtimes[key]
+
+
+PROCESS_RUNTIMES = RuntimeCache()  # this process's own: for apps Flower starts, and code outside any engine
+
+
+def runtimes_of(context: object) -> RuntimeCache:
+    """The cache an engine handed to an app through its Flower ``context`` (``context.runtimes``), else
+    :data:`PROCESS_RUNTIMES` (a ClientApp / ServerApp process that Flower started)."""
+    runtimes = getattr(context, "runtimes", None)
+    return runtimes if isinstance(runtimes, RuntimeCache) else PROCESS_RUNTIMES
 
 
 def get_runtime(cfg: Config, data_path: str | None = None, label_names: Sequence[str] | None = None) -> Runtime:
-    """The process-wide runtime for ``cfg`` (one at a time: a new config replaces the old one).
-
-    ``data_path`` (a deployed node's ``data-path``) replaces the scenario data by that whole file, its labels
-    numbered by the scenario's ``label_names`` if given (``fedpeft run`` sends them in the run config).
-    """
-    names = tuple(str(n) for n in label_names) if data_path and label_names is not None else None
-    key = hashlib.sha256((cfg.to_toml() + "\0" + (data_path or "") + "\0" + repr(names)).encode()).hexdigest()
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = Runtime(cfg, data_path, names)
-    return _CACHE[key]
+    """This process's runtime for ``cfg`` (what the in-process engine used by default): for tests, benchmarks and
+    post-run work outside any engine."""
+    return PROCESS_RUNTIMES.get(cfg, data_path, label_names)

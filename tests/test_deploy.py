@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from conftest import tiny_overrides, write_classification
 
-from fedpeft import cli, config
-from fedpeft.deploy import certs, flower, launch, submit
+from fedpeft import certs, cli, config
+from fedpeft.deploy import flower, launch, submit
 from fedpeft.errors import FedPeftError
 
 

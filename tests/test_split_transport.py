@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from split_toy_server import FINGERPRINT, ToyBody
 
-from fedpeft.deploy import certs
+from fedpeft import certs
 from fedpeft.deploy.flower import free_port
 from fedpeft.errors import SplitError
 from fedpeft.split import frames

@@ -38,6 +38,7 @@ from fedpeft.audit.grid import GRID_KEYS, ClientView, client_view, parse_dp, pla
 from fedpeft.audit.victim import WORDS
 from fedpeft.config import AuditSection, Config
 from fedpeft.errors import ConfigError
+from fedpeft.rundir import new_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,7 @@ def run_audit(cfg: Config, cells: list[dict[str, Any]] | None = None,
 
     if cells is None:
         cfg, cells = check(cfg)
-    out = Path(cfg.output.dir) / f"{cfg.run.name}-audit-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True)
+    out = new_run_dir(cfg.output.dir, f"{cfg.run.name}-audit")
     (out / "config.toml").write_text(cfg.to_toml())
     rows = []
     with torch.random.fork_rng(devices=[]):

@@ -9,7 +9,7 @@ from flwr.app import Context
 
 from fedpeft.config import Config
 from fedpeft.errors import PayloadError
-from fedpeft.runtime import Runtime, get_runtime
+from fedpeft.runtime import Runtime, runtimes_of
 
 
 def label_names(run_config: Mapping[str, object]) -> list[str] | None:
@@ -27,7 +27,7 @@ def label_names(run_config: Mapping[str, object]) -> list[str] | None:
 
 
 def node_runtime(cfg: Config, context: Context) -> Runtime:
-    """This node's runtime: its own data file (node config ``data-path``) numbered by the scenario's labels,
-    or the scenario's partitions in a simulation."""
+    """This node's runtime, from the cache its engine passed in ``context`` (else this process's): its own data
+    file (node config ``data-path``) numbered by the scenario's labels, or the scenario's partitions in a simulation."""
     data_path = str(context.node_config.get("data-path", "")) or None
-    return get_runtime(cfg, data_path, label_names(context.run_config))
+    return runtimes_of(context).get(cfg, data_path, label_names(context.run_config))

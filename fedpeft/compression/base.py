@@ -1,19 +1,19 @@
 """The codec interface, the codec registry and the spec grammar ``name[:positional][,key=value]*``.
 
 Each codec is a :class:`Codec` subclass with a small parameter dataclass (``Params``) whose fields
-carry their allowed choices / ranges; ``make_codec("compeft:0.05,scale=std")`` parses and validates
-a spec against it. Adding a codec = one module with a ``@register_codec("name")`` class.
+carry their allowed choices / ranges (:func:`fedpeft.fields.option`, checked like config keys);
+``make_codec("compeft:0.05,scale=std")`` parses and validates a spec against it. Adding a codec = one
+module with a ``@register_codec("name")`` class.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 from fedpeft.compression.payload import (H_CODEC, H_FIELDS, H_LAYOUT, H_NTENSORS, H_TOTAL, Layout,
                                          Payload, require)
 from fedpeft.errors import ConfigError, PayloadError
+from fedpeft.fields import check
 from fedpeft.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,6 @@ _CODEC_IDS: dict[int, str] = {}
 
 # What a codec's encoder hands back: (header fields, positions bytes, values bytes, scales or None).
 Encoded = tuple[list[int], np.ndarray, np.ndarray, np.ndarray | None]
-
-
-def param(default: Any, *, choices: tuple[Any, ...] | None = None, lo: float | None = None,
-          hi: float | None = None, lo_open: bool = False, help: str = "") -> Any:
-    """A codec parameter: a dataclass field with its allowed choices or range."""
-    return field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi,
-                                            "lo_open": lo_open, "help": help})
 
 
 @dataclass(frozen=True)
@@ -64,42 +58,11 @@ def codec_names() -> list[str]:
     return CODECS.names()
 
 
-def _check_param(codec: str, f: dataclasses.Field, ftype: Any, value: Any) -> Any:
-    where = f"codec {codec!r} parameter {f.name}"
-    if ftype is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{where} = {value!r}: expected a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{where} = {value!r}: expected a finite number")
-        value = float(value)
-    elif ftype is int:
-        if isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                raise ConfigError(f"{where} = {value!r}: expected an integer") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} = {value!r}: expected an integer")
-    elif not isinstance(value, str):
-        raise ConfigError(f"{where} = {value!r}: expected a string")
-    meta = f.metadata
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{where} = {value!r}; choose one of: {', '.join(meta['choices'])}")
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
-        raise ConfigError(f"{where} = {value!r} must be {'>' if meta.get('lo_open') else '>='} {lo}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{where} = {value!r} must be <= {hi}")
-    return value
-
-
 def _validated(cls: type[Codec], values: Mapping[str, Any]) -> Any:
     hints = typing.get_type_hints(cls.Params)
     fields = {f.name: f for f in dataclasses.fields(cls.Params)}
-    return cls.Params(**{k: _check_param(cls.name, fields[k], hints[k], v) for k, v in values.items()})
+    return cls.Params(**{k: check(f"codec {cls.name!r} parameter {k}", fields[k], hints[k], v, text=True)
+                         for k, v in values.items()})
 
 
 class Codec(ABC):

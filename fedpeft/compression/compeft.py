@@ -41,20 +41,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpeft.compression.base import Codec, Encoded, check_scales, param, per_tensor, register_codec
+from fedpeft.compression.base import Codec, Encoded, check_scales, per_tensor, register_codec
 from fedpeft.compression.bits import nbytes_for, pack_bits, unpack_bits
 from fedpeft.compression.payload import Layout, require
 from fedpeft.compression.topk import N_SPARSE_FIELDS, SCOPES, select_param, sparse_decode, sparse_encode
+from fedpeft.fields import option
 
 
 @dataclass(frozen=True)
 class CompeftParams:
     """ComPEFT configuration."""
 
-    p: float = param(0.1, lo=0.0, hi=1.0, help="density: fraction of elements kept")
-    scale: str = param("mean", choices=("mean", "std"), help="mean |kept| per tensor, or std of the delta")
-    alpha: float = param(1.5, lo=0.0, lo_open=True, help="multiplier on the scale (1.5 measured best, see doc)")
-    scope: str = param("global", choices=SCOPES, help="select over all tensors or within each")
+    p: float = option(0.1, lo=0.0, hi=1.0, help="density: fraction of elements kept")
+    scale: str = option("mean", choices=("mean", "std"), help="mean |kept| per tensor, or std of the delta")
+    alpha: float = option(1.5, lo=0.0, lo_open=True, help="multiplier on the scale (1.5 measured best, see doc)")
+    scope: str = option("global", choices=SCOPES, help="select over all tensors or within each")
     select: str = select_param()
 
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpeft.compression.base import (Codec, Encoded, check_scales, param, per_element, per_tensor,
+from fedpeft.compression.base import (Codec, Encoded, check_scales, per_element, per_tensor,
                                       register_codec)
 from fedpeft.compression.bits import (nbytes_for, pack_bits, pack_uint, set_sign_bits, unpack_bits,
                                       unpack_uint)
 from fedpeft.compression.payload import Layout, require
+from fedpeft.fields import option
 
 _EMPTY = np.zeros(0, np.uint8)
 
@@ -26,8 +27,8 @@ _EMPTY = np.zeros(0, np.uint8)
 class QsgdParams:
     """QSGD configuration."""
 
-    s: int = param(16, lo=1, hi=65535, help="quantization levels")
-    bucket: int = param(512, lo=0, hi=1 << 24, help="elements per norm (0 = one norm per tensor)")
+    s: int = option(16, lo=1, hi=65535, help="quantization levels")
+    bucket: int = option(512, lo=0, hi=1 << 24, help="elements per norm (0 = one norm per tensor)")
 
 
 def _norms(flat: np.ndarray, layout: Layout, bucket: int) -> np.ndarray:

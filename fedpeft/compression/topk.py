@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.compression.base import Codec, Encoded, param, register_codec
+from fedpeft.compression.base import Codec, Encoded, register_codec
 from fedpeft.compression.bits import N_POS_FIELDS, decode_positions, encode_positions
 from fedpeft.compression.payload import Layout, require
+from fedpeft.fields import option
 from fedpeft.compression.select import k_for, max_kept, select
 
 SCOPES = ("global", "per_tensor")
@@ -29,7 +30,7 @@ def _p_bits(p: float) -> int:
 
 def select_param() -> Any:
     """The ``select`` field of a sparsifying codec's parameters."""
-    return param("magnitude", choices=RANKINGS, help="rank by |x|, or by sqrt(Fisher) * |x| where the sender "
+    return option("magnitude", choices=RANKINGS, help="rank by |x|, or by sqrt(Fisher) * |x| where the sender "
                  "has a Fisher estimate (clients do; see the README's compressed transport section)")
 
 
@@ -64,8 +65,8 @@ def sparse_decode(fields: tuple[int, ...], positions: np.ndarray, layout: Layout
 class TopkParams:
     """Top-k configuration."""
 
-    p: float = param(0.1, lo=0.0, hi=1.0, help="density: fraction of elements kept")
-    scope: str = param("global", choices=SCOPES, help="select over all tensors or within each")
+    p: float = option(0.1, lo=0.0, hi=1.0, help="density: fraction of elements kept")
+    scope: str = option("global", choices=SCOPES, help="select over all tensors or within each")
     select: str = select_param()
 
 

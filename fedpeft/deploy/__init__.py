@@ -1,1 +1,1 @@
-"""SuperLink / SuperNode launchers, certificates, node keys and the thin Flower App."""
+"""SuperLink / SuperNode launchers and the thin Flower App (certificates and node keys: fedpeft.certs)."""

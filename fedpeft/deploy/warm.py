@@ -5,7 +5,7 @@ per message: every round re-imports torch/transformers/peft and reloads the base
 ``flower-supernode --isolation process`` the SuperNode starts no executor and waits for an external
 one on its Runtime API (``--port``). This module is that executor: it imports fedpeft once, then
 loops ``AcquireTask`` -> pull the task input -> call the fedpeft ClientApp in-process -> push the
-reply and the task output. The per-process model cache (:func:`fedpeft.runtime.get_runtime`) stays
+reply and the task output. The per-process model cache (:data:`fedpeft.runtime.PROCESS_RUNTIMES`) stays
 loaded between rounds, and ``context.state`` still goes back to the SuperNode after every task.
 
 It uses the same Runtime API calls as Flower's own ``flwr-clientapp`` (flwr 1.41), but it must

@@ -2,7 +2,7 @@
 
 The run configuration travels in the Flower run config: ``fedpeft-config`` (the resolved TOML text),
 ``run-dir`` (where metrics, checkpoints, the adapter and ``versions.json`` go) and ``resume`` (continue
-from the checkpoint in ``run-dir``).
+from the checkpoint in ``run-dir``). The runtime comes from the cache the engine put in the ``Context``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import config, versions
+from fedpeft.runtime import runtimes_of
 from fedpeft.server.loop import FederatedServer, Observer
 
 
@@ -29,7 +30,7 @@ def make_app(observers: Sequence[Observer] = ()) -> ServerApp:
         run_dir.mkdir(parents=True, exist_ok=True)
         versions.write_versions(run_dir)  # the server process's environment, rewritten on resume
         resume = bool(context.run_config.get("resume", False))
-        FederatedServer(cfg, run_dir, resume=resume, observers=observers).run(grid)
+        FederatedServer(cfg, run_dir, resume=resume, observers=observers, runtimes=runtimes_of(context)).run(grid)
 
     return server_app
 

@@ -29,7 +29,7 @@ from fedpeft import models, protocol
 from fedpeft.compression import make_codec
 from fedpeft.config import Config
 from fedpeft.errors import FedPeftError, PayloadError
-from fedpeft.runtime import get_runtime
+from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
 from fedpeft.server import checkpoint
 from fedpeft.server.aggregators import make_aggregator
 from fedpeft.server.downlink import Downlink
@@ -72,11 +72,12 @@ class FederatedServer:
     ``observers`` are called with every valid decoded update (before aggregation); in-process only.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, observers: Sequence[Observer] = ()) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, observers: Sequence[Observer] = (),
+                 runtimes: RuntimeCache = PROCESS_RUNTIMES) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.observers = list(observers)
-        self.rt = get_runtime(cfg)  # data first: the privacy check needs the partition sizes, not the model
+        self.rt = runtimes.get(cfg)  # data first: the privacy check needs the partition sizes, not the model
         check_privacy(cfg.privacy, cfg.data.num_clients, cfg.federation.clients_per_round, cfg.federation.rounds,
                       min(len(p) for p in self.rt.partitions), batch_size=cfg.train.batch_size,
                       local_steps=cfg.train.local_steps or None)

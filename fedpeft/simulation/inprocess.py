@@ -1,10 +1,11 @@
 """The in-process engine: one process, no sockets, deterministic.
 
 :class:`InProcessGrid` implements Flower's ``Grid`` interface, so the ServerApp runs unchanged: each
-pushed message is handed to the ClientApp of its virtual node, one after another. All virtual
-clients share the process's one frozen base model (``runtime.get_runtime``) and swap adapters, so
-memory stays flat as clients and rounds grow; a node's ``Context`` (its persistent state, e.g. the
-error-feedback residual) is created when the node is first sampled.
+pushed message is handed to the ClientApp of its virtual node, one after another. The server and all
+virtual clients get the engine's :class:`~fedpeft.runtime.RuntimeCache` in their ``Context``, so they
+share one frozen base model and swap adapters, and memory stays flat as clients and rounds grow; a
+node's ``Context`` (its persistent state, e.g. the error-feedback residual) is created when the node is
+first sampled.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
@@ -22,6 +24,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +41,23 @@ def node_id(partition_id: int) -> int:
     return NODE_ID_BASE + partition_id
 
 
-class InProcessGrid(Grid):
-    """A Grid whose nodes are virtual clients called in this process."""
+class EngineContext(Context):
+    """A Flower ``Context`` that also carries the engine's runtime cache to the app it is given to."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict, run_id: int = 1) -> None:
+    def __init__(self, runtimes: RuntimeCache, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.runtimes = runtimes
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are virtual clients called in this process (sharing ``runtimes``)."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict, run_id: int = 1,
+                 runtimes: RuntimeCache = PROCESS_RUNTIMES) -> None:
         self.client_app = client_app
         self.num_nodes = num_nodes
         self.run_config = run_config
+        self.runtimes = runtimes
         self._run = Run.create_empty(run_id)
         self._contexts: dict[int, Context] = {}
         self._replies: dict[str, Message] = {}
@@ -66,9 +80,9 @@ class InProcessGrid(Grid):
         """The persistent context of a virtual node (created on first use)."""
         if node not in self._contexts:
             pid = node - NODE_ID_BASE
-            self._contexts[node] = Context(run_id=self._run.run_id, node_id=node,
-                                           node_config={"partition-id": pid, "num-partitions": self.num_nodes},
-                                           state=RecordDict(), run_config=dict(self.run_config))
+            self._contexts[node] = EngineContext(self.runtimes, run_id=self._run.run_id, node_id=node,
+                                                 node_config={"partition-id": pid, "num-partitions": self.num_nodes},
+                                                 state=RecordDict(), run_config=dict(self.run_config))
         return self._contexts[node]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -123,14 +137,19 @@ class InProcessGrid(Grid):
                     ctx.state[rec] = ConfigRecord(values)
 
 
-def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int, run_config: dict) -> float:
-    """Run ``server_app`` against ``num_nodes`` virtual clients; returns the wall time in seconds."""
+def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int, run_config: dict,
+                  runtimes: RuntimeCache = PROCESS_RUNTIMES) -> float:
+    """Run ``server_app`` against ``num_nodes`` virtual clients, all on ``runtimes``; returns the wall time in seconds.
+
+    The default is this process's cache, so later work in the process (an audit of the run, a test) finds the
+    model the run loaded.
+    """
     TaskIdentity.run_id = 1
     TaskIdentity.node_id = SERVER_NODE_ID
     TaskIdentity.task_id = 1
-    grid = InProcessGrid(client_app, num_nodes, run_config)
-    server_ctx = Context(run_id=1, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
-                         run_config=dict(run_config))
+    grid = InProcessGrid(client_app, num_nodes, run_config, runtimes=runtimes)
+    server_ctx = EngineContext(runtimes, run_id=1, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
+                               run_config=dict(run_config))
     t0 = time.perf_counter()
     server_app(grid, server_ctx)
     return time.perf_counter() - t0

@@ -1,16 +1,17 @@
-"""``fedpeft simulate``: create (or reopen) a run directory and run the scenario on an engine."""
+"""``fedpeft simulate``: create (or reopen) a run directory and run the scenario on a registered engine."""
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedpeft import config
 from fedpeft.config import Config
 from fedpeft.errors import ConfigError
+from fedpeft.registry import Registry
+from fedpeft.rundir import new_run_dir
 
 if TYPE_CHECKING:
     from fedpeft.server.loop import Observer
@@ -19,15 +20,26 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.toml"
 
 
-def new_run_dir(cfg: Config) -> Path:
-    """``<output.dir>/<run.name>-<timestamp>`` (a numeric suffix keeps concurrent runs apart)."""
-    base = Path(cfg.output.dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
-    return path
+Engine = Callable[[Config, dict, Sequence["Observer"]], None]
+ENGINES: Registry[Engine] = Registry("engine")
+
+
+@ENGINES.register("inprocess")
+def _inprocess(cfg: Config, rc: dict, observers: Sequence[Observer]) -> None:
+    """Every client in this process, one after another (deterministic; observers allowed)."""
+    from fedpeft.clients.app import app as client_app
+    from fedpeft.server.app import app, make_app
+    from fedpeft.simulation.inprocess import run_inprocess
+
+    run_inprocess(make_app(observers) if observers else app, client_app, cfg.data.num_clients, rc)
+
+
+@ENGINES.register("ray")
+def _ray(cfg: Config, rc: dict, observers: Sequence[Observer]) -> None:
+    """Flower's Ray simulation behind a local SuperLink (clients in parallel actors)."""
+    from fedpeft.simulation.ray import run_ray
+
+    run_ray(cfg, rc)
 
 
 def run_config(cfg: Config, run_dir: Path, resume: bool) -> dict[str, str | bool | int]:
@@ -44,7 +56,7 @@ def prepare(cfg: Config | None = None, resume: Path | None = None) -> tuple[Conf
         return config.load(resume / CONFIG_FILE), resume
     if cfg is None:
         raise ConfigError("no configuration given")
-    run_dir = new_run_dir(cfg)
+    run_dir = new_run_dir(cfg.output.dir, cfg.run.name)
     (run_dir / CONFIG_FILE).write_text(cfg.to_toml())
     return cfg, run_dir
 
@@ -59,16 +71,7 @@ def execute(cfg: Config, run_dir: Path, resume: bool = False, engine: str | None
     rc = run_config(cfg, run_dir, resume)
     if observers and engine != "inprocess":
         raise ConfigError(f"observing the decoded updates needs run.engine = 'inprocess', not {engine!r}")
-    if engine == "ray":
-        from fedpeft.simulation.ray import run_ray
-
-        run_ray(cfg, rc)
-        return
-    from fedpeft.clients.app import app as client_app
-    from fedpeft.server.app import app, make_app
-    from fedpeft.simulation.inprocess import run_inprocess
-
-    run_inprocess(make_app(observers) if observers else app, client_app, cfg.data.num_clients, rc)
+    ENGINES.get(engine)(cfg, rc, observers)
 
 
 def simulate(cfg: Config | None = None, resume: Path | None = None, engine: str | None = None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from fedpeft import report
 from fedpeft.compression import entropy_bound_bits, make_codec
 from fedpeft.config import Config
 from fedpeft.errors import ConfigError
+from fedpeft.rundir import new_run_dir
 from fedpeft.simulation import runner
 
 COLUMNS = ["codec", "density", "uplink_bytes_per_round", "downlink_bytes_per_round", "ratio_vs_fp32",
@@ -81,8 +81,7 @@ def compare_compression(cfg: Config, codecs: list[str], both_directions: bool = 
         raise ConfigError("no codecs to compare: pass --codecs or set compression.sweep")
     for spec in codecs:
         make_codec(spec)  # every spec is checked before any work starts
-    sweep_dir = Path(cfg.output.dir) / f"{cfg.run.name}-compression-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep_dir.mkdir(parents=True)
+    sweep_dir = new_run_dir(cfg.output.dir, f"{cfg.run.name}-compression")
     results = []
     for spec in codecs:
         compression = dataclasses.replace(cfg.compression, uplink=spec,

@@ -44,7 +44,7 @@ SERVER_KEEPALIVE = [("grpc.http2.min_ping_interval_without_data_ms", 10_000), ("
 
 if TYPE_CHECKING:
     from fedpeft.config import Config
-    from fedpeft.deploy.certs import CertPaths
+    from fedpeft.certs import CertPaths
 
 log = logging.getLogger(__name__)
 

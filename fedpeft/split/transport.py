@@ -129,7 +129,7 @@ class GrpcBody:
     """A :class:`~fedpeft.split.service.BodyService` on a remote split server (one stream, thread-safe).
 
     ``ca_cert`` turns on TLS (the CA that signed the server certificate, e.g. ``ca.crt`` from
-    ``fedpeft.deploy.certs.make_certs``); ``wire_dtype="bf16"`` halves the bytes of float tensors
+    ``fedpeft.certs.make_certs``); ``wire_dtype="bf16"`` halves the bytes of float tensors
     both ways. ``stats`` counts the real serialized frame bytes (gRPC adds 5 bytes per message plus
     HTTP/2 framing). Calls are serialized: one stream carries one request at a time.
     """

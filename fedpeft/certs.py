@@ -1,4 +1,6 @@
-"""TLS certificates for the SuperLink and SSH EC keys for SuperNode authentication.
+"""TLS certificates (the SuperLink, the split server) and SSH EC keys for SuperNode authentication.
+
+Shared by ``deploy/`` and ``split/``, so it lives beside neither and imports neither Flower nor gRPC.
 
 ``make_certs`` writes a private CA and a server certificate signed by it (SANs: the host name,
 ``localhost``, ``127.0.0.1``, ``::1``); SuperNodes and the ``flwr`` CLI trust ``ca.crt``.
