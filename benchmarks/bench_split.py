@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from common import append_results, machine, table  # noqa: E402
 
+from fedpeft.split.plugin import split_of
 from fedpeft import config, models  # noqa: E402
 from fedpeft.compression import make_codec  # noqa: E402
 from fedpeft.runtime import Runtime  # noqa: E402
@@ -73,9 +74,9 @@ def main() -> None:
     rows.append(["monolithic (whole model on the client)", f"{mono_ms:.0f}", "1.00x", "-", "-"])
 
     def split_row(name: str, service, wire: str | None) -> None:
-        client = SplitClient(rt.split, service, "bench", cfg.train, SplitOptions(wire_dtype=wire))
-        service.open("bench", rt.split.fingerprint)
-        opt = make_optimizer(list(rt.split.client_parameters().values()), cfg.train)
+        client = SplitClient(split_of(rt).model, service, "bench", cfg.train, SplitOptions(wire_dtype=wire))
+        service.open("bench", split_of(rt).model.fingerprint)
+        opt = make_optimizer(list(split_of(rt).model.client_parameters().values()), cfg.train)
         sizes = []
         def step(b):  # noqa: E306
             _, nb = client.split_step(b, opt)
@@ -85,10 +86,10 @@ def main() -> None:
         step_bytes[name] = (up, down)
         rows.append([name, f"{ms:.0f}", f"{ms / mono_ms:.2f}x", f"{up:,}", f"{down:,}"])
 
-    body = BodyServer.from_split(rt.split, cfg.train, "per_client")
+    body = BodyServer.from_split(split_of(rt).model, cfg.train, "per_client")
     split_row("split, in-process body", body, None)
     for wire in (None, "bf16"):
-        server = serve(BodyServer.from_split(rt.split, cfg.train, "per_client"), "127.0.0.1", 0)
+        server = serve(BodyServer.from_split(split_of(rt).model, cfg.train, "per_client"), "127.0.0.1", 0)
         proxy = GrpcBody(f"127.0.0.1:{server.port}", wire_dtype=wire)
         try:
             split_row(f"split, gRPC loopback, {wire or 'fp32'}", proxy, wire)

@@ -4,7 +4,8 @@ A :class:`Runtime` holds the tokenizer, the frozen base model wrapped with the a
 split into client partitions and the held-out global eval set. A :class:`RuntimeCache` keeps it per
 process: the in-process engine hands its cache to the server and every virtual client, so they share
 one runtime (one base model; adapters are swapped in and out); in a deployment each ClientApp process
-builds its own. Flower-free.
+builds its own. Plug-ins (split learning) attach to a runtime through :meth:`Runtime.plugin` and
+:meth:`Runtime.restrict_adapter`; this module imports none of them. Flower-free.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import cached_property
+from typing import Any, TypeVar
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -24,6 +26,7 @@ from fedpeft.config import Config
 from fedpeft.training import select_device
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Runtime:
@@ -49,6 +52,8 @@ class Runtime:
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.collate = data.Collator(self.tokenizer.pad_token_id, cfg.model.task)
         self._client_data: dict[int, Dataset] = {}
+        self._adapter_keys: list[str] | None = None
+        self._plugins: dict[str, Any] = {}
 
     @cached_property
     def model(self):  # noqa: ANN201 - a peft model
@@ -60,12 +65,10 @@ class Runtime:
         return model.to(self.device).eval()
 
     def initial_adapter(self) -> models.AdapterState:
-        """The seeded initial adapter (identical in every process for the same config).
-
-        With split learning only the client side (front + back) travels and is aggregated.
-        """
+        """The seeded initial adapter (identical in every process for the same config): the tensors that
+        travel, all of them unless a plug-in restricted them (split learning: only the client side)."""
         _ = self.model
-        keys = self.split.client_parameters().keys() if self.split is not None else self.initial_state.keys()
+        keys = self._adapter_keys if self._adapter_keys is not None else self.initial_state.keys()
         return {k: self.initial_state[k].clone() for k in keys}
 
     @cached_property
@@ -73,30 +76,19 @@ class Runtime:
         """Names and shapes of the adapter tensors (what every payload is checked against)."""
         return Layout.from_state(self.initial_adapter())
 
-    @cached_property
-    def split(self):  # noqa: ANN201 - a fedpeft.split.cut.SplitModel or None
-        """The model cut at ``[split]``'s cut points (parameters shared with :attr:`model`), if enabled.
+    def restrict_adapter(self, keys: Collection[str], drop_others: bool = False) -> None:
+        """Only ``keys`` travel from now on (``drop_others``: nor keep the other tensors' initial copy)."""
+        _ = self.model
+        self._adapter_keys = list(keys)
+        if drop_others:
+            self.initial_state = {k: v for k, v in self.initial_state.items() if k in self._adapter_keys}
+        self.__dict__.pop("layout", None)
 
-        With a remote split server (``split.address``) the body's weights are freed from :attr:`model`
-        after the cut (docs/split.md): the model then holds only the front and the back, so nothing
-        here may run it whole or read its whole adapter (``models.adapter_state`` has no body keys).
-        """
-        if not self.cfg.split.enabled:
-            return None
-        from fedpeft.split.federated import cut_for
-
-        split = cut_for(self.cfg, self.model)
-        if split.body_freed:  # nor keep the body adapter's initial copy
-            client = split.client_parameters().keys()
-            self.initial_state = {k: v for k, v in self.initial_state.items() if k in client}
-        return split
-
-    @cached_property
-    def body_service(self):  # noqa: ANN201 - a fedpeft.split.service.BodyService
-        """The split server's body: in process (shared by every virtual client), or a gRPC proxy."""
-        from fedpeft.split.federated import make_service
-
-        return make_service(self.cfg, self.split)
+    def plugin(self, name: str, build: Callable[[], T]) -> T:
+        """The plug-in ``name`` of this runtime (built by ``build`` on first use, then shared)."""
+        if name not in self._plugins:
+            self._plugins[name] = build()
+        return self._plugins[name]
 
     def client_dataset(self, partition_id: int) -> Dataset:
         """The tokenized local data of one client (cached: clients are revisited across rounds)."""

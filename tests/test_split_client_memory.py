@@ -14,6 +14,7 @@ import weakref
 import pytest
 import torch
 
+from fedpeft.split.plugin import split_of
 from fedpeft import models
 from fedpeft.config import AdapterSection, ModelSection
 from fedpeft.errors import SplitError
@@ -34,8 +35,8 @@ def _numel(model: torch.nn.Module) -> int:
 
 
 def _round(rt: Runtime, server: BodyServer) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    sr = train_split_round(rt.cfg, rt.split, server, "c0", rt.client_dataset(0), rt.collate, rt.initial_adapter(),
-                           seed=11)
+    sr = train_split_round(rt.cfg, split_of(rt).model, server, "c0", rt.client_dataset(0), rt.collate,
+                           rt.initial_adapter(), seed=11)
     return sr.state, sr.metrics
 
 
@@ -43,13 +44,13 @@ def test_remote_client_frees_the_body_and_trains_bit_identically(tiny_cfg) -> No
     keep = Runtime(tiny_cfg(**SPLIT))                              # today's client: holds the whole model
     lean = Runtime(tiny_cfg(**SPLIT, **{"split.address": REMOTE}))  # a client of a remote split server
     whole = _numel(keep.model)
-    assert not keep.split.body_freed and lean.split.body_freed
+    assert not split_of(keep).model.body_freed and split_of(lean).model.body_freed
 
     # no body parameter (or buffer) left in the client's model; the front and back are all there
-    body_numel = sum(p.numel() for p in keep.split.body.layers.parameters())
+    body_numel = sum(p.numel() for p in split_of(keep).model.body.layers.parameters())
     assert body_numel > 0.4 * whole
     assert _numel(lean.model) == whole - body_numel
-    assert not list(lean.split.body.parameters()) and not list(lean.split.body.buffers())
+    assert not list(split_of(lean).model.body.parameters()) and not list(split_of(lean).model.body.buffers())
     kept_names = {n for n, _ in lean.model.named_parameters()}
     body_names = {n for n, _ in keep.model.named_parameters()} - kept_names
     assert all(any(f"layer.{i}." in n for i in (1, 2, 3)) for n in body_names) and body_names
@@ -57,9 +58,9 @@ def test_remote_client_frees_the_body_and_trains_bit_identically(tiny_cfg) -> No
 
     # what the server checks and what travels is unchanged
     servers = [build_body(tiny_cfg(**SPLIT)) for _ in range(2)]  # each from its own full model, as a split server
-    assert lean.split.fingerprint == keep.split.fingerprint == servers[0].fingerprint
+    assert split_of(lean).model.fingerprint == split_of(keep).model.fingerprint == servers[0].fingerprint
     assert lean.layout.names == keep.layout.names and lean.layout.total == keep.layout.total
-    assert set(models.adapter_state(lean.model)) == set(lean.split.client_parameters())  # no body keys here
+    assert set(models.adapter_state(lean.model)) == set(split_of(lean).model.client_parameters())  # no body keys here
 
     kept_state, kept_metrics = _round(keep, servers[0])
     lean_state, lean_metrics = _round(lean, servers[1])
@@ -74,7 +75,7 @@ def test_remote_client_frees_the_body_and_trains_bit_identically(tiny_cfg) -> No
 
 def test_the_freed_body_refuses_to_run(tiny_cfg) -> None:  # noqa: ANN001 - fixture
     rt = Runtime(tiny_cfg(**SPLIT, **{"split.address": REMOTE}))
-    split = rt.split
+    split = split_of(rt).model
     hidden, mask = torch.zeros(2, 3, rt.cfg.model.tiny_hidden_size), torch.ones(2, 3)
     with pytest.raises(SplitError, match="freed the body's weights"):
         split.body(hidden, mask)
@@ -90,7 +91,7 @@ def test_the_freed_body_refuses_to_run(tiny_cfg) -> None:  # noqa: ANN001 - fixt
 
 def test_in_process_body_keeps_its_weights(tiny_cfg) -> None:  # noqa: ANN001 - fixture
     rt = Runtime(tiny_cfg(**SPLIT))  # empty address: the in-process body server runs on this very model
-    assert not rt.split.body_freed and rt.split.server_parameters()
+    assert not split_of(rt).model.body_freed and split_of(rt).model.server_parameters()
     assert set(rt.initial_state) == set(models.adapter_state(rt.model))
 
 

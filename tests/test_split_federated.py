@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fedpeft.split.plugin import split_of
 from fedpeft import report
 from fedpeft.deploy.flower import free_port
 from fedpeft.runtime import get_runtime
@@ -29,8 +30,8 @@ def test_splitfed_simulation_trains_and_reports_split_bytes(tiny_cfg):
     rows = report.read_metrics(run_dir)
     assert all(r["replies"] == 3 and r["dropped"] == 0 for r in rows)
     rt = get_runtime(cfg)
-    client_keys = set(rt.split.client_parameters())
-    assert set(rt.layout.names) == client_keys and not client_keys & set(rt.split.server_parameters())
+    client_keys = set(split_of(rt).model.client_parameters())
+    assert set(rt.layout.names) == client_keys and not client_keys & set(split_of(rt).model.server_parameters())
     for r in rows:  # only the client side travels in Flower messages; activations go through the body
         assert r["bytes_up"] < r["fl_adapter_bytes_fp32"] and r["split_bytes_up"] > 0 and r["split_bytes_down"] > 0
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] * 1.2
@@ -80,7 +81,7 @@ def test_split_server_process_killed_mid_round_and_clients_recover(tiny_cfg, tmp
         assert not sim.is_alive() and "run" in result, "the federated round did not finish"
         rows = report.read_metrics(result["run"])
         assert rows[0]["replies"] == 2 and rows[0]["dropped"] == 0
-        stats = get_runtime(cfg).body_service.stats
+        stats = split_of(get_runtime(cfg)).service.stats
         assert stats.reconnects >= 1                      # the clients really lost and regained the server
         assert rows[0]["train_loss"] is not None and rows[0]["split_bytes_up"] > 0
     finally:

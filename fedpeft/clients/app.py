@@ -16,16 +16,15 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpeft import config, models, privacy, protocol, update
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import PayloadError
-from fedpeft.runtime import Runtime
 from fedpeft.clients import node_runtime, secagg
-from fedpeft.training import TrainResult, client_seed, num_local_steps, set_threads, train_local
+from fedpeft.split.plugin import split_of
+from fedpeft.training import client_seed, num_local_steps, set_threads, train_local
 
 app = ClientApp()
 EF_STATE = "fedpeft.error-feedback"
@@ -66,19 +65,6 @@ def receive_global(msg: Message, context: Context, layout: Layout, downlink_spec
     return state
 
 
-def _train_split(cfg: config.Config, rt: Runtime, client_id: str, dataset: Dataset, global_state: models.AdapterState,
-                 seed: int) -> tuple[TrainResult, models.AdapterState, dict[str, float]]:
-    """One SplitFed round of this client (see :mod:`fedpeft.split.federated`)."""
-    from fedpeft.split.federated import train_split_round
-
-    sr = train_split_round(cfg, rt.split, rt.body_service, client_id, dataset, rt.collate, global_state, seed,
-                           rt.device)
-    result = TrainResult(num_examples=sr.num_examples, steps=int(sr.metrics["split_steps"]),
-                         loss=sr.metrics["train_loss"], seconds=sr.metrics["split_seconds"])
-    keep = ("split_bytes_up", "split_bytes_down", "split_steps", "split_local_steps", "fl_adapter_bytes_fp32")
-    return result, sr.state, {k.replace("_", "-"): sr.metrics[k] for k in keep}
-
-
 @app.train(mods=[secagg.client_mod])  # SecAgg+ rounds go through Flower's secaggplus_mod
 def train(msg: Message, context: Context) -> Message:
     """Train on the local partition starting from the received global adapter."""
@@ -87,6 +73,7 @@ def train(msg: Message, context: Context) -> Message:
     set_threads(cfg.run.threads, workers=int(context.run_config.get("workers", 1)))
     data_path = str(context.node_config.get("data-path", "")) or None  # a deployed node's own data file
     rt = node_runtime(cfg, context)
+    split = split_of(rt)  # before the layout: with split learning only the client side travels
     partition_id = int(context.node_config.get("partition-id", 0)) if data_path else int(
         context.node_config["partition-id"])
     layout = rt.layout
@@ -104,8 +91,8 @@ def train(msg: Message, context: Context) -> Message:
             local_dp.load_state_dict(json.loads(str(context.state[LOCAL_DP_STATE]["json"])))
     extra: dict[str, float] = {}
     codec = make_codec(cfg.compression.uplink)
-    if cfg.split.enabled:  # SplitFed: train through the split server's body; only the client side travels
-        result, state, split_metrics = _train_split(cfg, rt, f"node-{context.node_id}", dataset, global_state, seed)
+    if split is not None:  # SplitFed: train through the split server's body; only the client side travels
+        result, state, split_metrics = split.train_round(f"node-{context.node_id}", dataset, global_state, seed)
         extra.update(split_metrics)
     else:
         models.set_adapter_state(rt.model, global_state)

@@ -35,6 +35,7 @@ from fedpeft.server.aggregators import make_aggregator
 from fedpeft.server.downlink import Downlink
 from fedpeft.privacy import check_privacy
 from fedpeft.server.privacy import ServerPrivacy
+from fedpeft.split.plugin import split_of
 from fedpeft.server.replies import RoundReplies, collect
 from fedpeft.training import evaluate
 
@@ -78,6 +79,7 @@ class FederatedServer:
         self.run_dir = run_dir
         self.observers = list(observers)
         self.rt = runtimes.get(cfg)  # data first: the privacy check needs the partition sizes, not the model
+        self.split = split_of(self.rt)  # split learning plugs in here (None without it)
         check_privacy(cfg.privacy, cfg.data.num_clients, cfg.federation.clients_per_round, cfg.federation.rounds,
                       min(len(p) for p in self.rt.partitions), batch_size=cfg.train.batch_size,
                       local_steps=cfg.train.local_steps or None)
@@ -96,9 +98,8 @@ class FederatedServer:
         self.round = 0
         self.first_round = 1
         self.started = time.time()
-        body = self._local_body()
-        if body is not None:  # the in-process body outlives runs in this process: start from its initial adapters
-            body.reset()
+        if self.split is not None:
+            self.split.reset()
         if resume:
             self._restore()
 
@@ -114,9 +115,8 @@ class FederatedServer:
         except PayloadError as e:
             raise FedPeftError(f"the checkpoint in {self.checkpoint_dir} does not fit this run's adapter: {e}") from None
         self.global_state = ckpt.tensors["global"]
-        body = self._local_body()
-        if body is not None and "split_body" in ckpt.tensors:  # in-process split body: its adapters + optimizer
-            body.load_state_dict(ckpt.tensors["split_body"], ckpt.extra["split_body"])
+        if self.split is not None and "split_body" in ckpt.tensors:  # in-process split body: adapters + optimizer
+            self.split.restore(ckpt.tensors["split_body"], ckpt.extra["split_body"])
         self.aggregator.load_state_dict(ckpt.tensors["optimizer"], int(ckpt.extra["optimizer_t"]))
         self.rng.bit_generator.state = ckpt.rng_state
         self.downlink.restore(ckpt.extra, ckpt.tensors)
@@ -132,9 +132,9 @@ class FederatedServer:
         downlink_meta, downlink_tensors = self.downlink.state()
         tensors = {"global": self.global_state, "optimizer": agg_state, "privacy": privacy_tensors, **downlink_tensors}
         extra = {"elapsed": time.time() - self.started, "optimizer_t": t, "privacy": privacy_meta, **downlink_meta}
-        body = self._local_body()
-        if body is not None:  # the in-process split body's adapters and optimizer
-            tensors["split_body"], extra["split_body"] = body.state_dict()
+        split_state = self.split.state() if self.split is not None else None
+        if split_state is not None:  # the in-process split body's adapters and optimizer
+            tensors["split_body"], extra["split_body"] = split_state
         ckpt = checkpoint.ServerCheckpoint(round=self.round, tensors=tensors, rng_state=self.rng.bit_generator.state,
                                            extra=extra)
         checkpoint.save(ckpt, self.checkpoint_dir)
@@ -235,25 +235,10 @@ class FederatedServer:
         log.info("round %d: %s", rnd, row)
         return row
 
-    def _local_body(self) -> Any:
-        """The in-process split body server (checkpointed with the run), or None."""
-        if self.rt.split is None:
-            return None
-        from fedpeft.split.body import BodyServer
-
-        return self.rt.body_service if isinstance(self.rt.body_service, BodyServer) else None
-
     def model_state(self) -> models.AdapterState | None:
         """The whole adapter of the model being trained; with split learning the client side plus the
         in-process body's adapters (None with a remote split server: its adapters live there)."""
-        if self.rt.split is None:
-            return self.global_state
-        body = self._local_body()
-        if body is None:
-            return None
-        from fedpeft.split.federated import eval_state
-
-        return eval_state(self.rt.split, body, self.global_state)
+        return self.global_state if self.split is None else self.split.model_state(self.global_state)
 
     def evaluate(self) -> dict[str, float]:
         """Centralized evaluation of the global adapter on the held-out set."""
