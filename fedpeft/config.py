@@ -164,6 +164,14 @@ class PrivacySection:
     clip_lr: float = option(0.2, lo=0.0)
     clip_count_noise: float = option(0.0, lo=0.0, help="adaptive clipping: std of the noise on the clipped count "
                                                     "(0 = m/20, Andrew et al.; must exceed z/2)")
+    client_sampling: str = option("poisson", choices=("poisson", "fixed"),
+                                  help="client-level DP: each eligible client joins with probability m/N (poisson, "
+                                       "add/remove relation) or exactly m of N join (fixed, replace-one relation, "
+                                       "RDP only); without client-level DP the server samples a fixed size")
+    release_client_metrics: bool = option(False, help="under DP, clients also send train loss, example count and "
+                                                      "local epsilon in the clear (outside the guarantee)")
+    secagg_min_survivors: int = option(3, lo=2, help="SecAgg+: a round whose sum holds fewer masked updates "
+                                                     "releases nothing (global adapter unchanged)")
     secure_aggregation: str = option("none", choices=("none", "secaggplus"),
                                    help="Flower SecAgg+: the server sees only the sum of the updates (docs/privacy.md)")
     secagg_num_shares: float = option(1.0, lo=0.0, help="SecAgg+ shares per client secret: > 1 = that many (an "
@@ -397,9 +405,10 @@ def _validate_secagg(cfg: Config) -> None:
                           "masks and sums dense integer vectors, so a codec's packed payload cannot be summed and "
                           "the masked upload is dense whatever the codec (it would only add its error)")
     m = cfg.federation.clients_per_round or cfg.data.num_clients
-    if m < 3:
-        raise ConfigError(f"{sa} needs at least 3 clients per round (got {m}): with two, each client can subtract "
-                          "its own update from the new global adapter and learn the other's")
+    if m < p.secagg_min_survivors:
+        raise ConfigError(f"{sa} needs at least {p.secagg_min_survivors} clients per round "
+                          f"(privacy.secagg_min_survivors; got federation.clients_per_round = {m}): with two, each "
+                          "client can subtract its own update from the new global adapter and learn the other's")
     for key in ("secagg_num_shares", "secagg_reconstruction_threshold"):
         v = getattr(p, key)
         if v <= 0 or (v > 1 and not float(v).is_integer()):

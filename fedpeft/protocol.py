@@ -26,7 +26,12 @@ from fedpeft.errors import PayloadError
 TRAIN = "train"
 GLOBAL, CONFIG, UPDATE, METRICS = "global", "config", "update", "metrics"
 PAYLOAD = "payload"
-REQUIRED_METRICS = ("num-examples", "train-loss")
+REQUIRED_METRICS = ("num-examples",)
+#: what a client sends under DP unless privacy.release_client_metrics: values that do not depend on its data
+#: (its simulation index, the traffic the split server sees anyway, adaptive clipping's 0/1 indicator, which
+#: the server only releases noised); num-examples is sent as 1, so updates are weighted uniformly
+PUBLIC_METRICS = ("partition-id", "clip-indicator", "split-bytes-up", "split-bytes-down", "split-steps",
+                  "split-local-steps", "fl-adapter-bytes-fp32")
 MAX_NUM_EXAMPLES = 10**9
 SECTIONS = (("header", np.dtype("<i8")), ("buffer", np.dtype("u1")), ("scales", np.dtype("<f4")))
 PREAMBLE = np.dtype("<u4")
@@ -90,6 +95,11 @@ def train_instruction(global_payload: Payload, config: dict[str, int | float | s
 def train_reply(update: Payload, metrics: dict[str, float]) -> RecordDict:
     """The content of a client -> server reply."""
     return RecordDict({UPDATE: payload_record(update), METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})})
+
+
+def public_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics a client may send under DP without opting in: :data:`PUBLIC_METRICS`, and weight 1."""
+    return {"num-examples": 1, **{k: v for k, v in metrics.items() if k in PUBLIC_METRICS}}
 
 
 def parse_reply(content: RecordDict) -> tuple[Payload, dict[str, float]]:

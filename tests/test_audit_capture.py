@@ -94,7 +94,8 @@ def test_undefended_run_fails_on_the_clients_real_text(tmp_path: Path) -> None:
 
 def test_local_dp_run_passes(tmp_path: Path) -> None:
     """The same run with local DP-SGD at noise multiplier 1: every update is at chance."""
-    cfg = config.load(None, _sets(tmp_path, **{"privacy.mode": "local", "privacy.noise_multiplier": 1.0}))
+    cfg = config.load(None, _sets(tmp_path, **{"privacy.mode": "local", "privacy.noise_multiplier": 1.0,
+                                               "privacy.release_client_metrics": True}))
     run_dir = capture.audit_run(cfg, FAST, rounds=[2])
     rows = _rows(run_dir)
     assert len(rows) == 3

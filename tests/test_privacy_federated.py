@@ -14,7 +14,8 @@ DP = {"privacy.mode": "client", "privacy.server_noise_multiplier": 0.5, "privacy
 def test_client_level_dp_run_reports_epsilon_each_round(tiny_cfg):
     rows = report.read_metrics(runner.simulate(tiny_cfg(**DP)))
     eps = [r["epsilon_client"] for r in rows]
-    assert all(r["replies"] == 2 for r in rows)
+    # Poisson sampling: each of the 4 clients joins with q = 2/4, so the round size varies around 2
+    assert all(r["replies"] == r["sampled"] and r["sample_rate"] == 0.5 for r in rows)
     assert eps == sorted(eps) and eps[0] > 0
     ref = ClientLevelAccountant("rdp")
     for _ in range(3):
@@ -38,7 +39,7 @@ def test_adaptive_clipping_with_compression_and_resume(tiny_cfg, monkeypatch):
 def test_local_dp_sgd_run_accounts_every_round(tiny_cfg, adapter):
     extra = {"privacy.mode": "both", "privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0,
              "privacy.delta": 1e-3, "federation.rounds": 2, "adapter.type": adapter,
-             "privacy.server_noise_multiplier": 0.3}
+             "privacy.server_noise_multiplier": 0.3, "privacy.release_client_metrics": True}
     rows = report.read_metrics(runner.simulate(tiny_cfg(**extra)))
     assert all(r["replies"] == 3 for r in rows)
     assert 0 < rows[0]["epsilon_local"] < rows[1]["epsilon_local"]  # the client's accountant spans rounds
@@ -60,3 +61,21 @@ def test_clip_count_noise_lifts_the_adaptive_clipping_client_minimum(tiny_cfg):
         runner.simulate(tiny_cfg(**extra))
     rows = report.read_metrics(runner.simulate(tiny_cfg(**extra, **{"privacy.clip_count_noise": 0.6})))
     assert len(rows) == 2 and rows[1]["clip_norm"] != rows[0]["clip_norm"]
+
+
+@pytest.mark.parametrize("mode", ["local", "client"])
+def test_under_dp_clients_send_no_values_of_their_data_unless_opted_in(tiny_cfg, mode):
+    """Train loss, example count, steps, timings and local epsilon depend on a client's data: under DP they stay
+    on the client (weight 1 each) and metrics.jsonl has no train loss, unless privacy.release_client_metrics."""
+    extra = {"privacy.mode": mode, "privacy.noise_multiplier": 1.0, "privacy.delta": 1e-3, "federation.rounds": 1,
+             "privacy.server_noise_multiplier": 0.3}
+    seen = []
+    rows = report.read_metrics(runner.simulate(tiny_cfg(**extra), observers=[seen.append]))
+    assert seen and all(set(u.metrics) <= {"num-examples", "partition-id", "clip-indicator"} for u in seen)
+    assert all(u.metrics["num-examples"] == 1 for u in seen)
+    assert rows[0]["train_loss"] is None and "epsilon_local" not in rows[0]
+    seen.clear()
+    rows = report.read_metrics(runner.simulate(tiny_cfg(**extra, **{"privacy.release_client_metrics": True}),
+                                               observers=[seen.append]))
+    assert all(u.metrics["num-examples"] > 1 and "train-loss" in u.metrics for u in seen)
+    assert rows[0]["train_loss"] is not None and (mode == "client" or rows[0]["epsilon_local"] > 0)

@@ -171,8 +171,20 @@ def assert_survivors_mean(cfg, server, start, plain, dropped: int) -> tuple[np.n
     return mean, bound
 
 
-def test_a_client_dropping_out_of_the_masked_vector_stage_still_lets_the_round_finish(data, plain):
+DROPOUT_OK = {"privacy.secagg_min_survivors": 2}  # these tests release a sum of two on purpose (see below)
+
+
+def test_a_round_whose_sum_holds_fewer_than_the_minimum_survivors_releases_nothing(data):
+    """The fault: a 3-client round with one dropout released a sum of two, from which each of the two can
+    subtract its own update and learn the other's. By default (3) such a round releases nothing."""
     cfg = make_cfg(data, **SECAGG)
+    server, grid, row, start = one_round(cfg, data[1] / "secagg-min", drop=(node_id(1), Stage.COLLECT_MASKED_VECTORS))
+    assert row["replies"] == 0 and row["train_loss"] is None and row["secagg_withheld"] == 1
+    assert all(torch.equal(server.global_state[k], start[k]) for k in start)
+
+
+def test_a_client_dropping_out_of_the_masked_vector_stage_still_lets_the_round_finish(data, plain):
+    cfg = make_cfg(data, **SECAGG, **DROPOUT_OK)
     victim = node_id(1)
     server, grid, row, start = one_round(cfg, data[1] / "secagg-drop", drop=(victim, Stage.COLLECT_MASKED_VECTORS))
     assert row["replies"] == 2 and row["dropped"] == 1 and row["train_loss"] is not None
@@ -187,7 +199,7 @@ def test_a_client_dropping_out_of_the_masked_vector_stage_still_lets_the_round_f
 @pytest.mark.parametrize("stage", [Stage.SETUP, Stage.SHARE_KEYS])
 def test_an_early_dropout_is_left_out_of_the_sum(data, plain, stage):
     """Flower 1.41 alone halts here (survivors are asked for shares they never got); see _SecAggPlus."""
-    cfg = make_cfg(data, **SECAGG)
+    cfg = make_cfg(data, **SECAGG, **DROPOUT_OK)
     server, grid, row, start = one_round(cfg, data[1] / f"secagg-{stage}", drop=(node_id(0), stage))
     assert row["replies"] == 2 and row["dropped"] == 1
     assert_survivors_mean(cfg, server, start, plain, node_id(0))

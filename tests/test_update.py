@@ -67,7 +67,7 @@ def test_clientapp_sends_what_the_pipeline_replay_produces(tiny_cfg) -> None:
     spec = "compeft:0.1"
     cfg = tiny_cfg(**{"federation.rounds": 2, "compression.uplink": spec, "privacy.mode": "client",
                       "privacy.server_noise_multiplier": 0.5, "privacy.clip_norm": 0.05, "privacy.delta": 1e-3,
-                      "train.local_steps": 2})
+                      "train.local_steps": 2, "privacy.release_client_metrics": True})
     seen = []
     runner.simulate(cfg, observers=[seen.append])
     assert len(seen) >= 3

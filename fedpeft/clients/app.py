@@ -118,4 +118,6 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-steps": result.steps,
                "train-seconds": result.seconds, "encode-ms": enc.encode_ms,
                "client-seconds": time.perf_counter() - t0, "partition-id": partition_id, **extra}
+    if cfg.privacy.mode != "none" and not cfg.privacy.release_client_metrics:
+        metrics = protocol.public_metrics(metrics)
     return Message(protocol.train_reply(enc.payload, metrics), reply_to=msg)

@@ -10,6 +10,8 @@ from fedpeft.errors import PrivacyError
 from fedpeft.privacy.client_dp import COUNT_NOISE_FRACTION, update_noise_multiplier
 
 log = logging.getLogger(__name__)
+#: Poisson sampling: refuse a plan whose rounds are empty more often than this
+EMPTY_ROUND_LIMIT = 0.25
 
 
 def _check_delta(delta: float, n: int, what: str) -> None:
@@ -67,6 +69,16 @@ def check_privacy(cfg: PrivacySection, num_clients: int, clients_per_round: int,
                                "infinity): set privacy.noise_multiplier > 0 or privacy.target_epsilon > 0")
 
     if cfg.mode in ("client", "both"):
+        if cfg.client_sampling == "fixed" and cfg.accountant != "rdp":
+            raise PrivacyError("privacy.client_sampling = 'fixed' is accounted with RDP only (the replace-one bound "
+                               f"for sampling without replacement): set privacy.accountant = 'rdp', not "
+                               f"{cfg.accountant!r}, or privacy.client_sampling = 'poisson'")
+        if cfg.client_sampling == "poisson" and (1 - m / num_clients) ** num_clients > EMPTY_ROUND_LIMIT:
+            raise PrivacyError(
+                f"federation.clients_per_round = {m} of {num_clients} clients: with Poisson sampling "
+                f"{(1 - m / num_clients) ** num_clients:.0%} of the rounds would sample no client (each round still "
+                f"spends privacy). Raise federation.clients_per_round to at least 2, or set "
+                f"privacy.client_sampling = 'fixed'")
         if not cfg.clip_norm > 0:
             raise PrivacyError("privacy.clip_norm must be > 0 for client-level DP (it bounds each update)")
         if not cfg.server_noise_multiplier > 0:

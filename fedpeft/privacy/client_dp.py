@@ -27,12 +27,13 @@ error-feedback residual exact, and the server applies the same clip to every dec
 server::
 
     each decoded reply -> clip_to_norm(decoded, C)       enforce the bound (a no-op for honest clients)
-    mean  = dp_average(replies, expected_clients=m)      uniform weights, fixed denominator m
-    noisy = add_server_noise(mean, C, z, m, generator)   (z_delta from AdaptiveClipper if adaptive)
-    accountant.step(z, m / num_clients)
+    sample = each of the N eligible clients with q = m / N (Poisson; or exactly m of N, privacy.client_sampling)
+    mean  = dp_average(replies, expected_clients=q N)    uniform weights, fixed denominator q N
+    noisy = add_server_noise(mean, C, z, q N, generator) (z_delta from AdaptiveClipper if adaptive)
+    accountant.step(z, q)                                this round's real rate
 
 Weighting by ``num_examples`` or dividing by the number of replies that arrived would change the
-sensitivity; under client-level DP the average must be ``sum / m`` with ``m`` fixed in advance.
+sensitivity; under client-level DP the average must be ``sum / (q N)`` with ``q N`` fixed before sampling.
 """
 
 from __future__ import annotations
@@ -98,11 +99,12 @@ def clip_to_norm(decoded: Mapping[str, torch.Tensor], clip_norm: float) -> dict[
     return _scaled(decoded, clip_factor(decoded, clip_norm))
 
 
-def dp_average(updates: Sequence[Mapping[str, torch.Tensor]], expected_clients: int) -> dict[str, torch.Tensor]:
+def dp_average(updates: Sequence[Mapping[str, torch.Tensor]], expected_clients: float) -> dict[str, torch.Tensor]:
     """Uniform average with a fixed denominator: ``sum(updates) / expected_clients``.
 
-    ``expected_clients`` is the number of clients sampled per round as planned, *not* the number of
-    replies that arrived, so the sensitivity of the average to one client stays ``C / m``.
+    ``expected_clients`` is the round's expected size fixed before sampling (``q N`` under Poisson sampling,
+    the sample size under fixed-size sampling), *not* the number of replies that arrived, so the
+    sensitivity of the average to one client stays ``C / m``.
     """
     if expected_clients < 1:
         raise PrivacyError(f"expected_clients must be >= 1, got {expected_clients}")
@@ -121,7 +123,7 @@ def dp_average(updates: Sequence[Mapping[str, torch.Tensor]], expected_clients: 
 
 
 def add_server_noise(mean_delta: Mapping[str, torch.Tensor], clip_norm: float, noise_multiplier: float,
-                     num_clients: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+                     num_clients: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Add Gaussian noise of std ``noise_multiplier * clip_norm / num_clients`` to every coordinate.
 
     ``mean_delta`` is the uniform average of clipped updates (:func:`dp_average`) and ``num_clients``

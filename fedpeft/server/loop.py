@@ -34,7 +34,7 @@ from fedpeft.server import checkpoint
 from fedpeft.server.aggregators import make_aggregator
 from fedpeft.server.downlink import Downlink
 from fedpeft.privacy import check_privacy
-from fedpeft.server.privacy import ServerPrivacy
+from fedpeft.privacy.server_dp import ServerPrivacy
 from fedpeft.split.plugin import split_of
 from fedpeft.server.replies import RoundReplies, collect
 from fedpeft.training import evaluate
@@ -164,9 +164,9 @@ class FederatedServer:
             self._save(grid)
 
     def _sample(self, grid: Grid, rnd: int) -> list[int]:
-        """Seeded sample of connected nodes. Waits up to node_wait_timeout for enough nodes in the first
-        round (and after a resume); later rounds wait at most 10 s, so a node that died does not stall
-        every round."""
+        """Seeded sample of the connected nodes (Poisson under client-level DP, else a fixed size). Waits up
+        to node_wait_timeout for enough nodes in the first round (and after a resume); later rounds wait at
+        most 10 s, so a node that died does not stall every round."""
         fed = self.cfg.federation
         wanted = fed.clients_per_round or self.cfg.data.num_clients
         patience = fed.node_wait_timeout if rnd == self.first_round else min(fed.node_wait_timeout, 10.0)
@@ -178,9 +178,9 @@ class FederatedServer:
         if len(nodes) < fed.min_clients:
             raise FedPeftError(f"only {len(nodes)} node(s) connected after {patience:.0f} s; "
                                f"federation.min_clients = {fed.min_clients}")
-        k = min(wanted, len(nodes))
-        # draw indices, not ids: real node ids are random uint64 values that numpy would turn into floats
-        return sorted(int(nodes[i]) for i in self.rng.choice(len(nodes), size=k, replace=False))
+        # the eligible population is whoever is connected now; under client-level DP the accountant is
+        # charged this round's real rate (privacy/sampling.py)
+        return self.privacy.sample(self.rng, nodes).clients
 
     def _instructions(self, sampled: list[int], rnd: int) -> dict[int, protocol.RecordDict]:
         """The training message content for each sampled node (see :mod:`fedpeft.server.downlink`)."""

@@ -75,8 +75,11 @@ class RoundReplies:
     def local_epsilons(self) -> list[float]:
         return [c.metrics["epsilon-local"] for c in self.clients if "epsilon-local" in c.metrics]
 
-    def train_loss(self) -> float:
-        """Example-weighted mean of the clients' training losses."""
+    def train_loss(self) -> float | None:
+        """Example-weighted mean of the clients' training losses (None when none sent one: under DP a client
+        keeps it unless privacy.release_client_metrics)."""
+        if not any("train-loss" in c.metrics for c in self.clients):
+            return None
         return float(np.average([c.metrics.get("train-loss", float("nan")) for c in self.clients],
                                 weights=self.weights))
 

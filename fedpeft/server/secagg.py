@@ -21,7 +21,7 @@ from the reply, so the server only ever receives masked integers.
 ``w / max_weight`` (quantized) before masking and sums that factor as an extra element, and the
 workflow divides by it. Under client-level DP every weight is 1 (the DP average is uniform with the
 fixed denominator m): the server turns the mean back into the sum and adds noise
-(:meth:`fedpeft.server.privacy.ServerPrivacy.release_secure`). The round reaches the loop as a
+(:meth:`fedpeft.privacy.server_dp.ServerPrivacy.release_secure`). The round reaches the loop as a
 :class:`~fedpeft.server.replies.RoundReplies` whose ``secure_mean`` stands in for the per-client deltas.
 """
 
@@ -81,13 +81,15 @@ class SecureRound:
     bytes_up: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage (collect includes training)
     failure: str = ""
+    withheld: bool = False  # the sum was computed but held too few updates to release
 
     def replies(self, sampled: Iterable[int]) -> RoundReplies:
         """The round as every other round reads it: cleartext metadata per client, the secure mean
         standing in for their deltas, all SecAgg+ traffic as framing."""
         total_up = sum(self.bytes_up.values())
         up = {**dict.fromkeys(UP_KEYS, 0), "bytes_up": total_up, "up_framing": total_up}
-        stats: dict[str, float] = {"secagg_clipped": sum(m.get("secagg-clipped", 0.0) for m in self.metrics)}
+        stats: dict[str, float] = {"secagg_clipped": sum(m.get("secagg-clipped", 0.0) for m in self.metrics),
+                                   "secagg_withheld": float(self.withheld)}
         for stage, n in self.bytes_down.items():
             stats[f"secagg_down_{stage}"] = n
         for stage, n in self.bytes_up.items():
@@ -221,6 +223,7 @@ class SecureAggregator:
         self.cfg, self.layout = cfg, layout
         self.client_dp = p.mode in ("client", "both")
         self.adaptive = self.client_dp and p.adaptive_clip
+        self.min_survivors = p.secagg_min_survivors
         self.width = layout.total + (1 if self.client_dp else 0)  # + the clip indicator
         self.max_weight = 1.0 if self.client_dp else float(p.secagg_max_weight or max(1, max_partition))
         timeout = p.secagg_timeout or cfg.federation.round_timeout
@@ -249,6 +252,10 @@ class SecureAggregator:
             self.workflow(wire, context)
         except (PayloadError, ValueError, KeyError, TypeError, IndexError) as e:  # a malformed masked vector
             result.failure = f"{type(e).__name__}: {e}"
+        if not result.failure and strategy.vector is not None and len(result.nodes) < self.min_survivors:
+            result.failure = (f"only {len(result.nodes)} masked update(s) in the sum, fewer than "
+                              f"privacy.secagg_min_survivors = {self.min_survivors}: nothing released")
+            result.withheld = True
         if strategy.vector is None or result.failure:
             result.nodes, result.metrics = [], []
             result.failure = result.failure or "SecAgg+ halted (too few nodes or shares left; see the log)"

@@ -5,7 +5,7 @@ global adapter into the next global adapter. Aggregators that need every client'
 LoRA-aware) read ``replies.deltas`` and set ``needs_individual_updates`` (they cannot run under
 SecAgg+, where the server holds only the sum); those that step from the mean call :func:`mean_update`,
 the one place that decides how the round's updates are averaged: example-weighted, SecAgg+'s secure
-mean, or client-level DP (clip, fixed denominator, noise; :mod:`fedpeft.server.privacy`).
+mean, or client-level DP (clip, fixed denominator, noise; :mod:`fedpeft.privacy.server_dp`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fedpeft.registry import Registry
 if TYPE_CHECKING:
     from fedpeft.config import FederationSection
     from fedpeft.models import AdapterState
-    from fedpeft.server.privacy import ServerPrivacy
+    from fedpeft.privacy.server_dp import ServerPrivacy
     from fedpeft.server.replies import RoundReplies
 
 

@@ -1,0 +1,103 @@
+"""Client-level DP on the server (DP-FedAvg): sample clients as the accountant assumes, bound each decoded
+update, average with the round's expected size as a fixed denominator, add Gaussian noise, adapt the clip
+norm, and charge each round's real sampling rate to the accountant. Flower-free: the server loop and the
+empirical epsilon audit run this same object.
+
+The order with compression is the one documented in :mod:`fedpeft.privacy.client_dp`: the server
+clips every *decoded* update to the round's clip norm, so the sensitivity bound holds for what was
+actually received whatever the codec did (a ternary vector can have a larger norm than its source).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft.config import Config
+from fedpeft.errors import PrivacyError
+from fedpeft.models import AdapterState
+from fedpeft.privacy.accounting import ClientLevelAccountant
+from fedpeft.privacy.client_dp import AdaptiveClipper, add_server_noise, clip_to_norm, dp_average
+from fedpeft.privacy.sampling import ClientSample, sample_clients
+
+
+class ServerPrivacy:
+    """Server-side client-level DP for one run (inactive unless privacy.mode is 'client' or 'both')."""
+
+    def __init__(self, cfg: Config) -> None:
+        p = cfg.privacy
+        self.cfg = p
+        self.active = p.mode in ("client", "both")
+        self.planned = cfg.federation.clients_per_round or cfg.data.num_clients
+        #: the scheme the server samples with: the configured one under client-level DP, else a fixed size
+        self.sampling = p.client_sampling if self.active else "fixed"
+        self.expected = float(self.planned)  # this round's expected size (the fixed denominator)
+        self.sample_rate = self.planned / cfg.data.num_clients  # this round's rate (set by sample())
+        self.accountant = ClientLevelAccountant(p.accountant, self.sampling if self.active else "poisson")
+        #: a test-only hook: the noise actually added is divided by this (the epsilon audit must catch it)
+        self.noise_divisor = 1.0
+        self.clipper = (AdaptiveClipper(p.clip_norm, expected_clients=self.planned,
+                                        noise_multiplier=p.server_noise_multiplier, target_quantile=p.target_quantile,
+                                        lr=p.clip_lr, count_noise_std=p.clip_count_noise or None)
+                        if self.active and p.adaptive_clip else None)
+        self.generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + 17)
+
+    @property
+    def clip_norm(self) -> float:
+        """The clip norm clients use this round."""
+        return self.clipper.clip_norm if self.clipper else self.cfg.clip_norm
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """Noise multiplier on the update (less than the total when the clip count shares the budget)."""
+        return self.clipper.update_noise_multiplier if self.clipper else self.cfg.server_noise_multiplier
+
+    def sample(self, rng: np.random.Generator, eligible: list[int]) -> ClientSample:
+        """This round's clients from the ``eligible`` ones (sorted ids), by the scheme the accountant assumes;
+        remembers the rate to charge and the expected size to divide by."""
+        if self.active and self.cfg.delta >= 1.0 / len(eligible):
+            raise PrivacyError(f"privacy.delta = {self.cfg.delta:g} is >= 1/N for the N = {len(eligible)} eligible "
+                               f"clients of this round: lower privacy.delta below {1.0 / len(eligible):.3g}")
+        drawn = sample_clients(rng, eligible, self.planned, self.sampling)
+        self.sample_rate, self.expected = drawn.rate, drawn.expected
+        return drawn
+
+    def _noise(self, mean: AdapterState, c: float) -> AdapterState:
+        """Gaussian noise of std z*C/E on the mean, E the round's expected size."""
+        return add_server_noise(mean, c, self.update_noise_multiplier / self.noise_divisor, self.expected,
+                                self.generator)
+
+    def aggregate(self, deltas: list[AdapterState]) -> AdapterState:
+        """Clip each decoded update, divide the sum by the round's expected size E, add noise std z*C/E."""
+        c = self.clip_norm
+        return self._noise(dp_average([clip_to_norm(d, c) for d in deltas], self.expected), c)
+
+    def release_secure(self, secure_mean: AdapterState, n: int) -> AdapterState:
+        """DP-FedAvg on a SecAgg+ sum of ``n`` uniformly weighted updates the clients clipped already:
+        sum / E (the round's expected size) + noise std z*C/E."""
+        return self._noise({k: v * (n / self.expected) for k, v in secure_mean.items()}, self.clip_norm)
+
+    def end_round(self, indicators: list[float]) -> dict[str, float]:
+        """Charge the round's real sampling rate to the accountant, adapt the clip norm; returns the round's
+        privacy metrics."""
+        used_clip = self.clip_norm
+        self.accountant.step(self.cfg.server_noise_multiplier, self.sample_rate)
+        if self.clipper:
+            self.clipper.update(indicators, self.generator)
+        return {"epsilon_client": self.accountant.epsilon(self.cfg.delta), "clip_norm": used_clip,
+                "sample_rate": self.sample_rate}
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """JSON state and tensor state (the noise generator) for the checkpoint."""
+        meta = {"accountant": self.accountant.state_dict(),
+                "clipper": self.clipper.state_dict() if self.clipper else None}
+        return meta, {"generator": self.generator.get_state()}
+
+    def restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Continue from :meth:`state` (same epsilon curve, same clip norm, same noise stream)."""
+        self.accountant.load_state_dict(meta["accountant"])
+        if self.clipper and meta.get("clipper"):
+            self.clipper.load_state_dict(meta["clipper"])
+        self.generator.set_state(tensors["generator"])
