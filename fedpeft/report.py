@@ -50,6 +50,8 @@ BYTE_PARTS = ["up_positions", "up_values", "up_scales", "up_header", "up_framing
 
 def write_run_report(run_dir: Path, cfg: Config) -> None:
     """Write summary.md and (if enabled) curves.png for a finished run."""
+    from fedpeft.privacy.statement import guarantee_lines  # imports torch: not at CLI start-up
+
     rows = read_metrics(run_dir)
     cols = [c for c in ROUND_COLUMNS if any(c in r for r in rows)]
     last = rows[-1] if rows else {}
@@ -67,7 +69,7 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
                                                                     "epsilon_client", "epsilon_local")
                                    if last.get(k) is not None),
             *_split_lines(cfg, rows),
-            f"- privacy: mode `{cfg.privacy.mode}`, delta {cfg.privacy.delta:g}",
+            *guarantee_lines(cfg, rows),
             f"- wall time {fmt(last.get('elapsed'))} s, peak RSS {fmt(last.get('peak_rss_mb'))} MiB\n",
             "## Rounds\n", markdown_table(cols, [[r.get(c) for c in cols] for r in rows])]
     (run_dir / "summary.md").write_text("\n".join(text))

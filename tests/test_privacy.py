@@ -229,6 +229,8 @@ GOOD = dict(num_clients=100, clients_per_round=10, rounds=50, min_local_examples
     (_cfg(mode="client", adaptive_clip=True, target_quantile=0.0), {"clients_per_round": 100}, "target_quantile"),
     (_cfg(mode="client"), {"clients_per_round": 101}, "clients_per_round"),
     (_cfg(mode="local"), {"min_local_examples": 0}, "at least one training example"),
+    (_cfg(mode="client"), {"clients_per_round": 1}, "would sample no client"),
+    (_cfg(mode="client", client_sampling="fixed", accountant="prv"), {}, "RDP only"),
 ])
 def test_check_privacy_rejects_impossible_settings(cfg: PrivacySection, kw: dict, match: str) -> None:
     with pytest.raises(PrivacyError, match=match):

@@ -1,0 +1,40 @@
+"""The privacy guarantee of a run, stated in words for ``summary.md``: what is protected, against whom,
+under which neighbouring relation and sampling scheme, and what is released outside it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedpeft.config import Config
+
+
+def guarantee_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown bullet lines describing the run's DP guarantee (a single line when DP is off)."""
+    p = cfg.privacy
+    if p.mode == "none":
+        return ["- privacy: no differential privacy (updates and metrics travel as computed)"]
+    lines = [f"- privacy: mode `{p.mode}`, delta {p.delta:g}, accountant `{p.accountant}`, rounds 1-{len(rows)} "
+             "covered"]
+    if p.mode in ("client", "both"):
+        eps = rows[-1].get("epsilon_client") if rows else None
+        relation = ("add/remove one client; each eligible client joins a round independently with probability "
+                    "q = clients_per_round / eligible clients (Poisson), charged per round"
+                    if p.client_sampling == "poisson" else
+                    "replace one client's data; exactly clients_per_round of the eligible clients per round "
+                    "(fixed size, without replacement), update sensitivity 2C")
+        lines.append(f"  - client level (unit: a client's whole data): epsilon {eps if eps is not None else 'n/a'}"
+                     f" against anyone who sees the global adapters; neighbouring federations: {relation}. The "
+                     "server itself sees each decoded update (use SecAgg+ or local DP against the server)")
+    if p.mode in ("local", "both"):
+        lines.append("  - record level (unit: one training example), DP-SGD on each client: each client's update is "
+                     "private against the server; each client's epsilon depends on its data size and stays on the "
+                     "client" + ("" if not p.release_client_metrics else " (released: epsilon_local)"))
+    if p.release_client_metrics:
+        lines.append("  - **outside the guarantee** (`privacy.release_client_metrics = true`): per-client train "
+                     "loss, example counts, steps, timings and local epsilon were sent in the clear; train_loss in "
+                     "metrics.jsonl is their unnoised average")
+    else:
+        lines.append("  - released in the clear: the clients' simulation index, split-learning traffic sizes and "
+                     "(client level, adaptive clipping) each client's 0/1 clip indicator to the server, which "
+                     "releases only their noised count; updates are weighted uniformly")
+    return lines
