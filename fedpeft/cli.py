@@ -71,6 +71,10 @@ def _audit_parser(sub: argparse._SubParsersAction) -> None:
     aud.add_argument("--capture", action="store_true",
                      help="run the scenario itself (in-process) and attack the real updates the server decodes, "
                           "instead of the grid; writes audit.md/csv/png into the run directory")
+    aud.add_argument("--epsilon-lower-bound", action="store_true",
+                     help="empirical epsilon audit of the scenario's client-level DP: canary clients through the "
+                          "server's own DP mechanism, lower bound at 95%% beside the accountant's epsilon")
+    aud.add_argument("--canaries", type=int, default=1000, help="--epsilon-lower-bound: canary clients (>= 20)")
     aud.add_argument("--rounds", type=_ints, metavar="R1,R2", help="--capture: rounds to attack (default: all)")
     aud.add_argument("--clients", type=_ints, metavar="P1,P2",
                      help="--capture: partition ids to attack (default: all)")
@@ -251,6 +255,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from fedpeft.audit.run import check, run_audit
 
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None
+    if args.epsilon_lower_bound:
+        return _audit_epsilon(args)
     if args.capture:
         return _audit_capture(args, attacks)
     if args.rounds or args.clients:
@@ -287,6 +293,26 @@ def cmd_split_server(args: argparse.Namespace) -> int:
 
     run_split_server(cfg, args.host, args.port, args.certs, args.state_dir, save_every=args.save_every, on_ready=ready)
     return 0
+
+
+def _audit_epsilon(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedpeft.audit.epsilon import audit_client_level, write_report
+    from fedpeft.rundir import new_run_dir
+
+    cfg = config.load(args.scenario, args.overrides)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task(f"rounds with {args.canaries} canary clients", total=cfg.federation.rounds)
+        result = audit_client_level(cfg, args.canaries, seed=cfg.run.seed,
+                                    on_round=lambda done, total: progress.update(task, completed=done))
+    out = new_run_dir(cfg.output.dir, f"{cfg.run.name}-epsilon-audit")
+    write_report(result, cfg, out)
+    console.print((out / "audit.md").read_text())
+    print(json.dumps({"audit_dir": str(out), "epsilon_lower_bound": result.bound.epsilon_lower_bound,
+                      "claimed_epsilon": result.claimed_epsilon, "verdict": result.verdict}))
+    return 1 if result.verdict == "fail" else 0
 
 
 def _audit_capture(args: argparse.Namespace, attacks: list[str] | None) -> int:
