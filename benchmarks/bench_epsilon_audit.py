@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append_results, machine, table  # noqa: E402
+
 from fedpeft import config  # noqa: E402
 from fedpeft.audit.epsilon import audit_client_level  # noqa: E402
 
@@ -35,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for k in (int(v) for v in args.canaries.split(",")):
-        for eps, z in NOISE.items():
+        for z in NOISE.values():
             cfg = config.load(None, ["privacy.mode=client", f"privacy.server_noise_multiplier={z}",
                                      "privacy.clip_norm=1.0", "privacy.delta=1e-5", "federation.rounds=1"])
             for divisor in (1, 2, 4):

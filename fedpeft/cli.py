@@ -165,7 +165,8 @@ def _round_line(row: dict[str, Any], total: int) -> str:
             parts.append(f"{label} {row[key]:.3g}")
     parts.append(f"up {report.human_bytes(row['bytes_up'])} down {report.human_bytes(row['bytes_down'])}")
     if row.get("split_bytes_up") is not None:
-        parts.append(f"split {report.human_bytes(row['split_bytes_up'])} / {report.human_bytes(row['split_bytes_down'])}")
+        up, down = report.human_bytes(row['split_bytes_up']), report.human_bytes(row['split_bytes_down'])
+        parts.append(f"split {up} / {down}")
     parts.append(f"{row['seconds']:.1f} s")
     return " | ".join(parts)
 
@@ -190,7 +191,8 @@ def _summary_table(run_dir: Path) -> Table:
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:
-        table.add_row(*[report.human_bytes(r[c]) if "bytes" in c and r.get(c) is not None else report.fmt(r.get(c)) for c in cols])
+        table.add_row(*[report.human_bytes(r[c]) if "bytes" in c and r.get(c) is not None else report.fmt(r.get(c))
+                        for c in cols])
     return table
 
 

@@ -214,7 +214,8 @@ class AuditSection:
 
 @dataclass
 class SplitSection:
-    """Split learning (U-shape, SFPrompt-style): the client keeps both ends, a split server the middle (docs/split.md)."""
+    """Split learning (U-shape, SFPrompt-style): the client keeps both ends, a split server the middle
+    (docs/split.md)."""
 
     enabled: bool = option(False, help="train through a split server instead of the whole model on the client")
     front_layers: int = option(1, lo=0, help="blocks on the client's input side (after the embeddings)")
@@ -438,7 +439,7 @@ def describe() -> list[tuple[str, str, str, str]]:
     for sname, cls in _section_types().items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             extra = f.metadata.get("help", "")
             if choices_of(f):
                 extra = (extra + "; " if extra else "") + "one of " + ", ".join(map(str, choices_of(f)))

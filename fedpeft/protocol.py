@@ -16,6 +16,8 @@ objects themselves (what the object store pushes), so reported == sent.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
@@ -33,7 +35,7 @@ REQUIRED_METRICS = ("num-examples",)
 PUBLIC_METRICS = ("partition-id", "clip-indicator", "split-bytes-up", "split-bytes-down", "split-steps",
                   "split-local-steps", "fl-adapter-bytes-fp32")
 MAX_NUM_EXAMPLES = 10**9
-SECTIONS = (("header", np.dtype("<i8")), ("buffer", np.dtype("u1")), ("scales", np.dtype("<f4")))
+SECTIONS: tuple[tuple[str, np.dtype], ...] = (("header", np.dtype("<i8")), ("buffer", np.dtype("u1")), ("scales", np.dtype("<f4")))
 PREAMBLE = np.dtype("<u4")
 
 
@@ -68,8 +70,37 @@ def payload_record(payload: Payload) -> ArrayRecord:
     return ArrayRecord({PAYLOAD: Array(dtype="uint8", shape=(len(data),), stype="raw", data=data)})
 
 
+def config_record(content: RecordDict, key: str = CONFIG) -> ConfigRecord:
+    """The ConfigRecord ``key`` of a message (raises PayloadError when it is missing or of another kind)."""
+    record = content.get(key)
+    if not isinstance(record, ConfigRecord):
+        raise PayloadError(f"expected a ConfigRecord {key!r}, got {type(record).__name__}")
+    return record
+
+
+def number(record: ConfigRecord, key: str) -> float:
+    """A numeric value of a config record (bools and text refused)."""
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PayloadError(f"config {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def text(record: ConfigRecord, key: str) -> str:
+    """A string value of a config record."""
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise PayloadError(f"config {key!r} must be a string, got {value!r}")
+    return value
+
+
 def record_payload(record: object) -> Payload:
     """Unpack the ArrayRecord of :func:`payload_record` into a Payload (raises PayloadError)."""
+    return unpack_payload(payload_bytes(record))
+
+
+def payload_bytes(record: object) -> bytes:
+    """The raw packed bytes inside an ArrayRecord of :func:`payload_record` (raises PayloadError)."""
     if not isinstance(record, ArrayRecord):
         raise PayloadError(f"expected an ArrayRecord, got {type(record).__name__}")
     if list(record.keys()) != [PAYLOAD]:
@@ -79,7 +110,7 @@ def record_payload(record: object) -> Payload:
         raise PayloadError("the payload array is not raw uint8 bytes")
     if tuple(arr.shape) != (len(arr.data),):
         raise PayloadError(f"payload array declares shape {tuple(arr.shape)} but carries {len(arr.data)} bytes")
-    return unpack_payload(bytes(arr.data))
+    return bytes(arr.data)
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -87,14 +118,15 @@ def record_bytes(content: RecordDict) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
-def train_instruction(global_payload: Payload, config: dict[str, int | float | str | bool]) -> RecordDict:
+def train_instruction(global_payload: Payload, config: Mapping[str, int | float | str | bool]) -> RecordDict:
     """The content of a server -> client training message."""
-    return RecordDict({GLOBAL: payload_record(global_payload), CONFIG: ConfigRecord(config)})
+    return RecordDict({GLOBAL: payload_record(global_payload), CONFIG: ConfigRecord(dict(config))})
 
 
 def train_reply(update: Payload, metrics: dict[str, float]) -> RecordDict:
     """The content of a client -> server reply."""
-    return RecordDict({UPDATE: payload_record(update), METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})})
+    record = MetricRecord({k: float(v) for k, v in metrics.items()})
+    return RecordDict({UPDATE: payload_record(update), METRICS: record})
 
 
 def public_metrics(metrics: dict[str, float]) -> dict[str, float]:

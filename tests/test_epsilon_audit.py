@@ -13,7 +13,8 @@ from fedpeft.errors import ConfigError
 
 def _cfg(z: float, rounds: int = 1, **extra: str) -> config.Config:
     return config.load(None, ["privacy.mode=client", f"privacy.server_noise_multiplier={z}", "privacy.clip_norm=1.0",
-                              "privacy.delta=1e-5", f"federation.rounds={rounds}", *(f"{k}={v}" for k, v in extra.items())])
+                              "privacy.delta=1e-5", f"federation.rounds={rounds}",
+                              *(f"{k}={v}" for k, v in extra.items())])
 
 
 def test_without_noise_the_bound_is_far_above_any_small_epsilon() -> None:
@@ -34,7 +35,8 @@ def test_noise_divided_by_four_is_flagged() -> None:
 
 
 def test_poisson_sampling_over_several_rounds_stays_below_its_claim() -> None:
-    result = audit_client_level(_cfg(1.0, rounds=4, **{"federation.clients_per_round": 100, "data.num_clients": 1000}), canaries=1000)
+    cfg = _cfg(1.0, rounds=4, **{"federation.clients_per_round": 100, "data.num_clients": 1000})
+    result = audit_client_level(cfg, canaries=1000)
     assert result.sample_rate == pytest.approx(100 / 500, rel=0.15)
     assert result.bound.epsilon_lower_bound < result.claimed_epsilon
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -86,6 +87,11 @@ class Recorder:
             past.append(u)
 
 
+
+def _rouge_to(target: Sequence[int], candidate: Sequence[int]) -> float:
+    """ROUGE-L of ``candidate`` against ``target`` (argument order fits ``functools.partial``)."""
+    return rouge_l(candidate, target)
+
 def check(cfg: Config, attacks: Sequence[str] | None = None, grid: Sequence[str] | None = None) -> Config:
     """Validate a capture audit before any work: known attacks, no grid, the in-process engine."""
     if grid:
@@ -109,7 +115,7 @@ def drawn_indices(cfg: Config, rnd: int, partition_id: int, num_examples: int) -
 
     steps = num_local_steps(cfg.train, num_examples)
     gen = torch.Generator().manual_seed(client_seed(cfg.run.seed, rnd, partition_id))
-    batches = _batches(list(range(num_examples)), list, cfg.train.batch_size, gen)
+    batches = _batches(list(range(num_examples)), list, cfg.train.batch_size, gen)  # type: ignore[arg-type]
     return list(dict.fromkeys(i for _ in range(steps) for i in next(batches)))
 
 
@@ -152,7 +158,7 @@ def score(result: Any, rows: list[list[int]]) -> dict[str, float]:
     if result.token_scores is not None:
         out.update(ranking_score(result.token_scores, flat))
     if result.sequences:
-        best = [max(result.sequences, key=lambda s, t=t: rouge_l(s, t)) for t in rows]
+        best = [max(result.sequences, key=functools.partial(_rouge_to, t)) for t in rows]
         n = max(1, len(rows))
         out.update({"rouge1": sum(rouge_n(b, t, 1) for b, t in zip(best, rows)) / n,
                     "rouge2": sum(rouge_n(b, t, 2) for b, t in zip(best, rows)) / n,

@@ -65,7 +65,8 @@ def audit_client_level(cfg: Config, canaries: int = 1000, dim: int = 0, seed: in
     population = int(included.sum())
     planned = cfg.federation.clients_per_round or canaries // 2
     run = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_clients=max(population, planned)),
-                              federation=dataclasses.replace(cfg.federation, clients_per_round=min(planned, population)))
+                              federation=dataclasses.replace(cfg.federation,
+                                                             clients_per_round=min(planned, population)))
     server = ServerPrivacy(run)
     server.noise_divisor = noise_divisor
     dim = dim or 16 * canaries

@@ -20,9 +20,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpeft import config, models, privacy, protocol, update
+from fedpeft.clients import node_runtime, secagg
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import PayloadError
-from fedpeft.clients import node_runtime, secagg
 from fedpeft.split.plugin import split_of
 from fedpeft.training import client_seed, num_local_steps, set_threads, train_local
 
@@ -32,7 +32,10 @@ LOCAL_DP_STATE = "fedpeft.local-dp"
 BROADCAST_STATE, BROADCAST_ROUND = "fedpeft.broadcast", "fedpeft.broadcast-round"
 
 
-def _arrays(record: ArrayRecord) -> dict:
+def _arrays(record: object) -> dict:
+    """The arrays of a node-state ArrayRecord (written by this app)."""
+    if not isinstance(record, ArrayRecord):
+        raise PayloadError(f"node state holds a {type(record).__name__}, not an ArrayRecord")
     return {k: v.numpy() for k, v in record.items()}
 
 
@@ -42,8 +45,8 @@ def _record(state: dict) -> ArrayRecord:
 
 def receive_global(msg: Message, context: Context, layout: Layout, downlink_spec: str) -> models.AdapterState:
     """The adapter to start from: a full state, or the stored broadcast state plus a coded delta."""
-    instruction = msg.content[protocol.CONFIG]
-    kind, spec = str(instruction["downlink"]), str(instruction["codec"])
+    instruction = protocol.config_record(msg.content)
+    kind, spec = protocol.text(instruction, "downlink"), protocol.text(instruction, "codec")
     configured = make_codec(downlink_spec)
     if spec not in (configured.spec, "none"):
         raise PayloadError(f"downlink codec {spec!r} is neither the configured {configured.spec!r} nor 'none'")
@@ -51,17 +54,19 @@ def receive_global(msg: Message, context: Context, layout: Layout, downlink_spec
     if kind == "full":
         state = decoded
     elif kind == "delta":
-        held = int(context.state[BROADCAST_ROUND]["round"]) if BROADCAST_ROUND in context.state else None
-        if held != int(instruction["base-round"]):
-            raise PayloadError(f"downlink delta is against round {instruction['base-round']}, this node holds "
-                               f"{held}; the server will send the full state next time")
+        held = (int(protocol.number(protocol.config_record(context.state, BROADCAST_ROUND), "round"))
+                if BROADCAST_ROUND in context.state else None)
+        base = int(protocol.number(instruction, "base-round"))
+        if held != base:
+            raise PayloadError(f"downlink delta is against round {base}, this node holds {held}; the server will "
+                               "send the full state next time")
         stored = _arrays(context.state[BROADCAST_STATE])
         state = {k: v + torch.from_numpy(stored[k]) for k, v in decoded.items()}
     else:
         raise PayloadError(f"unknown downlink kind {kind!r}")
     if not configured.lossless:
         context.state[BROADCAST_STATE] = _record({k: v.numpy() for k, v in state.items()})
-        context.state[BROADCAST_ROUND] = ConfigRecord({"round": int(instruction["round"])})
+        context.state[BROADCAST_ROUND] = ConfigRecord({"round": int(protocol.number(instruction, "round"))})
     return state
 
 
@@ -77,15 +82,16 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config.get("partition-id", 0)) if data_path else int(
         context.node_config["partition-id"])
     layout = rt.layout
-    instruction = msg.content[protocol.CONFIG]
+    instruction = protocol.config_record(msg.content)
     global_state = receive_global(msg, context, layout, cfg.compression.downlink)
-    rnd = int(instruction["round"])
+    rnd = int(protocol.number(instruction, "round"))
     dataset = rt.client_dataset(0 if data_path else partition_id)
-    seed = client_seed(int(instruction["seed"]), rnd, partition_id)
+    n_examples = len(dataset)  # type: ignore[arg-type]  # a map-style dataset: sized
+    seed = client_seed(int(protocol.number(instruction, "seed")), rnd, partition_id)
     local_dp = None
     if cfg.privacy.mode in ("local", "both"):
-        local_dp = privacy.LocalDP(cfg.privacy, dataset_size=len(dataset), batch_size=cfg.train.batch_size,
-                                   total_steps=cfg.federation.rounds * num_local_steps(cfg.train, len(dataset)),
+        local_dp = privacy.LocalDP(cfg.privacy, dataset_size=n_examples, batch_size=cfg.train.batch_size,
+                                   total_steps=cfg.federation.rounds * num_local_steps(cfg.train, n_examples),
                                    seed=seed if context.run_config.get("simulation", False) else None)
         if LOCAL_DP_STATE in context.state:
             local_dp.load_state_dict(json.loads(str(context.state[LOCAL_DP_STATE]["json"])))
@@ -97,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         models.set_adapter_state(rt.model, global_state)
         result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
-                             proximal_mu=float(instruction["proximal-mu"]), dp=local_dp,
+                             proximal_mu=protocol.number(instruction, "proximal-mu"), dp=local_dp,
                              fisher=codec.wants_fisher)
         state = models.adapter_state(rt.model)
     delta = models.subtract(state, global_state)
@@ -108,12 +114,12 @@ def train(msg: Message, context: Context) -> Message:
     ef = update.error_feedback(codec, cfg.compression.error_feedback)
     if ef is not None and EF_STATE in context.state:
         ef.load_state_dict(_arrays(context.state[EF_STATE]))
-    clip = float(instruction["clip-norm"]) if cfg.privacy.mode in ("client", "both") else None
+    clip = protocol.number(instruction, "clip-norm") if cfg.privacy.mode in ("client", "both") else None
     enc = update.encode_update(delta, codec, layout, rng=np.random.default_rng(seed), fisher=result.fisher, ef=ef,
                                clip=clip)
     if ef is not None:
         context.state[EF_STATE] = _record(ef.state_dict())
-    if clip is not None:
+    if enc.clip_indicator is not None and enc.update_norm is not None:  # client-level DP clipped the update
         extra.update({"clip-indicator": enc.clip_indicator, "update-norm": enc.update_norm})
     metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-steps": result.steps,
                "train-seconds": result.seconds, "encode-ms": enc.encode_ms,

@@ -45,8 +45,8 @@ from torch.utils.data import DataLoader
 
 from fedpeft.config import PrivacySection
 from fedpeft.errors import PrivacyError
-from fedpeft.privacy.soft_prompt import per_example_prompts  # (importing it registers the SoftPrompt sampler)
 from fedpeft.privacy.accounting import compute_epsilon, history_from_json, history_to_json, make_accountant
+from fedpeft.privacy.soft_prompt import per_example_prompts  # (importing it registers the SoftPrompt sampler)
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class LocalDP:
         self._undo_prompts = per_example_prompts(model)  # peft prompt tuning: per-example prompt lookups
         dp_optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
                                    max_grad_norm=self.max_grad_norm,
-                                   expected_batch_size=self.expected_batch_size,  # type: ignore[arg-type]
+                                   expected_batch_size=self.expected_batch_size,
                                    loss_reduction="mean", generator=self._generator(1))
         dp_optimizer.attach_step_hook(self._accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
         n_steps = steps if steps is not None else max(1, int(round(1 / self.sample_rate)))

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.stats import binom
 
 from fedpeft.errors import PrivacyError
@@ -67,7 +68,7 @@ class AuditBound:
     k_neg: int
 
 
-def epsilon_lower_bound(scores: Sequence[float], included: Sequence[bool], delta: float,
+def epsilon_lower_bound(scores: ArrayLike, included: ArrayLike, delta: float,
                         confidence: float = 0.95, guess_sizes: Sequence[int] = (10, 25, 50, 100, 200)) -> AuditBound:
     """Lower bound on epsilon from canary scores and the coins that included them.
 

@@ -42,8 +42,8 @@ def sample_clients(rng: np.random.Generator, population: Sequence[int], wanted: 
     if scheme == "poisson":
         q = min(1.0, wanted / n)
         chosen = np.flatnonzero(rng.random(n) < q)
-        return ClientSample(sorted(int(population[i]) for i in chosen), q, q * n, n)
+        return ClientSample(sorted(int(population[int(i)]) for i in chosen), q, q * n, n)
     k = min(wanted, n)
     # draw indices, not ids: real node ids are random uint64 values that numpy would turn into floats
-    chosen = rng.choice(n, size=k, replace=False)
-    return ClientSample(sorted(int(population[i]) for i in chosen), k / n, float(k), n)
+    picked = rng.choice(n, size=k, replace=False)
+    return ClientSample(sorted(int(population[int(i)]) for i in picked), k / n, float(k), n)

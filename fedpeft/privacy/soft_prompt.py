@@ -144,7 +144,7 @@ def per_example_prompts(model: nn.Module) -> Callable[[], None]:
     """
     if not _is_prompt_tuning(model):
         return lambda: None
-    model.get_prompt = types.MethodType(_batched_get_prompt, model)  # type: ignore[method-assign]
+    model.get_prompt = types.MethodType(_batched_get_prompt, model)  # type: ignore[assignment]
 
     def undo() -> None:
         model.__dict__.pop("get_prompt", None)

@@ -22,21 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import save_file
 from flwr.serverapp import Grid
+from safetensors.torch import save_file
 
 from fedpeft import models, protocol
 from fedpeft.compression import make_codec
 from fedpeft.config import Config
 from fedpeft.errors import FedPeftError, PayloadError
+from fedpeft.privacy import check_privacy
+from fedpeft.privacy.server_dp import ServerPrivacy
 from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
 from fedpeft.server import checkpoint
 from fedpeft.server.aggregators import make_aggregator
 from fedpeft.server.downlink import Downlink
-from fedpeft.privacy import check_privacy
-from fedpeft.privacy.server_dp import ServerPrivacy
-from fedpeft.split.plugin import split_of
 from fedpeft.server.replies import RoundReplies, collect
+from fedpeft.split.plugin import split_of
 from fedpeft.training import evaluate
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ class FederatedServer:
         try:
             self.layout.check(ckpt.tensors["global"])
         except PayloadError as e:
-            raise FedPeftError(f"the checkpoint in {self.checkpoint_dir} does not fit this run's adapter: {e}") from None
+            raise FedPeftError(f"the checkpoint in {self.checkpoint_dir} does not fit this run's adapter: "
+                               f"{e}") from None
         self.global_state = ckpt.tensors["global"]
         if self.split is not None and "split_body" in ckpt.tensors:  # in-process split body: adapters + optimizer
             self.split.restore(ckpt.tensors["split_body"], ckpt.extra["split_body"])
@@ -135,8 +136,8 @@ class FederatedServer:
         split_state = self.split.state() if self.split is not None else None
         if split_state is not None:  # the in-process split body's adapters and optimizer
             tensors["split_body"], extra["split_body"] = split_state
-        ckpt = checkpoint.ServerCheckpoint(round=self.round, tensors=tensors, rng_state=self.rng.bit_generator.state,
-                                           extra=extra)
+        ckpt = checkpoint.ServerCheckpoint(round=self.round, tensors=tensors,
+                                           rng_state=dict(self.rng.bit_generator.state), extra=extra)
         checkpoint.save(ckpt, self.checkpoint_dir)
         save_nodes = getattr(grid, "save_node_states", None)  # the in-process engine keeps client state
         if save_nodes is not None:
@@ -147,8 +148,9 @@ class FederatedServer:
         """Run the remaining rounds, then write the final adapter and the report."""
         self.first_round = self.round + 1
         if self.round:
-            if getattr(grid, "load_node_states", None) is not None:
-                grid.load_node_states(self.checkpoint_dir / "nodes")
+            load_nodes = getattr(grid, "load_node_states", None)  # the in-process engine keeps client state
+            if load_nodes is not None:
+                load_nodes(self.checkpoint_dir / "nodes")
             else:  # a new deployment run: nodes start with empty state, so none holds a broadcast state
                 self.downlink.forget_nodes()
         for rnd in range(self.round + 1, self.cfg.federation.rounds + 1):

@@ -18,8 +18,8 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedpeft.errors import FedPeftError, PayloadError
 from fedpeft import protocol
+from fedpeft.errors import FedPeftError, PayloadError
 
 if TYPE_CHECKING:
     from fedpeft.compression import Codec, Layout

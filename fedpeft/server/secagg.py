@@ -10,8 +10,8 @@ The grid it talks through (:class:`_WireGrid`) counts the serialized bytes of ev
 both directions and hands each node a copy of its message, as a real transport does (Flower's client
 mod pops keys from what it receives; the in-process engine would otherwise share one object).
 
-**Client** (:mod:`fedpeft.clients.secagg`). ``client_mod`` wraps the ClientApp's train handler: plain messages pass through;
-SecAgg+ messages go through Flower's ``secaggplus_mod``, which calls ``_train_for_secagg``. That
+**Client** (:mod:`fedpeft.clients.secagg`). ``client_mod`` wraps the ClientApp's train handler: plain
+messages pass through; SecAgg+ messages go through Flower's ``secaggplus_mod``, which calls ``_train_for_secagg``. That
 turns the legacy ``FitIns`` back into our instruction, runs the normal training, decodes the client's
 own (lossless) payload and answers a legacy ``FitRes`` holding one flat float64 vector: the delta (+ the
 0/1 clip indicator under adaptive clipping). Flower's mod weights it, quantizes, masks it and clears it
@@ -47,11 +47,11 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from fedpeft import protocol
 from fedpeft.compression import Layout
 from fedpeft.config import Config
 from fedpeft.errors import PayloadError
 from fedpeft.models import AdapterState
-from fedpeft import protocol
 from fedpeft.protocol import DP_FLAG, PAYLOAD_TYPE, SLACK, WEIGHT_CAP
 from fedpeft.server.replies import UP_KEYS, ClientReply, RoundReplies
 
@@ -87,7 +87,7 @@ class SecureRound:
         """The round as every other round reads it: cleartext metadata per client, the secure mean
         standing in for their deltas, all SecAgg+ traffic as framing."""
         total_up = sum(self.bytes_up.values())
-        up = {**dict.fromkeys(UP_KEYS, 0), "bytes_up": total_up, "up_framing": total_up}
+        up: dict[str, float] = {**dict.fromkeys(UP_KEYS, 0.0), "bytes_up": total_up, "up_framing": total_up}
         stats: dict[str, float] = {"secagg_clipped": sum(m.get("secagg-clipped", 0.0) for m in self.metrics),
                                    "secagg_withheld": float(self.withheld)}
         for stage, n in self.bytes_down.items():
@@ -108,7 +108,8 @@ class SecureRound:
 
 def _copy_records(content: RecordDict) -> RecordDict:
     """A copy of every record (arrays are shared, never mutated): the receiver may edit what it gets."""
-    return RecordDict({name: type(record)(dict(record)) for name, record in content.items()})
+    # each record is rebuilt by its own type from its own items (mypy sees only the union of the three)
+    return RecordDict({name: type(record)(dict(record)) for name, record in content.items()})  # type: ignore[arg-type]
 
 
 class _WireGrid(Grid):
@@ -166,8 +167,8 @@ class _RoundStrategy(Strategy):
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
         pairs = []
         for node, content in self.contents.items():
-            data = bytes(content[protocol.GLOBAL][protocol.PAYLOAD].data)
-            fit_config = {**dict(content[protocol.CONFIG]), **self.extra}
+            data = protocol.payload_bytes(content[protocol.GLOBAL])
+            fit_config = {**dict(protocol.config_record(content)), **self.extra}
             proxy = GridClientProxy(node, self.grid, self.grid.run.run_id)
             pairs.append((proxy, FitIns(Parameters(tensors=[data], tensor_type=PAYLOAD_TYPE), fit_config)))
         return pairs
