@@ -5,6 +5,7 @@ import pytest
 from fedpeft import report
 from fedpeft.privacy import ClientLevelAccountant
 from fedpeft.simulation import runner
+
 from conftest import interrupt_and_resume
 
 DP = {"privacy.mode": "client", "privacy.server_noise_multiplier": 0.5, "privacy.clip_norm": 0.5,

@@ -19,14 +19,14 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpeft import config
+from fedpeft import config, protocol
 from fedpeft.clients.app import app as client_app
 from fedpeft.compression import make_codec
 from fedpeft.errors import ConfigError
-from fedpeft import protocol
 from fedpeft.server.loop import FederatedServer
 from fedpeft.simulation import runner
 from fedpeft.simulation.inprocess import InProcessGrid, node_id
+
 from conftest import tiny_overrides, write_classification
 
 SECAGG = {"privacy.secure_aggregation": "secaggplus"}

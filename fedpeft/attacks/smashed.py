@@ -228,7 +228,8 @@ def decode_coordinate(front: FrontPart, hidden: torch.Tensor, mask: torch.Tensor
     nv = front.num_virtual_tokens
     ids = init.clone()
     done = 0
-    for done in range(1, sweeps + 1):
+    while done < sweeps:
+        done += 1
         changed = False
         for b in range(ids.shape[0]):
             m, obs = mask[b:b + 1], hidden[b, nv:]

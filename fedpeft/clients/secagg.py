@@ -22,10 +22,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedpeft import config as fconfig
+from fedpeft import protocol
+from fedpeft.clients import node_runtime
 from fedpeft.compression import make_codec
 from fedpeft.errors import FedPeftError, PayloadError
-from fedpeft.clients import node_runtime
-from fedpeft import protocol
 from fedpeft.protocol import DP_FLAG, HIDDEN_METRICS, PAYLOAD_TYPE, SLACK, WEIGHT_CAP
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fedpeft.compression.payload import (H_CODEC, H_FIELDS, H_LAYOUT, H_NTENSORS, H_TOTAL, Layout,
-                                         Payload, require)
+from fedpeft.compression.payload import H_CODEC, H_FIELDS, H_LAYOUT, H_NTENSORS, H_TOTAL, Layout, Payload, require
 from fedpeft.errors import ConfigError, PayloadError
 from fedpeft.fields import check
 from fedpeft.registry import Registry

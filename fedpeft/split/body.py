@@ -228,8 +228,8 @@ class BodyServer:
         if (hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size or not hidden.is_floating_point()
                 or mask.shape != hidden.shape[:2]):
             raise SplitError(f"forward of client {client_id!r} step {step}: hidden {tuple(hidden.shape)} "
-                             f"{hidden.dtype} and attention_mask {tuple(mask.shape)} must be [B, T, {self.hidden_size}] "
-                             f"floats and [B, T]")
+                             f"{hidden.dtype} and attention_mask {tuple(mask.shape)} must be "
+                             f"[B, T, {self.hidden_size}] floats and [B, T]")
         return hidden, mask
 
     # ------------------------------------------------------------------ state

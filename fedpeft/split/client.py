@@ -197,7 +197,8 @@ class SplitClient:
                     result.loss += loss / steps
                     result.step_bytes.append(nbytes)
                 for _ in range(opts.local_loss_steps):
-                    result.local_loss += self.local_step(_to(next(batches), self.device), optimizer) / opts.local_loss_steps
+                    loss = self.local_step(_to(next(batches), self.device), optimizer)
+                    result.local_loss += loss / opts.local_loss_steps
                     schedule.step()
         finally:
             self.model.peft_model.eval()

@@ -27,10 +27,11 @@ import shutil
 import signal
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
@@ -40,11 +41,12 @@ from fedpeft.split.service import BodyService
 from fedpeft.split.transport import DEFAULT_MAX_MESSAGE, REJOIN, SERVICE, grpc_options
 
 # let clients ping (keepalive) every 10 s even while a stream is idle, without being sent away
-SERVER_KEEPALIVE = [("grpc.http2.min_ping_interval_without_data_ms", 10_000), ("grpc.keepalive_permit_without_calls", 1)]
+SERVER_KEEPALIVE = [("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                    ("grpc.keepalive_permit_without_calls", 1)]
 
 if TYPE_CHECKING:
-    from fedpeft.config import Config
     from fedpeft.certs import CertPaths
+    from fedpeft.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +297,8 @@ def serve(body: BodyService, host: str = "127.0.0.1", port: int = 0, certs: Cert
 
     handler = grpc.method_handlers_generic_handler(SERVICE, {"Stream": grpc.stream_stream_rpc_method_handler(stream)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="split"),
-                         handlers=(handler,), options=[*grpc_options(max_message_bytes), *SERVER_KEEPALIVE, ("grpc.so_reuseport", 0)],
+                         handlers=(handler,),
+                         options=[*grpc_options(max_message_bytes), *SERVER_KEEPALIVE, ("grpc.so_reuseport", 0)],
                          maximum_concurrent_rpcs=max_workers)
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
