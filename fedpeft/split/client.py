@@ -34,7 +34,7 @@ from fedpeft.config import TrainSection
 from fedpeft.errors import SplitError
 from fedpeft.split.cut import SplitModel
 from fedpeft.split.service import BodyService, Tensors
-from fedpeft.training import _batches, _to, make_optimizer, make_schedule, num_local_steps
+from fedpeft.training import _batches, _to, dataset_size, make_optimizer, make_schedule, num_local_steps
 
 log = logging.getLogger(__name__)
 
@@ -177,13 +177,13 @@ class SplitClient:
         if opts.prune_fraction > 0:
             dataset = prune_el2n(self.model, dataset, collate, 1.0 - opts.prune_fraction, self.cfg.eval_batch_size,
                                  self.device)
-        steps = steps or num_local_steps(self.cfg, len(dataset))
+        steps = steps or num_local_steps(self.cfg, dataset_size(dataset))
         params = list(self.model.client_parameters().values())
         optimizer = make_optimizer(params, self.cfg)
         schedule = make_schedule(optimizer, self.cfg, steps + opts.local_loss_steps)
         batches = _batches(dataset, collate, self.cfg.batch_size, torch.Generator().manual_seed(seed))
-        result = SplitTrainResult(num_examples=len(dataset), steps=steps, local_steps=opts.local_loss_steps,
-                                  loss=0.0, local_loss=0.0, seconds=0.0, kept_examples=len(dataset))
+        result = SplitTrainResult(num_examples=dataset_size(dataset), steps=steps, local_steps=opts.local_loss_steps,
+                                  loss=0.0, local_loss=0.0, seconds=0.0, kept_examples=dataset_size(dataset))
         self.service.open(self.client_id, self.model.fingerprint)
         self.model.peft_model.train()  # also modules outside the parts, e.g. GPT-2's embedding dropout
         self.model.front.train()
