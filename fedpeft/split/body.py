@@ -211,6 +211,7 @@ class BodyServer:
                 slot.optimizer.step()
                 slot.version += 1
             grad_in = inp.grad
+            assert grad_in is not None  # the received activations: a leaf the body output depends on
         for s in [s for s in session.pending if s <= step]:
             del session.pending[s]
         session.last_step = step

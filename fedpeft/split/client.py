@@ -139,6 +139,7 @@ class SplitClient:
         body_out = body_out.to(self.device, hidden.dtype).detach().requires_grad_(True)
         loss, _ = self.model.back(body_out, mask, batch["labels"])
         loss.backward()
+        assert body_out.grad is not None  # a leaf the loss depends on
         grad_msg = {"grad": body_out.grad}
         check_wire("backward", grad_msg)
         grad = self.service.backward(self.client_id, self.step, grad_msg).get("grad")

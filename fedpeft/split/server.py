@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import grpc
 
@@ -135,7 +135,8 @@ class _Dispatcher:
         self.body_lock = threading.RLock()
         self._lock = threading.Lock()
         self.steps = 0
-        self.clients: dict[str, _Client] = store.load(body, limits) if store else {}  # type: ignore[arg-type]
+        # serve() hands a store only to a body with save/load
+        self.clients: dict[str, _Client] = store.load(cast(Persistent, body), limits) if store else {}
 
     def _body(self) -> contextlib.AbstractContextManager[Any]:
         return self.body_lock if self.serialize else contextlib.nullcontext()
@@ -223,7 +224,7 @@ class _Dispatcher:
         with self.body_lock, self._lock:
             replies = {cid: c.last for cid, c in self.clients.items() if c.last and c.last[0] == Kind.BACKWARD}
             try:
-                self.store.save(self.body, {cid: (r[1], r[2], r[3]) for cid, r in replies.items()})
+                self.store.save(cast(Persistent, self.body), {cid: (r[1], r[2], r[3]) for cid, r in replies.items()})
             except Exception:  # keep serving: the step itself succeeded, only its persistence failed
                 log.exception("could not save the split server state into %s", self.store.root)
                 return
@@ -261,7 +262,7 @@ class SplitServer:
 
 
 def _server_credentials(certs: CertPaths | str | Path) -> grpc.ServerCredentials:
-    cert, key = ((certs / "server.crt", certs / "server.key") if isinstance(certs, (str, Path))
+    cert, key = ((Path(certs) / "server.crt", Path(certs) / "server.key") if isinstance(certs, (str, Path))
                  else (certs.server_cert, certs.server_key))
     try:
         return grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
