@@ -18,6 +18,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -73,8 +74,8 @@ def bench_sizes(d: int, repeats: int) -> list[str]:
         codec = make_codec(f"compeft:{p}")
         payload = codec.encode(state, layout)
         bound = entropy_bound_bits(d, p) / 8
-        enc, _, _ = timed(lambda: codec.encode(state, layout), max(3, repeats // 2))
-        dec, _, _ = timed(lambda: codec.decode(payload, layout), max(3, repeats // 2))
+        enc, _, _ = timed(partial(codec.encode, state, layout), max(3, repeats // 2))
+        dec, _, _ = timed(partial(codec.decode, payload, layout), max(3, repeats // 2))
         coding = "bitmap" if payload.fields[3] == 0 else f"golomb m={payload.fields[4]}"
         rows.append([f"{p:g}", f"{payload.nbytes:,}", f"{bound:,.0f}", f"{payload.nbytes / bound:.4f}",
                      f"{4 * d / payload.nbytes:.1f}x", f"{32 / (bound * 8 / d):.1f}x", coding,
@@ -133,8 +134,8 @@ def bench_codecs(repeats: int) -> list[str]:
         payload = codec.encode(delta, layout, rng=rng)
         out = layout.flatten(codec.decode(payload, layout))
         err = float(np.linalg.norm(out - flat) / np.linalg.norm(flat))
-        enc, _, _ = timed(lambda: codec.encode(delta, layout, rng=rng), repeats)
-        dec, _, _ = timed(lambda: codec.decode(payload, layout), repeats)
+        enc, _, _ = timed(partial(codec.encode, delta, layout, rng=rng), repeats)
+        dec, _, _ = timed(partial(codec.decode, payload, layout), repeats)
         rows.append([codec.spec, f"{payload.nbytes:,}", f"{4 * layout.total / payload.nbytes:.1f}x",
                      f"{enc * 1e3:.2f}", f"{dec * 1e3:.2f}", f"{err:.3f}"])
     return [f"Every codec on a LoRA-sized delta: {len(layout.names)} tensors, {layout.total:,} elements "

@@ -38,9 +38,8 @@ def plain_round(cfg, rt, global_state) -> float:
     import torch
 
     from fedpeft import models
-    from fedpeft.training import client_seed
     from fedpeft.server.aggregators import weighted_mean
-    from fedpeft.training import train_local
+    from fedpeft.training import client_seed, train_local
 
     t0 = time.perf_counter()
     deltas, weights = [], []
@@ -57,8 +56,8 @@ def plain_round(cfg, rt, global_state) -> float:
 
 def framework_round(cfg, rt, global_state) -> float:
     """One round through the real ServerApp/ClientApp on the in-process Grid (no evaluation)."""
-    from fedpeft.server.loop import FederatedServer
     from fedpeft.clients.app import app as client_app
+    from fedpeft.server.loop import FederatedServer
     from fedpeft.simulation import inprocess, runner
 
     with tempfile.TemporaryDirectory() as d:

@@ -29,11 +29,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from common import append_results, table  # noqa: E402
-from conftest import tiny_overrides, write_classification  # noqa: E402
 
 from fedpeft import certs, config, report  # noqa: E402
 from fedpeft.deploy import flower, submit  # noqa: E402
 from fedpeft.simulation import runner  # noqa: E402
+
+from conftest import tiny_overrides, write_classification  # noqa: E402
 
 
 def _cli(*args: object) -> list[str]:

@@ -52,8 +52,8 @@ def bench_seeds(codecs: list[str], seeds: list[int], out: Path, sets: list[str])
     ratio: dict[str, list[float]] = {c: [] for c in codecs}
     for seed in seeds:
         cfg = config.load(None, [f"output.dir=\"{out}\"", "output.plots=false", *sets, f"run.seed={seed}"])
-        sweep = compare_compression(cfg, codecs, on_done=lambda r: print(seed, r["codec"], r["final_accuracy"],
-                                                                          flush=True))
+        sweep = compare_compression(
+            cfg, codecs, on_done=lambda r, seed=seed: print(seed, r["codec"], r["final_accuracy"], flush=True))
         with open(sweep / "compression.csv") as f:
             for r in csv.DictReader(f):
                 acc[r["codec"]].append(float(r["final_accuracy"]))

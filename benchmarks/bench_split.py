@@ -24,12 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from common import append_results, machine, table  # noqa: E402
 
-from fedpeft.split.plugin import split_of
 from fedpeft import config, models  # noqa: E402
 from fedpeft.compression import make_codec  # noqa: E402
 from fedpeft.runtime import Runtime  # noqa: E402
 from fedpeft.split.body import BodyServer  # noqa: E402
 from fedpeft.split.client import SplitClient, SplitOptions  # noqa: E402
+from fedpeft.split.plugin import split_of
 from fedpeft.split.server import serve  # noqa: E402
 from fedpeft.split.transport import GrpcBody  # noqa: E402
 from fedpeft.training import make_optimizer  # noqa: E402

@@ -23,8 +23,9 @@ ADAPTERS: Registry[Builder] = Registry("adapter type")
 def _lora(adapter: AdapterSection, task_type: Any, targets: list[str] | None, extra: dict[str, Any]) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(task_type=task_type, r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                      target_modules=targets, **extra)
+    # peft annotates lora_alpha as int but scales by lora_alpha / r: a fractional alpha is valid
+    return LoraConfig(task_type=task_type, r=adapter.r, lora_alpha=adapter.alpha,  # type: ignore[arg-type]
+                      lora_dropout=adapter.dropout, target_modules=targets, **extra)
 
 
 @ADAPTERS.register("prompt")

@@ -72,7 +72,7 @@ def make_certs(host: str, out: Path, days: int = 365, extra_names: list[str] | N
                force: bool = False) -> CertPaths:
     """Write ``ca.crt``/``ca.key`` and ``server.crt``/``server.key`` for ``host`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpeft CA")])
     ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)

@@ -16,16 +16,28 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fedpeft.adapters import ADAPTERS
 from fedpeft.config import AdapterSection, ModelSection
 from fedpeft.errors import ModelError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +104,7 @@ def _load_failure(name: str, err: Exception) -> str:
             f"forbids downloads), or a built-in: {', '.join([*PACKAGED_MODELS, *TINY_MODELS])}")
 
 
-def _tiny_config(cfg: ModelSection, vocab_size: int) -> AutoConfig:
+def _tiny_config(cfg: ModelSection, vocab_size: int) -> PretrainedConfig:
     h, n = cfg.tiny_hidden_size, cfg.tiny_layers
     heads = 4 if h % 4 == 0 else 1
     arch = TINY_MODELS[cfg.name]
@@ -118,7 +130,7 @@ class MeanPoolClassifier(nn.Module):
     adapter type works on it.
     """
 
-    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str = "mean") -> None:
+    def __init__(self, encoder: PreTrainedModel, num_labels: int, pooling: str = "mean") -> None:
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config
@@ -197,7 +209,7 @@ def load_base_model(cfg: ModelSection, num_labels: int = 0, seed: int = 0) -> nn
     return model
 
 
-def build_peft_model(base: nn.Module, adapter: AdapterSection, task: str, seed: int = 0) -> nn.Module:
+def build_peft_model(base: nn.Module, adapter: AdapterSection, task: str, seed: int = 0) -> PeftModel:
     """Wrap ``base`` with a peft adapter; the adapter init is seeded (same seed = same adapter)."""
     from peft import TaskType, get_peft_model
 
@@ -210,7 +222,7 @@ def build_peft_model(base: nn.Module, adapter: AdapterSection, task: str, seed: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = get_peft_model(base, pcfg)
+            model = cast("PeftModel", get_peft_model(base, pcfg))  # a PeftMixedModel only with mixed=True
         except ValueError as e:
             raise ModelError(f"cannot build a {adapter.type} adapter on this model: {e}. "
                              f"Set adapter.target_modules explicitly.") from None
@@ -283,7 +295,7 @@ def add(a: AdapterState, b: AdapterState, scale: float = 1.0) -> AdapterState:
     return {k: a[k] + scale * b[k] for k in a}
 
 
-def save_adapter(model: nn.Module, state: AdapterState, directory: Path) -> None:
+def save_adapter(model: PeftModel, state: AdapterState, directory: Path) -> None:
     """Write ``state`` in peft's format so ``PeftModel.from_pretrained(base, directory)`` loads it."""
     set_adapter_state(model, state)
     model.save_pretrained(str(directory))

@@ -35,7 +35,8 @@ REQUIRED_METRICS = ("num-examples",)
 PUBLIC_METRICS = ("partition-id", "clip-indicator", "split-bytes-up", "split-bytes-down", "split-steps",
                   "split-local-steps", "fl-adapter-bytes-fp32")
 MAX_NUM_EXAMPLES = 10**9
-SECTIONS: tuple[tuple[str, np.dtype], ...] = (("header", np.dtype("<i8")), ("buffer", np.dtype("u1")), ("scales", np.dtype("<f4")))
+SECTIONS: tuple[tuple[str, np.dtype], ...] = (("header", np.dtype("<i8")), ("buffer", np.dtype("u1")),
+                                               ("scales", np.dtype("<f4")))
 PREAMBLE = np.dtype("<u4")
 
 

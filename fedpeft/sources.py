@@ -259,6 +259,8 @@ def _encode_labels(raw: list[Any], label_names: Sequence[str] | None = None) -> 
         return None
 
     ints = [as_int(v) for v in raw]
+    keys: list[Any]
+    lookup: dict[Any, int]
     if label_names is not None:
         keys = [str(i) if i is not None else str(v).strip() for i, v in zip(ints, raw)]
         lookup = {str(n): i for i, n in enumerate(label_names)}
@@ -269,8 +271,8 @@ def _encode_labels(raw: list[Any], label_names: Sequence[str] | None = None) -> 
     if all(i is not None for i in ints):
         values = sorted(set(ints))  # type: ignore[type-var]
         names = [str(v) for v in values]
-        keys: list[Any] = ints
-        lookup: dict[Any, int] = {v: i for i, v in enumerate(values)}
+        keys = ints
+        lookup = {v: i for i, v in enumerate(values)}
     else:
         keys = [str(v).strip() for v in raw]
         names = sorted(set(keys))

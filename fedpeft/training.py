@@ -13,8 +13,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -54,6 +55,12 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def dataset_size(dataset: Dataset[Any]) -> int:
+    """``len(dataset)``: every dataset loaded here is map-style and sized (shuffling needs the length),
+    but torch's ``Dataset`` type does not declare ``__len__``."""
+    return len(cast(Sized, dataset))
 
 
 def _batches(dataset: Dataset, collate: Callable, batch_size: int, generator: torch.Generator) -> Iterator[dict]:
@@ -138,7 +145,7 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
     params = [p for _, p in named]
     sq_grads = [torch.zeros_like(p, dtype=torch.float32) for p in params] if fisher else []
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    steps = steps or num_local_steps(cfg, len(dataset))
+    steps = steps or num_local_steps(cfg, dataset_size(dataset))
     optimizer = make_optimizer(params, cfg)
     model.train()
     if dp is not None:
@@ -179,7 +186,7 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
         if dp is not None:
             dp.release()  # type: ignore[attr-defined]  # the base model is shared: leave no hooks behind
     model.eval()
-    return TrainResult(num_examples=len(dataset), steps=steps, loss=total / max(1, counted),
+    return TrainResult(num_examples=dataset_size(dataset), steps=steps, loss=total / max(1, counted),
                        seconds=time.perf_counter() - start,
                        fisher={n: (acc / max(1, counted)).cpu() for (n, _), acc in zip(named, sq_grads)} if fisher
                        else None)

@@ -31,7 +31,8 @@ class ToyBody:
     def __init__(self, dim: int = 16, lr: float = 0.1, seed: int = 0, fingerprint: str = FINGERPRINT,
                  delay: float = 0.0, slow_steps: set[int] | None = None,
                  barrier: threading.Barrier | None = None) -> None:
-        self.dim, self.lr, self.seed, self.fingerprint, self.delay, self.barrier = dim, lr, seed, fingerprint, delay, barrier
+        self.dim, self.lr, self.seed, self.fingerprint = dim, lr, seed, fingerprint
+        self.delay, self.barrier = delay, barrier
         self.slow_steps = slow_steps  # steps whose backward sleeps ``delay`` (None: all)
         self.weights: dict[str, list[torch.Tensor]] = {}
         self.saved: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}

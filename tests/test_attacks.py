@@ -15,7 +15,6 @@ from fedpeft.attacks import ATTACKS, AttackResult, NotApplicable, Observation, r
 from fedpeft.attacks.metrics import ranking_score, summarize, token_prf
 from fedpeft.audit.victim import make_victim
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is faster
 
 

@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from fedpeft.attacks.metrics import (exposure, positional_accuracy, ranking_score, rouge_l, rouge_n,
-                                     sequence_metrics, token_prf)
+from fedpeft.attacks.metrics import (
+    exposure,
+    positional_accuracy,
+    ranking_score,
+    rouge_l,
+    rouge_n,
+    sequence_metrics,
+    token_prf,
+)
 
 
 def test_rouge_on_known_strings() -> None:

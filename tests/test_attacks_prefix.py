@@ -19,7 +19,6 @@ from fedpeft.attacks.prefix_span import key_blocks, layer0_queries, prefix_layou
 from fedpeft.audit.victim import observe, private_batch, victim_config
 from fedpeft.models import build_peft_model, load_base_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is faster
 
 

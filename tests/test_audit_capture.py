@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
 
 from fedpeft import cli, config, report
 from fedpeft.audit import capture
+
+from conftest import tiny_overrides
 
 FAST = ["span", "subspace_opt"]
 
@@ -53,9 +54,8 @@ def _rows(run_dir: Path) -> list[dict[str, str]]:
 
 def test_replayed_sampler_draws_what_the_client_trained_on(tmp_path: Path) -> None:
     """drawn_indices == the indices train_local actually read (batch 2, 3 steps, multi-epoch)."""
-    from fedpeft.training import client_seed
     from fedpeft.runtime import get_runtime
-    from fedpeft.training import train_local
+    from fedpeft.training import client_seed, train_local
 
     cfg = config.load(None, _sets(tmp_path, **{"train.batch_size": 2, "train.local_steps": 3}))
     rt = get_runtime(cfg)

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft.compression import (ErrorFeedback, Layout, Payload, codec_names, entropy_bound_bits,
-                                 make_codec)
+from fedpeft.compression import ErrorFeedback, Layout, Payload, codec_names, entropy_bound_bits, make_codec
 from fedpeft.errors import ConfigError, PayloadError
 
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from fedpeft.config import DataSection
-from fedpeft.data import (IGNORE_INDEX, Collator, Examples, load_examples, partition, split_eval,
-                          tokenize)
+from fedpeft.data import IGNORE_INDEX, Collator, Examples, load_examples, partition, split_eval, tokenize
 from fedpeft.errors import DataError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides, write_classification
 
 from fedpeft import certs, cli, config
 from fedpeft.deploy import flower, launch, submit
 from fedpeft.errors import FedPeftError
+
+from conftest import tiny_overrides, write_classification
 
 
 def test_certs_and_node_key(tmp_path: Path) -> None:

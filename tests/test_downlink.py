@@ -9,6 +9,7 @@ from fedpeft import report
 from fedpeft.clients.app import BROADCAST_STATE
 from fedpeft.errors import ConfigError
 from fedpeft.simulation import runner
+
 from conftest import interrupt_and_resume
 
 RARE = {"federation.rounds": 6, "data.num_clients": 6, "federation.clients_per_round": 2,

@@ -273,7 +273,9 @@ def test_state_round_trip_continues_epsilon_across_rounds() -> None:
 
     cfg = PrivacySection(mode="local", noise_multiplier=0.9)
     straight = LocalDP(cfg, dataset_size=100, batch_size=10, total_steps=30)
-    run(straight, 10); run(straight, 10); run(straight, 10)
+    run(straight, 10)
+    run(straight, 10)
+    run(straight, 10)
     client = LocalDP(cfg, dataset_size=100, batch_size=10, total_steps=30)
     run(client, 10)
     saved = json.dumps(client.state_dict())                    # round 1 ends; state persists as JSON

@@ -1,11 +1,12 @@
 """Client-level DP inside the federated loop: epsilon every round, resume continues the same curve."""
 
 import pytest
-from conftest import interrupt_and_resume
 
 from fedpeft import report
 from fedpeft.privacy import ClientLevelAccountant
 from fedpeft.simulation import runner
+
+from conftest import interrupt_and_resume
 
 DP = {"privacy.mode": "client", "privacy.server_noise_multiplier": 0.5, "privacy.clip_norm": 0.5,
       "privacy.delta": 1e-3, "data.num_clients": 4, "federation.clients_per_round": 2, "federation.rounds": 3}

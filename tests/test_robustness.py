@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedpeft import report
+from fedpeft import protocol, report
 from fedpeft.clients.app import app as client_app
-from fedpeft import protocol
 from fedpeft.simulation import runner
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides, write_classification
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
@@ -27,6 +26,8 @@ from fedpeft.errors import ConfigError
 from fedpeft.server.loop import FederatedServer
 from fedpeft.simulation import runner
 from fedpeft.simulation.inprocess import InProcessGrid, node_id
+
+from conftest import tiny_overrides, write_classification
 
 SECAGG = {"privacy.secure_aggregation": "secaggplus"}
 

@@ -10,11 +10,11 @@ import transformers
 from flwr.app import Message
 from peft import PeftModel
 
-from fedpeft import config, models, report
+from fedpeft import config, models, protocol, report
 from fedpeft.clients.app import app as client_app
 from fedpeft.runtime import get_runtime
-from fedpeft import protocol
 from fedpeft.simulation import runner
+
 from conftest import interrupt_and_resume
 
 
@@ -113,8 +113,7 @@ def test_reported_bytes_equal_the_serialized_records(tiny_cfg, monkeypatch):
     pushed_total = 0
     for reply in replies:
         pushed: dict[str, bytes] = {}
-        push_objects(get_all_nested_objects(reply.content), lambda oid, data: pushed.__setitem__(oid, data),
-                     keep_objects=True)
+        push_objects(get_all_nested_objects(reply.content), pushed.__setitem__, keep_objects=True)
         pushed_total += sum(len(b) for b in pushed.values())
         rebuilt = inflate_object_from_contents(reply.content.object_id, dict(pushed))
         layout = Layout.from_state(get_runtime(cfg).initial_adapter())

@@ -14,7 +14,6 @@ import weakref
 import pytest
 import torch
 
-from fedpeft.split.plugin import split_of
 from fedpeft import models
 from fedpeft.config import AdapterSection, ModelSection
 from fedpeft.errors import SplitError
@@ -22,6 +21,7 @@ from fedpeft.runtime import Runtime
 from fedpeft.split.body import BodyServer
 from fedpeft.split.cut import cut_model
 from fedpeft.split.federated import train_split_round
+from fedpeft.split.plugin import split_of
 from fedpeft.split.server import build_body
 
 torch.set_num_threads(1)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_classification, write_qa
 
 from fedpeft import data, models
 from fedpeft.config import AdapterSection, DataSection, ModelSection, TrainSection
@@ -22,6 +21,8 @@ from fedpeft.split.client import SplitClient, SplitOptions, check_wire, el2n_sco
 from fedpeft.split.cut import SplitModel, cut_model
 from fedpeft.split.service import BodyService, Tensors
 from fedpeft.training import train_local
+
+from conftest import write_classification, write_qa
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")

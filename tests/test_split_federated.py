@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.split.plugin import split_of
 from fedpeft import report
 from fedpeft.deploy.flower import free_port
 from fedpeft.runtime import get_runtime
 from fedpeft.simulation import runner
+from fedpeft.split.plugin import split_of
 
 SPLIT = {"split.enabled": True, "model.tiny_layers": 4, "split.front_layers": 1, "split.back_layers": 1,
          "federation.rounds": 2}

@@ -16,13 +16,16 @@ random-weight tiny models the prior encodes no language; measured numbers: ``doc
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fedpeft.attacks.observation import AttackResult, Observation, register_attack, run_attack
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +48,11 @@ def candidate_tokens(obs: Observation, candidates: str, top_k: int, vocab: int) 
     if candidates == "all":
         return torch.arange(vocab)
     ranking = run_attack("span" if candidates == "span" else "subspace_opt", obs).token_scores
+    assert ranking is not None  # both rank every token
     return torch.topk(ranking, min(top_k, vocab)).indices.sort().values
 
 
-def lm_prior(model: torch.nn.Module, probs: torch.Tensor, emb: torch.Tensor, cand: torch.Tensor,
+def lm_prior(model: PeftModel, probs: torch.Tensor, emb: torch.Tensor, cand: torch.Tensor,
              matched_loss: torch.Tensor, lm_model: str) -> torch.Tensor:
     """NLL of the soft sequence under the prior LM ("global": the matched loss; "base": adapter off)."""
     if lm_model == "global":
@@ -62,7 +66,7 @@ def lm_prior(model: torch.nn.Module, probs: torch.Tensor, emb: torch.Tensor, can
 @register_attack("grad_match")
 def run(obs: Observation, iterations: int = 60, lr: float = 0.1, candidates: str = "all", top_k: int = 64,
         l2_weight: float = 0.1, temperature: float = 1.0, seed: int = 0, lm_weight: float = 0.0,
-        lm_model: str = "global", **_: Any) -> AttackResult:
+        lm_model: str = "global", **_unused: Any) -> AttackResult:
     """Gradient matching over soft tokens; ``candidates`` = "all", "span" or "subspace"; ``lm_weight``
     > 0 adds the LM prior (causal LMs only)."""
     if lm_weight and obs.task != "causal_lm":

@@ -88,6 +88,8 @@ def run(obs: Observation, canaries: list[list[int]] | None = None, alphabet: lis
     token_scores = None
     if canaries:
         token_scores = run_attack(ranking, obs).token_scores
+        if token_scores is None:
+            raise ValueError(f"label_and_canary: the ranking attack {ranking!r} gives no token scores")
         alpha = sorted(set(alphabet or [t for c in canaries for t in c]))
         reports = []
         for i, c in enumerate(canaries):

@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from fedpeft.attacks.observation import AttackResult, Observation
 
 
 def token_prf(recovered: Sequence[int], truth: Sequence[int]) -> dict[str, float]:
@@ -110,22 +114,22 @@ def exposure(rank: int, candidates: int) -> float:
     return math.log2(max(1, candidates)) - math.log2(max(1, rank))
 
 
-def summarize(result: object, truth: torch.Tensor) -> dict[str, float]:
+def summarize(result: AttackResult, truth: torch.Tensor) -> dict[str, float]:
     """All applicable metrics of an :class:`AttackResult` against the true token ids (batch × L)."""
     flat = truth.flatten().tolist()
     out: dict[str, float] = {"seconds": float(getattr(result, "seconds", 0.0))}
-    out.update({f"token_{k}": v for k, v in token_prf(result.bag, flat).items()})  # type: ignore[attr-defined]
-    if result.token_scores is not None:  # type: ignore[attr-defined]
-        out.update(ranking_score(result.token_scores, flat))  # type: ignore[attr-defined]
-    positions = result.extra.get("positions") if hasattr(result, "extra") else None  # type: ignore[attr-defined]
+    out.update({f"token_{k}": v for k, v in token_prf(result.bag, flat).items()})
+    if result.token_scores is not None:
+        out.update(ranking_score(result.token_scores, flat))
+    positions = result.extra.get("positions") if hasattr(result, "extra") else None
     if positions:
         out["positional_accuracy"] = positional_accuracy(positions, truth)
-    if result.sequences:  # type: ignore[attr-defined]
-        out.update(sequence_metrics(result.sequences, truth))  # type: ignore[attr-defined]
+    if result.sequences:
+        out.update(sequence_metrics(result.sequences, truth))
     return out
 
 
-def evaluate(obs: object, truth: torch.Tensor, names: Sequence[str] | None = None,
+def evaluate(obs: Observation, truth: torch.Tensor, names: Sequence[str] | None = None,
              params: dict[str, dict] | None = None) -> dict[str, dict[str, float]]:
     """Run attacks (default: all registered) on one observation and score each against ``truth``.
 
@@ -137,7 +141,7 @@ def evaluate(obs: object, truth: torch.Tensor, names: Sequence[str] | None = Non
     rows: dict[str, dict[str, float]] = {}
     for name in names or ATTACKS.names():
         try:
-            result = run_attack(name, obs, **(params or {}).get(name, {}))  # type: ignore[arg-type]
+            result = run_attack(name, obs, **(params or {}).get(name, {}))
         except NotApplicable:
             rows[name] = {"applicable": 0.0}
             continue

@@ -12,12 +12,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fedpeft.registry import Registry
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ class Observation:
         scale = -1.0 / max(self.lr * self.local_steps, 1e-12)
         return {k: v * scale for k, v in update.items()}
 
-    def working_model(self, dtype: torch.dtype = torch.float64) -> nn.Module:
+    def working_model(self, dtype: torch.dtype = torch.float64) -> PeftModel:
         """A private copy of the model in ``dtype`` with the global adapter loaded (cached, eval mode)."""
         key = f"model:{dtype}"
         if key not in self._cache:

@@ -95,7 +95,7 @@ def _embeds_forward(front: FrontPart, embeds: torch.Tensor, mask: torch.Tensor) 
     """The front on input embeddings (as :meth:`FrontPart.forward` does on ids), differentiable."""
     stack = front._stack
     if front.num_virtual_tokens:
-        prompts = front._peft[0].get_prompt(batch_size=embeds.shape[0]).to(embeds.dtype)
+        prompts = front.soft_prompt(embeds.shape[0]).to(embeds.dtype)
         embeds = torch.cat((prompts, embeds), dim=1)
         mask = torch.cat((torch.ones(mask.shape[0], front.num_virtual_tokens, dtype=mask.dtype), mask), dim=1)
     hidden = stack.embed(None, embeds)
@@ -228,7 +228,8 @@ def decode_coordinate(front: FrontPart, hidden: torch.Tensor, mask: torch.Tensor
     nv = front.num_virtual_tokens
     ids = init.clone()
     done = 0
-    for done in range(1, sweeps + 1):
+    while done < sweeps:
+        done += 1
         changed = False
         for b in range(ids.shape[0]):
             m, obs = mask[b:b + 1], hidden[b, nv:]
@@ -284,14 +285,13 @@ def run(obs: Any, method: str = "auto", metric: str = "l2", beam: int = 1, dropo
     elif method == "causal":
         ids, scores = decode_causal(front, hidden, mask, metric, beam)
     else:
-        logits = None
         if method == "optimize" or init == "optimize":
             logits = optimize_soft(front, hidden, mask, iterations, lr, seed=seed)
+        else:  # nearest-embedding start: the residual stream still carries the token
+            logits = _nearest_logits(front, hidden)
         if method == "optimize":
             ids = logits.argmax(-1)
         else:
-            if logits is None:  # nearest-embedding start: the residual stream still carries the token
-                logits = _nearest_logits(front, hidden)
             cands = torch.topk(logits, min(topk, vocab), dim=-1).indices
             ids, extra["sweeps"] = decode_coordinate(front, hidden, mask, logits.argmax(-1), cands, metric, sweeps)
         scores = torch.softmax(logits, -1)

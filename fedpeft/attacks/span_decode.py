@@ -31,7 +31,10 @@ def _candidates(res0: AttackResult, positional: bool, seq_len: int, max_cands: i
         consistent = res0.extra.get("consistent") or [[] for _ in range(seq_len)]
         if res0.bag:
             return [per[p] or consistent[p] or list(res0.bag) for p in range(seq_len)]
-        return [per[p] or torch.topk(res0.position_scores[p], 3).indices.tolist() for p in range(seq_len)]
+        pos_scores = res0.position_scores
+        assert pos_scores is not None  # a positional span result scores every (position, token)
+        return [per[p] or torch.topk(pos_scores[p], 3).indices.tolist() for p in range(seq_len)]
+    assert res0.token_scores is not None  # span scores every token
     bag = res0.bag or torch.topk(res0.token_scores, max_cands).indices.tolist()
     return [list(bag)] * seq_len
 
@@ -73,7 +76,8 @@ def greedy_decode(model: torch.nn.Module, path: str, basis: torch.Tensor, cands:
 def _label_params(model: torch.nn.Module, max_elems: int) -> tuple[list[str], list[torch.nn.Parameter]]:
     """Trainable tensors from the output side, up to ``max_elems`` elements (at least one tensor)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    chosen, total = [], 0
+    chosen: list[tuple[str, torch.nn.Parameter]] = []
+    total = 0
     for n, p in reversed(named):
         if chosen and total + p.numel() > max_elems:
             break
@@ -138,7 +142,7 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], max_elems: int = 20
 
 @register_attack("span_decode")
 def run(obs: Observation, beams: int | None = None, max_cands: int = 64, ratio: float = 1e3, tau: float = 0.05,
-        **_: Any) -> AttackResult:
+        **_unused: Any) -> AttackResult:
     """Layer-0 span check, then greedy layer-1 decoding with ``beams`` prefixes (default 2 × batch size);
     the best batch-size sequences are returned."""
     _, _, positional = span.first_layer(obs)  # LoRA only: NotApplicable before any work otherwise

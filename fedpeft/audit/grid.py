@@ -17,10 +17,11 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from fedpeft import config
 from fedpeft.attacks.observation import Observation, State
@@ -223,7 +224,8 @@ def client_view(cfg: config.Config, cell: dict[str, Any], seed: int) -> ClientVi
         raise ConfigError(f"audit cell {cell}: {e}") from None
     b, seq_len, rounds = cell["batch_size"], cfg.audit.seq_len, cell["rounds"]
     ids = private_batch(b, seq_len, seed, cfg.audit.text, model.get_input_embeddings().num_embeddings)
-    dataset = [{"input_ids": row} for row in ids]
+    # a list of examples: DataLoader reads any indexable, sized container (torch types it as a Dataset)
+    dataset = cast("Dataset[dict[str, Any]]", [{"input_ids": row} for row in ids])
     train = dataclasses.replace(cfg.train, batch_size=b, local_steps=cell["steps"], local_epochs=0.0,
                                 optimizer=cell["optimizer"])
     mode, kind, value = parse_dp(cell["dp"])

@@ -12,21 +12,24 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
 from fedpeft import config as fconfig
+from fedpeft import protocol
+from fedpeft.clients import node_runtime
 from fedpeft.compression import make_codec
 from fedpeft.errors import FedPeftError, PayloadError
-from fedpeft.clients import node_runtime
-from fedpeft import protocol
 from fedpeft.protocol import DP_FLAG, HIDDEN_METRICS, PAYLOAD_TYPE, SLACK, WEIGHT_CAP
+
+if TYPE_CHECKING:
+    from flwr.app.typing import ConfigRecordValues
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,14 @@ def client_mod(msg: Message, context: Context, call_next: Any) -> Message:
     if stage == Stage.UNMASK:  # the round's keys and shares are spent: do not keep them in the node state
         context.state.config_records.pop(RECORD_KEY_STATE, None)
     return reply
+
+
+def _number(fit_config: dict[str, ConfigRecordValues], key: str) -> float:
+    """A number from the server's FitIns config (a list there is a malformed instruction)."""
+    value = fit_config[key]
+    if isinstance(value, list):
+        raise PayloadError(f"SecAgg+ instruction: {key!r} must be a number, got a list")
+    return float(value)
 
 
 def _train_for_secagg(msg: Message, context: Context, call_next: Any) -> Message:
@@ -62,7 +73,7 @@ def _train_for_secagg(msg: Message, context: Context, call_next: Any) -> Message
     vector = np.concatenate([delta[n].numpy().ravel() for n in layout.names]).astype(np.float64)
     dp = bool(fit_config[DP_FLAG])
     if dp:  # bound what enters the sum, SecAgg+ rounding included: the server cannot clip it
-        bound = float(fit_config["clip-norm"]) - float(fit_config[SLACK])
+        bound = _number(fit_config, "clip-norm") - _number(fit_config, SLACK)
         norm = float(np.linalg.norm(vector))
         if norm > bound:
             vector *= max(bound, 0.0) / norm
@@ -70,14 +81,14 @@ def _train_for_secagg(msg: Message, context: Context, call_next: Any) -> Message
             vector = np.append(vector, metrics["clip-indicator"])
         weight = 1
     else:
-        cap = float(fit_config[WEIGHT_CAP])
+        cap = _number(fit_config, WEIGHT_CAP)
         weight = int(metrics["num-examples"])
         if weight > cap:
             log.warning("num-examples %d exceeds privacy.secagg_max_weight %g: weighted as %g", weight, cap, cap)
             weight = int(cap)
-    ratio = weight / float(fit_config[WEIGHT_CAP])
+    ratio = weight / _number(fit_config, WEIGHT_CAP)
     clipped = int(np.sum(np.abs(vector * ratio) > cfg.privacy.secagg_clipping_range))
-    public = {k: v for k, v in metrics.items() if k not in HIDDEN_METRICS}
+    public: dict[str, Scalar] = {k: v for k, v in metrics.items() if k not in HIDDEN_METRICS}
     public["secagg-clipped"] = float(clipped)
     fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters([vector]),
                     num_examples=weight, metrics=public)

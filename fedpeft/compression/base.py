@@ -14,16 +14,18 @@ import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
-from fedpeft.compression.payload import (H_CODEC, H_FIELDS, H_LAYOUT, H_NTENSORS, H_TOTAL, Layout,
-                                         Payload, require)
+from fedpeft.compression.payload import H_CODEC, H_FIELDS, H_LAYOUT, H_NTENSORS, H_TOTAL, Layout, Payload, require
 from fedpeft.errors import ConfigError, PayloadError
 from fedpeft.fields import check
 from fedpeft.registry import Registry
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class Codec(ABC):
     codec_id: ClassVar[int] = -1
     lossless: ClassVar[bool] = False
     biased: ClassVar[bool] = True  # E[decoded] != x: error feedback helps (off for lossless/unbiased)
-    Params: ClassVar[type] = NoParams
+    Params: ClassVar[type[DataclassInstance]] = NoParams
     n_fields: ClassVar[int] = 0  # codec-specific header fields
 
     def __init__(self, params: Any = None) -> None:

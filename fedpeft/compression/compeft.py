@@ -66,10 +66,10 @@ def _std_scales(flat: np.ndarray, layout: Layout, scope: str) -> np.ndarray:
         mean = float(flat.sum(dtype=np.float64)) / n
         var = float(np.square(flat).sum(dtype=np.float64)) / n - mean * mean
         return np.full(len(layout.names), np.sqrt(max(var, 0.0)))
-    n = np.maximum(np.asarray(layout.numels, np.float64), 1.0)
-    mean = per_tensor(np.add, flat, layout, dtype=np.float64) / n
-    var = per_tensor(np.add, np.square(flat), layout, dtype=np.float64) / n - mean * mean
-    return np.sqrt(np.maximum(var, 0.0))
+    sizes = np.maximum(np.asarray(layout.numels, np.float64), 1.0)
+    means = per_tensor(np.add, flat, layout, dtype=np.float64) / sizes
+    variances = per_tensor(np.add, np.square(flat), layout, dtype=np.float64) / sizes - means * means
+    return np.sqrt(np.maximum(variances, 0.0))
 
 
 @register_codec("compeft")

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedpeft.compression.base import (Codec, Encoded, check_scales, per_element, per_tensor,
-                                     register_codec)
+from fedpeft.compression.base import Codec, Encoded, check_scales, per_element, per_tensor, register_codec
 from fedpeft.compression.payload import Layout, require
 
 FP16_MAX = float(np.finfo(np.float16).max)

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpeft.compression.base import (Codec, Encoded, check_scales, per_element, per_tensor,
-                                      register_codec)
-from fedpeft.compression.bits import (nbytes_for, pack_bits, pack_uint, set_sign_bits, unpack_bits,
-                                      unpack_uint)
+from fedpeft.compression.base import Codec, Encoded, check_scales, per_element, per_tensor, register_codec
+from fedpeft.compression.bits import nbytes_for, pack_bits, pack_uint, set_sign_bits, unpack_bits, unpack_uint
 from fedpeft.compression.payload import Layout, require
 from fedpeft.fields import option
 

@@ -15,8 +15,8 @@ import numpy as np
 from fedpeft.compression.base import Codec, Encoded, register_codec
 from fedpeft.compression.bits import N_POS_FIELDS, decode_positions, encode_positions
 from fedpeft.compression.payload import Layout, require
-from fedpeft.fields import option
 from fedpeft.compression.select import k_for, max_kept, select
+from fedpeft.fields import option
 
 SCOPES = ("global", "per_tensor")
 RANKINGS = ("magnitude", "fisher")

@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
 from flwr.app import Context, Message
@@ -63,6 +64,9 @@ from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message
+
+if TYPE_CHECKING:
+    from flwr.supercore.protobuf.client import ProtobufClientInterceptor
 
 log = logging.getLogger("fedpeft.warm")
 FAB_ID = "fedpeft/fedpeft-app"
@@ -109,7 +113,7 @@ def retry_invoker(max_time: float | None) -> RetryInvoker:
 def _client(address: str, component: str, token: str | None = None,
             retry_time: float | None = RETRY_TIME) -> RuntimeHttpClient:
     """A Runtime API client; ``retry_time=None`` means no retries at all (used for heartbeats)."""
-    interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
+    interceptors: list[ProtobufClientInterceptor] = [RuntimeVersionHttpInterceptor(component_name=component)]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
     return RuntimeHttpClient.from_server_address(

@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 
-from fedpeft import models
+from fedpeft import models, protocol
 from fedpeft.compression import Codec, Layout, Payload, make_codec
 from fedpeft.config import Config
-from fedpeft import protocol
 
 Content = protocol.RecordDict
 

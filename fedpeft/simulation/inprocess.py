@@ -115,7 +115,8 @@ class InProcessGrid(Grid):
                       if isinstance(record, ArrayRecord) for key, arr in record.items()}
             configs = {rec: dict(record) for rec, record in ctx.state.items() if isinstance(record, ConfigRecord)
                        and rec not in TRANSIENT_STATE}
-            np.savez(directory / f"{node}.npz", **arrays)
+            # numpy's stub lets a **mapping reach allow_pickle (numpy >= 2.1), so it wants bool values
+            np.savez(directory / f"{node}.npz", **arrays)  # type: ignore[arg-type]
             (directory / f"{node}.json").write_text(json.dumps(configs))
 
     def load_node_states(self, directory: Path) -> None:

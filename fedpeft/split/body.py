@@ -211,6 +211,7 @@ class BodyServer:
                 slot.optimizer.step()
                 slot.version += 1
             grad_in = inp.grad
+            assert grad_in is not None  # the received activations: a leaf the body output depends on
         for s in [s for s in session.pending if s <= step]:
             del session.pending[s]
         session.last_step = step
@@ -228,8 +229,8 @@ class BodyServer:
         if (hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size or not hidden.is_floating_point()
                 or mask.shape != hidden.shape[:2]):
             raise SplitError(f"forward of client {client_id!r} step {step}: hidden {tuple(hidden.shape)} "
-                             f"{hidden.dtype} and attention_mask {tuple(mask.shape)} must be [B, T, {self.hidden_size}] "
-                             f"floats and [B, T]")
+                             f"{hidden.dtype} and attention_mask {tuple(mask.shape)} must be "
+                             f"[B, T, {self.hidden_size}] floats and [B, T]")
         return hidden, mask
 
     # ------------------------------------------------------------------ state

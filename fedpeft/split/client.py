@@ -34,7 +34,7 @@ from fedpeft.config import TrainSection
 from fedpeft.errors import SplitError
 from fedpeft.split.cut import SplitModel
 from fedpeft.split.service import BodyService, Tensors
-from fedpeft.training import _batches, _to, make_optimizer, make_schedule, num_local_steps
+from fedpeft.training import _batches, _to, dataset_size, make_optimizer, make_schedule, num_local_steps
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ class SplitClient:
         body_out = body_out.to(self.device, hidden.dtype).detach().requires_grad_(True)
         loss, _ = self.model.back(body_out, mask, batch["labels"])
         loss.backward()
+        assert body_out.grad is not None  # a leaf the loss depends on
         grad_msg = {"grad": body_out.grad}
         check_wire("backward", grad_msg)
         grad = self.service.backward(self.client_id, self.step, grad_msg).get("grad")
@@ -177,13 +178,13 @@ class SplitClient:
         if opts.prune_fraction > 0:
             dataset = prune_el2n(self.model, dataset, collate, 1.0 - opts.prune_fraction, self.cfg.eval_batch_size,
                                  self.device)
-        steps = steps or num_local_steps(self.cfg, len(dataset))
+        steps = steps or num_local_steps(self.cfg, dataset_size(dataset))
         params = list(self.model.client_parameters().values())
         optimizer = make_optimizer(params, self.cfg)
         schedule = make_schedule(optimizer, self.cfg, steps + opts.local_loss_steps)
         batches = _batches(dataset, collate, self.cfg.batch_size, torch.Generator().manual_seed(seed))
-        result = SplitTrainResult(num_examples=len(dataset), steps=steps, local_steps=opts.local_loss_steps,
-                                  loss=0.0, local_loss=0.0, seconds=0.0, kept_examples=len(dataset))
+        result = SplitTrainResult(num_examples=dataset_size(dataset), steps=steps, local_steps=opts.local_loss_steps,
+                                  loss=0.0, local_loss=0.0, seconds=0.0, kept_examples=dataset_size(dataset))
         self.service.open(self.client_id, self.model.fingerprint)
         self.model.peft_model.train()  # also modules outside the parts, e.g. GPT-2's embedding dropout
         self.model.front.train()
@@ -197,7 +198,8 @@ class SplitClient:
                     result.loss += loss / steps
                     result.step_bytes.append(nbytes)
                 for _ in range(opts.local_loss_steps):
-                    result.local_loss += self.local_step(_to(next(batches), self.device), optimizer) / opts.local_loss_steps
+                    loss = self.local_step(_to(next(batches), self.device), optimizer)
+                    result.local_loss += loss / opts.local_loss_steps
                     schedule.step()
         finally:
             self.model.peft_model.eval()

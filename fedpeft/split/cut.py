@@ -24,7 +24,7 @@ import json
 import logging
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -34,6 +34,10 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 from fedpeft.errors import SplitError
 from fedpeft.models import MeanPoolClassifier, load_parameters
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PretrainedConfig
+
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
@@ -42,8 +46,12 @@ Tensors = dict[str, torch.Tensor]
 class _Stack:
     """What one architecture family needs to run a slice of its blocks (not a module: holds references)."""
 
-    def __init__(self, encoder: nn.Module) -> None:
-        self.encoder, self.config = encoder, encoder.config
+    def __init__(self, encoder: Any) -> None:
+        # a transformers stack (an nn.Module): its submodules (embeddings, wte, embed_tokens, ...) depend on the
+        # family, found below
+        self.encoder = encoder
+        self.config: PretrainedConfig = encoder.config
+        self.layers: nn.ModuleList
         if hasattr(encoder, "embeddings") and hasattr(getattr(encoder, "encoder", None), "layer"):
             self.kind, self.layers = "bert", encoder.encoder.layer
         elif hasattr(encoder, "wte") and hasattr(encoder, "h"):
@@ -141,7 +149,8 @@ class _LMHead(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.lm_head, self._model = model.lm_head, [model]  # a list: do not register the whole model
+        causal_lm: Any = model  # a transformers causal LM: lm_head, loss_function and config by name
+        self.lm_head, self._model = causal_lm.lm_head, [causal_lm]  # a list: do not register the whole model
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None) -> tuple:
         logits = self.lm_head(hidden)
@@ -167,17 +176,23 @@ class FrontPart(nn.Module):
         elif stack.kind == "gpt2":
             self.wpe = stack.encoder.wpe
 
+    def soft_prompt(self, batch_size: int) -> torch.Tensor:
+        """peft's soft prompt for ``batch_size`` rows (prompt tuning: ``num_virtual_tokens`` > 0)."""
+        peft_model = cast("PeftModel", self._peft[0])  # with a soft prompt the model is peft's
+        return peft_model.get_prompt(batch_size=batch_size)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids: torch.Tensor | None = input_ids  # None once the embeddings carry the soft prompt
         inputs_embeds = None
         if self.num_virtual_tokens:  # peft prompt tuning, as PeftModel.forward does it
             batch = input_ids.shape[0]
             inputs_embeds = self.embeddings(input_ids)
-            prompts = self._peft[0].get_prompt(batch_size=batch).to(inputs_embeds.dtype)
+            prompts = self.soft_prompt(batch).to(inputs_embeds.dtype)
             inputs_embeds = torch.cat((prompts, inputs_embeds), dim=1)
             prefix = torch.ones(batch, self.num_virtual_tokens).to(attention_mask.device)
             attention_mask = torch.cat((prefix, attention_mask), dim=1)
-            input_ids = None
-        hidden = self._stack.embed(input_ids, inputs_embeds)
+            ids = None
+        hidden = self._stack.embed(ids, inputs_embeds)
         if len(self.layers):
             hidden = self._stack.run(self.layers, hidden, self._stack.context(hidden, attention_mask))
         return hidden, attention_mask
@@ -356,7 +371,8 @@ def _fingerprint(peft_model: nn.Module, stack: _Stack, task: str, front: int, ba
 def cut_model(peft_model: nn.Module, task: str, front_layers: int, back_layers: int) -> SplitModel:
     """Cut ``peft_model`` (from :func:`fedpeft.models.build_peft_model`) after ``front_layers`` blocks and
     before the last ``back_layers``; the body keeps at least one block."""
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    get_base_model = getattr(peft_model, "get_base_model", None)
+    base = get_base_model() if get_base_model is not None else peft_model
     encoder, head = _head_and_encoder(base, task)
     stack = _Stack(encoder)
     n = len(stack.layers)

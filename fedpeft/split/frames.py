@@ -119,7 +119,8 @@ def _tensor_code(name: str, t: torch.Tensor) -> int:
     code = _CODE.get(t.dtype)
     if code is None:
         allowed = ", ".join(str(dt).removeprefix("torch.") for dt in _CODE)
-        raise SplitError(f"tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; the wire carries only {allowed}")
+        raise SplitError(f"tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                         f"the wire carries only {allowed}")
     return code
 
 

@@ -27,10 +27,11 @@ import shutil
 import signal
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import grpc
 
@@ -40,11 +41,12 @@ from fedpeft.split.service import BodyService
 from fedpeft.split.transport import DEFAULT_MAX_MESSAGE, REJOIN, SERVICE, grpc_options
 
 # let clients ping (keepalive) every 10 s even while a stream is idle, without being sent away
-SERVER_KEEPALIVE = [("grpc.http2.min_ping_interval_without_data_ms", 10_000), ("grpc.keepalive_permit_without_calls", 1)]
+SERVER_KEEPALIVE = [("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                    ("grpc.keepalive_permit_without_calls", 1)]
 
 if TYPE_CHECKING:
-    from fedpeft.config import Config
     from fedpeft.certs import CertPaths
+    from fedpeft.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,8 @@ class _Dispatcher:
         self.body_lock = threading.RLock()
         self._lock = threading.Lock()
         self.steps = 0
-        self.clients: dict[str, _Client] = store.load(body, limits) if store else {}  # type: ignore[arg-type]
+        # serve() hands a store only to a body with save/load
+        self.clients: dict[str, _Client] = store.load(cast(Persistent, body), limits) if store else {}
 
     def _body(self) -> contextlib.AbstractContextManager[Any]:
         return self.body_lock if self.serialize else contextlib.nullcontext()
@@ -221,7 +224,7 @@ class _Dispatcher:
         with self.body_lock, self._lock:
             replies = {cid: c.last for cid, c in self.clients.items() if c.last and c.last[0] == Kind.BACKWARD}
             try:
-                self.store.save(self.body, {cid: (r[1], r[2], r[3]) for cid, r in replies.items()})
+                self.store.save(cast(Persistent, self.body), {cid: (r[1], r[2], r[3]) for cid, r in replies.items()})
             except Exception:  # keep serving: the step itself succeeded, only its persistence failed
                 log.exception("could not save the split server state into %s", self.store.root)
                 return
@@ -259,7 +262,7 @@ class SplitServer:
 
 
 def _server_credentials(certs: CertPaths | str | Path) -> grpc.ServerCredentials:
-    cert, key = ((certs / "server.crt", certs / "server.key") if isinstance(certs, (str, Path))
+    cert, key = ((Path(certs) / "server.crt", Path(certs) / "server.key") if isinstance(certs, (str, Path))
                  else (certs.server_cert, certs.server_key))
     try:
         return grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
@@ -295,7 +298,8 @@ def serve(body: BodyService, host: str = "127.0.0.1", port: int = 0, certs: Cert
 
     handler = grpc.method_handlers_generic_handler(SERVICE, {"Stream": grpc.stream_stream_rpc_method_handler(stream)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="split"),
-                         handlers=(handler,), options=[*grpc_options(max_message_bytes), *SERVER_KEEPALIVE, ("grpc.so_reuseport", 0)],
+                         handlers=(handler,),
+                         options=[*grpc_options(max_message_bytes), *SERVER_KEEPALIVE, ("grpc.so_reuseport", 0)],
                          maximum_concurrent_rpcs=max_workers)
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

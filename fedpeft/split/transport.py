@@ -304,7 +304,8 @@ class GrpcBody:
     def _replay_forward(self, stream: _Stream, client_id: str, step: int, again: bool, call: CallStats,
                         why: str) -> None:
         """Send the kept forward of ``step`` again; ``again``: it was already replayed on this stream."""
-        data = self._forwards.get(client_id, {}).get(step)
+        kept = self._forwards.get(client_id)
+        data = kept.get(step) if kept is not None else None
         if data is None or again:
             raise SplitError(f"split server {self.address} lost the forward state of client {client_id!r} step "
                              f"{step} and it cannot be replayed ({why})")

@@ -85,7 +85,7 @@ def weighted_mean(deltas: list[AdapterState], weights: list[float]) -> AdapterSt
 def mean_update(replies: RoundReplies, privacy: ServerPrivacy | None) -> AdapterState:
     """The round's mean update: SecAgg+'s secure mean or the example-weighted mean; under client-level DP
     the clipped fixed-denominator mean plus noise (of the secure sum, or of the decoded updates)."""
-    dp = privacy is not None and privacy.active
+    dp = privacy if privacy is not None and privacy.active else None
     if replies.secure_mean is not None:
-        return privacy.release_secure(replies.secure_mean, len(replies.clients)) if dp else replies.secure_mean
-    return privacy.aggregate(replies.deltas) if dp else weighted_mean(replies.deltas, replies.weights)
+        return dp.release_secure(replies.secure_mean, len(replies.clients)) if dp else replies.secure_mean
+    return dp.aggregate(replies.deltas) if dp else weighted_mean(replies.deltas, replies.weights)
