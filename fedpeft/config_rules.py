@@ -1,0 +1,110 @@
+"""Cross-section configuration rules: checks that a single key's type, choices and range cannot express
+(codec specs, DP with adapters and strategies, split learning cut points, SecAgg+ parameters).
+
+Run by :func:`fedpeft.config.from_dict`, so every way of building a Config goes through them; each error
+names the keys, the bad values and the way out.
+"""
+
+from __future__ import annotations
+
+from fedpeft.config import Config
+from fedpeft.errors import ConfigError
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that single-key validation cannot see."""
+    from fedpeft.compression import make_codec  # codec specs are checked here, before any work
+
+    for key in ("uplink", "downlink"):
+        try:
+            make_codec(getattr(cfg.compression, key))
+        except ConfigError as e:
+            raise ConfigError(f"compression.{key}: {e}") from None
+    for spec in cfg.compression.sweep:
+        make_codec(spec)
+    if cfg.compression.downlink_residual == "per_client" and make_codec(cfg.compression.downlink).lossless:
+        raise ConfigError(f"compression.downlink_residual = 'per_client' needs a lossy compression.downlink codec "
+                          f"(got {cfg.compression.downlink!r}: clients already receive the exact global adapter)")
+    if cfg.data.source == "file" and not cfg.data.path:
+        raise ConfigError("data.source = 'file' needs data.path (a .jsonl, .csv or .parquet file)")
+    if cfg.data.partition == "natural" and not cfg.data.group_column:
+        raise ConfigError("data.partition = 'natural' needs data.group_column (the natural client id)")
+    if cfg.federation.clients_per_round > cfg.data.num_clients:
+        raise ConfigError(
+            f"federation.clients_per_round = {cfg.federation.clients_per_round} exceeds "
+            f"data.num_clients = {cfg.data.num_clients}")
+    if cfg.federation.min_clients > max(1, cfg.federation.clients_per_round or cfg.data.num_clients):
+        raise ConfigError(
+            f"federation.min_clients = {cfg.federation.min_clients} exceeds the clients sampled per round")
+    if cfg.train.local_steps == 0 and cfg.train.local_epochs == 0:
+        raise ConfigError("set train.local_steps > 0 or train.local_epochs > 0")
+    if cfg.model.task == "causal_lm" and cfg.data.source == "bbc_news":
+        raise ConfigError("model.task = 'causal_lm' needs prompt/response data: data.source = 'chatterbot' or 'file'")
+    if cfg.model.task == "classification" and cfg.data.source == "chatterbot":
+        raise ConfigError("data.source = 'chatterbot' is prompt/response data: set model.task = 'causal_lm'")
+    if cfg.privacy.mode in ("local", "both") and cfg.federation.strategy == "fedprox":
+        raise ConfigError("local DP-SGD with fedprox is not supported (the proximal term is not a per-example "
+                          "loss); use fedavg or a server optimizer")
+    if cfg.privacy.mode in ("local", "both") and cfg.adapter.type == "ia3":
+        raise ConfigError("local DP-SGD supports adapter.type = 'lora', 'prefix' or 'prompt', not 'ia3' "
+                          "(peft keeps IA3 vectors in a ParameterDict, which gets no per-example gradients)")
+    if cfg.adapter.type == "lora" and cfg.adapter.alpha <= 0:
+        raise ConfigError("adapter.alpha must be > 0 for LoRA")
+    if cfg.split.enabled:
+        _validate_split(cfg)
+    if cfg.privacy.secure_aggregation == "secaggplus":
+        _validate_secagg(cfg)
+
+
+def _validate_split(cfg: Config) -> None:
+    """What the split cut (fedpeft.split.cut) cannot do; the layer count is checked when the model is cut."""
+    if cfg.adapter.type == "prefix":
+        raise ConfigError("split.enabled with adapter.type = 'prefix' is not supported (prefixes live in every "
+                          "block); use lora, ia3 or prompt")
+    if cfg.model.task == "classification" and cfg.model.pooling == "model":
+        raise ConfigError("split.enabled needs model.pooling = 'mean' or 'cls' (the split head is the repo's "
+                          "pooling classifier)")
+    if cfg.privacy.mode in ("local", "both"):
+        raise ConfigError("split.enabled with local DP-SGD is not supported (per-example gradients would have to "
+                          "cross the split)")
+    if cfg.model.name in ("tiny-bert", "tiny-gpt2", "tiny-llama") and \
+            cfg.split.front_layers + cfg.split.back_layers >= cfg.model.tiny_layers:
+        raise ConfigError(f"split.front_layers + split.back_layers = {cfg.split.front_layers + cfg.split.back_layers} "
+                          f"leaves no block for the server (model.tiny_layers = {cfg.model.tiny_layers})")
+
+
+def _validate_secagg(cfg: Config) -> None:
+    """SecAgg+ sums dense integer vectors: refuse what cannot be summed that way (see docs/privacy.md)."""
+    from fedpeft.compression import make_codec
+
+    p, sa = cfg.privacy, "privacy.secure_aggregation = 'secaggplus'"
+    if not make_codec(cfg.compression.uplink).lossless:
+        raise ConfigError(f"{sa} needs compression.uplink = 'none' (got {cfg.compression.uplink!r}): SecAgg+ "
+                          "masks and sums dense integer vectors, so a codec's packed payload cannot be summed and "
+                          "the masked upload is dense whatever the codec (it would only add its error)")
+    m = cfg.federation.clients_per_round or cfg.data.num_clients
+    if m < p.secagg_min_survivors:
+        raise ConfigError(f"{sa} needs at least {p.secagg_min_survivors} clients per round "
+                          f"(privacy.secagg_min_survivors; got federation.clients_per_round = {m}): with two, each "
+                          "client can subtract its own update from the new global adapter and learn the other's")
+    for key in ("secagg_num_shares", "secagg_reconstruction_threshold"):
+        v = getattr(p, key)
+        if v <= 0 or (v > 1 and not float(v).is_integer()):
+            raise ConfigError(f"privacy.{key} = {v!r}: expected a fraction in (0, 1] or a whole number")
+    if p.secagg_num_shares > 1 and not 3 <= p.secagg_num_shares <= m:
+        raise ConfigError(f"privacy.secagg_num_shares = {p.secagg_num_shares:g} must be between 3 and the "
+                          f"{m} clients sampled per round")
+    if p.secagg_num_shares > 1 and p.secagg_reconstruction_threshold >= p.secagg_num_shares:
+        raise ConfigError(f"privacy.secagg_reconstruction_threshold = {p.secagg_reconstruction_threshold:g} must "
+                          f"be below privacy.secagg_num_shares = {p.secagg_num_shares:g}")
+    if p.secagg_modulus_range & (p.secagg_modulus_range - 1):
+        raise ConfigError(f"privacy.secagg_modulus_range = {p.secagg_modulus_range} must be a power of 2")
+    if m * p.secagg_quantization_range >= p.secagg_modulus_range:
+        raise ConfigError(f"privacy.secagg_quantization_range = {p.secagg_quantization_range} x {m} clients per "
+                          f"round must stay below privacy.secagg_modulus_range = {p.secagg_modulus_range} "
+                          "(the sum would wrap around)")
+    if p.secagg_clipping_range <= 0:
+        raise ConfigError("privacy.secagg_clipping_range must be > 0")
+    if p.mode in ("client", "both") and p.adaptive_clip and p.secagg_clipping_range < 1:
+        raise ConfigError(f"privacy.secagg_clipping_range = {p.secagg_clipping_range:g} must be >= 1 with "
+                          "privacy.adaptive_clip (the 0/1 clip indicators are summed securely too)")
