@@ -115,7 +115,7 @@ class InProcessGrid(Grid):
                       if isinstance(record, ArrayRecord) for key, arr in record.items()}
             configs = {rec: dict(record) for rec, record in ctx.state.items() if isinstance(record, ConfigRecord)
                        and rec not in TRANSIENT_STATE}
-            # numpy's stub lets a **mapping reach allow_pickle (numpy >= 2.1), so it wants bool values
+            # numpy's stub: a **mapping could also fill the allow_pickle keyword, so mypy wants bool values too
             np.savez(directory / f"{node}.npz", **arrays)  # type: ignore[arg-type]
             (directory / f"{node}.json").write_text(json.dumps(configs))
 
