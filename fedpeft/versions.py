@@ -98,10 +98,20 @@ def device_facts() -> dict[str, Any]:
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         facts.update(device="mps", bf16=False)
     else:
-        cpu_caps = torch.backends.cpu.get_cpu_capability()
         facts.update(device="cpu", device_name=platform.processor() or platform.machine(),
-                     cpu_capability=cpu_caps, bf16=bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+                     cpu_capability=torch.backends.cpu.get_cpu_capability(), bf16=_cpu_bf16())
     return facts
+
+
+def _cpu_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (a private torch query; False where a build lacks it)."""
+    import torch
+
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
 
 
 def environment() -> dict[str, Any]:
