@@ -11,7 +11,6 @@ detected bug. Appends a dated section to ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import statistics
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_results, machine, table  # noqa: E402
+from common import append_results, table  # noqa: E402
 
 from fedpeft import config  # noqa: E402
 from fedpeft.audit.epsilon import audit_client_level  # noqa: E402
@@ -51,7 +50,7 @@ def main() -> None:
                   "flagged (of seeds)", "s per audit"], rows)
     print(text)
     if not args.no_append:
-        append_results(f"Empirical epsilon audit tightness ({dt.date.today()})", f"{machine()}\n\n{text}")
+        append_results("Empirical epsilon audit tightness", text)
 
 
 if __name__ == "__main__":
