@@ -4,7 +4,7 @@ partition, reply with the (compressed) adapter delta and metrics.
 The partition comes from the node config (``partition-id``), or a deployed node trains on all of
 its own file (node config ``data-path``, read with the scenario's data settings); the run
 configuration comes from the run config (``fedpeft-config``). The base model is loaded once per
-process (``runtime.get_runtime``).
+process (the engine's ``runtime.RuntimeCache``, see ``clients.node_runtime``).
 Error-feedback residuals and (with a lossy downlink codec) the last broadcast state live in
 ``context.state``, which Flower keeps per node across rounds.
 """
