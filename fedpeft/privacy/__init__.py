@@ -2,7 +2,13 @@
 
 - :mod:`.client_dp` -- client-level DP (DP-FedAvg): clip updates, uniform average, server noise,
   adaptive clipping. Pure torch.
-- :mod:`.accounting` -- :class:`ClientLevelAccountant` (RDP / PRV with amplification by sampling).
+- :mod:`.server_dp` -- :class:`ServerPrivacy`: the server's client-level DP mechanism (sampling, clip,
+  fixed denominator, noise, accountant), Flower-free so that the epsilon audit runs the same object.
+- :mod:`.sampling` -- Poisson / fixed-size client sampling over the eligible clients, with the rate to charge.
+- :mod:`.accounting` -- :class:`ClientLevelAccountant` (RDP / PRV with amplification by sampling; the
+  replace-one bound for fixed-size sampling).
+- :mod:`.statement` -- the run's guarantee in words (``summary.md``).
+- :mod:`.epsilon_audit` -- the statistics of the one-run empirical epsilon audit.
 - :mod:`.dpsgd` -- :class:`LocalDP`: record-level DP-SGD on a client with Opacus.
 - :mod:`.soft_prompt` -- a prompt-tuning module with per-example gradients.
 - :mod:`.checks` -- :func:`check_privacy`, up-front validation of the settings.

@@ -57,7 +57,9 @@ class SplitPlugin:
         """The in-process body server (checkpointed with the run), or None with a remote split server."""
         from fedpeft.split.body import BodyServer
 
-        return None if self.rt.cfg.split.address else self.service if isinstance(self.service, BodyServer) else None
+        if self.rt.cfg.split.address:  # remote: no need to build the gRPC proxy to know
+            return None
+        return self.service if isinstance(self.service, BodyServer) else None
 
     def train_round(self, client_id: str, dataset: Dataset, global_state: State,
                     seed: int) -> tuple[TrainResult, State, dict[str, float]]:
