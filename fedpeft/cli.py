@@ -169,21 +169,32 @@ def cmd_split_server(args: argparse.Namespace) -> int:
 def _audit_epsilon(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedpeft.audit.epsilon import audit_client_level, write_report
+    from fedpeft.audit.epsilon import EpsilonAudit, audit_client_level, audit_local_dpsgd, write_report
     from fedpeft.rundir import new_run_dir
 
     cfg = config.load(args.scenario, args.overrides)
+    if cfg.privacy.mode == "none":
+        raise FedPeftError("--epsilon-lower-bound audits a DP run: set privacy.mode = 'client', 'local' or 'both'")
+    results: list[EpsilonAudit] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task(f"rounds with {args.canaries} canary clients", total=cfg.federation.rounds)
-        result = audit_client_level(cfg, args.canaries, seed=cfg.run.seed,
-                                    on_round=lambda done, total: progress.update(task, completed=done))
+        if cfg.privacy.mode in ("client", "both"):
+            task = progress.add_task(f"rounds with {args.canaries} canary clients", total=cfg.federation.rounds)
+            results.append(audit_client_level(cfg, args.canaries, seed=cfg.run.seed,
+                                              on_round=lambda done, total: progress.update(task, completed=done)))
+        if cfg.privacy.mode in ("local", "both"):
+            task = progress.add_task(f"DP-SGD steps over {args.canaries} canary records", total=1)
+            results.append(audit_local_dpsgd(cfg, args.canaries, seed=cfg.run.seed,
+                                             on_step=lambda done, total: progress.update(task, completed=done)))
     out = new_run_dir(cfg.output.dir, f"{cfg.run.name}-epsilon-audit")
-    write_report(result, cfg, out)
+    write_report(results, cfg, out)
     console.print((out / "audit.md").read_text())
-    print(json.dumps({"audit_dir": str(out), "epsilon_lower_bound": result.bound.epsilon_lower_bound,
-                      "claimed_epsilon": result.claimed_epsilon, "verdict": result.verdict}))
-    return 1 if result.verdict == "fail" else 0
+    verdict = "fail" if any(r.verdict == "fail" for r in results) else "pass"
+    print(json.dumps({"audit_dir": str(out), "verdict": verdict,
+                      "levels": {r.level: {"epsilon_lower_bound": r.bound.epsilon_lower_bound,
+                                           "claimed_epsilon": r.claimed_epsilon, "verdict": r.verdict}
+                                 for r in results}}))
+    return 1 if verdict == "fail" else 0
 
 
 def _audit_capture(args: argparse.Namespace, attacks: list[str] | None) -> int:

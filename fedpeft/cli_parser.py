@@ -62,9 +62,11 @@ def _audit_parser(sub: argparse._SubParsersAction) -> None:
                      help="run the scenario itself (in-process) and attack the real updates the server decodes, "
                           "instead of the grid; writes audit.md/csv/png into the run directory")
     aud.add_argument("--epsilon-lower-bound", action="store_true",
-                     help="empirical epsilon audit of the scenario's client-level DP: canary clients through the "
-                          "server's own DP mechanism, lower bound at 95%% beside the accountant's epsilon")
-    aud.add_argument("--canaries", type=int, default=1000, help="--epsilon-lower-bound: canary clients (>= 20)")
+                     help="empirical epsilon audit of the scenario's DP: canary clients through the server's own "
+                          "client-level DP mechanism and/or canary records through the clients' DP-SGD, lower bound "
+                          "at 95%% beside the accountant's epsilon")
+    aud.add_argument("--canaries", type=int, default=16384,
+                     help="--epsilon-lower-bound: canaries per level (>= 20; memory about canaries^2 x 4 bytes)")
     aud.add_argument("--rounds", type=_ints, metavar="R1,R2", help="--capture: rounds to attack (default: all)")
     aud.add_argument("--clients", type=_ints, metavar="P1,P2",
                      help="--capture: partition ids to attack (default: all)")

@@ -11,7 +11,15 @@ from dp_accounting import pld, rdp
 
 from fedpeft.errors import PrivacyError
 from fedpeft.privacy.accounting import ClientLevelAccountant
-from fedpeft.privacy.epsilon_audit import epsilon_from_guesses, epsilon_lower_bound, p_value
+from fedpeft.privacy.epsilon_audit import (
+    NOISE_GRID,
+    NoiseFamily,
+    epsilon_from_guesses,
+    epsilon_lower_bound,
+    gaussian_profile,
+    p_value,
+    profile_p_value,
+)
 
 DELTA = 1e-5
 
@@ -112,13 +120,44 @@ def test_lower_bound_never_exceeds_the_epsilon_of_randomized_response(eps: float
         inc = rng.random(1000) < 0.5
         flip = rng.random(1000) < 1 / (1 + math.exp(eps))
         scores = (inc ^ flip) + 1e-3 * rng.random(1000)
-        bounds.append(epsilon_lower_bound(scores, inc, 0.0).epsilon_lower_bound)
+        bounds.append(epsilon_lower_bound(scores, inc, PURE_DP).epsilon_lower_bound)
     assert max(bounds) <= eps
     assert np.mean(bounds) >= 0.4 * eps
 
 
+#: pure DP indexed like a noise multiplier: "noise" s claims (1/s, 0)-DP at every delta
+PURE_DP = NoiseFamily(lambda s: [(1.0 / s, 0.0)], lambda s: 1.0 / s)
+
+
+@pytest.mark.parametrize("mu", [0.25, 1.0, 3.0])
+def test_the_gaussian_profile_is_the_independent_accountants(mu: float) -> None:
+    """The exact profile the audit tests a q = 1 run against equals dp_accounting's Gaussian PLD."""
+    ref = pld.privacy_loss_distribution.from_gaussian_mechanism(standard_deviation=1 / mu, sensitivity=1.0,
+                                                                value_discretization_interval=1e-4)
+    for eps, delta in gaussian_profile(mu, [0.0, 0.5, 1.0, 2.0, 4.0]):
+        assert delta == pytest.approx(ref.get_delta_for_epsilon(eps), rel=1e-6, abs=1e-12)
+
+
+def test_the_profile_p_value_is_the_smallest_pair_p_value() -> None:
+    pairs = [(3.0, 1e-6), (1.0, 0.05), (0.5, 0.2)]
+    assert profile_p_value(1000, 200, 150, pairs) == min(p_value(1000, 200, 150, e, d) for e, d in pairs)
+    assert profile_p_value(1000, 200, 150, [(math.inf, 0.0)]) == 1.0  # an infinite claim refutes nothing
+
+
+def test_the_family_bound_reads_the_smallest_refuted_noise() -> None:
+    """190 of 200 right refutes pure eps = 1 (p ~ 1e-12) but not eps = 4: the bound lands in between, on the
+    noise grid, and the noise bound is the grid point whose claim was refuted."""
+    bound = epsilon_lower_bound(np.r_[np.ones(100), np.zeros(100)], np.r_[np.ones(95), np.zeros(100), np.ones(5)]
+                                .astype(bool), PURE_DP, guess_sizes=(100,))
+    assert 1.0 < bound.epsilon_lower_bound < 4.0 and bound.correct == 190
+    assert bound.epsilon_lower_bound == pytest.approx(1 / bound.noise_bound)
+    alpha = 0.05
+    assert p_value(200, 200, 190, bound.epsilon_lower_bound) < alpha
+    assert p_value(200, 200, 190, 1 / NOISE_GRID[NOISE_GRID.index(bound.noise_bound) - 1]) >= alpha
+
+
 def test_lower_bound_rejects_bad_input() -> None:
     with pytest.raises(PrivacyError):
-        epsilon_lower_bound([0.1, float("nan")], [True, False], DELTA)
+        epsilon_lower_bound([0.1, float("nan")], [True, False], PURE_DP)
     with pytest.raises(PrivacyError):
-        epsilon_lower_bound([0.1, 0.2], [True], DELTA)
+        epsilon_lower_bound([0.1, 0.2], [True], PURE_DP)

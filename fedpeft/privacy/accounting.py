@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
-from opacus.accountants.analysis.rdp import get_privacy_spent
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from fedpeft.errors import PrivacyError
 
@@ -158,6 +158,23 @@ class ClientLevelAccountant:
         if not 0 < delta < 1:
             raise PrivacyError(f"delta must be in (0, 1), got {delta}")
         return fixed_size_epsilon(self.history, delta)
+
+    def epsilons(self, deltas: Sequence[float]) -> list[float]:
+        """Epsilon at each of ``deltas`` (one RDP curve for all of them under Poisson RDP accounting)."""
+        if self.kind != "rdp" or self.sampling != "poisson" or not self._acc.history:
+            return [self.epsilon(d) for d in deltas]
+        if any(z == 0 for z, _, _ in self._acc.history):
+            return [math.inf] * len(deltas)
+        orders = self._acc.DEFAULT_ALPHAS
+        rdp = sum(compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders) for z, q, n in self._acc.history)
+        return [float(get_privacy_spent(orders=orders, rdp=rdp, delta=d)[0]) for d in deltas]
+
+    def with_noise(self, noise_multiplier: float) -> ClientLevelAccountant:
+        """The same rounds and sampling rates charged at another noise multiplier (the empirical audit's
+        family of mechanisms: "this run, had its noise been ``noise_multiplier``")."""
+        other = ClientLevelAccountant(self.kind, self.sampling)
+        other._acc.history = [(float(noise_multiplier), q, n) for _, q, n in self._acc.history]
+        return other
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-able state: the accountant kind, the sampling scheme and the history."""

@@ -139,6 +139,8 @@ class LocalDP:
             warnings.warn("DP-SGD noise is seeded: anyone who knows the seed can remove it (simulation only)",
                           stacklevel=2)  # shown once per process, not once per client and round
         self._accountant = make_accountant(cfg.accountant)
+        #: a test-only hook: the noise actually added is divided by this (the epsilon audit must catch it)
+        self.noise_divisor = 1.0
         self._hooks: GradSampleHooks | None = None
         self._undo_prompts: Callable[[], None] = lambda: None
 
@@ -207,11 +209,11 @@ class LocalDP:
             raise PrivacyError(f"model is not compatible with per-example gradients: {e}") from None
         self._hooks.forbid_grad_accumulation()
         self._undo_prompts = per_example_prompts(model)  # peft prompt tuning: per-example prompt lookups
-        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier / self.noise_divisor,
                                    max_grad_norm=self.max_grad_norm,
                                    expected_batch_size=self.expected_batch_size,
                                    loss_reduction="mean", generator=self._generator(1))
-        dp_optimizer.attach_step_hook(self._accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+        dp_optimizer.attach_step_hook(self._charge_step)
         n_steps = steps if steps is not None else max(1, int(round(1 / self.sample_rate)))
         sampler = UniformWithReplacementSampler(num_samples=self.dataset_size, sample_rate=self.sample_rate,
                                                 generator=self._generator(2), steps=n_steps)
@@ -221,6 +223,11 @@ class LocalDP:
             log.warning("DP-SGD will run %d steps in total, more than the %d planned: epsilon will exceed "
                         "its target", self.steps + n_steps, self.total_steps)
         return model, dp_optimizer, dp_loader
+
+    def _charge_step(self, optimizer: DPOptimizer) -> None:
+        """Charge one DP-SGD step to the accountant at the configured noise and rate (Opacus calls it after
+        each noisy step; gradient accumulation is forbidden, so one call is one sampled batch)."""
+        self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
     def empty_step(self, optimizer: DPOptimizer) -> None:
         """Take a noise-only step for an empty Poisson batch (skipping it would leak that it was empty)."""
