@@ -177,7 +177,8 @@ def test_attackers_are_drawn_from_the_seed(make_cfg) -> None:
     cfg = make_cfg(**{"data.num_clients": 10, "adversary.attack": "scale", "adversary.fraction": 0.2})
     assert adversary.adversarial_clients(cfg) == draw[0]  # ... and only the seed
     assert adversary.adversarial_clients(make_cfg(**{"adversary.attack": "scale", "adversary.fraction": 0.01})) != []
-    assert adversary.adversarial_clients(make_cfg(**{"adversary.attack": "scale", "adversary.clients": "3,1"})) == [1, 3]
+    explicit = make_cfg(**{"adversary.attack": "scale", "adversary.clients": "3,1"})  # as --set writes it
+    assert explicit.adversary.clients == [3, 1] and adversary.adversarial_clients(explicit) == [1, 3]
     assert adversary.adversarial_clients(make_cfg()) == []
     honest = adversary.attack_for(cfg, next(c for c in range(10) if c not in draw[0]), simulation=True)
     assert type(honest) is adversary.Attack
@@ -229,14 +230,24 @@ def test_the_harness_is_refused_outside_a_simulation(make_cfg, tmp_path: Path) -
 
 
 def test_the_ledger_records_attackers_drops_and_down_weighting(make_cfg) -> None:
-    cfg = make_cfg(**{"adversary.attack": "scale", "adversary.clients": [2]})
+    cfg = make_cfg(**{"adversary.attack": "scale", "adversary.clients": [2, 3]})
     ledger = adversary.Ledger(cfg, get_runtime(cfg))
     replies = RoundReplies(clients=[ClientReply(1001, 30.0, {"num-examples": 30.0, "partition-id": 1.0}),
                                     ClientReply(1002, 10.0, {"num-examples": 90.0, "partition-id": 2.0})],
-                           dropped={1003: "malformed update: x"})
+                           dropped={1000: "no reply", 1003: "malformed update: x"})
     assert ledger.round_row(replies) == {"adversaries": [2], "adversary_nodes": [1002], "adversary_weight": 0.25,
-                                         "dropped_nodes": {"1003": "malformed update: x"},
-                                         "downweighted_nodes": {"1002": [90.0, 10.0]}}
+                                         "dropped_nodes": {"1000": "no reply", "1003": "malformed update: x"},
+                                         "adversaries_dropped": {}, "downweighted_nodes": {"1002": [90.0, 10.0]}}
+
+    class Grid:  # the in-process engine's grid knows every node's partition
+        def partition_id(self, node: int) -> int:
+            return node - 1000
+
+    assert ledger.round_row(replies, Grid())["adversaries_dropped"] == {"1003": "malformed update: x"}
+    later = RoundReplies(clients=[ClientReply(1001, 30.0, {"num-examples": 30.0, "partition-id": 1.0})],
+                         dropped={1002: "malformed update: y"})
+    row = ledger.round_row(later)  # without such a grid: the partition node 1002 reported before
+    assert row["adversaries"] == [] and row["adversaries_dropped"] == {"1002": "malformed update: y"}
     assert adversary.Ledger(make_cfg(), get_runtime(make_cfg())).round_row(replies) == {}
 
 
@@ -250,7 +261,8 @@ def test_a_simulation_records_the_attackers_and_the_backdoor_success_rate(make_c
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
         assert r["replies"] == 4 and r["adversaries"] == attacker and r["adversary_nodes"] == [node_id(attacker[0])]
-        assert 0 < r["adversary_weight"] < 1 and r["dropped_nodes"] == {} and r["downweighted_nodes"] == {}
+        assert 0 < r["adversary_weight"] < 1 and r["dropped_nodes"] == r["adversaries_dropped"] == {}
+        assert r["downweighted_nodes"] == {}
         assert 0.0 <= r["backdoor_success"] <= 1.0 and "eval_accuracy" in r
     summary = (run_dir / "summary.md").read_text()
     assert f"`backdoor` (trigger = 'cf mn bb', backdoor_fraction = 0.8, target_label = 0) from partitions " \

@@ -231,7 +231,7 @@ class FederatedServer:
                                "dropped": len(replies.dropped)}
         row["train_loss"] = self._aggregate(replies, rnd)
         row.update(self._account(replies))
-        row.update(self.adversary.round_row(replies))
+        row.update(self.adversary.round_row(replies, grid))
         if rnd % self.cfg.federation.eval_every == 0 or rnd == self.cfg.federation.rounds:
             row.update(self.evaluate())
         row.update({**replies.traffic_row(self.layout.total),

@@ -278,25 +278,31 @@ class Ledger:
     def __init__(self, cfg: Config, rt: Runtime) -> None:
         self.cfg, self.rt = cfg, rt
         self.attackers = set(adversarial_clients(cfg))
+        self.partition_of: dict[int, int] = {}  # node id -> partition id, as its replies reported it
 
-    def round_row(self, replies: RoundReplies) -> dict[str, Any]:
+    def round_row(self, replies: RoundReplies, grid: object = None) -> dict[str, Any]:
         """The round's ``metrics.jsonl`` fields (none without attackers).
 
-        ``adversaries`` / ``adversary_nodes``: partition and node ids of the attackers' valid replies;
+        ``adversaries`` / ``adversary_nodes``: partition and node ids of the attackers' aggregated replies;
         ``adversary_weight``: their share of the aggregation weight; ``dropped_nodes``: node -> reason for every
-        sampled update not in the round; ``downweighted_nodes``: node -> [reported num-examples, weight used]
-        where the server weighted an update below what its client claimed. Server-side defences show here
-        without changes here: one that drops an update adds to ``replies.dropped``, one that caps a weight
-        lowers ``ClientReply.weight``.
+        sampled update not in the round, and ``adversaries_dropped`` those of attackers; ``downweighted_nodes``:
+        node -> [reported num-examples, weight used] where the server weighted an update below its claim.
+        Server-side defences show here without changes here: one that drops an update adds to
+        ``replies.dropped``, one that caps a weight lowers ``ClientReply.weight``. A dropped node's partition
+        comes from the engine's grid (``grid.partition_id``, in-process) or from the node's earlier replies.
         """
         if not self.attackers:
             return {}
-        adv = sorted((int(c.metrics.get("partition-id", -1)), c.node, c.weight) for c in replies.clients
-                     if int(c.metrics.get("partition-id", -1)) in self.attackers)
+        self.partition_of.update({c.node: int(c.metrics.get("partition-id", -1)) for c in replies.clients})
+        lookup = getattr(grid, "partition_id", None)
+        adv = sorted((self.partition_of[c.node], c.node, c.weight) for c in replies.clients
+                     if self.partition_of[c.node] in self.attackers)
         total = sum(replies.weights)
         return {"adversaries": [p for p, _, _ in adv], "adversary_nodes": [n for _, n, _ in adv],
                 "adversary_weight": sum(w for _, _, w in adv) / total if total else None,
                 "dropped_nodes": {str(node): why for node, why in replies.dropped.items()},
+                "adversaries_dropped": {str(node): why for node, why in replies.dropped.items()
+                                        if (lookup(node) if lookup else self.partition_of.get(node)) in self.attackers},
                 "downweighted_nodes": {str(c.node): [c.metrics["num-examples"], c.weight] for c in replies.clients
                                        if c.weight < c.metrics.get("num-examples", c.weight)}}
 
@@ -331,5 +337,6 @@ def summary_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
             "- under attack: " + ", ".join(result + [
                 f"attacker replies aggregated {sum(len(r.get('adversaries', [])) for r in rows)}",
                 f"mean attacker weight share {fmt(float(np.mean(shares)) if shares else None)}",
-                f"updates dropped {sum(len(r.get('dropped_nodes', {})) for r in rows)}",
+                f"updates dropped {sum(len(r.get('dropped_nodes', {})) for r in rows)} "
+                f"(of attackers {sum(len(r.get('adversaries_dropped', {})) for r in rows)})",
                 f"down-weighted {sum(len(r.get('downweighted_nodes', {})) for r in rows)}"])]
