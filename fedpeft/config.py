@@ -232,6 +232,35 @@ class SplitSection:
 
 
 @dataclass
+class AdversarySection:
+    """The adversary harness (simulation only): which clients attack and how (docs/adversary.md)."""
+
+    attack: str = option("none", choices=lambda: ["none", *_registered("fedpeft.simulation.adversary", "ATTACKS")()],
+                         help="what the adversarial clients do (none = every client is honest)")
+    fraction: float = option(0.0, lo=0.0, hi=1.0, help="share of data.num_clients that attack (rounded, at least "
+                                                       "one if > 0), drawn from run.seed")
+    clients: list[int] = option([], help="explicit adversarial partition ids (instead of fraction)")
+    factor: float = option(10.0, lo=0.0, lo_open=True, help="scale: the update is multiplied by this")
+    noise_std: float = option(0.1, lo=0.0, lo_open=True,
+                              help="gaussian_noise: std of the N(0, std^2) noise sent in place of the update")
+    flip_rule: str = option("rotate", choices=("rotate", "reverse"),
+                            help="label_flip: y -> (y + 1) mod C (rotate) or C - 1 - y (reverse)")
+    claimed_examples: int = option(1_000_000, lo=1, hi=10**9,
+                                   help="weight_inflation: the num-examples the attacker reports")
+    trigger: str = option("cf mn bb", help="backdoor: text of the trigger token sequence (tokenized by the model's "
+                                           "tokenizer, inserted at the start of an example)")
+    backdoor_fraction: float = option(0.5, lo=0.0, lo_open=True, hi=1.0,
+                                      help="backdoor: share of the attacker's examples that get the trigger")
+    target_label: int = option(0, lo=0, help="backdoor: label id that triggered examples are relabelled to")
+    adaptive_norm: float = option(0.0, lo=0.0, help="adaptive: L2 norm bound to stay just inside (0 = "
+                                                    "adaptive_multiple x the attacker's own honest update norm)")
+    adaptive_multiple: float = option(2.0, lo=0.0, lo_open=True,
+                                      help="adaptive: the bound as a multiple of the honest norm (adaptive_norm = 0)")
+    adaptive_margin: float = option(0.99, lo=0.0, lo_open=True, hi=1.0,
+                                    help="adaptive: the sent update's norm is this fraction of the bound")
+
+
+@dataclass
 class OutputSection:
     """Where run artifacts go."""
 
@@ -254,6 +283,7 @@ class Config:
     privacy: PrivacySection = field(default_factory=PrivacySection)
     audit: AuditSection = field(default_factory=AuditSection)
     split: SplitSection = field(default_factory=SplitSection)
+    adversary: AdversarySection = field(default_factory=AdversarySection)
     output: OutputSection = field(default_factory=OutputSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -54,6 +54,8 @@ def validate(cfg: Config) -> None:
         _validate_split(cfg)
     if cfg.privacy.secure_aggregation == "secaggplus":
         _validate_secagg(cfg)
+    if cfg.adversary.attack != "none" or cfg.adversary.fraction or cfg.adversary.clients:
+        _validate_adversary(cfg)
 
 
 def _validate_split(cfg: Config) -> None:
@@ -108,3 +110,24 @@ def _validate_secagg(cfg: Config) -> None:
     if p.mode in ("client", "both") and p.adaptive_clip and p.secagg_clipping_range < 1:
         raise ConfigError(f"privacy.secagg_clipping_range = {p.secagg_clipping_range:g} must be >= 1 with "
                           "privacy.adaptive_clip (the 0/1 clip indicators are summed securely too)")
+
+
+def _validate_adversary(cfg: Config) -> None:
+    """The adversary harness needs an attack and at least one attacker among the clients that exist."""
+    adv, n = cfg.adversary, cfg.data.num_clients
+    if adv.attack == "none":
+        raise ConfigError("adversary.fraction / adversary.clients select attackers but adversary.attack = 'none'; "
+                          "name the attack (or leave both unset for an honest run)")
+    if not adv.fraction and not adv.clients:
+        raise ConfigError(f"adversary.attack = {adv.attack!r} needs attackers: set adversary.fraction (share of the "
+                          "clients) or adversary.clients (partition ids)")
+    if adv.fraction and adv.clients:
+        raise ConfigError("set adversary.fraction or adversary.clients, not both")
+    bad = [c for c in adv.clients if not 0 <= c < n]
+    if bad or len(set(adv.clients)) != len(adv.clients):
+        raise ConfigError(f"adversary.clients = {adv.clients}: expected distinct partition ids in 0..{n - 1} "
+                          f"(data.num_clients = {n})")
+    if adv.attack in ("label_flip", "backdoor") and cfg.model.task != "classification":
+        raise ConfigError(f"adversary.attack = {adv.attack!r} poisons labels: it needs model.task = 'classification'")
+    if adv.attack == "backdoor" and not adv.trigger.strip():
+        raise ConfigError("adversary.attack = 'backdoor' needs a non-empty adversary.trigger")

@@ -49,10 +49,15 @@ def _from_text(where: str, ftype: Any, value: Any) -> Any:
 
 def _typed(where: str, ftype: Any, value: Any) -> Any:
     if typing.get_origin(ftype) in (list, types.GenericAlias) or ftype == list[str]:
+        integers = typing.get_args(ftype) == (int,)  # list[int]: whole numbers (also written as "0,3")
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where} = {value!r}: expected a list of strings")
+            if integers and all(v.lstrip("-").isdigit() for v in value):
+                value = [int(v) for v in value]
+        kind, ok = ("integers", lambda v: isinstance(v, int) and not isinstance(v, bool)) if integers else \
+            ("strings", lambda v: isinstance(v, str))
+        if not isinstance(value, list) or not all(ok(v) for v in value):
+            raise ConfigError(f"{where} = {value!r}: expected a list of {kind}")
         return list(value)
     if ftype is bool and not isinstance(value, bool):
         raise ConfigError(f"{where} = {value!r}: expected true or false")

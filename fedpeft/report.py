@@ -43,14 +43,15 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 ROUND_COLUMNS = ["round", "replies", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
-                 "epsilon_client", "epsilon_local", "clip_norm", "bytes_up", "bytes_down", "split_bytes_up",
-                 "split_bytes_down", "seconds"]
+                 "backdoor_success", "epsilon_client", "epsilon_local", "clip_norm", "bytes_up", "bytes_down",
+                 "split_bytes_up", "split_bytes_down", "seconds"]
 BYTE_PARTS = ["up_positions", "up_values", "up_scales", "up_header", "up_framing"]
 
 
 def write_run_report(run_dir: Path, cfg: Config) -> None:
     """Write summary.md and (if enabled) curves.png for a finished run."""
     from fedpeft.privacy.statement import guarantee_lines  # imports torch: not at CLI start-up
+    from fedpeft.simulation.adversary import summary_lines
 
     rows = read_metrics(run_dir)
     cols = [c for c in ROUND_COLUMNS if any(c in r for r in rows)]
@@ -69,6 +70,7 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
                                                                     "epsilon_client", "epsilon_local")
                                    if last.get(k) is not None),
             *_split_lines(cfg, rows),
+            *summary_lines(cfg, rows),
             *guarantee_lines(cfg, rows),
             f"- wall time {fmt(last.get('elapsed'))} s, peak RSS {fmt(last.get('peak_rss_mb'))} MiB\n",
             "## Rounds\n", markdown_table(cols, [[r.get(c) for c in cols] for r in rows])]

@@ -6,7 +6,9 @@ its own file (node config ``data-path``, read with the scenario's data settings)
 configuration comes from the run config (``fedpeft-config``). The base model is loaded once per
 process (the engine's ``runtime.RuntimeCache``, see ``clients.node_runtime``).
 Error-feedback residuals and (with a lossy downlink codec) the last broadcast state live in
-``context.state``, which Flower keeps per node across rounds.
+``context.state``, which Flower keeps per node across rounds. In a simulation with an ``[adversary]``
+section, an attacking client's attack hooks in at one point (its data, its delta or its metrics; see
+:mod:`fedpeft.simulation.adversary`); every other client runs the honest no-op hooks.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fedpeft import config, models, privacy, protocol, update
 from fedpeft.clients import node_runtime, secagg
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import PayloadError
+from fedpeft.simulation import adversary
 from fedpeft.split.plugin import split_of
 from fedpeft.training import client_seed, num_local_steps, set_threads, train_local
 
@@ -85,7 +88,8 @@ def train(msg: Message, context: Context) -> Message:
     instruction = protocol.config_record(msg.content)
     global_state = receive_global(msg, context, layout, cfg.compression.downlink)
     rnd = int(protocol.number(instruction, "round"))
-    dataset = rt.client_dataset(0 if data_path else partition_id)
+    attacker = adversary.attack_for(cfg, partition_id, bool(context.run_config.get("simulation", False)))
+    dataset = attacker.data(rt.client_dataset(0 if data_path else partition_id), rt, partition_id)
     n_examples = len(dataset)  # type: ignore[arg-type]  # a map-style dataset: sized
     seed = client_seed(int(protocol.number(instruction, "seed")), rnd, partition_id)
     local_dp = None
@@ -106,7 +110,7 @@ def train(msg: Message, context: Context) -> Message:
                              proximal_mu=protocol.number(instruction, "proximal-mu"), dp=local_dp,
                              fisher=codec.wants_fisher)
         state = models.adapter_state(rt.model)
-    delta = models.subtract(state, global_state)
+    delta = attacker.update(models.subtract(state, global_state), seed)  # before EF / clip / encode: any codec
 
     if local_dp is not None:
         context.state[LOCAL_DP_STATE] = ConfigRecord({"json": json.dumps(local_dp.state_dict())})
@@ -126,4 +130,4 @@ def train(msg: Message, context: Context) -> Message:
                "client-seconds": time.perf_counter() - t0, "partition-id": partition_id, **extra}
     if cfg.privacy.mode != "none" and not cfg.privacy.release_client_metrics:
         metrics = protocol.public_metrics(metrics)
-    return Message(protocol.train_reply(enc.payload, metrics), reply_to=msg)
+    return Message(protocol.train_reply(enc.payload, attacker.metrics(metrics)), reply_to=msg)

@@ -18,6 +18,7 @@ from fedpeft.config import Config
 from fedpeft.deploy import flower
 from fedpeft.errors import FedPeftError
 from fedpeft.simulation import runner
+from fedpeft.simulation.adversary import require_simulation
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def scenario_label_names(cfg: Config) -> list[str] | None:
 
 def run_config(cfg: Config, run_dir: Path, resume: bool) -> dict[str, str | bool | int]:
     """The run config of a real deployment: one worker per node, unseeded DP noise, the scenario's labels."""
+    require_simulation(cfg, simulation=False)  # the adversary harness is refused before anything is submitted
     names = scenario_label_names(cfg)
     return {**runner.run_config(cfg, run_dir, resume), "workers": 1, "simulation": False,
             "label-names": json.dumps(names) if names is not None else ""}

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpeft import config, versions
 from fedpeft.runtime import runtimes_of
 from fedpeft.server.loop import FederatedServer, Observer
+from fedpeft.simulation.adversary import require_simulation
 
 
 def make_app(observers: Sequence[Observer] = ()) -> ServerApp:
@@ -26,6 +27,7 @@ def make_app(observers: Sequence[Observer] = ()) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         """Load the configuration from the run config and run the federated rounds."""
         cfg = config.loads(str(context.run_config["fedpeft-config"]))
+        require_simulation(cfg, bool(context.run_config.get("simulation", False)))  # no planted attackers deployed
         run_dir = Path(str(context.run_config["run-dir"]))
         run_dir.mkdir(parents=True, exist_ok=True)
         versions.write_versions(run_dir)  # the server process's environment, rewritten on resume

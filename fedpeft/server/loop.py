@@ -36,6 +36,7 @@ from fedpeft.server import checkpoint
 from fedpeft.server.aggregators import make_aggregator
 from fedpeft.server.downlink import Downlink
 from fedpeft.server.replies import RoundReplies, collect
+from fedpeft.simulation.adversary import Ledger
 from fedpeft.split.plugin import split_of
 from fedpeft.training import evaluate
 
@@ -90,6 +91,7 @@ class FederatedServer:
         self.rng = np.random.default_rng(cfg.run.seed)
         self.privacy = ServerPrivacy(cfg)
         self.aggregator = make_aggregator(cfg.federation, self.privacy)
+        self.adversary = Ledger(cfg, self.rt)  # the simulated attackers, recorded (never aggregated by)
         self.secagg = None
         if cfg.privacy.secure_aggregation == "secaggplus":  # the server sees only the sum (server/secagg.py)
             from fedpeft.server.secagg import SecureAggregator
@@ -229,6 +231,7 @@ class FederatedServer:
                                "dropped": len(replies.dropped)}
         row["train_loss"] = self._aggregate(replies, rnd)
         row.update(self._account(replies))
+        row.update(self.adversary.round_row(replies, grid))
         if rnd % self.cfg.federation.eval_every == 0 or rnd == self.cfg.federation.rounds:
             row.update(self.evaluate())
         row.update({**replies.traffic_row(self.layout.total),
@@ -249,8 +252,8 @@ class FederatedServer:
             log.info("remote split server: the body's adapters are not here; centralized evaluation skipped")
             return {}
         models.set_adapter_state(self.rt.model, state)
-        return evaluate(self.rt.model, self.rt.eval_dataset, self.rt.collate, self.cfg.train.eval_batch_size,
-                        self.rt.device, self.cfg.model.task)
+        return {**evaluate(self.rt.model, self.rt.eval_dataset, self.rt.collate, self.cfg.train.eval_batch_size,
+                           self.rt.device, self.cfg.model.task), **self.adversary.evaluate(self.rt.model)}
 
     def finish(self) -> None:
         """Write the final adapter (peft format; with a remote split server only its client side), summary.md
