@@ -37,10 +37,15 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 from common import append_results, table  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from fedpeft import config, models, report  # noqa: E402
+from fedpeft import (  # noqa: E402
+    adversary,  # noqa: E402
+    config,
+    models,
+    report,
+)
 from fedpeft.runtime import get_runtime  # noqa: E402
 from fedpeft.server.aggregators import AGGREGATORS  # noqa: E402
-from fedpeft.simulation import adversary, runner  # noqa: E402
+from fedpeft.simulation import runner  # noqa: E402
 from fedpeft.simulation.sweep import split_codecs  # noqa: E402
 from fedpeft.training import evaluate  # noqa: E402
 

@@ -235,7 +235,7 @@ class SplitSection:
 class AdversarySection:
     """The adversary harness (simulation only): which clients attack and how (docs/adversary.md)."""
 
-    attack: str = option("none", choices=lambda: ["none", *_registered("fedpeft.simulation.adversary", "ATTACKS")()],
+    attack: str = option("none", choices=lambda: ["none", *_registered("fedpeft.adversary", "ATTACKS")()],
                          help="what the adversarial clients do (none = every client is honest)")
     fraction: float = option(0.0, lo=0.0, hi=1.0, help="share of data.num_clients that attack (rounded, at least "
                                                        "one if > 0), drawn from run.seed")

@@ -50,8 +50,8 @@ BYTE_PARTS = ["up_positions", "up_values", "up_scales", "up_header", "up_framing
 
 def write_run_report(run_dir: Path, cfg: Config) -> None:
     """Write summary.md and (if enabled) curves.png for a finished run."""
+    from fedpeft.adversary import summary_lines
     from fedpeft.privacy.statement import guarantee_lines  # imports torch: not at CLI start-up
-    from fedpeft.simulation.adversary import summary_lines
 
     rows = read_metrics(run_dir)
     cols = [c for c in ROUND_COLUMNS if any(c in r for r in rows)]

@@ -1,4 +1,4 @@
-"""The adversary harness (:mod:`fedpeft.simulation.adversary`): each attack does what it says on a real
+"""The adversary harness (:mod:`fedpeft.adversary`): each attack does what it says on a real
 update or dataset of the tiny model, the ``[adversary]`` section validates and stays in simulations, and a
 short simulation records the attackers in ``metrics.jsonl`` and the backdoor success rate in ``summary.md``."""
 
@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft import config, models, protocol, report
+from fedpeft import adversary, config, models, protocol, report
 from fedpeft.compression import Layout, make_codec
 from fedpeft.deploy import submit
 from fedpeft.errors import ConfigError
 from fedpeft.runtime import get_runtime
 from fedpeft.server.replies import ClientReply, RoundReplies
-from fedpeft.simulation import adversary, runner
+from fedpeft.simulation import runner
 from fedpeft.simulation.inprocess import node_id
 from fedpeft.training import train_local
 

@@ -8,7 +8,7 @@ process (the engine's ``runtime.RuntimeCache``, see ``clients.node_runtime``).
 Error-feedback residuals and (with a lossy downlink codec) the last broadcast state live in
 ``context.state``, which Flower keeps per node across rounds. In a simulation with an ``[adversary]``
 section, an attacking client's attack hooks in at one point (its data, its delta or its metrics; see
-:mod:`fedpeft.simulation.adversary`); every other client runs the honest no-op hooks.
+:mod:`fedpeft.adversary`); every other client runs the honest no-op hooks.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpeft import config, models, privacy, protocol, update
+from fedpeft import adversary, config, models, privacy, protocol, update
 from fedpeft.clients import node_runtime, secagg
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import PayloadError
-from fedpeft.simulation import adversary
 from fedpeft.split.plugin import split_of
 from fedpeft.training import client_seed, num_local_steps, set_threads, train_local
 

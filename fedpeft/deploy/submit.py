@@ -14,11 +14,11 @@ import subprocess
 from pathlib import Path
 
 from fedpeft import data
+from fedpeft.adversary import require_simulation
 from fedpeft.config import Config
 from fedpeft.deploy import flower
 from fedpeft.errors import FedPeftError
 from fedpeft.simulation import runner
-from fedpeft.simulation.adversary import require_simulation
 
 log = logging.getLogger(__name__)
 

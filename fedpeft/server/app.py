@@ -14,9 +14,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import config, versions
+from fedpeft.adversary import require_simulation
 from fedpeft.runtime import runtimes_of
 from fedpeft.server.loop import FederatedServer, Observer
-from fedpeft.simulation.adversary import require_simulation
 
 
 def make_app(observers: Sequence[Observer] = ()) -> ServerApp:

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
 from fedpeft import models, protocol
+from fedpeft.adversary import Ledger
 from fedpeft.compression import make_codec
 from fedpeft.config import Config
 from fedpeft.errors import FedPeftError, PayloadError
@@ -36,7 +37,6 @@ from fedpeft.server import checkpoint
 from fedpeft.server.aggregators import make_aggregator
 from fedpeft.server.downlink import Downlink
 from fedpeft.server.replies import RoundReplies, collect
-from fedpeft.simulation.adversary import Ledger
 from fedpeft.split.plugin import split_of
 from fedpeft.training import evaluate
 
