@@ -99,5 +99,6 @@ class Krum(RobustAggregator):
         scores = krum_scores(squared_distances(deltas, global_state, self.cfg.krum_space), f)
         m = min(self.cfg.multi_krum or max(n - f, 1), n)
         chosen = torch.argsort(scores, stable=True)[:m].tolist()
-        log.info("krum: selected update(s) %s of %d (scores %s)", chosen, n, [f"{s:.3g}" for s in scores.tolist()])
+        log.info("krum: stepping along update(s) %s of %d", chosen, n)
+        log.debug("krum scores: %s", scores.tolist())
         return {k: torch.stack([deltas[i][k] for i in chosen]).mean(dim=0) for k in deltas[0]}
