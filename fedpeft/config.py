@@ -132,8 +132,9 @@ class FederationSection:
                                                             "at each coordinate from each end (0.5 = the median)")
     multi_krum: int = option(1, lo=0, help="krum: step along the mean of this many best-scored updates (1 = Krum, "
                                            "0 = the n - f best: multi-Krum)")
-    krum_space: str = option("delta_w", choices=("delta_w", "factors"),
-                             help="krum distances for LoRA: between the changes to B*A, or between the A/B updates")
+    krum_space: str = option("factors", choices=("factors", "delta_w"),
+                             help="krum distances for LoRA: between the A/B updates as sent, or between their changes "
+                                  "to B*A (blind to a change of A alone while B = 0; docs/robust.md)")
     norm_bound: float = option(0.0, lo=0.0, help="norm_bounded: clip each update to this L2 norm before averaging "
                                                  "(0 = the round's median update norm)")
     round_timeout: float = option(0.0, lo=0.0, help="seconds to wait for replies (0 = no limit)")

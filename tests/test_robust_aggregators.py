@@ -122,6 +122,21 @@ def test_krum_distances_in_delta_w_space_are_those_of_the_changes_to_b_times_a()
             assert f[i, j].item() == pytest.approx(want_f.item(), rel=1e-4, abs=1e-4)
 
 
+def test_krum_in_delta_w_space_is_blind_to_a_change_of_a_alone_while_b_is_zero():
+    # global B = 0 (LoRA's init): a huge dA with dB = 0 leaves B·A unchanged, so in ΔW space that update sits at
+    # the centre of the honest ones and is selected; in factor space (the default) it is the outlier
+    g = torch.Generator().manual_seed(0)
+    a, b = "m.lora_A.default.weight", "m.lora_B.default.weight"
+    glob = {a: torch.randn(2, 6, generator=g), b: torch.zeros(5, 2)}
+    deltas = [{a: 0.1 * torch.randn(2, 6, generator=g), b: 0.1 * torch.randn(5, 2, generator=g)} for _ in range(5)]
+    deltas.append({a: torch.full((2, 6), 50.0), b: torch.zeros(5, 2)})
+    replies = RoundReplies(clients=[ClientReply(i, 1.0, {"num-examples": 1.0}, d) for i, d in enumerate(deltas)])
+    assert _fed("krum").krum_space == "factors"
+    by_factors = make_aggregator(_fed("krum")).aggregate(replies, glob)
+    by_delta_w = make_aggregator(_fed("krum", krum_space="delta_w")).aggregate(replies, glob)
+    assert by_factors[a].abs().max() < 5 and torch.equal(by_delta_w[a], glob[a] + 50.0)
+
+
 @pytest.mark.parametrize("name", ROBUST)
 def test_all_zero_and_identical_updates_are_handled(name):
     zeros = _agg(name, *([[0.0, 0.0, 0.0]] * 5))

@@ -5,12 +5,15 @@ Each update is scored by the sum of its squared distances to its ``n - f - 2`` n
 (f = ``federation.byzantine_clients``); Krum steps along the best-scored update, multi-Krum along the
 mean of the ``multi_krum`` best. With ``n >= 2f + 3`` this tolerates f hostile clients whatever they send.
 
-For LoRA the distances are measured, by default, between the changes each client makes to the
-effective weight ``ΔW = B·A`` (``federation.krum_space = "delta_w"``): two updates can be far apart in
-A/B coordinates and make the same change to the model (and the reverse), so ΔW distances compare what
-the updates do. The selected updates themselves are averaged as sent (A and B), which is exact for Krum
-(one update) and FedAvg's usual approximation for multi-Krum. Tensors that are not a LoRA pair (a
-classification head, prompts, IA3 vectors) are compared as they are.
+For LoRA the distances are, by default, between the updates as sent (A and B factors,
+``federation.krum_space = "factors"``). ``"delta_w"`` measures them between the changes each client
+makes to the effective weight ``ΔW = B·A``, which compares what the updates do to the model (factors
+are defined only up to an invertible r x r map) but is blind to what does not change ΔW yet: while the
+global B is 0 (LoRA's init) an update of A alone has ΔW = 0, sits at the centre of the honest updates
+and is selected, however large (a regression test holds this). The tiny-model measurement in
+docs/robust.md showed no accuracy gain from ΔW distances, at about 10x the cost. The selected updates
+are averaged as sent (exact for Krum; FedAvg's usual approximation for multi-Krum). Tensors that are
+not a LoRA pair (a classification head, prompts, IA3 vectors) are compared as they are.
 """
 
 from __future__ import annotations
