@@ -125,6 +125,18 @@ class FederationSection:
     beta2: float = option(0.99, lo=0.0, hi=1.0)
     tau: float = option(1e-3, lo=0.0, help="FedOpt adaptivity (epsilon)")
     proximal_mu: float = option(0.01, lo=0.0, help="FedProx proximal term weight")
+    byzantine_clients: int = option(1, lo=0, help="robust strategies: hostile clients f to tolerate per round (krum "
+                                                  "needs >= 2f+3 clients; median and trimmed_mean move a "
+                                                  "coordinate only when >= 2f+1 clients send it)")
+    trim_fraction: float = option(0.2, lo=0.0, hi=0.5, help="trimmed_mean: drop this fraction of the values sent "
+                                                            "at each coordinate from each end (0.5 = the median)")
+    multi_krum: int = option(1, lo=0, help="krum: step along the mean of this many best-scored updates (1 = Krum, "
+                                           "0 = the n - f best: multi-Krum)")
+    krum_space: str = option("factors", choices=("factors", "delta_w"),
+                             help="krum distances for LoRA: between the A/B updates as sent, or between their changes "
+                                  "to B*A (blind to a change of A alone while B = 0; docs/robust.md)")
+    norm_bound: float = option(0.0, lo=0.0, help="norm_bounded: clip each update to this L2 norm before averaging "
+                                                 "(0 = the round's median update norm)")
     round_timeout: float = option(0.0, lo=0.0, help="seconds to wait for replies (0 = no limit)")
     node_wait_timeout: float = option(120.0, lo=0.0, help="seconds to wait for enough nodes to connect")
     eval_every: int = option(1, lo=1, help="centralized evaluation every N rounds (and always the last)")

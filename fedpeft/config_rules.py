@@ -1,5 +1,6 @@
 """Cross-section configuration rules: checks that a single key's type, choices and range cannot express
-(codec specs, DP with adapters and strategies, split learning cut points, SecAgg+ parameters).
+(codec specs, DP with adapters and strategies, robust strategies with SecAgg+ and DP, split learning cut
+points, SecAgg+ parameters).
 
 Run by :func:`fedpeft.config.from_dict`, so every way of building a Config goes through them; each error
 names the keys, the bad values and the way out.
@@ -50,12 +51,37 @@ def validate(cfg: Config) -> None:
                           "(peft keeps IA3 vectors in a ParameterDict, which gets no per-example gradients)")
     if cfg.adapter.type == "lora" and cfg.adapter.alpha <= 0:
         raise ConfigError("adapter.alpha must be > 0 for LoRA")
+    _validate_strategy(cfg)
     if cfg.split.enabled:
         _validate_split(cfg)
     if cfg.privacy.secure_aggregation == "secaggplus":
         _validate_secagg(cfg)
     if cfg.adversary.attack != "none" or cfg.adversary.fraction or cfg.adversary.clients:
         _validate_adversary(cfg)
+
+
+def _validate_strategy(cfg: Config) -> None:
+    """What an aggregator cannot combine with: robust ones need every client's update and do not add DP noise."""
+    from fedpeft.server.aggregators import AGGREGATORS
+
+    fed = cfg.federation
+    agg, strategy = AGGREGATORS.get(fed.strategy), f"federation.strategy = {fed.strategy!r}"
+    if agg.needs_individual_updates and cfg.privacy.secure_aggregation == "secaggplus":
+        raise ConfigError(f"{strategy} needs every client's update, but privacy.secure_aggregation = 'secaggplus' "
+                          "shows the server only their sum: use a mean-based strategy (fedavg, fedadam, ...) or "
+                          "privacy.secure_aggregation = 'none'")
+    if not agg.supports_client_dp and cfg.privacy.mode in ("client", "both"):
+        raise ConfigError(f"{strategy} does not apply client-level DP (privacy.mode = {cfg.privacy.mode!r} needs the "
+                          "clipped, noised mean of DP-FedAvg): use a mean-based strategy (fedavg, fedadam, ...), "
+                          "or privacy.mode = 'none' or 'local'")
+    if fed.strategy == "krum":
+        m, f = fed.clients_per_round or cfg.data.num_clients, fed.byzantine_clients
+        if m < 2 * f + 3:
+            raise ConfigError(f"{strategy} with federation.byzantine_clients = {f} needs at least 2f + 3 = {2 * f + 3} "
+                              f"clients per round (got {m}): sample more clients or lower federation.byzantine_clients")
+        if fed.multi_krum > m - f:
+            raise ConfigError(f"federation.multi_krum = {fed.multi_krum} exceeds the n - f = {m - f} updates Krum can "
+                              "trust per round")
 
 
 def _validate_split(cfg: Config) -> None:

@@ -24,8 +24,14 @@ def test_fedavg_with_server_lr_one_applies_the_mean():
     assert torch.equal(opt.apply(g, {"w": torch.full((3,), 0.5)})["w"], torch.full((3,), 1.5))
 
 
+def _federation(name, **kw):
+    """The federation section for strategy ``name`` (8 clients: enough for krum's n >= 2f + 3)."""
+    sets = [f"federation.strategy={name}", "data.num_clients=8"]
+    return config.load(None, sets + [f"federation.{k}={v}" for k, v in kw.items()]).federation
+
+
 def _step(name, deltas, **kw):
-    cfg = config.load(None, [f"federation.strategy={name}"] + [f"federation.{k}={v}" for k, v in kw.items()]).federation
+    cfg = _federation(name, **kw)
     opt = make_server_optimizer(cfg)
     g = {"w": torch.zeros(2)}
     for d in deltas:
@@ -61,7 +67,8 @@ def test_every_strategy_moves_towards_the_delta_and_restores_state(name):
 
 
 def test_the_registry_lists_every_strategy_and_config_refuses_unknown_ones():
-    assert OPTIMIZERS.names() == ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedprox", "fedyogi"]
+    assert OPTIMIZERS.names() == ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedprox", "fedyogi", "krum", "median",
+                                  "norm_bounded", "sign_majority", "trimmed_mean"]
     with pytest.raises(ConfigError) as e:
         config.load(None, ["federation.strategy=fedmedian"])
     assert "federation.strategy = 'fedmedian'" in str(e.value)
@@ -76,7 +83,7 @@ def _replies(*deltas, weights=None):
 
 @pytest.mark.parametrize("name", OPTIMIZERS.names())
 def test_an_aggregator_resumed_from_its_state_dict_continues_identically(name):
-    cfg = config.load(None, [f"federation.strategy={name}", "federation.server_lr=0.5"]).federation
+    cfg = _federation(name, server_lr=0.5)
     agg = make_server_optimizer(cfg)
     g = {"w": torch.zeros(2)}
     for r in ([0.1, -0.2], [0.3, 0.1]):

@@ -28,6 +28,7 @@ class Aggregator(ABC):
     """Round replies + global adapter -> new global adapter; its tensor state and step count checkpoint."""
 
     needs_individual_updates: ClassVar[bool] = False  # True: refuses SecAgg+ (the server sees only the sum)
+    supports_client_dp: ClassVar[bool] = True  # False: refuses client-level DP (not the mean DP-FedAvg noises)
 
     def __init__(self, cfg: FederationSection, privacy: ServerPrivacy | None = None) -> None:
         self.cfg = cfg
