@@ -232,6 +232,32 @@ class SplitSection:
 
 
 @dataclass
+class SanitySection:
+    """Always-on sanity checks on what clients send and what the server applies (docs/robustness.md)."""
+
+    enabled: bool = option(True, help="run the checks below (off: only finiteness is checked)")
+    decode_bound: float = option(1e4, lo=0.0, lo_open=True,
+                                 help="largest magnitude of a decoded client update value; beyond it (or a scale "
+                                      "x largest level beyond it) the update is malformed and dropped")
+    norm_action: str = option("drop", choices=("drop", "clip", "off"),
+                              help="an update whose norm is out of bounds is dropped, or scaled down into them")
+    norm_multiple: float = option(10.0, lo=0.0,
+                                  help="out of bounds: a norm (whole update, per tensor, LoRA delta-W per module) "
+                                       "above this multiple of the round's median; needs >= 3 updates (0 = off)")
+    max_update_norm: float = option(1e4, lo=0.0, help="out of bounds: an update's L2 norm above this (0 = off)")
+    weights: str = option("partition", choices=("partition", "claimed", "uniform"),
+                          help="FedAvg weight: num-examples capped at the partition size the server knows (the "
+                               "node's in-process, else the largest), the claim as sent, or 1 for every update")
+    max_num_examples: int = option(10**6, lo=2, hi=10**9,
+                                   help="exclusive cap: an update claiming num-examples >= this is dropped")
+    max_loss: float = option(1e4, lo=0.0, lo_open=True, help="a reported train-loss must lie in [0, this]; "
+                                                              "outside, the metric is dropped (the update stays)")
+    max_global_value: float = option(1e4, lo=0.0, lo_open=True,
+                                     help="a new global adapter holding a magnitude above this (or NaN/inf) is not "
+                                          "applied: the round is skipped")
+
+
+@dataclass
 class OutputSection:
     """Where run artifacts go."""
 
@@ -254,6 +280,7 @@ class Config:
     privacy: PrivacySection = field(default_factory=PrivacySection)
     audit: AuditSection = field(default_factory=AuditSection)
     split: SplitSection = field(default_factory=SplitSection)
+    sanity: SanitySection = field(default_factory=SanitySection)
     output: OutputSection = field(default_factory=OutputSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -76,6 +76,10 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return [node_id(i) for i in range(self.num_nodes)]
 
+    def partition_of(self, node: int) -> int | None:
+        """The partition a virtual node trains on (the server caps its weight at that partition's size)."""
+        return node - NODE_ID_BASE if 0 <= node - NODE_ID_BASE < self.num_nodes else None
+
     def context(self, node: int) -> Context:
         """The persistent context of a virtual node (created on first use)."""
         if node not in self._contexts:
