@@ -79,11 +79,11 @@ class RoundReplies:
 
     def train_loss(self) -> float | None:
         """Example-weighted mean of the clients' training losses (None when none sent one: under DP a client
-        keeps it unless privacy.release_client_metrics)."""
-        if not any("train-loss" in c.metrics for c in self.clients):
+        keeps it unless privacy.release_client_metrics; the sanity checks drop one out of range)."""
+        sent = [c for c in self.clients if "train-loss" in c.metrics]
+        if not sent:
             return None
-        return float(np.average([c.metrics.get("train-loss", float("nan")) for c in self.clients],
-                                weights=self.weights))
+        return float(np.average([c.metrics["train-loss"] for c in sent], weights=[c.weight for c in sent]))
 
     def traffic_row(self, adapter_elements: int) -> dict[str, Any]:
         """The round's byte and codec-time metrics (uplink breakdown, SecAgg+ stages, split traffic,
