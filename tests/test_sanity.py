@@ -159,10 +159,10 @@ def test_forged_metrics_are_dropped_and_the_update_kept(tiny_cfg, monkeypatch, c
     caplog.set_level(logging.WARNING)
     run_dir = _hostile_run(tiny_cfg(), monkeypatch, forge)
     rows = _assert_safe(run_dir, 3)
-    assert [(r["replies"], r["dropped"], r["sanity_metrics_dropped"]) for r in rows] == [(3, 0, 3)] * 3
     assert all("epsilon_local" not in r and "split_bytes_up" not in r and 0 < r["train_loss"] < 10 for r in rows)
     summary = (run_dir / "summary.md").read_text()
     assert "epsilon_local" not in summary and "e+300" not in summary and "e+18" not in summary
+    assert [(r["replies"], r["dropped"], r["sanity_metrics_dropped"]) for r in rows] == [(3, 0, 3)] * 3
     assert "'epsilon-local', which this run's configuration does not produce" in caplog.text
 
 
