@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 MAX_SECONDS = 1e6  # a reported duration (seconds) beyond this is not a duration
 MIN_RELATIVE = 3  # the median of fewer updates says nothing about which one is out of line
 Range = tuple[float, float]
+Norms = dict[str, tuple[float, float]]  # name -> (norm, the part that scales linearly with a clip factor)
 
 
 def metric_ranges(cfg: Config, largest_partition: int, model_elements: int) -> dict[str, Range]:
@@ -133,7 +134,7 @@ def _gram_norm(u: torch.Tensor, v: torch.Tensor) -> float:
 
 
 def delta_w_norms(delta: AdapterState, global_state: AdapterState,
-                  pairs: list[tuple[str, str]]) -> dict[str, tuple[float, float]]:
+                  pairs: list[tuple[str, str]]) -> Norms:
     """Per LoRA module: (||dW||, ||L|| + ||Q||) where dW = (B+dB)(A+dA) - BA = L + Q, L = dB A + B dA and
     Q = dB dA. The first is the change the update makes to the module's weight; the second bounds
     ||dW(s)|| <= s (||L|| + ||Q||) for the update scaled by s <= 1, which is what clipping needs.
@@ -146,9 +147,6 @@ def delta_w_norms(delta: AdapterState, global_state: AdapterState,
         linear = _gram_norm(torch.cat([db, b], 1), torch.cat([a, da], 0))
         out[ka.replace(".lora_A.", ".lora_AB.")] = (change, linear + _gram_norm(db, da))
     return out
-
-
-Norms = dict[str, tuple[float, float]]  # name -> (norm, the part that scales linearly with a clip factor)
 
 
 def measure(delta: AdapterState, global_state: AdapterState, pairs: list[tuple[str, str]]) -> Norms:
@@ -175,14 +173,14 @@ def _limits(measured: list[Norms], cfg: SanitySection) -> dict[str, float]:
 def screen_norms(replies: RoundReplies, global_state: AdapterState, cfg: SanitySection, rnd: int) -> dict[str, int]:
     """Drop (or, with ``norm_action = clip``, scale down into bounds) every update whose norms exceed this
     round's limits; edits ``replies`` in place and returns the counts for the round's row."""
-    clients = [c for c in replies.clients if c.delta is not None]
-    if cfg.norm_action == "off" or not clients:
+    updates = [(c, c.delta) for c in replies.clients if c.delta is not None]
+    if cfg.norm_action == "off" or not updates:
         return {}
     pairs = lora_pairs(sorted(global_state))
-    measured = [measure(c.delta, global_state, pairs) for c in clients if c.delta is not None]
+    measured = [measure(delta, global_state, pairs) for _, delta in updates]
     limits = _limits(measured, cfg)
     kept, dropped, clipped = [], 0, 0
-    for c, m in zip(clients, measured):
+    for (c, delta), m in zip(updates, measured):
         over = {name: (m[name], limit) for name, limit in limits.items() if m[name][0] > limit}
         if not over:
             kept.append(c)
@@ -196,7 +194,7 @@ def screen_norms(replies: RoundReplies, global_state: AdapterState, cfg: SanityS
             continue
         scale = min(limit / linear for (_, linear), limit in over.values())
         log.warning("round %d: scaled the update of node %s by %.3g: %s", rnd, c.node, scale, what)
-        kept.append(replace(c, delta={k: v * scale for k, v in c.delta.items()}))  # type: ignore[union-attr]
+        kept.append(replace(c, delta={k: v * scale for k, v in delta.items()}))
         clipped += 1
     replies.clients = kept
     return {"sanity_dropped": dropped, "sanity_clipped": clipped}
