@@ -289,12 +289,12 @@ class Ledger:
         node -> [reported num-examples, weight used] where the server weighted an update below its claim.
         Server-side defences show here without changes here: one that drops an update adds to
         ``replies.dropped``, one that caps a weight lowers ``ClientReply.weight``. A dropped node's partition
-        comes from the engine's grid (``grid.partition_id``, in-process) or from the node's earlier replies.
+        comes from the engine's grid (``grid.partition_of``, in-process) or from the node's earlier replies.
         """
         if not self.attackers:
             return {}
         self.partition_of.update({c.node: int(c.metrics.get("partition-id", -1)) for c in replies.clients})
-        lookup = getattr(grid, "partition_id", None)
+        lookup = getattr(grid, "partition_of", None)
         adv = sorted((self.partition_of[c.node], c.node, c.weight) for c in replies.clients
                      if self.partition_of[c.node] in self.attackers)
         total = sum(replies.weights)

@@ -134,7 +134,7 @@ class FederationSection:
                                            "0 = the n - f best: multi-Krum)")
     krum_space: str = option("factors", choices=("factors", "delta_w"),
                              help="krum distances for LoRA: between the A/B updates as sent, or between their changes "
-                                  "to B*A (blind to a change of A alone while B = 0; docs/robust.md)")
+                                  "to B*A (blind to a change of A alone while B = 0; docs/robust-aggregation.md)")
     norm_bound: float = option(0.0, lo=0.0, help="norm_bounded: clip each update to this L2 norm before averaging "
                                                  "(0 = the round's median update norm)")
     round_timeout: float = option(0.0, lo=0.0, help="seconds to wait for replies (0 = no limit)")
@@ -257,7 +257,7 @@ class AdversarySection:
                               help="gaussian_noise: std of the N(0, std^2) noise sent in place of the update")
     flip_rule: str = option("rotate", choices=("rotate", "reverse"),
                             help="label_flip: y -> (y + 1) mod C (rotate) or C - 1 - y (reverse)")
-    claimed_examples: int = option(1_000_000, lo=1, hi=10**9,
+    claimed_examples: int = option(100_000, lo=1, hi=10**9,
                                    help="weight_inflation: the num-examples the attacker reports")
     trigger: str = option("cf mn bb", help="backdoor: text of the trigger token sequence (tokenized by the model's "
                                            "tokenizer, inserted at the start of an example)")
@@ -270,6 +270,32 @@ class AdversarySection:
                                       help="adaptive: the bound as a multiple of the honest norm (adaptive_norm = 0)")
     adaptive_margin: float = option(0.99, lo=0.0, lo_open=True, hi=1.0,
                                     help="adaptive: the sent update's norm is this fraction of the bound")
+
+
+@dataclass
+class SanitySection:
+    """Always-on sanity checks on what clients send and what the server applies (docs/robustness.md)."""
+
+    enabled: bool = option(True, help="run the checks below (off: only finiteness is checked)")
+    decode_bound: float = option(1e4, lo=0.0, lo_open=True,
+                                 help="largest magnitude of a decoded client update value; beyond it (or a scale "
+                                      "x largest level beyond it) the update is malformed and dropped")
+    norm_action: str = option("drop", choices=("drop", "clip", "off"),
+                              help="an update whose norm is out of bounds is dropped, or scaled down into them")
+    norm_multiple: float = option(10.0, lo=0.0,
+                                  help="out of bounds: a norm (whole update, per tensor, LoRA delta-W per module) "
+                                       "above this multiple of the round's median; needs >= 3 updates (0 = off)")
+    max_update_norm: float = option(1e4, lo=0.0, help="out of bounds: an update's L2 norm above this (0 = off)")
+    weights: str = option("partition", choices=("partition", "claimed", "uniform"),
+                          help="FedAvg weight: num-examples capped at the partition size the server knows (the "
+                               "node's in-process, else the largest), the claim as sent, or 1 for every update")
+    max_num_examples: int = option(10**6, lo=2, hi=10**9,
+                                   help="exclusive cap: an update claiming num-examples >= this is dropped")
+    max_loss: float = option(1e4, lo=0.0, lo_open=True, help="a reported train-loss must lie in [0, this]; "
+                                                              "outside, the metric is dropped (the update stays)")
+    max_global_value: float = option(1e4, lo=0.0, lo_open=True,
+                                     help="a new global adapter holding a magnitude above this (or NaN/inf) is not "
+                                          "applied: the round is skipped")
 
 
 @dataclass
@@ -296,6 +322,7 @@ class Config:
     audit: AuditSection = field(default_factory=AuditSection)
     split: SplitSection = field(default_factory=SplitSection)
     adversary: AdversarySection = field(default_factory=AdversarySection)
+    sanity: SanitySection = field(default_factory=SanitySection)
     output: OutputSection = field(default_factory=OutputSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -34,7 +34,7 @@ REQUIRED_METRICS = ("num-examples",)
 #: the server only releases noised); num-examples is sent as 1, so updates are weighted uniformly
 PUBLIC_METRICS = ("partition-id", "clip-indicator", "split-bytes-up", "split-bytes-down", "split-steps",
                   "split-local-steps", "fl-adapter-bytes-fp32")
-MAX_NUM_EXAMPLES = 10**9
+MAX_NUM_EXAMPLES = 10**9  # exclusive: a claim must lie below it (sanity.max_num_examples is tighter)
 SECTIONS: tuple[tuple[str, np.dtype], ...] = (("header", np.dtype("<i8")), ("buffer", np.dtype("u1")),
                                                ("scales", np.dtype("<f4")))
 PREAMBLE = np.dtype("<u4")
@@ -150,8 +150,9 @@ def parse_reply(content: RecordDict) -> tuple[Payload, dict[str, float]]:
     for k in REQUIRED_METRICS:
         if k not in metrics:
             raise PayloadError(f"reply metrics lack {k!r}")
-    if not 0 < metrics["num-examples"] <= MAX_NUM_EXAMPLES or metrics["num-examples"] != int(metrics["num-examples"]):
-        raise PayloadError(f"num-examples must be a positive integer, got {metrics['num-examples']}")
+    if not 0 < metrics["num-examples"] < MAX_NUM_EXAMPLES or metrics["num-examples"] != int(metrics["num-examples"]):
+        raise PayloadError(f"num-examples must be a positive integer below {MAX_NUM_EXAMPLES}, "
+                           f"got {metrics['num-examples']}")
     return record_payload(content[UPDATE]), metrics
 
 

@@ -273,11 +273,15 @@ def test_a_simulation_records_the_attackers_and_the_backdoor_success_rate(make_c
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["adversaries"] == attacker
 
 
-def test_a_weight_inflating_client_takes_its_claimed_share_of_fedavg(make_cfg) -> None:
-    """End to end through the ClientApp's metrics hook: the server weights the attacker by its claim."""
+@pytest.mark.parametrize("weights", ["claimed", "partition"])
+def test_a_weight_inflating_client_takes_the_share_the_server_allows(make_cfg, weights: str) -> None:
+    """End to end through the ClientApp's metrics hook: with ``sanity.weights = claimed`` the server weights the
+    attacker by its claim; by default (``partition``) it caps the claim at the node's partition size."""
     cfg = make_cfg(**{"federation.rounds": 1, "train.local_steps": 1, "adversary.attack": "weight_inflation",
-                      "adversary.clients": [3], "adversary.claimed_examples": 10**6})
+                      "adversary.clients": [3], "adversary.claimed_examples": 10**5, "sanity.weights": weights})
     rows = report.read_metrics(runner.simulate(cfg))
-    honest = sum(len(p) for i, p in enumerate(get_runtime(cfg).partitions) if i != 3)
+    sizes = [len(p) for p in get_runtime(cfg).partitions]
+    honest = sum(sizes) - sizes[3]
+    weight = 10**5 if weights == "claimed" else sizes[3]
     assert rows[0]["adversaries"] == [3]
-    assert rows[0]["adversary_weight"] == pytest.approx(10**6 / (10**6 + honest))
+    assert rows[0]["adversary_weight"] == pytest.approx(weight / (weight + honest))

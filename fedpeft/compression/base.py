@@ -34,6 +34,8 @@ _CODEC_IDS: dict[int, str] = {}
 
 # What a codec's encoder hands back: (header fields, positions bytes, values bytes, scales or None).
 Encoded = tuple[list[int], np.ndarray, np.ndarray, np.ndarray | None]
+#: the default decode bound: any finite float32
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class Codec(ABC):
     biased: ClassVar[bool] = True  # E[decoded] != x: error feedback helps (off for lossless/unbiased)
     Params: ClassVar[type[DataclassInstance]] = NoParams
     n_fields: ClassVar[int] = 0  # codec-specific header fields
+    #: largest |decoded value| / its tensor's scale (int8: 127 levels, sign and compeft: 1); None: values
+    #: do not come from per-tensor scales. Lets :meth:`decode` refuse a scale before scale x level overflows.
+    scale_gain: ClassVar[float | None] = None
 
     def __init__(self, params: Any = None) -> None:
         params = self.Params() if params is None else params
@@ -124,8 +129,13 @@ class Codec(ABC):
         log.debug("%s: %d elements -> %d bytes %s", self.spec, layout.total, payload.nbytes, payload.breakdown())
         return payload
 
-    def decode(self, payload: Payload, layout: Layout) -> dict[str, torch.Tensor]:
-        """Decode to float32 tensors of ``layout``; :class:`PayloadError` on any inconsistency."""
+    def decode(self, payload: Payload, layout: Layout, bound: float = FLOAT32_MAX) -> dict[str, torch.Tensor]:
+        """Decode to float32 tensors of ``layout``; :class:`PayloadError` on any inconsistency.
+
+        Every decoded value is finite and within ``+-bound`` (a receiver's sanity bound, see
+        ``sanity.decode_bound``): a payload whose per-tensor scale x largest level would exceed it is
+        refused before it is multiplied out, so decoding never overflows to inf.
+        """
         require(isinstance(payload, Payload), f"expected a Payload, got {type(payload).__name__}")
         payload = Payload.from_arrays(payload.arrays())  # a Payload may also be built directly
         h = payload.header
@@ -139,8 +149,17 @@ class Codec(ABC):
         require(int(h[H_LAYOUT]) == layout.fingerprint, "payload tensor names/shapes differ from the layout")
         require(h.size - H_FIELDS == self.n_fields,
                 f"{self.name} header has {h.size - H_FIELDS} fields, expected {self.n_fields}")
-        flat = self._decode(payload.fields, payload.positions, payload.values, payload.scales, layout)
+        scales = payload.scales
+        if self.scale_gain is not None and scales.size:  # in Python floats: the product cannot overflow
+            peak = float(scales.max()) * self.scale_gain
+            require(peak <= bound, f"{self.name} scale {float(scales.max()):.3g} x level {self.scale_gain:g} "
+                                   f"decodes beyond the bound {bound:g}")
+        flat = self._decode(payload.fields, payload.positions, payload.values, scales, layout)
         assert flat.dtype == np.float32 and flat.shape == (layout.total,)
+        if flat.size:  # NaN fails both comparisons
+            lo, hi = float(flat.min()), float(flat.max())
+            require(-bound <= lo and hi <= bound, f"{self.name} payload decodes to values in [{lo:.3g}, {hi:.3g}], "
+                                                  f"beyond the bound {bound:g}")
         return layout.unflatten(flat)
 
     @abstractmethod

@@ -77,6 +77,7 @@ class CompeftCodec(Codec):
     """Top-k positions + one sign bit per kept element + one float32 scale per tensor."""
 
     codec_id = 8
+    scale_gain = 1.0
     Params = CompeftParams
     n_fields = N_SPARSE_FIELDS
 

@@ -85,6 +85,7 @@ class Int8Codec(Codec):
     """Per-tensor symmetric int8: ``round(x / s)`` with ``s = max|x| / 127``; error <= s/2."""
 
     codec_id = 4
+    scale_gain = 127.0
 
     def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
                 fisher: np.ndarray | None) -> Encoded:

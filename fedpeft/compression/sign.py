@@ -16,6 +16,7 @@ class SignCodec(Codec):
     """Decodes to ``+-mean|x|`` per tensor; zeros decode as ``+scale`` (the bit says "negative")."""
 
     codec_id = 6
+    scale_gain = 1.0
 
     def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
                 fisher: np.ndarray | None) -> Encoded:

@@ -2,7 +2,9 @@
 
 Tensors go to safetensors files, everything else to JSON; nothing is pickled, so a checkpoint is
 safe to load even if it came from elsewhere. Files are written to a temporary directory and swapped
-in, so a crash mid-write leaves the previous checkpoint intact.
+in, so a crash mid-write leaves the previous checkpoint intact. A checkpoint never holds NaN or inf:
+:func:`save` refuses to write one (the previous checkpoint stays, so a resume still works) and
+:func:`load` refuses to read one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedpeft.errors import ConfigError
+from fedpeft.errors import ConfigError, FedPeftError
 
 
 @dataclass
@@ -29,8 +31,18 @@ class ServerCheckpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def non_finite(tensors: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """``group/name`` of every floating-point tensor holding a NaN or inf."""
+    return [f"{group}/{name}" for group, named in tensors.items() for name, t in named.items()
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+
+
 def save(ckpt: ServerCheckpoint, directory: Path) -> None:
-    """Write ``ckpt`` atomically into ``directory`` (replacing an older checkpoint)."""
+    """Write ``ckpt`` atomically into ``directory`` (replacing an older checkpoint); refuses NaN or inf."""
+    bad = non_finite(ckpt.tensors)
+    if bad:
+        raise FedPeftError(f"round {ckpt.round}: refusing to checkpoint non-finite tensors {bad[:3]}; the "
+                           f"previous checkpoint in {directory} is kept")
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -53,5 +65,8 @@ def load(directory: Path) -> ServerCheckpoint:
         raise ConfigError(f"no checkpoint in {directory} (expected {meta_path.name}); cannot resume")
     meta = json.loads(meta_path.read_text())
     tensors = {name: load_file(str(directory / f"{name}.safetensors")) for name in meta["tensors"]}
+    bad = non_finite(tensors)
+    if bad:
+        raise ConfigError(f"the checkpoint in {directory} holds non-finite tensors {bad[:3]}; cannot resume from it")
     return ServerCheckpoint(round=int(meta["round"]), tensors=tensors, rng_state=meta["rng_state"],
                             extra=meta.get("extra", {}))

@@ -7,17 +7,19 @@ state is checkpointed) -> **instruct** them (the global adapter through the down
 logged, the round goes on; under SecAgg+ a secure sum, :mod:`fedpeft.server.secagg`) -> **aggregate**
 with the registered aggregator (:mod:`fedpeft.server.aggregators`) if the quorum guard passes ->
 **account** privacy -> **evaluate** on the held-out set -> **record** one JSON line in
-``metrics.jsonl`` and the checkpoint.
+``metrics.jsonl`` and the checkpoint. The sanity checks (:mod:`fedpeft.server.sanity`) bound each reply
+in collect, screen the updates' norms before aggregation and guard the new global adapter after it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from fedpeft import models, protocol
 from fedpeft.adversary import Ledger
 from fedpeft.compression import make_codec
 from fedpeft.config import Config
-from fedpeft.errors import FedPeftError, PayloadError
+from fedpeft.errors import ConfigError, FedPeftError, PayloadError
 from fedpeft.privacy import check_privacy
 from fedpeft.privacy.server_dp import ServerPrivacy
 from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
@@ -37,11 +39,13 @@ from fedpeft.server import checkpoint
 from fedpeft.server.aggregators import make_aggregator
 from fedpeft.server.downlink import Downlink
 from fedpeft.server.replies import RoundReplies, collect
+from fedpeft.server.sanity import ReplyChecks, global_problem, metric_ranges, screen_norms
 from fedpeft.split.plugin import split_of
 from fedpeft.training import evaluate
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
+SANITY_COUNTS = ("sanity_dropped", "sanity_clipped", "sanity_metrics_dropped", "global_rejected")
 
 
 def peak_rss_mb() -> float:
@@ -97,6 +101,7 @@ class FederatedServer:
             from fedpeft.server.secagg import SecureAggregator
 
             self.secagg = SecureAggregator(cfg, self.layout, max(len(p) for p in self.rt.partitions))
+        self.checks = self._reply_checks() if cfg.sanity.enabled else None
         self.round = 0
         self.first_round = 1
         self.started = time.time()
@@ -104,6 +109,15 @@ class FederatedServer:
             self.split.reset()
         if resume:
             self._restore()
+
+    def _reply_checks(self) -> ReplyChecks:
+        """The per-reply sanity checks; the exclusive weight cap must leave room for every partition."""
+        largest = max(len(p) for p in self.rt.partitions)
+        if largest >= self.cfg.sanity.max_num_examples:
+            raise ConfigError(f"sanity.max_num_examples = {self.cfg.sanity.max_num_examples} must exceed the "
+                              f"largest partition ({largest} examples): the cap is exclusive")
+        elements = sum(p.numel() for p in self.rt.model.parameters())
+        return ReplyChecks(self.cfg.sanity, metric_ranges(self.cfg, largest, elements), largest)
 
     # ---- persistence -------------------------------------------------------------------------
     @property
@@ -155,6 +169,10 @@ class FederatedServer:
                 load_nodes(self.checkpoint_dir / "nodes")
             else:  # a new deployment run: nodes start with empty state, so none holds a broadcast state
                 self.downlink.forget_nodes()
+        partition_of = getattr(grid, "partition_of", None)  # the in-process engine knows each node's partition
+        if self.checks is not None and partition_of is not None:
+            sizes = [len(p) for p in self.rt.partitions]
+            self.checks.partition_size = lambda node: None if (pid := partition_of(node)) is None else sizes[pid]
         for rnd in range(self.round + 1, self.cfg.federation.rounds + 1):
             self._record(grid, rnd, self.run_round(grid, rnd))
         self.finish()
@@ -195,8 +213,15 @@ class FederatedServer:
     def _collect(self, grid: Grid, contents: dict[int, protocol.RecordDict], rnd: int) -> RoundReplies:
         """Send the instructions and collect the replies: decoded per client, or a secure sum (SecAgg+)."""
         if self.secagg:
-            return self.secagg.run_round(grid, contents, rnd)
-        replies = collect(grid, contents, rnd, self.uplink, self.layout, self.cfg.federation.round_timeout or None)
+            replies = self.secagg.run_round(grid, contents, rnd)
+            if self.checks is not None:  # only the cleartext metrics are per client here
+                replies.clients = [replace(c, metrics=replies.checked_metrics(self.checks, c.metrics, c.node, rnd))
+                                   for c in replies.clients]
+            return replies
+        replies = collect(grid, contents, rnd, self.uplink, self.layout, self.cfg.federation.round_timeout or None,
+                          self.checks)
+        if self.checks is not None:
+            replies.sanity.update(screen_norms(replies, self.global_state, self.cfg.sanity, rnd))
         for c, delta in zip(replies.clients, replies.deltas):
             for observe in self.observers:
                 observe(ObservedUpdate(rnd, c.node, int(c.metrics.get("partition-id", -1)),
@@ -210,7 +235,16 @@ class FederatedServer:
             log.warning("round %d: %d valid update(s) < federation.min_clients = %d; global adapter unchanged",
                         rnd, len(replies.clients), self.cfg.federation.min_clients)
             return None
-        self.global_state = self.aggregator.aggregate(replies, self.global_state)
+        saved, t = self.aggregator.state_dict()
+        saved = {k: v.clone() for k, v in saved.items()}  # buffers are updated in place
+        new_state = self.aggregator.aggregate(replies, self.global_state)
+        problem = global_problem(new_state, self.cfg.sanity.max_global_value if self.cfg.sanity.enabled else math.inf)
+        if problem is not None:
+            log.warning("round %d: the new global adapter is not applied (%s); global adapter unchanged", rnd, problem)
+            self.aggregator.load_state_dict(saved, t)
+            replies.sanity["global_rejected"] = 1
+            return None
+        self.global_state = new_state
         return replies.train_loss()
 
     def _account(self, replies: RoundReplies) -> dict[str, float]:
@@ -230,6 +264,8 @@ class FederatedServer:
         row: dict[str, Any] = {"round": rnd, "sampled": len(sampled), "replies": len(replies.clients),
                                "dropped": len(replies.dropped)}
         row["train_loss"] = self._aggregate(replies, rnd)
+        if self.checks is not None or replies.sanity:
+            row.update({**dict.fromkeys(SANITY_COUNTS, 0), **replies.sanity})
         row.update(self._account(replies))
         row.update(self.adversary.round_row(replies, grid))
         if rnd % self.cfg.federation.eval_every == 0 or rnd == self.cfg.federation.rounds:

@@ -24,6 +24,7 @@ from fedpeft.errors import FedPeftError, PayloadError
 if TYPE_CHECKING:
     from fedpeft.compression import Codec, Layout
     from fedpeft.models import AdapterState
+    from fedpeft.server.sanity import ReplyChecks
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class RoundReplies:
     split: dict[str, float] = field(default_factory=dict)  # split learning: activation/gradient bytes, summed
     clip_indicators: list[float] = field(default_factory=list)  # adaptive clipping: one 0/1 per client
     secagg: dict[str, float] = field(default_factory=dict)  # SecAgg+ per-stage bytes, seconds, clipped elements
+    sanity: dict[str, int] = field(default_factory=dict)  # what the sanity checks dropped or clipped
 
     @property
     def nodes(self) -> list[int]:
@@ -77,11 +79,11 @@ class RoundReplies:
 
     def train_loss(self) -> float | None:
         """Example-weighted mean of the clients' training losses (None when none sent one: under DP a client
-        keeps it unless privacy.release_client_metrics)."""
-        if not any("train-loss" in c.metrics for c in self.clients):
+        keeps it unless privacy.release_client_metrics; the sanity checks drop one out of range)."""
+        sent = [c for c in self.clients if "train-loss" in c.metrics]
+        if not sent:
             return None
-        return float(np.average([c.metrics.get("train-loss", float("nan")) for c in self.clients],
-                                weights=self.weights))
+        return float(np.average([c.metrics["train-loss"] for c in sent], weights=[c.weight for c in sent]))
 
     def traffic_row(self, adapter_elements: int) -> dict[str, Any]:
         """The round's byte and codec-time metrics (uplink breakdown, SecAgg+ stages, split traffic,
@@ -93,8 +95,9 @@ class RoundReplies:
                 "encode_ms": float(np.mean(encode_ms)) if encode_ms else None,
                 "decode_ms": float(np.mean(self.decode_ms)) if self.decode_ms else None}
 
-    def add(self, reply: Message, uplink: Codec, layout: Layout, rnd: int) -> None:
-        """Validate and decode one Flower reply; a failed or malformed one is dropped and logged."""
+    def add(self, reply: Message, uplink: Codec, layout: Layout, rnd: int, checks: ReplyChecks | None = None) -> None:
+        """Validate and decode one Flower reply; a failed or malformed one is dropped and logged. ``checks``
+        (the sanity checks) bound the decoded values and the weight, and drop bad metrics."""
         node = reply.metadata.src_node_id
         if reply.has_error():
             self.dropped[node] = f"failed: {reply.error.reason}"
@@ -103,12 +106,20 @@ class RoundReplies:
         try:
             payload, metrics = protocol.parse_reply(reply.content)
             t_dec = time.perf_counter()
-            delta = uplink.decode(payload, layout)
+            if checks is None:
+                delta = uplink.decode(payload, layout)
+            else:
+                checks.check_claim(metrics)
+                delta = uplink.decode(payload, layout, checks.decode_bound)
             self.decode_ms.append(1000 * (time.perf_counter() - t_dec))
         except PayloadError as e:
             self.dropped[node] = f"malformed update: {e}"
             log.warning("round %d: dropped the update of node %s: %s", rnd, node, e)
             return
+        weight = metrics["num-examples"]
+        if checks is not None:
+            weight = checks.weight(metrics, node, rnd)
+            metrics = self.checked_metrics(checks, metrics, node, rnd)
         size = protocol.record_bytes(reply.content)
         self.up["bytes_up"] += size
         for part, n in payload.breakdown().items():
@@ -120,19 +131,26 @@ class RoundReplies:
             if key in metrics:
                 name = key.replace("-", "_")
                 self.split[name] = self.split.get(name, 0.0) + metrics[key]
-        self.clients.append(ClientReply(node, metrics["num-examples"], metrics, delta))
+        self.clients.append(ClientReply(node, weight, metrics, delta))
+
+    def checked_metrics(self, checks: ReplyChecks, metrics: dict[str, float], node: int, rnd: int) -> dict[str, float]:
+        """``metrics`` as ``checks`` keep them; counts what was dropped in the round's ``sanity`` row."""
+        kept = checks.metrics(metrics, node, rnd)
+        self.sanity["sanity_metrics_dropped"] = self.sanity.get("sanity_metrics_dropped", 0) + len(metrics) - len(kept)
+        return kept
 
 
 def collect(grid: Grid, contents: dict[int, protocol.RecordDict], rnd: int, uplink: Codec, layout: Layout,
-            timeout: float | None) -> RoundReplies:
-    """Send each sampled node its instruction, wait for the replies, validate and decode them."""
+            timeout: float | None, checks: ReplyChecks | None = None) -> RoundReplies:
+    """Send each sampled node its instruction, wait for the replies, validate and decode them (with the
+    sanity ``checks`` when given)."""
     replies = RoundReplies()
     distinct = {id(c): c for c in contents.values()}  # sampled nodes share one content per kind
     sizes = {key: protocol.record_bytes(c) for key, c in distinct.items()}
     replies.bytes_down = sum(sizes[id(c)] for c in contents.values())
     messages = [Message(content, node, protocol.TRAIN, group_id=str(rnd)) for node, content in contents.items()]
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        replies.add(reply, uplink, layout, rnd)
+        replies.add(reply, uplink, layout, rnd, checks)
     for node in contents:
         if node not in replies.dropped and node not in replies.nodes:
             replies.dropped[node] = "no reply"

@@ -76,14 +76,15 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return [node_id(i) for i in range(self.num_nodes)]
 
-    def partition_id(self, node: int) -> int:
-        """The partition a virtual node holds (the adversary harness labels dropped updates with it)."""
-        return node - NODE_ID_BASE
+    def partition_of(self, node: int) -> int | None:
+        """The partition a virtual node trains on (the server caps its weight at that partition's size;
+        the adversary harness labels dropped updates with it)."""
+        return node - NODE_ID_BASE if 0 <= node - NODE_ID_BASE < self.num_nodes else None
 
     def context(self, node: int) -> Context:
         """The persistent context of a virtual node (created on first use)."""
         if node not in self._contexts:
-            pid = self.partition_id(node)
+            pid = node - NODE_ID_BASE
             self._contexts[node] = EngineContext(self.runtimes, run_id=self._run.run_id, node_id=node,
                                                  node_config={"partition-id": pid, "num-partitions": self.num_nodes},
                                                  state=RecordDict(), run_config=dict(self.run_config))

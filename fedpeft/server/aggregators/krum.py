@@ -11,7 +11,7 @@ makes to the effective weight ``ΔW = B·A``, which compares what the updates do
 are defined only up to an invertible r x r map) but is blind to what does not change ΔW yet: while the
 global B is 0 (LoRA's init) an update of A alone has ΔW = 0, sits at the centre of the honest updates
 and is selected, however large (a regression test holds this). The tiny-model measurement in
-docs/robust.md showed no consistent gain from ΔW distances, at about 20x the cost. The selected updates
+docs/robust-aggregation.md showed no consistent gain from ΔW distances, at about 20x the cost. The selected updates
 are averaged as sent (exact for Krum; FedAvg's usual approximation for multi-Krum). Tensors that are
 not a LoRA pair (a classification head, prompts, IA3 vectors) are compared as they are.
 """

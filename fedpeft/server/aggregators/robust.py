@@ -18,7 +18,7 @@ expectation (r / n x the reporters' typical value). A coordinate moves only when
 ``min(2f + 1, n // 2 + 1)`` clients report it (f = ``federation.byzantine_clients``): with at most f
 hostile reporters among 2f + 1 the median stays within the honest reporters' values.
 
-All four act on the tensors as sent (LoRA's A and B factors separately; see docs/robust.md for why
+All four act on the tensors as sent (LoRA's A and B factors separately; see docs/robust-aggregation.md for why
 and for the measured difference to acting on ``ΔW = B·A``).
 """
 
