@@ -169,7 +169,14 @@ def cmd_split_server(args: argparse.Namespace) -> int:
 def _audit_epsilon(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedpeft.audit.epsilon import EpsilonAudit, audit_client_level, audit_local_dpsgd, write_report
+    from fedpeft.audit.epsilon import (
+        CLIENT_CANARIES,
+        RECORD_CANARIES,
+        EpsilonAudit,
+        audit_client_level,
+        audit_local_dpsgd,
+        write_report,
+    )
     from fedpeft.rundir import new_run_dir
 
     cfg = config.load(args.scenario, args.overrides)
@@ -179,12 +186,14 @@ def _audit_epsilon(args: argparse.Namespace) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:
         if cfg.privacy.mode in ("client", "both"):
-            task = progress.add_task(f"rounds with {args.canaries} canary clients", total=cfg.federation.rounds)
-            results.append(audit_client_level(cfg, args.canaries, seed=cfg.run.seed,
+            k = args.canaries or CLIENT_CANARIES
+            task = progress.add_task(f"rounds with {k} canary clients", total=cfg.federation.rounds)
+            results.append(audit_client_level(cfg, k, seed=cfg.run.seed,
                                               on_round=lambda done, total: progress.update(task, completed=done)))
         if cfg.privacy.mode in ("local", "both"):
-            task = progress.add_task(f"DP-SGD steps over {args.canaries} canary records", total=1)
-            results.append(audit_local_dpsgd(cfg, args.canaries, seed=cfg.run.seed,
+            k = args.canaries or RECORD_CANARIES
+            task = progress.add_task(f"DP-SGD steps over {k} canary records", total=1)
+            results.append(audit_local_dpsgd(cfg, k, seed=cfg.run.seed,
                                              on_step=lambda done, total: progress.update(task, completed=done)))
     out = new_run_dir(cfg.output.dir, f"{cfg.run.name}-epsilon-audit")
     write_report(results, cfg, out)

@@ -65,8 +65,9 @@ def _audit_parser(sub: argparse._SubParsersAction) -> None:
                      help="empirical epsilon audit of the scenario's DP: canary clients through the server's own "
                           "client-level DP mechanism and/or canary records through the clients' DP-SGD, lower bound "
                           "at 95%% beside the accountant's epsilon")
-    aud.add_argument("--canaries", type=int, default=16384,
-                     help="--epsilon-lower-bound: canaries per level (>= 20; memory about canaries^2 x 4 bytes)")
+    aud.add_argument("--canaries", type=int, default=0,
+                     help="--epsilon-lower-bound: canaries per level (>= 20; default 131072 client canaries, about "
+                          "a minute, and 16384 DP-SGD canary records, memory about canaries^2 x 4 bytes)")
     aud.add_argument("--rounds", type=_ints, metavar="R1,R2", help="--capture: rounds to attack (default: all)")
     aud.add_argument("--clients", type=_ints, metavar="P1,P2",
                      help="--capture: partition ids to attack (default: all)")

@@ -240,7 +240,7 @@ def test_the_ledger_records_attackers_drops_and_down_weighting(make_cfg) -> None
                                          "adversaries_dropped": {}, "downweighted_nodes": {"1002": [90.0, 10.0]}}
 
     class Grid:  # the in-process engine's grid knows every node's partition
-        def partition_id(self, node: int) -> int:
+        def partition_of(self, node: int) -> int:
             return node - 1000
 
     assert ledger.round_row(replies, Grid())["adversaries_dropped"] == {"1003": "malformed update: x"}

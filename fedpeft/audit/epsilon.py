@@ -2,7 +2,9 @@
 
 K canaries each join by an independent fair coin; each canary's contribution is C times a standard basis
 vector of R^K (shuffled), a white-box "gradient canary": the directions are exactly orthogonal, so no
-canary's score is disturbed by another's inclusion, and thousands of canaries cost K x K/2 floats.
+canary's score is disturbed by another's inclusion. Client canaries stream through the mechanism one at a
+time (memory O(K): 131,072 of them take about a minute); canary records form one Opacus batch (memory about
+K^2 x 4 bytes).
 
 - **Client level** (:func:`audit_client_level`): the canaries are clients whose update is their direction.
   They go through the server's own mechanism, :class:`fedpeft.privacy.server_dp.ServerPrivacy`: Poisson
@@ -51,6 +53,11 @@ from fedpeft.privacy.server_dp import ServerPrivacy
 
 log = logging.getLogger(__name__)
 
+#: default canaries: client canaries stream through the mechanism (memory O(K)); canary records are one
+#: Opacus batch (memory about K^2 x 4 bytes)
+CLIENT_CANARIES = 131072
+RECORD_CANARIES = 16384
+
 
 @dataclass(frozen=True)
 class EpsilonAudit:
@@ -96,8 +103,8 @@ def audit_client_level(cfg: Config, canaries: int = 1000, seed: int = 0, noise_d
     sampler = np.random.default_rng(seed + 1)
     for rnd in range(cfg.federation.rounds):
         sample = server.sample(sampler, members)
-        updates = [{"update": _basis(canaries, int(axis[i]), c)} for i in sample.clients]
-        noisy = server.aggregate(updates or [{"update": torch.zeros(canaries)}])
+        updates = ({"update": _basis(canaries, int(axis[i]), c)} for i in sample.clients)  # one at a time
+        noisy = server.aggregate(updates if sample.clients else [{"update": torch.zeros(canaries)}])
         scores += noisy["update"][axis].double()
         server.end_round([])
         if on_round is not None:

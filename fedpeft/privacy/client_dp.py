@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -99,26 +99,28 @@ def clip_to_norm(decoded: Mapping[str, torch.Tensor], clip_norm: float) -> dict[
     return _scaled(decoded, clip_factor(decoded, clip_norm))
 
 
-def dp_average(updates: Sequence[Mapping[str, torch.Tensor]], expected_clients: float) -> dict[str, torch.Tensor]:
+def dp_average(updates: Iterable[Mapping[str, torch.Tensor]], expected_clients: float) -> dict[str, torch.Tensor]:
     """Uniform average with a fixed denominator: ``sum(updates) / expected_clients``.
 
     ``expected_clients`` is the round's expected size fixed before sampling (``q N`` under Poisson sampling,
     the sample size under fixed-size sampling), *not* the number of replies that arrived, so the
-    sensitivity of the average to one client stays ``C / m``.
+    sensitivity of the average to one client stays ``C / m``. ``updates`` is read once (a generator keeps
+    one update in memory at a time).
     """
     if expected_clients < 1:
         raise PrivacyError(f"expected_clients must be >= 1, got {expected_clients}")
-    if not updates:
-        raise PrivacyError("dp_average needs at least one update (a round with no replies adds only noise)")
-    keys = set(updates[0])
-    total: dict[str, torch.Tensor] = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in updates[0].items()}
+    total: dict[str, torch.Tensor] | None = None
     for u in updates:
-        if set(u) != keys:
+        if total is None:
+            total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in u.items()}
+        if set(u) != set(total):
             raise PayloadError("updates do not have the same tensor names")
         for k, v in u.items():
             if v.shape != total[k].shape:
                 raise PayloadError(f"update tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(total[k].shape)}")
             total[k] += v.detach().to(torch.float32)
+    if total is None:
+        raise PrivacyError("dp_average needs at least one update (a round with no replies adds only noise)")
     return {k: v / expected_clients for k, v in total.items()}
 
 

@@ -10,6 +10,7 @@ actually received whatever the codec did (a ternary vector can have a larger nor
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -69,10 +70,11 @@ class ServerPrivacy:
         return add_server_noise(mean, c, self.update_noise_multiplier / self.noise_divisor, self.expected,
                                 self.generator)
 
-    def aggregate(self, deltas: list[AdapterState]) -> AdapterState:
-        """Clip each decoded update, divide the sum by the round's expected size E, add noise std z*C/E."""
+    def aggregate(self, deltas: Iterable[AdapterState]) -> AdapterState:
+        """Clip each decoded update, divide the sum by the round's expected size E, add noise std z*C/E
+        (``deltas`` is read once, one update at a time)."""
         c = self.clip_norm
-        return self._noise(dp_average([clip_to_norm(d, c) for d in deltas], self.expected), c)
+        return self._noise(dp_average((clip_to_norm(d, c) for d in deltas), self.expected), c)
 
     def release_secure(self, secure_mean: AdapterState, n: int) -> AdapterState:
         """DP-FedAvg on a SecAgg+ sum of ``n`` uniformly weighted updates the clients clipped already:
