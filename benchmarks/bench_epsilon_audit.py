@@ -2,7 +2,7 @@
 whole privacy profile) on both DP levels: the server's client-level mechanism and the clients' DP-SGD.
 
 Usage: ``python benchmarks/bench_epsilon_audit.py [--canaries 16384,32768,131072] [--seeds 3]
-[--levels client,example] [--divisors 1,2,4] [--no-append]`` (example level up to 32,768 canaries)
+[--levels client,example] [--claims 1,2,4] [--divisors 1,2,4] [--no-append]`` (example level up to 32,768 canaries)
 
 For claimed epsilon about 1, 2 and 4 (one round or one DP-SGD step, every canary sampled, delta 1e-5) and
 for the noise the accountant assumes, half of it and a quarter of it (``noise_divisor`` 1, 2, 4: a bug of
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--levels", default="client,example")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--divisors", default="1,2,4")
+    ap.add_argument("--claims", default="1,2,4", help="claimed epsilons to audit (keys of NOISE)")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     rows = []
@@ -53,7 +54,7 @@ def main() -> None:
         for k in (int(v) for v in args.canaries.split(",")):
             if level == "example" and k > EXAMPLE_MAX:
                 continue  # one Opacus batch of K x K floats
-            for z in NOISE.values():
+            for z in (NOISE[int(c)] for c in args.claims.split(",")):
                 for divisor in (float(d) for d in args.divisors.split(",")):
                     t0 = time.perf_counter()
                     runs = [_audit(level, z, k, s, divisor) for s in range(args.seeds)]

@@ -225,6 +225,7 @@ def write_report(results: list[EpsilonAudit], cfg: Config, out: Path) -> None:
             "accountant's epsilon at that noise.\n",
             markdown_table(COLUMNS, rows),
             "\n**fail** means the lower bound exceeds the accountant's epsilon: a privacy bug. **pass** means no "
-            "violation was found. With 16,384 canaries in one round or step the bound reaches about half of a "
-            "correct claim of epsilon 1-4 (benchmarks/RESULTS.md); it is not evidence that a claim is tight.\n"]
+            "violation was found. With 131,072 client canaries or 16,384 canary records in one round or step the "
+            "bound reaches about half of a correct claim of epsilon 1-4 (benchmarks/RESULTS.md); it is not "
+            "evidence that a claim is tight.\n"]
     (out / "audit.md").write_text("\n".join(text))
