@@ -168,13 +168,10 @@ def epsilon_lower_bound(scores: ArrayLike, included: ArrayLike, family: NoiseFam
         raise PrivacyError(f"need at least 2 canaries and a guess size >= 1, got m={m}, sizes={guess_sizes}")
     alpha = (1 - confidence) / len(sizes)
     order = np.argsort(-s, kind="stable")
-    best: tuple[float, int, int] | None = None
+    tried = []
     for k in sizes:
         correct = int(inc[order[:k]].sum() + (~inc[order[m - k:]]).sum())
-        noise = _smallest_refuted(m, 2 * k, correct, family, alpha)
-        if best is None or noise < best[0]:
-            best = (noise, k, correct)
-    assert best is not None
-    noise, k, correct = best
+        tried.append((_smallest_refuted(m, 2 * k, correct, family, alpha), k, correct))
+    noise, k, correct = min(tried)  # the smallest refuted noise: the largest epsilon
     eps = 0.0 if math.isinf(noise) else family.epsilon(noise)
     return AuditBound(eps, noise, m, 2 * k, correct, k, k)
