@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -283,6 +284,15 @@ def load_parameters(params: dict[str, nn.Parameter], state: AdapterState, what: 
 def set_adapter_state(model: nn.Module, state: AdapterState) -> None:
     """Copy ``state`` into the model's trainable parameters (names and shapes must match exactly)."""
     load_parameters({n: p for n, p in model.named_parameters() if p.requires_grad}, state)
+
+
+def lora_pairs(names: Iterable[str]) -> dict[str, str]:
+    """LoRA ``A`` tensor name -> its ``B`` tensor name, for every pair among ``names`` (peft naming: the keys
+    are equal but for ``lora_A`` / ``lora_B``), in the order of ``names``."""
+    known = list(names)
+    present = set(known)
+    return {a: a.replace(".lora_A.", ".lora_B.") for a in known
+            if ".lora_A." in a and a.replace(".lora_A.", ".lora_B.") in present}
 
 
 def subtract(a: AdapterState, b: AdapterState) -> AdapterState:

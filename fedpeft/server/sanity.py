@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedpeft.errors import PayloadError
+from fedpeft.models import lora_pairs
 from fedpeft.split.frames import Limits
 from fedpeft.training import num_local_steps
 
@@ -121,13 +122,6 @@ class ReplyChecks:
 # ---- norms -------------------------------------------------------------------------------------------
 
 
-def lora_pairs(names: list[str]) -> list[tuple[str, str]]:
-    """(A key, B key) of each LoRA module in an adapter state: keys equal but for ``lora_A`` / ``lora_B``."""
-    known = set(names)
-    return [(a, a.replace(".lora_A.", ".lora_B.")) for a in names
-            if ".lora_A." in a and a.replace(".lora_A.", ".lora_B.") in known]
-
-
 def _gram_norm(u: torch.Tensor, v: torch.Tensor) -> float:
     """||u @ v||_F from the small Gram matrices (u: out x r, v: r x in), never forming the product."""
     return math.sqrt(max(float(((u.T @ u) * (v @ v.T)).sum()), 0.0))
@@ -176,7 +170,7 @@ def screen_norms(replies: RoundReplies, global_state: AdapterState, cfg: SanityS
     updates = [(c, c.delta) for c in replies.clients if c.delta is not None]
     if cfg.norm_action == "off" or not updates:
         return {}
-    pairs = lora_pairs(sorted(global_state))
+    pairs = list(lora_pairs(sorted(global_state)).items())
     measured = [measure(delta, global_state, pairs) for _, delta in updates]
     limits = _limits(measured, cfg)
     kept, dropped, clipped = [], 0, 0

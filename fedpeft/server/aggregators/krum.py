@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedpeft.models import lora_pairs
 from fedpeft.server.aggregators.base import AGGREGATORS
 from fedpeft.server.aggregators.robust import RobustAggregator
 
@@ -31,16 +32,6 @@ if TYPE_CHECKING:
     from fedpeft.models import AdapterState
 
 log = logging.getLogger(__name__)
-
-
-def lora_pairs(state: AdapterState) -> dict[str, str]:
-    """LoRA ``A`` tensor name -> its ``B`` tensor name, for every pair present in ``state`` (peft naming)."""
-    pairs = {}
-    for name in state:
-        b = name.replace(".lora_A.", ".lora_B.")
-        if b != name and b in state:
-            pairs[name] = b
-    return pairs
 
 
 def delta_w(deltas: list[AdapterState], global_state: AdapterState, a: str, b: str) -> torch.Tensor:

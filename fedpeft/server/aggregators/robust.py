@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedpeft.errors import ConfigError
+from fedpeft.privacy.client_dp import global_norm
 from fedpeft.server.aggregators.base import AGGREGATORS
 from fedpeft.server.aggregators.fedavg import FedAvg
 
@@ -137,8 +138,7 @@ class NormBoundedMean(RobustAggregator):
     """
 
     def combine(self, deltas: list[AdapterState], global_state: AdapterState) -> AdapterState:
-        norms = torch.stack([torch.stack([t.double().square().sum() for t in d.values()]).sum().sqrt()
-                             for d in deltas])
+        norms = torch.tensor([global_norm(d) for d in deltas], dtype=torch.float64)
         bound = self.cfg.norm_bound or float(median(norms))
         scales = [min(1.0, bound / float(v)) if v > 0 else 1.0 for v in norms]
         clipped = sum(1 for s in scales if s < 1.0)
