@@ -85,10 +85,7 @@ def audit_client_level(cfg: Config, canaries: int = 1000, seed: int = 0, noise_d
     """
     if cfg.privacy.mode not in ("client", "both"):
         raise ConfigError("the epsilon audit checks client-level DP: set privacy.mode = 'client' or 'both'")
-    if canaries < 20:
-        raise ConfigError(f"the epsilon audit needs at least 20 canaries, got {canaries}")
-    rng = np.random.default_rng(seed)
-    included = rng.random(canaries) < 0.5
+    included, axis = _draw(canaries, seed)
     population = int(included.sum())
     planned = cfg.federation.clients_per_round or population  # 0: every canary in every round
     run = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_clients=max(population, planned)),
@@ -96,7 +93,6 @@ def audit_client_level(cfg: Config, canaries: int = 1000, seed: int = 0, noise_d
                                                              clients_per_round=min(planned, population)))
     server = ServerPrivacy(run)
     server.noise_divisor = noise_divisor
-    axis = torch.from_numpy(rng.permutation(canaries))  # canary i's update is C times the basis vector axis[i]
     c = server.clip_norm
     members = [int(i) for i in np.flatnonzero(included)]
     scores = torch.zeros(canaries, dtype=torch.float64)
@@ -123,11 +119,9 @@ def audit_local_dpsgd(cfg: Config, canaries: int = 1000, steps: int = 1, batch_s
     """
     if cfg.privacy.mode not in ("local", "both"):
         raise ConfigError("the example-level epsilon audit checks local DP-SGD: set privacy.mode = 'local' or 'both'")
-    if canaries < 20 or steps < 1:
-        raise ConfigError(f"the epsilon audit needs at least 20 canaries and 1 step, got {canaries}, {steps}")
-    rng = np.random.default_rng(seed)
-    included = rng.random(canaries) < 0.5
-    axis = torch.from_numpy(rng.permutation(canaries))
+    if steps < 1:
+        raise ConfigError(f"the epsilon audit needs at least 1 step, got {steps}")
+    included, axis = _draw(canaries, seed)
     members = torch.from_numpy(np.flatnonzero(included))
     c = cfg.privacy.max_grad_norm
     records = torch.zeros(len(members), canaries)
@@ -191,6 +185,16 @@ def _family(accountant: ClientLevelAccountant, delta: float) -> NoiseFamily:
         return NoiseFamily(lambda s: gaussian_profile(math.sqrt(steps) / s), lambda s: epsilons(s, [delta])[0])
     return NoiseFamily(lambda s: list(zip(epsilons(s, deltas), deltas, strict=True)),
                        lambda s: epsilons(s, [delta])[0])
+
+
+def _draw(canaries: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Each canary's fair inclusion coin, and the basis vector (a permutation of R^K's axes) that is its
+    direction: canary i contributes C times the basis vector ``axis[i]``."""
+    if canaries < 20:
+        raise ConfigError(f"the epsilon audit needs at least 20 canaries, got {canaries}")
+    rng = np.random.default_rng(seed)
+    included = rng.random(canaries) < 0.5
+    return included, torch.from_numpy(rng.permutation(canaries))
 
 
 def _basis(dim: int, index: int, scale: float) -> torch.Tensor:
