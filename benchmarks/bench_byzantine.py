@@ -91,7 +91,10 @@ def run_one(sets: list[str]) -> dict[str, Any]:
             "backdoor": bd if bd is not None else backdoor_rate(cfg, run_dir),
             "weight": statistics.mean([r["adversary_weight"] for r in rows if r.get("adversary_weight") is not None]
                                       or [0.0]),
-            "dropped": sum(len(r.get("dropped_nodes", {})) for r in rows)}
+            "dropped": sum(len(r.get("dropped_nodes", {})) for r in rows),
+            "excluded": sum(len(r.get("excluded_nodes", {})) for r in rows),
+            "attackers_out": sum(len(r.get("adversaries_dropped", {})) + len(r.get("adversaries_excluded", {}))
+                                 for r in rows)}
 
 
 def cells(runs: list[dict[str, Any]], clean: list[dict[str, Any]]) -> list[str]:
@@ -104,7 +107,8 @@ def cells(runs: list[dict[str, Any]], clean: list[dict[str, Any]]) -> list[str]:
 
     return [f"{mean('accuracy'):.4f}", f"{mean('loss'):.4g}", f"{mean('backdoor'):.3f}",
             f"{100 * vs_clean('accuracy'):+.1f}", f"{vs_clean('loss'):+.3g}", f"{mean('weight'):.2f}",
-            str(sum(r["dropped"] for r in runs))]
+            str(sum(r["dropped"] for r in runs)), str(sum(r["excluded"] for r in runs)),
+            str(sum(r["attackers_out"] for r in runs))]
 
 
 def main() -> None:
@@ -150,7 +154,8 @@ def main() -> None:
                 rows.append([strategy, uplink, attack, *cells([results[strategy, uplink, attack, s] for s in seeds],
                                                               [results[strategy, uplink, CLEAN, s] for s in seeds])])
     header = ["strategy", "uplink", "attack", "clean accuracy", "eval loss", "backdoor success",
-              "accuracy vs clean (pt)", "loss vs clean", "attacker weight share", "dropped updates"]
+              "accuracy vs clean (pt)", "loss vs clean", "attacker weight share", "dropped updates",
+              "left out by the aggregator", "attacker updates dropped or left out"]
     settings = " ".join([*(QUICK if args.quick else []), *args.overrides]) or "the embedded default's"
     body = (f"MiniLM-L6 + LoRA r8 on BBC News, {args.clients} clients, {args.adversaries} attacking (drawn from the "
             f"seed), seeds {seeds}, settings: {settings}; means over seeds, differences to the clean run of the same "

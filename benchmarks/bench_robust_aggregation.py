@@ -35,7 +35,7 @@ TARGET_S = 2.0
 LAYERS, HIDDEN, RANK, LABELS = 6, 384, 16, 5
 STRATEGIES = [("fedavg", {}), ("median", {}), ("trimmed_mean", {}), ("norm_bounded", {}),
               ("sign_majority", {}), ("krum", {"krum_space": "factors"}), ("krum", {"krum_space": "delta_w"}),
-              ("krum", {"krum_space": "factors", "multi_krum": 0})]
+              ("krum", {"krum_space": "factors", "multi_krum": 0}), ("cosine_filter", {})]
 
 
 def minilm_lora(g: torch.Generator, scale: float) -> dict[str, torch.Tensor]:

@@ -138,14 +138,18 @@ class GaussianNoise(Attack):
 @ATTACKS.register("adaptive")
 class Adaptive(Attack):
     """The reversed update rescaled to ``adaptive_margin`` x a norm bound: as harmful as a norm check lets
-    through. The bound is ``adaptive_norm`` (set it to the server's), else ``adaptive_multiple`` x the
-    attacker's own honest update norm (a stand-in for a median-multiple bound)."""
+    through. The bound is ``adaptive_norm``, else the server's own sanity bound as the attacker can estimate
+    it: the median multiple (``adaptive_multiple``, by default ``sanity.norm_multiple``) x its own honest
+    update norm (a stand-in for the round's median), capped at ``sanity.max_update_norm``."""
 
     keys = ("adaptive_norm", "adaptive_multiple", "adaptive_margin")
 
     def bound(self, honest_norm: float) -> float:
-        """The norm bound this attacker targets."""
-        return self.adv.adaptive_norm or self.adv.adaptive_multiple * honest_norm
+        """The norm bound this attacker targets (config_rules refuses a configuration without any)."""
+        if self.adv.adaptive_norm:
+            return self.adv.adaptive_norm
+        multiple, cap = self.adv.adaptive_multiple or self.cfg.sanity.norm_multiple, self.cfg.sanity.max_update_norm
+        return min(([multiple * honest_norm] if multiple else []) + ([cap] if cap > 0 else []))
 
     def update(self, delta: State, seed: int) -> State:
         norm = update_norm(delta)
@@ -285,7 +289,8 @@ class Ledger:
 
         ``adversaries`` / ``adversary_nodes``: partition and node ids of the attackers' aggregated replies;
         ``adversary_weight``: their share of the aggregation weight; ``dropped_nodes``: node -> reason for every
-        sampled update not in the round, and ``adversaries_dropped`` those of attackers; ``downweighted_nodes``:
+        sampled update not in the round, and ``adversaries_dropped`` those of attackers; ``excluded_nodes`` /
+        ``adversaries_excluded``: the same for updates a robust aggregator left out; ``downweighted_nodes``:
         node -> [reported num-examples, weight used] where the server weighted an update below its claim.
         Server-side defences show here without changes here: one that drops an update adds to
         ``replies.dropped``, one that caps a weight lowers ``ClientReply.weight``. A dropped node's partition
@@ -303,6 +308,9 @@ class Ledger:
                 "dropped_nodes": {str(node): why for node, why in replies.dropped.items()},
                 "adversaries_dropped": {str(node): why for node, why in replies.dropped.items()
                                         if (lookup(node) if lookup else self.partition_of.get(node)) in self.attackers},
+                "excluded_nodes": {str(node): why for node, why in replies.excluded.items()},
+                "adversaries_excluded": {str(node): why for node, why in replies.excluded.items()
+                                         if self.partition_of.get(node) in self.attackers},
                 "downweighted_nodes": {str(c.node): [c.metrics["num-examples"], c.weight] for c in replies.clients
                                        if c.weight < c.metrics.get("num-examples", c.weight)}}
 
@@ -339,4 +347,6 @@ def summary_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
                 f"mean attacker weight share {fmt(float(np.mean(shares)) if shares else None)}",
                 f"updates dropped {sum(len(r.get('dropped_nodes', {})) for r in rows)} "
                 f"(of attackers {sum(len(r.get('adversaries_dropped', {})) for r in rows)})",
+                f"left out by the aggregator {sum(len(r.get('excluded_nodes', {})) for r in rows)} "
+                f"(of attackers {sum(len(r.get('adversaries_excluded', {})) for r in rows)})",
                 f"down-weighted {sum(len(r.get('downweighted_nodes', {})) for r in rows)}"])]

@@ -135,8 +135,10 @@ class FederationSection:
     krum_space: str = option("factors", choices=("factors", "delta_w"),
                              help="krum distances for LoRA: between the A/B updates as sent, or between their changes "
                                   "to B*A (blind to a change of A alone while B = 0; docs/robust-aggregation.md)")
-    norm_bound: float = option(0.0, lo=0.0, help="norm_bounded: clip each update to this L2 norm before averaging "
-                                                 "(0 = the round's median update norm)")
+    norm_bound: float = option(0.0, lo=0.0, help="norm_bounded, cosine_filter: clip each update to this L2 norm "
+                                                 "before averaging (0 = the round's median update norm)")
+    min_cosine: float = option(0.0, lo=-1.0, hi=1.0, help="cosine_filter: leave out an update whose cosine with the "
+                                                          "sum of the other (clipped) updates is below this")
     round_timeout: float = option(0.0, lo=0.0, help="seconds to wait for replies (0 = no limit)")
     node_wait_timeout: float = option(120.0, lo=0.0, help="seconds to wait for enough nodes to connect")
     eval_every: int = option(1, lo=1, help="centralized evaluation every N rounds (and always the last)")
@@ -264,10 +266,12 @@ class AdversarySection:
     backdoor_fraction: float = option(0.5, lo=0.0, lo_open=True, hi=1.0,
                                       help="backdoor: share of the attacker's examples that get the trigger")
     target_label: int = option(0, lo=0, help="backdoor: label id that triggered examples are relabelled to")
-    adaptive_norm: float = option(0.0, lo=0.0, help="adaptive: L2 norm bound to stay just inside (0 = "
-                                                    "adaptive_multiple x the attacker's own honest update norm)")
-    adaptive_multiple: float = option(2.0, lo=0.0, lo_open=True,
-                                      help="adaptive: the bound as a multiple of the honest norm (adaptive_norm = 0)")
+    adaptive_norm: float = option(0.0, lo=0.0, help="adaptive: L2 norm bound to stay just inside (0 = the server's "
+                                                    "sanity bound: adaptive_multiple x the attacker's own honest "
+                                                    "update norm, capped at sanity.max_update_norm)")
+    adaptive_multiple: float = option(0.0, lo=0.0,
+                                      help="adaptive: the bound as a multiple of the honest norm (0 = "
+                                           "sanity.norm_multiple, the server's own median multiple)")
     adaptive_margin: float = option(0.99, lo=0.0, lo_open=True, hi=1.0,
                                     help="adaptive: the sent update's norm is this fraction of the bound")
 

@@ -157,3 +157,8 @@ def _validate_adversary(cfg: Config) -> None:
         raise ConfigError(f"adversary.attack = {adv.attack!r} poisons labels: it needs model.task = 'classification'")
     if adv.attack == "backdoor" and not adv.trigger.strip():
         raise ConfigError("adversary.attack = 'backdoor' needs a non-empty adversary.trigger")
+    if adv.attack == "adaptive" and not (adv.adaptive_norm or adv.adaptive_multiple or cfg.sanity.norm_multiple
+                                         or cfg.sanity.max_update_norm):
+        raise ConfigError("adversary.attack = 'adaptive' has no norm bound to stay inside: adversary.adaptive_norm, "
+                          "adversary.adaptive_multiple, sanity.norm_multiple and sanity.max_update_norm are all 0; "
+                          "set adversary.adaptive_norm")

@@ -51,7 +51,7 @@ def honest_delta(make_cfg) -> dict[str, torch.Tensor]:
 
 def _attack(make_cfg, attack: str, **settings: object) -> adversary.Attack:
     cfg = make_cfg(**{"adversary.attack": attack, "adversary.clients": [0],
-                      **{f"adversary.{k}": v for k, v in settings.items()}})
+                      **{k if "." in k else f"adversary.{k}": v for k, v in settings.items()}})
     return adversary.attack_for(cfg, 0, simulation=True)
 
 
@@ -85,7 +85,11 @@ def test_gaussian_noise_sends_noise_of_the_configured_std(make_cfg, honest_delta
 
 def test_adaptive_lands_just_inside_its_bound_against_the_honest_direction(make_cfg, honest_delta) -> None:
     honest = adversary.update_norm(honest_delta)
-    for settings, bound in [({"adaptive_norm": 0.3}, 0.3), ({"adaptive_multiple": 3.0}, 3.0 * honest)]:
+    cases = [({"adaptive_norm": 0.3}, 0.3), ({"adaptive_multiple": 3.0}, 3.0 * honest),
+             ({}, 10.0 * honest),  # the default: the server's sanity.norm_multiple (10)
+             ({"sanity.max_update_norm": 2.0 * honest}, 2.0 * honest),  # ... capped at its absolute bound
+             ({"sanity.norm_multiple": 4.0}, 4.0 * honest)]
+    for settings, bound in cases:
         sent = _attack(make_cfg, "adaptive", **settings).update(honest_delta, seed=3)
         norm = adversary.update_norm(sent)
         assert norm < bound and norm == pytest.approx(0.99 * bound, rel=1e-5)
@@ -207,6 +211,8 @@ def test_a_bad_attack_name_lists_the_valid_ones(make_cfg) -> None:
     ({"adversary.attack": "backdoor", "adversary.fraction": 0.5, "adversary.trigger": " "}, "non-empty"),
     ({"adversary.attack": "label_flip", "adversary.fraction": 0.5, "model.name": "tiny-gpt2",
       "model.task": "causal_lm"}, "needs model.task = 'classification'"),
+    ({"adversary.attack": "adaptive", "adversary.fraction": 0.5, "sanity.norm_multiple": 0,
+      "sanity.max_update_norm": 0}, "no norm bound to stay inside"),
 ])
 def test_the_adversary_section_validates(make_cfg, settings, message) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -234,10 +240,14 @@ def test_the_ledger_records_attackers_drops_and_down_weighting(make_cfg) -> None
     ledger = adversary.Ledger(cfg, get_runtime(cfg))
     replies = RoundReplies(clients=[ClientReply(1001, 30.0, {"num-examples": 30.0, "partition-id": 1.0}),
                                     ClientReply(1002, 10.0, {"num-examples": 90.0, "partition-id": 2.0})],
-                           dropped={1000: "no reply", 1003: "malformed update: x"})
+                           dropped={1000: "no reply", 1003: "malformed update: x"},
+                           excluded={1002: "krum: not among the 1 best-scored of 2"})
     assert ledger.round_row(replies) == {"adversaries": [2], "adversary_nodes": [1002], "adversary_weight": 0.25,
                                          "dropped_nodes": {"1000": "no reply", "1003": "malformed update: x"},
-                                         "adversaries_dropped": {}, "downweighted_nodes": {"1002": [90.0, 10.0]}}
+                                         "adversaries_dropped": {},
+                                         "excluded_nodes": {"1002": "krum: not among the 1 best-scored of 2"},
+                                         "adversaries_excluded": {"1002": "krum: not among the 1 best-scored of 2"},
+                                         "downweighted_nodes": {"1002": [90.0, 10.0]}}
 
     class Grid:  # the in-process engine's grid knows every node's partition
         def partition_of(self, node: int) -> int:
@@ -271,6 +281,19 @@ def test_a_simulation_records_the_attackers_and_the_backdoor_success_rate(make_c
     assert f"backdoor success rate {report.fmt(rows[-1]['backdoor_success'])}" in summary
     assert "backdoor_success" in summary.split("## Rounds")[1]  # also per round
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["adversaries"] == attacker
+
+
+def test_a_sign_flipping_client_is_left_out_by_the_cosine_filter_and_recorded(make_cfg) -> None:
+    cfg = make_cfg(**{"federation.rounds": 2, "train.local_steps": 3, "adversary.attack": "sign_flip",
+                      "adversary.clients": [1], "federation.strategy": "cosine_filter"})
+    run_dir = runner.simulate(cfg)
+    rows = report.read_metrics(run_dir)
+    for r in rows:
+        assert r["replies"] == 4 and r["adversaries"] == [1]
+        assert list(r["adversaries_excluded"]) == [str(node_id(1))] and "cosine" in r["excluded_nodes"][str(node_id(1))]
+        assert len(r["excluded_nodes"]) <= 2  # tiny-model honest updates are nearly orthogonal: one may fall below 0
+    left_out = sum(len(r["excluded_nodes"]) for r in rows)
+    assert f"left out by the aggregator {left_out} (of attackers 2)" in (run_dir / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("weights", ["claimed", "partition"])

@@ -11,11 +11,12 @@ from fedpeft import config, report
 from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.runtime import get_runtime
 from fedpeft.server.aggregators import AGGREGATORS, make_aggregator
-from fedpeft.server.aggregators.krum import squared_distances
+from fedpeft.server.aggregators.cosine import leave_one_out_cosines
+from fedpeft.server.aggregators.krum import gram_matrix, squared_distances
 from fedpeft.server.replies import ClientReply, RoundReplies
 from fedpeft.simulation import runner
 
-ROBUST = ["median", "trimmed_mean", "norm_bounded", "sign_majority", "krum"]
+ROBUST = ["median", "trimmed_mean", "norm_bounded", "sign_majority", "krum", "cosine_filter"]
 
 
 def _fed(strategy, **kw):
@@ -97,6 +98,47 @@ def test_krum_selects_the_updates_closest_to_their_neighbours(multi, expected):
     # f = 1: scores over n - f - 2 = 2 nearest: client 0 has 0.02, clients 1-3 tie at 0.03 (lowest index first)
     out = _agg("krum", *KRUM, multi_krum=multi)
     assert torch.allclose(out, torch.tensor(expected))
+
+
+def test_krum_records_the_updates_it_left_out():
+    replies = _replies(*({"w": c} for c in KRUM))
+    make_aggregator(_fed("krum", multi_krum=0)).aggregate(replies, {"w": torch.zeros(2)})
+    assert list(replies.excluded) == [4] and "not among the 4 best-scored of 5" in replies.excluded[4]
+
+
+def test_leave_one_out_cosines_match_a_direct_computation():
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(6, 40, generator=g, dtype=torch.float64) + torch.linspace(0, 1, 40, dtype=torch.float64)
+    got = leave_one_out_cosines(xs @ xs.T)
+    for i in range(6):
+        rest = xs.sum(dim=0) - xs[i]
+        assert got[i].item() == pytest.approx(torch.nn.functional.cosine_similarity(xs[i], rest, dim=0).item())
+    glob = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+    deltas = [{"a": x[:6].reshape(2, 3).float(), "b": x[6:10].float()} for x in xs]
+    flat = torch.stack([torch.cat([d["a"].reshape(-1), d["b"]]) for d in deltas]).double()
+    assert torch.allclose(gram_matrix(deltas, glob), flat @ flat.T)
+
+
+def test_cosine_filter_leaves_out_flipped_updates_and_clips_the_rest():
+    g = torch.Generator().manual_seed(0)
+    task = torch.ones(50)
+    honest = [task + 0.8 * torch.randn(50, generator=g) for _ in range(7)]
+    honest[0] = 30 * honest[0]  # an honest-looking direction, far too long: clipped, not dropped
+    flipped = [-h for h in honest[1:3]]  # the sign-flip attack on two honest updates
+    replies = _replies(*({"w": v.tolist()} for v in honest + flipped))
+    out = make_aggregator(_fed("cosine_filter")).aggregate(replies, {"w": torch.zeros(50)})["w"]
+    assert sorted(replies.excluded) == [7, 8] and "cosine" in replies.excluded[7]
+    norms = torch.stack([v.norm() for v in honest + flipped])
+    bound = norms.sort().values[(len(norms) - 1) // 2:len(norms) // 2 + 1].mean()
+    want = torch.stack([v * min(1.0, float(bound / v.norm())) for v in honest]).mean(dim=0)
+    assert torch.allclose(out, want, atol=1e-5)
+    fedavg = make_aggregator(_fed("fedavg")).aggregate(_replies(*({"w": v.tolist()} for v in honest + flipped)),
+                                                       {"w": torch.zeros(50)})["w"]
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(out, task, dim=0) > 0.95 and cos(out, task, dim=0) > cos(fedavg, task, dim=0)
+    strict = _replies(*({"w": v.tolist()} for v in honest + flipped))
+    make_aggregator(_fed("cosine_filter", min_cosine=0.99)).aggregate(strict, {"w": torch.zeros(50)})
+    assert len(strict.excluded) == 9  # nothing agrees that well: every update left out, the step is 0
 
 
 def test_krum_distances_in_delta_w_space_are_those_of_the_changes_to_b_times_a():
@@ -183,7 +225,7 @@ def test_krum_needs_2f_plus_3_clients_and_at_most_n_minus_f_selected():
 
 @pytest.mark.parametrize("strategy, uplink", [("median", "none"), ("trimmed_mean", "topk:0.2"),
                                               ("norm_bounded", "int8"), ("sign_majority", "compeft:0.2"),
-                                              ("krum", "fp16")])
+                                              ("krum", "fp16"), ("cosine_filter", "compeft:0.2")])
 def test_each_robust_strategy_runs_end_to_end(tiny_cfg, strategy, uplink):
     cfg = tiny_cfg(**{"federation.strategy": strategy, "compression.uplink": uplink, "data.num_clients": 4,
                       "federation.rounds": 2, "train.local_steps": 3,

@@ -49,6 +49,7 @@ class RoundReplies:
 
     clients: list[ClientReply] = field(default_factory=list)
     dropped: dict[int, str] = field(default_factory=dict)  # sampled node -> why its update is not in the round
+    excluded: dict[int, str] = field(default_factory=dict)  # node -> why a robust aggregator left its update out
     secure_mean: AdapterState | None = None  # SecAgg+: weighted mean of the securely summed updates
     up: dict[str, float] = field(default_factory=lambda: dict.fromkeys(UP_KEYS, 0))  # uplink byte row
     bytes_down: int = 0
@@ -72,6 +73,11 @@ class RoundReplies:
         if self.secure_mean is not None:
             raise FedPeftError("under secure aggregation the server holds only the sum, not per-client updates")
         return [c.delta for c in self.clients if c.delta is not None]
+
+    @property
+    def delta_nodes(self) -> list[int]:
+        """The node of each entry of :attr:`deltas`, in the same order."""
+        return [c.node for c in self.clients if c.delta is not None]
 
     @property
     def local_epsilons(self) -> list[float]:

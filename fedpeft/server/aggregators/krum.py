@@ -57,16 +57,21 @@ def _blocks(deltas: list[AdapterState], global_state: AdapterState, space: str) 
             yield torch.stack([d[k].reshape(-1) for d in deltas])
 
 
-def squared_distances(deltas: list[AdapterState], global_state: AdapterState, space: str) -> torch.Tensor:
-    """(n, n) squared L2 distances between the updates; LoRA pairs in ΔW space when ``space == "delta_w"``.
+def gram_matrix(deltas: list[AdapterState], global_state: AdapterState, space: str = "factors") -> torch.Tensor:
+    """(n, n) float64 inner products between the updates; LoRA pairs in ΔW space when ``space == "delta_w"``.
 
-    Accumulated block by block from Gram matrices (float64 across blocks), so no (n, whole adapter) matrix
-    is built.
+    Accumulated block by block, so no (n, whole adapter) matrix is built.
     """
     n = len(deltas)
     gram = torch.zeros(n, n, dtype=torch.float64)
     for x in _blocks(deltas, global_state, space):
         gram += (x @ x.T).double()
+    return gram
+
+
+def squared_distances(deltas: list[AdapterState], global_state: AdapterState, space: str) -> torch.Tensor:
+    """(n, n) squared L2 distances between the updates (from :func:`gram_matrix`)."""
+    gram = gram_matrix(deltas, global_state, space)
     sq = gram.diagonal()
     return (sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * gram).clamp_min(0)
 
@@ -93,6 +98,7 @@ class Krum(RobustAggregator):
         scores = krum_scores(squared_distances(deltas, global_state, self.cfg.krum_space), f)
         m = min(self.cfg.multi_krum or max(n - f, 1), n)
         chosen = torch.argsort(scores, stable=True)[:m].tolist()
+        self.left_out = {i: f"krum: not among the {m} best-scored of {n}" for i in range(n) if i not in chosen}
         log.info("krum: stepping along update(s) %s of %d", chosen, n)
         log.debug("krum scores: %s", scores.tolist())
         return {k: torch.stack([deltas[i][k] for i in chosen]).mean(dim=0) for k in deltas[0]}

@@ -54,13 +54,19 @@ class RobustAggregator(FedAvg):
         if privacy is not None and privacy.active:  # config_rules refuses this first; never drop DP silently
             raise ConfigError(f"federation.strategy = {cfg.strategy!r} does not apply client-level DP")
         super().__init__(cfg, privacy)
+        self.left_out: dict[int, str] = {}
 
     def aggregate(self, replies: RoundReplies, global_state: AdapterState) -> AdapterState:
-        return self.apply(global_state, self.combine(replies.deltas, global_state))
+        self.left_out = {}
+        step = self.combine(replies.deltas, global_state)
+        nodes = replies.delta_nodes
+        replies.excluded.update({nodes[i]: why for i, why in self.left_out.items()})
+        return self.apply(global_state, step)
 
     @abstractmethod
     def combine(self, deltas: list[AdapterState], global_state: AdapterState) -> AdapterState:
-        """The round's robust aggregate (the pseudo-gradient the server steps along)."""
+        """The round's robust aggregate (the pseudo-gradient the server steps along); a rule that leaves whole
+        updates out records them in ``self.left_out`` (index into ``deltas`` -> why) for ``metrics.jsonl``."""
 
 
 def stacked(deltas: list[AdapterState], key: str) -> torch.Tensor:
