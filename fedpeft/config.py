@@ -249,6 +249,9 @@ class SplitSection:
                                help="split server: open sessions at most (all clients); one more open is refused")
     max_sessions_per_identity: int = option(16, lo=1, hi=100_000,
                                             help="split server: open sessions of one client identity at most")
+    max_clients_per_identity: int = option(1024, lo=1, hi=10**7,
+                                           help="split server: distinct client ids one identity may open while the "
+                                                "server runs (each may get its own server adapters)")
     max_streams: int = option(64, lo=1, hi=4096,
                               help="split server: concurrent streams at most (its worker threads)")
     max_streams_per_identity: int = option(4, lo=1, hi=4096,

@@ -28,6 +28,7 @@ class ServerLimits:
 
     max_sessions: int = 64                # open sessions, all identities together
     max_sessions_per_identity: int = 16   # open sessions of one identity
+    max_clients_per_identity: int = 1024  # distinct client ids one identity may open (per-client adapter sets)
     max_streams: int = 64                 # concurrent streams (= worker threads)
     max_streams_per_identity: int = 4     # concurrent streams of one identity
     idle_timeout: float = 120.0           # seconds without a request: the stream ends, the session closes

@@ -111,6 +111,12 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _refuse_open_plaintext(host: str, certs: object, insecure: bool) -> None:
+    if certs is None and not insecure and not _loopback(host):
+        raise SplitError(f"a plaintext split server on {host} would serve anyone who reaches it: give it "
+                         f"certificates (--certs, mutual TLS), listen on a loopback address, or pass --insecure")
+
+
 def serve(body: BodyService, host: str = "127.0.0.1", port: int = 0, certs: CertPaths | str | Path | None = None, *,
           max_message_bytes: int = DEFAULT_MAX_MESSAGE, state_dir: str | Path | None = None,
           save_every: int = 10, serialize: bool | None = None, limits: Limits | None = None,
@@ -127,9 +133,7 @@ def serve(body: BodyService, host: str = "127.0.0.1", port: int = 0, certs: Cert
     sets ``thread_safe = True``. Incoming floats must be finite. With ``state_dir`` and a body with
     ``save``/``load``, the state persists (``split.sessions``).
     """
-    if certs is None and not insecure and not _loopback(host):
-        raise SplitError(f"a plaintext split server on {host} would let anyone who reaches it in: give it "
-                         f"certificates (mutual TLS) or listen on a loopback address")
+    _refuse_open_plaintext(host, certs, insecure)
     server_limits = server_limits or ServerLimits()
     if serialize is None:
         serialize = not getattr(body, "thread_safe", False)
@@ -226,7 +230,7 @@ def server_limits(cfg: Config) -> ServerLimits:
     """The :class:`ServerLimits` of ``cfg.split``."""
     s = cfg.split
     return ServerLimits(max_sessions=s.max_sessions, max_sessions_per_identity=s.max_sessions_per_identity,
-                        max_streams=s.max_streams,
+                        max_clients_per_identity=s.max_clients_per_identity, max_streams=s.max_streams,
                         max_streams_per_identity=s.max_streams_per_identity, idle_timeout=s.idle_timeout)
 
 
@@ -240,6 +244,7 @@ def run_split_server(cfg: Config, host: str = "127.0.0.1", port: int = 0, certs:
     at each close and at stop). The limits come from ``cfg.split`` (:func:`server_limits`,
     ``max_frame_tokens``) and the model's ``max_length``. ``on_ready`` gets the running server.
     """
+    _refuse_open_plaintext(host, certs, insecure)  # before the model is built
     server = serve(build_body(cfg), host, port, certs, state_dir=state_dir, save_every=save_every,
                    max_message_bytes=max_message_bytes, server_limits=server_limits(cfg),
                    max_frame_tokens=cfg.split.max_frame_tokens, insecure=insecure)

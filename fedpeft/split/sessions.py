@@ -4,7 +4,8 @@ A session is keyed by ``(identity, client_id)`` (``split.guard``: the certificat
 under mutual TLS, nobody in plaintext) and bound to the secret token its client chose at open: a
 forward, backward, close or rejoin with another token is answered ``DENIED``, one for a client id
 this identity has not opened ``NOT_OPEN``. Under mutual TLS the body sees ``identity/client_id``,
-so two identities never share adapters either. At most ``max_sessions`` sessions exist at once.
+so two identities never share adapters either. ``ServerLimits`` caps the sessions (all and per
+identity) and the distinct client ids one identity may open (each may own a set of server adapters).
 
 Memory: a session's forward state (activations and autograd graph, held by the body) lives only
 while the stream that opened it is up. When that stream ends the body session is closed (its
@@ -149,6 +150,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._log_lock = threading.Lock()
         self._refusals: dict[tuple[str, str], int] = {}
+        self._client_ids: dict[str, set[str]] = {}  # identity -> the client ids it opened (adapter sets it made)
         self.steps = 0
         # serve() hands a store only to a body with save/load
         self.sessions: dict[Key, _Session] = store.load(cast(Persistent, body), limits) if store else {}
@@ -235,6 +237,14 @@ class Dispatcher:
                 return None, _error(ErrorCode.LIMIT, f"{peer.identity!r} holds {mine} sessions on this split server, "
                                                      f"its limit (split.max_sessions_per_identity); close one or wait "
                                                      f"{self.caps.idle_timeout:g} s for an idle one to expire", frame)
+            known = self._client_ids.setdefault(peer.identity, set())
+            if frame.client_id not in known and len(known) >= self.caps.max_clients_per_identity:
+                self._warn("clients", peer, "split open of %s refused: its identity opened %d client ids",
+                           frame.client_id, len(known))
+                return None, _error(ErrorCode.LIMIT, f"{peer.identity!r} has opened {len(known)} distinct client "
+                                                     f"ids on this split server, its limit "
+                                                     f"(split.max_clients_per_identity)", frame)
+            known.add(frame.client_id)
             session = self.sessions[key] = _Session(token=token, owner=peer.identity)
             return session, b""
 
