@@ -252,3 +252,26 @@ def test_the_client_reports_a_refusal_clearly(server: Server) -> None:
         with pytest.raises(SplitError, match="split.max_frame_tokens"):
             alice.forward("big", 1, _forward(server.hidden, 16, 40))
         alice.close("big")
+
+
+def test_cli_client_cert_signs_an_identity_with_the_ca(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from fedpeft import cli
+
+    assert cli.main(["certs", "--host", "localhost", "--out", str(tmp_path / "ca")]) == 0
+    capsys.readouterr()
+    assert cli.main(["client-cert", "--ca-dir", str(tmp_path / "ca"), "--name", "hospital-a",
+                     "--out", str(tmp_path / "client")]) == 0
+    paths = json.loads(capsys.readouterr().out)
+    cert = x509.load_pem_x509_certificate(Path(paths["cert"]).read_bytes())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "hospital-a"
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert oct(Path(paths["key"]).stat().st_mode & 0o777) == "0o600"
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca" / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    argv = ["client-cert", "--ca-dir", str(tmp_path / "ca"), "--name", "hospital-a", "--out", str(tmp_path / "client")]
+    assert cli.main(argv) == 2  # refuses to overwrite
+    assert cli.main([*argv[:4], "bad/name"]) == 2
+    assert cli.main(["client-cert", "--ca-dir", str(tmp_path / "nowhere"), "--name", "x"]) == 2
