@@ -256,7 +256,7 @@ class SplitSection:
                               help="split server: concurrent streams at most (its worker threads)")
     max_streams_per_identity: int = option(4, lo=1, hi=4096,
                                            help="split server: concurrent streams of one client identity "
-                                                "(certificate common name; in plaintext: peer host)")
+                                                "(certificate common name; in plaintext: one connection)")
     idle_timeout: float = option(120.0, lo=0.5, hi=86_400.0,
                                  help="split server: seconds without a request before a stream is ended and "
                                       "a session closed (its activations freed)")

@@ -141,11 +141,11 @@ def test_another_client_cannot_step_or_close_a_session_by_its_id(server: Server)
         out = alice.forward("victim", 1, _forward(server.hidden, 2, 8))["hidden"]
         mallory = RawStream(server.channel("mallory-hijack"))
         stolen = session_token()  # a guess: alice's token never left her process
-        hijack = mallory.send(encode(Kind.BACKWARD, "victim", 1, {"grad": torch.ones_like(out)}, text=stolen))
+        hijack = mallory.send(encode(Kind.BACKWARD, "victim", 1, {"grad": torch.full_like(out, 2.0)}, text=stolen))
         assert (hijack.kind, hijack.code) == (Kind.ERROR, ErrorCode.NOT_OPEN)  # mallory sees only her own sessions
         rejoin = mallory.send(encode(Kind.OPEN, "victim", 0, text=open_text(stolen, server.fingerprint), code=REJOIN))
         assert rejoin.kind == Kind.REPLY  # ... and may open her own "victim", which is not alice's
-        hijack = mallory.send(encode(Kind.BACKWARD, "victim", 1, {"grad": torch.ones_like(out)}, text=stolen))
+        hijack = mallory.send(encode(Kind.BACKWARD, "victim", 1, {"grad": torch.full_like(out, 2.0)}, text=stolen))
         assert (hijack.kind, hijack.code) == (Kind.ERROR, ErrorCode.STATE_LOST)
         assert mallory.send(encode(Kind.CLOSE, "victim", 0, text=stolen)).kind == Kind.REPLY
         mallory.end()

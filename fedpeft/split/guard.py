@@ -3,8 +3,8 @@
 With certificates the server speaks mutual TLS: a client must present a certificate signed by the
 deployment's CA (``fedpeft client-cert``), and the certificate's common name is its **identity**.
 Sessions are kept per identity (``split.server``), so one client cannot name, step or close
-another's. In plaintext (loopback only) there is no identity: every peer host counts as one, and a
-session is protected by its secret token alone.
+another's. In plaintext (loopback only) there is no identity: each connection counts as its own
+(so only the global caps bind), and a session is protected by its secret token alone.
 
 :class:`StreamGate` caps the concurrent streams of one identity before any work is done, and
 :func:`requests_until_idle` ends a stream that sends nothing for ``idle_timeout`` seconds, so idle
@@ -43,14 +43,17 @@ class Refused(Exception):
 
 
 def identity_of(context: grpc.ServicerContext, mutual_tls: bool) -> str:
-    """The client's identity: its certificate's common name (mutual TLS), else ``host:<peer host>``."""
+    """The client's identity: its certificate's common name (mutual TLS), else ``peer:<address:port>``.
+
+    A plaintext peer proves nothing, and on loopback every local process shares one host: capping
+    per host would let one process starve the others, so each connection is its own identity.
+    """
     if mutual_tls:
         names = context.auth_context().get("x509_common_name") or []
         if not names or not names[0]:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, "the client certificate has no common name")
         return names[0].decode("utf-8", errors="replace")
-    peer = context.peer()  # ipv4:127.0.0.1:5555, ipv6:[::1]:5555, unix:...
-    return "host:" + (peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer)
+    return "peer:" + context.peer()  # ipv4:127.0.0.1:5555, ipv6:[::1]:5555, unix:...
 
 
 class StreamGate:

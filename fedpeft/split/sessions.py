@@ -66,7 +66,7 @@ class Peer:
 @dataclass
 class _Session:
     token: bytes                           # digest of the client's session token
-    owner: str = ""                        # the identity that opened it (in plaintext: its peer host)
+    owner: str = ""                        # the identity that opened it (in plaintext: its connection)
     lock: threading.Lock = field(default_factory=threading.Lock)
     open: bool = False                     # the body holds a session for it
     gone: bool = False                     # closed or expired: a request that still holds it sees NOT_OPEN
