@@ -32,7 +32,7 @@ from fedpeft.deploy.flower import free_port
 from fedpeft.errors import SplitError
 from fedpeft.split import frames
 from fedpeft.split.frames import TOKEN_CHARS, ErrorCode, Kind, Limits, decode, encode, encoded_size, open_text
-from fedpeft.split.guard import ServerLimits
+from fedpeft.split.guard import Refused, ServerLimits, identity_of
 from fedpeft.split.server import build_body, serve
 from fedpeft.split.service import BodyService
 from fedpeft.split.transport import METHOD, REJOIN, GrpcBody, RetryPolicy
@@ -332,6 +332,24 @@ def test_mutual_tls_with_fedpeft_certificates(toy_server, tmp_path: Path) -> Non
         with pytest.raises(SplitError, match="DENIED"):
             old.forward("again", 0, _batch(torch.Generator().manual_seed(0)))  # ... and the old session is gone
         new.close("again")
+
+
+def test_an_identity_is_a_common_name_without_a_slash() -> None:
+    class Context:
+        def __init__(self, name: bytes) -> None:
+            self.name = name
+
+        def auth_context(self) -> dict[str, list[bytes]]:
+            return {"x509_common_name": [self.name]} if self.name else {}
+
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:5555"
+
+    assert identity_of(Context(b"hospital-a"), True) == "hospital-a"  # type: ignore[arg-type]
+    assert identity_of(Context(b""), False) == "peer:ipv4:127.0.0.1:5555"  # type: ignore[arg-type]
+    for bad in (b"", b"a/b"):  # "a/b" + client "c" would be the body's "a/b/c", like "a" + client "b/c"
+        with pytest.raises(Refused, match="common name"):
+            identity_of(Context(bad), True)  # type: ignore[arg-type]
 
 
 def test_plaintext_sessions_are_bound_to_their_token(toy_server) -> None:

@@ -50,9 +50,11 @@ def identity_of(context: grpc.ServicerContext, mutual_tls: bool) -> str:
     """
     if mutual_tls:
         names = context.auth_context().get("x509_common_name") or []
-        if not names or not names[0]:
-            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "the client certificate has no common name")
-        return names[0].decode("utf-8", errors="replace")
+        name = names[0].decode("utf-8", errors="replace") if names else ""
+        if not name or "/" in name:  # the body sees identity/client_id: one "/" must split it unambiguously
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED,
+                          f"the client certificate's common name {name!r} is empty or contains '/'")
+        return name
     return "peer:" + context.peer()  # ipv4:127.0.0.1:5555, ipv6:[::1]:5555, unix:...
 
 
