@@ -157,10 +157,11 @@ class Dispatcher:
 
     def _warn(self, kind: str, peer: Peer, message: str, *args: object) -> None:
         """Log a refusal of ``peer``: the 1st, 2nd, 4th, 8th ... of each kind, so a flood cannot flood the log."""
+        who = peer.identity if peer.authenticated else "plaintext peers"  # bounded: one entry per certificate
         with self._log_lock:
-            n = self._refusals[(kind, peer.identity)] = self._refusals.get((kind, peer.identity), 0) + 1
+            n = self._refusals[(kind, who)] = self._refusals.get((kind, who), 0) + 1
         if n & (n - 1) == 0:
-            log.warning(message + " [from %s; refusal %d of this kind]", *args, peer.identity, n)
+            log.warning(message + " [from %s; refusal %d of this kind from %s]", *args, peer.identity, n, who)
 
     def _body(self) -> contextlib.AbstractContextManager[Any]:
         return self.body_lock if self.serialize else contextlib.nullcontext()
@@ -237,7 +238,8 @@ class Dispatcher:
                 return None, _error(ErrorCode.LIMIT, f"{peer.identity!r} holds {mine} sessions on this split server, "
                                                      f"its limit (split.max_sessions_per_identity); close one or wait "
                                                      f"{self.caps.idle_timeout:g} s for an idle one to expire", frame)
-            known = self._client_ids.setdefault(peer.identity, set())
+            # a plaintext connection is a throwaway identity: tracking its ids would only grow this table
+            known = self._client_ids.setdefault(peer.identity, set()) if peer.authenticated else set()
             if frame.client_id not in known and len(known) >= self.caps.max_clients_per_identity:
                 self._warn("clients", peer, "split open of %s refused: its identity opened %d client ids",
                            frame.client_id, len(known))
