@@ -5,7 +5,8 @@ One frame is one gRPC message. All integers are little-endian::
     header (24 bytes)  magic b"FPSF" | version u8 | kind u8 | flags u8 | code u8 | step i64
                        | n_tensors u16 | client_id_len u16 | text_len u32
     client_id          UTF-8, client_id_len bytes
-    text               UTF-8, text_len bytes (the fingerprint of an open, the message of an error)
+    text               UTF-8, text_len bytes (an open: session token, newline, fingerprint; a forward,
+                       backward or close: the session token; an error: its message)
     per tensor         name_len u16 | dtype u8 | wire u8 | ndim u8 | name (UTF-8)
                        | ndim x u64 dims | nbytes u64 | nbytes raw bytes (C order)
 
@@ -16,7 +17,9 @@ tensor back in ``dtype``. ``flags`` bit 0 says the sender wants bf16 in the repl
 
 :func:`decode` checks the whole frame (magic, version, kind, flags, counts, string lengths, dtype
 whitelist, ndim, every dim, shape product against the byte count, the total decoded size) before it
-allocates any tensor, and raises :class:`~fedpeft.errors.SplitError` on anything malformed.
+allocates any tensor, and raises :class:`~fedpeft.errors.SplitError` on anything malformed; a
+server's limits also bound the tokens of every ``[batch, tokens, ...]`` tensor (``max_seq_len``,
+``max_tokens``) at that point.
 """
 
 from __future__ import annotations
