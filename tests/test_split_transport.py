@@ -234,12 +234,26 @@ def test_size_limits_and_finite_check() -> None:
         encode(Kind.FORWARD, "c", 0, {}, wire_dtype="fp8")
 
 
+def test_token_bounds_are_checked_from_the_header() -> None:
+    """The sequence and token caps read only the declared shape: a frame whose data is missing fails on them."""
+    limits = Limits(max_seq_len=48, max_tokens=256)
+    ok = encode(Kind.FORWARD, "c", 0, {"hidden": torch.zeros(5, 48, 8), "attention_mask": torch.ones(5, 48)})
+    assert decode(ok, limits).tensors["hidden"].shape == (5, 48, 8)
+    long = encode(Kind.FORWARD, "c", 0, {"hidden": torch.zeros(1, 49, 8)})
+    with pytest.raises(SplitError, match="sequence of 49 tokens"):
+        decode(long[:-100], limits)  # truncated: the shape alone decides
+    with pytest.raises(SplitError, match="6 x 48 = 288 tokens"):
+        decode(encode(Kind.BACKWARD, "c", 0, {"grad": torch.zeros(6, 48, 8)}), limits)
+    assert decode(encode(Kind.FORWARD, "c", 0, {"flat": torch.zeros(1000)}), limits)  # 1-D tensors carry no tokens
+
+
 def test_frame_overhead_is_small() -> None:
     t = {"hidden": torch.zeros(8, 48, 64), "attention_mask": torch.ones(8, 48, dtype=torch.int64)}
-    size = encoded_size(t, None, "client-0")
+    size = encoded_size(t, None, "client-0", TOKEN)  # a request carries its session token
     payload = sum(v.numel() * v.element_size() for v in t.values())
     log.info("forward frame: %d bytes, payload %d, overhead %d", size, payload, size - payload)
-    assert size - payload == 24 + 8 + (5 + 6 + 3 * 8 + 8) + (5 + 14 + 2 * 8 + 8)
+    assert size - payload == 24 + 8 + TOKEN_CHARS + (5 + 6 + 3 * 8 + 8) + (5 + 14 + 2 * 8 + 8)
+    assert size == 101_526  # docs/split-transport.md
 
 
 # ------------------------------------------------------------------------------------ transport
