@@ -120,7 +120,7 @@ def _refuse_open_plaintext(host: str, certs: object, insecure: bool) -> None:
 def serve(body: BodyService, host: str = "127.0.0.1", port: int = 0, certs: CertPaths | str | Path | None = None, *,
           max_message_bytes: int = DEFAULT_MAX_MESSAGE, state_dir: str | Path | None = None,
           save_every: int = 10, serialize: bool | None = None, limits: Limits | None = None,
-          server_limits: ServerLimits | None = None, max_frame_tokens: int = 0,
+          server_limits: ServerLimits | None = None, max_frame_tokens: int = 8192,
           insecure: bool = False) -> SplitServer:
     """Start serving ``body`` on ``host:port`` (0 = a free port) and return at once.
 
