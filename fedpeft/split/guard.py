@@ -85,11 +85,6 @@ class StreamGate:
             if n > 0:
                 self._open[identity] = n
 
-    def count(self, identity: str) -> int:
-        """Streams of ``identity`` open now."""
-        with self._lock:
-            return self._open.get(identity, 0)
-
 
 _END = object()
 

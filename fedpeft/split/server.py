@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 class SplitServer:
     """A running split server: its bound ``port``; ``stop()`` saves the state and shuts down."""
 
-    def __init__(self, server: grpc.Server, dispatcher: Dispatcher, gate: StreamGate, host: str, port: int) -> None:
-        self._server, self._dispatcher, self.gate, self.host, self.port = server, dispatcher, gate, host, port
+    def __init__(self, server: grpc.Server, dispatcher: Dispatcher, host: str, port: int) -> None:
+        self._server, self._dispatcher, self.host, self.port = server, dispatcher, host, port
         self._stopped = threading.Event()
         threading.Thread(target=self._sweep, name="split-idle-sweeper", daemon=True).start()
 
@@ -187,7 +187,7 @@ def serve(body: BodyService, host: str = "127.0.0.1", port: int = 0, certs: Cert
     server.start()
     log.info("split server on %s:%d (%s, state %s, %s)", host, bound,
              "mutual TLS" if certs is not None else "plaintext", state_dir or "not saved", server_limits)
-    return SplitServer(server, dispatcher, gate, host, bound)
+    return SplitServer(server, dispatcher, host, bound)
 
 
 def serve_forever(server: SplitServer) -> None:

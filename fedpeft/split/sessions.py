@@ -337,9 +337,9 @@ class Dispatcher:
                     session.stream = None
                     self._drop(key, session)
 
-    def expire(self, now: float | None = None) -> int:
+    def expire(self) -> int:
         """Close and forget the sessions idle for ``caps.idle_timeout`` seconds (not one in a call); how many."""
-        now = time.monotonic() if now is None else now
+        now = time.monotonic()
         with self._lock:
             idle = [(k, s) for k, s in self.sessions.items() if now - s.seen >= self.caps.idle_timeout]
         expired = 0
