@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 FAST = RetryPolicy(initial=0.05, multiplier=2.0, max_delay=0.5, total=10.0)
 IDLE = 2.0  # split.idle_timeout of the server under attack
 LIMITS = {"split.max_sessions": 12, "split.max_sessions_per_identity": 4, "split.max_streams": 16,
-          "split.max_streams_per_identity": 2, "split.idle_timeout": IDLE, "split.max_frame_tokens": 256}
-CLIENTS = ("alice", "mallory-hijack", "mallory-long", "mallory-idle", "mallory-flood")
+          "split.max_streams_per_identity": 2, "split.idle_timeout": IDLE, "split.max_frame_tokens": 4096}
+CLIENTS = ("alice", "mallory-hijack", "mallory-long", "mallory-memory", "mallory-idle", "mallory-flood")
 
 
 @dataclass
@@ -167,9 +167,9 @@ def test_a_sequence_beyond_max_length_is_refused_before_any_work(server: Server)
     answer = mallory.send(frame)
     assert (answer.kind, answer.code) == (Kind.ERROR, ErrorCode.MALFORMED)
     assert f"at most {server.max_length} (the model's max_length)" in answer.text
-    answer = mallory.send(encode(Kind.FORWARD, "long", 2, _forward(server.hidden, 8, 40), text=token))
+    answer = mallory.send(encode(Kind.FORWARD, "long", 2, _forward(server.hidden, 100, 48), text=token))
     assert (answer.kind, answer.code) == (Kind.ERROR, ErrorCode.MALFORMED)
-    assert "8 x 40 = 320 tokens" in answer.text and "split.max_frame_tokens" in answer.text
+    assert "100 x 48 = 4800 tokens" in answer.text and "split.max_frame_tokens" in answer.text
     grown = server.rss() - before
     log.info("server RSS grew by %.1f MB over the refused 4,000-token frame", grown / 1e6)
     assert grown < 64e6
@@ -184,6 +184,28 @@ def test_a_sequence_beyond_max_length_is_refused_before_any_work(server: Server)
     assert (lost.kind, lost.code) == (Kind.ERROR, ErrorCode.STATE_LOST)
     assert again.send(encode(Kind.CLOSE, "long", 0, text=token)).kind == Kind.REPLY
     again.end()
+
+
+def test_activation_memory_is_returned_when_the_stream_ends(server: Server) -> None:
+    """Valid forwards whose backward never comes: their memory must not outlive the attacker's stream."""
+    mallory = RawStream(server.channel("mallory-memory"))
+    before = server.rss()
+    for s in range(4):
+        token = session_token()
+        assert mallory.send(encode(Kind.OPEN, f"m{s}", 0, text=open_text(token, server.fingerprint))).kind \
+            == Kind.REPLY
+        for step in range(1, 5):  # the body keeps 4 pending forwards per session
+            frame = encode(Kind.FORWARD, f"m{s}", step, _forward(server.hidden, 64, server.max_length), text=token)
+            assert mallory.send(frame).kind == Kind.REPLY
+    held = server.rss() - before
+    mallory.end()
+    deadline, left = time.monotonic() + 5, held
+    while time.monotonic() < deadline and left > held / 4:
+        time.sleep(0.2)
+        left = server.rss() - before
+    log.info("16 pending forwards of 64 x %d tokens held %.0f MB; %.0f MB after the stream ended",
+             server.max_length, held / 1e6, left / 1e6)
+    assert held > 100e6 and left < held / 4
 
 
 def test_idle_streams_do_not_shut_other_clients_out(server: Server) -> None:
@@ -250,7 +272,7 @@ def test_the_client_reports_a_refusal_clearly(server: Server) -> None:
     with server.body("alice") as alice:
         alice.open("big", server.fingerprint)
         with pytest.raises(SplitError, match="split.max_frame_tokens"):
-            alice.forward("big", 1, _forward(server.hidden, 16, 40))
+            alice.forward("big", 1, _forward(server.hidden, 100, 48))
         alice.close("big")
 
 
