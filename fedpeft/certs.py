@@ -4,6 +4,8 @@ Shared by ``deploy/`` and ``split/``, so it lives beside neither and imports nei
 
 ``make_certs`` writes a private CA and a server certificate signed by it (SANs: the host name,
 ``localhost``, ``127.0.0.1``, ``::1``); SuperNodes and the ``flwr`` CLI trust ``ca.crt``.
+``make_client_cert`` signs a client certificate with that CA (its common name is the client's
+identity on the split server, which requires one from each client: mutual TLS).
 ``make_node_key`` writes an EC P-384 key pair in OpenSSH format, the same as
 ``ssh-keygen -t ecdsa -b 384``; its public half is registered with ``flwr supernode register``.
 """
@@ -35,6 +37,14 @@ class CertPaths:
     ca_key: Path
     server_cert: Path
     server_key: Path
+
+
+@dataclass(frozen=True)
+class ClientCert:
+    """Files written by :func:`make_client_cert`."""
+
+    cert: Path
+    key: Path
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,40 @@ def make_certs(host: str, out: Path, days: int = 365, extra_names: list[str] | N
     _write(paths.server_cert, cert.public_bytes(serialization.Encoding.PEM), force=force)
     _write(paths.server_key, _key_pem(key), secret=True, force=force)
     log.info("wrote CA and server certificate for %s into %s", ", ".join(dict.fromkeys(names)), out)
+    return paths
+
+
+def make_client_cert(ca_dir: Path, name: str, out: Path | None = None, days: int = 365,
+                     force: bool = False) -> ClientCert:
+    """Sign a client certificate with common name ``name`` by the CA in ``ca_dir`` (``ca.crt`` + ``ca.key``).
+
+    Writes ``<name>.crt`` / ``<name>.key`` into ``out`` (default ``ca_dir``). The split server takes the
+    common name as the client's identity, so give every client its own name.
+    """
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise FedPeftError(f"client name {name!r}: use letters, digits, '-', '_' and '.' only")
+    try:
+        ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+        ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise FedPeftError(f"cannot read the CA in {ca_dir} (ca.crt, ca.key from `fedpeft certs`): {exc}") from exc
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise FedPeftError(f"{ca_dir / 'ca.key'} is not an EC key written by `fedpeft certs`")
+    out = out or ca_dir
+    out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = ClientCert(out / f"{name}.crt", out / f"{name}.key")
+    _write(paths.cert, cert.public_bytes(serialization.Encoding.PEM), force=force)
+    _write(paths.key, _key_pem(key), secret=True, force=force)
+    log.info("wrote client certificate %s (common name %s)", paths.cert, name)
     return paths
 
 

@@ -159,10 +159,11 @@ def cmd_split_server(args: argparse.Namespace) -> int:
 
     def ready(server: Any) -> None:
         console.print(f"split server for [bold]{cfg.run.name}[/] listening on {args.host}:{server.port} "
-                      f"({'TLS' if args.certs else 'plaintext'}); Ctrl-C to stop")
+                      f"({'mutual TLS' if args.certs else 'plaintext'}); Ctrl-C to stop")
         print(json.dumps({"split_server": f"{args.host}:{server.port}"}), flush=True)
 
-    run_split_server(cfg, args.host, args.port, args.certs, args.state_dir, save_every=args.save_every, on_ready=ready)
+    run_split_server(cfg, args.host, args.port, args.certs, args.state_dir, save_every=args.save_every,
+                     insecure=args.insecure, on_ready=ready)
     return 0
 
 
@@ -286,6 +287,14 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_client_cert(args: argparse.Namespace) -> int:
+    from fedpeft import certs
+
+    paths = certs.make_client_cert(args.ca_dir, args.name, args.out, args.days, args.force)
+    print(json.dumps({"cert": str(paths.cert), "key": str(paths.key)}))
+    return 0
+
+
 def cmd_node_key(args: argparse.Namespace) -> int:
     from fedpeft import certs
 
@@ -334,7 +343,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 COMMANDS = {"simulate": cmd_simulate, "compare-compression": cmd_compare_compression, "config": cmd_config,
             "doctor": cmd_doctor,
             "audit": cmd_audit, "split-server": cmd_split_server,
-            "superlink": cmd_superlink, "node": cmd_node, "certs": cmd_certs, "node-key": cmd_node_key,
+            "superlink": cmd_superlink, "node": cmd_node, "certs": cmd_certs, "client-cert": cmd_client_cert,
+            "node-key": cmd_node_key,
             "register-node": cmd_register_node, "run": cmd_run, "status": cmd_status, "logs": cmd_logs}
 
 

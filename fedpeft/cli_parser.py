@@ -85,7 +85,10 @@ def _split_parser(sub: argparse._SubParsersAction) -> None:
     _scenario_args(sp)
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sp.add_argument("--port", type=int, default=9200, help="port (0 = any free port; the address is printed)")
-    sp.add_argument("--certs", type=Path, help="directory with ca.crt, server.crt, server.key (TLS)")
+    sp.add_argument("--certs", type=Path, help="directory with ca.crt, server.crt, server.key: mutual TLS, every "
+                                               "client needs a certificate from that CA (fedpeft client-cert)")
+    sp.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback --host (anyone who "
+                                                            "reaches the port is served; tests only)")
     sp.add_argument("--state-dir", type=Path, help="keep the server-side adapters here across restarts")
     sp.add_argument("--save-every", type=int, default=10, help="save the state every N backward steps")
 
@@ -125,6 +128,12 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     certs.add_argument("--out", type=Path, required=True)
     certs.add_argument("--days", type=int, default=365)
     certs.add_argument("--force", action="store_true", help="overwrite existing files")
+    client = sub.add_parser("client-cert", help="sign a split client's certificate with the CA of `fedpeft certs`")
+    client.add_argument("--ca-dir", type=Path, required=True, help="directory with ca.crt and ca.key")
+    client.add_argument("--name", required=True, help="the client's identity (certificate common name)")
+    client.add_argument("--out", type=Path, help="where to write NAME.crt and NAME.key (default: --ca-dir)")
+    client.add_argument("--days", type=int, default=365)
+    client.add_argument("--force", action="store_true", help="overwrite existing files")
     key = sub.add_parser("node-key", help="create a SuperNode key pair (EC P-384, OpenSSH format)")
     key.add_argument("--out", type=Path, required=True)
     key.add_argument("--name", default="node_key", help="file name of the private key (.pub beside it)")

@@ -237,12 +237,34 @@ class SplitSection:
     server_adapters: str = option("per_client", choices=("per_client", "shared"),
                                 help="server-side adapters: one set per client, or one set all clients train")
     address: str = option("", help="host:port of a split server (fedpeft split-server); empty = in-process body")
-    ca_cert: str = option("", help="CA certificate of the split server (TLS); empty = plaintext (loopback only)")
+    ca_cert: str = option("", help="CA certificate of the split server (mutual TLS, with split.client_cert and "
+                                   "split.client_key); empty = plaintext (loopback only)")
+    client_cert: str = option("", help="this client's certificate for the split server's mutual TLS "
+                                       "(fedpeft client-cert); its common name is the client's identity")
+    client_key: str = option("", help="the private key of split.client_cert")
     activation_noise: float = option(0.0, lo=0.0, help="std of Gaussian noise on the activations sent")
     local_loss_steps: int = option(0, lo=0, help="SFPrompt client-only steps per round (front -> back, no server)")
     prune_fraction: float = option(0.0, lo=0.0, hi=0.99,
                                  help="SFPrompt EL2N pruning: drop this fraction of the easiest examples per round")
     wire_dtype: str = option("fp32", choices=("fp32", "bf16"), help="float tensors on the split wire")
+    max_sessions: int = option(64, lo=1, hi=100_000,
+                               help="split server: open sessions at most (all clients); one more open is refused")
+    max_sessions_per_identity: int = option(16, lo=1, hi=100_000,
+                                            help="split server: open sessions of one client identity at most")
+    max_clients_per_identity: int = option(1024, lo=1, hi=10**7,
+                                           help="split server: distinct client ids one identity may open while the "
+                                                "server runs (each may get its own server adapters)")
+    max_streams: int = option(64, lo=1, hi=4096,
+                              help="split server: concurrent streams at most (its worker threads)")
+    max_streams_per_identity: int = option(4, lo=1, hi=4096,
+                                           help="split server: concurrent streams of one client identity "
+                                                "(certificate common name; in plaintext: one connection)")
+    idle_timeout: float = option(120.0, lo=0.5, hi=86_400.0,
+                                 help="split server: seconds without a request before a stream is ended and "
+                                      "a session closed (its activations freed)")
+    max_frame_tokens: int = option(8192, lo=1, hi=1 << 24,
+                                   help="split server: tokens (batch x sequence) per forward/backward frame at most; "
+                                        "the sequence is also bounded by model.max_length (+ soft prompt)")
 
 
 @dataclass

@@ -261,7 +261,9 @@ def test_byte_accounting_equals_the_encoded_frames(tmp_path: Path) -> None:
     split = _split("tiny-gpt2", "causal_lm")
     tap = Tap(BodyServer.from_split(split, cfg))
     result = SplitClient(split, tap, "c", cfg).train(ds, collate, seed=3)
-    sizes = [len(frames.encode(frames.Kind.FORWARD if c[0] == "forward" else frames.Kind.BACKWARD, "c", c[1], c[2]))
+    token = frames.session_token()  # a request carries its session token
+    sizes = [len(frames.encode(frames.Kind.FORWARD if c[0] == "forward" else frames.Kind.BACKWARD, "c", c[1], c[2],
+                               text=token))
              for c in tap.calls if c[0] in ("forward", "backward")]
     assert result.bytes_sent == sum(sizes)
     assert [b.sent for b in result.step_bytes] == [sizes[0] + sizes[1], sizes[2] + sizes[3]]

@@ -31,13 +31,15 @@ from fedpeft import certs
 from fedpeft.deploy.flower import free_port
 from fedpeft.errors import SplitError
 from fedpeft.split import frames
-from fedpeft.split.frames import ErrorCode, Kind, Limits, decode, encode, encoded_size
+from fedpeft.split.frames import TOKEN_CHARS, ErrorCode, Kind, Limits, decode, encode, encoded_size, open_text
+from fedpeft.split.guard import Refused, ServerLimits, identity_of
 from fedpeft.split.server import build_body, serve
 from fedpeft.split.service import BodyService
 from fedpeft.split.transport import METHOD, REJOIN, GrpcBody, RetryPolicy
 
 log = logging.getLogger(__name__)
 FAST = RetryPolicy(initial=0.05, multiplier=2.0, max_delay=0.5, total=10.0)
+TOKEN = "ab" * (TOKEN_CHARS // 2)  # a session token for raw frames
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool]
 
@@ -232,12 +234,26 @@ def test_size_limits_and_finite_check() -> None:
         encode(Kind.FORWARD, "c", 0, {}, wire_dtype="fp8")
 
 
+def test_token_bounds_are_checked_from_the_header() -> None:
+    """The sequence and token caps read only the declared shape: a frame whose data is missing fails on them."""
+    limits = Limits(max_seq_len=48, max_tokens=256)
+    ok = encode(Kind.FORWARD, "c", 0, {"hidden": torch.zeros(5, 48, 8), "attention_mask": torch.ones(5, 48)})
+    assert decode(ok, limits).tensors["hidden"].shape == (5, 48, 8)
+    long = encode(Kind.FORWARD, "c", 0, {"hidden": torch.zeros(1, 49, 8)})
+    with pytest.raises(SplitError, match="sequence of 49 tokens"):
+        decode(long[:-100], limits)  # truncated: the shape alone decides
+    with pytest.raises(SplitError, match="6 x 48 = 288 tokens"):
+        decode(encode(Kind.BACKWARD, "c", 0, {"grad": torch.zeros(6, 48, 8)}), limits)
+    assert decode(encode(Kind.FORWARD, "c", 0, {"flat": torch.zeros(1000)}), limits)  # 1-D tensors carry no tokens
+
+
 def test_frame_overhead_is_small() -> None:
     t = {"hidden": torch.zeros(8, 48, 64), "attention_mask": torch.ones(8, 48, dtype=torch.int64)}
-    size = encoded_size(t, None, "client-0")
+    size = encoded_size(t, None, "client-0", TOKEN)  # a request carries its session token
     payload = sum(v.numel() * v.element_size() for v in t.values())
     log.info("forward frame: %d bytes, payload %d, overhead %d", size, payload, size - payload)
-    assert size - payload == 24 + 8 + (5 + 6 + 3 * 8 + 8) + (5 + 14 + 2 * 8 + 8)
+    assert size - payload == 24 + 8 + TOKEN_CHARS + (5 + 6 + 3 * 8 + 8) + (5 + 14 + 2 * 8 + 8)
+    assert size == 101_526  # docs/split-transport.md
 
 
 # ------------------------------------------------------------------------------------ transport
@@ -263,10 +279,10 @@ def test_loopback_round_trips_equal_in_process_calls_exactly(toy_server) -> None
         stats = remote.stats
     assert_same(got, run_steps(ToyBody(), "alice", 5, seed=1))
     g = torch.Generator().manual_seed(1)
-    fwd = encoded_size(_batch(g), None, "alice")
+    fwd = encoded_size(_batch(g), None, "alice", TOKEN)  # a request carries the session token
     assert stats.calls == 12 and stats.retries == 0
     assert stats.by_kind["forward"] == [5 * fwd, 5 * encoded_size({"hidden": torch.zeros(2, 5, 16)}, None, "alice")]
-    assert stats.by_kind["backward"][0] == 5 * encoded_size({"grad": torch.zeros(2, 5, 16)}, None, "alice")
+    assert stats.by_kind["backward"][0] == 5 * encoded_size({"grad": torch.zeros(2, 5, 16)}, None, "alice", TOKEN)
     log.info("per step: %d bytes up, %d down", *(a + b for a, b in zip(stats.by_kind["forward"],
                                                                       stats.by_kind["backward"])))
 
@@ -296,20 +312,105 @@ def test_bf16_wire_halves_the_bytes_and_rounds_both_ways(toy_server) -> None:
     assert_same(got, want)
 
 
-def test_tls_with_fedpeft_certificates(toy_server, tmp_path: Path) -> None:
+def test_mutual_tls_with_fedpeft_certificates(toy_server, tmp_path: Path) -> None:
     pki = certs.make_certs("localhost", tmp_path / "pki")
-    server = toy_server(certs=pki)
-    with GrpcBody(f"localhost:{server.port}", ca_cert=pki.ca_cert, retry=FAST) as remote:
-        assert_same(run_steps(remote, "tls", 2), run_steps(ToyBody(), "tls", 2))
+    alice = certs.make_client_cert(pki.ca_cert.parent, "alice")
+    body = ToyBody()
+    server = toy_server(body, certs=pki)
+    with GrpcBody(f"localhost:{server.port}", ca_cert=pki.ca_cert, client_cert=alice.cert, client_key=alice.key,
+                  retry=FAST) as remote:
+        assert_same(run_steps(remote, "tls", 2), run_steps(ToyBody(), "alice/tls", 2))
+    assert list(body.weights) == ["alice/tls"]  # the body keeps the session under the certificate's identity
     quick = RetryPolicy(initial=0.05, total=0.6)
     with pytest.raises(SplitError, match="gave up"), GrpcBody(server.address, retry=quick) as plain:
         plain.open("p", FINGERPRINT)
+    with pytest.raises(SplitError, match="gave up"), GrpcBody(server.address, ca_cert=pki.ca_cert,
+                                                              retry=quick) as no_client_cert:
+        no_client_cert.open("n", FINGERPRINT)
+    rogue = certs.make_client_cert(certs.make_certs("localhost", tmp_path / "rogue").ca_cert.parent, "alice")
+    with pytest.raises(SplitError, match="gave up"), GrpcBody(server.address, ca_cert=pki.ca_cert, retry=quick,
+                                                              client_cert=rogue.cert, client_key=rogue.key) as forged:
+        forged.open("tls", FINGERPRINT)  # the right name, signed by another CA
+    with pytest.raises(SplitError, match="both the client certificate and its key"):
+        GrpcBody(server.address, ca_cert=pki.ca_cert, client_cert=alice.cert)
     other = certs.make_certs("localhost", tmp_path / "other")
     with pytest.raises(SplitError, match="gave up"), GrpcBody(server.address, ca_cert=other.ca_cert,
                                                               retry=quick) as wrong_ca:
         wrong_ca.open("w", FINGERPRINT)
     with pytest.raises(SplitError, match="CA certificate"):
         GrpcBody(server.address, ca_cert=tmp_path / "missing.crt")
+    mtls = {"ca_cert": pki.ca_cert, "client_cert": alice.cert, "client_key": alice.key, "retry": FAST}
+    with GrpcBody(f"localhost:{server.port}", **mtls) as old, GrpcBody(f"localhost:{server.port}", **mtls) as new:
+        old.open("again", FINGERPRINT)
+        new.open("again", FINGERPRINT)  # the same identity may start over (e.g. its process restarted) ...
+        with pytest.raises(SplitError, match="DENIED"):
+            old.forward("again", 0, _batch(torch.Generator().manual_seed(0)))  # ... and the old session is gone
+        new.close("again")
+
+
+def test_an_identity_is_a_common_name_without_a_slash() -> None:
+    class Context:
+        def __init__(self, name: bytes) -> None:
+            self.name = name
+
+        def auth_context(self) -> dict[str, list[bytes]]:
+            return {"x509_common_name": [self.name]} if self.name else {}
+
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:5555"
+
+    assert identity_of(Context(b"hospital-a"), True) == "hospital-a"  # type: ignore[arg-type]
+    assert identity_of(Context(b""), False) == "peer:ipv4:127.0.0.1:5555"  # type: ignore[arg-type]
+    for bad in (b"", b"a/b"):  # "a/b" + client "c" would be the body's "a/b/c", like "a" + client "b/c"
+        with pytest.raises(Refused, match="common name"):
+            identity_of(Context(bad), True)  # type: ignore[arg-type]
+
+
+def test_plaintext_sessions_are_bound_to_their_token(toy_server) -> None:
+    """Without certificates anyone on loopback may name a client id; only its token's holder may use it."""
+    body = ToyBody()
+    server = toy_server(body)
+    with pytest.raises(SplitError, match="plaintext"):
+        serve(ToyBody(), "0.0.0.0", 0)
+    g = torch.Generator().manual_seed(0)
+    with GrpcBody(server.address, retry=FAST) as victim:
+        victim.open("vic", FINGERPRINT)
+        y = victim.forward("vic", 0, _batch(g))["hidden"]
+        guess = "cd" * (TOKEN_CHARS // 2)
+        answers = raw_exchange(server.address, [
+            encode(Kind.BACKWARD, "vic", 0, {"grad": torch.ones(2, 5, 16)}, text=guess),
+            encode(Kind.CLOSE, "vic", 0, text=guess),
+            encode(Kind.OPEN, "vic", 0, text=open_text(guess, FINGERPRINT)),
+            encode(Kind.OPEN, "vic", 0, text=open_text(guess, FINGERPRINT), code=REJOIN)])
+        assert [(a.kind, a.code) for a in answers] == [(Kind.ERROR, ErrorCode.DENIED)] * 4
+        assert "another session" in answers[0].text and body.backward_calls == 0
+        victim.backward("vic", 0, {"grad": y - 0.5})
+        victim.close("vic")
+    assert body.backward_calls == 1 and victim.stats.replays == 0
+
+
+def test_the_session_caps_refuse_one_more_open_with_a_clear_error(toy_server, tmp_path: Path) -> None:
+    server = toy_server(server_limits=ServerLimits(max_sessions=3, max_sessions_per_identity=10))
+    answers = raw_exchange(server.address, [encode(Kind.OPEN, f"s{i}", 0, text=open_text(TOKEN, FINGERPRINT))
+                                            for i in range(4)])
+    assert [(a.kind, a.code) for a in answers] == [(Kind.REPLY, Kind.OPEN)] * 3 + [(Kind.ERROR, ErrorCode.LIMIT)]
+    assert server.sessions == 3  # the stream ended: they wait for their clients to rejoin (until idle_timeout)
+    with pytest.raises(SplitError, match="split.max_sessions"), GrpcBody(server.address, retry=FAST) as late:
+        late.open("s4", FINGERPRINT)
+    # one identity opens and closes new client ids one after the other: each may cost a set of server adapters
+    pki = certs.make_certs("localhost", tmp_path / "pki")
+    mallory = certs.make_client_cert(pki.ca_cert.parent, "mallory")
+    body = ToyBody()
+    server = toy_server(body, certs=pki, server_limits=ServerLimits(max_clients_per_identity=3))
+    with GrpcBody(f"localhost:{server.port}", ca_cert=pki.ca_cert, client_cert=mallory.cert,
+                  client_key=mallory.key, retry=FAST) as remote:
+        for i in range(3):
+            remote.open(f"c{i}", FINGERPRINT)
+            remote.close(f"c{i}")
+        with pytest.raises(SplitError, match="split.max_clients_per_identity"):
+            remote.open("c3", FINGERPRINT)
+        remote.open("c0", FINGERPRINT)  # a client id it already has is fine
+    assert sorted(body.weights) == ["mallory/c0", "mallory/c1", "mallory/c2"]
 
 
 def test_malformed_frames_get_error_frames_and_the_server_stays_up(toy_server) -> None:
@@ -317,22 +418,24 @@ def test_malformed_frames_get_error_frames_and_the_server_stays_up(toy_server) -
     g = torch.Generator().manual_seed(0)
     answers = raw_exchange(server.address, [
         b"\x00garbage" * 4,
-        encode(Kind.FORWARD, "bob", 0, _batch(g)),               # no session yet
-        encode(Kind.OPEN, "bob", 0, text=FINGERPRINT),
+        encode(Kind.FORWARD, "bob", 0, _batch(g), text=TOKEN),   # no session yet
+        encode(Kind.OPEN, "bob", 0, text=open_text(TOKEN, FINGERPRINT)),
         encode(Kind.REPLY, "bob", 0),                            # not a request
-        encode(Kind.FORWARD, "bob", 0, {"x": torch.zeros(2)}),   # the body raises KeyError
+        encode(Kind.FORWARD, "bob", 0, {"x": torch.zeros(2)}, text=TOKEN),   # the body raises KeyError
         encode(Kind.FORWARD, "bob", 1, {"hidden": torch.full((1, 2, 16), float("inf")),
-                                        "attention_mask": torch.ones(1, 2)}),
-        encode(Kind.OPEN, "eve", 0, text="another-model"),
-        encode(Kind.FORWARD, "bob", 2, _batch(g)),
+                                        "attention_mask": torch.ones(1, 2)}, text=TOKEN),
+        encode(Kind.OPEN, "eve", 0, text=open_text(TOKEN, "another-model")),
+        encode(Kind.OPEN, "eve", 0, text=FINGERPRINT),           # no session token
+        encode(Kind.FORWARD, "bob", 2, _batch(g), text=TOKEN),
     ])
     kinds = [(a.kind, a.code) for a in answers]
     assert kinds == [(Kind.ERROR, ErrorCode.MALFORMED), (Kind.ERROR, ErrorCode.NOT_OPEN), (Kind.REPLY, Kind.OPEN),
                      (Kind.ERROR, ErrorCode.MALFORMED), (Kind.ERROR, ErrorCode.INTERNAL),
                      (Kind.ERROR, ErrorCode.MALFORMED), (Kind.ERROR, ErrorCode.REJECTED),
-                     (Kind.REPLY, Kind.FORWARD)]
+                     (Kind.ERROR, ErrorCode.REJECTED), (Kind.REPLY, Kind.FORWARD)]
     assert "not a fedpeft split frame" in answers[0].text and "KeyError" in answers[4].text
     assert "NaN or infinite" in answers[5].text and "fingerprint" in answers[6].text
+    assert "session token" in answers[7].text
     with GrpcBody(server.address, retry=FAST) as remote:
         with pytest.raises(SplitError, match="fingerprint"):
             remote.open("eve", "another-model")
@@ -345,10 +448,11 @@ def test_a_repeated_request_is_answered_from_the_cache(toy_server) -> None:
     body = ToyBody()
     server = toy_server(body)
     g = torch.Generator().manual_seed(0)
-    fwd = encode(Kind.FORWARD, "dan", 0, _batch(g))
-    bwd = encode(Kind.BACKWARD, "dan", 0, {"grad": torch.ones(2, 5, 16)})
-    a = raw_exchange(server.address, [encode(Kind.OPEN, "dan", 0, text=FINGERPRINT), fwd, fwd, bwd, bwd,
-                                      encode(Kind.BACKWARD, "dan", 7, {"grad": torch.ones(2, 5, 16)})])
+    fwd = encode(Kind.FORWARD, "dan", 0, _batch(g), text=TOKEN)
+    bwd = encode(Kind.BACKWARD, "dan", 0, {"grad": torch.ones(2, 5, 16)}, text=TOKEN)
+    a = raw_exchange(server.address, [encode(Kind.OPEN, "dan", 0, text=open_text(TOKEN, FINGERPRINT)), fwd, fwd,
+                                      bwd, bwd,
+                                      encode(Kind.BACKWARD, "dan", 7, {"grad": torch.ones(2, 5, 16)}, text=TOKEN)])
     assert torch.equal(a[1].tensors["hidden"], a[2].tensors["hidden"])
     assert torch.equal(a[3].tensors["grad"], a[4].tensors["grad"]) and body.backward_calls == 1
     assert (a[5].kind, a[5].code) == (Kind.ERROR, ErrorCode.STATE_LOST)
@@ -398,12 +502,14 @@ def test_a_timed_out_call_reconnects_and_is_answered_once(toy_server) -> None:
     assert_same(got, run_steps(ToyBody(), "ida", 3))
 
 
-def test_a_stream_broken_between_forward_and_backward_keeps_the_server_state(toy_server) -> None:
+def test_a_stream_broken_between_forward_and_backward_applies_the_step_once(toy_server) -> None:
+    """The server frees a stream's forward state when the stream ends; the client rejoins and replays it
+    (unless its rejoin beat the server to noticing the end: then the state was still there)."""
     body = ToyBody()
     server = toy_server(body)
     with GrpcBody(server.address, retry=FAST) as remote:
         got = run_steps(remote, "jo", 3, before_backward=lambda step: remote.shutdown())  # drop the stream
-        assert remote.stats.reconnects == 3 and remote.stats.replays == 0
+        assert remote.stats.reconnects == 3 and remote.stats.replays <= 3
     assert body.backward_calls == 3
     assert_same(got, run_steps(ToyBody(), "jo", 3))
 
@@ -411,13 +517,14 @@ def test_a_stream_broken_between_forward_and_backward_keeps_the_server_state(toy
 def test_a_saved_reply_answers_a_repeated_backward_after_restart(toy_server, tmp_path: Path) -> None:
     first = toy_server(ToyBody(), state_dir=tmp_path / "state", save_every=1)
     g = torch.Generator().manual_seed(0)
-    bwd = encode(Kind.BACKWARD, "fay", 0, {"grad": torch.ones(2, 5, 16)})
-    a = raw_exchange(first.address, [encode(Kind.OPEN, "fay", 0, text=FINGERPRINT),
-                                     encode(Kind.FORWARD, "fay", 0, _batch(g)), bwd])
+    bwd = encode(Kind.BACKWARD, "fay", 0, {"grad": torch.ones(2, 5, 16)}, text=TOKEN)
+    a = raw_exchange(first.address, [encode(Kind.OPEN, "fay", 0, text=open_text(TOKEN, FINGERPRINT)),
+                                     encode(Kind.FORWARD, "fay", 0, _batch(g), text=TOKEN), bwd])
     first.stop(grace=0)
     body = ToyBody()
     second = toy_server(body, state_dir=tmp_path / "state")
-    b = raw_exchange(second.address, [encode(Kind.OPEN, "fay", 0, text=FINGERPRINT, code=REJOIN), bwd])
+    b = raw_exchange(second.address, [encode(Kind.OPEN, "fay", 0, text=open_text(TOKEN, FINGERPRINT), code=REJOIN),
+                                      bwd])
     assert b[1].kind == Kind.REPLY and torch.equal(a[2].tensors["grad"], b[1].tensors["grad"])
     assert body.backward_calls == 0  # the step was not applied a second time
 

@@ -82,6 +82,7 @@ class BodyServer:
         # overwritten (in process it is shared with the run's model, which evaluation loads trained adapters into)
         self._initial = {n: p.detach().clone() for n, p in body.named_parameters() if n in names}
         self.hidden_size = int(body._stack.config.hidden_size)
+        self.max_seq_len = 0  # tokens per sequence a forward may carry (the split server sets it); 0 = unbounded
         self._slots: dict[str, _Slot] = {}
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
@@ -231,6 +232,9 @@ class BodyServer:
             raise SplitError(f"forward of client {client_id!r} step {step}: hidden {tuple(hidden.shape)} "
                              f"{hidden.dtype} and attention_mask {tuple(mask.shape)} must be "
                              f"[B, T, {self.hidden_size}] floats and [B, T]")
+        if self.max_seq_len and hidden.shape[1] > self.max_seq_len:
+            raise SplitError(f"forward of client {client_id!r} step {step}: {hidden.shape[1]} tokens per sequence, "
+                             f"this body takes at most {self.max_seq_len} (the model's max_length)")
         return hidden, mask
 
     # ------------------------------------------------------------------ state

@@ -55,17 +55,18 @@ def check_wire(kind: str, tensors: Tensors) -> None:
             raise SplitError(f"{name!r} must be a 3-D float tensor [B, T, H], got {tuple(t.shape)} {t.dtype}")
 
 
-def wire_bytes(tensors: Tensors, wire_dtype: str | None = None, client_id: str = "") -> int:
-    """Bytes of one frame carrying ``tensors``: ``split.frames.encoded_size`` (exact), or raw bytes plus
-    ``HEADER_ESTIMATE`` per tensor and a 24-byte frame header if the frame module is unavailable."""
+def wire_bytes(tensors: Tensors, wire_dtype: str | None = None, client_id: str = "", request: bool = False) -> int:
+    """Bytes of one frame carrying ``tensors`` (a ``request`` also carries the session token):
+    ``split.frames.encoded_size`` (exact), or raw bytes plus ``HEADER_ESTIMATE`` per tensor and a
+    24-byte frame header if the frame module is unavailable."""
     try:
-        from fedpeft.split.frames import encoded_size
+        from fedpeft.split.frames import TOKEN_CHARS, encoded_size
     except ImportError:  # pragma: no cover - the transport is optional
         item = {"bf16": 2}.get(wire_dtype or "", 0)
-        return 24 + len(client_id.encode()) + sum(
+        return 24 + len(client_id.encode()) + 32 * request + sum(
             HEADER_ESTIMATE + t.numel() * (item if item and t.dtype in (torch.float32, torch.float64)
                                            else t.element_size()) for t in tensors.values())
-    return encoded_size(tensors, wire_dtype, client_id)
+    return encoded_size(tensors, wire_dtype, client_id, "0" * TOKEN_CHARS * request)
 
 
 @dataclass
@@ -150,7 +151,7 @@ class SplitClient:
         self._clip_and_step(optimizer)
         self.sent_log = [out_msg, grad_msg]
         wd, cid = self.options.wire_dtype, self.client_id
-        nbytes = StepBytes(sent=wire_bytes(out_msg, wd, cid) + wire_bytes(grad_msg, wd, cid),
+        nbytes = StepBytes(sent=wire_bytes(out_msg, wd, cid, True) + wire_bytes(grad_msg, wd, cid, True),
                            received=wire_bytes({"hidden": body_out}, wd, cid) + wire_bytes({"grad": grad}, wd, cid))
         return float(loss.detach()), nbytes
 

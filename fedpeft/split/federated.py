@@ -53,6 +53,7 @@ def make_service(cfg: Config, split: SplitModel) -> BodyService:
         from fedpeft.split.transport import GrpcBody  # the wire; grpc stays out of this module
 
         return GrpcBody(cfg.split.address, ca_cert=cfg.split.ca_cert or None,
+                        client_cert=cfg.split.client_cert or None, client_key=cfg.split.client_key or None,
                         wire_dtype=None if cfg.split.wire_dtype == "fp32" else cfg.split.wire_dtype)
     return BodyServer.from_split(split, cfg.train, cfg.split.server_adapters)
 

@@ -5,7 +5,8 @@ One frame is one gRPC message. All integers are little-endian::
     header (24 bytes)  magic b"FPSF" | version u8 | kind u8 | flags u8 | code u8 | step i64
                        | n_tensors u16 | client_id_len u16 | text_len u32
     client_id          UTF-8, client_id_len bytes
-    text               UTF-8, text_len bytes (the fingerprint of an open, the message of an error)
+    text               UTF-8, text_len bytes (an open: session token, newline, fingerprint; a forward,
+                       backward or close: the session token; an error: its message)
     per tensor         name_len u16 | dtype u8 | wire u8 | ndim u8 | name (UTF-8)
                        | ndim x u64 dims | nbytes u64 | nbytes raw bytes (C order)
 
@@ -16,12 +17,15 @@ tensor back in ``dtype``. ``flags`` bit 0 says the sender wants bf16 in the repl
 
 :func:`decode` checks the whole frame (magic, version, kind, flags, counts, string lengths, dtype
 whitelist, ndim, every dim, shape product against the byte count, the total decoded size) before it
-allocates any tensor, and raises :class:`~fedpeft.errors.SplitError` on anything malformed.
+allocates any tensor, and raises :class:`~fedpeft.errors.SplitError` on anything malformed; a
+server's limits also bound the tokens of every ``[batch, tokens, ...]`` tensor (``max_seq_len``,
+``max_tokens``) at that point.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -56,10 +60,35 @@ class ErrorCode(IntEnum):
     """Why the server answered with an error; the client retries only the recoverable ones."""
 
     INTERNAL = 1      # the body failed unexpectedly (fatal for the call)
-    MALFORMED = 2     # the request frame failed validation (fatal)
+    MALFORMED = 2     # the request frame failed validation, e.g. too many tokens (fatal)
     REJECTED = 3      # the body refused the request, e.g. a fingerprint mismatch (fatal)
     NOT_OPEN = 4      # no session for this client in this server process: re-open, then retry
     STATE_LOST = 5    # backward without the forward state (server restarted): replay the forward
+    DENIED = 6        # the session belongs to another holder (wrong session token) (fatal)
+    LIMIT = 7         # a server limit is reached, e.g. split.max_sessions (fatal for the call)
+
+
+REJOIN = 1  # ``code`` of an OPEN frame sent after a reconnect: keep the session's state
+TOKEN_CHARS = 32  # a session token: 16 random bytes in hex, chosen by the client at open
+
+
+def session_token() -> str:
+    """A fresh secret session token (the client keeps it for the life of its session)."""
+    return secrets.token_hex(TOKEN_CHARS // 2)
+
+
+def open_text(token: str, fingerprint: str) -> str:
+    """The text of an open frame: the session token, a newline, the model/cut fingerprint."""
+    return f"{token}\n{fingerprint}"
+
+
+def parse_open_text(text: str) -> tuple[str, str]:
+    """``(token, fingerprint)`` of an open frame's text; ``SplitError`` if there is no valid token."""
+    token, sep, fingerprint = text.partition("\n")
+    if not sep or len(token) != TOKEN_CHARS or not all(c in "0123456789abcdef" for c in token):
+        raise SplitError(f"an open must carry a {TOKEN_CHARS}-hex-digit session token, a newline and the "
+                         f"fingerprint (a client older than this server?)")
+    return token, fingerprint
 
 
 # code -> (torch dtype, numpy wire dtype); the numpy dtype is how the raw bytes are read
@@ -85,6 +114,8 @@ class Limits:
     max_text_bytes: int = 4096
     max_ndim: int = 8
     require_finite: bool = False         # reject NaN/inf in floating tensors
+    max_seq_len: int = 0                 # dim 1 of a tensor of 2+ dims ([B, T, ...]) at most this; 0 = unbounded
+    max_tokens: int = 0                  # dims 0 x 1 (B x T) of a tensor of 2+ dims at most this; 0 = unbounded
 
 
 @dataclass
@@ -228,6 +259,8 @@ def _parse_tensor(r: _Reader, i: int, limits: Limits) -> _Spec:
     dims = struct.unpack(f"<{ndim}Q", r.take(8 * ndim, f"tensor {name!r} shape"))
     if any(d > limits.max_decoded_bytes for d in dims):  # an empty tensor may not carry an absurd dimension
         raise SplitError(f"tensor {name!r}: dimension {max(dims)} exceeds {limits.max_decoded_bytes}")
+    if ndim >= 2:  # activations, gradients and masks are [batch, tokens, ...]: bound the work before any
+        _check_tokens(name, dims[0], dims[1], limits)
     (nbytes,) = _U64.unpack(r.take(8, f"tensor {name!r} byte count"))
     item = np.dtype(_DTYPES[wire][1]).itemsize
     numel = math.prod(dims)  # python ints: no overflow; checked against the real byte count below
@@ -237,6 +270,15 @@ def _parse_tensor(r: _Reader, i: int, limits: Limits) -> _Spec:
     offset = r.pos
     r.take(nbytes, f"tensor {name!r} data")
     return _Spec(name, dtype, wire, tuple(dims), offset, numel)
+
+
+def _check_tokens(name: str, batch: int, seq: int, limits: Limits) -> None:
+    if limits.max_seq_len and seq > limits.max_seq_len:
+        raise SplitError(f"tensor {name!r}: sequence of {seq} tokens; this server takes at most {limits.max_seq_len} "
+                         f"(the model's max_length)")
+    if limits.max_tokens and batch * seq > limits.max_tokens:
+        raise SplitError(f"tensor {name!r}: {batch} x {seq} = {batch * seq} tokens in one frame; this server takes "
+                         f"at most {limits.max_tokens} (split.max_frame_tokens)")
 
 
 def _materialize(buf: memoryview, spec: _Spec, limits: Limits) -> torch.Tensor:

@@ -1,13 +1,14 @@
 """The split-learning wire, server side: serve a :class:`BodyService` on a gRPC bidirectional stream.
 
 Each stream runs on its own worker thread and carries request frames (``split.frames``) from one
-:class:`~fedpeft.split.transport.GrpcBody`; the dispatcher calls the body and answers with a reply
-or an error frame. A malformed frame gets an error frame and the stream goes on.
+:class:`~fedpeft.split.transport.GrpcBody`; the dispatcher (``split.sessions``) calls the body and
+answers with a reply or an error frame. A malformed frame gets an error frame and the stream goes on.
 
-Exactly-once steps: the dispatcher remembers, per client, its last reply (keyed by request kind,
-step and a digest of the request bytes) and answers a repeated request from it instead of calling
-the body again, so a client that resends after a broken stream never applies a step twice. A
-backward whose forward this process never saw gets ``STATE_LOST``; the client replays the forward.
+Hardening (``docs/split-transport.md``, threat model): with certificates the server requires mutual
+TLS and keeps sessions per client identity (``split.guard``); every session is bound to its secret
+token; a frame's tokens are bounded (the model's ``max_length``, ``split.max_frame_tokens``) before
+anything is allocated; streams per identity, sessions and idle time are capped
+(:class:`~fedpeft.split.guard.ServerLimits`), and a stream's forward state is freed when it ends.
 
 State: with ``state_dir``, the body's ``save(path)`` runs every ``save_every`` backward steps, at
 each close and at stop, into a fresh directory that replaces the previous one atomically, together
@@ -20,25 +21,23 @@ restarted loses the server-side adapter steps since its last save and the forwar
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import ipaddress
 import logging
-import shutil
 import signal
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING
 
 import grpc
 
 from fedpeft.errors import SplitError
-from fedpeft.split.frames import ErrorCode, Frame, Kind, Limits, decode, encode
+from fedpeft.split.frames import Limits
+from fedpeft.split.guard import Refused, ServerLimits, StreamGate, identity_of, requests_until_idle
 from fedpeft.split.service import BodyService
-from fedpeft.split.transport import DEFAULT_MAX_MESSAGE, REJOIN, SERVICE, grpc_options
+from fedpeft.split.sessions import Dispatcher, Peer, StateStore
+from fedpeft.split.transport import DEFAULT_MAX_MESSAGE, SERVICE, grpc_options
 
 # let clients ping (keepalive) every 10 s even while a stream is idle, without being sent away
 SERVER_KEEPALIVE = [("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -50,196 +49,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_PENDING = 8  # forward steps remembered per client while awaiting their backward
-
-
-class Persistent(Protocol):
-    """What a body offers to keep its server-side state across restarts (optional)."""
-
-    def save(self, path: Path) -> None:
-        """Write the state into ``path`` (a new file or directory)."""
-
-    def load(self, path: Path) -> None:
-        """Read the state written by :meth:`save`."""
-
-
-@dataclass
-class _Client:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    open: bool = False
-    fingerprint: str = ""
-    pending: OrderedDict[int, None] = field(default_factory=OrderedDict)
-    last: tuple[int, int, bytes, bytes] | None = None  # (request kind, step, request digest, reply)
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def _error(code: ErrorCode, text: str, frame: Frame | None = None) -> bytes:
-    return encode(Kind.ERROR, frame.client_id if frame else "", frame.step if frame else 0,
-                  text=text.encode()[:4000].decode(errors="ignore"), code=code)
-
-
-class _StateStore:
-    """``state_dir/current`` holds the last saved state; a save is written aside, then swapped in."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def current(self) -> Path | None:
-        for name in ("current", "previous"):  # "previous" survives a kill in the middle of a swap
-            if (self.root / name / "complete").exists():
-                return self.root / name
-        return None
-
-    def save(self, body: Persistent, replies: dict[str, tuple[int, bytes, bytes]]) -> None:
-        tmp = self.root / "saving"
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "replies").mkdir(parents=True)
-        body.save(tmp / "body")
-        for i, (digest, reply) in enumerate(r[1:] for r in replies.values()):
-            (tmp / "replies" / f"{i}.frame").write_bytes(digest + reply)
-        (tmp / "complete").touch()
-        cur, prev = self.root / "current", self.root / "previous"
-        shutil.rmtree(prev, ignore_errors=True)
-        if cur.exists():
-            cur.rename(prev)
-        tmp.rename(cur)
-        shutil.rmtree(prev, ignore_errors=True)
-
-    def load(self, body: Persistent, limits: Limits) -> dict[str, _Client]:
-        src = self.current
-        if src is None:
-            return {}
-        body.load(src / "body")
-        clients: dict[str, _Client] = {}
-        for path in sorted((src / "replies").glob("*.frame")):
-            raw = path.read_bytes()
-            frame = decode(raw[16:], limits)
-            if frame.kind != Kind.REPLY or frame.code != Kind.BACKWARD:
-                raise SplitError(f"{path} is not a saved backward reply")
-            clients[frame.client_id] = _Client(last=(Kind.BACKWARD, frame.step, raw[:16], raw[16:]))
-        log.info("loaded split server state from %s (%d client replies)", src, len(clients))
-        return clients
-
-
-class _Dispatcher:
-    """Turns one request frame into one answer frame; shared by all streams of a server."""
-
-    def __init__(self, body: BodyService, limits: Limits, serialize: bool, store: _StateStore | None,
-                 save_every: int) -> None:
-        self.body, self.limits, self.serialize, self.store, self.save_every = body, limits, serialize, store, save_every
-        self.body_lock = threading.RLock()
-        self._lock = threading.Lock()
-        self.steps = 0
-        # serve() hands a store only to a body with save/load
-        self.clients: dict[str, _Client] = store.load(cast(Persistent, body), limits) if store else {}
-
-    def _body(self) -> contextlib.AbstractContextManager[Any]:
-        return self.body_lock if self.serialize else contextlib.nullcontext()
-
-    def handle(self, data: bytes) -> bytes:
-        try:
-            frame = decode(data, self.limits)
-        except SplitError as exc:
-            log.warning("rejected a malformed split frame (%d bytes): %s", len(data), exc)
-            return _error(ErrorCode.MALFORMED, f"malformed frame: {exc}")
-        if frame.kind not in (Kind.OPEN, Kind.FORWARD, Kind.BACKWARD, Kind.CLOSE) or not frame.client_id:
-            return _error(ErrorCode.MALFORMED, f"a request must be open/forward/backward/close with a client id, "
-                                               f"got {frame.kind.name} from {frame.client_id!r}", frame)
-        with self._lock:
-            client = self.clients.setdefault(frame.client_id, _Client())
-        with client.lock:
-            try:
-                return self._handle(frame, client, data)
-            except SplitError as exc:
-                log.warning("split %s of %s step %d refused: %s", frame.kind.name, frame.client_id, frame.step, exc)
-                return _error(ErrorCode.REJECTED, str(exc), frame)
-            except Exception as exc:  # the body failed: answer, keep serving
-                log.exception("split %s of %s step %d failed", frame.kind.name, frame.client_id, frame.step)
-                return _error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", frame)
-
-    def _reply(self, frame: Frame, tensors: dict | None = None) -> bytes:
-        return encode(Kind.REPLY, frame.client_id, frame.step, tensors, wire_dtype=frame.wire_dtype, code=frame.kind)
-
-    def _handle(self, frame: Frame, client: _Client, data: bytes) -> bytes:
-        cid, step, kind = frame.client_id, frame.step, frame.kind
-        if kind == Kind.OPEN:
-            if frame.code == REJOIN and client.open and client.fingerprint == frame.text:
-                return self._reply(frame)  # a reconnect to this same process: the session and its state live on
-            with self._body():
-                self.body.open(cid, frame.text)
-            if frame.code != REJOIN:  # a new session: forget what an earlier one left
-                client.pending.clear()
-                client.last = None
-            client.open, client.fingerprint = True, frame.text
-            return self._reply(frame)
-        if kind == Kind.CLOSE:
-            if client.open:
-                with self._body():
-                    self.body.close(cid)
-            with self._lock:
-                self.clients.pop(cid, None)
-            if self.store:
-                self.save()
-            return self._reply(frame)
-        if not client.open:
-            return _error(ErrorCode.NOT_OPEN, f"client {cid!r} has no open session on this server "
-                                              f"(did it restart?); open it again", frame)
-        digest = _digest(data)
-        if client.last is not None and client.last[:3] == (kind, step, digest):
-            log.info("answered a repeated %s of %s step %d from the reply cache", kind.name, cid, step)
-            return client.last[3]
-        if kind == Kind.FORWARD:
-            with self._body():
-                out = self.body.forward(cid, step, frame.tensors)
-            reply = self._reply(frame, out)
-            client.pending[step] = None
-            while len(client.pending) > _PENDING:
-                client.pending.popitem(last=False)
-            client.last = (kind, step, digest, reply)
-            return reply
-        if step not in client.pending:
-            return _error(ErrorCode.STATE_LOST, f"no forward state for client {cid!r} step {step} "
-                                                f"(server restarted?); replay the forward", frame)
-        with self._body():
-            out = self.body.backward(cid, step, frame.tensors)
-            reply = self._reply(frame, out)
-            client.pending.pop(step, None)
-            client.last = (kind, step, digest, reply)
-            with self._lock:
-                self.steps += 1
-                due = self.store is not None and self.save_every > 0 and self.steps % self.save_every == 0
-            if due:
-                self.save()
-        return reply
-
-    def save(self) -> None:
-        """Save the body and the last backward replies (no-op without a state dir)."""
-        if self.store is None:
-            return
-        with self.body_lock, self._lock:
-            replies = {cid: c.last for cid, c in self.clients.items() if c.last and c.last[0] == Kind.BACKWARD}
-            try:
-                self.store.save(cast(Persistent, self.body), {cid: (r[1], r[2], r[3]) for cid, r in replies.items()})
-            except Exception:  # keep serving: the step itself succeeded, only its persistence failed
-                log.exception("could not save the split server state into %s", self.store.root)
-                return
-        log.debug("saved split server state after %d steps", self.steps)
-
 
 class SplitServer:
     """A running split server: its bound ``port``; ``stop()`` saves the state and shuts down."""
 
-    def __init__(self, server: grpc.Server, dispatcher: _Dispatcher, host: str, port: int) -> None:
+    def __init__(self, server: grpc.Server, dispatcher: Dispatcher, host: str, port: int) -> None:
         self._server, self._dispatcher, self.host, self.port = server, dispatcher, host, port
+        self._stopped = threading.Event()
+        threading.Thread(target=self._sweep, name="split-idle-sweeper", daemon=True).start()
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def sessions(self) -> int:
+        """Sessions open now (attached to a stream or waiting for their client to rejoin)."""
+        return len(self._dispatcher.sessions)
+
+    def _sweep(self) -> None:
+        period = min(max(self._dispatcher.caps.idle_timeout / 4, 0.05), 5.0)
+        while not self._stopped.wait(period):
+            self._dispatcher.expire()
 
     def save(self) -> None:
         """Save the body's state now (with a state dir)."""
@@ -247,6 +78,7 @@ class SplitServer:
 
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop accepting calls, wait ``grace`` seconds for running ones, then save the state."""
+        self._stopped.set()
         self._server.stop(grace).wait()
         self._dispatcher.save()
 
@@ -262,45 +94,88 @@ class SplitServer:
 
 
 def _server_credentials(certs: CertPaths | str | Path) -> grpc.ServerCredentials:
-    cert, key = ((Path(certs) / "server.crt", Path(certs) / "server.key") if isinstance(certs, (str, Path))
-                 else (certs.server_cert, certs.server_key))
+    """Mutual TLS: the server's certificate, and only clients whose certificate the same CA signed."""
+    cert, key, ca = ((Path(certs) / "server.crt", Path(certs) / "server.key", Path(certs) / "ca.crt")
+                     if isinstance(certs, (str, Path)) else (certs.server_cert, certs.server_key, certs.ca_cert))
     try:
-        return grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
+        return grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())],
+                                           root_certificates=Path(ca).read_bytes(), require_client_auth=True)
     except OSError as exc:
-        raise SplitError(f"cannot read the server certificate or key: {exc}") from exc
+        raise SplitError(f"cannot read the server certificate, its key or the CA certificate: {exc}") from exc
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse_open_plaintext(host: str, certs: object, insecure: bool) -> None:
+    if certs is None and not insecure and not _loopback(host):
+        raise SplitError(f"a plaintext split server on {host} would serve anyone who reaches it: give it "
+                         f"certificates (--certs, mutual TLS), listen on a loopback address, or pass --insecure")
 
 
 def serve(body: BodyService, host: str = "127.0.0.1", port: int = 0, certs: CertPaths | str | Path | None = None, *,
-          max_message_bytes: int = DEFAULT_MAX_MESSAGE, max_workers: int = 16, state_dir: str | Path | None = None,
-          save_every: int = 10, serialize: bool | None = None, limits: Limits | None = None) -> SplitServer:
+          max_message_bytes: int = DEFAULT_MAX_MESSAGE, state_dir: str | Path | None = None,
+          save_every: int = 10, serialize: bool | None = None, limits: Limits | None = None,
+          server_limits: ServerLimits | None = None, max_frame_tokens: int = 8192,
+          insecure: bool = False) -> SplitServer:
     """Start serving ``body`` on ``host:port`` (0 = a free port) and return at once.
 
-    ``certs`` is a ``CertPaths`` or a directory with ``server.crt``/``server.key`` (TLS), or ``None``
-    (plaintext, for loopback). ``max_workers`` bounds the concurrent streams. Body calls hold one
-    lock unless ``serialize=False`` or the body sets ``thread_safe = True``. Incoming floats must be
-    finite. With ``state_dir`` and a body with ``save``/``load``, the state persists (module doc).
+    ``certs`` is a ``CertPaths`` or a directory with ``ca.crt``, ``server.crt``, ``server.key``: the
+    server then requires mutual TLS (client certificates signed by that CA). Without ``certs`` it
+    speaks plaintext, which it refuses on a non-loopback ``host`` unless ``insecure``.
+    ``server_limits`` caps sessions, streams (the worker threads) and idle time; a frame may carry
+    at most ``max_frame_tokens`` tokens (0 = no cap) and sequences of at most the body's
+    ``max_seq_len`` (if it has one). Body calls hold one lock unless ``serialize=False`` or the body
+    sets ``thread_safe = True``. Incoming floats must be finite. With ``state_dir`` and a body with
+    ``save``/``load``, the state persists (``split.sessions``).
     """
+    _refuse_open_plaintext(host, certs, insecure)
+    server_limits = server_limits or ServerLimits()
     if serialize is None:
         serialize = not getattr(body, "thread_safe", False)
     store = None
     if state_dir is not None:
         if not (callable(getattr(body, "save", None)) and callable(getattr(body, "load", None))):
             raise SplitError(f"{type(body).__name__} has no save/load; it cannot keep state in {state_dir}")
-        store = _StateStore(Path(state_dir))
+        store = StateStore(Path(state_dir))
     limits = limits or Limits(max_frame_bytes=max_message_bytes, max_decoded_bytes=4 * max_message_bytes,
-                              require_finite=True)
-    dispatcher = _Dispatcher(body, limits, serialize, store, save_every)
+                              require_finite=True, max_seq_len=int(getattr(body, "max_seq_len", 0) or 0),
+                              max_tokens=max_frame_tokens)
+    dispatcher = Dispatcher(body, limits, serialize, store, save_every, server_limits)
+    gate = StreamGate(server_limits.max_streams_per_identity)
+    mutual_tls = certs is not None
 
     def stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        log.debug("split stream opened by %s", context.peer())
-        for data in requests:
-            yield dispatcher.handle(data)
+        try:
+            identity = identity_of(context, mutual_tls)
+            gate.enter(identity)
+        except Refused as exc:
+            if gate.refused & (gate.refused - 1) == 0:  # the 1st, 2nd, 4th ...: a flood does not flood the log
+                log.warning("split stream from %s refused (%d so far): %s", context.peer(), gate.refused, exc.details)
+            context.abort(exc.code, exc.details)
+            return
+        peer = Peer(identity, mutual_tls)
+        log.debug("split stream opened by %s (%s)", identity, context.peer())
+        try:
+            for data in requests_until_idle(requests, server_limits.idle_timeout):
+                yield dispatcher.handle(data, peer)
+        except Refused as exc:
+            log.info("ended the split stream of %s: %s", identity, exc.details)
+            context.abort(exc.code, exc.details)
+        finally:
+            gate.leave(identity)
+            dispatcher.stream_ended(peer)
 
     handler = grpc.method_handlers_generic_handler(SERVICE, {"Stream": grpc.stream_stream_rpc_method_handler(stream)})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="split"),
+    workers = server_limits.max_streams
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="split"),
                          handlers=(handler,),
                          options=[*grpc_options(max_message_bytes), *SERVER_KEEPALIVE, ("grpc.so_reuseport", 0)],
-                         maximum_concurrent_rpcs=max_workers)
+                         maximum_concurrent_rpcs=workers)
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = (server.add_secure_port(target, _server_credentials(certs)) if certs is not None
@@ -310,8 +185,8 @@ def serve(body: BodyService, host: str = "127.0.0.1", port: int = 0, certs: Cert
     if not bound:
         raise SplitError(f"cannot listen on {target} (port in use?)")
     server.start()
-    log.info("split server on %s:%d (%s, state %s)", host, bound, "TLS" if certs is not None else "plaintext",
-             state_dir or "not saved")
+    log.info("split server on %s:%d (%s, state %s, %s)", host, bound,
+             "mutual TLS" if certs is not None else "plaintext", state_dir or "not saved", server_limits)
     return SplitServer(server, dispatcher, host, bound)
 
 
@@ -346,20 +221,33 @@ def build_body(cfg: Config) -> BodyService:
         raise ConfigError("the configuration has no [split] section (front_layers, back_layers, server_adapters)")
     rt = Runtime(cfg)
     model = cut_model(rt.model, cfg.model.task, split.front_layers, split.back_layers)
-    return BodyServer.from_split(model, cfg.train, split.server_adapters, device=rt.device)
+    body = BodyServer.from_split(model, cfg.train, split.server_adapters, device=rt.device)
+    body.max_seq_len = cfg.model.max_length + model.front.num_virtual_tokens  # a soft prompt adds its tokens
+    return body
+
+
+def server_limits(cfg: Config) -> ServerLimits:
+    """The :class:`ServerLimits` of ``cfg.split``."""
+    s = cfg.split
+    return ServerLimits(max_sessions=s.max_sessions, max_sessions_per_identity=s.max_sessions_per_identity,
+                        max_clients_per_identity=s.max_clients_per_identity, max_streams=s.max_streams,
+                        max_streams_per_identity=s.max_streams_per_identity, idle_timeout=s.idle_timeout)
 
 
 def run_split_server(cfg: Config, host: str = "127.0.0.1", port: int = 0, certs: CertPaths | str | Path | None = None,
                      state_dir: str | Path | None = None, *, save_every: int = 10,
-                     max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+                     max_message_bytes: int = DEFAULT_MAX_MESSAGE, insecure: bool = False,
                      on_ready: Callable[[SplitServer], None] | None = None) -> None:
     """Build the body of ``cfg`` and serve it until Ctrl-C / SIGTERM (what ``fedpeft split-server`` runs).
 
     With ``state_dir`` the server-side adapters survive restarts (saved every ``save_every`` steps,
-    at each close and at stop). ``on_ready`` gets the running server (e.g. to print its address).
+    at each close and at stop). The limits come from ``cfg.split`` (:func:`server_limits`,
+    ``max_frame_tokens``) and the model's ``max_length``. ``on_ready`` gets the running server.
     """
+    _refuse_open_plaintext(host, certs, insecure)  # before the model is built
     server = serve(build_body(cfg), host, port, certs, state_dir=state_dir, save_every=save_every,
-                   max_message_bytes=max_message_bytes)
+                   max_message_bytes=max_message_bytes, server_limits=server_limits(cfg),
+                   max_frame_tokens=cfg.split.max_frame_tokens, insecure=insecure)
     if on_ready is not None:
         on_ready(server)
     serve_forever(server)

@@ -24,14 +24,13 @@ import grpc
 import torch
 
 from fedpeft.errors import SplitError
-from fedpeft.split.frames import ErrorCode, Frame, Kind, Limits, decode, encode
+from fedpeft.split.frames import REJOIN, ErrorCode, Frame, Kind, Limits, decode, encode, open_text, session_token
 
 log = logging.getLogger(__name__)
 
 SERVICE = "fedpeft.split.Body"
 METHOD = f"/{SERVICE}/Stream"
 DEFAULT_MAX_MESSAGE = 64 << 20
-REJOIN = 1  # ``code`` of an OPEN frame sent after a reconnect: keep the session's state
 _KEEP_FORWARDS = 4  # encoded forwards kept per client for replay
 
 
@@ -129,12 +128,16 @@ class GrpcBody:
     """A :class:`~fedpeft.split.service.BodyService` on a remote split server (one stream, thread-safe).
 
     ``ca_cert`` turns on TLS (the CA that signed the server certificate, e.g. ``ca.crt`` from
-    ``fedpeft.certs.make_certs``); ``wire_dtype="bf16"`` halves the bytes of float tensors
-    both ways. ``stats`` counts the real serialized frame bytes (gRPC adds 5 bytes per message plus
+    ``fedpeft.certs.make_certs``); a split server with certificates requires mutual TLS, so pass
+    this client's ``client_cert`` / ``client_key`` too (``fedpeft.certs.make_client_cert``). Each
+    session carries a secret token the proxy draws at its first open (kept for its lifetime, so a
+    re-open or rejoin proves it is the same holder). ``wire_dtype="bf16"`` halves the bytes of float
+    tensors both ways. ``stats`` counts the real serialized frame bytes (gRPC adds 5 bytes per message plus
     HTTP/2 framing). Calls are serialized: one stream carries one request at a time.
     """
 
     def __init__(self, address: str, *, ca_cert: str | Path | None = None, server_name: str | None = None,
+                 client_cert: str | Path | None = None, client_key: str | Path | None = None,
                  wire_dtype: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE,
                  retry: RetryPolicy = RetryPolicy(), call_timeout: float = 120.0,
                  limits: Limits | None = None) -> None:
@@ -143,18 +146,29 @@ class GrpcBody:
         self.limits = limits or Limits(max_frame_bytes=max_message_bytes, max_decoded_bytes=4 * max_message_bytes)
         self._options = grpc_options(max_message_bytes) + CLIENT_KEEPALIVE
         self._creds = None
+        if (client_cert is None) != (client_key is None):
+            raise SplitError("give both the client certificate and its key, or neither")
+        if client_cert is not None and ca_cert is None:
+            raise SplitError("a client certificate needs TLS: give the split server's CA certificate too")
         if ca_cert is not None:
             try:
                 root = Path(ca_cert).read_bytes()
             except OSError as exc:
                 raise SplitError(f"cannot read the CA certificate {ca_cert}: {exc}") from exc
-            self._creds = grpc.ssl_channel_credentials(root_certificates=root)
+            try:
+                chain = Path(client_cert).read_bytes() if client_cert is not None else None
+                key = Path(client_key).read_bytes() if client_key is not None else None
+            except OSError as exc:
+                raise SplitError(f"cannot read the client certificate or key: {exc}") from exc
+            self._creds = grpc.ssl_channel_credentials(root_certificates=root, private_key=key,
+                                                       certificate_chain=chain)
             if server_name:
                 self._options.append(("grpc.ssl_target_name_override", server_name))  # type: ignore[arg-type]
         encode(Kind.OPEN, "", 0, wire_dtype=wire_dtype)  # reject an unknown wire dtype now
         self._stream: _Stream | None = None
         self._connected_once = False
         self._sessions: dict[str, str] = {}
+        self._tokens: dict[str, str] = {}  # client id -> session token, drawn once per client id
         self._forwards: dict[str, OrderedDict[int, bytes]] = {}
         self._lock = threading.RLock()
         self.stats = TransportStats()
@@ -164,7 +178,9 @@ class GrpcBody:
     def open(self, client_id: str, fingerprint: str) -> None:
         """Start a session on the server; a fingerprint mismatch raises ``SplitError``."""
         with self._lock:
-            self._call(Kind.OPEN, client_id, 0, self._encode(Kind.OPEN, client_id, 0, text=fingerprint))
+            token = self._tokens.setdefault(client_id, session_token())
+            data = self._encode(Kind.OPEN, client_id, 0, text=open_text(token, fingerprint))
+            self._call(Kind.OPEN, client_id, 0, data)
             self._sessions[client_id] = fingerprint
             self._forwards[client_id] = OrderedDict()
 
@@ -172,7 +188,7 @@ class GrpcBody:
         """Send activations, return the body's output; the encoded request is kept for a replay."""
         with self._lock:
             self._require(client_id)
-            data = self._encode(Kind.FORWARD, client_id, step, tensors)
+            data = self._encode(Kind.FORWARD, client_id, step, tensors, text=self._tokens[client_id])
             reply = self._call(Kind.FORWARD, client_id, step, data)
             kept = self._forwards[client_id]
             kept[step] = data
@@ -184,7 +200,8 @@ class GrpcBody:
         """Send the output gradient, return the input gradient (the server stepped its adapters)."""
         with self._lock:
             self._require(client_id)
-            reply = self._call(Kind.BACKWARD, client_id, step, self._encode(Kind.BACKWARD, client_id, step, tensors))
+            data = self._encode(Kind.BACKWARD, client_id, step, tensors, text=self._tokens[client_id])
+            reply = self._call(Kind.BACKWARD, client_id, step, data)
             self._forwards[client_id].pop(step, None)
             return reply.tensors
 
@@ -192,7 +209,8 @@ class GrpcBody:
         """End the session on the server and forget it here."""
         with self._lock:
             if client_id in self._sessions:
-                self._call(Kind.CLOSE, client_id, 0, self._encode(Kind.CLOSE, client_id, 0))
+                self._call(Kind.CLOSE, client_id, 0, self._encode(Kind.CLOSE, client_id, 0,
+                                                                  text=self._tokens[client_id]))
             self._sessions.pop(client_id, None)
             self._forwards.pop(client_id, None)
 
@@ -251,7 +269,8 @@ class GrpcBody:
         stream = _Stream(channel)
         self._stream = stream
         for cid, fingerprint in self._sessions.items():
-            reply = self._exchange(stream, self._encode(Kind.OPEN, cid, 0, text=fingerprint, code=REJOIN), call)
+            text = open_text(self._tokens[cid], fingerprint)
+            reply = self._exchange(stream, self._encode(Kind.OPEN, cid, 0, text=text, code=REJOIN), call)
             if reply.kind == Kind.ERROR:
                 raise SplitError(f"the split server at {self.address} refused to re-open client {cid!r}: "
                                  f"{reply.text}")
