@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedpeft import cli, config, report
+from fedpeft.errors import CheckpointError
 from fedpeft.server import checkpoint, loop
 from fedpeft.simulation import runner
 
@@ -158,3 +159,21 @@ def test_a_crash_during_the_swap_resumes_from_the_newest_complete_copy(runs, mov
     rows = report.read_metrics(run_dir)
     assert [[r[k] for k in KEYS] for r in rows] == [[r[k] for k in KEYS] for r in runs["reference"]]
     assert checkpoint.load(ckpt).round == 4 and not ckpt.with_name("checkpoint.tmp").exists()
+
+
+def test_a_corrupt_main_copy_falls_back_to_a_complete_verified_one(tmp_path, caplog):
+    """``checkpoint/`` fails verification but a complete copy of the same round survives (``checkpoint.old``
+    of an interrupted swap): the resume takes that copy, logs it, and keeps the corrupt one aside."""
+    import torch
+
+    cfg, metrics, ckpt = config.load(None, ["federation.rounds=3"]), tmp_path / "metrics.jsonl", tmp_path / "checkpoint"
+    metrics.write_text('{"round": 1}\n')
+    checkpoint.save(checkpoint.ServerCheckpoint(1, {"global": {"w": torch.ones(3)}}, {}), ckpt, metrics, cfg.to_toml())
+    shutil.copytree(ckpt, ckpt.with_name("checkpoint.old"))
+    _flip_bit(ckpt / "global.safetensors")
+    assert checkpoint.recover(ckpt, metrics, cfg) == 1
+    assert "resuming from checkpoint.old (round 1)" in caplog.text
+    assert "global.safetensors does not match" in caplog.text
+    assert torch.equal(checkpoint.load(ckpt).tensors["global"]["w"], torch.ones(3))
+    with pytest.raises(CheckpointError, match="global.safetensors does not match"):
+        checkpoint.verify(ckpt.with_name("checkpoint.corrupt"))

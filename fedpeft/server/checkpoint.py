@@ -181,10 +181,11 @@ def recover(directory: Path, metrics: Path, cfg: config.Config) -> int:
     if best != directory:
         log.warning("resuming from %s (round %d), the newest complete verified copy%s", best.name, rnd,
                     f"; {problems[0]}" if problems else "")
-        if directory.exists():  # older than ``best`` (kept as .old) or corrupt (kept for inspection)
-            aside = _copy(directory, ".old" if any(d == directory for _, d in verified) else ".corrupt")
-            shutil.rmtree(aside, ignore_errors=True)
-            directory.rename(aside)
+        if any(d == directory for _, d in verified):  # complete but older: superseded by ``best``
+            shutil.rmtree(directory)
+        elif directory.exists():  # corrupt: kept for inspection
+            shutil.rmtree(_copy(directory, ".corrupt"), ignore_errors=True)
+            directory.rename(_copy(directory, ".corrupt"))
         best.rename(directory)
     _check_config(directory, rnd, cfg)
     _check_metrics(verify(directory), metrics, rnd)
