@@ -214,5 +214,8 @@ def run_node(opts: NodeOptions, home: Path | None = None) -> int:
         log.warning("the SuperLink refused to activate this node: its previous session is still alive (Flower "
                     "frees it %.0f s after the node's last heartbeat at the latest) or its key is not registered; "
                     "retrying in %.3g s", SESSION_EXPIRY, delay)
-        time.sleep(delay)
+        try:
+            time.sleep(delay)
+        except KeyboardInterrupt:  # Ctrl-C between two attempts: no child is running
+            return 130
         delay = min(2 * delay, RETRY_MAX_DELAY)
