@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from fedpeft import config, report
@@ -359,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         versions.warn_if_untested()
     try:
         return COMMANDS[args.command](args)
-    except FedPeftError as e:
-        console.print(f"[red]error:[/] {e}")
+    except FedPeftError as e:  # one line, however long (no wrapping), and never read as markup
+        console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         return 2
     except BrokenPipeError:  # the reader went away (`fedpeft config | head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -411,7 +411,10 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise ConfigError(f"scenario file not found: {p}")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save the "
+                              "scenario as UTF-8") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
     for text in overrides:

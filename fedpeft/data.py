@@ -25,6 +25,11 @@ __all__ = ["Examples", "load_examples", "split_eval", "partition", "tokenize", "
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss ignores (prompt tokens, padding)
+# Texts are cut to max_length * CHARS_PER_TOKEN characters before the tokenizer sees them: a 10 MB field
+# would otherwise be tokenized whole and then truncated. A token spans a few characters (about 4-5 in English
+# prose), so the cut keeps many times what the max_length window needs; where it does not (tokens longer
+# than that on average), the example is tokenized uncut.
+CHARS_PER_TOKEN = 32
 
 # ----------------------------------------------------------------------------- tokenization
 
@@ -50,19 +55,29 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 def tokenize(ex: Examples, tokenizer: Any, max_length: int, task: str) -> TokenizedDataset:
-    """Tokenize to at most ``max_length`` tokens per example (padding is left to :class:`Collator`)."""
+    """Tokenize to at most ``max_length`` tokens per example (padding is left to :class:`Collator`); texts are
+    cut to ``max_length * CHARS_PER_TOKEN`` characters first, with the same tokens as uncut."""
     if task != ex.task:
         raise DataError(f"cannot tokenize {ex.task} examples for task {task!r}")
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
+    limit = max_length * CHARS_PER_TOKEN
     if task == "classification":
-        enc = tokenizer(list(ex.texts), truncation=True, max_length=max_length)
-        return TokenizedDataset([list(x) for x in enc["input_ids"]], [int(v) for v in ex.labels], task)
+        texts = list(ex.texts)
+        input_ids = [list(x) for x in tokenizer([t[:limit] for t in texts], truncation=True,
+                                                max_length=max_length)["input_ids"]]
+        for i, t in enumerate(texts):
+            if len(t) > limit and len(input_ids[i]) < max_length:  # the cut fell inside the window
+                input_ids[i] = list(tokenizer(t, truncation=True, max_length=max_length)["input_ids"])
+        return TokenizedDataset(input_ids, [int(v) for v in ex.labels], task)
     ids_out: list[list[int]] = []
     labels_out: list[list[int]] = []
     silent = 0
     for p, r in zip(ex.prompts, ex.responses):
-        ids, n_prompt, n_lead = _encode_causal(tokenizer, PROMPT_TEMPLATE.format(prompt=p), r)
+        # only the prompt's end and the response's start can reach the window (see _truncate)
+        ids, n_prompt, n_lead = _encode_causal(tokenizer, PROMPT_TEMPLATE.format(prompt=p[-limit:]), r[:limit])
+        if (len(p) > limit and n_prompt < max_length) or (len(r) > limit and len(ids) <= max_length):
+            ids, n_prompt, n_lead = _encode_causal(tokenizer, PROMPT_TEMPLATE.format(prompt=p), r)
         ids, n_prompt = _truncate(ids, n_prompt, n_lead, max_length)
         labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
         silent += n_prompt >= len(ids)

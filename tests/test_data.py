@@ -6,12 +6,14 @@ import csv
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fedpeft import data
 from fedpeft.config import DataSection
 from fedpeft.data import IGNORE_INDEX, Collator, Examples, load_examples, partition, split_eval, tokenize
 from fedpeft.errors import DataError
@@ -331,3 +333,48 @@ def test_causal_appends_eos_and_labels_response_only(bpe_eos) -> None:
     assert bpe_eos.decode([t for t, m in zip(ids, lab) if m == IGNORE_INDEX]) == "Question: what is this?\nAnswer:"
     with pytest.raises(DataError, match="no pad token"):
         Collator(None, "causal_lm")  # type: ignore[arg-type]
+
+
+class LengthSpy:
+    """A tokenizer that records the longest text it is given."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.longest = tok, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.tok, name)
+
+    def __call__(self, text, **kwargs):
+        self.longest = max([self.longest, *(len(t) for t in ([text] if isinstance(text, str) else text))])
+        return self.tok(text, **kwargs)
+
+
+def _uncut_causal(tok, prompt: str, response: str, max_length: int) -> list[int]:
+    ids, n_prompt, n_lead = data._encode_causal(tok, data.PROMPT_TEMPLATE.format(prompt=prompt), response)
+    return data._truncate(ids, n_prompt, n_lead, max_length)[0]
+
+
+def test_a_10_mb_field_is_cut_before_the_tokenizer_sees_it(minilm) -> None:
+    """Tokenizing a 10 MB field whole took ~17 s and 1.2 GB for 128 tokens; the cut keeps the same tokens."""
+    big = ("shares rose as banks reported strong quarterly results " * 200_000)[:10_000_000]
+    spy = LengthSpy(minilm)
+    t0 = time.perf_counter()
+    cls = tokenize(Examples("classification", ["short one", big], np.array([0, 1]), ["a", "b"]), spy, 128,
+                   "classification")
+    lm = tokenize(causal([big, "a question"], ["an answer", big]), spy, 128, "causal_lm")
+    assert time.perf_counter() - t0 < 3.0
+    assert spy.longest <= 2 * 128 * data.CHARS_PER_TOKEN + len(data.PROMPT_TEMPLATE)  # prompt + response
+    window = 200_000  # far more text than 128 tokens need, tokenized without the cut
+    assert cls.input_ids[1] == minilm(big[:window], truncation=True, max_length=128)["input_ids"]
+    assert lm.input_ids[0] == _uncut_causal(minilm, big[-window:], "an answer", 128)
+    assert lm.input_ids[1] == _uncut_causal(minilm, "a question", big[:window], 128)
+
+
+def test_text_of_very_long_tokens_is_tokenized_uncut(minilm) -> None:
+    """Where the cut would fall inside the window (here 200-character words, one [UNK] each), nothing is cut."""
+    words = ("x" * 200 + " ") * 50
+    cls = tokenize(Examples("classification", [words], np.array([0]), ["a", "b"]), minilm, 128, "classification")
+    assert cls.input_ids[0] == minilm(words, truncation=True, max_length=128)["input_ids"]
+    assert len(cls.input_ids[0]) == 52
+    lm = tokenize(causal([words, "q"], ["a", words]), minilm, 128, "causal_lm")
+    assert lm.input_ids == [_uncut_causal(minilm, words, "a", 128), _uncut_causal(minilm, "q", words, 128)]

@@ -72,6 +72,36 @@ def test_command_lines(tmp_path: Path) -> None:
         launch.node_args(launch.NodeOptions("h:9092"))
 
 
+FAKE_SUPERNODE = """
+import pathlib, sys
+starts = pathlib.Path(sys.argv[1])
+n = int(starts.read_text() or 0) + 1 if starts.exists() else 1
+starts.write_text(str(n))
+if n <= int(sys.argv[2]):  # what flower-supernode prints while the SuperLink holds the old session
+    print("[code: 2004] Failed to activate SuperNode.", flush=True)
+    sys.exit(1)
+print("activated", flush=True)
+"""
+
+
+@pytest.mark.parametrize("refusals, max_wait, code, starts", [(2, None, 0, 3), (99, 2.5, 1, 2)],
+                         ids=["old-session-expires", "never-registered"])
+def test_a_refused_node_retries_until_its_old_session_expires(tmp_path, monkeypatch, caplog, refusals, max_wait,
+                                                              code, starts) -> None:
+    """A node restarted while the SuperLink holds its previous session is refused (412) as an unregistered node
+    is; it retries with back-off for as long as such a session can live (--max-wait if shorter), then gives up."""
+    script = tmp_path / "supernode.py"
+    script.write_text(FAKE_SUPERNODE)
+    monkeypatch.setattr(launch, "node_args", lambda opts: [sys.executable, str(script), str(tmp_path / "n"),
+                                                            str(refusals)])
+    monkeypatch.setattr(launch, "RETRY_FIRST_DELAY", 0.5)
+    opts = launch.NodeOptions("h:9092", partition_id=0, max_wait=max_wait)
+    assert launch.run_node(opts, tmp_path / "home") == code
+    assert int((tmp_path / "n").read_text()) == starts
+    assert "previous session is still alive" in caplog.text and "retrying in 0.5 s" in caplog.text
+    assert ("is its key registered" in caplog.text) == (code != 0)
+
+
 def test_node_local_data_file_is_the_whole_partition(tmp_path: Path) -> None:
     from fedpeft.runtime import Runtime
 

@@ -81,6 +81,34 @@ def test_unknown_model_is_a_clear_error():
         models.load_tokenizer(cfg.model)
 
 
+@pytest.mark.parametrize("field, value", [("hidden_size", "abc"), ("num_hidden_layers", [2]),
+                                          ("layer_norm_eps", "small")])
+def test_a_wrong_typed_field_in_a_model_directory_exits_2_in_one_line(tmp_path, cls_data, capsys, field, value):
+    """A local model directory whose config.json holds a field of the wrong type: exit 2, one line naming it."""
+    import json
+
+    from transformers import AutoConfig, AutoModel
+
+    from fedpeft import cli
+
+    from conftest import tiny_overrides
+
+    tok = models.byte_tokenizer()
+    mcfg = AutoConfig.for_model("bert", vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32)
+    AutoModel.from_config(mcfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    raw = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**raw, field: value}))
+    sets = tiny_overrides(cls_data, tmp_path / "runs", **{"model.name": str(tmp_path / "model")})
+    capsys.readouterr()
+    assert cli.main(["simulate", *(a for s in sets for a in ("--set", s))]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # after the run's banner
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert f"field '{field}'" in errors[0] and "cannot load model" in errors[0]
+
+
 def test_packaged_minilm_loads_offline():
     cfg = config.load(None)
     tok = models.load_tokenizer(cfg.model)

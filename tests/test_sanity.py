@@ -262,5 +262,8 @@ def test_a_checkpoint_never_holds_non_finite_values(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"w": torch.tensor([math.nan])}, str(tmp_path / "ckpt" / "global.safetensors"))  # written elsewhere
+    with pytest.raises(FedPeftError, match="global.safetensors does not match the checkpoint's manifest"):
+        checkpoint.load(tmp_path / "ckpt")
+    checkpoint.seal(tmp_path / "ckpt", 1)  # even with a manifest that vouches for it
     with pytest.raises(FedPeftError, match="holds non-finite tensors"):
         checkpoint.load(tmp_path / "ckpt")

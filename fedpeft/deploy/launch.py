@@ -2,7 +2,8 @@
 
 Both build the ``flower-*`` command line from a few options and supervise the child processes:
 SIGTERM/SIGINT are passed on, and the exit code of the Flower process is returned (a SuperNode whose
-key is not registered exits with 305). ``--warm`` runs the SuperNode with ``--isolation process``
+key is not registered exits with 305, after retrying for as long as an old session of the node could
+hold it off: :func:`run_node`). ``--warm`` runs the SuperNode with ``--isolation process``
 plus one long-lived :mod:`fedpeft.deploy.warm` executor, so the model stays loaded across rounds.
 """
 
@@ -13,14 +14,24 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from fedpeft.deploy import flower
 from fedpeft.errors import FedPeftError
 
 log = logging.getLogger(__name__)
+# Flower 1.41 answers an activation with HTTP 412 and this message both for a key that is not registered and
+# for a registered node whose previous session is still alive on the SuperLink
+ACTIVATION_REFUSED = b"Failed to activate SuperNode"
+# that session ends HEARTBEAT_PATIENCE (2) x the 30 s heartbeat interval after the node's last heartbeat
+SESSION_EXPIRY = 60.0
+RETRY_WINDOW = 90.0  # the session's life plus room for the retries (each start of a SuperNode takes seconds)
+RETRY_FIRST_DELAY = 2.0
+RETRY_MAX_DELAY = 8.0
 
 
 def default_home() -> Path:
@@ -116,11 +127,30 @@ def warm_args(port: int) -> list[str]:
     return [sys.executable, "-m", "fedpeft.deploy.warm", "--runtime-api-address", f"127.0.0.1:{port}"]
 
 
-def supervise(commands: list[list[str]], home: Path) -> int:
-    """Run ``commands`` as children; when the first one exits, stop the rest and return its exit code."""
+def _tee(stream: IO[bytes], needle: bytes, seen: threading.Event) -> None:
+    """Copy ``stream`` to this process's stdout line by line; set ``seen`` when a line holds ``needle``."""
+    for line in iter(stream.readline, b""):
+        if needle in line:
+            seen.set()
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+
+
+def supervise(commands: list[list[str]], home: Path, watch: tuple[bytes, threading.Event] | None = None) -> int:
+    """Run ``commands`` as children; when the first one exits, stop the rest and return its exit code.
+
+    ``watch = (needle, event)``: the first command's output passes through this process, and ``event`` is
+    set if a line of it holds ``needle``.
+    """
     home.mkdir(parents=True, exist_ok=True)
     env = flower.flower_env(home)
-    procs = [subprocess.Popen(cmd, env=env) for cmd in commands]
+    pipe = subprocess.PIPE if watch is not None else None
+    procs = [subprocess.Popen(commands[0], env=env, stdout=pipe, stderr=subprocess.STDOUT if pipe else None)]
+    procs += [subprocess.Popen(cmd, env=env) for cmd in commands[1:]]
+    tee = None
+    if watch is not None:
+        tee = threading.Thread(target=_tee, args=(procs[0].stdout, *watch), daemon=True)
+        tee.start()
     log.info("started %s", ", ".join(f"{Path(c[0]).name if 'python' not in c[0] else c[2]} (pid {p.pid})"
                                      for c, p in zip(commands, procs)))
 
@@ -143,6 +173,8 @@ def supervise(commands: list[list[str]], home: Path) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if tee is not None:
+            tee.join(timeout=5)  # the last lines, before the caller looks at the event
         if main.returncode == 0 and any(p.returncode for p in procs[1:]):
             return 1  # a helper died first: report failure so a supervisor restarts the node
         return int(main.returncode)
@@ -157,8 +189,33 @@ def run_superlink(home: Path | None = None, **kwargs: object) -> int:
 
 
 def run_node(opts: NodeOptions, home: Path | None = None) -> int:
-    """``fedpeft node``: run flower-supernode (plus the warm executor) in the foreground."""
+    """``fedpeft node``: run flower-supernode (plus the warm executor) in the foreground.
+
+    A node restarted while the SuperLink still holds its previous session (it was killed, or its stop
+    could not deactivate it) is refused exactly as an unregistered node is: Flower's HTTP 412, "Failed to
+    activate SuperNode", exit code 305. The session expires at most ``SESSION_EXPIRY`` seconds after the
+    node's last heartbeat, so a refused node retries with back-off for ``RETRY_WINDOW`` seconds
+    (``--max-wait``, if shorter), logging why; then it gives up with the Flower process's exit code.
+    """
     commands = [node_args(opts)]
     if opts.warm:
         commands.append(warm_args(opts.port))
-    return supervise(commands, home or default_home())
+    window = RETRY_WINDOW if opts.max_wait is None else min(RETRY_WINDOW, opts.max_wait)
+    deadline, delay = time.monotonic() + window, RETRY_FIRST_DELAY
+    while True:
+        refused = threading.Event()
+        code = supervise(commands, home or default_home(), watch=(ACTIVATION_REFUSED, refused))
+        if not refused.is_set():
+            return code
+        if time.monotonic() + delay > deadline:
+            log.error("the SuperLink still refuses to activate this node after %.0f s: is its key registered "
+                      "(fedpeft register-node)?", window)
+            return code
+        log.warning("the SuperLink refused to activate this node: its previous session is still alive (Flower "
+                    "frees it %.0f s after the node's last heartbeat at the latest) or its key is not registered; "
+                    "retrying in %.3g s", SESSION_EXPIRY, delay)
+        try:
+            time.sleep(delay)
+        except KeyboardInterrupt:  # Ctrl-C between two attempts: no child is running
+            return 130
+        delay = min(2 * delay, RETRY_MAX_DELAY)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from fedpeft.config import Config
 from fedpeft.errors import ConfigError, FedPeftError, PayloadError
 from fedpeft.privacy import check_privacy
 from fedpeft.privacy.server_dp import ServerPrivacy
+from fedpeft.report import METRICS_FILE
 from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
 from fedpeft.server import checkpoint
 from fedpeft.server.aggregators import make_aggregator
@@ -44,7 +46,6 @@ from fedpeft.split.plugin import split_of
 from fedpeft.training import evaluate
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "metrics.jsonl"
 SANITY_COUNTS = ("sanity_dropped", "sanity_clipped", "sanity_metrics_dropped", "global_rejected")
 
 
@@ -125,6 +126,8 @@ class FederatedServer:
         return self.run_dir / "checkpoint"
 
     def _restore(self) -> None:
+        """Continue from the newest verified checkpoint (see :mod:`fedpeft.server.checkpoint`)."""
+        checkpoint.recover(self.checkpoint_dir, self.run_dir / METRICS_FILE, self.cfg)
         ckpt = checkpoint.load(self.checkpoint_dir)
         try:
             self.layout.check(ckpt.tensors["global"])
@@ -140,7 +143,6 @@ class FederatedServer:
         self.privacy.restore(ckpt.extra["privacy"], ckpt.tensors["privacy"])
         self.round = ckpt.round
         self.started = time.time() - float(ckpt.extra.get("elapsed", 0.0))
-        _truncate_metrics(self.run_dir / METRICS_FILE, self.round)
         log.info("resumed from round %d", self.round)
 
     def _save(self, grid: Grid) -> None:
@@ -154,10 +156,9 @@ class FederatedServer:
             tensors["split_body"], extra["split_body"] = split_state
         ckpt = checkpoint.ServerCheckpoint(round=self.round, tensors=tensors,
                                            rng_state=dict(self.rng.bit_generator.state), extra=extra)
-        checkpoint.save(ckpt, self.checkpoint_dir)
         save_nodes = getattr(grid, "save_node_states", None)  # the in-process engine keeps client state
-        if save_nodes is not None:
-            save_nodes(self.checkpoint_dir / "nodes")
+        checkpoint.save(ckpt, self.checkpoint_dir, self.run_dir / METRICS_FILE, self.cfg.to_toml(),
+                        None if save_nodes is None else lambda tmp: save_nodes(tmp / "nodes"))
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self, grid: Grid) -> None:
@@ -181,6 +182,8 @@ class FederatedServer:
         """Append the round's row to metrics.jsonl; checkpoint every output.checkpoint_every rounds and last."""
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before a checkpoint commits it
         self.round = rnd
         if rnd % self.cfg.output.checkpoint_every == 0 or rnd == self.cfg.federation.rounds:
             self._save(grid)
@@ -304,11 +307,3 @@ class FederatedServer:
             models.save_adapter(self.rt.model, state, self.run_dir / "adapter")
         report.write_run_report(self.run_dir, self.cfg)
 
-
-def _truncate_metrics(path: Path, last_round: int) -> None:
-    """Keep only rows up to ``last_round`` (rows after the checkpoint are replayed on resume)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["round"] <= last_round]
-    path.write_text("".join(line + "\n" for line in kept))

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedpeft import config
+from fedpeft import config, report
 from fedpeft.config import Config
 from fedpeft.errors import ConfigError
 from fedpeft.registry import Registry
@@ -49,11 +49,19 @@ def run_config(cfg: Config, run_dir: Path, resume: bool) -> dict[str, str | bool
 
 
 def prepare(cfg: Config | None = None, resume: Path | None = None) -> tuple[Config, Path]:
-    """A new run directory with the resolved config, or the config of the run to resume."""
+    """A new run directory with the resolved config, or the config of the run to resume.
+
+    A resume recovers and verifies the checkpoint here, before any engine starts, so a corrupt or
+    inconsistent one fails at once with a message naming the file.
+    """
     if resume is not None:
+        from fedpeft.server import checkpoint  # torch: only when resuming
+
         if not (resume / CONFIG_FILE).is_file():
             raise ConfigError(f"--resume {resume}: not a run directory (no {CONFIG_FILE})")
-        return config.load(resume / CONFIG_FILE), resume
+        cfg = config.load(resume / CONFIG_FILE)
+        checkpoint.recover(resume / "checkpoint", resume / report.METRICS_FILE, cfg)
+        return cfg, resume
     if cfg is None:
         raise ConfigError("no configuration given")
     run_dir = new_run_dir(cfg.output.dir, cfg.run.name)
