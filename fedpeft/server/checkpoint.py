@@ -46,7 +46,12 @@ FORMAT = 1
 RESUMABLE_KEYS = frozenset({"run.name", "run.engine", "run.device", "run.threads", "federation.rounds",
                             "federation.round_timeout", "federation.node_wait_timeout", "federation.eval_every",
                             "federation.ray_num_cpus", "federation.ray_num_gpus", "train.eval_batch_size",
-                            "output.dir", "output.checkpoint_every", "output.plots"})
+                            "output.dir", "output.checkpoint_every", "output.plots",
+                            # where the split server is and the credentials for it, and its own limits
+                            "split.address", "split.ca_cert", "split.client_cert", "split.client_key",
+                            "split.max_sessions", "split.max_sessions_per_identity", "split.max_clients_per_identity",
+                            "split.max_streams", "split.max_streams_per_identity", "split.idle_timeout",
+                            "split.max_frame_tokens"})
 
 
 @dataclass
