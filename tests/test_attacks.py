@@ -80,6 +80,29 @@ def test_span_decode_recovers_exact_sequences_float64() -> None:
     assert _mean(rows, "exact") >= 0.95
 
 
+@pytest.mark.parametrize("arch, batch_size, eos, dtype, seeds", [
+    ("llama", 1, True, "float64", (0, 1)), ("llama", 2, True, "float64", (0, 1)),
+    ("llama", 4, True, "float64", (0, 1)), ("llama", 4, False, "float64", (0, 1)),
+    ("gpt2", 4, True, "float64", (0, 1)),
+    ("llama", 4, True, "float32", (2, 9)),  # seeds where a repeated last token sits at residual ~0.04
+])
+def test_span_decode_recovers_padded_batches_exactly(arch: str, batch_size: int, eos: bool, dtype: str,
+                                                     seeds: tuple[int, ...]) -> None:
+    """Independent victims (plain transformers + peft): sentences of different lengths, right-padded,
+    attention mask 0 and label -100 on padding. Each sentence comes back with its own length (in
+    float32 a repeat of a sentence's last visible token lies near the span: it must not extend it)."""
+    from plain_victims import padded_victim
+
+    rows = []
+    for seed in seeds:
+        obs, ids, mask = padded_victim(batch_size, seed, arch=arch, eos=eos, dtype=getattr(torch, dtype))
+        result = run_attack("span_decode", obs)
+        assert sorted(map(len, result.sequences)) == sorted(mask.sum(1).tolist())
+        rows.append(summarize(result, ids, mask))
+    assert _mean(rows, "exact") >= 0.9
+    assert _mean(rows, "token_f1") >= 0.9
+
+
 def test_noise_multiplier_point_one_brings_every_attack_to_chance() -> None:
     victim = {"batch_size": 1, "noise_multiplier": 0.1}
     for attack, params, seeds in [("span", {}, range(4)), ("subspace_opt", {}, range(4)),

@@ -7,6 +7,12 @@ layer-1 input lies in the row space of the stacked layer-1 dL/dA. The last posit
 sequence is invisible to every span test (δ = 0 there); for a single-step gradient it is recovered
 from the label channel: the observed gradient minus everything the known prefix explains equals
 −(1/N)·Σ_i ∇θ logit_{i,L−2}[y_i], matched over the whole vocabulary.
+
+Padded batches: padding is masked out of attention and out of the loss (label -100), so it adds
+nothing to the gradient, exactly like the last token. A prefix whose extensions all lie outside the
+span has reached the end of its sentence's visible part; the decoder ends it there instead of forcing
+a token, and the label channel adds the sentence's last token. Sentences of different lengths come
+out with their own lengths, without padding.
 """
 
 from __future__ import annotations
@@ -53,24 +59,39 @@ def _layer1_residuals(model: torch.nn.Module, path: str, prefixes: list[list[int
 
 def greedy_decode(model: torch.nn.Module, path: str, basis: torch.Tensor, cands: list[list[int]], length: int,
                   beams: int, ratio: float = 1e3, tau: float = 0.05) -> list[tuple[list[int], float]]:
-    """Extend prefixes token by token, keeping extensions whose layer-1 input is in the span."""
+    """Extend prefixes token by token, keeping extensions whose layer-1 input is in the span.
+
+    In the span means a residual below ``tau``, within ``ratio`` of the prefix's best extension and
+    within ``ratio`` of the largest residual accepted so far (the level of true inputs, about 1e-7 in
+    float32, where a near-copy of a true input, e.g. a repeated token, can sit at 1e-2). A prefix with no
+    extension in the span ends there: padding and a sentence's last token add nothing to the gradient,
+    so sentences of different lengths come out with their own lengths. Returns the ended prefixes and
+    those that reach ``length``, by mean residual, best first.
+    """
     prefixes: list[tuple[list[int], float]] = [([], 0.0)]
+    finished: list[tuple[list[int], float]] = []
+    level = 0.0  # largest residual accepted so far
     for pos in range(length):
         exts = [(p + [c], s) for p, s in prefixes for c in cands[pos]]
         if not exts:
             break
         res = _layer1_residuals(model, path, [e for e, _ in exts], basis, tau)
+        limit = min(tau, max(ratio * level, 1e-12)) if pos else tau
         nxt: list[tuple[list[int], float]] = []
-        for i, (pre, _) in enumerate(prefixes):
+        for pre, score in prefixes:
             idx = [j for j, (e, _) in enumerate(exts) if e[:-1] == pre]
             r = res[idx]
-            best = float(r.min())
-            keep = [j for j, rv in zip(idx, r.tolist()) if rv <= max(best * ratio, 1e-12) and rv < tau] or \
-                [idx[int(torch.argmin(r))]]
-            nxt += [(exts[j][0], prefixes[i][1] + float(res[j])) for j in keep]
+            best = float(r.min()) if idx else 1.0
+            keep = [j for j, rv in zip(idx, r.tolist()) if rv <= max(best * ratio, 1e-12) and rv < limit]
+            nxt += [(exts[j][0], score + float(res[j])) for j in keep]
+            level = max([level] + [float(res[j]) for j in keep])
+            if not keep and pre:
+                finished.append((pre, score))
         nxt.sort(key=lambda t: t[1])
         prefixes = nxt[:beams]
-    return prefixes
+        if not prefixes:
+            break
+    return sorted(finished + prefixes, key=lambda t: t[1] / max(1, len(t[0])))
 
 
 def _label_params(model: torch.nn.Module, max_elems: int) -> tuple[list[str], list[torch.nn.Parameter]]:
@@ -90,11 +111,14 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], max_elems: int = 20
                 chunk: int = 64) -> list[int] | None:
     """The invisible last token of each sequence from the label channel (single-step gradients only).
 
-    With the prefixes known, diff = N·(∇θ[known part of the loss] − g_obs) = Σ_i ∇θ logit_{i,L−2}[y_i]
-    = Σ_i W[y_i]·H_i (W: the output embedding, H_i = ∂h_{i,L−2}/∂θ). Scoring every y needs only
-    u_i = H_i·diff and H_i·H_jᵀ (d-dimensional), so it is cheap for any vocabulary size.
+    Prefixes may differ in length (a padded batch: padding has label -100 and is masked out, so it adds
+    nothing). With the prefixes known, the loss is averaged over N = Σ_i len(prefix_i) labels and
+    diff = N·(∇θ[known part of the loss] − g_obs) = Σ_i ∇θ logit_{i,last}[y_i] = Σ_i W[y_i]·H_i
+    (W: the output embedding, H_i = ∂h_{i,last}/∂θ). Scoring every y needs only u_i = H_i·diff and
+    H_i·H_jᵀ (d-dimensional), so it is cheap for any vocabulary size.
     """
-    if obs.kind != "gradient" or obs.task != "causal_lm" or len(prefixes) != obs.batch_size or not prefixes:
+    if obs.kind != "gradient" or obs.task != "causal_lm" or len(prefixes) != obs.batch_size or \
+            not all(prefixes):
         return None
     model = obs.working_model()
     get_head = getattr(model, "get_output_embeddings", None)
@@ -102,32 +126,33 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], max_elems: int = 20
     if head is None or getattr(head, "bias", None) is not None:
         return None
     names, params = _label_params(model, max_elems)
-    ids = torch.tensor(prefixes)
-    b, l1 = ids.shape
-    n = b * l1  # labels of full sequences of length l1 + 1
+    n = sum(len(p) for p in prefixes)  # labels of the full sequences (one more token each)
     hidden: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _m, args: hidden.append(args[0]))
     try:
         with torch.enable_grad():
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            logp = torch.log_softmax(logits, -1)
-            known = -logp[:, :-1].gather(-1, ids[:, 1:, None]).sum() + torch.logsumexp(logits[:, -1], -1).sum()
+            known = torch.zeros((), dtype=torch.float64)
+            for prefix in prefixes:  # one sequence at a time: the lengths differ
+                ids = torch.tensor([prefix])
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+                logp = torch.log_softmax(logits, -1)
+                known = known - logp[:-1].gather(-1, ids[0, 1:, None]).sum() + torch.logsumexp(logits[-1], -1)
             g_known = torch.autograd.grad(known / n, params, retain_graph=True)
             diff = torch.cat([(gk - obs.update[nm].to(gk.dtype)).flatten() for gk, nm in zip(g_known, names)]) * n
-            h = hidden[-1]
-            d = h.shape[-1]
             jac_h = []
-            for i in range(b):
+            for h in hidden:  # 1 × len_i × d
+                d = h.shape[-1]
                 rows = []
                 for start in range(0, d, chunk):
                     k = min(d, start + chunk) - start
                     out = torch.zeros((k, *h.shape), dtype=h.dtype)
-                    out[torch.arange(k), i, -1, start + torch.arange(k)] = 1.0
+                    out[torch.arange(k), 0, -1, start + torch.arange(k)] = 1.0
                     g = torch.autograd.grad(h, params, grad_outputs=out, retain_graph=True, is_grads_batched=True)
                     rows.append(torch.cat([t.reshape(k, -1) for t in g], 1))
                 jac_h.append(torch.cat(rows))  # d × P
     finally:
         handle.remove()
+    b = len(prefixes)
     w = head.weight.detach().to(diff.dtype)  # vocab × d
     u = [w @ (jh @ diff) for jh in jac_h]  # vocab: <J_i[y], diff>
     gram = [[jac_h[i] @ jac_h[j].T for j in range(b)] for i in range(b)]
@@ -144,7 +169,7 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], max_elems: int = 20
 def run(obs: Observation, beams: int | None = None, max_cands: int = 64, ratio: float = 1e3, tau: float = 0.05,
         **_unused: Any) -> AttackResult:
     """Layer-0 span check, then greedy layer-1 decoding with ``beams`` prefixes (default 2 × batch size);
-    the best batch-size sequences are returned."""
+    the best batch-size sequences are returned, each with its own length (padding is not decoded)."""
     _, _, positional = span.first_layer(obs)  # LoRA only: NotApplicable before any work otherwise
     res0 = span.run(obs)
     model = obs.working_model()
