@@ -1,7 +1,8 @@
 """Gradient-inversion attacks on tiny models: the issue's leakage targets, held as tests.
 
 Victims: tiny-llama (d=128, LoRA r=16 on q/k/v unless stated), 16-token byte-level sequences of
-random words, global adapter in a "later round" state (B ≠ 0) unless stated.
+random words, global adapter in a "later round" state (B ≠ 0) unless stated. Padded batches: independent
+victims built with plain transformers + peft (``plain_victims.py``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+from plain_victims import padded_victim
 
 from fedpeft.attacks import ATTACKS, AttackResult, NotApplicable, Observation, run_attack
 from fedpeft.attacks.metrics import ranking_score, summarize, token_prf
@@ -92,8 +94,6 @@ def test_span_decode_recovers_padded_batches_exactly(arch: str, batch_size: int,
     """Independent victims (plain transformers + peft): sentences of different lengths, right-padded,
     attention mask 0 and label -100 on padding. Each sentence comes back with its own length (in
     float32 a repeat of a sentence's last visible token lies near the span: it must not extend it)."""
-    from plain_victims import padded_victim
-
     rows = []
     for seed in seeds:
         obs, ids, mask = padded_victim(batch_size, seed, arch=arch, eos=eos, dtype=getattr(torch, dtype), text=text)
