@@ -85,12 +85,14 @@ def word_batch(batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, 
 
 def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, vocab: int = 300,
                   hidden: int = 64, seq_len: int = 12, eos: bool = True, dtype: torch.dtype = torch.float64,
-                  text: str = "random") -> tuple[Observation, torch.Tensor, torch.Tensor]:
+                  text: str = "random",
+                  sgd_lr: float | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
     """One client's single-step gradient on a padded batch, in a later round (LoRA B ≠ 0): the server's
     Observation, the true token ids and the attention mask (ground truth, for the metrics only).
 
     ``text``: "random" (ids below ``vocab``, ending in EOS if ``eos``) or "words" (:func:`word_batch`;
-    the vocabulary is the tokenizer's)."""
+    the vocabulary is the tokenizer's). ``sgd_lr``: the client sends one SGD step, local − global in the
+    model's dtype (rounding included), which the server rescales by −1/lr to the gradient."""
     if text == "words":
         vocab = len(wordpiece())
     targets = ["q_proj", "k_proj", "v_proj"] if arch == "llama" else ["c_attn"]
@@ -109,6 +111,8 @@ def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, 
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     grads = torch.autograd.grad(loss, list(params.values()))
     update = {n: gr.detach().clone() for n, gr in zip(params, grads)}
+    if sgd_lr is not None:
+        update = {n: ((global_state[n] - sgd_lr * gr) - global_state[n]) * (-1.0 / sgd_lr) for n, gr in update.items()}
     obs = Observation(model=model, global_state=global_state, update=update, kind="gradient",
                       batch_size=batch_size, num_examples=batch_size, seq_len=seq_len, task="causal_lm")
     return obs, ids, mask

@@ -9,10 +9,11 @@ from the label channel: the observed gradient minus everything the known prefix 
 −(1/N)·Σ_i ∇θ logit_{i,L−2}[y_i], matched over the whole vocabulary.
 
 Padded batches: padding is masked out of attention and out of the loss (label -100), so it adds
-nothing to the gradient, exactly like the last token. A prefix whose extensions all lie outside the
-span has reached the end of its sentence's visible part; the decoder ends it there instead of forcing
-a token, and the label channel adds the sentence's last token. Sentences of different lengths come
-out with their own lengths, without padding.
+nothing to the gradient, exactly like the last token. A prefix whose extensions all lie far outside
+the span (relative to the residuals of the true extensions so far) has reached the end of its
+sentence's visible part; the decoder ends it there instead of forcing a token, and the label channel
+adds the sentence's last token. Sentences of different lengths come out with their own lengths,
+without padding.
 """
 
 from __future__ import annotations
@@ -57,36 +58,54 @@ def _layer1_residuals(model: torch.nn.Module, path: str, prefixes: list[list[int
     return res
 
 
+def _chained(values: list[float], gap: float) -> float:
+    """The largest of ``values`` reachable from the smallest by ascending steps of less than ``gap`` times."""
+    ordered = sorted(values)
+    top = ordered[0]
+    for v in ordered[1:]:
+        if v >= gap * max(top, 1e-12):
+            break
+        top = v
+    return top
+
+
 def greedy_decode(model: torch.nn.Module, path: str, basis: torch.Tensor, cands: list[list[int]], length: int,
-                  beams: int, ratio: float = 1e3, tau: float = 0.05) -> list[tuple[list[int], float]]:
+                  beams: int, ratio: float = 1e3, tau: float = 0.05,
+                  end_ratio: float = 10.0) -> list[tuple[list[int], float]]:
     """Extend prefixes token by token, keeping extensions whose layer-1 input is in the span.
 
-    In the span means a residual below ``tau``, within ``ratio`` of the prefix's best extension and
-    within ``ratio`` of the largest residual accepted so far (the level of true inputs, about 1e-7 in
-    float32, where a near-copy of a true input, e.g. a repeated token, can sit at 1e-2). A prefix with no
-    extension in the span ends there: padding and a sentence's last token add nothing to the gradient,
-    so sentences of different lengths come out with their own lengths. Returns the ended prefixes and
-    those that reach ``length``, by mean residual, best first.
+    True extensions sit close to the span and close to each other (residual about 1e-15-1e-12 for a
+    float64 gradient, 1e-7 for float32, 1e-4-1e-3 for a float32 SGD delta, growing slowly along the
+    sentence); a wrong token sits at 1e-2 or more. So at each position the prefixes' best residuals
+    are chained upwards from ``level`` (the largest accepted so far) in steps of less than
+    ``end_ratio``; a prefix whose best lies above the chain has reached the end of its sentence's
+    visible part (padding and the last token add nothing to the gradient) and ends there. Otherwise
+    it keeps the extensions chained from its best one (sentences that branch there), below ``tau`` and
+    within ``ratio`` of the best, or else its best one alone: on a noisy update every residual is
+    large, nothing ends and the best guess goes on. Returns the ended prefixes and those that reach
+    ``length``, by mean residual, best first.
     """
     prefixes: list[tuple[list[int], float]] = [([], 0.0)]
     finished: list[tuple[list[int], float]] = []
-    level = 0.0  # largest residual accepted so far
+    level = 0.0
     for pos in range(length):
         exts = [(p + [c], s) for p, s in prefixes for c in cands[pos]]
         if not exts:
             break
         res = _layer1_residuals(model, path, [e for e, _ in exts], basis, tau)
-        limit = min(tau, max(ratio * level, 1e-12)) if pos else tau
+        groups = [[j for j, (e, _) in enumerate(exts) if e[:-1] == pre] for pre, _ in prefixes]
+        bests = [float(res[idx].min()) for idx in groups]
+        top = _chained([level, *bests], end_ratio) if pos else max(bests)
         nxt: list[tuple[list[int], float]] = []
-        for pre, score in prefixes:
-            idx = [j for j, (e, _) in enumerate(exts) if e[:-1] == pre]
-            r = res[idx]
-            best = float(r.min()) if idx else 1.0
-            keep = [j for j, rv in zip(idx, r.tolist()) if rv <= max(best * ratio, 1e-12) and rv < limit]
-            nxt += [(exts[j][0], score + float(res[j])) for j in keep]
-            level = max([level] + [float(res[j]) for j in keep])
-            if not keep and pre:
+        for (pre, score), idx, best in zip(prefixes, groups, bests):
+            if best > top:
                 finished.append((pre, score))
+                continue
+            r = res[idx].tolist()
+            near = min(_chained(r, end_ratio), best * ratio)
+            keep = [j for j, rv in zip(idx, r) if rv <= max(near, 1e-12) and rv < tau] or [idx[r.index(best)]]
+            nxt += [(exts[j][0], score + float(res[j])) for j in keep]
+        level = max(level, top)
         nxt.sort(key=lambda t: t[1])
         prefixes = nxt[:beams]
         if not prefixes:
@@ -167,9 +186,10 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], max_elems: int = 20
 
 @register_attack("span_decode")
 def run(obs: Observation, beams: int | None = None, max_cands: int = 64, ratio: float = 1e3, tau: float = 0.05,
-        **_unused: Any) -> AttackResult:
+        end_ratio: float = 10.0, **_unused: Any) -> AttackResult:
     """Layer-0 span check, then greedy layer-1 decoding with ``beams`` prefixes (default 2 × batch size);
-    the best batch-size sequences are returned, each with its own length (padding is not decoded)."""
+    the best batch-size sequences are returned, each with its own length (padding is not decoded).
+    ``ratio``, ``tau``, ``end_ratio``: see :func:`greedy_decode`."""
     _, _, positional = span.first_layer(obs)  # LoRA only: NotApplicable before any work otherwise
     res0 = span.run(obs)
     model = obs.working_model()
@@ -183,7 +203,7 @@ def run(obs: Observation, beams: int | None = None, max_cands: int = 64, ratio: 
     cands = _candidates(res0, positional, obs.seq_len, max_cands)
     beams = beams or 2 * obs.batch_size
     length = obs.seq_len - 1 if obs.task == "causal_lm" else obs.seq_len  # causal LM: last token invisible
-    decoded = greedy_decode(model, group[0].path, basis, cands, length, beams, ratio, tau)
+    decoded = greedy_decode(model, group[0].path, basis, cands, length, beams, ratio, tau, end_ratio)
     seqs = [p for p, _ in decoded][: obs.batch_size]
     tails = last_tokens(obs, seqs) if length < obs.seq_len else None
     if tails is not None:
