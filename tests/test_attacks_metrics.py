@@ -14,6 +14,7 @@ from fedpeft.attacks.metrics import (
     rouge_l,
     rouge_n,
     sequence_metrics,
+    summarize,
     token_prf,
 )
 
@@ -55,6 +56,19 @@ def test_positional_accuracy_and_sequence_metrics() -> None:
     assert positional_accuracy([(0, 5), (1, 6), (2, 8)], truth) == pytest.approx(2 / 6)
     m = sequence_metrics([[8, 9, 10], [5, 6, 0]], truth)
     assert m["exact"] == 0.5 and m["rouge1"] == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_padding_is_left_out_of_every_metric() -> None:
+    from fedpeft.attacks import AttackResult
+
+    truth = torch.tensor([[5, 6, 7, 2], [8, 9, 0, 0]])  # second row: two padding positions
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert sequence_metrics([[5, 6, 7, 2], [8, 9]], truth, mask)["exact"] == 1.0
+    assert sequence_metrics([[5, 6, 7, 2], [8, 9, 0, 0]], truth, mask)["exact"] == 0.5  # padding is not text
+    assert sequence_metrics([[5, 6, 7, 2], [8, 9, 0, 0]], truth)["exact"] == 1.0  # no mask: rows as given
+    assert positional_accuracy([(0, 8), (1, 9)], truth, mask) == pytest.approx(2 / 6)
+    row = summarize(AttackResult("x", bag=[2, 5, 6, 7, 8, 9], sequences=[[8, 9]]), truth, mask)
+    assert row["token_f1"] == 1.0 and row["exact"] == 0.5
 
 
 def test_ranking_chance_baseline_matches_random_scores() -> None:

@@ -1,7 +1,9 @@
 """Leakage metrics: bag-of-token precision/recall/F1, positional accuracy, ROUGE-1/2/L, exact
 sequence match, a threshold-free ranking score with its chance baseline, canary exposure.
 
-Ground truth enters here and nowhere else in :mod:`fedpeft.attacks`.
+Ground truth enters here and nowhere else in :mod:`fedpeft.attacks`. A padded batch comes with its
+attention mask: padding is not private text, so every metric scores the unpadded tokens only (an
+exact sequence is the sentence itself, its own length, without padding).
 """
 
 from __future__ import annotations
@@ -32,9 +34,20 @@ def token_prf(recovered: Sequence[int], truth: Sequence[int]) -> dict[str, float
     return {"precision": p, "recall": r, "f1": f1}
 
 
-def positional_accuracy(position_hits: Sequence[tuple[int, int]], truth: torch.Tensor) -> float:
-    """Fraction of true (position, token) pairs (over the batch) that were recovered."""
-    true_pairs = {(p, int(v)) for row in truth.tolist() for p, v in enumerate(row)}
+def unpadded(truth: torch.Tensor, mask: torch.Tensor | None = None) -> list[list[int]]:
+    """The true sequences as lists of token ids, without the positions where ``mask`` is 0 (padding)."""
+    rows = truth.tolist()
+    if mask is None:
+        return rows
+    return [[v for v, m in zip(row, keep) if m] for row, keep in zip(rows, mask.tolist())]
+
+
+def positional_accuracy(position_hits: Sequence[tuple[int, int]], truth: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> float:
+    """Fraction of true (position, token) pairs (over the batch, padding left out) that were recovered."""
+    keep = torch.ones_like(truth) if mask is None else mask
+    true_pairs = {(p, int(v)) for row, m in zip(truth.tolist(), keep.tolist()) for p, (v, k) in
+                  enumerate(zip(row, m)) if k}
     return len(true_pairs & {(int(p), int(v)) for p, v in position_hits}) / max(1, len(true_pairs))
 
 
@@ -73,15 +86,16 @@ def rouge_l(candidate: Sequence, reference: Sequence) -> float:
     return 2 * p * r / (p + r)
 
 
-def _best_match(sequences: Sequence[Sequence[int]], truth: torch.Tensor) -> list[Sequence[int]]:
+def _best_match(sequences: Sequence[Sequence[int]], true_rows: list[list[int]]) -> list[Sequence[int]]:
     """For each true sequence, the recovered sequence with the highest ROUGE-L (empty if none)."""
-    return [max(sequences, key=lambda s: rouge_l(s, t), default=[]) for t in truth.tolist()]
+    return [max(sequences, key=lambda s: rouge_l(s, t), default=[]) for t in true_rows]
 
 
-def sequence_metrics(sequences: Sequence[Sequence[int]], truth: torch.Tensor) -> dict[str, float]:
-    """ROUGE-1/2/L and exact-match rate, each true sequence against its best recovered one."""
-    true_rows = truth.tolist()
-    best = _best_match(sequences, truth)
+def sequence_metrics(sequences: Sequence[Sequence[int]], truth: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> dict[str, float]:
+    """ROUGE-1/2/L and exact-match rate, each true (unpadded) sequence against its best recovered one."""
+    true_rows = unpadded(truth, mask)
+    best = _best_match(sequences, true_rows)
     n = max(1, len(true_rows))
     return {"rouge1": sum(rouge_n(b, t, 1) for b, t in zip(best, true_rows)) / n,
             "rouge2": sum(rouge_n(b, t, 2) for b, t in zip(best, true_rows)) / n,
@@ -114,23 +128,24 @@ def exposure(rank: int, candidates: int) -> float:
     return math.log2(max(1, candidates)) - math.log2(max(1, rank))
 
 
-def summarize(result: AttackResult, truth: torch.Tensor) -> dict[str, float]:
-    """All applicable metrics of an :class:`AttackResult` against the true token ids (batch × L)."""
-    flat = truth.flatten().tolist()
+def summarize(result: AttackResult, truth: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
+    """All applicable metrics of an :class:`AttackResult` against the true token ids (batch × L);
+    ``mask``: the batch's attention mask (0 = padding, left out of every metric)."""
+    flat = [v for row in unpadded(truth, mask) for v in row]
     out: dict[str, float] = {"seconds": float(getattr(result, "seconds", 0.0))}
     out.update({f"token_{k}": v for k, v in token_prf(result.bag, flat).items()})
     if result.token_scores is not None:
         out.update(ranking_score(result.token_scores, flat))
     positions = result.extra.get("positions") if hasattr(result, "extra") else None
     if positions:
-        out["positional_accuracy"] = positional_accuracy(positions, truth)
+        out["positional_accuracy"] = positional_accuracy(positions, truth, mask)
     if result.sequences:
-        out.update(sequence_metrics(result.sequences, truth))
+        out.update(sequence_metrics(result.sequences, truth, mask))
     return out
 
 
 def evaluate(obs: Observation, truth: torch.Tensor, names: Sequence[str] | None = None,
-             params: dict[str, dict] | None = None) -> dict[str, dict[str, float]]:
+             params: dict[str, dict] | None = None, mask: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
     """Run attacks (default: all registered) on one observation and score each against ``truth``.
 
     Attacks that do not apply to the observation (:class:`NotApplicable`) are reported as
@@ -145,5 +160,5 @@ def evaluate(obs: Observation, truth: torch.Tensor, names: Sequence[str] | None 
         except NotApplicable:
             rows[name] = {"applicable": 0.0}
             continue
-        rows[name] = {"applicable": 1.0, **summarize(result, truth)}
+        rows[name] = {"applicable": 1.0, **summarize(result, truth, mask)}
     return rows

