@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from fedpeft.audit.victim import Truth, VictimSource, _later_round, victim_sourc
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.update import encode_update, error_feedback
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +214,7 @@ def _local_dp(cfg: config.Config, mode: str, kind: str, value: float, n: int, to
     return LocalDP(pcfg, dataset_size=n, batch_size=n, total_steps=total_steps, seed=seed)
 
 
-def _victim_model(cfg: config.Config, cell: dict[str, Any], src: VictimSource, seed: int) -> torch.nn.Module:
+def _victim_model(cfg: config.Config, cell: dict[str, Any], src: VictimSource, seed: int) -> PeftModel:
     """The cell's peft model: the source's base (a fresh copy) with a LoRA of the cell's rank and targets."""
     from fedpeft.models import build_peft_model, load_base_model
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -17,6 +18,9 @@ from fedpeft import config
 from fedpeft.attacks.observation import Observation, State
 from fedpeft.errors import ConfigError
 from fedpeft.models import adapter_state, build_peft_model, byte_tokenizer, load_base_model, set_adapter_state
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +256,7 @@ def victim_source(cfg: config.Config, public_docs: int = 1000) -> VictimSource:
     enc = tok([ex.texts[i] for i in private_idx], truncation=True, max_length=a.seq_len)["input_ids"]
     keep = [j for j, ids in enumerate(enc) if len(ids) == a.seq_len]  # no padding: every position is a token
     base = load_base_model(cfg.model, num_labels=ex.num_labels, seed=cfg.run.seed)
-    vocab = base.get_input_embeddings().num_embeddings
+    vocab = int(cast(torch.nn.Embedding, cast("PreTrainedModel", base).get_input_embeddings()).num_embeddings)
     log.info("audit victim: %s, %d private examples of >= %d tokens, prior from %d public documents",
              cfg.model.name, len(keep), a.seq_len, len(public_ids))
     return VictimSource("scenario", cfg.model, task, ex.num_labels, _counts(public_ids, vocab), cfg.data.source,
