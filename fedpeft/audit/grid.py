@@ -161,8 +161,12 @@ def scenario_defaults(cfg: config.Config) -> dict[str, Any]:
     else:
         dp = "none"
     tiny = {"tiny-llama": "q_proj+k_proj+v_proj", "tiny-gpt2": "c_attn"}
-    targets = "+".join(cfg.adapter.target_modules) or (tiny.get(cfg.model.name, "q_proj+k_proj+v_proj")
-                                                       if cfg.audit.victim == "tiny" else "default")
+    if cfg.audit.victim == "scenario":
+        targets = "+".join(cfg.adapter.target_modules) or "default"  # default: what peft picks for the model
+    elif cfg.model.name in tiny:
+        targets = "+".join(cfg.adapter.target_modules) or tiny[cfg.model.name]
+    else:  # the tiny victim of a scenario with another model is tiny-llama
+        targets = tiny["tiny-llama"]
     return {"batch_size": cfg.train.batch_size, "rank": cfg.adapter.r, "targets": targets,
             "steps": max(1, cfg.train.local_steps), "optimizer": cfg.train.optimizer, "round": "later",
             "rounds": 1, "codec": cfg.compression.uplink, "dp": dp, "observed": "all"}
