@@ -1,4 +1,8 @@
-"""Realistic victim observations on tiny models (for tests and the audit's grid cells).
+"""Victims of the audit: where a grid cell's client comes from, and tiny victims for the attack tests.
+
+:class:`VictimSource` (from :func:`victim_source`) is what ``fedpeft audit`` trains per cell: the
+scenario's own model, tokenizer and data (``audit.victim = "scenario"``) or the byte-vocabulary tiny
+causal LM on random words (``"tiny"``), with the public token prior of the frequency-guess baseline.
 
 :func:`make_victim` builds a tiny peft model, draws private sequences, puts the global adapter in a
 "first round" (B = 0) or "later round" (B ≠ 0) state, trains locally (one gradient, or a multi-step
