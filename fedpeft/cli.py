@@ -136,17 +136,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
     cfg, cells = check(config.load(args.scenario, args.overrides), args.grid, attacks)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("audit cells", total=len(cells))
+        task = progress.add_task(f"audit: {len(cells)} cell(s) x {cfg.audit.seeds} victim(s)",
+                                 total=len(cells) * cfg.audit.seeds)
 
         varying = [k for k in GRID_KEYS if len({str(c[k]) for c in cells}) > 1] or ["batch_size"]
 
         def done(i: int, total: int, row: dict[str, Any]) -> None:
             cell = ", ".join(f"{k}={row[k]}" for k in varying)
-            progress.console.print(f"[bold]{row['verdict']}[/] {cell}: F1 {row['token_f1']:.2f}, "
-                                   f"top {row['top_true']:.2f} (chance {row['chance']:.2f})")
-            progress.advance(task)
+            progress.console.print(f"[bold]{row['verdict']}[/] {cell}: F1 {row['token_f1']:.2f}, top "
+                                   f"{row['top_true']:.2f} (frequency guess {row['baseline']:.2f}, chance "
+                                   f"{row['chance']:.3f}), {row['seconds']:.0f} s")
 
-        out = run_audit(cfg, cells, on_cell=done)
+        out = run_audit(cfg, cells, on_cell=done, on_victim=lambda: progress.advance(task))
     console.print((out / "audit.md").read_text())
     console.print(f"audit written to [bold]{out}[/]")
     print(json.dumps({"audit_dir": str(out)}))
@@ -216,7 +217,7 @@ def _audit_capture(args: argparse.Namespace, attacks: list[str] | None) -> int:
         def done(i: int, total: int, row: dict[str, Any]) -> None:
             console.print(f"[bold]{row['verdict']}[/] round {row['round']} client {row['client']} "
                           f"({i + 1}/{total}): F1 {row['token_f1']:.2f}, top {row['top_true']:.2f} "
-                          f"(chance {row['chance']:.2f})")
+                          f"(frequency guess {row['baseline']:.2f})")
 
         out = capture.audit_run(cfg, rounds=args.rounds, clients=args.clients, on_update=done)
     console.print((out / "audit.md").read_text())

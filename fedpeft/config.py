@@ -205,23 +205,30 @@ class PrivacySection:
 class AuditSection:
     """The privacy audit (``fedpeft audit``): grid of victim settings, attacks, verdict thresholds."""
 
-    grid: list[str] = option(["batch_size=1,4", "round=first,later", "steps=1", "optimizer=sgd",
-                            "codec=none,compeft:0.1", "dp=none,local:0.1"],
+    victim: str = option("scenario", choices=("scenario", "tiny"),
+                         help="scenario: the scenario's model, tokenizer, adapter, training and data; tiny: a "
+                              "byte-vocabulary tiny causal LM on random words (fast; for tests)")
+    grid: list[str] = option(["round=later"],
                            help="grid axes 'key=v1,v2' (keys: see docs/audit.md); unset keys come from the scenario")
-    attacks: list[str] = option(["span", "span_decode", "subspace_opt", "grad_match", "label_and_canary"],
-                              help="attacks run on every cell (those that do not apply are skipped)")
-    seeds: int = option(1, lo=1, hi=100, help="victims (private batches) per cell; metrics are averaged")
-    seq_len: int = option(16, lo=2, hi=512, help="tokens per private example")
-    text: str = option("words", choices=("words", "uniform"), help="private text: random words or uniform token ids")
+    attacks: list[str] = option(["span", "span_decode", "subspace_opt", "label_and_canary"],
+                              help="attacks run on every cell (those that do not apply are skipped; grad_match "
+                                   "is slow on real vocabularies: add it here)")
+    seeds: int = option(3, lo=1, hi=100, help="victims (private batches) per cell; verdict on the mean over seeds")
+    seq_len: int = option(16, lo=2, hi=512, help="tokens per private example (scenario examples are truncated)")
+    text: str = option("words", choices=("words", "uniform"),
+                       help="victim = tiny: private text of random words or uniform token ids")
     later_scale: float = option(0.05, lo=0.0,
                                 help="round = later: std of the trained global adapter's offset from init")
     grad_match_iterations: int = option(60, lo=1, help="budget of grad_match (optimizer iterations per cell)")
     grad_match_candidates: str = option("all", choices=("all", "span", "subspace"),
                                       help="grad_match token candidates: all, or the top of a ranking attack")
     fail_f1: float = option(0.5, lo=0.0, hi=1.0, help="verdict fail: best token F1 (or ROUGE-2) at or above this")
-    warn_factor: float = option(3.0, lo=1.0, help="verdict warn: an attack ranks true tokens >= this x chance ...")
+    warn_lift: float = option(0.1, lo=0.0, hi=1.0,
+                              help="verdict warn: an attack closes >= this fraction of the gap between the "
+                                   "frequency guess's ranking score and 1 ...")
     warn_pvalue: float = option(0.01, lo=0.0, hi=1.0,
-                              help="... and that many hits has binomial p-value below this (Bonferroni over attacks)")
+                              help="... and its hits have a binomial p-value below this at the guess's hit rate "
+                                   "(Bonferroni over attacks)")
     canary_warn: float = option(0.8, lo=0.0, hi=1.0,
                               help="verdict warn: planted canary exposure >= this fraction of its maximum")
 

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op 
 
 
 def _cfg(tmp_path: Path, *sets: str) -> config.Config:
-    return config.load(SCENARIO, [f'output.dir="{tmp_path}"', "audit.grad_match_iterations=30", *sets])
+    return config.load(SCENARIO, [f'output.dir="{tmp_path}"', "audit.grad_match_iterations=30", "audit.seeds=1",
+                                  *sets])
 
 
 def test_grid_parsing_keeps_codec_options_and_set_splits() -> None:
@@ -79,11 +80,12 @@ def test_first_round_single_step_verdicts(tmp_path: Path) -> None:
 def test_audit_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Undefended batch 1 fails; strong local DP (target epsilon 1, real Opacus accountant) passes."""
     code = cli.main(["audit", str(SCENARIO), "--set", f'output.dir="{tmp_path}"',
-                     "--set", "audit.grad_match_iterations=30", "--grid", "batch_size=1", "--grid", "round=later",
+                     "--set", "audit.grad_match_iterations=30", "--set", "audit.seeds=1",
+                     "--grid", "batch_size=1", "--grid", "round=later",
                      "--grid", "codec=none,compeft:0.1", "--grid", "dp=none,local:eps=1"])
     assert code == 0
     out = Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["audit_dir"])
-    for name in ("audit.md", "audit.csv", "audit.png", "config.toml"):
+    for name in ("audit.md", "audit.csv", "audit.json", "audit.png", "config.toml"):
         assert (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader(open(out / "audit.csv")))
     assert [(r["codec"], r["dp"]) for r in rows] == [("none", "none"), ("none", "local:eps=1"),

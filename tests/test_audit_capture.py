@@ -84,6 +84,7 @@ def test_undefended_run_fails_on_the_clients_real_text(tmp_path: Path) -> None:
     assert seen == [(0, 3, "fail"), (1, 3, "fail"), (2, 3, "fail")]
     for r in rows:
         assert r["truth"] == "drawn" and r["examples"] == "1" and r["best_attack"] == "span"
+        assert float(r["chance"]) < float(r["baseline"]) < 1  # the other clients' template tokens, not uniform
         assert r["verdict"] == "fail" and float(r["token_f1"]) >= 0.9, r
         assert math.isinf(float(r["epsilon"]))
     metrics = report.read_metrics(run_dir)

@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 #: audit.csv columns of a captured run (one row per attacked (round, client) update)
 COLUMNS = ["round", "client", "node", "truth", "examples", "stacked", "density", "verdict", "best_attack", "token_f1",
-           "rouge2", "exact", "top_true", "chance", "hit_pvalue", "canary_exposure", "epsilon", "epsilon_client",
+           "rouge2", "exact", "top_true", "baseline", "lift", "chance", "hit_pvalue", "canary_exposure", "epsilon",
+           "epsilon_client",
            "payload_bytes", "dense_bytes", "train_loss", "eval_accuracy", "eval_loss", "eval_perplexity", "seconds"]
 UpdateCallback = Callable[[int, int, dict[str, Any]], None]
 
@@ -167,8 +168,9 @@ def score(result: Any, rows: list[list[int]]) -> dict[str, float]:
 
 
 def attack_update(obs: Observation, rows: list[list[int]], vocab: int, cfg: Config, canary: list[int],
-                  alphabet: list[int]) -> dict[str, Any]:
-    """Run the configured attacks on one observation and aggregate them like one grid cell (one seed)."""
+                  alphabet: list[int], prior: torch.Tensor | None = None) -> dict[str, Any]:
+    """Run the configured attacks on one observation and aggregate them like one grid cell (one seed).
+    ``prior``: token counts of text the client does not hold (the frequency-guess baseline; None = chance)."""
     per: dict[str, dict[str, float]] = {}
     canary_frac = 0.0
     for name in cfg.audit.attacks:
@@ -185,20 +187,34 @@ def attack_update(obs: Observation, rows: list[list[int]], vocab: int, cfg: Conf
             canary_frac = max(canary_frac, per[name]["canary_exposure"])
     distinct = len({t for r in rows for t in r})
     chance = distinct / vocab
+    flat = [t for r in rows for t in r]
+    baseline = ranking_score(prior, flat)["top_true"] if prior is not None and flat else chance
     ranking = sorted(a for a, m in per.items() if "top_true" in m and run.RANKING_COPIES.get(a) not in per)
     tops = [per[a]["top_true"] for a in ranking]
-    pvalues = [run.binomial_tail(round(t * distinct), distinct, chance) for t in tops]
+    pvalues = [run.binomial_tail(round(t * distinct), distinct, baseline) for t in tops]
     best = {k: max((float(m.get(k, 0.0)) for m in per.values()), default=0.0)
             for k in ("token_f1", "rouge2", "exact")}
     row: dict[str, Any] = {
         **best, "best_attack": max(per, key=lambda a: (per[a].get("token_f1", 0.0), per[a].get("top_true", 0.0)),
                                    default="-"),
-        "top_true": max(tops, default=0.0), "chance": chance, "hit_pvalue": min(pvalues, default=1.0),
+        "top_true": max(tops, default=0.0), "baseline": baseline, "chance": chance,
+        "hit_pvalue": min(pvalues, default=1.0),
         "ranking_attacks": len(ranking), "canary_exposure": canary_frac,
         "per_attack": {a: {k: m.get(k, 0.0) for k in ("token_f1", "top_true", "rouge2", "exact")}
                        for a, m in per.items()}}
+    row["lift"] = run.lift(row["top_true"], baseline)
     row["verdict"] = run.verdict(row, cfg.audit)
     return row
+
+
+def _prior(rt: Any, partition: int, vocab: int) -> torch.Tensor:
+    """Token counts over the other clients' partitions: same-domain text the attacked client does not hold."""
+    counts = torch.zeros(vocab)
+    for p in range(len(rt.partitions)):
+        if p != partition:
+            for ids in rt.client_dataset(p).input_ids:
+                counts += torch.bincount(torch.as_tensor(list(ids), dtype=torch.long), minlength=vocab)[:vocab]
+    return counts
 
 
 def _canary_setup(rt: Any, cfg: Config) -> tuple[int, list[int]]:
@@ -279,7 +295,8 @@ def audit_run(cfg: Config, attacks: Sequence[str] | None = None, rounds: Sequenc
             first = rows[0] if rows else []
             canary = first[common:common + run.CANARY_LEN] or first[-run.CANARY_LEN:]
             obs = observation(model, cfg, cap)
-            found = attack_update(obs, rows, vocab, cfg, canary, sorted(set(alphabet) | set(canary)))
+            found = attack_update(obs, rows, vocab, cfg, canary, sorted(set(alphabet) | set(canary)),
+                                  _prior(rt, cap.update.partition_id, vocab))
             row = _row(cfg, cap, truth, rows, found, per_round.get(cap.update.round, {}), density, dense_bytes)
             row["seconds"] = time.perf_counter() - start
             out.append(row)
@@ -319,7 +336,8 @@ def write(out: Path, cfg: Config, rows: list[dict[str, Any]], metrics: list[dict
         w.writerows(rows)
     utility = "eval_accuracy" if cfg.model.task == "classification" else "eval_perplexity"
     cols = ["round", "client", "truth", "examples", "verdict", "best_attack", "token_f1", "rouge2", "exact",
-            "top_true", "chance", "hit_pvalue", "canary_exposure", "epsilon", "payload_bytes", utility]
+            "top_true", "baseline", "lift", "chance", "hit_pvalue", "canary_exposure", "epsilon", "payload_bytes",
+            utility]
     table = [[("∞" if math.isinf(r[c]) else r[c]) if c == "epsilon" else (f"**{r[c]}**" if c == "verdict" else r[c])
               for c in cols] for r in rows]
     attacks = [a for a in cfg.audit.attacks if any(a in r["per_attack"] for r in rows)]

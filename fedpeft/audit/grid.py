@@ -10,6 +10,7 @@ aggregates; the payload size and the real accountant's epsilon are recorded besi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import logging
@@ -17,7 +18,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -25,10 +26,13 @@ from torch.utils.data import Dataset
 
 from fedpeft import config
 from fedpeft.attacks.observation import Observation, State
-from fedpeft.audit.victim import Truth, _later_round, private_batch, victim_config
+from fedpeft.audit.victim import Truth, VictimSource, _later_round, victim_source
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.update import encode_update, error_feedback
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ def _codec(text: str) -> str:
 def _targets(text: str) -> str:
     mods = [m for m in text.split("+") if m]
     if not mods:
-        raise ValueError("expected module names joined by '+', e.g. q_proj+k_proj+v_proj")
+        raise ValueError("expected module names joined by '+', e.g. q_proj+k_proj+v_proj, or 'default'")
     return "+".join(mods)
 
 
@@ -93,7 +97,7 @@ def _dp(text: str) -> str:
 GRID_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
     "batch_size": (_int(1), "examples in the client's private batch (its whole local data)"),
     "rank": (_int(1), "LoRA rank r"),
-    "targets": (_targets, "LoRA target modules joined by '+', e.g. q_proj+k_proj+v_proj"),
+    "targets": (_targets, "LoRA target modules joined by '+', e.g. q_proj+k_proj+v_proj ('default': peft's)"),
     "steps": (_int(1), "local optimizer steps per round (1 + sgd = a single-step gradient)"),
     "optimizer": (_choice("sgd", "adamw"), "local optimizer"),
     "round": (_choice("first", "later"), "first: global adapter at init (LoRA B = 0); later: a trained one"),
@@ -156,8 +160,13 @@ def scenario_defaults(cfg: config.Config) -> dict[str, Any]:
         dp = f"client:{p.server_noise_multiplier:g}"
     else:
         dp = "none"
-    targets = "+".join(cfg.adapter.target_modules) or {"tiny-llama": "q_proj+k_proj+v_proj",
-                                                       "tiny-gpt2": "c_attn"}.get(cfg.model.name, "q_proj+v_proj")
+    tiny = {"tiny-llama": "q_proj+k_proj+v_proj", "tiny-gpt2": "c_attn"}
+    if cfg.audit.victim == "scenario":
+        targets = "+".join(cfg.adapter.target_modules) or "default"  # default: what peft picks for the model
+    elif cfg.model.name in tiny:
+        targets = "+".join(cfg.adapter.target_modules) or tiny[cfg.model.name]
+    else:  # the tiny victim of a scenario with another model is tiny-llama
+        targets = tiny["tiny-llama"]
     return {"batch_size": cfg.train.batch_size, "rank": cfg.adapter.r, "targets": targets,
             "steps": max(1, cfg.train.local_steps), "optimizer": cfg.train.optimizer, "round": "later",
             "rounds": 1, "codec": cfg.compression.uplink, "dp": dp, "observed": "all"}
@@ -167,9 +176,8 @@ def plan(cfg: config.Config, extra_grid: list[str] | None = None) -> list[dict[s
     """Every cell of the scenario's grid (``audit.grid`` overridden axis by axis by ``extra_grid``)."""
     axes = parse_grid(list(cfg.audit.grid))
     axes.update(parse_grid(list(extra_grid or [])))
-    if cfg.model.task != "causal_lm" or cfg.adapter.type != "lora":
-        raise ConfigError("fedpeft audit builds causal-LM LoRA victims: set model.task = 'causal_lm' and "
-                          f"adapter.type = 'lora' (got {cfg.model.task!r}, {cfg.adapter.type!r})")
+    if cfg.adapter.type != "lora":
+        raise ConfigError(f"fedpeft audit builds LoRA victims: set adapter.type = 'lora' (got {cfg.adapter.type!r})")
     base = scenario_defaults(cfg)
     keys = list(GRID_KEYS)
     values = [axes.get(k, [base[k]]) for k in keys]
@@ -191,7 +199,8 @@ class ClientView:
 
 def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     ids = torch.stack([it["input_ids"] for it in items])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    labels = torch.stack([it["labels"] for it in items]) if "labels" in items[0] else ids.clone()
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def _cosine(a: State, b: State) -> float:
@@ -209,23 +218,35 @@ def _local_dp(cfg: config.Config, mode: str, kind: str, value: float, n: int, to
     return LocalDP(pcfg, dataset_size=n, batch_size=n, total_steps=total_steps, seed=seed)
 
 
-def client_view(cfg: config.Config, cell: dict[str, Any], seed: int) -> ClientView:
+def _victim_model(cfg: config.Config, cell: dict[str, Any], src: VictimSource, seed: int) -> PeftModel:
+    """The cell's peft model: the source's base (a fresh copy) with a LoRA of the cell's rank and targets."""
+    from fedpeft.models import build_peft_model, load_base_model
+
+    targets = [] if cell["targets"] == "default" else cell["targets"].split("+")
+    adapter = dataclasses.replace(cfg.adapter, type="lora", r=cell["rank"], target_modules=targets)
+    if src.kind == "tiny":
+        adapter = dataclasses.replace(adapter, dropout=0.0, train_head=False)
+    base = copy.deepcopy(src.base) if src.base is not None else load_base_model(src.model, seed=seed % 3)
+    try:
+        return build_peft_model(base, adapter, src.task, seed=seed)
+    except FedPeftError as e:
+        raise ConfigError(f"audit cell {cell}: {e}") from None
+
+
+def client_view(cfg: config.Config, cell: dict[str, Any], seed: int, src: VictimSource | None = None) -> ClientView:
     """Train one victim client for ``cell['rounds']`` rounds and return what the server decoded."""
-    from fedpeft.models import adapter_state, build_peft_model, load_base_model, set_adapter_state, subtract
+    from fedpeft.models import adapter_state, set_adapter_state, subtract
     from fedpeft.privacy import ClientLevelAccountant
     from fedpeft.training import train_local
 
-    vcfg = victim_config(cfg.model.name, "lora", cell["rank"], cell["targets"].replace("+", ","),
-                         cfg.model.tiny_hidden_size, "causal_lm")
-    vcfg.adapter.alpha = cfg.adapter.alpha
-    try:
-        model = build_peft_model(load_base_model(vcfg.model, seed=seed % 3), vcfg.adapter, "causal_lm", seed=seed)
-    except FedPeftError as e:
-        raise ConfigError(f"audit cell {cell}: {e}") from None
+    src = src or victim_source(cfg)
+    model = _victim_model(cfg, cell, src, seed)
     b, seq_len, rounds = cell["batch_size"], cfg.audit.seq_len, cell["rounds"]
-    ids = private_batch(b, seq_len, seed, cfg.audit.text, model.get_input_embeddings().num_embeddings)
+    ids, labels = src.batch(b, seq_len, seed, cfg.audit.text)
+    rows = [{"input_ids": row} if labels is None else {"input_ids": row, "labels": y}
+            for row, y in zip(ids, labels if labels is not None else ids)]
     # a list of examples: DataLoader reads any indexable, sized container (torch types it as a Dataset)
-    dataset = cast("Dataset[dict[str, Any]]", [{"input_ids": row} for row in ids])
+    dataset = cast("Dataset[dict[str, Any]]", rows)
     train = dataclasses.replace(cfg.train, batch_size=b, local_steps=cell["steps"], local_epochs=0.0,
                                 optimizer=cell["optimizer"])
     mode, kind, value = parse_dp(cell["dp"])
@@ -268,14 +289,14 @@ def client_view(cfg: config.Config, cell: dict[str, Any], seed: int) -> ClientVi
         epsilon = acc.epsilon(cfg.privacy.delta)
     else:
         epsilon = math.inf
-    obs = _observation(model, pairs, train, b, seq_len)
+    obs = _observation(model, pairs, train, b, seq_len, src.task)
     density = float(getattr(codec.params, "p", 1.0))
-    return ClientView(obs, Truth(ids, vocab_size=model.get_input_embeddings().num_embeddings), epsilon, nbytes,
-                      4 * layout.total, density, cos)
+    return ClientView(obs, Truth(ids, labels, vocab_size=model.get_input_embeddings().num_embeddings), epsilon,
+                      nbytes, 4 * layout.total, density, cos)
 
 
 def _observation(model: torch.nn.Module, pairs: list[tuple[State, State]], train: config.TrainSection, b: int,
-                 seq_len: int) -> Observation:
+                 seq_len: int, task: str) -> Observation:
     """The server's observation. A one-step SGD delta at a constant, public lr is −lr·gradient, so the
     server rescales it to the gradient (what the label channel of ``span_decode`` needs)."""
     single = (train.local_steps == 1 and train.optimizer == "sgd" and train.weight_decay == 0
@@ -285,4 +306,4 @@ def _observation(model: torch.nn.Module, pairs: list[tuple[State, State]], train
         pairs = [(g, {k: v * (-1.0 / train.lr) for k, v in u.items()}) for g, u in pairs]
     return Observation(model=model, global_state=pairs[-1][0], update=pairs[-1][1], kind=kind, history=pairs[:-1],
                        batch_size=b, num_examples=b, seq_len=seq_len, local_steps=train.local_steps, lr=train.lr,
-                       optimizer=train.optimizer, task="causal_lm")
+                       optimizer=train.optimizer, task=task)

@@ -1,9 +1,11 @@
-"""The audit's report: ``audit.csv`` (one row per cell), ``audit.md`` (verdict table with a legend)
-and ``audit.png`` (leakage against epsilon and against codec density)."""
+"""The audit's report: ``audit.csv`` (one row per cell), ``audit.json`` (the rows with per-seed values
+and intervals), ``audit.md`` (verdict table with a legend) and ``audit.png`` (leakage against epsilon
+and against codec density)."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -23,16 +25,20 @@ def metric_legend(cfg: Config) -> list[str]:
     """The verdict and leakage-metric lines of the legend (shared with the capture audit of a real run)."""
     a = cfg.audit
     return [
-        f"- **verdict**: `fail` = best token F1 or ROUGE-2 >= {a.fail_f1:g}, or any exact sequence; `warn` = an "
-        f"attack ranks >= {a.warn_factor:g}x chance of the true tokens into its top-|true| with binomial p-value "
-        f"< {a.warn_pvalue:g} / (ranking attacks), or the planted canary reaches >= {a.canary_warn:g} of its "
-        "maximum exposure; `pass` = no attack distinguishable from chance at that level (evidence about these "
-        "attacks, not a privacy guarantee).",
+        f"- **verdict**: `fail` = mean best token F1 or ROUGE-2 >= {a.fail_f1:g}, or any exact sequence; `warn` = "
+        f"an attack closes >= {a.warn_lift:g} of the gap between the frequency guess's ranking score and 1 "
+        f"(**lift**) with binomial p-value < {a.warn_pvalue:g} / (ranking attacks) at the guess's hit rate, or the "
+        f"planted canary reaches >= {a.canary_warn:g} of its maximum exposure; `pass` = no attack distinguishable "
+        "from the frequency guess at that level (evidence about these attacks, not a privacy guarantee).",
         "- **token_f1**: bag-of-tokens F1 of the recovered set (best attack); **rouge2**, **exact**: best "
         "recovered sequence per true sequence (ROUGE-2 F, exact-match rate); **top_true**: fraction of the "
-        "distinct true tokens among an attack's top-|true| ranked tokens (threshold-free, best attack); "
-        "**chance**: the same for a random ranking (|true| / vocabulary); **hit_pvalue**: binomial tail of the "
-        "best attack's hits at chance; **canary_exposure**: exposure of the planted canary / its maximum."]
+        "distinct true tokens among the top-|true| ranked tokens of the best ranking attack (threshold-free); "
+        "**baseline**: the same for the frequency guess (the top-|true| most frequent tokens of public text, no "
+        "update needed); **chance**: the same for a uniformly random ranking (|true| / vocabulary), for reference "
+        "only; **hit_pvalue**: binomial tail of the best attack's hits at the baseline's rate; "
+        "**canary_exposure**: exposure of the planted canary / its maximum.",
+        "- With several seeds (victims per cell) the values are means over seeds, hits are pooled for the "
+        "p-value, and [lo, hi] is the 95 % Student-t interval of the mean over seeds."]
 
 
 def legend(cfg: Config) -> str:
@@ -54,34 +60,59 @@ def legend(cfg: Config) -> str:
         "- Grid keys: " + "; ".join(f"`{k}`: {m}" for k, (_, m) in GRID_KEYS.items()) + ".\n"])
 
 
-def write(out: Path, cfg: Config, rows: list[dict[str, Any]]) -> None:
-    """audit.csv, audit.md and (if output.plots) audit.png."""
+def _ci(value: float, ci: Any) -> str:
+    lo, hi = ci if ci is not None else (value, value)
+    return f"{value:.2f}" if hi - lo < 5e-3 else f"{value:.2f} [{max(0.0, lo):.2f}, {min(1.0, hi):.2f}]"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: infinity as the string "inf", tuples as lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def write(out: Path, cfg: Config, rows: list[dict[str, Any]], victim: str = "") -> None:
+    """audit.csv, audit.json, audit.md and (if output.plots) audit.png; ``victim`` describes the victim."""
     from fedpeft.audit.run import COLUMNS
 
     with open(out / "audit.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    (out / "audit.json").write_text(json.dumps({"victim": victim, "rows": _plain(rows)}, indent=1))
     varying = [k for k in GRID_KEYS if len({str(r[k]) for r in rows}) > 1]
     fixed = {k: rows[0][k] for k in GRID_KEYS if k not in varying} if rows else {}
-    cols = [*varying, "verdict", "best_attack", "token_f1", "rouge2", "exact", "top_true", "chance",
-            "hit_pvalue", "canary_exposure", "epsilon", "payload_bytes", "utility_cos"]
-    table = [[_eps(r[c]) if c == "epsilon" else (f"**{r[c]}**" if c == "verdict" else r[c]) for c in cols]
-             for r in rows]
+    cols = [*varying, "verdict", "best_attack", "token_f1", "rouge2", "exact", "ranking_attack", "top_true",
+            "baseline", "lift", "chance", "hit_pvalue", "canary_exposure", "epsilon", "payload_bytes", "utility_cos"]
+
+    def cell(r: dict[str, Any], c: str) -> Any:
+        if c == "epsilon":
+            return _eps(r[c])
+        if c == "verdict":
+            return f"**{r[c]}**"
+        if c in ("token_f1", "top_true"):
+            return _ci(r[c], r.get(f"{c}_ci"))
+        return r[c]
+
+    table = [[cell(r, c) for c in cols] for r in rows]
     attacks = [a for a in cfg.audit.attacks if any(a in r["per_attack"] for r in rows)]
     detail = [[*(r[k] for k in varying), *(r["per_attack"].get(a, {}).get("token_f1") for a in attacks),
                *(r["per_attack"].get(a, {}).get("top_true") for a in attacks)] for r in rows]
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("fail", "warn", "pass")}
     text = [f"# Privacy audit: `{cfg.run.name}`\n",
-            f"Honest-but-curious server attacking one client's reply. Model `{cfg.model.name}` "
-            f"(hidden {cfg.model.tiny_hidden_size}), LoRA alpha {cfg.adapter.alpha:g}, causal LM, "
-            f"{cfg.audit.seq_len}-token private sequences ({cfg.audit.text}), lr {cfg.train.lr:g}, "
+            f"Honest-but-curious server attacking one client's reply. Victim: {victim}; LoRA alpha "
+            f"{cfg.adapter.alpha:g}, {cfg.audit.seq_len}-token private sequences, lr {cfg.train.lr:g}, "
             f"{cfg.audit.seeds} victim(s) per cell, seed {cfg.run.seed}.\n",
             "Fixed for every cell: " + ", ".join(f"`{k}={v}`" for k, v in fixed.items()) + ".\n",
             f"Verdicts: {counts['fail']} fail, {counts['warn']} warn, {counts['pass']} pass "
             f"(of {len(rows)} cells).\n",
             report.markdown_table(cols, table),
-            "\n### Per attack (token F1, then top_true)\n",
+            "\n### Per attack (token F1, then top_true; means over seeds)\n",
             report.markdown_table([*varying, *(f"F1 {a}" for a in attacks), *(f"top {a}" for a in attacks)], detail),
             "", legend(cfg)]
     (out / "audit.md").write_text("\n".join(text))
@@ -107,8 +138,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 xs = [inf_x if key == "epsilon" and math.isinf(r[key]) else r[key] for r in pts]
                 ax.scatter(xs, [r[metric] for r in pts], c=color, marker=marker, alpha=0.75,
                            label=f"{metric} ({v})" if ax is axes[0] else None)
-        chance = max((r["chance"] for r in rows), default=0.0)
-        ax.axhline(chance, color="grey", ls=":", lw=1)
+        baseline = max((r.get("baseline", r["chance"]) for r in rows), default=0.0)
+        ax.axhline(baseline, color="grey", ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylim(-0.03, 1.03)
@@ -118,7 +149,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                          ha="right", va="center", fontsize=8, color="grey")
     axes[0].set_ylabel("leakage (best over attacks)")
     axes[0].legend(fontsize=7, loc="center left")
-    fig.suptitle("leakage vs epsilon and vs density (dotted: chance)")
+    fig.suptitle("leakage vs epsilon and vs density (dotted: frequency-guess baseline)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

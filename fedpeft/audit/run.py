@@ -1,22 +1,24 @@
 """``fedpeft audit``: run the attack suite over a grid of victim settings and give each cell a verdict.
 
 Per cell (see :mod:`fedpeft.audit.grid` for the grid and how a cell's client update is
-produced): every configured attack runs on the server's observation; its result is scored against
-the private batch (only here does ground truth meet an attack's output). The cell keeps the best
-value over attacks of token F1, ROUGE-2, exact-sequence rate and the threshold-free ranking score
-(true tokens among the top-|true| ranked), the chance level of that ranking, canary exposure, the
-real accountant's epsilon, the payload bytes and the update's fidelity.
+produced), ``audit.seeds`` victims are trained, each on its own private batch. Every configured
+attack runs on the server's observation; its result is scored against the private batch (only here
+does ground truth meet an attack's output). The cell reports the mean over seeds (with a 95 %
+t-interval) of the best token F1, ROUGE-2 and exact-sequence rate, and for the best ranking attack
+the share of the true tokens among its top-|true| (hits pooled over seeds). The baseline is not
+uniform chance but an attacker who guesses the top-|true| most frequent tokens of public text
+(:class:`fedpeft.audit.victim.VictimSource`); chance is reported beside it.
 
 Verdicts (thresholds from ``[audit]``; defaults below):
 
-* ``fail`` — a leak: best token F1 >= :data:`FAIL_F1` or best ROUGE-2 >= :data:`FAIL_F1`, or any
+* ``fail`` — a leak: mean best token F1 >= :data:`FAIL_F1` or ROUGE-2 >= :data:`FAIL_F1`, or any
   exact sequence recovered.
-* ``warn`` — measurably above chance: some attack ranks >= :data:`WARN_FACTOR` x chance of the true
-  tokens into its top-|true| *and* that many hits has a one-sided binomial p-value below
-  :data:`WARN_PVALUE` / (number of ranking attacks); or a planted canary reaches
-  :data:`CANARY_WARN` of its maximum exposure.
-* ``pass`` — no attack distinguishable from chance at that level. This is evidence about *these*
-  attacks, not a privacy proof (that is what epsilon is for).
+* ``warn`` — measurably better than the frequency guess: some attack closes >= :data:`WARN_LIFT` of
+  the gap between the guess's ranking score and 1 (:func:`lift`) *and* its pooled hits have a
+  one-sided binomial p-value below :data:`WARN_PVALUE` / (number of ranking attacks) at the guess's
+  hit rate; or a planted canary reaches :data:`CANARY_WARN` of its maximum exposure.
+* ``pass`` — no attack distinguishable from the frequency guess at that level. This is evidence about
+  *these* attacks, not a privacy proof (that is what epsilon is for).
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ from typing import Any
 import torch
 
 from fedpeft.attacks.label_and_canary import canary_rank
-from fedpeft.attacks.metrics import exposure, summarize
+from fedpeft.attacks.metrics import exposure, ranking_score, summarize
 from fedpeft.attacks.observation import ATTACKS, NotApplicable, run_attack
 from fedpeft.audit.grid import GRID_KEYS, ClientView, client_view, parse_dp, plan
-from fedpeft.audit.victim import WORDS
+from fedpeft.audit.victim import VictimSource, victim_source
 from fedpeft.config import AuditSection, Config
 from fedpeft.errors import ConfigError
 from fedpeft.rundir import new_run_dir
@@ -44,16 +46,18 @@ log = logging.getLogger(__name__)
 
 _DEFAULTS = AuditSection()
 FAIL_F1: float = _DEFAULTS.fail_f1  #: fail at or above this best token F1 / ROUGE-2 (0.5)
-WARN_FACTOR: float = _DEFAULTS.warn_factor  #: warn: ranking hits at least this multiple of chance (3)
+WARN_LIFT: float = _DEFAULTS.warn_lift  #: warn: an attack closes this much of the baseline's gap to 1 (0.1)
 WARN_PVALUE: float = _DEFAULTS.warn_pvalue  #: warn: ... and binomial p-value below this / #attacks (0.01)
 CANARY_WARN: float = _DEFAULTS.canary_warn  #: warn: canary exposure >= this fraction of its maximum (0.8)
 CANARY_LEN = 8  #: tokens of the planted canary (the start of the victim's first sequence)
 #: attacks whose token ranking is another attack's (not counted twice in the warn test's Bonferroni factor)
 RANKING_COPIES = {"span_decode": "span", "label_and_canary": "subspace_opt"}
+#: attacks that read sequences left to right through a causal LM (not applicable to encoders)
+CAUSAL_ONLY = ("span_decode",)
 
-COLUMNS = [*GRID_KEYS, "density", "verdict", "best_attack", "token_f1", "rouge2", "exact", "top_true",
-           "chance", "hit_pvalue", "canary_exposure", "epsilon", "payload_bytes", "dense_bytes", "utility_cos",
-           "seconds"]
+COLUMNS = [*GRID_KEYS, "density", "verdict", "best_attack", "token_f1", "token_f1_ci", "rouge2", "exact",
+           "ranking_attack", "top_true", "top_true_ci", "baseline", "lift", "chance", "seeds", "hit_pvalue",
+           "canary_exposure", "epsilon", "payload_bytes", "dense_bytes", "utility_cos", "seconds"]
 
 
 def binomial_tail(hits: int, n: int, p: float) -> float:
@@ -73,13 +77,17 @@ def canary_exposure(scores: torch.Tensor, canary: list[int], alphabet: list[int]
     return exposure(rank, space), math.log2(space)
 
 
-def _alphabet(vocab: int) -> list[int]:
-    """Public canary format: the tokens of the victim's text distribution (letters and space)."""
-    from fedpeft.models import byte_tokenizer
+def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Two-sided Student-t confidence interval of the mean of ``values`` (a point for one value)."""
+    from scipy import stats
 
-    tok = byte_tokenizer()
-    ids = {i for w in WORDS for i in tok(w + " ", add_special_tokens=False)["input_ids"]}
-    return sorted(i for i in ids if i < vocab)
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, mean
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return mean - half, mean + half
 
 
 def _attack_params(audit: AuditSection, name: str, canary: list[int], alphabet: list[int],
@@ -92,15 +100,19 @@ def _attack_params(audit: AuditSection, name: str, canary: list[int], alphabet: 
     return {}
 
 
-def attack_view(view: ClientView, audit: AuditSection, seed: int = 0) -> dict[str, Any]:
-    """Run the configured attacks on one observation; the per-attack metrics and the cell's best values."""
+def attack_view(view: ClientView, audit: AuditSection, seed: int = 0,
+                src: VictimSource | None = None) -> dict[str, Any]:
+    """Run the configured attacks on one observation; the per-attack metrics, the cell's best values and
+    the baseline: the ranking score of guessing the most frequent tokens of public text (``src.prior``)."""
     ids = view.truth.input_ids
     canary = ids[0, :CANARY_LEN].tolist()
-    alphabet = sorted(set(_alphabet(view.truth.vocab_size)) | set(canary))
+    alphabet = sorted(set(src.alphabet() if src is not None else []) | set(canary))
     per: dict[str, dict[str, float]] = {}
     canary_frac = 0.0
     for name in audit.attacks:
         try:
+            if name in CAUSAL_ONLY and view.obs.task != "causal_lm":
+                raise NotApplicable(f"{name} decodes left to right through a causal LM; the task is {view.obs.task}")
             result = run_attack(name, view.obs, **_attack_params(audit, name, canary, alphabet, seed))
         except NotApplicable as e:
             log.info("audit: %s not applicable: %s", name, e)
@@ -118,9 +130,17 @@ def attack_view(view: ClientView, audit: AuditSection, seed: int = 0) -> dict[st
         for k in best:
             best[k] = max(best[k], float(row.get(k, 0.0)))
     chance = distinct / view.truth.vocab_size
+    prior = src.prior if src is not None else torch.zeros(view.truth.vocab_size)
+    baseline = ranking_score(prior, ids.flatten().tolist())["top_true"]
     best_attack = max(per, key=lambda a: (per[a].get("token_f1", 0.0), per[a].get("top_true", 0.0)), default="-")
-    return {"per_attack": per, "distinct": distinct, "chance": chance, "canary_frac": canary_frac,
-            "best_attack": best_attack, **best}
+    return {"per_attack": per, "distinct": distinct, "chance": chance, "baseline": baseline,
+            "canary_frac": canary_frac, "best_attack": best_attack, **best}
+
+
+def lift(top_true: float, baseline: float) -> float:
+    """How much of the gap between the frequency guess's ranking score and a perfect ranking an attack
+    closes: (top_true − baseline) / (1 − baseline); 0 = no better than the guess, 1 = every token."""
+    return (top_true - baseline) / (1.0 - baseline) if baseline < 1 else 0.0
 
 
 def verdict(row: dict[str, Any], audit: AuditSection) -> str:
@@ -128,43 +148,66 @@ def verdict(row: dict[str, Any], audit: AuditSection) -> str:
     if row["token_f1"] >= audit.fail_f1 or row["rouge2"] >= audit.fail_f1 or row["exact"] > 0:
         return "fail"
     ranked = row["ranking_attacks"] or 1
-    if (row["top_true"] >= audit.warn_factor * row["chance"] and row["hit_pvalue"] < audit.warn_pvalue / ranked) \
+    if (lift(row["top_true"], row["baseline"]) >= audit.warn_lift and row["hit_pvalue"] < audit.warn_pvalue / ranked) \
             or row["canary_exposure"] >= audit.canary_warn:
         return "warn"
     return "pass"
 
 
-def run_cell(cfg: Config, cell: dict[str, Any]) -> dict[str, Any]:
-    """All seeds of one cell, aggregated into one report row (metrics averaged, hits pooled)."""
+def run_cell(cfg: Config, cell: dict[str, Any], src: VictimSource | None = None,
+             on_victim: Callable[[], None] | None = None) -> dict[str, Any]:
+    """All seeds of one cell, aggregated into one report row: metrics are means over seeds (with a 95 %
+    t-interval), each ranking attack's hits are pooled over seeds for its p-value at the baseline's rate.
+    ``on_victim()`` is called after each seed's victim has been attacked (progress display)."""
     start = time.perf_counter()
+    src = src or victim_source(cfg)
     results, views = [], []
     for s in range(cfg.audit.seeds):
         seed = cfg.run.seed * 1000 + s
-        view = client_view(cfg, cell, seed)
+        view = client_view(cfg, cell, seed, src)
+        # one base model for every victim: the candidate first-layer inputs (the span attacks' costliest step,
+        # a forward pass per vocabulary token) do not depend on the adapter, so the server computes them once
+        shared = src.candidates.setdefault(cell["targets"], {}) if src.base is not None else {}
+        view.obs._cache.update(shared)
         views.append(view)
-        results.append(attack_view(view, cfg.audit, seed))
+        results.append(attack_view(view, cfg.audit, seed, src))
+        shared.update({k: v for k, v in view.obs._cache.items() if k.startswith("cands:")})
+        if on_victim:
+            on_victim()
     n = len(results)
-    mean = {k: sum(r[k] for r in results) / n for k in ("token_f1", "rouge2", "exact", "chance", "canary_frac")}
+    mean = {k: sum(r[k] for r in results) / n
+            for k in ("token_f1", "rouge2", "exact", "chance", "baseline", "canary_frac")}
     ranking = sorted({a for r in results for a, m in r["per_attack"].items() if "top_true" in m
                       and RANKING_COPIES.get(a) not in r["per_attack"]})
-    pvalues, tops = [], []
+    total = sum(r["distinct"] for r in results)
+    base_rate = sum(r["baseline"] * r["distinct"] for r in results) / max(1, total)  # pooled, like the hits
+    pvalues, pooled = [], []
     for a in ranking:  # pool each attack's hits over seeds; the cell's evidence is its best attack
         hits = sum(round(r["per_attack"].get(a, {}).get("top_true", 0.0) * r["distinct"]) for r in results)
-        total = sum(r["distinct"] for r in results)
-        tops.append(hits / max(1, total))
-        pvalues.append(binomial_tail(hits, total, mean["chance"]))
+        pooled.append(hits / max(1, total))
+        pvalues.append(binomial_tail(hits, total, base_rate))
+    best = max(range(len(ranking)), key=lambda i: (pooled[i], -pvalues[i])) if ranking else None
+    per_seed = {"token_f1": [r["token_f1"] for r in results], "baseline": [r["baseline"] for r in results],
+                "top_true": [r["per_attack"].get(ranking[best], {}).get("top_true", 0.0) if best is not None
+                             else 0.0 for r in results]}
     row: dict[str, Any] = {**cell, "density": views[0].density,
                            "best_attack": max((r["best_attack"] for r in results), key=[r["best_attack"] for r in
                                                                                          results].count),
                            "token_f1": mean["token_f1"], "rouge2": mean["rouge2"], "exact": mean["exact"],
-                           "top_true": max(tops, default=0.0), "chance": mean["chance"],
-                           "hit_pvalue": min(pvalues, default=1.0), "ranking_attacks": len(ranking),
+                           "top_true": sum(per_seed["top_true"]) / n, "baseline": mean["baseline"],
+                           "chance": mean["chance"], "hit_pvalue": pvalues[best] if best is not None else 1.0,
+                           "ranking_attacks": len(ranking),
+                           "ranking_attack": ranking[best] if best is not None else "-", "seeds": n,
+                           "per_seed": per_seed,
+                           "token_f1_ci": interval(per_seed["token_f1"]),
+                           "top_true_ci": interval(per_seed["top_true"]),
                            "canary_exposure": mean["canary_frac"], "epsilon": views[-1].epsilon,
                            "payload_bytes": views[-1].payload_bytes, "dense_bytes": views[-1].dense_bytes,
                            "utility_cos": sum(v.utility_cos for v in views) / n,
                            "per_attack": {a: {k: sum(r["per_attack"].get(a, {}).get(k, 0.0) for r in results) / n
                                               for k in ("token_f1", "top_true", "rouge2", "exact")}
                                           for a in cfg.audit.attacks if any(a in r["per_attack"] for r in results)}}
+    row["lift"] = lift(row["top_true"], row["baseline"])
     row["verdict"] = verdict(row, cfg.audit)
     row["seconds"] = time.perf_counter() - start
     return row
@@ -199,10 +242,11 @@ def check(cfg: Config, extra_grid: list[str] | None = None,
 
 
 def run_audit(cfg: Config, cells: list[dict[str, Any]] | None = None,
-              on_cell: Callable[[int, int, dict[str, Any]], None] | None = None) -> Path:
+              on_cell: Callable[[int, int, dict[str, Any]], None] | None = None,
+              on_victim: Callable[[], None] | None = None) -> Path:
     """Run every cell (default: the cells of ``cfg.audit.grid``), write ``audit.md``, ``audit.csv``,
-    ``audit.png`` and ``config.toml``; returns the audit directory. ``on_cell(i, total, row)`` is
-    called after each cell (progress display)."""
+    ``audit.json``, ``audit.png`` and ``config.toml``; returns the audit directory. ``on_cell(i, total, row)`` is
+    called after each cell, ``on_victim()`` after each of its seeds (progress display)."""
     from fedpeft.audit import report
 
     if cells is None:
@@ -210,11 +254,12 @@ def run_audit(cfg: Config, cells: list[dict[str, Any]] | None = None,
     out = new_run_dir(cfg.output.dir, f"{cfg.run.name}-audit")
     (out / "config.toml").write_text(cfg.to_toml())
     rows = []
+    src = victim_source(cfg)
     with torch.random.fork_rng(devices=[]):
         for i, cell in enumerate(cells):
-            rows.append(run_cell(cfg, cell))
+            rows.append(run_cell(cfg, cell, src, on_victim))
             log.info("audit cell %d/%d: %s -> %s", i + 1, len(cells), cell, rows[-1]["verdict"])
             if on_cell:
                 on_cell(i, len(cells), rows[-1])
-    report.write(out, cfg, rows)
+    report.write(out, cfg, rows, src.describe())
     return out

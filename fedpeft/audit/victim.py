@@ -1,4 +1,8 @@
-"""Realistic victim observations on tiny models (for tests and the audit's grid cells).
+"""Victims of the audit: where a grid cell's client comes from, and tiny victims for the attack tests.
+
+:class:`VictimSource` (from :func:`victim_source`) is what ``fedpeft audit`` trains per cell: the
+scenario's own model, tokenizer and data (``audit.victim = "scenario"``) or the byte-vocabulary tiny
+causal LM on random words (``"tiny"``), with the public token prior of the frequency-guess baseline.
 
 :func:`make_victim` builds a tiny peft model, draws private sequences, puts the global adapter in a
 "first round" (B = 0) or "later round" (B ≠ 0) state, trains locally (one gradient, or a multi-step
@@ -10,12 +14,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from fedpeft import config
 from fedpeft.attacks.observation import Observation, State
+from fedpeft.errors import ConfigError
 from fedpeft.models import adapter_state, build_peft_model, byte_tokenizer, load_base_model, set_adapter_state
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +171,98 @@ def make_victim(model: str = "tiny-llama", adapter: str = "lora", r: int = 16, t
         if task == "classification" else None
     obs = observe(peft_model, ids, labels, task, seed=seed, **round_kw)  # type: ignore[arg-type]
     return obs, Truth(ids, labels, vocab_size=peft_model.get_input_embeddings().num_embeddings)
+
+
+@dataclass
+class VictimSource:
+    """Where an audit cell's victim comes from (``audit.victim``).
+
+    ``scenario``: the scenario's base model and tokenizer; private batches are real examples of the
+    scenario's data source, truncated to ``audit.seq_len`` tokens. ``tiny``: the byte-vocabulary tiny
+    causal LM on random words (fast; for tests). ``prior`` counts tokens of *public* text disjoint from
+    every private batch (the baseline attacker's guess: the most frequent tokens).
+    """
+
+    kind: str
+    model: config.ModelSection
+    task: str
+    num_labels: int
+    prior: torch.Tensor
+    prior_text: str
+    rows: list[list[int]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    base: torch.nn.Module | None = None
+    public_docs: int = 0
+    candidates: dict[str, dict] = field(default_factory=dict)  #: per target set: the span attacks' token inputs
+
+    def batch(self, batch_size: int, seq_len: int, seed: int, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A private batch (ids batch × seq_len, and class labels for classification)."""
+        if self.kind == "tiny":
+            return private_batch(batch_size, seq_len, seed, text), None
+        if batch_size > len(self.rows):
+            raise ConfigError(f"audit: batch_size {batch_size} exceeds the {len(self.rows)} private examples "
+                                     f"of at least {seq_len} tokens in data.source {self.prior_text!r}")
+        pick = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(seed))[:batch_size].tolist()
+        ids = torch.tensor([self.rows[i] for i in pick])
+        return ids, torch.tensor([self.labels[i] for i in pick]) if self.task == "classification" else None
+
+    def describe(self) -> str:
+        """One line for the report: which model, which private text, which prior."""
+        vocab = self.prior.numel()
+        if self.kind == "tiny":
+            return (f"tiny causal LM `{self.model.name}` (hidden {self.model.tiny_hidden_size}, byte vocabulary of "
+                    f"{vocab}) on {self.prior_text}; baseline prior: token frequencies of held-out text of the "
+                    "same generator")
+        return (f"the scenario's model `{self.model.name}` ({self.task}, vocabulary {vocab}) on examples of "
+                f"`{self.prior_text}` ({len(self.rows)} in the private pool); baseline prior: token frequencies of "
+                f"{self.public_docs} other documents of the same source, disjoint from every private batch")
+
+    def alphabet(self) -> list[int]:
+        """Public canary format: the tokens that occur in the public text."""
+        return self.prior.nonzero().flatten().tolist()
+
+
+def _counts(rows: list[list[int]], vocab: int) -> torch.Tensor:
+    counts = torch.zeros(vocab)
+    for r in rows:
+        counts += torch.bincount(torch.tensor(r, dtype=torch.long), minlength=vocab)[:vocab].float()
+    return counts
+
+
+def victim_source(cfg: config.Config, public_docs: int = 1000) -> VictimSource:
+    """Load the victim's model config, private example pool and public token prior once per audit.
+
+    Scenario victims: the scenario's examples are split in two halves by a seeded permutation; the
+    first (at most ``public_docs`` documents, tokenized up to ``model.max_length``) gives the prior, the
+    second is the private pool. Both come from the scenario's own data (the text a client trains on):
+    the prior is what an attacker who knows the domain would guess, without the client's examples.
+    """
+    a = cfg.audit
+    if a.victim == "tiny":
+        name = cfg.model.name if cfg.model.name in ("tiny-llama", "tiny-gpt2") else "tiny-llama"
+        vcfg = victim_config(name, "lora", hidden=cfg.model.tiny_hidden_size)
+        vocab = len(byte_tokenizer())
+        public = private_batch(256, a.seq_len, 987_654_321, a.text).tolist()  # held-out draws of the same text
+        return VictimSource("tiny", vcfg.model, "causal_lm", 0, _counts(public, vocab), f"random {a.text}")
+    import numpy as np
+
+    from fedpeft.models import load_tokenizer
+    from fedpeft.sources import load_examples
+
+    task = cfg.model.task
+    ex = load_examples(cfg.data, task, seed=cfg.run.seed)
+    tok = load_tokenizer(cfg.model)
+    order = np.random.default_rng(cfg.run.seed).permutation(len(ex))
+    half = len(ex) // 2
+    public_ids = tok([ex.texts[i] for i in order[:half][:public_docs]], truncation=True,
+                     max_length=cfg.model.max_length)["input_ids"]
+    private_idx = order[half:]
+    enc = tok([ex.texts[i] for i in private_idx], truncation=True, max_length=a.seq_len)["input_ids"]
+    keep = [j for j, ids in enumerate(enc) if len(ids) == a.seq_len]  # no padding: every position is a token
+    base = load_base_model(cfg.model, num_labels=ex.num_labels, seed=cfg.run.seed)
+    vocab = int(cast(torch.nn.Embedding, cast("PreTrainedModel", base).get_input_embeddings()).num_embeddings)
+    log.info("audit victim: %s, %d private examples of >= %d tokens, prior from %d public documents",
+             cfg.model.name, len(keep), a.seq_len, len(public_ids))
+    return VictimSource("scenario", cfg.model, task, ex.num_labels, _counts(public_ids, vocab), cfg.data.source,
+                        rows=[enc[j] for j in keep], labels=[int(ex.labels[private_idx[j]]) for j in keep], base=base,
+                        public_docs=len(public_ids))
