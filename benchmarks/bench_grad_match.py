@@ -94,7 +94,7 @@ def victim(vocab: int, batch: torch.Tensor, seed: int) -> Observation:
                        num_examples=batch.shape[0], seq_len=batch.shape[1])
 
 
-def tag(obs: Observation, iterations: int, alpha: float = 0.01, lr: float = 0.05, seed: int = 0) -> list[int]:
+def tag(obs: Observation, iterations: int, alpha: float = 0.01, lr: float = 0.01, seed: int = 0) -> list[int]:
     """Plain TAG: dummy embeddings + soft labels, ||g - g*||² + alpha·||g - g*||₁, nearest-token projection."""
     model = obs.model
     emb = model.get_input_embeddings().weight.detach()

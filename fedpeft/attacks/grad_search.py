@@ -4,9 +4,10 @@ The continuous phase leaves a soft distribution per position; its argmax is a go
 sequence. Here hard sequences are scored by the same gradient distance (1 − cosine + λ·relative L2²,
 one forward + backward, no double backward) plus ``prior_weight`` × their mean next-token NLL under a
 pretrained causal LM sharing the victim's tokenizer (the language prior: a fluent sentence with the
-same gradient is more likely than a scrambled one). Moves: replace one token by one of the top
-candidates of its position, swap two positions, move one token elsewhere; a move is kept when it
-lowers the score. Sweeps stop early when nothing improves.
+same gradient is more likely than a scrambled one). Moves: replace one token by one of the tokens
+proposed for its position (the top soft candidates, and the candidates whose one-hot direction
+decreases the linearised distance most, HotFlip-style), swap two positions, move one token
+elsewhere; a move is kept when it lowers the score. Sweeps stop early when nothing improves.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 Scorer = Callable[[torch.Tensor], float]
+Proposer = Callable[[torch.Tensor], torch.Tensor]
 
 
 def gradient_distance(flat: torch.Tensor, target: torch.Tensor, l2_weight: float) -> torch.Tensor:
@@ -39,7 +41,7 @@ def load_prior(name: str) -> nn.Module:
 
     gguf = PACKAGED_MODELS[name][2] if name in PACKAGED_MODELS else ""
     kwargs = {"gguf_file": gguf} if gguf else {}
-    model = AutoModelForCausalLM.from_pretrained(model_path(name), torch_dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_path(name), dtype=torch.float32, **kwargs)
     return model.eval()
 
 
@@ -60,12 +62,12 @@ def batch_prior(prior: nn.Module | None, variants: list[torch.Tensor]) -> list[f
     return per_row.mean(1).tolist()
 
 
-def local_search(seqs: torch.Tensor, options: torch.Tensor, grad_score: Scorer, prior: nn.Module | None,
+def local_search(seqs: torch.Tensor, propose: Proposer, grad_score: Scorer, prior: nn.Module | None,
                  prior_weight: float, sweeps: int, reorders: int, seed: int) -> tuple[torch.Tensor, float, int]:
     """Greedy search over hard batches ``seqs`` (B × L token ids).
 
-    ``options`` (B × L × w): the tokens tried at each position. Returns the best batch, its score and
-    the number of batches scored.
+    ``propose(best)`` (B × L × w): the tokens tried at each position in the next sweep. Returns the
+    best batch, its score and the number of batches scored.
     """
     g = torch.Generator().manual_seed(seed)
     weight = prior_weight if prior is not None else 0.0
@@ -80,10 +82,11 @@ def local_search(seqs: torch.Tensor, options: torch.Tensor, grad_score: Scorer, 
     b, length = best.shape
     for _ in range(sweeps):
         improved = False
+        options = propose(best)
         for row in range(b):
             for pos in range(length):
                 variants = []
-                for tok in options[row, pos].tolist():
+                for tok in dict.fromkeys(options[row, pos].tolist()):
                     if tok != int(best[row, pos]):
                         v = best.clone()
                         v[row, pos] = tok
