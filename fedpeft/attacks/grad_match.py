@@ -22,7 +22,7 @@ gradient of a guessed batch and the observed update (a delta is compared in grad
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from fedpeft.attacks.observation import AttackResult, NotApplicable, Observation
 
 if TYPE_CHECKING:
     from peft import PeftModel
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,12 @@ def lm_prior(model: PeftModel, probs: torch.Tensor, emb: torch.Tensor, cand: tor
 
 
 def _prior_model(prior: str | nn.Module | None, vocab: int) -> nn.Module | None:
-    if prior is None or isinstance(prior, nn.Module):
-        model = prior
-    else:
-        model = load_prior(prior)
-    if model is not None and model.get_input_embeddings().num_embeddings < vocab:
+    """The prior LM (loaded by name where a name is given); refuses one with a smaller vocabulary."""
+    if prior is None:
+        return None
+    model = prior if isinstance(prior, nn.Module) else load_prior(prior)
+    embeddings = cast("nn.Embedding", cast("PreTrainedModel", model).get_input_embeddings())
+    if embeddings.num_embeddings < vocab:
         raise ValueError("grad_match prior: its vocabulary is smaller than the victim's (it must share the tokenizer)")
     return model
 
