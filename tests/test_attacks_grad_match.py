@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fedpeft.attacks import Observation, run_attack
-from fedpeft.attacks.grad_search import local_search
+from fedpeft.attacks.grad_search import local_search, prior_proposals
 from fedpeft.attacks.metrics import token_prf
 from fedpeft.models import model_path
 
@@ -77,9 +77,20 @@ def test_discrete_search_fixes_tokens_and_order() -> None:
     assert fixed.tolist() == hidden.tolist() and value == 0.0
 
 
-def test_a_prior_with_another_vocabulary_is_refused() -> None:
+def _tiny_lm(vocab: int) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=vocab, n_embd=8, n_layer=1,
+                                                                 n_head=1)).eval()
+
+
+def test_a_prior_is_used_in_the_search_and_one_with_another_vocabulary_is_refused() -> None:
     obs, _ = _victim()
-    small = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=100, n_embd=8, n_layer=1,
-                                                                  n_head=1))
+    vocab = obs.model.get_input_embeddings().num_embeddings
+    ids = torch.tensor([[5, 9, 2, 7]])
+    proposals = prior_proposals(_tiny_lm(vocab), ids, 3, vocab)
+    assert proposals.shape == (1, 4, 3) and proposals[0, 0].tolist() == [5, 5, 5] and int(proposals.max()) < vocab
+    args = {"iterations": 3, "sweeps": 1, "width": 2, "reorders": 2, "seed": 1}
+    plain = run_attack("grad_match", obs, **args)
+    prior = run_attack("grad_match", obs, prior=_tiny_lm(vocab), prior_weight=5.0, **args)
+    assert prior.extra["search_score"] != plain.extra["search_score"]  # the prior term enters the score
     with pytest.raises(ValueError, match="tokenizer"):
-        run_attack("grad_match", obs, iterations=1, prior=small)
+        run_attack("grad_match", obs, iterations=1, prior=_tiny_lm(100))

@@ -11,9 +11,10 @@ gradient of a guessed batch and the observed update (a delta is compared in grad
    (the edge over plain TAG on LoRA: the first-block LoRA gradient nearly names the tokens) or the
    whole vocabulary; Z starts from the ranking's (position) scores. Early stop on a plateau.
 2. Discrete (LAMP): local search over hard sequences — per-position replacements among the top soft
-   candidates, swaps and moves — scored by the same distance plus ``prior_weight`` × the mean NLL
-   under a pretrained causal LM (``prior``: a model alias such as ``smollm2-135m`` or a loaded
-   model sharing the victim's tokenizer). See :mod:`fedpeft.attacks.grad_search`.
+   candidates (and, with a prior, the prior's likely next tokens), swaps and moves — scored by the same
+   distance plus ``prior_weight`` × the mean NLL under a pretrained causal LM (``prior``: a model alias
+   such as ``smollm2-135m`` or a loaded model sharing the victim's tokenizer). See
+   :mod:`fedpeft.attacks.grad_search`.
 
 ``lm_weight`` > 0 adds a soft LM term to phase 1 (``lm_model="global"``: the matched loss itself,
 ``"base"``: the frozen base model). Measured numbers: ``docs/audit.md``, ``benchmarks/RESULTS.md``.
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fedpeft.attacks.grad_search import gradient_distance, load_prior, local_search
+from fedpeft.attacks.grad_search import gradient_distance, load_prior, local_search, prior_proposals
 from fedpeft.attacks.observation import AttackResult, NotApplicable, Observation, register_attack, run_attack
 
 if TYPE_CHECKING:
@@ -114,11 +115,12 @@ def run(obs: Observation, iterations: int = 100, lr: float = 0.1, candidates: st
         l2_weight: float = 0.1, temperature: float = 1.0, seed: int = 0, lm_weight: float = 0.0,
         lm_model: str = "global", init_scale: float = 3.0, patience: int = 25, sweeps: int = 3, width: int = 4,
         reorders: int = 16, prior: str | nn.Module | None = None, prior_weight: float = 0.05,
-        **_unused: Any) -> AttackResult:
+        lm_proposals: bool = True, **_unused: Any) -> AttackResult:
     """Gradient matching: continuous phase (``iterations``, early stop after ``patience`` iterations
     without improvement) over ``candidates`` ("span" default, falls back to "all" where no span attack
     applies, "subspace", "all"), then ``sweeps`` of discrete search (``width`` tokens per position,
-    ``reorders`` swap/move tries per sweep; 0 sweeps = argmax only) with an optional LM ``prior``.
+    ``reorders`` swap/move tries per sweep; 0 sweeps = argmax only) with an optional LM ``prior``, which
+    also proposes its most likely next tokens as replacements (``lm_proposals``).
     ``lm_weight`` > 0 adds the soft LM term (causal LMs only)."""
     if lm_weight and obs.task != "causal_lm":
         raise ValueError(f"grad_match lm_weight needs a causal LM, the task is {obs.task!r}")
@@ -182,12 +184,15 @@ def run(obs: Observation, iterations: int = 100, lr: float = 0.1, candidates: st
         onehot = F.one_hot(ids, vocab).to(emb.dtype).requires_grad_(True)
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             (g,) = torch.autograd.grad(distance(onehot, True), onehot)
-        return torch.cat([soft_top, cand[torch.topk(-g[..., cand], min(width, cand.numel()), dim=-1).indices]], -1)
+        flips = cand[torch.topk(-g[..., cand], min(width, cand.numel()), dim=-1).indices]
+        if prior_lm is None or not lm_proposals:
+            return torch.cat([soft_top, flips], -1)
+        return torch.cat([soft_top, flips, prior_proposals(prior_lm, ids, width, vocab)], -1)
 
     seqs = cand[probs.argmax(-1)]
     searched, score = seqs, float("nan")
+    prior_lm = _prior_model(prior, vocab) if sweeps > 0 and prior_weight and obs.task == "causal_lm" else None
     if sweeps > 0:
-        prior_lm = _prior_model(prior, vocab) if prior_weight and obs.task == "causal_lm" else None
         searched, score, evaluated = local_search(seqs, propose, grad_score, prior_lm, prior_weight, sweeps,
                                                   reorders, seed)
         log.info("grad_match: discrete search scored %d batches, score %.4f", evaluated, score)

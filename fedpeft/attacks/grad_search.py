@@ -1,12 +1,12 @@
 """Discrete phase of ``grad_match`` (LAMP-style): improve hard token sequences by local search.
 
 The continuous phase leaves a soft distribution per position; its argmax is a good but not optimal
-sequence. Here hard sequences are scored by the same gradient distance (1 − cosine + λ·relative L2²,
-one forward + backward, no double backward) plus ``prior_weight`` × their mean next-token NLL under a
-pretrained causal LM sharing the victim's tokenizer (the language prior: a fluent sentence with the
-same gradient is more likely than a scrambled one). Moves: replace one token by one of the tokens
-proposed for its position (the top soft candidates, and the candidates whose one-hot direction
-decreases the linearised distance most, HotFlip-style), swap two positions, move one token
+sequence. Here hard sequences are scored by the same gradient distance (1 − cosine + λ·relative L2², one
+forward + backward, no double backward) plus ``prior_weight`` × their mean next-token NLL under a
+pretrained causal LM sharing the victim's tokenizer (the language prior: a fluent sentence with the same
+gradient is more likely than a scrambled one). Moves: replace one token by one of the tokens proposed for
+its position (the top soft candidates, the candidates whose one-hot direction decreases the linearised
+distance most, HotFlip-style, and the prior's likely next tokens), swap two positions, move one token
 elsewhere; a move is kept when it lowers the score. Sweeps stop early when nothing improves.
 """
 
@@ -51,6 +51,15 @@ def prior_nll(prior: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     logits = prior(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1].float()
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     return nll.view(ids.shape[0], -1).mean(1)
+
+
+@torch.no_grad()
+def prior_proposals(prior: nn.Module, ids: torch.Tensor, width: int, vocab: int) -> torch.Tensor:
+    """The prior's ``width`` most likely tokens at each position given the current prefix (B × L × width;
+    position 0 keeps its token): plausible words the span ranking may have missed."""
+    logits = prior(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1, :vocab]
+    top = torch.topk(logits, width, dim=-1).indices
+    return torch.cat([ids[:, :1, None].expand(-1, 1, width), top], 1)
 
 
 def batch_prior(prior: nn.Module | None, variants: list[torch.Tensor]) -> list[float]:
