@@ -18,6 +18,13 @@ from functools import cached_property
 from typing import Any, TypeVar
 
 import numpy as np
+
+# Flower's simulation process imports the ServerApp and the ClientApp in two threads at once. Entering
+# torch through a submodule locks that submodule before ``torch`` itself, and if the other thread is
+# inside ``import torch`` Python's import-deadlock detection hands one of them a half-initialised
+# torch ("cannot import name ... from partially initialized module"). So: ``import torch`` first,
+# in every module (tests/test_static.py checks it).
+import torch  # noqa: F401
 from torch.utils.data import Dataset
 
 from fedpeft import data, models

@@ -18,3 +18,16 @@ def test_ray_engine_matches_the_inprocess_engine(tiny_cfg):
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
         assert a["eval_accuracy"] == pytest.approx(b["eval_accuracy"], abs=0.02)
         assert a["bytes_up"] == b["bytes_up"]
+
+
+@pytest.mark.slow
+def test_a_failed_ray_run_names_its_cause_and_keeps_its_log(tiny_cfg, cls_data):
+    from fedpeft.errors import FedPeftError
+
+    cfg, run_dir = runner.prepare(tiny_cfg(**{"federation.rounds": 1, "run.threads": 1}))
+    cls_data.unlink()  # the ServerApp, inside Flower's simulation process, cannot read the data
+    with pytest.raises(FedPeftError, match="finished:failed") as err:
+        runner.execute(cfg, run_dir, engine="ray")
+    assert str(cls_data) in str(err.value)  # the cause from the ServerApp's own log, not polling lines
+    kept = (run_dir / "flower.log").read_text()
+    assert str(cls_data) in kept and "# flower-superlink" in kept

@@ -25,3 +25,22 @@ def test_ruff_passes() -> None:
 def test_mypy_passes() -> None:
     out = _run("mypy")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def test_every_module_enters_torch_through_import_torch() -> None:
+    """A module whose first torch import is a submodule can break Flower's two-thread app loading
+    (see fedpeft/runtime.py); the Ray engine test caught it only under load."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "fedpeft").rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:  # module-level imports, in order
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "torch" for a in node.names):
+                if not any(a.name == "torch" for a in node.names):
+                    offenders.append(str(path.relative_to(ROOT)))
+                break
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
+                if node.module != "torch":
+                    offenders.append(str(path.relative_to(ROOT)))
+                break
+    assert not offenders, f"import torch before any torch submodule in: {offenders}"

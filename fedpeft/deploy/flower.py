@@ -145,6 +145,18 @@ def run_app(home: Path, app: Path, run_config: dict, federation_config: str | No
     return int(flwr(home, *args)["run-id"])
 
 
+def run_log(home: Path, run_id: int, timeout: float = 60.0) -> str:
+    """Everything the run's processes logged to the SuperLink, as ``flwr log --show`` prints it."""
+    cmd = [flower_bin("flwr"), "log", str(run_id), CONNECTION, "--show"]
+    try:
+        res = subprocess.run(cmd, env=flower_env(home), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise FedPeftError(f"`flwr log {run_id}` did not answer within {timeout:.0f} s") from None
+    if res.returncode != 0:
+        raise FedPeftError(f"`flwr log {run_id}` failed: {(res.stderr or res.stdout).strip()[-500:]}")
+    return res.stdout
+
+
 def wait_run(home: Path, run_id: int, poll: float = 2.0, timeout: float | None = None) -> str:
     """Poll ``flwr ls`` until the run finishes; returns its final status (e.g. finished:completed)."""
     deadline = None if timeout is None else time.time() + timeout

@@ -45,9 +45,33 @@ def run_ray(cfg: Config, run_config: dict) -> None:
                    f"client-resources-num-gpus={gpus}")
         run_id = flower.run_app(home, flower.app_dir(home / "app"), {**run_config, "workers": workers}, fed_cfg)
         status = flower.wait_run(home, run_id)
+        log_file = _keep_logs(home, run_id, Path(run_config["run-dir"]))
         if status != "finished:completed":
-            raise FedPeftError(f"Ray simulation run {run_id} ended as {status!r}; superlink log:\n"
-                               + procs.log_tail("superlink"))
+            raise FedPeftError(f"Ray simulation run {run_id} ended as {status!r}; the run's log "
+                               f"(all of it in {log_file}) ends with:\n" + _tail(log_file))
     finally:
         procs.stop()
         flower.cleanup(home)
+
+
+def _keep_logs(home: Path, run_id: int, run_dir: Path) -> Path:
+    """Copy the run's own log (ServerApp, Ray, ClientApps) and the SuperLink's into ``run_dir``.
+
+    The private ``FLWR_HOME`` is deleted when the engine stops, so without this copy the cause of
+    a failed run would be gone with it.
+    """
+    dest = run_dir / "flower.log"
+    try:
+        run_log = flower.run_log(home, run_id)
+    except FedPeftError as e:
+        run_log = f"(the run's log could not be read: {e})\n"
+    link_log = home / "superlink.log"
+    link = link_log.read_text(errors="replace") if link_log.exists() else ""
+    dest.write_text(f"# run {run_id}\n{run_log}\n# flower-superlink\n{link}")
+    return dest
+
+
+def _tail(log_file: Path, lines: int = 25) -> str:
+    """The last lines of the run's own part of ``log_file`` (before the SuperLink's access log)."""
+    text = log_file.read_text(errors="replace").split("\n# flower-superlink\n")[0]
+    return "\n".join(text.strip().splitlines()[-lines:])
