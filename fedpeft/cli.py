@@ -18,7 +18,7 @@ from rich.table import Table
 
 from fedpeft import config, report
 from fedpeft.cli_parser import build_parser
-from fedpeft.errors import FedPeftError
+from fedpeft.errors import FedPeftError, error_line
 
 console = Console(stderr=True)
 
@@ -324,8 +324,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     with console.status(f"waiting for run {run_id} ..."):
         final = submit.wait(home, run_id)
-    console.print(f"run {run_id}: {final}")
-    return 0 if final == "finished:completed" else 1
+    if final == "finished:completed":
+        console.print(f"run {run_id}: {final}")
+        return 0
+    try:
+        cause = error_line(submit.logs(home, run_id))
+    except FedPeftError as e:
+        cause = f"the run's log could not be read ({e})"
+    console.print(f"run {run_id}: {final}: {escape(cause)}\n(the whole log: fedpeft logs {run_id})", soft_wrap=True)
+    return 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:

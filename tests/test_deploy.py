@@ -453,3 +453,24 @@ def test_superlink_killed_mid_task_then_resume_with_warm_nodes(tmp_path: Path) -
     finally:
         proxy.close()
         cluster.stop()
+
+
+@pytest.mark.slow
+def test_run_wait_prints_why_a_deployed_run_failed(tmp_path: Path) -> None:
+    port = flower.free_port()
+    cluster = Cluster(tmp_path)
+    try:
+        link = cluster.start("superlink", _cli("superlink", "--host", "127.0.0.1", "--port", port, "--insecure",
+                                               "--no-auth"), tmp_path / "home-link")
+        flower.wait_healthy(port, link)
+        home = tmp_path / "home-cli"
+        sets = tiny_overrides(write_classification(tmp_path / "all.jsonl", n=60), tmp_path / "runs", **{
+            "data.num_clients": 2, "federation.rounds": 1, "federation.node_wait_timeout": 2.0, "run.threads": 1})
+        out = subprocess.run(_cli("run", "--superlink", f"127.0.0.1:{port}", "--insecure", "--flwr-home", home,
+                                  "--wait", *[a for s in sets for a in ("--set", s)]),
+                             capture_output=True, text=True, timeout=240, env=flower.flower_env(home))
+        assert out.returncode == 1, out.stdout + out.stderr
+        # no node ever connected: the ServerApp's own error, not just "finished:failed"
+        assert "finished:failed: " in out.stderr and "only 0 node(s) connected after 2 s" in out.stderr, out.stderr
+    finally:
+        cluster.stop()

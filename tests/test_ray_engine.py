@@ -31,3 +31,16 @@ def test_a_failed_ray_run_names_its_cause_and_keeps_its_log(tiny_cfg, cls_data):
     assert str(cls_data) in str(err.value)  # the cause from the ServerApp's own log, not polling lines
     kept = (run_dir / "flower.log").read_text()
     assert str(cls_data) in kept and "# flower-superlink" in kept
+
+
+def test_resource_requests_the_machine_cannot_meet_are_refused_up_front(tiny_cfg):
+    from fedpeft.errors import FedPeftError
+    from fedpeft.simulation.ray import check_resources
+
+    with pytest.raises(FedPeftError, match="no CUDA GPU; set federation.ray_num_gpus = 0"):
+        check_resources(tiny_cfg(**{"federation.ray_num_gpus": 0.25}), cpus=2, gpus=0)
+    with pytest.raises(FedPeftError, match="has 1 GPU"):
+        check_resources(tiny_cfg(**{"federation.ray_num_gpus": 2}), cpus=2, gpus=1)
+    with pytest.raises(FedPeftError, match="ray_num_cpus = 4 per client, but this machine has 2 CPU"):
+        check_resources(tiny_cfg(**{"federation.ray_num_cpus": 4}), cpus=2, gpus=0)
+    check_resources(tiny_cfg(**{"federation.ray_num_gpus": 0.25}), cpus=2, gpus=1)  # a GPU share that fits

@@ -12,6 +12,7 @@ from peft import PeftModel
 
 from fedpeft import config, models, protocol, report
 from fedpeft.clients.app import app as client_app
+from fedpeft.errors import FedPeftError
 from fedpeft.runtime import get_runtime
 from fedpeft.simulation import runner
 
@@ -144,3 +145,21 @@ def test_resume_with_lossy_codecs_both_ways(tiny_cfg, monkeypatch):
     run_dir = interrupt_and_resume(tiny_cfg(**extra), 3, monkeypatch)
     assert [[r[k] for k in keys] for r in _rows(run_dir)] == [[r[k] for k in keys] for r in full]
     assert all(r["dropped"] == 0 for r in full)
+
+
+def test_a_run_in_which_no_update_was_applied_fails_with_the_clients_error(tiny_cfg, cls_data, tmp_path,
+                                                                             monkeypatch, capsys):
+    from fedpeft import cli
+
+    from conftest import tiny_overrides
+
+    def call(self, message, context):
+        raise RuntimeError("rank 4 of this client != rank 8 of the split server")  # every client, every round
+
+    monkeypatch.setattr(type(client_app), "__call__", call)
+    with pytest.raises(FedPeftError, match=r"no client update was applied in rounds 1-2, .*RuntimeError: rank 4 "
+                                           r"of this client != rank 8 of the split server \(2x\)"):
+        runner.simulate(tiny_cfg(**{"federation.rounds": 2}))
+    sets = tiny_overrides(cls_data, tmp_path / "cli-runs", **{"federation.rounds": 1})
+    assert cli.main(["simulate", *[a for s in sets for a in ("--set", s)]]) == 2  # non-zero, with the cause
+    assert "no client update was applied in rounds 1-1" in capsys.readouterr().err

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from pathlib import Path
 
 from fedpeft import data
@@ -95,8 +94,4 @@ def wait(home: Path, run_id: int, timeout: float | None = None) -> str:
 
 def logs(home: Path, run_id: int, timeout: float = 60.0) -> str:
     """The ServerApp log of a run (``flwr log RUN_ID --show``)."""
-    cmd = [flower.flower_bin("flwr"), "log", str(run_id), flower.CONNECTION, "--show"]
-    res = subprocess.run(cmd, env=flower.flower_env(home), capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise FedPeftError(f"`flwr log {run_id}` failed: {res.stdout.strip() or res.stderr.strip()}")
-    return res.stdout
+    return flower.run_log(home, run_id, timeout)

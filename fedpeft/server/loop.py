@@ -19,6 +19,7 @@ import math
 import os
 import resource
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -105,6 +106,8 @@ class FederatedServer:
         self.checks = self._reply_checks() if cfg.sanity.enabled else None
         self.round = 0
         self.first_round = 1
+        self.applied = 0  # rounds of this process that changed the global adapter
+        self.not_applied: Counter[str] = Counter()  # why the other rounds did not
         self.started = time.time()
         if self.split is not None:
             self.split.reset()
@@ -177,6 +180,10 @@ class FederatedServer:
         for rnd in range(self.round + 1, self.cfg.federation.rounds + 1):
             self._record(grid, rnd, self.run_round(grid, rnd))
         self.finish()
+        if not self.applied and self.not_applied:
+            causes = "; ".join(f"{why} ({n}x)" for why, n in self.not_applied.most_common(3))
+            raise FedPeftError(f"no client update was applied in rounds {self.first_round}-{self.round}, the "
+                               f"global adapter is unchanged: {causes}")
 
     def _record(self, grid: Grid, rnd: int, row: dict[str, Any]) -> None:
         """Append the round's row to metrics.jsonl; checkpoint every output.checkpoint_every rounds and last."""
@@ -237,6 +244,9 @@ class FederatedServer:
         if len(replies.clients) < self.cfg.federation.min_clients:
             log.warning("round %d: %d valid update(s) < federation.min_clients = %d; global adapter unchanged",
                         rnd, len(replies.clients), self.cfg.federation.min_clients)
+            whys = Counter(replies.dropped.values()).most_common(1)
+            self.not_applied[f"{len(replies.clients)} valid update(s) < federation.min_clients = "
+                             f"{self.cfg.federation.min_clients}" + (f", e.g. {whys[0][0]}" if whys else "")] += 1
             return None
         saved, t = self.aggregator.state_dict()
         saved = {k: v.clone() for k, v in saved.items()}  # buffers are updated in place
@@ -246,8 +256,10 @@ class FederatedServer:
             log.warning("round %d: the new global adapter is not applied (%s); global adapter unchanged", rnd, problem)
             self.aggregator.load_state_dict(saved, t)
             replies.sanity["global_rejected"] = 1
+            self.not_applied[f"the new global adapter was rejected ({problem})"] += 1
             return None
         self.global_state = new_state
+        self.applied += 1
         return replies.train_loss()
 
     def _account(self, replies: RoundReplies) -> dict[str, float]:

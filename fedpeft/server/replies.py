@@ -19,7 +19,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedpeft import protocol
-from fedpeft.errors import FedPeftError, PayloadError
+from fedpeft.errors import FedPeftError, PayloadError, error_line
 
 if TYPE_CHECKING:
     from fedpeft.compression import Codec, Layout
@@ -106,8 +106,10 @@ class RoundReplies:
         (the sanity checks) bound the decoded values and the weight, and drop bad metrics."""
         node = reply.metadata.src_node_id
         if reply.has_error():
-            self.dropped[node] = f"failed: {reply.error.reason}"
-            log.warning("round %d: node %s failed: %s", rnd, node, reply.error.reason)
+            why = error_line(reply.error.reason)
+            self.dropped[node] = f"failed: {why}"
+            log.warning("round %d: node %s failed: %s", rnd, node, why)
+            log.debug("round %d: node %s failed with:\n%s", rnd, node, reply.error.reason)
             return
         try:
             payload, metrics = protocol.parse_reply(reply.content)

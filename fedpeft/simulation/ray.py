@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fedpeft.config import Config
 from fedpeft.deploy import flower
-from fedpeft.errors import FedPeftError
+from fedpeft.errors import FedPeftError, error_line
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ def run_ray(cfg: Config, run_config: dict) -> None:
         import ray  # noqa: F401
     except ImportError:
         raise FedPeftError("the ray engine needs Flower's simulation extra: pip install 'fedpeft[ray]'") from None
+    check_resources(cfg)
     home = Path(tempfile.mkdtemp(prefix="fedpeft-flwr-"))
     procs = flower.FlowerProcesses(home)
     try:
@@ -47,11 +48,31 @@ def run_ray(cfg: Config, run_config: dict) -> None:
         status = flower.wait_run(home, run_id)
         log_file = _keep_logs(home, run_id, Path(run_config["run-dir"]))
         if status != "finished:completed":
-            raise FedPeftError(f"Ray simulation run {run_id} ended as {status!r}; the run's log "
-                               f"(all of it in {log_file}) ends with:\n" + _tail(log_file))
+            tail = _tail(log_file)
+            raise FedPeftError(f"Ray simulation run {run_id} ended as {status!r}: {error_line(tail)}\n(the "
+                               f"run's log is kept in {log_file}; it ends with:)\n{tail}")
     finally:
         procs.stop()
         flower.cleanup(home)
+
+
+def check_resources(cfg: Config, cpus: int | None = None, gpus: int | None = None) -> None:
+    """Refuse, before anything starts, a per-client request this machine cannot meet (Ray would otherwise
+    wait forever or fail deep inside its scheduler). ``cpus``/``gpus`` default to what this machine has."""
+    import torch
+
+    fed = cfg.federation
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if fed.ray_num_gpus > 0 and gpus == 0:
+        raise FedPeftError(f"federation.ray_num_gpus = {fed.ray_num_gpus:g} asks for a share of a GPU per client, "
+                           "but this machine has no CUDA GPU; set federation.ray_num_gpus = 0")
+    if fed.ray_num_gpus > gpus:
+        raise FedPeftError(f"federation.ray_num_gpus = {fed.ray_num_gpus:g} per client, but this machine has "
+                           f"{gpus} GPU(s); at most {gpus}")
+    if fed.ray_num_cpus > cpus:
+        raise FedPeftError(f"federation.ray_num_cpus = {fed.ray_num_cpus:g} per client, but this machine has "
+                           f"{cpus} CPU(s); at most {cpus}")
 
 
 def _keep_logs(home: Path, run_id: int, run_dir: Path) -> Path:
