@@ -163,3 +163,13 @@ def test_a_run_in_which_no_update_was_applied_fails_with_the_clients_error(tiny_
     sets = tiny_overrides(cls_data, tmp_path / "cli-runs", **{"federation.rounds": 1})
     assert cli.main(["simulate", *[a for s in sets for a in ("--set", s)]]) == 2  # non-zero, with the cause
     assert "no client update was applied in rounds 1-1" in capsys.readouterr().err
+
+
+def test_a_missing_data_file_fails_before_a_run_directory_is_made(tiny_cfg, cls_data, tmp_path):
+    from fedpeft.errors import DataError
+
+    cfg = tiny_cfg()
+    cls_data.unlink()
+    with pytest.raises(DataError, match=f"data file not found: {cls_data}"):
+        runner.simulate(cfg)
+    assert not (tmp_path / "runs").exists()

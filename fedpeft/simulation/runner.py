@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from fedpeft import config, report
 from fedpeft.config import Config
-from fedpeft.errors import ConfigError
+from fedpeft.errors import ConfigError, DataError
 from fedpeft.registry import Registry
 from fedpeft.rundir import new_run_dir
 
@@ -64,6 +64,8 @@ def prepare(cfg: Config | None = None, resume: Path | None = None) -> tuple[Conf
         return cfg, resume
     if cfg is None:
         raise ConfigError("no configuration given")
+    if cfg.data.source == "file" and not Path(cfg.data.path).expanduser().is_file():  # before the run directory
+        raise DataError(f"data file not found: {cfg.data.path} (data.path)")
     run_dir = new_run_dir(cfg.output.dir, cfg.run.name)
     (run_dir / CONFIG_FILE).write_text(cfg.to_toml())
     return cfg, run_dir
