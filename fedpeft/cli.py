@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,42 +15,11 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from fedpeft import config, report
+from fedpeft import api, config, report
 from fedpeft.cli_parser import build_parser
 from fedpeft.errors import FedPeftError, error_line
 
 console = Console(stderr=True)
-
-
-def _round_line(row: dict[str, Any], total: int) -> str:
-    parts = [f"[bold]round {row['round']}/{total}[/]", f"clients {row['replies']}/{row['sampled']}"]
-    if row.get("train_loss") is not None:
-        parts.append(f"train loss {row['train_loss']:.4f}")
-    for key, label in (("eval_accuracy", "eval acc"), ("eval_loss", "eval loss"), ("eval_perplexity", "ppl")):
-        if row.get(key) is not None:
-            parts.append(f"{label} {row[key]:.4f}")
-    for key, label in (("epsilon_client", "ε client"), ("epsilon_local", "ε local")):
-        if row.get(key) is not None:
-            parts.append(f"{label} {row[key]:.3g}")
-    parts.append(f"up {report.human_bytes(row['bytes_up'])} down {report.human_bytes(row['bytes_down'])}")
-    if row.get("split_bytes_up") is not None:
-        up, down = report.human_bytes(row['split_bytes_up']), report.human_bytes(row['split_bytes_down'])
-        parts.append(f"split {up} / {down}")
-    parts.append(f"{row['seconds']:.1f} s")
-    return " | ".join(parts)
-
-
-def _watch(path: Path, total: int, stop: threading.Event, seen: int) -> None:
-    """Print each new metrics row as it is appended (works for every engine)."""
-    while True:
-        done = stop.is_set()
-        rows = report.read_metrics(path.parent) if path.exists() else []
-        for row in rows[seen:]:
-            console.print(_round_line(row, total))
-        seen = max(seen, len(rows))
-        if done:
-            return
-        stop.wait(0.5)
 
 
 def _summary_table(run_dir: Path) -> Table:
@@ -75,19 +43,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     console.print(f"run directory [bold]{run_dir}[/] · model {cfg.model.name} · {cfg.adapter.type} · "
                   f"{cfg.data.num_clients} clients · {cfg.federation.rounds} rounds · engine "
                   f"{args.engine or cfg.run.engine}")
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(run_dir / "metrics.jsonl", cfg.federation.rounds, stop,
-                                                    done_rounds), daemon=True)
-    watcher.start()
+    total = cfg.federation.rounds
     try:
-        with console.status("loading model and data, training ..."):
+        with api.following(run_dir, lambda row: console.print(report.round_line(row, total), markup=False,
+                                                              highlight=False), done_rounds), \
+                console.status("loading model and data, training ..."):
             runner.execute(cfg, run_dir, resume=args.resume is not None, engine=args.engine)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]; continue with: fedpeft simulate --resume {run_dir}")
         return 130
-    finally:
-        stop.set()
-        watcher.join()
     console.print(_summary_table(run_dir))
     console.print(f"adapter, metrics and report in [bold]{run_dir}[/]")
     print(json.dumps({"run_dir": str(run_dir)}))

@@ -410,26 +410,35 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def read_scenario(path: str | Path | None) -> dict[str, Any]:
+    """The raw nested dict of a scenario TOML file ({} for None: the embedded default)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"scenario file not found: {p}")
+    try:
+        return tomllib.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save the "
+                          "scenario as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+
+
+def set_value(raw: dict[str, Any], section: str, key: str, value: Any) -> None:
+    """Set ``section.key`` in a raw nested dict (validated later by :func:`from_dict`)."""
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise ConfigError(f"override {section}.{key}: [{section}] is not a table")
+    raw[section][key] = value
+
+
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a scenario TOML (or the embedded default when ``path`` is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"scenario file not found: {p}")
-        try:
-            raw = tomllib.loads(p.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save the "
-                              "scenario as UTF-8") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    raw = read_scenario(path)
     for text in overrides:
-        section, key, value = parse_override(text)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"--set {text!r}: [{section}] is not a table")
-        raw[section][key] = value
+        set_value(raw, *parse_override(text))
     return from_dict(raw)
 
 

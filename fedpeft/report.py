@@ -56,6 +56,24 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def round_line(row: dict[str, Any], total: int) -> str:
+    """One round's progress line: clients, losses, accuracy, epsilon, bytes, seconds (plain text)."""
+    parts = [f"round {row['round']}/{total}", f"clients {row['replies']}/{row['sampled']}"]
+    if row.get("train_loss") is not None:
+        parts.append(f"train loss {row['train_loss']:.4f}")
+    for key, label in (("eval_accuracy", "eval acc"), ("eval_loss", "eval loss"), ("eval_perplexity", "ppl")):
+        if row.get(key) is not None:
+            parts.append(f"{label} {row[key]:.4f}")
+    for key, label in (("epsilon_client", "ε client"), ("epsilon_local", "ε local")):
+        if row.get(key) is not None:
+            parts.append(f"{label} {row[key]:.3g}")
+    parts.append(f"up {human_bytes(row['bytes_up'])} down {human_bytes(row['bytes_down'])}")
+    if row.get("split_bytes_up") is not None:
+        parts.append(f"split {human_bytes(row['split_bytes_up'])} / {human_bytes(row['split_bytes_down'])}")
+    parts.append(f"{row['seconds']:.1f} s")
+    return " | ".join(parts)
+
+
 ROUND_COLUMNS = ["round", "replies", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
                  "backdoor_success", "epsilon_client", "epsilon_local", "clip_norm", "bytes_up", "bytes_down",
                  "split_bytes_up", "split_bytes_down", "seconds"]

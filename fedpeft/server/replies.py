@@ -106,7 +106,7 @@ class RoundReplies:
         (the sanity checks) bound the decoded values and the weight, and drop bad metrics."""
         node = reply.metadata.src_node_id
         if reply.has_error():
-            why = error_line(reply.error.reason)
+            why = error_line(reply.error.reason or "")
             self.dropped[node] = f"failed: {why}"
             log.warning("round %d: node %s failed: %s", rnd, node, why)
             log.debug("round %d: node %s failed with:\n%s", rnd, node, reply.error.reason)
