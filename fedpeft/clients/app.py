@@ -21,7 +21,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpeft import adversary, config, models, privacy, protocol, update
+from fedpeft import adversary, config, lora, models, privacy, protocol, update
 from fedpeft.clients import node_runtime, secagg
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import PayloadError
@@ -72,6 +72,12 @@ def receive_global(msg: Message, context: Context, layout: Layout, downlink_spec
     return state
 
 
+def receive_correction(msg: Message, layout: Layout) -> dict[str, torch.Tensor]:
+    """``exact``'s frozen per-module correction sent with the instruction (none before the first aggregation)."""
+    record = msg.content.get(protocol.CORRECTION)
+    return {} if record is None else make_codec("none").decode(protocol.record_payload(record), layout)
+
+
 @app.train(mods=[secagg.client_mod])  # SecAgg+ rounds go through Flower's secaggplus_mod
 def train(msg: Message, context: Context) -> Message:
     """Train on the local partition starting from the received global adapter."""
@@ -86,6 +92,8 @@ def train(msg: Message, context: Context) -> Message:
     layout = rt.layout
     instruction = protocol.config_record(msg.content)
     global_state = receive_global(msg, context, layout, cfg.compression.downlink)
+    if cfg.federation.lora_aggregation == "exact":
+        lora.set_correction(rt.model, receive_correction(msg, lora.correction_layout(global_state)))
     rnd = int(protocol.number(instruction, "round"))
     attacker = adversary.attack_for(cfg, partition_id, bool(context.run_config.get("simulation", False)))
     dataset = attacker.data(rt.client_dataset(0 if data_path else partition_id), rt, partition_id)

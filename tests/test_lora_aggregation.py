@@ -1,0 +1,184 @@
+"""federation.lora_aggregation: float64 properties of each mode on tiny LoRA shapes, its config rules, and
+end-to-end runs on the tiny model (docs/lora-aggregation.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedpeft import config, lora, report
+from fedpeft.errors import ConfigError
+from fedpeft.server.aggregators import make_aggregator
+from fedpeft.server.replies import ClientReply, RoundReplies
+from fedpeft.simulation import runner
+
+from conftest import interrupt_and_resume
+
+MODULES = {"m.q": (6, 5), "m.v": (4, 7)}  # module -> (out, in)
+R = 2
+
+
+def _key(module: str, factor: str) -> str:
+    return f"{module}.lora_{factor}.default.weight"
+
+
+def _global(gen: torch.Generator, b_zero: bool = False) -> dict[str, torch.Tensor]:
+    state = {"head.weight": torch.randn(3, 4, generator=gen, dtype=torch.float64)}
+    for m, (out, inp) in MODULES.items():
+        state[_key(m, "A")] = torch.randn(R, inp, generator=gen, dtype=torch.float64)
+        state[_key(m, "B")] = torch.zeros(out, R, dtype=torch.float64) if b_zero else \
+            torch.randn(out, R, generator=gen, dtype=torch.float64)
+    return state
+
+
+def _replies(gen: torch.Generator, global_state: dict, n: int = 4, freeze_a: bool = False) -> RoundReplies:
+    clients = []
+    for i in range(n):
+        delta = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in global_state.items()}
+        if freeze_a:
+            delta.update({k: torch.zeros_like(v) for k, v in delta.items() if ".lora_A." in k})
+        clients.append(ClientReply(node=i, weight=float(i + 1), metrics={}, delta=delta))
+    return RoundReplies(clients=clients)
+
+
+def _exact_means(replies: RoundReplies, global_state: dict) -> dict[str, torch.Tensor]:
+    """Σ w_i B_i A_i per module by hand (a loop over clients)."""
+    total = sum(replies.weights)
+    out = {}
+    for m in MODULES:
+        a, b = _key(m, "A"), _key(m, "B")
+        out[m] = sum((c.weight / total) * (global_state[b] + c.delta[b]) @ (global_state[a] + c.delta[a])
+                     for c in replies.clients)
+    return out
+
+
+def _fed(mode: str, **extra: object) -> config.FederationSection:
+    return config.FederationSection(lora_aggregation=mode, **extra)  # type: ignore[arg-type]
+
+
+def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x - y).norm() / y.norm())
+
+
+def test_exact_reproduces_the_weighted_mean_of_the_products_over_two_rounds():
+    gen = torch.Generator().manual_seed(0)
+    agg = make_aggregator(_fed("exact"))
+    state = _global(gen, b_zero=True)
+    correction = {m: torch.zeros(s, dtype=torch.float64) for m, s in MODULES.items()}
+    for _ in range(2):  # the second round starts from a non-zero correction the clients trained under
+        replies = _replies(gen, state)
+        want = {m: correction[m] + v for m, v in _exact_means(replies, state).items()}
+        state = agg.aggregate(replies, state)
+        correction = agg.correction()
+        for m in MODULES:
+            got = state[_key(m, "B")] @ state[_key(m, "A")] + correction[m]
+            assert _rel(got, want[m]) < 1e-10
+            assert state[_key(m, "A")].shape == (R, MODULES[m][1])  # the adapter keeps its rank
+        assert agg.metrics["lora_agg_error"] > 1e-3  # what the correction made up for
+
+
+def test_exact_keeps_float32_factors_and_puts_their_rounding_into_the_correction():
+    gen = torch.Generator().manual_seed(1)
+    state64 = _global(gen)
+    replies = _replies(gen, state64)
+    state = {k: v.float() for k, v in state64.items()}
+    for c in replies.clients:
+        c.delta.update({k: v.float() for k, v in c.delta.items()})
+    agg = make_aggregator(_fed("exact"))
+    new = agg.aggregate(replies, state)
+    assert all(v.dtype == torch.float32 for v in new.values())
+    want = _exact_means(replies, {k: v.double() for k, v in state.items()})
+    for m in MODULES:
+        got = new[_key(m, "B")].double() @ new[_key(m, "A")].double() + agg.correction()[m]
+        assert _rel(got, want[m]) < 1e-10
+
+
+def test_exact_with_a_server_learning_rate_steps_part_way_to_the_mean():
+    gen = torch.Generator().manual_seed(2)
+    state = _global(gen)
+    replies = _replies(gen, state)
+    agg = make_aggregator(_fed("exact", server_lr=0.5))
+    new = agg.aggregate(replies, state)
+    for m, mean in _exact_means(replies, state).items():
+        old = state[_key(m, "B")] @ state[_key(m, "A")]
+        got = new[_key(m, "B")] @ new[_key(m, "A")] + agg.correction()[m]
+        assert _rel(got, old + 0.5 * (mean - old)) < 1e-10
+
+
+def test_naive_misses_the_mean_and_reports_its_error_as_computed_by_hand():
+    gen = torch.Generator().manual_seed(3)
+    state = _global(gen)
+    replies = _replies(gen, state)
+    new = make_aggregator(_fed("naive")).aggregate(replies, state)
+    mean = _exact_means(replies, state)
+    assert all(_rel(new[_key(m, "B")].double() @ new[_key(m, "A")].double(), mean[m]) > 1e-2 for m in MODULES)
+    total = sum(replies.weights)
+    factor = {k: v + sum(c.weight / total * c.delta[k] for c in replies.clients) for k, v in state.items()}
+    errors = {m: factor[_key(m, "B")] @ factor[_key(m, "A")] - mean[m] for m in MODULES}
+    hand = (sum(float((e ** 2).sum()) for e in errors.values()) / sum(float((v ** 2).sum()) for v in mean.values()))
+    reported = lora.agg_error(lora.pair_means(replies.deltas, replies.weights, state))
+    assert reported == pytest.approx(hand ** 0.5, rel=1e-10)
+
+
+def test_exact_averages_tensors_that_are_not_lora_pairs_like_fedavg():
+    gen = torch.Generator().manual_seed(4)
+    state = _global(gen)
+    replies = _replies(gen, state)
+    exact = make_aggregator(_fed("exact")).aggregate(replies, state)
+    naive = make_aggregator(_fed("naive")).aggregate(replies, state)
+    assert torch.allclose(exact["head.weight"].double(), naive["head.weight"].double(), atol=1e-6)
+
+
+def test_set_correction_folds_into_the_base_weight_and_replaces_rather_than_adds(tiny_cfg):
+    from fedpeft.runtime import get_runtime
+
+    rt = get_runtime(tiny_cfg())
+    model, state = rt.model, rt.initial_adapter()
+    shapes = lora.correction_shapes(state)
+    name, shape = next(iter(shapes.items()))
+    layer = model.get_submodule(name)
+    w0 = layer.get_base_layer().weight.detach().clone()
+    c = torch.randn(shape)
+    scale = float(layer.scaling["default"])
+    lora.set_correction(model, {name: c})
+    lora.set_correction(model, {name: c})
+    assert torch.allclose(layer.get_base_layer().weight, w0 + scale * c, atol=1e-6)
+    lora.set_correction(model, {})
+    assert torch.equal(layer.get_base_layer().weight, w0)
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    ({"federation.strategy": "median"}, "'fedavg' or 'fedprox'"),
+    ({"privacy.secure_aggregation": "secaggplus"}, "only their sums"),
+    ({"privacy.mode": "client"}, "client-level DP"),
+    ({"adapter.type": "ia3"}, "adapter.type = 'lora'"),
+    ({"split.enabled": True, "model.tiny_layers": 3}, "split.enabled"),
+])
+def test_exact_refuses_what_it_cannot_compose_with(tiny_cfg, extra, needle):
+    with pytest.raises(ConfigError, match="lora_aggregation") as e:
+        tiny_cfg(**{"federation.lora_aggregation": "exact", **extra})
+    assert needle in str(e.value)
+
+
+def test_exact_run_learns_reports_the_error_and_counts_the_correction_bytes(tiny_cfg):
+    extra = {"federation.rounds": 2}
+    exact_dir = runner.simulate(tiny_cfg(**{"federation.lora_aggregation": "exact", **extra}))
+    exact = report.read_metrics(exact_dir)
+    naive = report.read_metrics(runner.simulate(tiny_cfg(**extra)))
+    assert all(0 < r["lora_agg_error"] < 10 for r in exact + naive)
+    assert exact[0]["lora_agg_error"] == pytest.approx(naive[0]["lora_agg_error"], rel=1e-9)  # same first round
+    correction = load_file(str(exact_dir / "adapter" / lora.CORRECTION_FILE))
+    assert correction and all(float(v.abs().max()) > 0 for v in correction.values())
+    fp32 = 4 * sum(v.numel() for v in correction.values())
+    assert exact[0]["bytes_down"] == naive[0]["bytes_down"]  # no correction before the first aggregation
+    assert exact[1]["bytes_down"] - naive[1]["bytes_down"] >= 3 * fp32  # every sampled client downloads it
+    assert exact[-1]["eval_loss"] < exact[0]["eval_loss"] * 1.2
+
+
+def test_exact_resumes_exactly(tiny_cfg, monkeypatch):
+    extra = {"federation.rounds": 3, "federation.clients_per_round": 2, "federation.lora_aggregation": "exact"}
+    keys = ("train_loss", "eval_loss", "lora_agg_error", "bytes_down")
+    full = report.read_metrics(runner.simulate(tiny_cfg(**extra)))
+    resumed = report.read_metrics(interrupt_and_resume(tiny_cfg(**extra), 3, monkeypatch))
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
