@@ -108,7 +108,7 @@ def _validate_lora(cfg: Config) -> None:
     if cfg.privacy.mode in ("client", "both"):
         raise ConfigError(f"{key} computes from the individual updates, not the clipped, noised mean that "
                           f"client-level DP releases (privacy.mode = {cfg.privacy.mode!r}): use "
-                          "federation.lora_aggregation = 'freeze_a' (exact, and half the noise dimension), "
+                          "federation.lora_aggregation = 'freeze_a' (exact; only B is noised), "
                           "'share_a' or 'naive', or privacy.mode = 'local'")
 
 

@@ -67,7 +67,8 @@ class Runtime:
         """The peft-wrapped model on the device; its adapter is the seeded initial one until swapped."""
         num_labels = len(self.examples.label_names) if self.cfg.model.task == "classification" else 0
         base = models.load_base_model(self.cfg.model, num_labels=num_labels, seed=self.cfg.run.seed)
-        model = models.build_peft_model(base, self.cfg.adapter, self.cfg.model.task, seed=self.cfg.run.seed)
+        model = models.build_peft_model(base, self.cfg.adapter, self.cfg.model.task, seed=self.cfg.run.seed,
+                                        freeze_a=self.cfg.federation.lora_aggregation == "freeze_a")
         self.initial_state = models.adapter_state(model)
         return model.to(self.device).eval()
 

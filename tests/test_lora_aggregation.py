@@ -182,3 +182,57 @@ def test_exact_resumes_exactly(tiny_cfg, monkeypatch):
     full = report.read_metrics(runner.simulate(tiny_cfg(**extra)))
     resumed = report.read_metrics(interrupt_and_resume(tiny_cfg(**extra), 3, monkeypatch))
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
+
+
+def test_freeze_a_equals_exact_when_a_is_common_and_unchanged():
+    """FFA-LoRA: with every dA_i = 0, averaging B alone is the exact mean, and exact adds no correction."""
+    gen = torch.Generator().manual_seed(5)
+    state = _global(gen)
+    replies = _replies(gen, state, freeze_a=True)
+    agg = make_aggregator(_fed("exact"))
+    exact = agg.aggregate(replies, state)
+    b_only = [{k: v for k, v in c.delta.items() if ".lora_A." not in k} for c in replies.clients]
+    frozen = make_aggregator(_fed("freeze_a")).aggregate(
+        RoundReplies(clients=[ClientReply(c.node, c.weight, {}, d) for c, d in zip(replies.clients, b_only)]),
+        {k: v for k, v in state.items() if ".lora_A." not in k})
+    mean = _exact_means(replies, state)
+    for m in MODULES:
+        a, b = _key(m, "A"), _key(m, "B")
+        assert _rel(frozen[b].double() @ state[a], mean[m]) < 1e-6  # float32 factors, exact product
+        assert torch.allclose(frozen[b].double(), exact[b].double(), atol=1e-6)
+        assert float(agg.correction()[m].abs().max()) < 1e-6  # only exact's float32 rounding of B
+    assert agg.metrics["lora_agg_error"] == 0.0
+
+
+def test_freeze_a_sends_only_b_and_keeps_a_at_its_seeded_init(tiny_cfg):
+    from fedpeft.runtime import get_runtime
+
+    naive_cfg = tiny_cfg(**{"federation.rounds": 2})
+    naive = get_runtime(naive_cfg)
+    init_a = {k: v for k, v in naive.initial_adapter().items() if ".lora_A." in k}
+    naive_elements = naive.layout.total
+    cfg = tiny_cfg(**{"federation.rounds": 2, "federation.lora_aggregation": "freeze_a",
+                      "compression.uplink": "int8", "privacy.mode": "client", "privacy.clip_norm": 5.0,
+                      "privacy.server_noise_multiplier": 0.01})
+    rows = report.read_metrics(runner.simulate(cfg))
+    rt = get_runtime(cfg)
+    assert not [n for n in rt.layout.names if ".lora_A." in n]  # A is in no payload, either way
+    assert rt.layout.total == naive_elements - sum(v.numel() for v in init_a.values())  # fewer noised coordinates
+    params = dict(rt.model.named_parameters())
+    assert init_a and all(torch.equal(params[k].detach().cpu(), v) for k, v in init_a.items())
+    assert all(r["replies"] == 3 and "lora_agg_error" not in r for r in rows)  # exact by construction
+    assert rows[-1]["bytes_up"] < report.read_metrics(runner.simulate(
+        tiny_cfg(**{"federation.rounds": 2, "compression.uplink": "int8"})))[-1]["bytes_up"]
+
+
+@pytest.mark.parametrize("extra", [
+    {"federation.strategy": "median"}, {"federation.strategy": "fedadam"}, {"compression.uplink": "compeft:0.1"},
+    {"privacy.secure_aggregation": "secaggplus"}, {"privacy.mode": "both"},
+])
+def test_freeze_a_composes_with_strategies_codecs_secagg_and_dp(tiny_cfg, extra):
+    assert tiny_cfg(**{"federation.lora_aggregation": "freeze_a", **extra}).federation.lora_aggregation == "freeze_a"
+
+
+def test_freeze_a_needs_lora(tiny_cfg):
+    with pytest.raises(ConfigError, match="adapter.type = 'lora'"):
+        tiny_cfg(**{"federation.lora_aggregation": "freeze_a", "adapter.type": "prompt"})
