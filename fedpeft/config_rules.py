@@ -96,7 +96,7 @@ def _validate_lora(cfg: Config) -> None:
         raise ConfigError(f"{key} does not combine with split.enabled (the split cut chooses which adapter tensors "
                           "travel); use federation.lora_aggregation = 'naive'")
     if mode not in ("exact", "svd"):
-        return  # freeze_a, share_a: fewer tensors travel and are averaged as usual, with any strategy
+        return  # freeze_a, share_a: one factor travels and is aggregated by any strategy
     if cfg.federation.strategy not in ("fedavg", "fedprox"):
         raise ConfigError(f"{key} replaces the mean by the mean of the clients' B_i A_i, so it works with "
                           f"federation.strategy = 'fedavg' or 'fedprox' only (got {cfg.federation.strategy!r}); "

@@ -22,7 +22,9 @@ from torch import nn
 from fedpeft.compression import Layout
 from fedpeft.models import AdapterState, lora_pairs
 
-MODES = ("naive", "exact", "freeze_a")
+MODES = ("naive", "exact", "svd", "freeze_a", "share_a")
+#: share_a (FedSA-LoRA): LoRA's B is the client's own and never travels
+PERSONAL = ".lora_B."
 CORRECTION_FILE = "lora_correction.safetensors"  # exact: module -> C (B·A units) beside the final peft adapter
 BASE_WEIGHTS = "_fedpeft_base_weights"  # model attribute: each corrected layer's weight before any correction
 

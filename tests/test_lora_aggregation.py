@@ -23,12 +23,12 @@ def _key(module: str, factor: str) -> str:
     return f"{module}.lora_{factor}.default.weight"
 
 
-def _global(gen: torch.Generator, b_zero: bool = False) -> dict[str, torch.Tensor]:
+def _global(gen: torch.Generator, b_zero: bool = False, r: int = R) -> dict[str, torch.Tensor]:
     state = {"head.weight": torch.randn(3, 4, generator=gen, dtype=torch.float64)}
     for m, (out, inp) in MODULES.items():
-        state[_key(m, "A")] = torch.randn(R, inp, generator=gen, dtype=torch.float64)
-        state[_key(m, "B")] = torch.zeros(out, R, dtype=torch.float64) if b_zero else \
-            torch.randn(out, R, generator=gen, dtype=torch.float64)
+        state[_key(m, "A")] = torch.randn(r, inp, generator=gen, dtype=torch.float64)
+        state[_key(m, "B")] = torch.zeros(out, r, dtype=torch.float64) if b_zero else \
+            torch.randn(out, r, generator=gen, dtype=torch.float64)
     return state
 
 
@@ -155,9 +155,10 @@ def test_set_correction_folds_into_the_base_weight_and_replaces_rather_than_adds
     ({"adapter.type": "ia3"}, "adapter.type = 'lora'"),
     ({"split.enabled": True, "model.tiny_layers": 3}, "split.enabled"),
 ])
-def test_exact_refuses_what_it_cannot_compose_with(tiny_cfg, extra, needle):
+@pytest.mark.parametrize("mode", ["exact", "svd"])
+def test_product_means_refuse_what_they_cannot_compose_with(tiny_cfg, mode, extra, needle):
     with pytest.raises(ConfigError, match="lora_aggregation") as e:
-        tiny_cfg(**{"federation.lora_aggregation": "exact", **extra})
+        tiny_cfg(**{"federation.lora_aggregation": mode, **extra})
     assert needle in str(e.value)
 
 
@@ -229,10 +230,96 @@ def test_freeze_a_sends_only_b_and_keeps_a_at_its_seeded_init(tiny_cfg):
     {"federation.strategy": "median"}, {"federation.strategy": "fedadam"}, {"compression.uplink": "compeft:0.1"},
     {"privacy.secure_aggregation": "secaggplus"}, {"privacy.mode": "both"},
 ])
-def test_freeze_a_composes_with_strategies_codecs_secagg_and_dp(tiny_cfg, extra):
-    assert tiny_cfg(**{"federation.lora_aggregation": "freeze_a", **extra}).federation.lora_aggregation == "freeze_a"
+@pytest.mark.parametrize("mode", ["freeze_a", "share_a"])
+def test_one_factor_modes_compose_with_strategies_codecs_secagg_and_dp(tiny_cfg, mode, extra):
+    assert tiny_cfg(**{"federation.lora_aggregation": mode, **extra}).federation.lora_aggregation == mode
 
 
-def test_freeze_a_needs_lora(tiny_cfg):
+@pytest.mark.parametrize("mode", ["freeze_a", "share_a"])
+def test_one_factor_modes_need_lora(tiny_cfg, mode):
     with pytest.raises(ConfigError, match="adapter.type = 'lora'"):
-        tiny_cfg(**{"federation.lora_aggregation": "freeze_a", "adapter.type": "prompt"})
+        tiny_cfg(**{"federation.lora_aggregation": mode, "adapter.type": "prompt"})
+
+
+def test_svd_at_full_rank_reproduces_the_weighted_mean_of_the_products():
+    """r = 5 is full rank for both modules (min(out, in) = 5 and 4: the second pads a zero direction)."""
+    gen = torch.Generator().manual_seed(6)
+    state = _global(gen, r=5)
+    replies = _replies(gen, state)
+    agg = make_aggregator(_fed("svd"))
+    new = agg.aggregate(replies, state)
+    for m, mean in _exact_means(replies, state).items():
+        assert new[_key(m, "A")].shape == state[_key(m, "A")].shape
+        assert _rel(new[_key(m, "B")] @ new[_key(m, "A")], mean) < 1e-10
+    assert agg.metrics["lora_svd_error"] < 1e-10 < agg.metrics["lora_agg_error"]
+    assert agg.correction() is None  # nothing but the adapter travels
+
+
+def test_svd_below_full_rank_is_the_best_rank_r_approximation_and_reports_what_it_drops():
+    gen = torch.Generator().manual_seed(7)
+    state = _global(gen)
+    replies = _replies(gen, state)
+    agg = make_aggregator(_fed("svd"))
+    new = agg.aggregate(replies, state)
+    dropped, total = 0.0, 0.0
+    for m, mean in _exact_means(replies, state).items():
+        s = torch.linalg.svdvals(mean)
+        dropped, total = dropped + float((s[R:] ** 2).sum()), total + float((s ** 2).sum())
+        err = new[_key(m, "B")] @ new[_key(m, "A")] - mean
+        assert float(err.norm()) == pytest.approx(float(s[R:].norm()), rel=1e-9)  # Eckart-Young
+    assert agg.metrics["lora_svd_error"] == pytest.approx((dropped / total) ** 0.5, rel=1e-9)
+    assert agg.metrics["lora_svd_error"] > 1e-3
+
+
+def test_svd_run_reports_its_truncation_error(tiny_cfg):
+    rows = report.read_metrics(runner.simulate(tiny_cfg(**{"federation.rounds": 2, "federation.lora_aggregation":
+                                                             "svd"})))
+    assert all(0 < r["lora_svd_error"] < 1 and r["lora_agg_error"] > 0 for r in rows)
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] * 1.2
+
+
+def _serialized(content) -> bytes:
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return b"".join(obj.deflate() for obj in get_all_nested_objects(content).values())
+
+
+def test_share_a_never_puts_b_in_any_payload(tiny_cfg, monkeypatch):
+    """Every client's B update (its personal state after minus before the call) is searched for, byte for byte,
+    in everything that crossed the wire that round; A's updates, which do travel, are found the same way."""
+    from fedpeft.clients.app import PERSONAL_STATE
+    from fedpeft.clients.app import app as client_app
+    from fedpeft.compression import make_codec
+    from fedpeft.protocol import parse_reply
+
+    calls: list[tuple] = []
+    original = client_app.__call__
+
+    def personal(context) -> dict:
+        record = context.state.get(PERSONAL_STATE)
+        return {} if record is None else {k: torch.tensor(v.numpy()) for k, v in record.items()}
+
+    def capture(self, message, context):
+        before = personal(context)
+        reply = original(message, context)
+        after = personal(context)
+        calls.append((_serialized(message.content) + _serialized(reply.content), before, after, reply))
+        return reply
+
+    monkeypatch.setattr(type(client_app), "__call__", capture)
+    cfg = tiny_cfg(**{"federation.rounds": 2, "federation.lora_aggregation": "share_a"})
+    rows = report.read_metrics(runner.simulate(cfg))
+    from fedpeft.runtime import get_runtime
+
+    layout = get_runtime(cfg).layout
+    assert not [n for n in layout.names if ".lora_B." in n] and [n for n in layout.names if ".lora_A." in n]
+    assert len(calls) == 6 and all(r["replies"] == 3 for r in rows)
+    for wire, before, after, reply in calls:
+        assert after and all(".lora_B." in k for k in after)
+        for k, b in after.items():
+            db = b - before.get(k, torch.zeros_like(b))
+            assert float(db.abs().max()) > 0  # B trained
+            assert b.numpy().tobytes() not in wire and db.numpy().tobytes() not in wire
+        sent = make_codec("none").decode(parse_reply(reply.content)[0], layout)
+        assert all(v.numpy().tobytes() in wire for k, v in sent.items() if ".lora_A." in k)  # the method finds A
+    assert "lora_agg_error" not in rows[0]

@@ -32,6 +32,7 @@ app = ClientApp()
 EF_STATE = "fedpeft.error-feedback"
 LOCAL_DP_STATE = "fedpeft.local-dp"
 BROADCAST_STATE, BROADCAST_ROUND = "fedpeft.broadcast", "fedpeft.broadcast-round"
+PERSONAL_STATE = "fedpeft.personal"  # adapter tensors that never leave the node (share_a's B)
 
 
 def _arrays(record: object) -> dict:
@@ -112,11 +113,18 @@ def train(msg: Message, context: Context) -> Message:
         result, state, split_metrics = split.train_round(f"node-{context.node_id}", dataset, global_state, seed)
         extra.update(split_metrics)
     else:
-        models.set_adapter_state(rt.model, global_state)
+        start = rt.full_state(global_state)  # with this node's personal tensors (at their init the first time)
+        if PERSONAL_STATE in context.state:
+            start.update({k: torch.tensor(v) for k, v in _arrays(context.state[PERSONAL_STATE]).items()})
+        models.set_adapter_state(rt.model, start)
         result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
                              proximal_mu=protocol.number(instruction, "proximal-mu"), dp=local_dp,
                              fisher=codec.wants_fisher)
         state = models.adapter_state(rt.model)
+        personal = {k: v for k, v in state.items() if k not in global_state}
+        if personal:
+            context.state[PERSONAL_STATE] = _record({k: v.numpy() for k, v in personal.items()})
+        state = {k: state[k] for k in global_state}
     delta = attacker.update(models.subtract(state, global_state), seed)  # before EF / clip / encode: any codec
 
     if local_dp is not None:

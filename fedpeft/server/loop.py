@@ -304,7 +304,9 @@ class FederatedServer:
     def model_state(self) -> models.AdapterState | None:
         """The whole adapter of the model being trained; with split learning the client side plus the
         in-process body's adapters (None with a remote split server: its adapters live there)."""
-        return self.global_state if self.split is None else self.split.model_state(self.global_state)
+        if self.split is None:  # share_a: the clients' personal B is not here; the global model has B at its init
+            return self.rt.full_state(self.global_state)
+        return self.split.model_state(self.global_state)
 
     def evaluate(self) -> dict[str, float]:
         """Centralized evaluation of the global adapter on the held-out set."""

@@ -84,3 +84,28 @@ class ExactLoRA(LoraProductMean):
         """Module -> its correction C in ``B·A`` units (float64; None before the first aggregation)."""
         found = {k.split("/", 1)[1]: v for k, v in self.state.items() if k.startswith(CORRECTION + "/")}
         return found or None
+@LORA_AGGREGATORS.register("svd")
+class SvdLoRA(LoraProductMean):
+    """FlexLoRA: the exact mean product, truncated back to rank r by SVD (lossy when its rank exceeds r)."""
+
+    def aggregate(self, replies: RoundReplies, global_state: AdapterState) -> AdapterState:
+        self._errors: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+        out = super().aggregate(replies, global_state)
+        self.metrics["lora_svd_error"] = lora.relative_error(self._errors, self._targets)
+        return out
+
+    def factor(self, module: str, target: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, m: lora.PairMean,
+               lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        r = ga.shape[0]
+        u, s, vh = torch.linalg.svd(target, full_matrices=False)
+        root = s[:r].sqrt()
+        b = u[:, :r] * root
+        a = root.unsqueeze(1) * vh[:r]
+        if b.shape[1] < r:  # rank r above min(out, in): pad with zero directions
+            b = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], dim=1)
+            a = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])], dim=0)
+        a, b = a.to(ga.dtype), b.to(gb.dtype)
+        self._errors.append(target - b.double() @ a.double())
+        self._targets.append(target)
+        return a, b
