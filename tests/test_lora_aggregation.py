@@ -177,9 +177,12 @@ def test_exact_run_learns_reports_the_error_and_counts_the_correction_bytes(tiny
     assert exact[-1]["eval_loss"] < exact[0]["eval_loss"] * 1.2
 
 
-def test_exact_resumes_exactly(tiny_cfg, monkeypatch):
-    extra = {"federation.rounds": 3, "federation.clients_per_round": 2, "federation.lora_aggregation": "exact"}
-    keys = ("train_loss", "eval_loss", "lora_agg_error", "bytes_down")
+@pytest.mark.parametrize(("mode", "keys"), [
+    ("exact", ("train_loss", "eval_loss", "lora_agg_error", "bytes_down")),  # the correction is aggregator state
+    ("share_a", ("train_loss", "eval_loss", "bytes_up")),  # each client's B is node state
+])
+def test_resumes_exactly(tiny_cfg, monkeypatch, mode, keys):
+    extra = {"federation.rounds": 3, "federation.clients_per_round": 2, "federation.lora_aggregation": mode}
     full = report.read_metrics(runner.simulate(tiny_cfg(**extra)))
     resumed = report.read_metrics(interrupt_and_resume(tiny_cfg(**extra), 3, monkeypatch))
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
