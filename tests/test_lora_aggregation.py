@@ -326,3 +326,16 @@ def test_share_a_never_puts_b_in_any_payload(tiny_cfg, monkeypatch):
         sent = make_codec("none").decode(parse_reply(reply.content)[0], layout)
         assert all(v.numpy().tobytes() in wire for k, v in sent.items() if ".lora_A." in k)  # the method finds A
     assert "lora_agg_error" not in rows[0]
+
+
+@pytest.mark.parametrize(("mode", "held_back"), [("freeze_a", ".lora_A."), ("share_a", ".lora_B.")])
+def test_one_factor_modes_run_under_secagg(tiny_cfg, mode, held_back):
+    """SecAgg+ masks and sums the one factor that travels (its dense vector has the restricted layout)."""
+    from fedpeft.runtime import get_runtime
+
+    cfg = tiny_cfg(**{"federation.rounds": 1, "federation.lora_aggregation": mode, "train.local_steps": 3,
+                      "privacy.secure_aggregation": "secaggplus"})
+    row = report.read_metrics(runner.simulate(cfg))[0]
+    layout = get_runtime(cfg).layout
+    assert row["replies"] == 3 and row["dropped"] == 0 and row["secagg_up_collect_masked_vectors"] > 0
+    assert not [n for n in layout.names if held_back in n] and row["bytes_up_fp32"] == 4 * 3 * layout.total
