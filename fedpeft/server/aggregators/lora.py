@@ -84,6 +84,8 @@ class ExactLoRA(LoraProductMean):
         """Module -> its correction C in ``B·A`` units (float64; None before the first aggregation)."""
         found = {k.split("/", 1)[1]: v for k, v in self.state.items() if k.startswith(CORRECTION + "/")}
         return found or None
+
+
 @LORA_AGGREGATORS.register("svd")
 class SvdLoRA(LoraProductMean):
     """FlexLoRA: the exact mean product, truncated back to rank r by SVD (lossy when its rank exceeds r)."""
