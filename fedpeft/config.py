@@ -119,6 +119,11 @@ class FederationSection:
     min_clients: int = option(1, lo=1, help="a round needs at least this many valid replies")
     strategy: str = option("fedavg", choices=_registered("fedpeft.server.aggregators", "AGGREGATORS"),
                            help="registered aggregator (fedpeft.server.aggregators)")
+    lora_aggregation: str = option("naive", choices=_registered("fedpeft.lora", "MODES"),
+                                   help="LoRA: average A and B separately (naive), the exact mean of B_i A_i with a "
+                                        "frozen correction (exact), that mean truncated by SVD (svd), A frozen and "
+                                        "only B sent (freeze_a), only A sent, B personal (share_a); "
+                                        "docs/lora-aggregation.md")
     server_lr: float = option(1.0, lo=0.0, help="server learning rate (FedOpt family, FedAvgM)")
     server_momentum: float = option(0.9, lo=0.0, hi=1.0, help="FedAvgM momentum")
     beta1: float = option(0.9, lo=0.0, hi=1.0)

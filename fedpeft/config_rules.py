@@ -52,6 +52,8 @@ def validate(cfg: Config) -> None:
     if cfg.adapter.type == "lora" and cfg.adapter.alpha <= 0:
         raise ConfigError("adapter.alpha must be > 0 for LoRA")
     _validate_strategy(cfg)
+    if cfg.federation.lora_aggregation != "naive":
+        _validate_lora(cfg)
     if cfg.split.enabled:
         _validate_split(cfg)
     if cfg.privacy.secure_aggregation == "secaggplus":
@@ -82,6 +84,32 @@ def _validate_strategy(cfg: Config) -> None:
         if fed.multi_krum > m - f:
             raise ConfigError(f"federation.multi_krum = {fed.multi_krum} exceeds the n - f = {m - f} updates Krum can "
                               "trust per round")
+
+
+def _validate_lora(cfg: Config) -> None:
+    """What each federation.lora_aggregation mode cannot combine with (docs/lora-aggregation.md)."""
+    mode = cfg.federation.lora_aggregation
+    key = f"federation.lora_aggregation = {mode!r}"
+    if cfg.adapter.type != "lora":
+        raise ConfigError(f"{key} needs adapter.type = 'lora' (got {cfg.adapter.type!r}); other adapters use 'naive'")
+    if cfg.split.enabled:
+        raise ConfigError(f"{key} does not combine with split.enabled (the split cut chooses which adapter tensors "
+                          "travel); use federation.lora_aggregation = 'naive'")
+    if mode not in ("exact", "svd"):
+        return  # freeze_a, share_a: one factor travels and is aggregated by any strategy
+    if cfg.federation.strategy not in ("fedavg", "fedprox"):
+        raise ConfigError(f"{key} replaces the mean by the mean of the clients' B_i A_i, so it works with "
+                          f"federation.strategy = 'fedavg' or 'fedprox' only (got {cfg.federation.strategy!r}); "
+                          "for robust or adaptive strategies use federation.lora_aggregation = 'naive' or 'freeze_a'")
+    if cfg.privacy.secure_aggregation == "secaggplus":
+        raise ConfigError(f"{key} multiplies each client's A_i and B_i, but privacy.secure_aggregation = 'secaggplus' "
+                          "shows the server only their sums: use federation.lora_aggregation = 'freeze_a' (exact "
+                          "under SecAgg+), 'share_a' or 'naive'")
+    if cfg.privacy.mode in ("client", "both"):
+        raise ConfigError(f"{key} computes from the individual updates, not the clipped, noised mean that "
+                          f"client-level DP releases (privacy.mode = {cfg.privacy.mode!r}): use "
+                          "federation.lora_aggregation = 'freeze_a' (exact; only B is noised), "
+                          "'share_a' or 'naive', or privacy.mode = 'local'")
 
 
 def _validate_split(cfg: Config) -> None:

@@ -217,8 +217,10 @@ def load_base_model(cfg: ModelSection, num_labels: int = 0, seed: int = 0) -> nn
     return model
 
 
-def build_peft_model(base: nn.Module, adapter: AdapterSection, task: str, seed: int = 0) -> PeftModel:
-    """Wrap ``base`` with a peft adapter; the adapter init is seeded (same seed = same adapter)."""
+def build_peft_model(base: nn.Module, adapter: AdapterSection, task: str, seed: int = 0,
+                     freeze_a: bool = False) -> PeftModel:
+    """Wrap ``base`` with a peft adapter; the adapter init is seeded (same seed = same adapter). ``freeze_a``
+    (FFA-LoRA): LoRA's ``A`` stays at that init, so only ``B`` (and the head) is trained and travels."""
     from peft import TaskType, get_peft_model
 
     task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
@@ -236,6 +238,9 @@ def build_peft_model(base: nn.Module, adapter: AdapterSection, task: str, seed: 
                              f"Set adapter.target_modules explicitly.") from None
         if adapter.type == "prefix":
             _probe_prefix(model)
+    for name, p in model.named_parameters():
+        if freeze_a and ".lora_A." in name:
+            p.requires_grad_(False)
     if task == "classification" and not adapter.train_head:
         for name, p in model.named_parameters():
             if "classifier" in name or "score" in name:

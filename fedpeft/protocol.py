@@ -27,6 +27,7 @@ from fedpeft.errors import PayloadError
 
 TRAIN = "train"
 GLOBAL, CONFIG, UPDATE, METRICS = "global", "config", "update", "metrics"
+CORRECTION = "lora-correction"  # federation.lora_aggregation = "exact": the frozen per-module correction (dense fp32)
 PAYLOAD = "payload"
 REQUIRED_METRICS = ("num-examples",)
 #: what a client sends under DP unless privacy.release_client_metrics: values that do not depend on its data

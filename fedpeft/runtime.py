@@ -27,7 +27,7 @@ import numpy as np
 import torch  # noqa: F401
 from torch.utils.data import Dataset
 
-from fedpeft import data, models
+from fedpeft import data, lora, models
 from fedpeft.compression import Layout
 from fedpeft.config import Config
 from fedpeft.training import select_device
@@ -67,8 +67,11 @@ class Runtime:
         """The peft-wrapped model on the device; its adapter is the seeded initial one until swapped."""
         num_labels = len(self.examples.label_names) if self.cfg.model.task == "classification" else 0
         base = models.load_base_model(self.cfg.model, num_labels=num_labels, seed=self.cfg.run.seed)
-        model = models.build_peft_model(base, self.cfg.adapter, self.cfg.model.task, seed=self.cfg.run.seed)
+        model = models.build_peft_model(base, self.cfg.adapter, self.cfg.model.task, seed=self.cfg.run.seed,
+                                        freeze_a=self.cfg.federation.lora_aggregation == "freeze_a")
         self.initial_state = models.adapter_state(model)
+        if self.cfg.federation.lora_aggregation == "share_a":  # FedSA-LoRA: B stays on the client
+            self._adapter_keys = [k for k in self.initial_state if lora.PERSONAL not in k]
         return model.to(self.device).eval()
 
     def initial_adapter(self) -> models.AdapterState:
@@ -77,6 +80,11 @@ class Runtime:
         _ = self.model
         keys = self._adapter_keys if self._adapter_keys is not None else self.initial_state.keys()
         return {k: self.initial_state[k].clone() for k in keys}
+
+    def full_state(self, shared: models.AdapterState) -> models.AdapterState:
+        """Every trainable tensor: ``shared`` (what travels) over the seeded initial ones (share_a's personal B)."""
+        _ = self.model
+        return {**self.initial_state, **shared}
 
     @cached_property
     def layout(self) -> Layout:

@@ -21,7 +21,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpeft import adversary, config, models, privacy, protocol, update
+from fedpeft import adversary, config, lora, models, privacy, protocol, update
 from fedpeft.clients import node_runtime, secagg
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import PayloadError
@@ -32,6 +32,7 @@ app = ClientApp()
 EF_STATE = "fedpeft.error-feedback"
 LOCAL_DP_STATE = "fedpeft.local-dp"
 BROADCAST_STATE, BROADCAST_ROUND = "fedpeft.broadcast", "fedpeft.broadcast-round"
+PERSONAL_STATE = "fedpeft.personal"  # adapter tensors that never leave the node (share_a's B)
 
 
 def _arrays(record: object) -> dict:
@@ -72,6 +73,12 @@ def receive_global(msg: Message, context: Context, layout: Layout, downlink_spec
     return state
 
 
+def receive_correction(msg: Message, layout: Layout) -> dict[str, torch.Tensor]:
+    """``exact``'s frozen per-module correction sent with the instruction (none before the first aggregation)."""
+    record = msg.content.get(protocol.CORRECTION)
+    return {} if record is None else make_codec("none").decode(protocol.record_payload(record), layout)
+
+
 @app.train(mods=[secagg.client_mod])  # SecAgg+ rounds go through Flower's secaggplus_mod
 def train(msg: Message, context: Context) -> Message:
     """Train on the local partition starting from the received global adapter."""
@@ -86,6 +93,8 @@ def train(msg: Message, context: Context) -> Message:
     layout = rt.layout
     instruction = protocol.config_record(msg.content)
     global_state = receive_global(msg, context, layout, cfg.compression.downlink)
+    if cfg.federation.lora_aggregation == "exact":
+        lora.set_correction(rt.model, receive_correction(msg, lora.correction_layout(global_state)))
     rnd = int(protocol.number(instruction, "round"))
     attacker = adversary.attack_for(cfg, partition_id, bool(context.run_config.get("simulation", False)))
     dataset = attacker.data(rt.client_dataset(0 if data_path else partition_id), rt, partition_id)
@@ -104,11 +113,18 @@ def train(msg: Message, context: Context) -> Message:
         result, state, split_metrics = split.train_round(f"node-{context.node_id}", dataset, global_state, seed)
         extra.update(split_metrics)
     else:
-        models.set_adapter_state(rt.model, global_state)
+        start = rt.full_state(global_state)  # with this node's personal tensors (at their init the first time)
+        if PERSONAL_STATE in context.state:
+            start.update({k: torch.tensor(v) for k, v in _arrays(context.state[PERSONAL_STATE]).items()})
+        models.set_adapter_state(rt.model, start)
         result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
                              proximal_mu=protocol.number(instruction, "proximal-mu"), dp=local_dp,
                              fisher=codec.wants_fisher)
         state = models.adapter_state(rt.model)
+        personal = {k: v for k, v in state.items() if k not in global_state}
+        if personal:
+            context.state[PERSONAL_STATE] = _record({k: v.numpy() for k, v in personal.items()})
+        state = {k: state[k] for k in global_state}
     delta = attacker.update(models.subtract(state, global_state), seed)  # before EF / clip / encode: any codec
 
     if local_dp is not None:

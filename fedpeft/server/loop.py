@@ -29,7 +29,7 @@ import numpy as np
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from fedpeft import models, protocol
+from fedpeft import lora, models, protocol
 from fedpeft.adversary import Ledger
 from fedpeft.compression import make_codec
 from fedpeft.config import Config
@@ -97,6 +97,8 @@ class FederatedServer:
         self.rng = np.random.default_rng(cfg.run.seed)
         self.privacy = ServerPrivacy(cfg)
         self.aggregator = make_aggregator(cfg.federation, self.privacy)
+        self.correction_layout = lora.correction_layout(self.global_state)  # exact's frozen correction
+        self.lora_row: dict[str, float | None] = {}  # this round's lora_agg_error (and svd's truncation error)
         self.adversary = Ledger(cfg, self.rt)  # the simulated attackers, recorded (never aggregated by)
         self.secagg = None
         if cfg.privacy.secure_aggregation == "secaggplus":  # the server sees only the sum (server/secagg.py)
@@ -218,7 +220,14 @@ class FederatedServer:
         """The training message content for each sampled node (see :mod:`fedpeft.server.downlink`)."""
         base = {"round": rnd, "seed": self.cfg.run.seed, "clip-norm": self.privacy.clip_norm,
                 "proximal-mu": self.aggregator.proximal_mu}
-        return self.downlink.contents(self.global_state, sampled, rnd, base)
+        contents = self.downlink.contents(self.global_state, sampled, rnd, base)
+        correction = self.aggregator.correction()
+        if correction is not None:  # dense fp32, one per content object (sampled nodes share one)
+            record = protocol.payload_record(make_codec("none").encode(
+                {k: v.float() for k, v in correction.items()}, self.correction_layout))
+            for content in {id(c): c for c in contents.values()}.values():
+                content[protocol.CORRECTION] = record
+        return contents
 
     def _collect(self, grid: Grid, contents: dict[int, protocol.RecordDict], rnd: int) -> RoundReplies:
         """Send the instructions and collect the replies: decoded per client, or a secure sum (SecAgg+)."""
@@ -250,7 +259,9 @@ class FederatedServer:
             return None
         saved, t = self.aggregator.state_dict()
         saved = {k: v.clone() for k, v in saved.items()}  # buffers are updated in place
+        self.lora_row = self._naive_lora_error(replies)
         new_state = self.aggregator.aggregate(replies, self.global_state)
+        self.lora_row.update(self.aggregator.metrics)
         problem = global_problem(new_state, self.cfg.sanity.max_global_value if self.cfg.sanity.enabled else math.inf)
         if problem is not None:
             log.warning("round %d: the new global adapter is not applied (%s); global adapter unchanged", rnd, problem)
@@ -261,6 +272,15 @@ class FederatedServer:
         self.global_state = new_state
         self.applied += 1
         return replies.train_loss()
+
+    def _naive_lora_error(self, replies: RoundReplies) -> dict[str, float | None]:
+        """``lora_agg_error`` of factor averaging (docs/lora-aggregation.md) under ``naive`` (the exact and svd
+        aggregators report their own), from the individual updates: not under SecAgg+ (there are none) nor
+        client-level DP (it would release an un-noised function of them)."""
+        if self.cfg.federation.lora_aggregation != "naive" or replies.secure_mean is not None or self.privacy.active:
+            return {}
+        error = lora.agg_error(lora.pair_means(replies.deltas, replies.weights, self.global_state))
+        return {} if error is None else {"lora_agg_error": error}
 
     def _account(self, replies: RoundReplies) -> dict[str, float]:
         """Privacy metrics: client-level DP is charged every round (the noisy release happens whatever
@@ -278,7 +298,9 @@ class FederatedServer:
         self.downlink.commit(sampled, replies.nodes, rnd)
         row: dict[str, Any] = {"round": rnd, "sampled": len(sampled), "replies": len(replies.clients),
                                "dropped": len(replies.dropped)}
+        self.lora_row = {}
         row["train_loss"] = self._aggregate(replies, rnd)
+        row.update(self.lora_row)
         if self.checks is not None or replies.sanity:
             row.update({**dict.fromkeys(SANITY_COUNTS, 0), **replies.sanity})
         row.update(self._account(replies))
@@ -294,7 +316,9 @@ class FederatedServer:
     def model_state(self) -> models.AdapterState | None:
         """The whole adapter of the model being trained; with split learning the client side plus the
         in-process body's adapters (None with a remote split server: its adapters live there)."""
-        return self.global_state if self.split is None else self.split.model_state(self.global_state)
+        if self.split is None:  # share_a: the clients' personal B is not here; the global model has B at its init
+            return self.rt.full_state(self.global_state)
+        return self.split.model_state(self.global_state)
 
     def evaluate(self) -> dict[str, float]:
         """Centralized evaluation of the global adapter on the held-out set."""
@@ -303,6 +327,8 @@ class FederatedServer:
             log.info("remote split server: the body's adapters are not here; centralized evaluation skipped")
             return {}
         models.set_adapter_state(self.rt.model, state)
+        if self.cfg.federation.lora_aggregation == "exact":
+            lora.set_correction(self.rt.model, self.aggregator.correction() or {})
         return {**evaluate(self.rt.model, self.rt.eval_dataset, self.rt.collate, self.cfg.train.eval_batch_size,
                            self.rt.device, self.cfg.model.task), **self.adversary.evaluate(self.rt.model)}
 
@@ -317,5 +343,9 @@ class FederatedServer:
             save_file(self.global_state, str(self.run_dir / "adapter" / "client_side.safetensors"))
         else:
             models.save_adapter(self.rt.model, state, self.run_dir / "adapter")
+        correction = self.aggregator.correction()
+        if correction is not None:  # exact: part of the global model that peft's adapter format cannot hold
+            save_file({k: v.float().contiguous() for k, v in correction.items()},
+                      str(self.run_dir / "adapter" / lora.CORRECTION_FILE))
         report.write_run_report(self.run_dir, self.cfg)
 

@@ -5,7 +5,14 @@ deltas arrive compressed and the loop owns sampling, DP and checkpoints, so the 
 here, on plain tensors. A new aggregator is one module registering one :class:`Aggregator` subclass.
 """
 
-from fedpeft.server.aggregators import cosine, fedavg, fedopt, krum, robust  # noqa: F401  (register the aggregators)
-from fedpeft.server.aggregators.base import AGGREGATORS, Aggregator, make_aggregator, mean_update, weighted_mean
+from fedpeft.server.aggregators import cosine, fedavg, fedopt, krum, lora, robust  # noqa: F401  (register the aggregators)
+from fedpeft.server.aggregators.base import (
+    AGGREGATORS,
+    LORA_AGGREGATORS,
+    Aggregator,
+    make_aggregator,
+    mean_update,
+    weighted_mean,
+)
 
-__all__ = ["AGGREGATORS", "Aggregator", "make_aggregator", "mean_update", "weighted_mean"]
+__all__ = ["AGGREGATORS", "LORA_AGGREGATORS", "Aggregator", "make_aggregator", "mean_update", "weighted_mean"]

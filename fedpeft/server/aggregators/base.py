@@ -35,6 +35,7 @@ class Aggregator(ABC):
         self.privacy = privacy
         self.state: dict[str, torch.Tensor] = {}
         self.t = 0
+        self.metrics: dict[str, float | None] = {}  # this round's values for metrics.jsonl (set by aggregate)
 
     @property
     def proximal_mu(self) -> float:
@@ -44,6 +45,11 @@ class Aggregator(ABC):
     @abstractmethod
     def aggregate(self, replies: RoundReplies, global_state: AdapterState) -> AdapterState:
         """The next global adapter from this round's replies."""
+
+    def correction(self) -> dict[str, torch.Tensor] | None:
+        """A frozen per-module weight correction the clients fold into their base weights (LoRA ``exact``), or
+        None."""
+        return None
 
     def _buf(self, name: str, key: str, like: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """A persistent per-tensor state buffer (created on first use, saved by :meth:`state_dict`)."""
@@ -62,10 +68,15 @@ class Aggregator(ABC):
 
 
 AGGREGATORS: Registry[type[Aggregator]] = Registry("aggregation strategy")
+#: ``federation.lora_aggregation`` modes that replace the strategy's mean (their own module: aggregators/lora.py)
+LORA_AGGREGATORS: Registry[type[Aggregator]] = Registry("LoRA aggregation")
 
 
 def make_aggregator(cfg: FederationSection, privacy: ServerPrivacy | None = None) -> Aggregator:
-    """The aggregator named by ``federation.strategy`` (averaging under ``privacy`` when it is active)."""
+    """The aggregator of ``federation.lora_aggregation`` when that mode has one (exact, svd), else the one named
+    by ``federation.strategy`` (averaging under ``privacy`` when it is active)."""
+    if cfg.lora_aggregation in LORA_AGGREGATORS.names():
+        return LORA_AGGREGATORS.get(cfg.lora_aggregation)(cfg, privacy)
     return AGGREGATORS.get(cfg.strategy)(cfg, privacy)
 
 

@@ -1,0 +1,120 @@
+"""LoRA-aware aggregation (``federation.lora_aggregation``), Flower-free: the exact weighted mean of the clients'
+``B_i A_i``, the error of averaging the factors instead, and the frozen per-module weight correction that makes
+``exact`` exact (docs/lora-aggregation.md).
+
+Notation per LoRA module: the global factors ``A`` (r x in) and ``B`` (out x r), client i's update
+``dA_i``, ``dB_i`` (deltas against the global factors, as sent) and normalised weights ``w_i``. The client's
+product is ``B_i A_i = (B + dB_i)(A + dA_i)``; the weighted mean of the products is
+``BA + B·mean(dA) + mean(dB)·A + Σ w_i dB_i dA_i`` and the product of the mean factors differs from it by
+``R = Σ w_i dB_i dA_i - mean(dB)·mean(dA)``, which one (out x n·r) @ (n·r x in) product yields. Everything is
+in ``B·A`` units: peft's scale ``alpha / r`` is the same on every client, so it cancels in every ratio and is
+applied only where a correction is folded into a model's weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedpeft.compression import Layout
+from fedpeft.models import AdapterState, lora_pairs
+
+MODES = ("naive", "exact", "svd", "freeze_a", "share_a")
+#: share_a (FedSA-LoRA): LoRA's B is the client's own and never travels
+PERSONAL = ".lora_B."
+CORRECTION_FILE = "lora_correction.safetensors"  # exact: module -> C (B·A units) beside the final peft adapter
+BASE_WEIGHTS = "_fedpeft_base_weights"  # model attribute: each corrected layer's weight before any correction
+
+
+def module_of(a_key: str) -> str:
+    """The peft LoRA layer a ``lora_A`` parameter belongs to (``x.query.lora_A.default.weight`` -> ``x.query``)."""
+    return a_key.split(".lora_A.", 1)[0]
+
+
+@dataclass
+class PairMean:
+    """One LoRA module's round, in float64: the weighted mean factor deltas and the exact mean product."""
+
+    mean_da: torch.Tensor
+    mean_db: torch.Tensor
+    product: torch.Tensor  # Σ w_i B_i A_i
+    residual: torch.Tensor  # Σ w_i B_i A_i - (B + mean dB)(A + mean dA)
+
+
+def pair_mean(ga: torch.Tensor, gb: torch.Tensor, da: list[torch.Tensor], db: list[torch.Tensor],
+              w: torch.Tensor) -> PairMean:
+    """The round's means for one module from the global factors, the clients' factor deltas and weights
+    ``w`` (summing to 1)."""
+    a, b = ga.double(), gb.double()
+    dA = torch.stack([x.double() for x in da])  # (n, r, in)
+    dB = torch.stack([x.double() for x in db])  # (n, out, r)
+    n, r, cols = dA.shape
+    mean_da, mean_db = torch.einsum("n,nri->ri", w, dA), torch.einsum("n,nor->or", w, dB)
+    cross = (dB * w.view(n, 1, 1)).permute(1, 0, 2).reshape(dB.shape[1], n * r) @ dA.reshape(n * r, cols)
+    residual = cross - mean_db @ mean_da
+    product = b @ a + b @ mean_da + mean_db @ a + cross
+    return PairMean(mean_da, mean_db, product, residual)
+
+
+def normalised(weights: list[float]) -> torch.Tensor:
+    """``weights / sum(weights)`` as float64."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    if not len(weights) or float(w.sum()) <= 0:
+        raise ValueError("need at least one update with positive weight")
+    return w / w.sum()
+
+
+def pair_means(deltas: list[AdapterState], weights: list[float],
+               global_state: AdapterState) -> dict[str, tuple[str, PairMean]]:
+    """``A`` key -> (its ``B`` key, :class:`PairMean`) for every LoRA module whose two factors travel."""
+    w = normalised(weights)
+    return {a: (b, pair_mean(global_state[a], global_state[b], [d[a] for d in deltas], [d[b] for d in deltas], w))
+            for a, b in lora_pairs(global_state).items()}
+
+
+def relative_error(errors: list[torch.Tensor], references: list[torch.Tensor]) -> float:
+    """``sqrt(Σ_m ||E_m||²) / sqrt(Σ_m ||M_m||²)`` over modules m (0 when both are 0): the relative Frobenius
+    error of the block-diagonal matrix of all modules."""
+    num = sum(float(e.pow(2).sum()) for e in errors) ** 0.5
+    den = sum(float(m.pow(2).sum()) for m in references) ** 0.5
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def agg_error(means: dict[str, tuple[str, PairMean]]) -> float | None:
+    """``lora_agg_error``: how far ``mean(B_i)·mean(A_i)`` is from ``Σ w_i B_i A_i`` (relative Frobenius error
+    summed over modules, :func:`relative_error`); None without LoRA pairs that travel."""
+    if not means:
+        return None
+    return relative_error([m.residual for _, m in means.values()], [m.product for _, m in means.values()])
+
+
+def correction_shapes(state: AdapterState) -> dict[str, tuple[int, int]]:
+    """Module name -> (out, in) of its weight correction, for every LoRA pair in ``state``."""
+    return {module_of(a): (int(state[b].shape[0]), int(state[a].shape[1])) for a, b in lora_pairs(state).items()}
+
+
+def correction_layout(state: AdapterState) -> Layout:
+    """The layout of the per-module correction sent to clients under ``exact`` (dense fp32, codec ``none``)."""
+    return Layout.from_state({k: torch.empty(s) for k, s in correction_shapes(state).items()})
+
+
+def set_correction(model: nn.Module, correction: dict[str, torch.Tensor]) -> None:
+    """Make each named LoRA layer's frozen base weight ``W0 + scale * C`` (``W0``: its weight before the
+    first correction, kept on the model; ``scale``: peft's ``alpha / r``). Idempotent: a later call replaces,
+    not adds to, the correction; a layer absent from ``correction`` gets none."""
+    saved: dict[str, torch.Tensor] = model.__dict__.setdefault(BASE_WEIGHTS, {})
+    for name in set(saved) | set(correction):
+        layer: Any = model.get_submodule(name)  # a peft LoRA layer
+        weight = layer.get_base_layer().weight
+        w0 = saved.setdefault(name, weight.detach().clone())
+        c = correction.get(name)
+        with torch.no_grad():
+            if c is None:
+                weight.copy_(w0)
+                continue
+            c = c.T if getattr(layer, "fan_in_fan_out", False) else c
+            adapter = layer.active_adapters[0]
+            weight.copy_(w0 + float(layer.scaling[adapter]) * c.to(w0.device, w0.dtype))

@@ -1,0 +1,113 @@
+"""LoRA-aware aggregators (``federation.lora_aggregation``): ``exact`` (FedEx-LoRA) and ``svd`` (FlexLoRA).
+
+Both form the weighted mean of the clients' ``ΔW_i = B_i A_i`` per LoRA module from the individual decoded
+updates (:func:`fedpeft.lora.pair_means`) and step the global model to ``ΔW + server_lr * (mean - ΔW)``;
+tensors that are not a LoRA pair (a classification head) get FedAvg's weighted mean.
+
+- ``exact``: the new factors are the FedAvg factors ``A + lr·mean(dA)``, ``B + lr·mean(dB)`` (rank r, as
+  sent to clients), and what their product misses of the target goes into a frozen per-module correction
+  ``C`` (float64, checkpointed as aggregator state) that every client folds into its base weight, so that
+  ``B'A' + C`` equals the target to float64 rounding whatever the rank of the mean.
+- ``svd``: the target is factored back to rank r by a truncated SVD (``B' = U_r S_r^½``, ``A' = S_r^½ V_r^T``);
+  nothing else travels, so it is exact only when the target has rank <= r (``lora_svd_error`` reports the rest).
+
+Both need every client's update (no SecAgg+) and do not noise the mean (no client-level DP);
+:mod:`fedpeft.config_rules` refuses those combinations and any strategy other than fedavg or fedprox.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+
+from fedpeft import lora
+from fedpeft.server.aggregators.base import LORA_AGGREGATORS, weighted_mean
+from fedpeft.server.aggregators.fedavg import FedAvg
+
+if TYPE_CHECKING:
+    from fedpeft.models import AdapterState
+    from fedpeft.server.replies import RoundReplies
+
+CORRECTION = "correction"  # state key prefix of exact's per-module correction
+
+
+class LoraProductMean(FedAvg):
+    """Steps the global ``ΔW = B·A`` of every LoRA module towards the weighted mean of the clients' products."""
+
+    needs_individual_updates = True
+    supports_client_dp = False
+
+    @property
+    def proximal_mu(self) -> float:
+        return self.cfg.proximal_mu if self.cfg.strategy == "fedprox" else 0.0
+
+    def aggregate(self, replies: RoundReplies, global_state: AdapterState) -> AdapterState:
+        self.t += 1
+        deltas, weights, lr = replies.deltas, replies.weights, self.cfg.server_lr
+        means = lora.pair_means(deltas, weights, global_state)
+        paired = set(means) | {b for b, _ in means.values()}
+        others = [k for k in global_state if k not in paired]
+        out = {}
+        if others:
+            mean = weighted_mean([{k: d[k] for k in others} for d in deltas], weights)
+            out = {k: global_state[k] + lr * mean[k] for k in others}
+        self.metrics = {"lora_agg_error": lora.agg_error(means)}
+        for a, (b, m) in means.items():
+            old = global_state[b].double() @ global_state[a].double()
+            target = old + lr * (m.product - old)
+            out[a], out[b] = self.factor(lora.module_of(a), target, global_state[a], global_state[b], m, lr)
+        return {k: out[k] for k in global_state}
+
+    @abstractmethod
+    def factor(self, module: str, target: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, m: lora.PairMean,
+               lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new (A, B) of one module whose global ``ΔW`` should become ``target`` (float64)."""
+
+
+@LORA_AGGREGATORS.register("exact")
+class ExactLoRA(LoraProductMean):
+    """FedEx-LoRA: FedAvg's factors plus a frozen per-module correction holding the rest of the exact mean."""
+
+    def factor(self, module: str, target: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, m: lora.PairMean,
+               lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        a = (ga.double() + lr * m.mean_da).to(ga.dtype)
+        b = (gb.double() + lr * m.mean_db).to(gb.dtype)
+        key = f"{CORRECTION}/{module}"
+        old = self.state.get(key, torch.zeros_like(target))
+        # the global model's ΔW was B·A + C; it becomes B'·A' + C' = target + C (rounded factors included)
+        self.state[key] = old + target - b.double() @ a.double()
+        return a, b
+
+    def correction(self) -> dict[str, torch.Tensor] | None:
+        """Module -> its correction C in ``B·A`` units (float64; None before the first aggregation)."""
+        found = {k.split("/", 1)[1]: v for k, v in self.state.items() if k.startswith(CORRECTION + "/")}
+        return found or None
+
+
+@LORA_AGGREGATORS.register("svd")
+class SvdLoRA(LoraProductMean):
+    """FlexLoRA: the exact mean product, truncated back to rank r by SVD (lossy when its rank exceeds r)."""
+
+    def aggregate(self, replies: RoundReplies, global_state: AdapterState) -> AdapterState:
+        self._errors: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+        out = super().aggregate(replies, global_state)
+        self.metrics["lora_svd_error"] = lora.relative_error(self._errors, self._targets)
+        return out
+
+    def factor(self, module: str, target: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, m: lora.PairMean,
+               lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        r = ga.shape[0]
+        u, s, vh = torch.linalg.svd(target, full_matrices=False)
+        root = s[:r].sqrt()
+        b = u[:, :r] * root
+        a = root.unsqueeze(1) * vh[:r]
+        if b.shape[1] < r:  # rank r above min(out, in): pad with zero directions
+            b = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], dim=1)
+            a = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])], dim=0)
+        a, b = a.to(ga.dtype), b.to(gb.dtype)
+        self._errors.append(target - b.double() @ a.double())
+        self._targets.append(target)
+        return a, b
