@@ -288,9 +288,10 @@ class Ledger:
         """The round's ``metrics.jsonl`` fields (none without attackers).
 
         ``adversaries`` / ``adversary_nodes``: partition and node ids of the attackers' aggregated replies;
-        ``adversary_weight``: their share of the aggregation weight; ``dropped_nodes``: node -> reason for every
-        sampled update not in the round, and ``adversaries_dropped`` those of attackers; ``excluded_nodes`` /
-        ``adversaries_excluded``: the same for updates a robust aggregator left out; ``downweighted_nodes``:
+        ``adversary_weight``: their share of the aggregation weight; ``adversaries_dropped`` /
+        ``adversaries_excluded``: the attackers' entries of the round's ``dropped_nodes`` / ``excluded_nodes``
+        (every run records those: node -> why its update is not in the round / was left out by a robust
+        aggregator); ``downweighted_nodes``:
         node -> [reported num-examples, weight used] where the server weighted an update below its claim.
         Server-side defences show here without changes here: one that drops an update adds to
         ``replies.dropped``, one that caps a weight lowers ``ClientReply.weight``. A dropped node's partition
@@ -305,10 +306,8 @@ class Ledger:
         total = sum(replies.weights)
         return {"adversaries": [p for p, _, _ in adv], "adversary_nodes": [n for _, n, _ in adv],
                 "adversary_weight": sum(w for _, _, w in adv) / total if total else None,
-                "dropped_nodes": {str(node): why for node, why in replies.dropped.items()},
                 "adversaries_dropped": {str(node): why for node, why in replies.dropped.items()
                                         if (lookup(node) if lookup else self.partition_of.get(node)) in self.attackers},
-                "excluded_nodes": {str(node): why for node, why in replies.excluded.items()},
                 "adversaries_excluded": {str(node): why for node, why in replies.excluded.items()
                                          if self.partition_of.get(node) in self.attackers},
                 "downweighted_nodes": {str(c.node): [c.metrics["num-examples"], c.weight] for c in replies.clients

@@ -81,6 +81,7 @@ def test_a_crashing_client_is_an_error_reply_not_a_crash(tiny_cfg, monkeypatch, 
     rows = report.read_metrics(runner.simulate(tiny_cfg(**{"federation.rounds": 1})))
     assert (rows[0]["replies"], rows[0]["dropped"]) == (2, 1)
     assert "out of memory on this node" in caplog.text
+    assert rows[0]["dropped_nodes"] == {"1002": "failed: RuntimeError: out of memory on this node"}  # any run
 
 
 def _cli(*args, cwd=None):

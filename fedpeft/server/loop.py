@@ -303,6 +303,9 @@ class FederatedServer:
         row.update(self.lora_row)
         if self.checks is not None or replies.sanity:
             row.update({**dict.fromkeys(SANITY_COUNTS, 0), **replies.sanity})
+        for key, nodes in (("dropped_nodes", replies.dropped), ("excluded_nodes", replies.excluded)):
+            if nodes:  # node -> why its update is not in the round / was left out by a robust aggregator
+                row[key] = {str(node): why for node, why in nodes.items()}
         row.update(self._account(replies))
         row.update(self.adversary.round_row(replies, grid))
         if rnd % self.cfg.federation.eval_every == 0 or rnd == self.cfg.federation.rounds:
