@@ -474,3 +474,22 @@ def test_run_wait_prints_why_a_deployed_run_failed(tmp_path: Path) -> None:
         assert "finished:failed: " in out.stderr and "only 0 node(s) connected after 2 s" in out.stderr, out.stderr
     finally:
         cluster.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_superlink_and_node_with_exit_code_0(tmp_path: Path) -> None:
+    port = flower.free_port()
+    cluster = Cluster(tmp_path)
+    try:
+        link = cluster.start("superlink", _cli("superlink", "--host", "127.0.0.1", "--port", port, "--insecure",
+                                               "--no-auth"), tmp_path / "home-link")
+        flower.wait_healthy(port, link)
+        node = cluster.start("node", _cli("node", "--superlink", f"127.0.0.1:{port}", "--insecure", "--port",
+                                          flower.free_port(), "--partition-id", 0), tmp_path / "home-node")
+        _wait_for(lambda: "Starting Flower SuperNode" in cluster.log("node"), 90, lambda: cluster.log("node"))
+        time.sleep(2)  # flower-supernode is up and polling
+        for proc, name in ((node, "node"), (link, "superlink")):  # what `docker stop` sends (to the main process)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, cluster.log(name)
+    finally:
+        cluster.stop()

@@ -154,7 +154,10 @@ def supervise(commands: list[list[str]], home: Path, watch: tuple[bytes, threadi
     log.info("started %s", ", ".join(f"{Path(c[0]).name if 'python' not in c[0] else c[2]} (pid {p.pid})"
                                      for c, p in zip(commands, procs)))
 
+    stopped: list[int] = []  # the stop signal this process received and passed on
+
     def forward(signum: int, _frame: object) -> None:
+        stopped.append(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -175,6 +178,8 @@ def supervise(commands: list[list[str]], home: Path, watch: tuple[bytes, threadi
                 p.wait()
         if tee is not None:
             tee.join(timeout=5)  # the last lines, before the caller looks at the event
+        if stopped:  # asked to stop: SIGTERM is a clean shutdown (0), Ctrl-C the shell's 130
+            return 0 if stopped[0] == signal.SIGTERM else 130
         if main.returncode == 0 and any(p.returncode for p in procs[1:]):
             return 1  # a helper died first: report failure so a supervisor restarts the node
         return int(main.returncode)
