@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
+T = TypeVar("T")
 
 
 class NotApplicable(ValueError):
@@ -56,6 +57,7 @@ class Observation:
     optimizer: str = "sgd"
     task: str = "causal_lm"
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _shared: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ("gradient", "delta"):
@@ -90,17 +92,38 @@ class Observation:
         scale = -1.0 / max(self.lr * self.local_steps, 1e-12)
         return {k: v * scale for k, v in update.items()}
 
+    def memo(self, key: str, compute: Callable[[], T], shared: bool = False) -> T:
+        """``compute()``, once per observation (kept under ``key``). ``shared``: the value depends only on
+        the frozen base model and the adapter's layout (which modules are adapted), not on adapter values or
+        the update, so it may be handed to other observations of the same model (:meth:`shared_values`)."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        if shared:
+            self._shared.add(key)
+        return self._cache[key]
+
+    def shared_values(self) -> dict[str, Any]:
+        """The values memoised with ``shared=True`` (e.g. the span attacks' candidate first-layer inputs,
+        a forward pass per vocabulary token): a server attacking many clients of one base model computes
+        them once and passes them on with :meth:`adopt`."""
+        return {k: self._cache[k] for k in self._shared}
+
+    def adopt(self, values: dict[str, Any]) -> None:
+        """Take over ``shared_values()`` of another observation of the same base model and LoRA targets."""
+        self._cache.update(values)
+        self._shared.update(values)
+
     def working_model(self, dtype: torch.dtype = torch.float64) -> PeftModel:
         """A private copy of the model in ``dtype`` with the global adapter loaded (cached, eval mode)."""
-        key = f"model:{dtype}"
-        if key not in self._cache:
-            from fedpeft.models import set_adapter_state
+        return self.memo(f"model:{dtype}", lambda: self._load(dtype))
 
-            m = copy.deepcopy(self.model).to(dtype)
-            set_adapter_state(m, {k: v.to(dtype) for k, v in self.global_state.items()})
-            m.eval()
-            self._cache[key] = m
-        return self._cache[key]
+    def _load(self, dtype: torch.dtype) -> PeftModel:
+        from fedpeft.models import set_adapter_state
+
+        m = copy.deepcopy(self.model).to(dtype)
+        set_adapter_state(m, {k: v.to(dtype) for k, v in self.global_state.items()})
+        m.eval()
+        return cast("PeftModel", m)
 
 
 @dataclass

@@ -30,15 +30,17 @@ def first_layer(obs: Observation, layer: int = 0) -> tuple[list, torch.Tensor, b
     """The q/k/v-like module group of ``layer`` and its candidate inputs (positions × vocab × d)."""
     model = obs.working_model()
     vocab = model.get_input_embeddings().num_embeddings
-    key = f"cands:{layer}"
-    if key not in obs._cache:
+
+    def compute() -> tuple[list, torch.Tensor, bool]:
         groups = shared_groups(model, layer, token_local=True, vocab=vocab)
         if not groups:
             raise NotApplicable("span attack: no token-local LoRA modules in the first block "
-                             "(is this a LoRA adapter with first-block targets?)")
+                                "(is this a LoRA adapter with first-block targets?)")
         cands, positional = token_inputs(model, groups[0][0].path, vocab, obs.seq_len)
-        obs._cache[key] = (groups[0], cands, positional)
-    return obs._cache[key]
+        return groups[0], cands, positional
+
+    # the first block's token-local inputs do not depend on the adapter: shareable across clients
+    return obs.memo(f"cands:{layer}", compute, shared=layer == 0)
 
 
 def a_channel_residuals(obs: Observation, group: list, cands: torch.Tensor, bound: int,

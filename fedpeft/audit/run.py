@@ -52,8 +52,6 @@ CANARY_WARN: float = _DEFAULTS.canary_warn  #: warn: canary exposure >= this fra
 CANARY_LEN = 8  #: tokens of the planted canary (the start of the victim's first sequence)
 #: attacks whose token ranking is another attack's (not counted twice in the warn test's Bonferroni factor)
 RANKING_COPIES = {"span_decode": "span", "label_and_canary": "subspace_opt"}
-#: attacks that read sequences left to right through a causal LM (not applicable to encoders)
-CAUSAL_ONLY = ("span_decode",)
 
 COLUMNS = [*GRID_KEYS, "density", "verdict", "best_attack", "token_f1", "token_f1_ci", "rouge2", "exact",
            "ranking_attack", "top_true", "top_true_ci", "baseline", "lift", "chance", "seeds", "hit_pvalue",
@@ -111,8 +109,6 @@ def attack_view(view: ClientView, audit: AuditSection, seed: int = 0,
     canary_frac = 0.0
     for name in audit.attacks:
         try:
-            if name in CAUSAL_ONLY and view.obs.task != "causal_lm":
-                raise NotApplicable(f"{name} decodes left to right through a causal LM; the task is {view.obs.task}")
             result = run_attack(name, view.obs, **_attack_params(audit, name, canary, alphabet, seed))
         except NotApplicable as e:
             log.info("audit: %s not applicable: %s", name, e)
@@ -168,10 +164,10 @@ def run_cell(cfg: Config, cell: dict[str, Any], src: VictimSource | None = None,
         # one base model for every victim: the candidate first-layer inputs (the span attacks' costliest step,
         # a forward pass per vocabulary token) do not depend on the adapter, so the server computes them once
         shared = src.candidates.setdefault(cell["targets"], {}) if src.base is not None else {}
-        view.obs._cache.update(shared)
+        view.obs.adopt(shared)
         views.append(view)
         results.append(attack_view(view, cfg.audit, seed, src))
-        shared.update({k: v for k, v in view.obs._cache.items() if k.startswith("cands:")})
+        shared.update(view.obs.shared_values())
         if on_victim:
             on_victim()
     n = len(results)
