@@ -28,6 +28,17 @@ State = dict[str, torch.Tensor]
 T = TypeVar("T")
 
 
+def config_dropout(model: nn.Module) -> float:
+    """The fraction of a first-block LoRA input's coordinates that dropout zeroes while a client trains, from
+    the public configs: the base model's embedding / hidden dropout (``hidden_dropout_prob``, ``embd_pdrop``)
+    combined with the LoRA dropout, 1 − (1 − p_model)(1 − p_lora). Attention dropout does not reach the inputs."""
+    cfg = getattr(model, "config", None)
+    p_model = max(float(getattr(cfg, key, 0.0) or 0.0) for key in ("hidden_dropout_prob", "embd_pdrop"))
+    p_lora = max((float(m.p) for n, m in model.named_modules() if ".lora_dropout." in n and isinstance(m, nn.Dropout)),
+                 default=0.0)
+    return 1.0 - (1.0 - p_model) * (1.0 - p_lora)
+
+
 class NotApplicable(ValueError):
     """The attack does not apply to this observation (e.g. a span attack on a soft prompt)."""
 
@@ -41,7 +52,9 @@ class Observation:
     from (names as :func:`fedpeft.models.adapter_state`). ``update``: the update as received — a
     single-step gradient (``kind="gradient"``, dL/dθ) or a multi-step delta (``kind="delta"``,
     θ_local − θ_global), possibly compressed or noised. ``history``: earlier (global_state, update)
-    pairs of the same client. The remaining fields are public metadata.
+    pairs of the same client. The remaining fields are public metadata; ``dropout``: the fraction of a
+    first-block LoRA input's coordinates the client's dropout zeroes while it trains (model and LoRA
+    dropout combined, 1 − (1 − p_model)(1 − p_lora); read from the public model and adapter config).
     """
 
     model: nn.Module
@@ -56,6 +69,7 @@ class Observation:
     lr: float = 1.0
     optimizer: str = "sgd"
     task: str = "causal_lm"
+    dropout: float = 0.0
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     _shared: set[str] = field(default_factory=set, repr=False, compare=False)
 
@@ -69,11 +83,12 @@ class Observation:
                    local_steps: int | None = None) -> Observation:
         """The observation of one federated reply: ``delta`` is the decoded update (local − global) as the
         server received it, ``train`` the public :class:`fedpeft.config.TrainSection` of the run,
-        ``history`` earlier (global, decoded delta) pairs of the same client (cross-silo stacking)."""
+        ``history`` earlier (global, decoded delta) pairs of the same client (cross-silo stacking). Clients train
+        with dropout on: ``dropout`` comes from the model's config (:func:`config_dropout`)."""
         return cls(model=model, global_state=global_state, update=delta, kind="delta", history=list(history or []),
                    batch_size=train.batch_size, num_examples=num_examples, seq_len=seq_len,
                    local_steps=local_steps or train.local_steps or 1, lr=train.lr, optimizer=train.optimizer,
-                   task=task)
+                   task=task, dropout=config_dropout(model))
 
     @property
     def token_bound(self) -> int:
