@@ -182,6 +182,9 @@ def run(obs: Observation, channel: str = "auto", rounds: str = "all", bound: int
     else:
         res, k = b_channel_residuals(obs, group, cands, bound, rounds)
     token_scores, pos_scores = scores_from_residuals(res, positional)
+    # the rank budget: stacked rows the test reads (modules sharing the input x rank x rounds) vs bound
+    rows = sum(upd[m.a_name if use == "A" else m.b_name].shape[0 if use == "A" else 1]
+               for _, upd in (obs.updates() if rounds == "all" else obs.updates()[-1:]) for m in group)
     in_bag, pairs, cut = _accepted(res, cands, obs, use, k, bound, positional, threshold)
     bag = in_bag.nonzero().flatten().tolist()
     positions = [(p, v) for p, v in pairs.nonzero().tolist()] if positional else []
@@ -203,6 +206,6 @@ def run(obs: Observation, channel: str = "auto", rounds: str = "all", bound: int
     log.info("span[%s]: %d modules, rank %d, cut %s -> %d tokens", use, len(group), k,
              "statistical" if cut is None else f"{cut:.2e}", len(bag))
     return AttackResult("span", token_scores=token_scores, position_scores=pos_scores, bag=bag, sequences=sequences,
-                        extra={"channel": use, "rank": k, "cut": cut, "positional": positional,
+                        extra={"channel": use, "rank": k, "cut": cut, "positional": positional, "rows": rows,
                                "positions": positions, "consistent": consistent, "dropout": obs.dropout,
                                "modules": [m.path for m in group]})
