@@ -2,7 +2,8 @@
 
 Usage: ``HF_HUB_OFFLINE=1 python benchmarks/bench_grad_match.py [--seeds 3] [--batches 1,2] [--no-append]``
 
-Victims are built here with plain transformers + peft (not fedpeft's victim builders): a 2-layer GPT-2
+Victims are built with plain transformers + peft (``tests/plain_victims.py``, not fedpeft's victim
+builders): a 2-layer GPT-2
 (d=64, 4 heads, random weights, dropout off) over the SmolLM2 tokenizer's vocabulary (49152 tokens),
 LoRA r=8 (alpha 16) on ``c_attn``, in a later-round state (lora_B ~ N(0, 0.02²), so dL/dA ≠ 0). The
 client's batch is B natural English sentences (the first 12 tokens each, drawn per seed from the list
@@ -29,11 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import peft
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from fedpeft.attacks import Observation, run_attack
 from fedpeft.attacks.grad_search import load_prior
@@ -41,7 +41,9 @@ from fedpeft.attacks.metrics import token_prf
 from fedpeft.models import PACKAGED_MODELS, model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the independent victims live there
 from common import append_results, table  # noqa: E402
+from plain_victims import gpt2_lora_gradient  # noqa: E402
 
 SEQ_LEN, RANK, PRIOR = 12, 8, "smollm2-135m"
 SENTENCES = [
@@ -70,28 +72,6 @@ SENTENCES = [
 
 def tokenizer() -> AutoTokenizer:
     return AutoTokenizer.from_pretrained(model_path(PRIOR), gguf_file=PACKAGED_MODELS[PRIOR][2])
-
-
-def victim(vocab: int, batch: torch.Tensor, seed: int) -> Observation:
-    """Tiny GPT-2 + LoRA r=8 (later round), the gradient of ``batch`` as an Observation."""
-    torch.manual_seed(seed)
-    cfg = AutoConfig.for_model("gpt2", vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    base = AutoModelForCausalLM.from_config(cfg)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["c_attn"],
-                                                      lora_dropout=0.0, fan_in_fan_out=True))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0.0, 0.02)
-    model.eval()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    loss = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch).loss
-    grads = torch.autograd.grad(loss, list(params.values()))
-    state = {n: p.detach().clone() for n, p in params.items()}
-    update = {n: g.detach().clone() for n, g in zip(params, grads)}
-    return Observation(model=model, global_state=state, update=update, kind="gradient", batch_size=batch.shape[0],
-                       num_examples=batch.shape[0], seq_len=batch.shape[1])
 
 
 def tag(obs: Observation, iterations: int, alpha: float = 0.01, lr: float = 0.01, seed: int = 0) -> list[int]:
@@ -147,7 +127,7 @@ def main() -> None:
             picks = random.Random(seed * 100 + b).sample(range(len(encoded)), b)
             batch = torch.tensor([encoded[i] for i in picks])
             for name, attack in methods.items():
-                obs = victim(vocab, batch, seed)
+                obs = gpt2_lora_gradient(batch, vocab, seed, RANK)
                 t0 = time.perf_counter()
                 bag = attack(obs, seed)
                 f1 = token_prf(bag, batch.flatten().tolist())["f1"]

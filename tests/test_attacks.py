@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import torch
-from plain_victims import padded_victim
+from plain_victims import classifier_victim, padded_victim
 
 from fedpeft.attacks import ATTACKS, AttackResult, NotApplicable, Observation, run_attack
 from fedpeft.attacks.metrics import ranking_score, summarize, token_prf
@@ -207,6 +207,26 @@ def test_evaluate_runs_every_attack_and_marks_inapplicable_ones() -> None:
     rows = evaluate(obs, truth.input_ids, params={"grad_match": {"iterations": 3}})
     assert set(rows) == set(ATTACKS.names())
     assert rows["span"] == {"applicable": 0.0} and rows["grad_match"]["applicable"] == 1.0
+
+
+def test_span_decode_refuses_a_bidirectional_encoder_but_decodes_a_causal_classifier() -> None:
+    encoder, _ = classifier_victim("bert", seed=0)
+    with pytest.raises(NotApplicable, match="bidirectional"):
+        run_attack("span_decode", encoder)
+    assert "cands:0" not in encoder.shared_values()  # refused before the per-vocabulary forward passes
+    assert run_attack("span", encoder).bag  # the token-local first block is still read
+    decoder, ids = classifier_victim("gpt2", seed=0)
+    assert ids[0].tolist() in run_attack("span_decode", decoder).sequences
+
+
+def test_shared_values_pass_to_another_observation_without_recomputing() -> None:
+    obs, ids, _ = padded_victim(1, seed=0)
+    first = run_attack("span", obs)
+    assert set(obs.shared_values()) == {"cands:0"}  # the working model depends on the adapter: not shared
+    other, _, _ = padded_victim(1, seed=0)
+    other.adopt(obs.shared_values())
+    assert other.memo("cands:0", lambda: pytest.fail("recomputed")) is obs.shared_values()["cands:0"]
+    assert run_attack("span", other).bag == first.bag and len(first.bag) >= 4 and set(first.bag) <= set(ids[0].tolist())
 
 
 def test_canary_rank_counts_ties_as_average_rank() -> None:

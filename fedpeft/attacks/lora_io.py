@@ -111,6 +111,17 @@ def shared_groups(model: nn.Module, layer: int, token_local: bool, vocab: int) -
     return sorted(groups, key=len, reverse=True)
 
 
+def reads_left_to_right(model: nn.Module, path: str, vocab: int) -> bool:
+    """Whether the input of the LoRA module at ``path`` at a position ignores the later tokens (causal
+    attention), probed by changing the last token of a sequence: False for bidirectional encoders (BERT)."""
+    g = torch.Generator().manual_seed(2)
+    probe = torch.randint(5, vocab, (2, 6), generator=g)
+    probe[1, :-1] = probe[0, :-1]
+    probe[1, -1] = 5 + (int(probe[0, -1]) - 4) % (vocab - 5)  # another token at the last position only
+    x = capture_inputs(model, probe, [path])[path]
+    return torch.allclose(x[0, :-1], x[1, :-1], rtol=1e-6, atol=1e-7)
+
+
 @torch.no_grad()
 def token_inputs(model: nn.Module, path: str, vocab: int, seq_len: int,
                  chunk: int = 512) -> tuple[torch.Tensor, bool]:

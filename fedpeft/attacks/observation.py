@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
+T = TypeVar("T")
+
+
+def config_dropout(model: nn.Module) -> float:
+    """The fraction of a first-block LoRA input's coordinates that dropout zeroes while a client trains, from
+    the public configs: the base model's embedding / hidden dropout (``hidden_dropout_prob``, ``embd_pdrop``)
+    combined with the LoRA dropout, 1 − (1 − p_model)(1 − p_lora). Attention dropout does not reach the inputs."""
+    cfg = getattr(model, "config", None)
+    p_model = max(float(getattr(cfg, key, 0.0) or 0.0) for key in ("hidden_dropout_prob", "embd_pdrop"))
+    p_lora = max((float(m.p) for n, m in model.named_modules() if ".lora_dropout." in n and isinstance(m, nn.Dropout)),
+                 default=0.0)
+    return 1.0 - (1.0 - p_model) * (1.0 - p_lora)
 
 
 class NotApplicable(ValueError):
@@ -40,7 +52,9 @@ class Observation:
     from (names as :func:`fedpeft.models.adapter_state`). ``update``: the update as received — a
     single-step gradient (``kind="gradient"``, dL/dθ) or a multi-step delta (``kind="delta"``,
     θ_local − θ_global), possibly compressed or noised. ``history``: earlier (global_state, update)
-    pairs of the same client. The remaining fields are public metadata.
+    pairs of the same client. The remaining fields are public metadata; ``dropout``: the fraction of a
+    first-block LoRA input's coordinates the client's dropout zeroes while it trains (model and LoRA
+    dropout combined, 1 − (1 − p_model)(1 − p_lora); read from the public model and adapter config).
     """
 
     model: nn.Module
@@ -55,7 +69,9 @@ class Observation:
     lr: float = 1.0
     optimizer: str = "sgd"
     task: str = "causal_lm"
+    dropout: float = 0.0
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _shared: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ("gradient", "delta"):
@@ -67,11 +83,12 @@ class Observation:
                    local_steps: int | None = None) -> Observation:
         """The observation of one federated reply: ``delta`` is the decoded update (local − global) as the
         server received it, ``train`` the public :class:`fedpeft.config.TrainSection` of the run,
-        ``history`` earlier (global, decoded delta) pairs of the same client (cross-silo stacking)."""
+        ``history`` earlier (global, decoded delta) pairs of the same client (cross-silo stacking). Clients train
+        with dropout on: ``dropout`` comes from the model's config (:func:`config_dropout`)."""
         return cls(model=model, global_state=global_state, update=delta, kind="delta", history=list(history or []),
                    batch_size=train.batch_size, num_examples=num_examples, seq_len=seq_len,
                    local_steps=local_steps or train.local_steps or 1, lr=train.lr, optimizer=train.optimizer,
-                   task=task)
+                   task=task, dropout=config_dropout(model))
 
     @property
     def token_bound(self) -> int:
@@ -90,17 +107,38 @@ class Observation:
         scale = -1.0 / max(self.lr * self.local_steps, 1e-12)
         return {k: v * scale for k, v in update.items()}
 
+    def memo(self, key: str, compute: Callable[[], T], shared: bool = False) -> T:
+        """``compute()``, once per observation (kept under ``key``). ``shared``: the value depends only on
+        the frozen base model and the adapter's layout (which modules are adapted), not on adapter values or
+        the update, so it may be handed to other observations of the same model (:meth:`shared_values`)."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        if shared:
+            self._shared.add(key)
+        return self._cache[key]
+
+    def shared_values(self) -> dict[str, Any]:
+        """The values memoised with ``shared=True`` (e.g. the span attacks' candidate first-layer inputs,
+        a forward pass per vocabulary token): a server attacking many clients of one base model computes
+        them once and passes them on with :meth:`adopt`."""
+        return {k: self._cache[k] for k in self._shared}
+
+    def adopt(self, values: dict[str, Any]) -> None:
+        """Take over ``shared_values()`` of another observation of the same base model and LoRA targets."""
+        self._cache.update(values)
+        self._shared.update(values)
+
     def working_model(self, dtype: torch.dtype = torch.float64) -> PeftModel:
         """A private copy of the model in ``dtype`` with the global adapter loaded (cached, eval mode)."""
-        key = f"model:{dtype}"
-        if key not in self._cache:
-            from fedpeft.models import set_adapter_state
+        return self.memo(f"model:{dtype}", lambda: self._load(dtype))
 
-            m = copy.deepcopy(self.model).to(dtype)
-            set_adapter_state(m, {k: v.to(dtype) for k, v in self.global_state.items()})
-            m.eval()
-            self._cache[key] = m
-        return self._cache[key]
+    def _load(self, dtype: torch.dtype) -> PeftModel:
+        from fedpeft.models import set_adapter_state
+
+        m = copy.deepcopy(self.model).to(dtype)
+        set_adapter_state(m, {k: v.to(dtype) for k, v in self.global_state.items()})
+        m.eval()
+        return cast("PeftModel", m)
 
 
 @dataclass

@@ -161,10 +161,8 @@ def run_prefix(obs: Observation, rounds: str = "all", bound: int | None = None,
     lay = prefix_layout(model)
     if lay is None:
         raise NotApplicable("prefix span check: not a prefix-tuning adapter with per-layer key/value prefixes")
-    key = "prefix_cands"
-    if key not in obs._cache:
-        obs._cache[key] = candidate_queries(model, lay, model.get_input_embeddings().num_embeddings, obs.seq_len)
-    cands, positional = obs._cache[key]
+    cands, positional = obs.memo("prefix_cands", lambda: candidate_queries(
+        model, lay, model.get_input_embeddings().num_embeddings, obs.seq_len))
     bound = bound or obs.token_bound
     res, k = head_residuals(key_blocks(obs, lay, rounds), cands, bound)
     tok_res = res.min(dim=0).values

@@ -8,6 +8,11 @@ stacked row space. Exact while distinct inputs ≤ modules × rank; beyond that 
 When A's gradient is zero (first round, B = 0) the leak moves to dL/dB, whose rows lie in
 span{A x_t} ⊂ R^r: the same test on projected candidates A·x (discriminates only when tokens < r).
 
+Dropout (``Observation.dropout`` > 0: the client trained with dropout on, at a public rate p): the client's
+inputs are dropped-out copies m ⊙ x / (1 − p) of the candidates, never exactly in their span. The exact test
+becomes a statistical one (:func:`dropout_cut`: a member's residual² is about p), at most batch-size tokens
+per position, and a single example's sentence is chosen jointly (:func:`joint_sequence`).
+
 For a prefix-tuning adapter the same idea runs per attention head on the layer-0 prefix-key gradient,
 whose rows lie in the span of the client's layer-0 queries: see :mod:`fedpeft.attacks.prefix_span`.
 """
@@ -30,24 +35,61 @@ def first_layer(obs: Observation, layer: int = 0) -> tuple[list, torch.Tensor, b
     """The q/k/v-like module group of ``layer`` and its candidate inputs (positions × vocab × d)."""
     model = obs.working_model()
     vocab = model.get_input_embeddings().num_embeddings
-    key = f"cands:{layer}"
-    if key not in obs._cache:
+
+    def compute() -> tuple[list, torch.Tensor, bool]:
         groups = shared_groups(model, layer, token_local=True, vocab=vocab)
         if not groups:
             raise NotApplicable("span attack: no token-local LoRA modules in the first block "
-                             "(is this a LoRA adapter with first-block targets?)")
+                                "(is this a LoRA adapter with first-block targets?)")
         cands, positional = token_inputs(model, groups[0][0].path, vocab, obs.seq_len)
-        obs._cache[key] = (groups[0], cands, positional)
-    return obs._cache[key]
+        return groups[0], cands, positional
+
+    # the first block's token-local inputs do not depend on the adapter: shareable across clients
+    return obs.memo(f"cands:{layer}", compute, shared=layer == 0)
+
+
+def a_channel_basis(obs: Observation, group: list, d: int, bound: int, rounds: str = "all") -> torch.Tensor:
+    """Orthonormal basis (k × d) of the stacked dL/dA rows of ``group`` (every round, or the last)."""
+    pairs = obs.updates() if rounds == "all" else obs.updates()[-1:]
+    rows = torch.cat([upd[m.a_name].to(torch.float64).reshape(-1, d) for _, upd in pairs for m in group])
+    return row_basis(rows, bound)[0]
+
+
+def joint_sequence(res: torch.Tensor, cands: torch.Tensor, basis: torch.Tensor, visible: list[int],
+                   width: int = 20, sweeps: int = 3) -> list[int]:
+    """One token per visible position (a single example), chosen jointly: start from each position's best
+    token, then replace a token by one of its position's ``width`` best or swap two positions' tokens
+    while that makes the chosen inputs explain more of the observed row space (‖Q_Cᵀ basis‖²) net of
+    their own residuals (Σ res², which orders two positions that explain the span equally).
+    Per-position choices alone confuse neighbouring positions of a smooth learned position embedding (a
+    pretrained BERT's): a token is nearly as close to the span one position off as at its own, and
+    dropout hides the difference."""
+    top = torch.topk(-res, min(width, res.shape[1]), dim=-1).indices
+    seq = {p: int(top[p, 0]) for p in visible}
+
+    def explained(choice: dict[int, int]) -> float:
+        x = torch.stack([cands[p, v].to(torch.float64) for p, v in choice.items()])
+        q, _ = torch.linalg.qr(x.T)
+        return float(((basis @ q) ** 2).sum()) - sum(float(res[p, v]) ** 2 for p, v in choice.items())
+
+    best = explained(seq)
+    for _ in range(sweeps):
+        changed = False
+        trials = [{**seq, p: v} for p in visible for v in top[p].tolist()]
+        trials += [{**seq, p: seq[q], q: seq[p]} for i, p in enumerate(visible) for q in visible[i + 1:]]
+        for trial in trials:
+            score = explained(trial)
+            if score > best + 1e-12:
+                seq, best, changed = trial, score, True
+        if not changed:
+            break
+    return [seq[p] for p in visible]
 
 
 def a_channel_residuals(obs: Observation, group: list, cands: torch.Tensor, bound: int,
                         rounds: str = "all") -> tuple[torch.Tensor, int]:
     """Residuals of every candidate against the stacked dL/dA row space (and the rank used)."""
-    pairs = obs.updates() if rounds == "all" else obs.updates()[-1:]
-    rows = torch.cat([upd[m.a_name].to(torch.float64).reshape(-1, cands.shape[-1])
-                      for _, upd in pairs for m in group])
-    basis, _ = row_basis(rows, bound)
+    basis = a_channel_basis(obs, group, cands.shape[-1], bound, rounds)
     if basis.shape[0] == 0:
         return torch.ones(cands.shape[:-1], dtype=torch.float64), 0
     return residuals(cands, basis), basis.shape[0]
@@ -80,13 +122,53 @@ def scores_from_residuals(res: torch.Tensor, positional: bool) -> tuple[torch.Te
     return token.float(), (1.0 - res).float() if positional else None
 
 
+def dropout_cut(cands: torch.Tensor, p: float, z: float = 3.0) -> torch.Tensor:
+    """Per candidate (positions × vocab): the largest residual a batch member has, at ``z`` standard
+    deviations, when the client's dropout zeroed a fraction ``p`` of its input's coordinates.
+
+    The client's input is x̃ = m ⊙ x / (1 − p), so x = (1 − p)·x̃ + (1 − m) ⊙ x: inside the span up to a
+    sparse error whose squared norm, relative to ‖x‖², has mean p and variance p(1 − p)·Σ x_i⁴ / ‖x‖⁴.
+    (A LayerNorm after the dropout, as in GPT-2's first block, rescales x̃; measured, the same bound holds.)
+    """
+    w = cands.to(torch.float64) ** 2
+    w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)
+    return (p + z * (p * (1 - p) * (w ** 2).sum(-1)).sqrt()).sqrt()
+
+
+def _accepted(res: torch.Tensor, cands: torch.Tensor, obs: Observation, use: str, k: int, bound: int,
+              positional: bool, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """Accepted tokens (vocab) and (position, token) pairs, and the token cut (None: statistical test).
+
+    Exact test: the largest gap (:func:`gap_cut`) or ``threshold``. With dropout (``obs.dropout`` > 0, dL/dA)
+    the statistical test :func:`dropout_cut` instead, and at most ``batch_size`` tokens per position (each
+    position holds one token per example).
+    """
+    tok_res = res.min(dim=0).values
+    if not k:
+        none = torch.zeros_like(res, dtype=torch.bool)
+        return none[0], none, 0.0
+    if threshold is None and obs.dropout > 0 and use == "A":
+        pairs = res <= dropout_cut(cands, obs.dropout)
+        if positional:
+            top = torch.topk(-res, min(obs.batch_size, res.shape[1]), dim=-1).indices
+            pairs &= torch.zeros_like(pairs).scatter_(-1, top, True)
+        return pairs.any(0), pairs, None
+    cut = threshold if threshold is not None else gap_cut(tok_res, bound)
+    if not positional:
+        return tok_res < cut, (res < cut), cut
+    pcut = threshold if threshold is not None else gap_cut(res, bound)
+    return tok_res < cut, res < pcut, cut
+
+
 @register_attack("span")
 def run(obs: Observation, channel: str = "auto", rounds: str = "all", bound: int | None = None,
         threshold: float | None = None, layer: int = 0, **_: Any) -> AttackResult:
     """Span check; ``channel`` = "A" (dL/dA), "B" (dL/dB, projected) or "auto" (A unless it is zero).
 
     ``bound``: upper bound on distinct first-layer inputs (default: the public token count).
-    ``threshold``: residual cut for the recovered bag (default: the largest gap, see ``gap_cut``).
+    ``threshold``: residual cut for the recovered bag (default: the largest gap, see ``gap_cut``; with
+    ``obs.dropout`` > 0 the statistical :func:`dropout_cut`). A learned-position model's single example
+    (batch size 1) comes back as a sequence: the accepted token of each position, in order.
     Prefix-tuning observations get the per-head prefix-key check (``channel`` is ignored there).
     """
     if prefix_layout(obs.working_model()) is not None:
@@ -100,16 +182,30 @@ def run(obs: Observation, channel: str = "auto", rounds: str = "all", bound: int
     else:
         res, k = b_channel_residuals(obs, group, cands, bound, rounds)
     token_scores, pos_scores = scores_from_residuals(res, positional)
-    tok_res = res.min(dim=0).values
-    cut = threshold if threshold is not None else (gap_cut(tok_res, bound) if k else 0.0)
-    bag = (tok_res < cut).nonzero().flatten().tolist()
-    positions: list[tuple[int, int]] = []
-    if positional and k:  # (token, position) pairs: only where the pairs themselves separate
-        pcut = threshold if threshold is not None else gap_cut(res, bound)
-        positions = [(p, v) for p, v in (res < pcut).nonzero().tolist()]
-    consistent = [[v for v in bag if float(res[p, v]) < cut] for p in range(res.shape[0])] if positional else []
-    log.info("span[%s]: %d modules, rank %d, cut %.2e -> %d tokens", use, len(group), k, cut, len(bag))
-    return AttackResult("span", token_scores=token_scores, position_scores=pos_scores, bag=bag,
-                        extra={"channel": use, "rank": k, "cut": cut, "positional": positional,
-                               "positions": positions, "consistent": consistent,
+    # the rank budget: stacked rows the test reads (modules sharing the input x rank x rounds) vs bound
+    rows = sum(upd[m.a_name if use == "A" else m.b_name].shape[0 if use == "A" else 1]
+               for _, upd in (obs.updates() if rounds == "all" else obs.updates()[-1:]) for m in group)
+    in_bag, pairs, cut = _accepted(res, cands, obs, use, k, bound, positional, threshold)
+    bag = in_bag.nonzero().flatten().tolist()
+    positions = [(p, v) for p, v in pairs.nonzero().tolist()] if positional else []
+    if cut is None:  # statistical test: the accepted pairs themselves
+        consistent = [sorted(v for q, v in positions if q == p) for p in range(res.shape[0])] if positional else []
+    else:
+        consistent = [[v for v in bag if float(res[p, v]) < cut] for p in range(res.shape[0])] if positional else []
+    sequences = []
+    if positional and obs.batch_size == 1 and positions:
+        visible = [p for p in range(res.shape[0]) if bool(pairs[p].any())]
+        if cut is None:  # statistical test: choose the sentence jointly, it is the bag
+            basis = a_channel_basis(obs, group, cands.shape[-1], bound, rounds)
+            sequences = [joint_sequence(res, cands, basis, visible)]
+            positions = list(zip(visible, sequences[0]))
+            bag = sorted(set(sequences[0]))
+        else:
+            masked = torch.where(pairs, res, torch.inf)
+            sequences = [[int(masked[p].argmin()) for p in visible]]
+    log.info("span[%s]: %d modules, rank %d, cut %s -> %d tokens", use, len(group), k,
+             "statistical" if cut is None else f"{cut:.2e}", len(bag))
+    return AttackResult("span", token_scores=token_scores, position_scores=pos_scores, bag=bag, sequences=sequences,
+                        extra={"channel": use, "rank": k, "cut": cut, "positional": positional, "rows": rows,
+                               "positions": positions, "consistent": consistent, "dropout": obs.dropout,
                                "modules": [m.path for m in group]})

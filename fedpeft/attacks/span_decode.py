@@ -8,6 +8,10 @@ sequence is invisible to every span test (δ = 0 there); for a single-step gradi
 from the label channel: the observed gradient minus everything the known prefix explains equals
 −(1/N)·Σ_i ∇θ logit_{i,L−2}[y_i], matched over the whole vocabulary.
 
+Causal models only: on a bidirectional encoder (BERT, MiniLM) the layer-1 input at a position depends
+on the whole sentence, and the attack raises :class:`NotApplicable` (probed, not read from the task: a
+GPT-2 classifier is decoded like a causal LM).
+
 Padded batches: padding is masked out of attention and out of the loss (label -100), so it adds
 nothing to the gradient, exactly like the last token. A prefix whose extensions all lie far outside
 the span (relative to the residuals of the true extensions so far) has reached the end of its
@@ -24,7 +28,7 @@ from typing import Any
 import torch
 
 from fedpeft.attacks import span
-from fedpeft.attacks.lora_io import capture_inputs, residuals, row_basis, shared_groups
+from fedpeft.attacks.lora_io import capture_inputs, reads_left_to_right, residuals, row_basis, shared_groups
 from fedpeft.attacks.observation import AttackResult, NotApplicable, Observation, register_attack
 
 log = logging.getLogger(__name__)
@@ -190,14 +194,17 @@ def run(obs: Observation, beams: int | None = None, max_cands: int = 64, ratio: 
     """Layer-0 span check, then greedy layer-1 decoding with ``beams`` prefixes (default 2 × batch size);
     the best batch-size sequences are returned, each with its own length (padding is not decoded).
     ``ratio``, ``tau``, ``end_ratio``: see :func:`greedy_decode`."""
-    _, _, positional = span.first_layer(obs)  # LoRA only: NotApplicable before any work otherwise
-    res0 = span.run(obs)
     model = obs.working_model()
     vocab = model.get_input_embeddings().num_embeddings
-    groups = shared_groups(model, 1, token_local=False, vocab=vocab)
-    if not groups:
+    groups = shared_groups(model, 1, token_local=False, vocab=vocab)  # cheap checks first: NotApplicable
+    if not groups:  # before the span attack's forward pass per vocabulary token
         raise NotApplicable("span_decode needs LoRA modules in the second block")
     group = groups[0]
+    if not reads_left_to_right(model, group[0].path, vocab):
+        raise NotApplicable("span_decode decodes left to right: the second block's input at a position depends "
+                            "on later tokens (a bidirectional encoder such as BERT / MiniLM)")
+    _, _, positional = span.first_layer(obs)
+    res0 = span.run(obs)
     rows = torch.cat([upd[m.a_name].to(torch.float64) for _, upd in obs.updates() for m in group])
     basis, _ = row_basis(rows, obs.token_bound)
     cands = _candidates(res0, positional, obs.seq_len, max_cands)

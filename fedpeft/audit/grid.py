@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fedpeft import config
-from fedpeft.attacks.observation import Observation, State
+from fedpeft.attacks.observation import Observation, State, config_dropout
 from fedpeft.audit.victim import Truth, VictimSource, _later_round, victim_source
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import ConfigError, FedPeftError
@@ -298,7 +298,8 @@ def client_view(cfg: config.Config, cell: dict[str, Any], seed: int, src: Victim
 def _observation(model: torch.nn.Module, pairs: list[tuple[State, State]], train: config.TrainSection, b: int,
                  seq_len: int, task: str) -> Observation:
     """The server's observation. A one-step SGD delta at a constant, public lr is −lr·gradient, so the
-    server rescales it to the gradient (what the label channel of ``span_decode`` needs)."""
+    server rescales it to the gradient (what the label channel of ``span_decode`` needs). The client trained
+    with dropout on (``train_local``): its rate, read from the public configs, is part of the observation."""
     single = (train.local_steps == 1 and train.optimizer == "sgd" and train.weight_decay == 0
               and train.schedule == "constant" and train.warmup_steps == 0 and train.lr > 0)
     kind = "gradient" if single else "delta"
@@ -306,4 +307,4 @@ def _observation(model: torch.nn.Module, pairs: list[tuple[State, State]], train
         pairs = [(g, {k: v * (-1.0 / train.lr) for k, v in u.items()}) for g, u in pairs]
     return Observation(model=model, global_state=pairs[-1][0], update=pairs[-1][1], kind=kind, history=pairs[:-1],
                        batch_size=b, num_examples=b, seq_len=seq_len, local_steps=train.local_steps, lr=train.lr,
-                       optimizer=train.optimizer, task=task)
+                       optimizer=train.optimizer, task=task, dropout=config_dropout(model))

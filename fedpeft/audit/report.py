@@ -51,6 +51,9 @@ def legend(cfg: Config) -> str:
         "rounds x steps; `client`: the server's client-level accountant over the stacked rounds). Client-level "
         "DP noise is added *after* averaging, so the server itself sees the un-noised (clipped) update: its "
         "epsilon protects the released model, not the client's reply against this attacker.",
+        "- **budget**: rows/tokens of the span test: the stacked first-block LoRA rows it reads (modules sharing "
+        "the input x rank x stacked rounds) against the public token bound (batch x sequence length); the test is "
+        "exact only while the rows cover the distinct inputs, beyond that it ranks.",
         "- **payload_bytes**: the encoded uplink payload (header + buffer + scales) of the observed round, without "
         "Flower's framing (about 1 kB per reply); **dense_bytes**: the same update as fp32.",
         "- **utility_cos**: utility proxy, not accuracy: cosine between what the server decoded and the same "
@@ -87,7 +90,7 @@ def write(out: Path, cfg: Config, rows: list[dict[str, Any]], victim: str = "") 
     (out / "audit.json").write_text(json.dumps({"victim": victim, "rows": _plain(rows)}, indent=1))
     varying = [k for k in GRID_KEYS if len({str(r[k]) for r in rows}) > 1]
     fixed = {k: rows[0][k] for k in GRID_KEYS if k not in varying} if rows else {}
-    cols = [*varying, "verdict", "best_attack", "token_f1", "rouge2", "exact", "ranking_attack", "top_true",
+    cols = [*varying, "budget", "verdict", "best_attack", "token_f1", "rouge2", "exact", "ranking_attack", "top_true",
             "baseline", "lift", "chance", "hit_pvalue", "canary_exposure", "epsilon", "payload_bytes", "utility_cos"]
 
     def cell(r: dict[str, Any], c: str) -> Any:

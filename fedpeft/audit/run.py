@@ -52,10 +52,8 @@ CANARY_WARN: float = _DEFAULTS.canary_warn  #: warn: canary exposure >= this fra
 CANARY_LEN = 8  #: tokens of the planted canary (the start of the victim's first sequence)
 #: attacks whose token ranking is another attack's (not counted twice in the warn test's Bonferroni factor)
 RANKING_COPIES = {"span_decode": "span", "label_and_canary": "subspace_opt"}
-#: attacks that read sequences left to right through a causal LM (not applicable to encoders)
-CAUSAL_ONLY = ("span_decode",)
 
-COLUMNS = [*GRID_KEYS, "density", "verdict", "best_attack", "token_f1", "token_f1_ci", "rouge2", "exact",
+COLUMNS = [*GRID_KEYS, "density", "budget", "verdict", "best_attack", "token_f1", "token_f1_ci", "rouge2", "exact",
            "ranking_attack", "top_true", "top_true_ci", "baseline", "lift", "chance", "seeds", "hit_pvalue",
            "canary_exposure", "epsilon", "payload_bytes", "dense_bytes", "utility_cos", "seconds"]
 
@@ -111,13 +109,13 @@ def attack_view(view: ClientView, audit: AuditSection, seed: int = 0,
     canary_frac = 0.0
     for name in audit.attacks:
         try:
-            if name in CAUSAL_ONLY and view.obs.task != "causal_lm":
-                raise NotApplicable(f"{name} decodes left to right through a causal LM; the task is {view.obs.task}")
             result = run_attack(name, view.obs, **_attack_params(audit, name, canary, alphabet, seed))
         except NotApplicable as e:
             log.info("audit: %s not applicable: %s", name, e)
             continue
         row = summarize(result, ids)
+        if name == "span" and "rows" in result.extra:
+            row["span_rows"] = float(result.extra["rows"])
         if name == "label_and_canary" and result.extra.get("canaries"):  # the attack's own (tie-aware) rank
             report = result.extra["canaries"][0]
             frac = report["exposure"] / report["max_exposure"]
@@ -135,6 +133,13 @@ def attack_view(view: ClientView, audit: AuditSection, seed: int = 0,
     best_attack = max(per, key=lambda a: (per[a].get("token_f1", 0.0), per[a].get("top_true", 0.0)), default="-")
     return {"per_attack": per, "distinct": distinct, "chance": chance, "baseline": baseline,
             "canary_frac": canary_frac, "best_attack": best_attack, **best}
+
+
+def _budget(results: list[dict[str, Any]], tokens: int) -> str:
+    """The span test's rank budget: ``rows/tokens``, the stacked first-block LoRA rows it reads (modules that
+    share the input × r × rounds) against the public token bound; exact only while rows ≥ distinct inputs."""
+    rows = max((int(r["per_attack"].get("span", {}).get("span_rows", 0)) for r in results), default=0)
+    return f"{rows}/{tokens}" if rows else "-"
 
 
 def lift(top_true: float, baseline: float) -> float:
@@ -168,10 +173,10 @@ def run_cell(cfg: Config, cell: dict[str, Any], src: VictimSource | None = None,
         # one base model for every victim: the candidate first-layer inputs (the span attacks' costliest step,
         # a forward pass per vocabulary token) do not depend on the adapter, so the server computes them once
         shared = src.candidates.setdefault(cell["targets"], {}) if src.base is not None else {}
-        view.obs._cache.update(shared)
+        view.obs.adopt(shared)
         views.append(view)
         results.append(attack_view(view, cfg.audit, seed, src))
-        shared.update({k: v for k, v in view.obs._cache.items() if k.startswith("cands:")})
+        shared.update(view.obs.shared_values())
         if on_victim:
             on_victim()
     n = len(results)
@@ -201,6 +206,7 @@ def run_cell(cfg: Config, cell: dict[str, Any], src: VictimSource | None = None,
                            "per_seed": per_seed,
                            "token_f1_ci": interval(per_seed["token_f1"]),
                            "top_true_ci": interval(per_seed["top_true"]),
+                           "budget": _budget(results, views[-1].obs.token_bound),
                            "canary_exposure": mean["canary_frac"], "epsilon": views[-1].epsilon,
                            "payload_bytes": views[-1].payload_bytes, "dense_bytes": views[-1].dense_bytes,
                            "utility_cos": sum(v.utility_cos for v in views) / n,
