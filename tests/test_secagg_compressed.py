@@ -199,7 +199,7 @@ def test_the_noise_in_the_unmasked_sum_has_the_claimed_distribution(data, plain1
     assert abs(noise.std() / claimed - 1) < 0.03
     assert abs(noise.mean()) < 4 * claimed / np.sqrt(noise.size)
     z = noise / claimed  # a sum of discrete Gaussians: Gaussian shape (excess kurtosis ~ 0, not a Laplace's 3)
-    assert abs(float(np.mean(z**4)) - 3) < 0.3
+    assert abs(float(np.mean(z**4)) - 3) < 0.4  # 4 standard errors at d ~ 9,000; a Laplace would give 6
     assert row["epsilon_distributed"] > 0 and row["noise_multiplier_accounted"] == pytest.approx(1.0)
 
 
@@ -266,3 +266,36 @@ def test_combinations_that_cannot_compose_are_refused_naming_the_choices(data, e
 def test_a_config_with_distributed_dp_loads(data):
     cfg = make_cfg(data, **DDP)
     assert isinstance(cfg, config.Config) and cfg.privacy.mode == "distributed"
+
+
+def test_packed_field_round_trips_and_refuses_a_wrong_length():
+    from fedpeft.compression.secure import pack_field
+    from fedpeft.errors import PayloadError
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, 2**13, 1), rng.integers(0, 2**13, 1001)]
+    packed = pack_field(arrays, 13)
+    assert len(packed) == nbytes_for(1002 * 13)
+    assert all(np.array_equal(a, b) for a, b in zip(unpack_field(packed, [1, 1001], 13), arrays))
+    for bad in (packed[:-1], packed + b"\0"):
+        with pytest.raises(PayloadError, match="packed masked vector"):
+            unpack_field(bad, [1, 1001], 13)
+    with pytest.raises(PayloadError, match="outside"):
+        pack_field([np.array([2**13])], 13)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("clip_norm", 0.0, "clip_norm > 0"),
+    ("server_noise_multiplier", 0.0, "server_noise_multiplier > 0"),
+    ("delta", 0.5, "1/N"),
+])
+def test_check_privacy_refuses_distributed_settings_without_a_guarantee(key, value, match):
+    from dataclasses import replace
+
+    from fedpeft.config import PrivacySection
+    from fedpeft.errors import PrivacyError
+    from fedpeft.privacy import check_privacy
+
+    p = replace(PrivacySection(), mode="distributed", secure_aggregation="secaggplus", **{key: value})
+    with pytest.raises(PrivacyError, match=match):
+        check_privacy(p, num_clients=10, clients_per_round=5, rounds=3, min_local_examples=10)
