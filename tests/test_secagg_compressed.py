@@ -299,3 +299,24 @@ def test_check_privacy_refuses_distributed_settings_without_a_guarantee(key, val
     p = replace(PrivacySection(), mode="distributed", secure_aggregation="secaggplus", **{key: value})
     with pytest.raises(PrivacyError, match=match):
         check_privacy(p, num_clients=10, clients_per_round=5, rounds=3, min_local_examples=10)
+
+
+def test_the_distributed_accountant_resumes_and_the_summary_states_the_guarantee(data):
+    from fedpeft.privacy.server_dp import ServerPrivacy
+    from fedpeft.privacy.statement import guarantee_lines
+
+    cfg = make_cfg(data, **DDP)
+    first = ServerPrivacy(cfg)
+    assert not first.active and first.distributed  # no server noise: the clients add it
+    rows = [first.charge_distributed(0.8), first.charge_distributed(0.8)]
+    meta, tensors = first.state()
+    resumed = ServerPrivacy(cfg)
+    resumed.restore(meta, tensors)
+    again = resumed.charge_distributed(0.8)
+    fresh = ClientLevelAccountant("rdp", "fixed")
+    for _ in range(3):
+        fresh.step(0.8, 1.0)
+    assert again["epsilon_distributed"] == pytest.approx(fresh.epsilon(cfg.privacy.delta))
+    assert rows[1]["epsilon_distributed"] < again["epsilon_distributed"]
+    text = "\n".join(guarantee_lines(cfg, [*rows, again]))
+    assert f"epsilon {again['epsilon_distributed']}" in text and "no amplification by sampling" in text
