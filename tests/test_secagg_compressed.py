@@ -320,3 +320,10 @@ def test_the_distributed_accountant_resumes_and_the_summary_states_the_guarantee
     assert rows[1]["epsilon_distributed"] < again["epsilon_distributed"]
     text = "\n".join(guarantee_lines(cfg, [*rows, again]))
     assert f"epsilon {again['epsilon_distributed']}" in text and "no amplification by sampling" in text
+
+
+def test_a_field_beyond_32_bits_is_refused_naming_the_knobs():
+    from fedpeft.errors import PrivacyError
+
+    with pytest.raises(PrivacyError, match="distributed_grid"):
+        DistributedDP(clip=1.0, dim=10**7, clients=5000, min_survivors=2, noise_multiplier=10.0, grid=4.0)
