@@ -170,14 +170,16 @@ class CompressionSection:
 class PrivacySection:
     """Differential privacy; see ``fedpeft.privacy``."""
 
-    mode: str = option("none", choices=("none", "local", "client", "both"))
+    mode: str = option("none", choices=("none", "local", "client", "both", "distributed"),
+                       help="distributed = each client noises its own update inside SecAgg+ (docs/privacy.md)")
     delta: float = option(1e-5, lo=0.0, hi=1.0)
     accountant: str = option("rdp", choices=("rdp", "prv"))
     noise_multiplier: float = option(1.0, lo=0.0, help="local DP-SGD noise multiplier")
     max_grad_norm: float = option(1.0, lo=0.0, help="local DP-SGD per-example clip")
     target_epsilon: float = option(0.0, lo=0.0, help="local DP-SGD: derive the noise for this epsilon (0 = off)")
-    clip_norm: float = option(1.0, lo=0.0, help="client-level DP: update clip norm C")
-    server_noise_multiplier: float = option(1.0, lo=0.0, help="client-level DP: z (noise std z*C/m)")
+    clip_norm: float = option(1.0, lo=0.0, help="client-level / distributed DP: update clip norm C")
+    server_noise_multiplier: float = option(1.0, lo=0.0, help="client-level DP: z (noise std z*C/m); distributed "
+                                                            "DP: the summed noise std / sensitivity")
     adaptive_clip: bool = option(False, help="quantile-based adaptive clipping")
     target_quantile: float = option(0.5, lo=0.0, hi=1.0)
     clip_lr: float = option(0.2, lo=0.0)
@@ -202,6 +204,14 @@ class PrivacySection:
     secagg_modulus_range: int = option(2**32, lo=4, hi=2**32, help="SecAgg+ mask modulus (a power of 2)")
     secagg_max_weight: float = option(0.0, lo=0.0, help="SecAgg+ largest client weight (num-examples; 0 = the "
                                                       "largest partition; 1 under client-level DP)")
+    secagg_bits: int = option(0, lo=0, hi=16, help="SecAgg+ integer uplink: 2**bits - 1 levels over "
+                                                 "+-secagg_clipping_range, field and wire sized to log2(m * levels) "
+                                                 "bits (0 = dense, secagg_quantization_range / modulus_range)")
+    secagg_keep: float = option(1.0, lo=0.0, lo_open=True, hi=1.0,
+                                help="SecAgg+: fraction of coordinates summed, a random subspace from a per-round "
+                                     "server seed, the same for every client (1 = all)")
+    distributed_grid: float = option(4.0, lo=0.0, lo_open=True, help="distributed DP: integer grid steps per clip "
+                                                                     "norm, per sqrt(elements summed)")
     secagg_timeout: float = option(0.0, lo=0.0, help="seconds to wait in each SecAgg+ stage (0 = "
                                                    "federation.round_timeout)")
 

@@ -58,6 +58,7 @@ def validate(cfg: Config) -> None:
         _validate_split(cfg)
     if cfg.privacy.secure_aggregation == "secaggplus":
         _validate_secagg(cfg)
+    _validate_secure_uplink(cfg)
     if cfg.adversary.attack != "none" or cfg.adversary.fraction or cfg.adversary.clients:
         _validate_adversary(cfg)
 
@@ -135,9 +136,10 @@ def _validate_secagg(cfg: Config) -> None:
 
     p, sa = cfg.privacy, "privacy.secure_aggregation = 'secaggplus'"
     if not make_codec(cfg.compression.uplink).lossless:
-        raise ConfigError(f"{sa} needs compression.uplink = 'none' (got {cfg.compression.uplink!r}): SecAgg+ "
-                          "masks and sums dense integer vectors, so a codec's packed payload cannot be summed and "
-                          "the masked upload is dense whatever the codec (it would only add its error)")
+        raise ConfigError(f"{sa} needs compression.uplink = 'none' (got {cfg.compression.uplink!r}): a codec's "
+                          "packed payload cannot be summed under the masks. To compress the masked upload use the "
+                          "secure integer uplink: privacy.secagg_bits (e.g. 8: stochastic rounding, field of "
+                          "log2(m * levels) bits) and/or privacy.secagg_keep (a shared random subspace)")
     m = cfg.federation.clients_per_round or cfg.data.num_clients
     if m < p.secagg_min_survivors:
         raise ConfigError(f"{sa} needs at least {p.secagg_min_survivors} clients per round "
@@ -155,7 +157,7 @@ def _validate_secagg(cfg: Config) -> None:
                           f"be below privacy.secagg_num_shares = {p.secagg_num_shares:g}")
     if p.secagg_modulus_range & (p.secagg_modulus_range - 1):
         raise ConfigError(f"privacy.secagg_modulus_range = {p.secagg_modulus_range} must be a power of 2")
-    if m * p.secagg_quantization_range >= p.secagg_modulus_range:
+    if p.secagg_bits == 0 and p.mode != "distributed" and m * p.secagg_quantization_range >= p.secagg_modulus_range:
         raise ConfigError(f"privacy.secagg_quantization_range = {p.secagg_quantization_range} x {m} clients per "
                           f"round must stay below privacy.secagg_modulus_range = {p.secagg_modulus_range} "
                           "(the sum would wrap around)")
@@ -164,6 +166,44 @@ def _validate_secagg(cfg: Config) -> None:
     if p.mode in ("client", "both") and p.adaptive_clip and p.secagg_clipping_range < 1:
         raise ConfigError(f"privacy.secagg_clipping_range = {p.secagg_clipping_range:g} must be >= 1 with "
                           "privacy.adaptive_clip (the 0/1 clip indicators are summed securely too)")
+
+
+def _validate_secure_uplink(cfg: Config) -> None:
+    """The secure integer uplink and distributed DP exist only inside SecAgg+, and compose with little else."""
+    p = cfg.privacy
+    secure = p.secure_aggregation == "secaggplus"
+    if p.mode == "distributed":
+        if not secure:
+            raise ConfigError("privacy.mode = 'distributed' needs privacy.secure_aggregation = 'secaggplus' (each "
+                              "client's noise share protects the sum only; without SecAgg+ use privacy.mode = "
+                              "'client' or 'local')")
+        if p.adaptive_clip:
+            raise ConfigError("privacy.mode = 'distributed' uses a fixed clip norm: set privacy.adaptive_clip = "
+                              "false (adaptive clipping works with privacy.mode = 'client')")
+        if p.accountant != "rdp":
+            raise ConfigError(f"privacy.mode = 'distributed' is accounted with RDP (the discrete Gaussian sum's zCDP "
+                              f"bound): set privacy.accountant = 'rdp', not {p.accountant!r}")
+        if p.secagg_bits:
+            raise ConfigError("privacy.mode = 'distributed' sizes its own integer grid and field "
+                              "(privacy.distributed_grid): leave privacy.secagg_bits = 0; privacy.secagg_keep "
+                              "composes with it")
+    if (p.secagg_bits or p.secagg_keep < 1) and not secure:
+        raise ConfigError("privacy.secagg_bits / privacy.secagg_keep shape the SecAgg+ upload: set "
+                          "privacy.secure_aggregation = 'secaggplus', or without it use compression.uplink = "
+                          "'sint:BITS,range=R,keep=F' (the same quantizer in the clear)")
+    if p.mode in ("client", "both") and (p.secagg_bits or p.secagg_keep < 1):
+        raise ConfigError(f"privacy.mode = {p.mode!r} adds the noise on the server after SecAgg+: a coarse "
+                          "privacy.secagg_bits grid or a privacy.secagg_keep subspace rescaled by 1/keep would break "
+                          "its sensitivity bound. Use privacy.mode = 'distributed' (noise on the grid, inside the "
+                          "sum), or privacy.secagg_bits = 0 and privacy.secagg_keep = 1")
+    m = cfg.federation.clients_per_round or cfg.data.num_clients
+    if p.secagg_bits:
+        from fedpeft.compression.secure import field_bits, levels_for
+
+        if field_bits(m, levels_for(p.secagg_bits)) > 32:
+            raise ConfigError(f"privacy.secagg_bits = {p.secagg_bits} with {m} clients per round needs a field of "
+                              f"{field_bits(m, levels_for(p.secagg_bits))} bits; SecAgg+ allows 32: lower "
+                              "privacy.secagg_bits")
 
 
 def _validate_adversary(cfg: Config) -> None:

@@ -16,14 +16,19 @@ objects themselves (what the object store pushes), so reported == sent.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedpeft.compression import Payload
+from fedpeft.compression.secure import field_bits, levels_for
+from fedpeft.config import PrivacySection
 from fedpeft.errors import PayloadError
+from fedpeft.privacy.distributed import DistributedDP
 
 TRAIN = "train"
 GLOBAL, CONFIG, UPDATE, METRICS = "global", "config", "update", "metrics"
@@ -161,3 +166,44 @@ def parse_reply(content: RecordDict) -> tuple[Payload, dict[str, float]]:
 PAYLOAD_TYPE = "fedpeft.payload"  # tensor_type of the legacy Parameters that carry our packed payload
 DP_FLAG, WEIGHT_CAP, SLACK = "secagg-dp", "secagg-max-weight", "secagg-clip-slack"  # fit-config keys
 HIDDEN_METRICS = ("clip-indicator", "update-norm")  # per-client values that must not travel in the clear
+SUBSPACE_SEED = "secagg-subspace-seed"  # fit-config key: the round's shared random subspace
+
+
+@dataclass(frozen=True)
+class SecureField:
+    """How an update enters SecAgg+'s field; both apps derive it from the run config (nothing negotiated)."""
+
+    clipping_range: float  # Flower clips each element to +-this
+    quantization_range: int  # Flower's steps over [-clipping_range, clipping_range]
+    modulus_range: int  # the field: masks and sums are mod this
+    packed: bool  # masked elements travel at log2(modulus_range) bits, not as int64 arrays
+    keep: float  # fraction of coordinates summed (a per-round shared subspace)
+    width: int  # elements each client sums (subspace size, + the clip indicator under adaptive clipping)
+    ddp: DistributedDP | None  # distributed DP: integer grid and noise shares
+
+    @property
+    def bits(self) -> int:
+        """Bits per masked element."""
+        return (self.modulus_range - 1).bit_length()
+
+
+def packs_masked(p: PrivacySection) -> bool:
+    """Masked vectors travel bit-packed (secure integer uplink or distributed DP); dense SecAgg+ as Flower sends."""
+    return p.secagg_bits > 0 or p.secagg_keep < 1 or p.mode == "distributed"
+
+
+def secure_field(p: PrivacySection, total: int, clients: int) -> SecureField:
+    """The SecAgg+ field for ``total`` adapter elements and at most ``clients`` updates per sum."""
+    k = total if p.secagg_keep >= 1 else max(1, math.ceil(p.secagg_keep * total))
+    packed = packs_masked(p)
+    if p.mode == "distributed":
+        ddp = DistributedDP(clip=p.clip_norm, dim=k, clients=clients, min_survivors=p.secagg_min_survivors,
+                            noise_multiplier=p.server_noise_multiplier, grid=p.distributed_grid)
+        return SecureField(float(ddp.half_range), ddp.levels, 2**ddp.modulus_bits, True, p.secagg_keep, k, ddp)
+    width = k + (1 if p.mode in ("client", "both") else 0)
+    if p.secagg_bits:
+        levels = levels_for(p.secagg_bits)
+        return SecureField(p.secagg_clipping_range, levels, 2 ** field_bits(clients, levels), True, p.secagg_keep,
+                           width, None)
+    return SecureField(p.secagg_clipping_range, p.secagg_quantization_range, p.secagg_modulus_range, packed,
+                       p.secagg_keep, width, None)

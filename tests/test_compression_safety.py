@@ -144,9 +144,15 @@ def check_compeft(c: Codec, x: np.ndarray, d: np.ndarray, lay: Layout, pl: Paylo
             assert pl.scales[t] == pytest.approx(ref, rel=1e-5)
 
 
+def check_sint(c: Codec, x: np.ndarray, d: np.ndarray, lay: Layout, pl: Payload) -> None:
+    r, step = c.params.range, 2 * c.params.range / (2**c.params.bits - 2)
+    target = np.clip(x.astype(np.float64), -r, r)
+    assert np.all(np.abs(d - target) <= step * (1 + 1e-4) + 1e-6 * r)  # one grid step of the clipped value
+
+
 CHECKS: dict[str, Callable[..., None]] = {
     "none": check_none, "fp16": check_fp16, "bf16": check_bf16, "int8": check_int8, "sign": check_sign,
-    "qsgd": check_qsgd, "topk": check_topk, "compeft": check_compeft,
+    "qsgd": check_qsgd, "topk": check_topk, "compeft": check_compeft, "sint": check_sint,
 }
 
 

@@ -8,7 +8,7 @@ Pure numpy/torch (no Flower). Typical use::
     decoded = codec.decode(Payload.from_arrays(arrays), layout)  # PayloadError if anything is off
 """
 
-from fedpeft.compression import compeft, dense, qsgd, sign, topk  # noqa: F401  (register the codecs)
+from fedpeft.compression import compeft, dense, qsgd, secure, sign, topk  # noqa: F401  (register the codecs)
 from fedpeft.compression.base import CODECS, Codec, codec_names, make_codec, register_codec
 from fedpeft.compression.bits import entropy_bound_bits
 from fedpeft.compression.feedback import ErrorFeedback

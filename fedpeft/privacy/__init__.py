@@ -4,6 +4,8 @@
   adaptive clipping. Pure torch.
 - :mod:`.server_dp` -- :class:`ServerPrivacy`: the server's client-level DP mechanism (sampling, clip,
   fixed denominator, noise, accountant), Flower-free so that the epsilon audit runs the same object.
+- :mod:`.distributed` -- distributed DP: clip, integer grid, discrete Gaussian shares inside SecAgg+,
+  the field size and the noise multiplier the accountant charges.
 - :mod:`.sampling` -- Poisson / fixed-size client sampling over the eligible clients, with the rate to charge.
 - :mod:`.accounting` -- :class:`ClientLevelAccountant` (RDP / PRV with amplification by sampling; the
   replace-one bound for fixed-size sampling).

@@ -68,6 +68,12 @@ def check_privacy(cfg: PrivacySection, num_clients: int, clients_per_round: int,
             raise PrivacyError("privacy.noise_multiplier = 0 with DP-SGD on gives no privacy (epsilon = "
                                "infinity): set privacy.noise_multiplier > 0 or privacy.target_epsilon > 0")
 
+    if cfg.mode == "distributed":
+        if not (cfg.clip_norm > 0 and cfg.server_noise_multiplier > 0):
+            raise PrivacyError("privacy.mode = 'distributed' needs privacy.clip_norm > 0 (the sensitivity) and "
+                               "privacy.server_noise_multiplier > 0 (the summed noise; 0 gives epsilon = infinity)")
+        _check_delta(cfg.delta, num_clients, "number of clients, client-level (distributed) DP")
+
     if cfg.mode in ("client", "both"):
         if cfg.client_sampling == "fixed" and cfg.accountant != "rdp":
             raise PrivacyError("privacy.client_sampling = 'fixed' is accounted with RDP only (the replace-one bound "

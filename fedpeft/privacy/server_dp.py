@@ -36,7 +36,10 @@ class ServerPrivacy:
         self.sampling = p.client_sampling if self.active else "fixed"
         self.expected = float(self.planned)  # this round's expected size (the fixed denominator)
         self.sample_rate = self.planned / cfg.data.num_clients  # this round's rate (set by sample())
-        self.accountant = ClientLevelAccountant(p.accountant, self.sampling if self.active else "poisson")
+        #: distributed DP (noise added by the clients inside SecAgg+): charged per round by charge_distributed
+        self.distributed = p.mode == "distributed"
+        self.accountant = ClientLevelAccountant(p.accountant, self.sampling if self.active or self.distributed
+                                                else "poisson")
         #: a test-only hook: the noise actually added is divided by this (the epsilon audit must catch it)
         self.noise_divisor = 1.0
         self.clipper = (AdaptiveClipper(p.clip_norm, expected_clients=self.planned,
@@ -90,6 +93,13 @@ class ServerPrivacy:
             self.clipper.update(indicators, self.generator)
         return {"epsilon_client": self.accountant.epsilon(self.cfg.delta), "clip_norm": used_clip,
                 "sample_rate": self.sample_rate}
+
+    def charge_distributed(self, noise_multiplier: float) -> dict[str, float]:
+        """Distributed DP: charge one round at the weakest released sum's noise multiplier, sampling rate 1
+        (the server picks and sees who is in the sum: no amplification against it), replace-one relation."""
+        self.accountant.step(noise_multiplier, 1.0)
+        return {"epsilon_distributed": self.accountant.epsilon(self.cfg.delta),
+                "noise_multiplier_accounted": noise_multiplier}
 
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """JSON state and tensor state (the noise generator) for the checkpoint."""

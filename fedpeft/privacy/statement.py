@@ -25,6 +25,14 @@ def guarantee_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"  - client level (unit: a client's whole data): epsilon {eps if eps is not None else 'n/a'}"
                      f" against anyone who sees the global adapters; neighbouring federations: {relation}. The "
                      "server itself sees each decoded update (use SecAgg+ or local DP against the server)")
+    if p.mode == "distributed":
+        eps = rows[-1].get("epsilon_distributed") if rows else None
+        shown = eps if eps is not None else "n/a"
+        lines.append(f"  - client level (unit: a client's whole data), distributed: epsilon {shown} against the "
+                     "server and anyone after it. Each client clips to C, rounds onto an integer grid and adds a "
+                     "discrete Gaussian share inside SecAgg+; any privacy.secagg_min_survivors shares give the sum "
+                     "the accounted noise; replace-one relation, no amplification by sampling (the server picks "
+                     "the clients). Colluding clients that reveal their shares are not covered")
     if p.mode in ("local", "both"):
         lines.append("  - record level (unit: one training example), DP-SGD on each client: each client's update is "
                      "private against the server; each client's epsilon depends on its data size and stays on the "

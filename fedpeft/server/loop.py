@@ -286,6 +286,8 @@ class FederatedServer:
         """Privacy metrics: client-level DP is charged every round (the noisy release happens whatever
         arrived); local DP-SGD reports the largest client epsilon."""
         row = self.privacy.end_round(replies.clip_indicators) if self.privacy.active else {}
+        if self.secagg is not None and self.secagg.ddp is not None:  # charged whether or not the sum was released
+            row.update(self.privacy.charge_distributed(self.secagg.ddp.accounted_noise_multiplier))
         if replies.local_epsilons:
             row["epsilon_local"] = max(replies.local_epsilons)
         return row

@@ -17,6 +17,15 @@ own (lossless) payload and answers a legacy ``FitRes`` holding one flat float64 
 0/1 clip indicator under adaptive clipping). Flower's mod weights it, quantizes, masks it and clears it
 from the reply, so the server only ever receives masked integers.
 
+**Compressed uplink** (``privacy.secagg_bits``, ``privacy.secagg_keep``, distributed DP): the field is
+sized to what the sum can reach (:func:`fedpeft.protocol.secure_field`), clients keep the coordinates of
+the round's shared subspace (the server's per-round seed travels in the instruction), and each masked
+element travels at ``log2(modulus)`` bits (:func:`fedpeft.compression.secure.pack_field`): the grid
+unpacks them into Flower's arrays before the workflow sums them. A malformed packed vector becomes that
+client's error reply, so the workflow drops that client (its masks are reconstructed) and the round goes on.
+Under distributed DP (:mod:`fedpeft.privacy.distributed`) the clients' vectors are noised integers on
+Flower's grid with a quantization step of exactly 1, so the unmasked sum is their exact integer sum.
+
 **Weights.** FedAvg weights by ``num-examples``: Flower's mod multiplies the vector by
 ``w / max_weight`` (quantized) before masking and sums that factor as an extra element, and the
 workflow divides by it. Under client-level DP every weight is 1 (the DP average is uniform with the
@@ -36,8 +45,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.common import FitIns, Parameters, parameters_to_ndarrays
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common import FitIns, Parameters, ndarray_to_bytes, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -49,14 +59,14 @@ from flwr.serverapp import Grid
 
 from fedpeft import protocol
 from fedpeft.compression import Layout
+from fedpeft.compression.secure import subspace, unpack_field
 from fedpeft.config import Config
 from fedpeft.errors import PayloadError
 from fedpeft.models import AdapterState
-from fedpeft.protocol import DP_FLAG, PAYLOAD_TYPE, SLACK, WEIGHT_CAP
+from fedpeft.protocol import DP_FLAG, PAYLOAD_TYPE, SLACK, SUBSPACE_SEED, WEIGHT_CAP, SecureField
 from fedpeft.server.replies import UP_KEYS, ClientReply, RoundReplies
 
 log = logging.getLogger(__name__)
-
 
 
 def _shares(value: float) -> int | float:
@@ -115,8 +125,8 @@ def _copy_records(content: RecordDict) -> RecordDict:
 class _WireGrid(Grid):
     """Delegates to the round's grid; copies what it sends, counts serialized bytes per stage."""
 
-    def __init__(self, inner: Grid, result: SecureRound) -> None:
-        self.inner, self.result = inner, result
+    def __init__(self, inner: Grid, result: SecureRound, field: SecureField) -> None:
+        self.inner, self.result, self.field = inner, result, field
 
     def set_run(self, run: Any) -> None:
         self.inner.set_run(run)
@@ -139,8 +149,9 @@ class _WireGrid(Grid):
         return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        sent, stage = [], "?"
+        sent, stage, originals = [], "?", {}
         for msg in messages:
+            originals[msg.metadata.dst_node_id] = msg
             stage = str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
             self.result.bytes_down[stage] = self.result.bytes_down.get(stage, 0) + protocol.record_bytes(msg.content)
             sent.append(Message(_copy_records(msg.content), msg.metadata.dst_node_id, msg.metadata.message_type,
@@ -148,12 +159,35 @@ class _WireGrid(Grid):
         t0 = time.perf_counter()
         replies = list(self.inner.send_and_receive(sent, timeout=timeout))
         self.result.seconds[stage] = round(time.perf_counter() - t0, 3)
+        out = []
         for reply in replies:
             if not reply.has_error():
                 self.result.bytes_up[stage] = self.result.bytes_up.get(stage, 0) + protocol.record_bytes(reply.content)
-            else:
+                if self.field.packed:
+                    reply = self._unpacked(reply, originals.get(reply.metadata.src_node_id))
+            if reply.has_error():
                 log.warning("SecAgg+ %s: node %s failed: %s", stage, reply.metadata.src_node_id, reply.error.reason)
-        return replies
+            out.append(reply)
+        return out
+
+    def _unpacked(self, reply: Message, original: Message | None) -> Message:
+        """A packed masked vector as Flower's two int64 arrays (factor, vector); malformed: an error reply."""
+        stage_reply = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        if stage_reply is None or Key.MASKED_PARAMETERS not in stage_reply:
+            return reply
+        if original is None:
+            raise PayloadError(f"masked vector from node {reply.metadata.src_node_id}, which was sent nothing")
+        try:
+            packed = stage_reply[Key.MASKED_PARAMETERS]
+            if not (isinstance(packed, list) and len(packed) == 1 and isinstance(packed[0], bytes)):
+                raise PayloadError("expected one packed byte string of masked parameters")
+            arrays = unpack_field(packed[0], [1, self.field.width], self.field.bits)
+        except PayloadError as e:
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"malformed masked vector: {e}"),
+                           reply_to=original)
+        content = _copy_records(reply.content)  # what was received stays as received
+        content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in arrays]
+        return Message(content, reply_to=original)
 
 
 class _RoundStrategy(Strategy):
@@ -225,16 +259,20 @@ class SecureAggregator:
         self.client_dp = p.mode in ("client", "both")
         self.adaptive = self.client_dp and p.adaptive_clip
         self.min_survivors = p.secagg_min_survivors
-        self.width = layout.total + (1 if self.client_dp else 0)  # + the clip indicator
-        self.max_weight = 1.0 if self.client_dp else float(p.secagg_max_weight or max(1, max_partition))
+        self.field = protocol.secure_field(p, layout.total, cfg.federation.clients_per_round or cfg.data.num_clients)
+        self.ddp = self.field.ddp
+        self.width = self.field.width  # elements summed (+ the clip indicator)
+        uniform = self.client_dp or self.ddp is not None
+        self.max_weight = 1.0 if uniform else float(p.secagg_max_weight or max(1, max_partition))
         timeout = p.secagg_timeout or cfg.federation.round_timeout
+        f = self.field
         self.workflow = _SecAggPlus(
             num_shares=_shares(p.secagg_num_shares),
             reconstruction_threshold=_shares(p.secagg_reconstruction_threshold),
-            max_weight=self.max_weight, clipping_range=p.secagg_clipping_range,
-            quantization_range=p.secagg_quantization_range, modulus_range=p.secagg_modulus_range,
+            max_weight=self.max_weight, clipping_range=f.clipping_range,
+            quantization_range=f.quantization_range, modulus_range=f.modulus_range,
             timeout=timeout or None)
-        self.slack = rounding_slack(self.width, p.secagg_clipping_range, p.secagg_quantization_range)
+        self.slack = rounding_slack(self.width, f.clipping_range, f.quantization_range)
         if self.client_dp and self.slack >= 0.1 * p.clip_norm:
             log.warning("SecAgg+ rounding can add up to %.3g to an update's norm (clip norm %.3g): raise "
                         "privacy.secagg_quantization_range", self.slack, p.clip_norm)
@@ -242,8 +280,9 @@ class SecureAggregator:
     def run_round(self, grid: Grid, contents: dict[int, RecordDict], rnd: int) -> RoundReplies:
         """Drive the four SecAgg+ stages for the sampled nodes (keys of ``contents``)."""
         result = SecureRound()
-        wire = _WireGrid(grid, result)
-        extra = {DP_FLAG: self.client_dp, WEIGHT_CAP: self.max_weight, SLACK: self.slack}
+        wire = _WireGrid(grid, result, self.field)
+        seed = int(np.random.default_rng([self.cfg.run.seed, 0x5ECA, rnd]).integers(2**31))  # public, resumable
+        extra = {DP_FLAG: self.client_dp, WEIGHT_CAP: self.max_weight, SLACK: self.slack, SUBSPACE_SEED: seed}
         strategy = _RoundStrategy(contents, wire, extra, result, self.width)
         state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd}),
                             MAIN_PARAMS_RECORD: ArrayRecord()})
@@ -262,13 +301,24 @@ class SecureAggregator:
             result.failure = result.failure or "SecAgg+ halted (too few nodes or shares left; see the log)"
             log.warning("round %d: %s", rnd, result.failure)
             return result.replies(contents)
-        vec = strategy.vector
+        vec = self._expand(strategy.vector, len(result.nodes), seed)
         result.mean = {name: torch.from_numpy(vec[lo:hi].reshape(shape).astype(np.float32))
                        for name, shape, lo, hi in zip(self.layout.names, self.layout.shapes,
                                                       self.layout.offsets[:-1], self.layout.offsets[1:])}
         if self.adaptive:
             result.indicator_sum = float(vec[-1]) * len(result.nodes)
         return result.replies(contents)
+
+    def _expand(self, vec: np.ndarray, n: int, seed: int) -> np.ndarray:
+        """The unmasked mean in adapter coordinates: distributed DP's exact integer sum times the grid step,
+        the subspace put back in place and scaled by 1 / keep (unbiased; post-processing of the sum)."""
+        if self.ddp is not None:
+            vec = np.rint(vec * n) * (self.ddp.scale / n)
+        if self.field.keep >= 1:
+            return vec
+        out = np.zeros(self.layout.total, np.float64)  # keep < 1 never carries the clip indicator
+        out[subspace(seed, self.layout.total, self.field.keep)] = vec / self.field.keep
+        return out
 
 
 def indicators_from_sum(total: float | None, n: int) -> list[float]:

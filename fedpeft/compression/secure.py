@@ -1,0 +1,119 @@
+"""Integer codecs that sum inside SecAgg+'s field, and the plain ``sint`` codec they are compared with.
+
+Secure aggregation adds masked integers modulo ``M``; any codec whose values are integers on a grid
+shared by every client sums there. :func:`field_bits` sizes the field for ``m`` clients of ``levels``
+steps each (no wrap-around is possible: ``m * levels < M``), :func:`pack_field` / :func:`unpack_field`
+put each masked element on the wire at exactly ``log2(M)`` bits instead of Flower's int64, and
+:func:`subspace` draws the coordinates every client of a round keeps (the same ones, from the server's
+per-round seed, so masks and positions line up).
+
+``sint:b,range=r[,keep=f]`` is the same quantizer without secure aggregation: each element is clipped
+to ``+-r`` and rounded stochastically (unbiased inside the range) onto ``2**b - 1`` points (``2**b - 2``
+steps, 0 included, as Flower's SecAgg+ quantizer with ``quantization_range = 2**b - 2`` does), packed at
+``b`` bits; ``keep < 1`` keeps a random subspace of that fraction (its seed is in the header, no
+positions travel) and the decoder scales it by ``1 / keep``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedpeft.compression.base import Codec, Encoded, register_codec
+from fedpeft.compression.bits import nbytes_for, pack_uint, unpack_uint
+from fedpeft.compression.payload import Layout, require
+from fedpeft.errors import PayloadError
+from fedpeft.fields import option
+
+_EMPTY = np.zeros(0, np.uint8)
+_SEED_BOUND = 2**31  # header fields are int64; seeds stay positive and small
+
+
+def levels_for(bits: int) -> int:
+    """Quantization steps of a ``bits``-bit symmetric grid: ``2**bits - 1`` points, 0 among them."""
+    return 2**bits - 2
+
+
+def field_bits(clients: int, levels: int) -> int:
+    """Bits of the smallest power-of-2 modulus M with ``clients * levels < M`` (the sum never wraps)."""
+    return max(1, math.ceil(math.log2(clients * levels + 1)))
+
+
+def subspace(seed: int, total: int, keep: float) -> np.ndarray:
+    """The sorted coordinates a round keeps: ``ceil(keep * total)`` of ``total``, drawn from ``seed``."""
+    if keep >= 1.0:
+        return np.arange(total)
+    k = max(1, math.ceil(keep * total))
+    return np.sort(np.random.default_rng(seed).permutation(total)[:k])
+
+
+def stochastic_round(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Round each element down or up with probabilities that make ``E[result] = x`` (int64)."""
+    low = np.floor(x)
+    return (low + (rng.random(x.shape) < (x - low))).astype(np.int64)
+
+
+def pack_field(values: list[np.ndarray], bits: int) -> bytes:
+    """Flower's masked arrays (int64 in ``[0, 2**bits)``) as one byte string, ``bits`` bits per element."""
+    flat = np.concatenate([np.asarray(v, dtype=np.int64).ravel() for v in values])
+    if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise PayloadError(f"masked values outside [0, 2**{bits})")
+    return pack_uint(flat, bits).tobytes()
+
+
+def unpack_field(data: bytes, sizes: list[int], bits: int) -> list[np.ndarray]:
+    """Inverse of :func:`pack_field` for arrays of ``sizes`` elements; :class:`PayloadError` on a bad length."""
+    n = sum(sizes)
+    require(len(data) == nbytes_for(n * bits), f"packed masked vector has {len(data)} bytes, expected "
+                                               f"{nbytes_for(n * bits)} for {n} elements of {bits} bits")
+    flat = unpack_uint(np.frombuffer(data, np.uint8), n, bits, "masked vector")
+    bounds = np.cumsum([0, *sizes])
+    return [flat[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclass(frozen=True)
+class SintParams:
+    """Stochastic integer quantizer configuration."""
+
+    bits: int = option(8, lo=2, hi=16, help="bits per element (2**bits - 1 grid points)")
+    range: float = option(0.01, lo=0.0, lo_open=True, help="elements are clipped to +-range")
+    keep: float = option(1.0, lo=0.0, lo_open=True, hi=1.0,
+                         help="fraction of coordinates kept (a seeded random subspace)")
+
+
+@register_codec("sint")
+class SintCodec(Codec):
+    """Clip to ``+-range``, stochastic rounding onto ``2**bits - 1`` points; SecAgg+'s integer grid in the clear."""
+
+    codec_id = 9
+    Params = SintParams
+    n_fields = 2  # bits, subspace seed
+
+    def _encode(self, flat: np.ndarray, layout: Layout, rng: np.random.Generator | None,
+                fisher: np.ndarray | None) -> Encoded:
+        p = self.params
+        rng = np.random.default_rng() if rng is None else rng
+        seed = int(rng.integers(_SEED_BOUND))
+        x = flat[subspace(seed, flat.size, p.keep)].astype(np.float64)
+        steps = levels_for(p.bits)
+        q = stochastic_round((np.clip(x, -p.range, p.range) + p.range) * (steps / (2 * p.range)), rng)
+        return [p.bits, seed], _EMPTY, pack_uint(np.clip(q, 0, steps), p.bits), None
+
+    def _decode(self, fields: tuple[int, ...], positions: np.ndarray, values: np.ndarray,
+                scales: np.ndarray, layout: Layout) -> np.ndarray:
+        p = self.params
+        bits, seed = fields
+        require(bits == p.bits, f"sint payload has {bits} bits, this decoder {p.bits}")
+        require(0 <= seed < _SEED_BOUND, f"sint subspace seed {seed} out of range")
+        require(positions.size == 0 and scales.size == 0, "sint payload carries positions or scales")
+        idx = subspace(seed, layout.total, p.keep)
+        require(values.size == nbytes_for(idx.size * bits), f"sint values: {values.size} bytes for {idx.size} "
+                                                            f"elements of {bits} bits")
+        steps = levels_for(bits)
+        q = unpack_uint(values, idx.size, bits, "sint levels")
+        require(idx.size == 0 or int(q.max()) <= steps, f"sint level above {steps}")
+        out = np.zeros(layout.total, np.float64)
+        out[idx] = (q * (2 * p.range / steps) - p.range) / p.keep
+        return out.astype(np.float32)
