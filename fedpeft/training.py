@@ -124,7 +124,7 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor], per_example_mean: bo
     tokens of the batch, which couples examples and breaks per-example clipping)."""
     out = model(**batch)
     if per_example_mean and "logits" in out and out.logits.dim() == 3:
-        from fedpeft.privacy import causal_lm_loss
+        from fedpeft.privacy.dpsgd import causal_lm_loss
 
         return causal_lm_loss(out.logits, batch["labels"])
     return out.loss
