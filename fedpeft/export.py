@@ -45,6 +45,7 @@ HEAD_FILE = "pooling_head.safetensors"
 SPLIT_CLIENT_FILE = "client_side.safetensors"  # a remote split run: only the client's part of the adapter
 MERGEABLE = ("lora", "ia3")
 OWN_PREFIX = "base_model.model.encoder."  # where fedpeft's pooling head keeps the backbone
+OWN_HEAD = "base_model.model.classifier."  # and its linear layer
 
 
 def base_reference(cfg: ModelSection) -> str | None:
@@ -67,8 +68,36 @@ def _arch_prefix(head: models.MeanPoolClassifier) -> str:
     return f"base_model.model.{head.encoder.base_model_prefix}."
 
 
+def _arch_head(head: models.MeanPoolClassifier) -> tuple[str, bool]:
+    """The name of the architecture's own classification head (``classifier`` in BERT, ``score`` in decoders)
+    and whether it has a bias, from the ``AutoModelForSequenceClassification`` class built on the meta device."""
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        arch = AutoModelForSequenceClassification.from_config(head.config)
+    name = "score" if isinstance(getattr(arch, "score", None), nn.Linear) else "classifier"
+    return name, getattr(getattr(arch, name, None), "bias", None) is not None
+
+
 def _rename(tensors: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
     return {(new + k[len(old):] if k.startswith(old) else k): v for k, v in tensors.items()}
+
+
+def _to_arch_layout(tensors: dict[str, torch.Tensor], head: models.MeanPoolClassifier) -> dict[str, torch.Tensor]:
+    """fedpeft's tensor names -> the architecture's: the backbone under its prefix, the linear head under the
+    architecture's head name (without a bias where that has none; ``pooling_head.safetensors`` keeps it)."""
+    name, bias = _arch_head(head)
+    tensors = _rename(_rename(tensors, OWN_PREFIX, _arch_prefix(head)), OWN_HEAD, f"base_model.model.{name}.")
+    return {k: v for k, v in tensors.items() if bias or k != f"base_model.model.{name}.bias"}
+
+
+def _from_arch_layout(tensors: dict[str, torch.Tensor], head: models.MeanPoolClassifier,
+                      head_file: Path) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_to_arch_layout`, the linear head taken from ``head_file``."""
+    name, _ = _arch_head(head)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(f"base_model.model.{name}.")}
+    return {**_rename(tensors, _arch_prefix(head), OWN_PREFIX),
+            **{OWN_HEAD + k: v for k, v in load_file(str(head_file)).items()}}
 
 
 def save_run_adapter(model: PeftModel, state: models.AdapterState, directory: Path, cfg: Config,
@@ -84,8 +113,7 @@ def save_run_adapter(model: PeftModel, state: models.AdapterState, directory: Pa
     head = _pooling_head(model)
     if head is not None:
         weights = directory / WEIGHTS_FILE
-        renamed = _rename(load_file(str(weights)), OWN_PREFIX, _arch_prefix(head))
-        save_file(renamed, str(weights), metadata={"format": "pt"})
+        save_file(_to_arch_layout(load_file(str(weights)), head), str(weights), metadata={"format": "pt"})
         _save_head(head, directory / HEAD_FILE, model.active_adapter)
     if cfg.model.task == "classification":
         (directory / LABELS_FILE).write_text(json.dumps(label_kwargs(label_names), indent=2) + "\n")
@@ -127,7 +155,7 @@ def load_run_model(run_dir: Path) -> tuple[Config, PeftModel]:
     weights = load_file(str(adapter / WEIGHTS_FILE))
     head = _pooling_head(model)
     if head is not None:
-        weights = _rename(weights, _arch_prefix(head), OWN_PREFIX)
+        weights = _from_arch_layout(weights, head, adapter / HEAD_FILE)
     result: Any = set_peft_model_state_dict(model, weights)
     if result.unexpected_keys:
         raise ModelError(f"the adapter in {adapter} does not fit the run's model: unexpected "
