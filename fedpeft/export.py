@@ -20,7 +20,6 @@ model directory that plain transformers load.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -35,8 +34,6 @@ from fedpeft.errors import FedPeftError, ModelError
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -70,11 +67,15 @@ def _arch_prefix(head: models.MeanPoolClassifier) -> str:
 
 def _arch_head(head: models.MeanPoolClassifier) -> tuple[str, bool]:
     """The name of the architecture's own classification head (``classifier`` in BERT, ``score`` in decoders)
-    and whether it has a bias, from the ``AutoModelForSequenceClassification`` class built on the meta device."""
+    and whether it has a bias, from the ``AutoModelForSequenceClassification`` class built on the meta device.
+    An architecture without one keeps fedpeft's names: a finished run must not fail at its last step."""
     from transformers import AutoModelForSequenceClassification
 
-    with torch.device("meta"):
-        arch = AutoModelForSequenceClassification.from_config(head.config)
+    try:
+        with torch.device("meta"):
+            arch = AutoModelForSequenceClassification.from_config(head.config)
+    except ValueError:  # no such class for this architecture: nothing to match, keep fedpeft's names
+        return "classifier", True
     name = "score" if isinstance(getattr(arch, "score", None), nn.Linear) else "classifier"
     return name, getattr(getattr(arch, name, None), "bias", None) is not None
 

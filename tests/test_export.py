@@ -189,3 +189,15 @@ def test_export_refuses_a_remote_split_run_with_only_the_client_side(tiny_cfg, t
     (run_dir / "adapter" / export.SPLIT_CLIENT_FILE).write_bytes(b"")
     with pytest.raises(FedPeftError, match="only the split client's part"):
         export.export_merged(run_dir)
+
+
+def test_an_architecture_without_a_classification_class_keeps_the_run_alive(tiny_cfg, monkeypatch):
+    rt = get_runtime(tiny_cfg(**{"model.name": "tiny-llama"}))
+    head = rt.model.get_base_model()
+    assert export._arch_head(head) == ("score", False)  # a decoder's own head
+
+    def missing(*args: object, **kwargs: object) -> None:
+        raise ValueError("Unrecognized configuration class for this kind of AutoModel")
+
+    monkeypatch.setattr("transformers.AutoModelForSequenceClassification.from_config", missing)
+    assert export._arch_head(head) == ("classifier", True)
