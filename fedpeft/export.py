@@ -136,6 +136,12 @@ def label_kwargs(label_names: list[str]) -> dict[str, dict]:
             "label2id": {n: i for i, n in enumerate(label_names)}}
 
 
+def _run_config(run_dir: Path) -> Config:
+    if not (run_dir / "config.toml").is_file():
+        raise FedPeftError(f"{run_dir} is not a fedpeft run directory (it has no config.toml)")
+    return config.load(run_dir / "config.toml")
+
+
 def load_run_model(run_dir: Path) -> tuple[Config, PeftModel]:
     """fedpeft's own model of a finished run with its saved adapter (the run's config rebuilds the base)."""
     from peft import set_peft_model_state_dict
@@ -147,7 +153,7 @@ def load_run_model(run_dir: Path) -> tuple[Config, PeftModel]:
                            f"export")
     if not (adapter / CONFIG_FILE).exists():
         raise FedPeftError(f"{run_dir} has no finished adapter ({adapter / CONFIG_FILE} is missing)")
-    cfg = config.load(run_dir / "config.toml")
+    cfg = _run_config(run_dir)
     num_labels = 0
     if cfg.model.task == "classification":
         num_labels = len(json.loads((adapter / LABELS_FILE).read_text())["id2label"])
@@ -167,7 +173,7 @@ def load_run_model(run_dir: Path) -> tuple[Config, PeftModel]:
 def export_merged(run_dir: Path, out: Path | None = None) -> Path:
     """Fold the run's adapter into its base model and write a transformers model directory (default
     ``RUN/merged``); returns it. Prompt and prefix tuning have nothing to fold in and are refused."""
-    cfg = config.load(run_dir / "config.toml")
+    cfg = _run_config(run_dir)
     if cfg.adapter.type not in MERGEABLE:
         raise FedPeftError(f"cannot merge a {cfg.adapter.type!r} adapter into the base model: {cfg.adapter.type} "
                            f"tuning adds virtual tokens instead of changing weights. Only {', '.join(MERGEABLE)} "

@@ -189,6 +189,8 @@ def test_export_refuses_a_remote_split_run_with_only_the_client_side(tiny_cfg, t
     (run_dir / "adapter" / export.SPLIT_CLIENT_FILE).write_bytes(b"")
     with pytest.raises(FedPeftError, match="only the split client's part"):
         export.export_merged(run_dir)
+    with pytest.raises(FedPeftError, match="not a fedpeft run directory"):
+        export.export_merged(run_dir / "adapter")
 
 
 def test_an_architecture_without_a_classification_class_keeps_the_run_alive(tiny_cfg, monkeypatch):
