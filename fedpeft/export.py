@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedpeft import config, models
+from fedpeft import config, lora, models
 from fedpeft.config import Config, ModelSection
 from fedpeft.errors import FedPeftError, ModelError
 
@@ -167,6 +167,9 @@ def load_run_model(run_dir: Path) -> tuple[Config, PeftModel]:
     if result.unexpected_keys:
         raise ModelError(f"the adapter in {adapter} does not fit the run's model: unexpected "
                          f"{sorted(result.unexpected_keys)[:3]}")
+    correction = adapter / lora.CORRECTION_FILE  # exact LoRA aggregation: W0 + scale * C under the adapter
+    if correction.exists():
+        lora.set_correction(model, load_file(str(correction)))
     return cfg, model.eval()
 
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from fedpeft import cli, export, models
+from fedpeft import cli, export, lora, models
 from fedpeft.config import ModelSection
 from fedpeft.errors import FedPeftError
 from fedpeft.runtime import get_runtime
@@ -70,6 +70,8 @@ def own_logits(cfg, run_dir: Path, texts: list[str]) -> torch.Tensor:  # noqa: A
     """fedpeft's own model with the run's final global adapter (from the checkpoint), on ``texts``."""
     rt = get_runtime(cfg)
     models.set_adapter_state(rt.model, load_file(str(run_dir / "checkpoint" / "global.safetensors")))
+    correction = run_dir / "adapter" / lora.CORRECTION_FILE  # exact LoRA aggregation's part of the model
+    lora.set_correction(rt.model, load_file(str(correction)) if correction.exists() else {})
     batch = rt.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         return rt.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -128,12 +130,17 @@ def test_base_reference_is_resolvable(tmp_path, monkeypatch):
     assert export.base_reference(ModelSection(name="tiny-bert")) is None
 
 
-@pytest.mark.parametrize(("pooling", "adapter"), [("model", "lora"), ("mean", "lora"), ("mean", "ia3")])
+@pytest.mark.parametrize(("pooling", "adapter", "lora_aggregation"),
+                         [("model", "lora", "naive"), ("mean", "lora", "naive"), ("mean", "ia3", "naive"),
+                          ("mean", "lora", "exact")])
 def test_export_merge_gives_the_unmerged_outputs_in_plain_transformers(tiny_cfg, tmp_path, capsys, pooling,
-                                                                      adapter, one_thread):
+                                                                      adapter, lora_aggregation, one_thread):
     cfg = tiny_cfg(**{"model.pooling": pooling, "adapter.type": adapter, "federation.rounds": 1,
-                      "train.local_steps": 4})
+                      "train.local_steps": 4, "federation.lora_aggregation": lora_aggregation})
     run_dir = runner.simulate(cfg)
+    correction = run_dir / "adapter" / lora.CORRECTION_FILE
+    assert correction.exists() == (lora_aggregation == "exact")
+    assert not correction.exists() or any(v.abs().sum() > 0 for v in load_file(str(correction)).values())
     want = own_logits(cfg, run_dir, TEXTS)
     trained = load_file(str(run_dir / "checkpoint" / "global.safetensors"))
     initial = get_runtime(cfg).initial_state
