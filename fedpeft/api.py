@@ -49,7 +49,7 @@ class RunResult:
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The final global adapter tensors by their peft names (``checkpoint/global.safetensors``; with a
-        remote split server, the client side only). ``run_dir/adapter`` holds the same in peft's format."""
+        remote split server, the client side only). ``run_dir/adapter`` holds them for plain peft (docs/export.md)."""
         from safetensors.torch import load_file
 
         return load_file(str(self.run_dir / "checkpoint" / "global.safetensors"))

@@ -118,6 +118,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedpeft.export import export_merged
+
+    out = export_merged(args.run_dir, args.out)
+    console.print(f"merged model written to [bold]{out}[/]")
+    print(json.dumps({"merged_dir": str(out)}))
+    return 0
+
+
 def cmd_split_server(args: argparse.Namespace) -> int:
     from fedpeft.split.server import run_split_server
 
@@ -314,7 +323,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"simulate": cmd_simulate, "compare-compression": cmd_compare_compression, "config": cmd_config,
-            "doctor": cmd_doctor,
+            "doctor": cmd_doctor, "export": cmd_export,
             "audit": cmd_audit, "split-server": cmd_split_server,
             "superlink": cmd_superlink, "node": cmd_node, "certs": cmd_certs, "client-cert": cmd_client_cert,
             "node-key": cmd_node_key,

@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--reference", action="store_true", help="print the reference of every key (markdown)")
     doc = sub.add_parser("doctor", help="installed versions against the tested ranges, device, threads")
     doc.add_argument("--json", action="store_true", help="print the facts as JSON (what each run stores)")
+    exp = sub.add_parser("export", help="fold a finished run's adapter into its base model (plain transformers)")
+    exp.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run directory")
+    exp.add_argument("--merge", action="store_true", required=True,
+                     help="merge the LoRA / IA3 adapter into the base (RUN_DIR/adapter itself already loads with "
+                          "peft; see docs/export.md)")
+    exp.add_argument("--out", type=Path, metavar="DIR", help="where to write the model (default: RUN_DIR/merged)")
     _deploy_parsers(sub)
     _split_parser(sub)
     _audit_parser(sub)

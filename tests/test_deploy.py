@@ -264,13 +264,9 @@ def test_real_deployment_tls_auth_compeft_and_a_node_failure(tmp_path: Path, cap
         assert cli.main(["logs", str(run_id), "--flwr-home", str(cli_home)]) == 0
         assert capsys.readouterr().out.strip()
 
-        from peft import PeftModel
+        from fedpeft import export
 
-        from fedpeft import models
-
-        cfg = config.load(run_dir / "config.toml")
-        base = models.load_base_model(cfg.model, num_labels=3, seed=0)
-        model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+        _, model = export.load_run_model(run_dir)
         assert any("lora" in name for name, _ in model.named_parameters())
 
         assert intruder.wait(timeout=60) != 0  # flwr_exit maps Flower's code 305 to exit status 1

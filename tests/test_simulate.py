@@ -8,9 +8,8 @@ import pytest
 import torch
 import transformers
 from flwr.app import Message
-from peft import PeftModel
 
-from fedpeft import config, models, protocol, report
+from fedpeft import config, export, protocol, report
 from fedpeft.clients.app import app as client_app
 from fedpeft.errors import FedPeftError
 from fedpeft.runtime import get_runtime
@@ -41,10 +40,10 @@ def test_simulate_learns_and_writes_a_complete_run_directory(tiny_cfg):
     assert installed["transformers"] == transformers.__version__ and installed["peft"] == peft.__version__
     assert env["device"]["device"] == "cpu"
 
-    # the saved adapter reloads with plain peft and reproduces the final evaluation
+    # the saved adapter reloads (in the architecture's layout, see fedpeft/export.py) and reproduces the final
+    # evaluation
     rt = get_runtime(cfg)
-    base = models.load_base_model(cfg.model, num_labels=len(rt.examples.label_names), seed=cfg.run.seed)
-    loaded = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    _, loaded = export.load_run_model(run_dir)
     from fedpeft.training import evaluate
     metrics = evaluate(loaded, rt.eval_dataset, rt.collate, 64, torch.device("cpu"), "classification")
     assert metrics["eval_accuracy"] == pytest.approx(rows[-1]["eval_accuracy"])

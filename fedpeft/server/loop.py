@@ -29,7 +29,7 @@ import numpy as np
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from fedpeft import lora, models, protocol
+from fedpeft import export, lora, models, protocol
 from fedpeft.adversary import Ledger
 from fedpeft.compression import make_codec
 from fedpeft.config import Config
@@ -338,16 +338,17 @@ class FederatedServer:
                            self.rt.device, self.cfg.model.task), **self.adversary.evaluate(self.rt.model)}
 
     def finish(self) -> None:
-        """Write the final adapter (peft format; with a remote split server only its client side), summary.md
-        and plots."""
+        """Write the final adapter (a peft adapter usable outside fedpeft, see :mod:`fedpeft.export`; with a
+        remote split server only its client side), summary.md and plots."""
         from fedpeft import report
 
         state = self.model_state()
         if state is None:
             (self.run_dir / "adapter").mkdir(exist_ok=True)
-            save_file(self.global_state, str(self.run_dir / "adapter" / "client_side.safetensors"))
+            save_file(self.global_state, str(self.run_dir / "adapter" / export.SPLIT_CLIENT_FILE))
         else:
-            models.save_adapter(self.rt.model, state, self.run_dir / "adapter")
+            export.save_run_adapter(self.rt.model, state, self.run_dir / "adapter", self.cfg,
+                                    list(self.rt.examples.label_names), self.rt.tokenizer)
         correction = self.aggregator.correction()
         if correction is not None:  # exact: part of the global model that peft's adapter format cannot hold
             save_file({k: v.float().contiguous() for k, v in correction.items()},
