@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -451,14 +451,23 @@ def test_superlink_killed_mid_task_then_resume_with_warm_nodes(tmp_path: Path) -
         cluster.stop()
 
 
-@pytest.mark.slow
-def test_run_wait_prints_why_a_deployed_run_failed(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _plain_superlink(tmp_path: Path) -> Iterator[tuple[Cluster, subprocess.Popen, int]]:
+    """An insecure, unauthenticated local SuperLink (loopback tests only): (cluster, its process, port)."""
     port = flower.free_port()
     cluster = Cluster(tmp_path)
     try:
         link = cluster.start("superlink", _cli("superlink", "--host", "127.0.0.1", "--port", port, "--insecure",
                                                "--no-auth"), tmp_path / "home-link")
         flower.wait_healthy(port, link)
+        yield cluster, link, port
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
+def test_run_wait_prints_why_a_deployed_run_failed(tmp_path: Path) -> None:
+    with _plain_superlink(tmp_path) as (_, _, port):
         home = tmp_path / "home-cli"
         sets = tiny_overrides(write_classification(tmp_path / "all.jsonl", n=60), tmp_path / "runs", **{
             "data.num_clients": 2, "federation.rounds": 1, "federation.node_wait_timeout": 2.0, "run.threads": 1})
@@ -468,18 +477,11 @@ def test_run_wait_prints_why_a_deployed_run_failed(tmp_path: Path) -> None:
         assert out.returncode == 1, out.stdout + out.stderr
         # no node ever connected: the ServerApp's own error, not just "finished:failed"
         assert "finished:failed: " in out.stderr and "only 0 node(s) connected after 2 s" in out.stderr, out.stderr
-    finally:
-        cluster.stop()
 
 
 @pytest.mark.slow
 def test_sigterm_stops_superlink_and_node_with_exit_code_0(tmp_path: Path) -> None:
-    port = flower.free_port()
-    cluster = Cluster(tmp_path)
-    try:
-        link = cluster.start("superlink", _cli("superlink", "--host", "127.0.0.1", "--port", port, "--insecure",
-                                               "--no-auth"), tmp_path / "home-link")
-        flower.wait_healthy(port, link)
+    with _plain_superlink(tmp_path) as (cluster, link, port):
         node = cluster.start("node", _cli("node", "--superlink", f"127.0.0.1:{port}", "--insecure", "--port",
                                           flower.free_port(), "--partition-id", 0), tmp_path / "home-node")
         _wait_for(lambda: "Starting Flower SuperNode" in cluster.log("node"), 90, lambda: cluster.log("node"))
@@ -487,5 +489,3 @@ def test_sigterm_stops_superlink_and_node_with_exit_code_0(tmp_path: Path) -> No
         for proc, name in ((node, "node"), (link, "superlink")):  # what `docker stop` sends (to the main process)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == 0, cluster.log(name)
-    finally:
-        cluster.stop()
