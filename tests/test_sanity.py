@@ -171,7 +171,11 @@ def test_a_global_adapter_beyond_the_bound_is_never_applied(tiny_cfg, one_thread
     state (FedAdam moments) rolls back, and the checkpoint holds the initial adapter."""
     cfg = tiny_cfg(**{"sanity.max_global_value": 0.13, "federation.strategy": "fedadam", "federation.rounds": 2})
     initial = get_runtime(cfg).initial_adapter()
-    run_dir = runner.simulate(cfg)
+    with pytest.raises(FedPeftError, match=r"no client update was applied in rounds 1-2, the global adapter is "
+                                           r"unchanged: the new global adapter was rejected by the sanity bounds "
+                                           r"\(2x, e.g. .* beyond sanity.max_global_value = 0.13\)"):
+        runner.simulate(cfg)  # the run ends, with its report and checkpoint, and says why it failed
+    (run_dir,) = Path(cfg.output.dir).iterdir()
     rows = report.read_metrics(run_dir)
     assert [(r["global_rejected"], r["train_loss"]) for r in rows] == [(1, None)] * 2
     ckpt = checkpoint.load(run_dir / "checkpoint")

@@ -124,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
         personal = {k: v for k, v in state.items() if k not in global_state}
         if personal:
             context.state[PERSONAL_STATE] = _record({k: v.numpy() for k, v in personal.items()})
-        state = {k: state[k] for k in global_state}
+        state = {k: v for k, v in state.items() if k in global_state}  # the model's order, as before
     delta = attacker.update(models.subtract(state, global_state), seed)  # before EF / clip / encode: any codec
 
     if local_dp is not None:

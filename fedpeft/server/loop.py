@@ -109,7 +109,8 @@ class FederatedServer:
         self.round = 0
         self.first_round = 1
         self.applied = 0  # rounds of this process that changed the global adapter
-        self.not_applied: Counter[str] = Counter()  # why the other rounds did not
+        self.not_applied: Counter[str] = Counter()  # why the other rounds did not (one line per kind)
+        self.not_applied_example: dict[str, str] = {}  # kind -> the first round's details
         self.started = time.time()
         if self.split is not None:
             self.split.reset()
@@ -183,7 +184,8 @@ class FederatedServer:
             self._record(grid, rnd, self.run_round(grid, rnd))
         self.finish()
         if not self.applied and self.not_applied:
-            causes = "; ".join(f"{why} ({n}x)" for why, n in self.not_applied.most_common(3))
+            causes = "; ".join(f"{why} ({n}x, e.g. {self.not_applied_example[why]})"
+                               for why, n in self.not_applied.most_common(3))
             raise FedPeftError(f"no client update was applied in rounds {self.first_round}-{self.round}, the "
                                f"global adapter is unchanged: {causes}")
 
@@ -254,8 +256,8 @@ class FederatedServer:
             log.warning("round %d: %d valid update(s) < federation.min_clients = %d; global adapter unchanged",
                         rnd, len(replies.clients), self.cfg.federation.min_clients)
             whys = Counter(replies.dropped.values()).most_common(1)
-            self.not_applied[f"{len(replies.clients)} valid update(s) < federation.min_clients = "
-                             f"{self.cfg.federation.min_clients}" + (f", e.g. {whys[0][0]}" if whys else "")] += 1
+            self._not_applied(f"{len(replies.clients)} valid update(s) < federation.min_clients = "
+                              f"{self.cfg.federation.min_clients}", whys[0][0] if whys else "no client was sampled")
             return None
         saved, t = self.aggregator.state_dict()
         saved = {k: v.clone() for k, v in saved.items()}  # buffers are updated in place
@@ -267,7 +269,7 @@ class FederatedServer:
             log.warning("round %d: the new global adapter is not applied (%s); global adapter unchanged", rnd, problem)
             self.aggregator.load_state_dict(saved, t)
             replies.sanity["global_rejected"] = 1
-            self.not_applied[f"the new global adapter was rejected ({problem})"] += 1
+            self._not_applied("the new global adapter was rejected by the sanity bounds", problem)
             return None
         self.global_state = new_state
         self.applied += 1
@@ -281,6 +283,11 @@ class FederatedServer:
             return {}
         error = lora.agg_error(lora.pair_means(replies.deltas, replies.weights, self.global_state))
         return {} if error is None else {"lora_agg_error": error}
+
+    def _not_applied(self, kind: str, details: str) -> None:
+        """Count a round that left the global adapter unchanged, by kind (the first details kept)."""
+        self.not_applied[kind] += 1
+        self.not_applied_example.setdefault(kind, details)
 
     def _account(self, replies: RoundReplies) -> dict[str, float]:
         """Privacy metrics: client-level DP is charged every round (the noisy release happens whatever
