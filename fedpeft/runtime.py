@@ -113,24 +113,20 @@ class Runtime:
         return self._plugins[name]
 
     def client_dataset(self, partition_id: int) -> Dataset:
-        """The tokenized local data of one client (cached: clients are revisited across rounds)."""
-        if not 0 <= partition_id < len(self.partitions):
-            raise ValueError(f"partition-id {partition_id} out of range 0..{len(self.partitions) - 1}")
-        if partition_id not in self._client_data:
-            subset = self.train_examples.subset(self.partitions[partition_id])
-            self._client_data[partition_id] = data.tokenize(subset, self.tokenizer, self.cfg.model.max_length,
-                                                            self.cfg.model.task)
-        return self._client_data[partition_id]
+        """The tokenized local training data of one client (cached: clients are revisited across rounds)."""
+        return self._tokenized(self.partitions, self._client_data, partition_id)
 
     def client_eval_dataset(self, partition_id: int) -> Dataset:
         """The tokenized held-out split of one client (data.client_eval_fraction; empty when 0; cached)."""
-        if not 0 <= partition_id < len(self.client_eval_partitions):
-            raise ValueError(f"partition-id {partition_id} out of range 0..{len(self.client_eval_partitions) - 1}")
-        if partition_id not in self._client_eval_data:
-            subset = self.train_examples.subset(self.client_eval_partitions[partition_id])
-            self._client_eval_data[partition_id] = data.tokenize(subset, self.tokenizer, self.cfg.model.max_length,
-                                                                 self.cfg.model.task)
-        return self._client_eval_data[partition_id]
+        return self._tokenized(self.client_eval_partitions, self._client_eval_data, partition_id)
+
+    def _tokenized(self, parts: list[np.ndarray], cache: dict[int, Dataset], partition_id: int) -> Dataset:
+        if not 0 <= partition_id < len(parts):
+            raise ValueError(f"partition-id {partition_id} out of range 0..{len(parts) - 1}")
+        if partition_id not in cache:
+            cache[partition_id] = data.tokenize(self.train_examples.subset(parts[partition_id]), self.tokenizer,
+                                                self.cfg.model.max_length, self.cfg.model.task)
+        return cache[partition_id]
 
     @cached_property
     def eval_dataset(self) -> Dataset:
