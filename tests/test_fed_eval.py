@@ -166,3 +166,12 @@ def test_causal_lm_federated_evaluation_is_token_weighted(qa_data, tmp_path):
     assert last["fed_eval_perplexity"] == pytest.approx(math.exp(last["fed_eval_loss"]))
     assert "fed_eval_accuracy" not in last
     assert last["fed_eval_worst"] == max(last["fed_eval_clients"].values())
+
+
+def test_the_privacy_statement_names_the_released_evaluation_metrics(tiny_cfg):
+    from fedpeft.privacy.statement import guarantee_lines
+
+    released = {"privacy.mode": "client", "privacy.release_client_metrics": True}
+    with_fed = "\n".join(guarantee_lines(tiny_cfg(**FED, **released), []))
+    without = "\n".join(guarantee_lines(tiny_cfg(**released), []))
+    assert "fed_eval_clients" in with_fed and "fed_eval_clients" not in without
