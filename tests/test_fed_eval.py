@@ -20,7 +20,7 @@ from fedpeft.simulation import runner
 from fedpeft.simulation.inprocess import NODE_ID_BASE
 from fedpeft.training import evaluate, evaluate_counts
 
-from conftest import interrupt_and_resume, tiny_overrides
+from conftest import interrupt_and_resume, tiny_overrides, write_classification
 
 FED = {"data.client_eval_fraction": 0.25, "federation.evaluation": "federated", "federation.rounds": 2}
 
@@ -175,3 +175,13 @@ def test_the_privacy_statement_names_the_released_evaluation_metrics(tiny_cfg):
     with_fed = "\n".join(guarantee_lines(tiny_cfg(**FED, **released), []))
     without = "\n".join(guarantee_lines(tiny_cfg(**released), []))
     assert "fed_eval_clients" in with_fed and "fed_eval_clients" not in without
+
+
+def test_a_deployed_nodes_own_file_is_split_the_same_way(tiny_cfg, tmp_path):
+    from fedpeft.runtime import Runtime
+
+    own = write_classification(tmp_path / "own.jsonl", n=40, seed=5)
+    rt = Runtime(tiny_cfg(**FED), data_path=str(own))
+    train, held = client_eval_split(np.arange(40), 0.25, seed=rt.cfg.run.seed, partition_id=0)
+    assert np.array_equal(rt.partitions[0], train) and np.array_equal(rt.client_eval_partitions[0], held)
+    assert len(rt.client_dataset(0)) == 30 and len(rt.client_eval_dataset(0)) == 10
