@@ -243,6 +243,9 @@ def _validate_federated_evaluation(cfg: Config) -> None:
     if cfg.split.enabled:
         raise ConfigError(f"{ev} with split.enabled is not supported yet (the body's adapters live on the split "
                           "server); use federation.evaluation = 'server'")
+    if cfg.federation.evaluation == "federated" and cfg.adversary.attack == "backdoor":
+        raise ConfigError(f"{ev} with adversary.attack = 'backdoor': backdoor_success is measured by the server's "
+                          "evaluation, which 'federated' skips; use federation.evaluation = 'both'")
     private = cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation != "none"
     if private and not cfg.privacy.release_client_metrics:
         raise ConfigError(f"{ev} with privacy.mode = {cfg.privacy.mode!r} / privacy.secure_aggregation = "

@@ -129,6 +129,7 @@ def test_a_well_formed_evaluate_reply_parses():
     ({"federation.evaluation": "federated"}, "needs data.client_eval_fraction > 0"),
     ({**FED, "privacy.mode": "client"}, "privacy.release_client_metrics = true"),
     ({**FED, "privacy.secure_aggregation": "secaggplus", "federation.clients_per_round": 3}, "release_client_metrics"),
+    ({**FED, "adversary.attack": "backdoor", "adversary.fraction": 0.34}, "use federation.evaluation = 'both'"),
     ({**FED, "federation.evaluation": "both", "split.enabled": True, "model.tiny_layers": 3},
      "split.enabled is not supported"),
 ])
