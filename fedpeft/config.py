@@ -86,6 +86,8 @@ class DataSection:
     group_column: str = option("", help="natural client id column (partition = 'natural')")
     max_examples: int = option(0, lo=0, help="use at most this many examples (0 = all)")
     eval_fraction: float = option(0.2, lo=0.01, hi=0.9, help="held-out global eval split")
+    client_eval_fraction: float = option(0.0, lo=0.0, hi=0.9, help="each client holds this part of its own data "
+                                                                 "out for federated evaluation (0 = off)")
     num_clients: int = option(4, lo=1, help="number of data holders (virtual clients)")
     partition: str = option("dirichlet", choices=_registered("fedpeft.partition", "PARTITIONS"))
     dirichlet_alpha: float = option(1.0, lo=1e-4, help="label-skew concentration (smaller = more skewed)")
@@ -146,7 +148,10 @@ class FederationSection:
                                                           "sum of the other (clipped) updates is below this")
     round_timeout: float = option(0.0, lo=0.0, help="seconds to wait for replies (0 = no limit)")
     node_wait_timeout: float = option(120.0, lo=0.0, help="seconds to wait for enough nodes to connect")
-    eval_every: int = option(1, lo=1, help="centralized evaluation every N rounds (and always the last)")
+    eval_every: int = option(1, lo=1, help="evaluation every N rounds (and always the last)")
+    evaluation: str = option("server", choices=("server", "federated", "both"),
+                             help="server = on the server's held-out set; federated = each client on its own "
+                                  "held-out split (docs/evaluation.md)")
     ray_num_cpus: float = option(1.0, lo=0.0, help="CPUs per Ray client actor")
     ray_num_gpus: float = option(0.0, lo=0.0, help="GPU fraction per Ray client actor")
 

@@ -59,6 +59,8 @@ def validate(cfg: Config) -> None:
     if cfg.privacy.secure_aggregation == "secaggplus":
         _validate_secagg(cfg)
     _validate_secure_uplink(cfg)
+    if cfg.federation.evaluation != "server":
+        _validate_federated_evaluation(cfg)
     if cfg.adversary.attack != "none" or cfg.adversary.fraction or cfg.adversary.clients:
         _validate_adversary(cfg)
 
@@ -230,3 +232,23 @@ def _validate_adversary(cfg: Config) -> None:
         raise ConfigError("adversary.attack = 'adaptive' has no norm bound to stay inside: adversary.adaptive_norm, "
                           "adversary.adaptive_multiple, sanity.norm_multiple and sanity.max_update_norm are all 0; "
                           "set adversary.adaptive_norm")
+
+
+def _validate_federated_evaluation(cfg: Config) -> None:
+    """Federated evaluation needs client eval splits, and releases per-client values in the clear."""
+    ev = f"federation.evaluation = {cfg.federation.evaluation!r}"
+    if cfg.data.client_eval_fraction <= 0:
+        raise ConfigError(f"{ev} needs data.client_eval_fraction > 0 (each client's held-out split); or set "
+                          "federation.evaluation = 'server'")
+    if cfg.split.enabled:
+        raise ConfigError(f"{ev} with split.enabled is not supported yet (the body's adapters live on the split "
+                          "server); use federation.evaluation = 'server'")
+    if cfg.federation.evaluation == "federated" and cfg.adversary.attack == "backdoor":
+        raise ConfigError(f"{ev} with adversary.attack = 'backdoor': backdoor_success is measured by the server's "
+                          "evaluation, which 'federated' skips; use federation.evaluation = 'both'")
+    private = cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation != "none"
+    if private and not cfg.privacy.release_client_metrics:
+        raise ConfigError(f"{ev} with privacy.mode = {cfg.privacy.mode!r} / privacy.secure_aggregation = "
+                          f"{cfg.privacy.secure_aggregation!r} sends each client's eval loss, accuracy and example "
+                          "count in the clear, outside the privacy guarantee: set privacy.release_client_metrics = "
+                          "true to accept that, or use federation.evaluation = 'server'")

@@ -197,3 +197,16 @@ def _pathological(ex: Examples, cfg: DataSection, rng: np.random.Generator) -> l
             buckets[j].append(shard)
     parts = [np.concatenate(b) if b else np.empty(0, dtype=np.int64) for b in buckets]
     return _fill_empty(parts, rng)
+
+
+def client_eval_split(indices: np.ndarray, fraction: float, seed: int, partition_id: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """One client's (train, held_out) index arrays: a seeded ``fraction`` of ``indices`` held out for federated
+    evaluation, at least one example on each side when the client has two or more (none held out otherwise).
+    ``train`` keeps the partition's order, so a fraction of 0 changes nothing."""
+    indices = np.asarray(indices, dtype=np.int64)
+    n_eval = min(max(1, round(fraction * len(indices))), len(indices) - 1) if fraction > 0 else 0
+    order = np.random.default_rng([seed, partition_id]).permutation(len(indices))
+    held = np.sort(order[:max(0, n_eval)])
+    keep = np.setdiff1d(np.arange(len(indices)), held)
+    return indices[keep], indices[held]

@@ -4,6 +4,9 @@ Server -> client (message type ``train``): ``global`` (ArrayRecord: the downlink
 payload of the global adapter) and ``config`` (ConfigRecord: round, seed, per-round settings).
 Client -> server: ``update`` (ArrayRecord: the uplink codec's packed payload of the adapter delta)
 and ``metrics`` (MetricRecord: num-examples, train-loss, ...).
+Federated evaluation (message type ``evaluate``): the server sends ``global`` (the exact global adapter,
+codec ``none``) and ``config`` (round); the client replies with ``metrics`` only: the counts of
+:data:`EVAL_METRICS` over its own held-out split.
 
 A payload travels as ONE raw ``uint8`` Array (``stype="raw"``): a 12-byte preamble with the byte
 lengths of the header, buffer and scales sections, then the sections. Flower turns every Array into
@@ -30,7 +33,7 @@ from fedpeft.config import PrivacySection
 from fedpeft.errors import PayloadError
 from fedpeft.privacy.distributed import DistributedDP
 
-TRAIN = "train"
+TRAIN, EVALUATE = "train", "evaluate"
 GLOBAL, CONFIG, UPDATE, METRICS = "global", "config", "update", "metrics"
 CORRECTION = "lora-correction"  # federation.lora_aggregation = "exact": the frozen per-module correction (dense fp32)
 PAYLOAD = "payload"
@@ -160,6 +163,42 @@ def parse_reply(content: RecordDict) -> tuple[Payload, dict[str, float]]:
         raise PayloadError(f"num-examples must be a positive integer below {MAX_NUM_EXAMPLES}, "
                            f"got {metrics['num-examples']}")
     return record_payload(content[UPDATE]), metrics
+
+
+EVAL_METRICS = ("num-examples", "eval-weight", "eval-loss-sum")  # + "eval-correct" for classification
+
+
+def evaluate_reply(counts: Mapping[str, float]) -> RecordDict:
+    """The content of a client -> server evaluate reply (the sums of ``training.evaluate_counts``)."""
+    metrics = {"num-examples": counts["examples"], "eval-weight": counts["weight"], "eval-loss-sum": counts["loss_sum"]}
+    if "correct" in counts:
+        metrics["eval-correct"] = counts["correct"]
+    return RecordDict({METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})})
+
+
+def parse_evaluate_reply(content: RecordDict, classification: bool) -> dict[str, float]:
+    """Validate an evaluate reply: exactly the expected counts, whole and in range (raises PayloadError)."""
+    if set(content.keys()) != {METRICS} or not isinstance(content[METRICS], MetricRecord):
+        raise PayloadError(f"evaluate reply must hold exactly a MetricRecord {METRICS!r}, got {sorted(content.keys())}")
+    expected = set(EVAL_METRICS) | ({"eval-correct"} if classification else set())
+    record = content[METRICS]
+    if set(record.keys()) != expected:
+        raise PayloadError(f"evaluate metrics must be {sorted(expected)}, got {sorted(record.keys())}")
+    m: dict[str, float] = {}
+    for k, v in record.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+            raise PayloadError(f"evaluate metric {k!r} must be a finite number >= 0, got {v!r}")
+        m[k] = float(v)
+    for k in ("num-examples", "eval-weight", "eval-correct"):
+        if k in m and (m[k] != int(m[k]) or m[k] >= MAX_NUM_EXAMPLES):
+            raise PayloadError(f"evaluate metric {k!r} must be a whole number below {MAX_NUM_EXAMPLES}, got {m[k]}")
+    if m["num-examples"] < 1 or m["eval-weight"] < 1:
+        raise PayloadError("an evaluate reply must count at least one example and one loss term")
+    if m.get("eval-correct", 0.0) > m["num-examples"]:
+        raise PayloadError(f"eval-correct {m['eval-correct']} exceeds num-examples {m['num-examples']}")
+    if classification and m["eval-weight"] != m["num-examples"]:
+        raise PayloadError("classification: eval-weight must equal num-examples")
+    return m
 
 
 # SecAgg+ rounds (fedpeft.server.secagg drives them, fedpeft.clients.secagg answers them)

@@ -61,7 +61,8 @@ def round_line(row: dict[str, Any], total: int) -> str:
     parts = [f"round {row['round']}/{total}", f"clients {row['replies']}/{row['sampled']}"]
     if row.get("train_loss") is not None:
         parts.append(f"train loss {row['train_loss']:.4f}")
-    for key, label in (("eval_accuracy", "eval acc"), ("eval_loss", "eval loss"), ("eval_perplexity", "ppl")):
+    for key, label in (("eval_accuracy", "eval acc"), ("eval_loss", "eval loss"), ("eval_perplexity", "ppl"),
+                       ("fed_eval_accuracy", "fed eval acc"), ("fed_eval_worst", "worst client")):
         if row.get(key) is not None:
             parts.append(f"{label} {row[key]:.4f}")
     for key, label in (("epsilon_client", "ε client"), ("epsilon_local", "ε local")):
@@ -75,6 +76,7 @@ def round_line(row: dict[str, Any], total: int) -> str:
 
 
 ROUND_COLUMNS = ["round", "replies", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
+                 "fed_eval_loss", "fed_eval_accuracy", "fed_eval_perplexity", "fed_eval_worst",
                  "backdoor_success", "epsilon_client", "epsilon_local", "clip_norm", "bytes_up", "bytes_down",
                  "split_bytes_up", "split_bytes_down", "seconds"]
 BYTE_PARTS = ["up_positions", "up_values", "up_scales", "up_header", "up_framing"]
@@ -99,9 +101,12 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
             "- uplink bytes by part: " + ", ".join(
                 f"{k[3:]} {human_bytes(sum(r.get(k, 0) for r in rows))}" for k in BYTE_PARTS),
             "- final: " + ", ".join(f"{k} {fmt(last[k])}" for k in ("eval_loss", "eval_accuracy", "eval_perplexity",
+                                                                    "fed_eval_loss", "fed_eval_accuracy",
+                                                                    "fed_eval_perplexity", "fed_eval_worst",
                                                                     "epsilon_client", "epsilon_local")
                                    if last.get(k) is not None),
             *_split_lines(cfg, rows),
+            *_fed_eval_lines(rows),
             *summary_lines(cfg, rows),
             *guarantee_lines(cfg, rows),
             f"- wall time {fmt(last.get('elapsed'))} s, peak RSS {fmt(last.get('peak_rss_mb'))} MiB\n",
@@ -109,6 +114,16 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
     (run_dir / "summary.md").write_text("\n".join(text))
     if cfg.output.plots and rows:
         plot_curves(rows, run_dir / "curves.png")
+
+
+def _fed_eval_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Federated evaluation: each client's value at the last evaluated round (fairness)."""
+    last = next((r for r in reversed(rows) if r.get("fed_eval_clients")), None)
+    if last is None:
+        return []
+    what = "accuracy" if "fed_eval_accuracy" in last else "loss"
+    return [f"- federated evaluation, round {last['round']}, per-client {what} (node: value): " + ", ".join(
+        f"{node}: {fmt(v)}" for node, v in last["fed_eval_clients"].items())]
 
 
 def _split_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from fedpeft import data, lora, models
 from fedpeft.compression import Layout
 from fedpeft.config import Config
+from fedpeft.partition import client_eval_split
 from fedpeft.training import select_device
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class Runtime:
     def __init__(self, cfg: Config, data_path: str | None = None, label_names: Sequence[str] | None = None) -> None:
         self.cfg = cfg
         self.device = select_device(cfg.run.device)
-        if data_path:  # a deployed node's own file: all of it is partition 0, no eval split
+        if data_path:  # a deployed node's own file: all of it is partition 0, no global eval split
             node_data = dataclasses.replace(cfg.data, source="file", path=data_path)
             self.examples = data.load_examples(node_data, cfg.model.task, seed=cfg.run.seed,
                                                label_names=label_names if cfg.model.task == "classification" else None)
@@ -56,9 +57,15 @@ class Runtime:
                 eval_examples = eval_examples.subset(np.arange(cfg.train.max_eval_examples))
             self.eval_examples = eval_examples
             self.partitions = data.partition(self.train_examples, cfg.data, cfg.run.seed)
+        # federated evaluation: each client holds part of its data out; it trains on the rest only
+        splits = [client_eval_split(p, cfg.data.client_eval_fraction, cfg.run.seed, pid)
+                  for pid, p in enumerate(self.partitions)]
+        self.partitions = [train for train, _ in splits]
+        self.client_eval_partitions = [held for _, held in splits]
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.collate = data.Collator(self.tokenizer.pad_token_id, cfg.model.task)
         self._client_data: dict[int, Dataset] = {}
+        self._client_eval_data: dict[int, Dataset] = {}
         self._adapter_keys: list[str] | None = None
         self._plugins: dict[str, Any] = {}
 
@@ -106,14 +113,20 @@ class Runtime:
         return self._plugins[name]
 
     def client_dataset(self, partition_id: int) -> Dataset:
-        """The tokenized local data of one client (cached: clients are revisited across rounds)."""
-        if not 0 <= partition_id < len(self.partitions):
-            raise ValueError(f"partition-id {partition_id} out of range 0..{len(self.partitions) - 1}")
-        if partition_id not in self._client_data:
-            subset = self.train_examples.subset(self.partitions[partition_id])
-            self._client_data[partition_id] = data.tokenize(subset, self.tokenizer, self.cfg.model.max_length,
-                                                            self.cfg.model.task)
-        return self._client_data[partition_id]
+        """The tokenized local training data of one client (cached: clients are revisited across rounds)."""
+        return self._tokenized(self.partitions, self._client_data, partition_id)
+
+    def client_eval_dataset(self, partition_id: int) -> Dataset:
+        """The tokenized held-out split of one client (data.client_eval_fraction; empty when 0; cached)."""
+        return self._tokenized(self.client_eval_partitions, self._client_eval_data, partition_id)
+
+    def _tokenized(self, parts: list[np.ndarray], cache: dict[int, Dataset], partition_id: int) -> Dataset:
+        if not 0 <= partition_id < len(parts):
+            raise ValueError(f"partition-id {partition_id} out of range 0..{len(parts) - 1}")
+        if partition_id not in cache:
+            cache[partition_id] = data.tokenize(self.train_examples.subset(parts[partition_id]), self.tokenizer,
+                                                self.cfg.model.max_length, self.cfg.model.task)
+        return cache[partition_id]
 
     @cached_property
     def eval_dataset(self) -> Dataset:

@@ -193,26 +193,39 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: int, device: torch.device,
-             task: str) -> dict[str, float]:
-    """Loss and accuracy (classification) or loss and perplexity (causal LM, over response tokens)."""
+def evaluate_counts(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: int, device: torch.device,
+                    task: str) -> dict[str, float]:
+    """Sums that add up across clients: ``examples``, ``weight`` (examples, or response tokens for a causal LM),
+    ``loss_sum`` (mean loss x weight) and ``correct`` (classification)."""
     model.eval()
     loss_sum, weight, correct, seen = 0.0, 0, 0, 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
         batch = _to(batch, device)
         with _autocast(device):
             out = model(**batch)
+        seen += batch["labels"].shape[0]
         if task == "classification":
             n = batch["labels"].shape[0]
-            loss_sum += float(out.loss) * n
-            weight += n
             correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-            seen += n
         else:
             n = int((batch["labels"][:, 1:] != -100).sum())
-            loss_sum += float(out.loss) * n
-            weight += n
-    loss = loss_sum / max(1, weight)
+        loss_sum += float(out.loss) * n
+        weight += n
+    counts = {"examples": float(seen), "weight": float(weight), "loss_sum": loss_sum}
     if task == "classification":
-        return {"eval_loss": loss, "eval_accuracy": correct / max(1, seen)}
+        counts["correct"] = float(correct)
+    return counts
+
+
+def metrics_of_counts(counts: dict[str, float], task: str) -> dict[str, float]:
+    """Loss and accuracy (classification) or loss and perplexity (causal LM) from :func:`evaluate_counts` sums."""
+    loss = counts["loss_sum"] / max(1.0, counts["weight"])
+    if task == "classification":
+        return {"eval_loss": loss, "eval_accuracy": counts["correct"] / max(1.0, counts["examples"])}
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def evaluate(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: int, device: torch.device,
+             task: str) -> dict[str, float]:
+    """Loss and accuracy (classification) or loss and perplexity (causal LM, over response tokens)."""
+    return metrics_of_counts(evaluate_counts(model, dataset, collate, batch_size, device, task), task)

@@ -489,3 +489,27 @@ def test_sigterm_stops_superlink_and_node_with_exit_code_0(tmp_path: Path) -> No
         for proc, name in ((node, "node"), (link, "superlink")):  # what `docker stop` sends (to the main process)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == 0, cluster.log(name)
+
+
+@pytest.mark.slow
+def test_federated_evaluation_on_deployed_nodes_own_files(tmp_path: Path) -> None:
+    """Each node (one warm, one with Flower's per-message ClientApp) answers evaluate messages on its own file."""
+    with _plain_superlink(tmp_path) as (cluster, _, port):
+        for i, warm in enumerate((["--warm"], [])):
+            own = write_classification(tmp_path / f"own{i}.jsonl", n=40, seed=i + 3)
+            cluster.start(f"n{i}", _cli("node", "--superlink", f"127.0.0.1:{port}", "--insecure", "--port",
+                                        flower.free_port(), "--partition-id", i, "--data", own, *warm),
+                          tmp_path / f"home-n{i}")
+        home = tmp_path / "home-cli"
+        sets = tiny_overrides(write_classification(tmp_path / "all.jsonl", n=60), tmp_path / "runs", **{
+            "data.num_clients": 2, "federation.rounds": 1, "federation.node_wait_timeout": 90.0, "run.threads": 1,
+            "federation.round_timeout": 120.0, "data.client_eval_fraction": 0.25, "federation.evaluation": "federated"})
+        out = subprocess.run(_cli("run", "--superlink", f"127.0.0.1:{port}", "--insecure", "--flwr-home", home,
+                                  "--wait", *[a for s in sets for a in ("--set", s)]),
+                             capture_output=True, text=True, timeout=400, env=flower.flower_env(home))
+        assert out.returncode == 0, out.stdout + out.stderr + cluster.log("n0") + cluster.log("n1")
+        run_dir = Path(json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("{")))["run_dir"])
+        (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert row["replies"] == 2 and "eval_loss" not in row
+        assert row["fed_eval_replies"] == 2 and row["fed_eval_examples"] == 20  # 10 held out of each node's 40
+        assert len(row["fed_eval_clients"]) == 2 and 0 <= row["fed_eval_worst"] <= row["fed_eval_accuracy"]

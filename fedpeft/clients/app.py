@@ -1,9 +1,11 @@
 """The Flower ClientApp. One data holder: apply the received global adapter, train on the local
-partition, reply with the (compressed) adapter delta and metrics.
+partition, reply with the (compressed) adapter delta and metrics; for federated evaluation, evaluate
+the received global adapter on the node's own held-out split and reply with counts.
 
 The partition comes from the node config (``partition-id``), or a deployed node trains on all of
-its own file (node config ``data-path``, read with the scenario's data settings); the run
-configuration comes from the run config (``fedpeft-config``). The base model is loaded once per
+its own file (node config ``data-path``, read with the scenario's data settings) less its held-out
+split (``data.client_eval_fraction``); the run configuration comes from the run config
+(``fedpeft-config``). The base model is loaded once per
 process (the engine's ``runtime.RuntimeCache``, see ``clients.node_runtime``).
 Error-feedback residuals and (with a lossy downlink codec) the last broadcast state live in
 ``context.state``, which Flower keeps per node across rounds. In a simulation with an ``[adversary]``
@@ -20,13 +22,15 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
+from torch.utils.data import Dataset
 
 from fedpeft import adversary, config, lora, models, privacy, protocol, update
 from fedpeft.clients import node_runtime, secagg
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import PayloadError
+from fedpeft.runtime import Runtime
 from fedpeft.split.plugin import split_of
-from fedpeft.training import client_seed, num_local_steps, set_threads, train_local
+from fedpeft.training import client_seed, evaluate_counts, num_local_steps, set_threads, train_local
 
 app = ClientApp()
 EF_STATE = "fedpeft.error-feedback"
@@ -146,3 +150,27 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.privacy.mode != "none" and not cfg.privacy.release_client_metrics:
         metrics = protocol.public_metrics(metrics)
     return Message(protocol.train_reply(enc.payload, attacker.metrics(metrics)), reply_to=msg)
+
+
+def _local_eval(rt: Runtime, dataset: Dataset, cfg: config.Config) -> dict[str, float]:
+    """The counts of this node's held-out split (one seam, so tests can make a node misbehave)."""
+    return evaluate_counts(rt.model, dataset, rt.collate, cfg.train.eval_batch_size, rt.device, cfg.model.task)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global adapter (with this node's personal tensors, if any) on the node's own
+    held-out split (data.client_eval_fraction); reply with counts the server can add up."""
+    cfg = config.loads(str(context.run_config["fedpeft-config"]))
+    set_threads(cfg.run.threads, workers=int(context.run_config.get("workers", 1)))
+    data_path = str(context.node_config.get("data-path", "")) or None
+    rt = node_runtime(cfg, context)
+    global_state = make_codec("none").decode(protocol.record_payload(msg.content[protocol.GLOBAL]), rt.layout)
+    if cfg.federation.lora_aggregation == "exact":
+        lora.set_correction(rt.model, receive_correction(msg, lora.correction_layout(global_state)))
+    state = rt.full_state(global_state)
+    if PERSONAL_STATE in context.state:
+        state.update({k: torch.tensor(v) for k, v in _arrays(context.state[PERSONAL_STATE]).items()})
+    models.set_adapter_state(rt.model, state)
+    dataset = rt.client_eval_dataset(0 if data_path else int(context.node_config["partition-id"]))
+    return Message(protocol.evaluate_reply(_local_eval(rt, dataset, cfg)), reply_to=msg)

@@ -40,7 +40,9 @@ def guarantee_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
     if p.release_client_metrics:
         lines.append("  - **outside the guarantee** (`privacy.release_client_metrics = true`): per-client train "
                      "loss, example counts, steps, timings and local epsilon were sent in the clear; train_loss in "
-                     "metrics.jsonl is their unnoised average")
+                     "metrics.jsonl is their unnoised average" + (
+                         "; federated evaluation: each client's eval counts, and fed_eval_clients per client"
+                         if cfg.federation.evaluation != "server" else ""))
     else:
         lines.append("  - released in the clear: the clients' simulation index, split-learning traffic sizes and "
                      "(client level, adaptive clipping) each client's 0/1 clip indicator to the server, which "

@@ -6,7 +6,8 @@ state is checkpointed) -> **instruct** them (the global adapter through the down
 :class:`~fedpeft.server.replies.RoundReplies` (validated and decoded; a bad reply is dropped and
 logged, the round goes on; under SecAgg+ a secure sum, :mod:`fedpeft.server.secagg`) -> **aggregate**
 with the registered aggregator (:mod:`fedpeft.server.aggregators`) if the quorum guard passes ->
-**account** privacy -> **evaluate** on the held-out set -> **record** one JSON line in
+**account** privacy -> **evaluate** on the server's held-out set and/or on every node's own held-out split
+(federated, :mod:`fedpeft.server.fed_eval`) -> **record** one JSON line in
 ``metrics.jsonl`` and the checkpoint. The sanity checks (:mod:`fedpeft.server.sanity`) bound each reply
 in collect, screen the updates' norms before aggregation and guard the new global adapter after it.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
@@ -38,7 +40,7 @@ from fedpeft.privacy import check_privacy
 from fedpeft.privacy.server_dp import ServerPrivacy
 from fedpeft.report import METRICS_FILE
 from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
-from fedpeft.server import checkpoint
+from fedpeft.server import checkpoint, fed_eval
 from fedpeft.server.aggregators import make_aggregator
 from fedpeft.server.downlink import Downlink
 from fedpeft.server.replies import RoundReplies, collect
@@ -223,13 +225,19 @@ class FederatedServer:
         base = {"round": rnd, "seed": self.cfg.run.seed, "clip-norm": self.privacy.clip_norm,
                 "proximal-mu": self.aggregator.proximal_mu}
         contents = self.downlink.contents(self.global_state, sampled, rnd, base)
-        correction = self.aggregator.correction()
-        if correction is not None:  # dense fp32, one per content object (sampled nodes share one)
-            record = protocol.payload_record(make_codec("none").encode(
-                {k: v.float() for k, v in correction.items()}, self.correction_layout))
+        record = self._correction_record()
+        if record is not None:  # one per content object (sampled nodes share one)
             for content in {id(c): c for c in contents.values()}.values():
                 content[protocol.CORRECTION] = record
         return contents
+
+    def _correction_record(self) -> ArrayRecord | None:
+        """``exact``'s frozen correction as dense fp32 (None before the first aggregation and in other modes)."""
+        correction = self.aggregator.correction()
+        if correction is None:
+            return None
+        return protocol.payload_record(make_codec("none").encode({k: v.float() for k, v in correction.items()},
+                                                                 self.correction_layout))
 
     def _collect(self, grid: Grid, contents: dict[int, protocol.RecordDict], rnd: int) -> RoundReplies:
         """Send the instructions and collect the replies: decoded per client, or a secure sum (SecAgg+)."""
@@ -318,7 +326,10 @@ class FederatedServer:
         row.update(self._account(replies))
         row.update(self.adversary.round_row(replies, grid))
         if rnd % self.cfg.federation.eval_every == 0 or rnd == self.cfg.federation.rounds:
-            row.update(self.evaluate())
+            if self.cfg.federation.evaluation != "federated":
+                row.update(self.evaluate())
+            if self.cfg.federation.evaluation != "server":
+                row.update(self.federated_evaluate(grid, rnd))
         row.update({**replies.traffic_row(self.layout.total),
                     "seconds": round(time.time() - t0, 3), "elapsed": round(time.time() - self.started, 3),
                     "peak_rss_mb": round(peak_rss_mb(), 1)})
@@ -343,6 +354,12 @@ class FederatedServer:
             lora.set_correction(self.rt.model, self.aggregator.correction() or {})
         return {**evaluate(self.rt.model, self.rt.eval_dataset, self.rt.collate, self.cfg.train.eval_batch_size,
                            self.rt.device, self.cfg.model.task), **self.adversary.evaluate(self.rt.model)}
+
+    def federated_evaluate(self, grid: Grid, rnd: int) -> dict[str, Any]:
+        """Every connected node evaluates the global adapter on its own held-out split (server/fed_eval.py)."""
+        content = fed_eval.evaluate_instruction(self.global_state, self.layout, rnd, self._correction_record())
+        return fed_eval.federated_evaluate(grid, sorted(grid.get_node_ids()), content, rnd, self.cfg.model.task,
+                                           self.cfg.federation.round_timeout or None)
 
     def finish(self) -> None:
         """Write the final adapter (a peft adapter usable outside fedpeft, see :mod:`fedpeft.export`; with a
