@@ -46,9 +46,10 @@ def run_ray(cfg: Config, run_config: dict) -> None:
                    f"client-resources-num-gpus={gpus}")
         run_id = flower.run_app(home, flower.app_dir(home / "app"), {**run_config, "workers": workers}, fed_cfg)
         status = flower.wait_run(home, run_id)
-        log_file = _keep_logs(home, run_id, Path(run_config["run-dir"]))
+        log_file = Path(run_config["run-dir"]) / "flower.log"
+        run_log = _keep_logs(home, run_id, log_file)
         if status != "finished:completed":
-            tail = _tail(log_file)
+            tail = "\n".join(run_log.strip().splitlines()[-25:])
             raise FedPeftError(f"Ray simulation run {run_id} ended as {status!r}: {error_line(tail)}\n(the "
                                f"run's log is kept in {log_file}; it ends with:)\n{tail}")
     finally:
@@ -75,13 +76,12 @@ def check_resources(cfg: Config, cpus: int | None = None, gpus: int | None = Non
                            f"{cpus} CPU(s); at most {cpus}")
 
 
-def _keep_logs(home: Path, run_id: int, run_dir: Path) -> Path:
-    """Copy the run's own log (ServerApp, Ray, ClientApps) and the SuperLink's into ``run_dir``.
+def _keep_logs(home: Path, run_id: int, dest: Path) -> str:
+    """Write the run's own log (ServerApp, Ray, ClientApps) and the SuperLink's to ``dest``; returns the former.
 
     The private ``FLWR_HOME`` is deleted when the engine stops, so without this copy the cause of
     a failed run would be gone with it.
     """
-    dest = run_dir / "flower.log"
     try:
         run_log = flower.run_log(home, run_id)
     except FedPeftError as e:
@@ -89,10 +89,4 @@ def _keep_logs(home: Path, run_id: int, run_dir: Path) -> Path:
     link_log = home / "superlink.log"
     link = link_log.read_text(errors="replace") if link_log.exists() else ""
     dest.write_text(f"# run {run_id}\n{run_log}\n# flower-superlink\n{link}")
-    return dest
-
-
-def _tail(log_file: Path, lines: int = 25) -> str:
-    """The last lines of the run's own part of ``log_file`` (before the SuperLink's access log)."""
-    text = log_file.read_text(errors="replace").split("\n# flower-superlink\n")[0]
-    return "\n".join(text.strip().splitlines()[-lines:])
+    return run_log
