@@ -219,6 +219,8 @@ class PrivacySection:
                                                                      "norm, per sqrt(elements summed)")
     secagg_timeout: float = option(0.0, lo=0.0, help="seconds to wait in each SecAgg+ stage (0 = "
                                                    "federation.round_timeout)")
+    dp_defaults: bool = option(True, help="under local DP-SGD, keys the scenario leaves unset take measured DP "
+                                          "defaults (train.lr 5e-3; docs/privacy.md)")
 
 
 @dataclass
@@ -407,6 +409,9 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict (as read from TOML)."""
+    from fedpeft.privacy.tuning import apply_dp_defaults  # DP-SGD's own defaults for keys left unset
+
+    raw = apply_dp_defaults(raw)
     sections = _section_types()
     for name in raw:
         if name not in sections:
