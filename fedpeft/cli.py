@@ -118,6 +118,41 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_frontier(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedpeft.simulation import frontier
+
+    cfg = None if args.resume else config.load(args.scenario, args.overrides)
+    if args.resume and (args.scenario or args.overrides or args.grid):
+        raise FedPeftError("--resume continues a frontier with its own scenario and grid: drop SCENARIO, --set, --grid")
+    cfg, out, cells, _ = frontier.prepare(cfg, args.grid, args.resume, args.canaries)
+    console.print(f"frontier directory [bold]{out}[/] · {len(cells)} cell(s), {frontier.remaining(out)} to run")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("frontier", total=len(cells), completed=len(cells) - frontier.remaining(out))
+
+        def start(i: int, total: int, cell: dict[str, Any]) -> None:
+            progress.update(task, description=f"frontier: {cell['cell']}")
+
+        def done(i: int, total: int, row: dict[str, Any]) -> None:
+            what = (f"accuracy {report.fmt(row['accuracy'])}, leakage {row['verdict']}, up "
+                    f"{report.human_bytes(row['bytes_up_per_round'] or 0)}/round" if row["status"] == "done"
+                    else row["status"])
+            progress.console.print(f"{row['cell']}: {escape(what)} ({row['seconds']:.0f} s)", soft_wrap=True)
+            progress.advance(task)
+
+        try:
+            frontier.run_frontier(resume=out, on_start=start, on_cell=done)
+        except KeyboardInterrupt:
+            console.print(f"[yellow]interrupted[/]; continue with: fedpeft frontier --resume {out}")
+            return 130
+    console.print((out / "frontier.md").read_text())
+    console.print(f"frontier written to [bold]{out}[/]")
+    print(json.dumps({"frontier_dir": str(out)}))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from fedpeft.export import export_merged
 
@@ -324,7 +359,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 COMMANDS = {"simulate": cmd_simulate, "compare-compression": cmd_compare_compression, "config": cmd_config,
             "doctor": cmd_doctor, "export": cmd_export,
-            "audit": cmd_audit, "split-server": cmd_split_server,
+            "audit": cmd_audit, "frontier": cmd_frontier, "split-server": cmd_split_server,
             "superlink": cmd_superlink, "node": cmd_node, "certs": cmd_certs, "client-cert": cmd_client_cert,
             "node-key": cmd_node_key,
             "register-node": cmd_register_node, "run": cmd_run, "status": cmd_status, "logs": cmd_logs}

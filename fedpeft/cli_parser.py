@@ -53,7 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     _deploy_parsers(sub)
     _split_parser(sub)
     _audit_parser(sub)
+    _frontier_parser(sub)
     return p
+
+
+def _frontier_parser(sub: argparse._SubParsersAction) -> None:
+    fr = sub.add_parser("frontier", help="privacy mode x epsilon x codec x adapter: accuracy, leakage verdict and "
+                                         "bytes per cell (frontier.md/csv/png); resumable")
+    _scenario_args(fr)
+    fr.add_argument("--grid", action="append", default=[], metavar="AXIS=V1,V2",
+                    help="one axis, e.g. --grid epsilon=1,3,8,inf (repeatable; replaces that axis of the default "
+                         "grid mode=none,local,client,distributed epsilon=8,inf codec=none,compeft:0.1,int8-secure "
+                         "adapter=lora). Adapters: lora, ffa (FFA-LoRA)")
+    fr.add_argument("--canaries", type=int, default=1000,
+                    help="empirical epsilon audit canaries per local / client-level DP cell (0 = no audit)")
+    fr.add_argument("--resume", type=Path, metavar="FRONTIER_DIR",
+                    help="continue a killed sweep: run the cells not yet in its frontier.csv")
 
 
 def _audit_parser(sub: argparse._SubParsersAction) -> None:

@@ -28,7 +28,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,8 +79,8 @@ class Recorder:
         self._past: dict[int, deque[ObservedUpdate]] = {}
 
     def __call__(self, u: ObservedUpdate) -> None:
-        if self.clients is not None and u.partition_id not in self.clients:
-            return
+        if self.clients is not None and u.partition_id not in self.clients and u.partition_id >= 0:
+            return  # (a secure sum, partition -1, is always kept)
         past = self._past.setdefault(u.partition_id, deque(maxlen=max(1, self.stack)))
         if self.rounds is None or u.round in self.rounds:
             self.captured.append(Captured(u, list(past) if self.stack else []))
@@ -230,8 +230,13 @@ def _canary_setup(rt: Any, cfg: Config) -> tuple[int, list[int]]:
 
 
 def _truth(rt: Any, cfg: Config, cap: Captured) -> tuple[list[list[int]], str]:
-    """True token rows of the stacked rounds and how they were determined (``drawn`` / ``partition``)."""
+    """True token rows of the stacked rounds and how they were determined (``drawn`` / ``partition``; ``sum``:
+    a SecAgg+ mean, scored against every client's truth of that round)."""
     updates = [*cap.history, cap.update]
+    if cap.update.partition_id < 0:  # a secure sum: what every client drew (all of them are in the default sum)
+        parts = [replace(cap, update=replace(cap.update, partition_id=p), history=[])
+                 for p in range(len(rt.partitions))]
+        return [r for part in parts for r in _truth(rt, cfg, part)[0]], "sum"
     dataset = rt.client_dataset(cap.update.partition_id)
     if cfg.privacy.mode in ("local", "both"):
         return [list(x) for x in dataset.input_ids], "partition"
@@ -295,8 +300,8 @@ def audit_run(cfg: Config, attacks: Sequence[str] | None = None, rounds: Sequenc
             first = rows[0] if rows else []
             canary = first[common:common + run.CANARY_LEN] or first[-run.CANARY_LEN:]
             obs = observation(model, cfg, cap)
-            found = attack_update(obs, rows, vocab, cfg, canary, sorted(set(alphabet) | set(canary)),
-                                  _prior(rt, cap.update.partition_id, vocab))
+            prior = _prior(rt, cap.update.partition_id, vocab) if cap.update.partition_id >= 0 else None
+            found = attack_update(obs, rows, vocab, cfg, canary, sorted(set(alphabet) | set(canary)), prior)
             row = _row(cfg, cap, truth, rows, found, per_round.get(cap.update.round, {}), density, dense_bytes)
             row["seconds"] = time.perf_counter() - start
             out.append(row)
@@ -371,8 +376,9 @@ def write(out: Path, cfg: Config, rows: list[dict[str, Any]], metrics: list[dict
 NOTES = [
     "- **truth**: `drawn` = scored against exactly the examples this client's seeded sampler drew in that round "
     "(replayed from `client_seed` and `train_local`'s loader); `partition` = against the client's whole partition "
-    "(local DP-SGD: the Poisson sample is not replayed). **examples**: how many true examples that is; "
-    "**client**: the partition id.",
+    "(local DP-SGD: the Poisson sample is not replayed); `sum` = under SecAgg+ the server holds only the mean of the "
+    "summed updates (client -1), scored against every client's truth of that round. **examples**: how many true "
+    "examples that is; **client**: the partition id.",
     "- **epsilon**: this client's local DP-SGD epsilon after that round (the reply's `epsilon-local`), else the "
     "server's client-level epsilon after that round (it protects the released model, not a reply against this "
     "server), else ∞.",

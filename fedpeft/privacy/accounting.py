@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -186,3 +187,30 @@ class ClientLevelAccountant:
             raise PrivacyError(f"accountant state is for {state.get('kind')!r} with {state.get('sampling')!r} "
                                f"sampling, this accountant is {self.kind!r} with {self.sampling!r}")
         self._acc.history = history_from_json(state.get("history"))
+
+
+def noise_for_epsilon(target_epsilon: float, delta: float, rounds: int, sample_rate: float = 1.0,
+                      sampling: str = "poisson", kind: str = "rdp", max_noise: float = 100.0) -> float:
+    """The smallest server noise multiplier whose :class:`ClientLevelAccountant` epsilon after ``rounds``
+    rounds at rate ``sample_rate`` is at most ``target_epsilon`` (bisection on the accountant itself, so
+    client-level (``poisson``) and distributed DP (``fixed``, rate 1: replace-one) are charged as they run)."""
+    if not (target_epsilon > 0 and 0 < delta < 1 and rounds >= 1 and 0 < sample_rate <= 1):
+        raise PrivacyError(f"cannot derive a noise multiplier from target_epsilon={target_epsilon}, "
+                           f"delta={delta}, rounds={rounds}, sample_rate={sample_rate}")
+
+    def epsilon(z: float) -> float:
+        acc = ClientLevelAccountant(kind, sampling)
+        for _ in range(rounds):
+            acc.step(z, sample_rate)
+        with warnings.catch_warnings():  # opacus: "optimal order is the largest alpha" at large z, expected
+            warnings.simplefilter("ignore", UserWarning)
+            return acc.epsilon(delta)
+
+    if epsilon(max_noise) > target_epsilon:
+        raise PrivacyError(f"target epsilon {target_epsilon:g} is unreachable over {rounds} round(s) even at noise "
+                           f"multiplier {max_noise:g}: raise the target or train fewer rounds")
+    lo, hi = 0.0, max_noise
+    while hi - lo > 1e-3 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if epsilon(mid) <= target_epsilon else (mid, hi)
+    return hi

@@ -38,6 +38,7 @@ from fedpeft.config import Config
 from fedpeft.errors import ConfigError, FedPeftError, PayloadError
 from fedpeft.privacy import check_privacy
 from fedpeft.privacy.server_dp import ServerPrivacy
+from fedpeft.privacy.tuning import suggestions as dp_suggestions
 from fedpeft.report import METRICS_FILE
 from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
 from fedpeft.server import checkpoint, fed_eval
@@ -59,7 +60,8 @@ def peak_rss_mb() -> float:
 
 @dataclass(frozen=True)
 class ObservedUpdate:
-    """One client's update exactly as the server decoded it, with what it was trained from.
+    """One client's update exactly as the server decoded it, with what it was trained from (under SecAgg+
+    the unmasked mean of the sum instead: ``node`` and ``partition_id`` -1, ``metrics["summed"]`` clients).
 
     What an honest-but-curious server holds (the privacy audit attacks these); nothing here is
     ground truth: ``partition_id`` only lets an audit score an attack against that client's data.
@@ -92,6 +94,8 @@ class FederatedServer:
         check_privacy(cfg.privacy, cfg.data.num_clients, cfg.federation.clients_per_round, cfg.federation.rounds,
                       min(len(p) for p in self.rt.partitions), batch_size=cfg.train.batch_size,
                       local_steps=cfg.train.local_steps or None)
+        for line in dp_suggestions(cfg):
+            log.warning(line)
         self.global_state = self.rt.initial_adapter()
         self.layout = self.rt.layout
         self.uplink = make_codec(cfg.compression.uplink)
@@ -246,6 +250,10 @@ class FederatedServer:
             if self.checks is not None:  # only the cleartext metrics are per client here
                 replies.clients = [replace(c, metrics=replies.checked_metrics(self.checks, c.metrics, c.node, rnd))
                                    for c in replies.clients]
+            if replies.secure_mean is not None:  # all the server holds: the mean, no node (-1), no partition (-1)
+                for observe in self.observers:
+                    observe(ObservedUpdate(rnd, -1, -1, self.downlink.broadcast, replies.secure_mean,
+                                           {"summed": float(len(replies.clients))}))
             return replies
         replies = collect(grid, contents, rnd, self.uplink, self.layout, self.cfg.federation.round_timeout or None,
                           self.checks)
