@@ -34,7 +34,7 @@ from common import append_results, table  # noqa: E402
 #: short setting names -> config keys
 KEYS = {"lr": "train.lr", "batch": "train.batch_size", "steps": "train.local_steps", "clip": "privacy.max_grad_norm",
         "agg": "federation.lora_aggregation", "rounds": "federation.rounds", "opt": "train.optimizer",
-        "seed": "run.seed", "logical": "privacy.logical_batch_size"}
+        "seed": "run.seed"}
 
 
 def parse_setting(text: str) -> dict[str, object]:
