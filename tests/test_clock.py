@@ -124,3 +124,20 @@ def test_the_same_seed_gives_the_same_event_log_and_metrics(two_clients):
 def test_summary_reports_simulated_time(two_clients):
     summary = (two_clients["free"][0] / "summary.md").read_text()
     assert "sim_time" in summary and "simulated time" in summary
+
+
+def test_offline_and_dropped_out_clients_answer_with_their_reason(tmp_path):
+    data = write_classification(tmp_path / "topics.jsonl", n=60)
+    profiles = tmp_path / "devices.csv"
+    profiles.write_text("client,availability,dropout\n1,0,0\n2,1,1\n")
+    sets = {"data.num_clients": 3, "federation.rounds": 1, "train.local_steps": STEPS, "model.max_length": 16,
+            "devices.clock": True, "devices.step_seconds": STEP_SECONDS, "devices.profiles": str(profiles)}
+    run_dir = runner.simulate(config.load(None, tiny_overrides(data, tmp_path / "runs", **sets)))
+    metrics = report.read_metrics(run_dir)[0]
+    log = {r["node"]: r for r in (json.loads(line) for line in (run_dir / CLIENTS_FILE).read_text().splitlines())}
+    assert metrics["replies"] == 1 and set(metrics["dropped_nodes"]) == {"1001", "1002"}
+    assert "unavailable" in metrics["dropped_nodes"]["1001"] and "dropped out" in metrics["dropped_nodes"]["1002"]
+    assert log[1001]["status"] == "unavailable" and log[1001]["finish"] == 0.0 and log[1001]["bytes_down"] == 0
+    assert log[1002]["status"] == "dropout" and log[1002]["bytes_up"] == 0
+    assert 0 < log[1002]["compute_s"] < STEPS * STEP_SECONDS  # it went part way through its work
+    assert metrics["sim_time"] == pytest.approx(max(log[1000]["finish"], log[1002]["finish"]), abs=1e-6)
