@@ -141,3 +141,23 @@ def test_offline_and_dropped_out_clients_answer_with_their_reason(tmp_path):
     assert log[1002]["status"] == "dropout" and log[1002]["bytes_up"] == 0
     assert 0 < log[1002]["compute_s"] < STEPS * STEP_SECONDS  # it went part way through its work
     assert metrics["sim_time"] == pytest.approx(max(log[1000]["finish"], log[1002]["finish"]), abs=1e-6)
+
+
+def test_secagg_stages_each_take_their_exact_bytes_and_only_the_masking_stage_trains(tmp_path):
+    data = write_classification(tmp_path / "topics.jsonl", n=60)
+    sets = {"data.num_clients": 3, "federation.rounds": 1, "train.local_steps": STEPS, "model.max_length": 16,
+            "devices.clock": True, "devices.step_seconds": STEP_SECONDS,
+            "privacy.secure_aggregation": "secaggplus"}
+    run_dir = runner.simulate(config.load(None, tiny_overrides(data, tmp_path / "runs", **sets)))
+    metrics = report.read_metrics(run_dir)[0]
+    log = [json.loads(line) for line in (run_dir / CLIENTS_FILE).read_text().splitlines()]
+    stages = list(dict.fromkeys(r["kind"] for r in log))
+    assert stages == ["setup", "share_keys", "collect_masked_vectors", "unmask"]
+    assert sum(r["bytes_up"] for r in log) == metrics["bytes_up"] and sum(r["bytes_down"] for r in log) == \
+        metrics["bytes_down"]
+    assert {r["kind"] for r in log if r["compute_s"]} == {"collect_masked_vectors"}
+    assert {r["compute_s"] for r in log if r["compute_s"]} == {STEPS * STEP_SECONDS}
+    ends = [max(r["finish"] for r in log if r["kind"] == s) for s in stages]  # each stage starts when the last ended
+    assert all(min(r["start"] for r in log if r["kind"] == s) == pytest.approx(e, abs=1e-6)
+               for s, e in zip(stages[1:], ends))
+    assert metrics["sim_time"] == pytest.approx(ends[-1], abs=1e-6)
