@@ -161,3 +161,20 @@ def test_secagg_stages_each_take_their_exact_bytes_and_only_the_masking_stage_tr
     assert all(min(r["start"] for r in log if r["kind"] == s) == pytest.approx(e, abs=1e-6)
                for s, e in zip(stages[1:], ends))
     assert metrics["sim_time"] == pytest.approx(ends[-1], abs=1e-6)
+
+
+def test_time_to_target_in_the_sweep_row_and_the_curves(tmp_path):
+    from fedpeft.simulation import sweep
+
+    rows = [{"round": r, "replies": 2, "bytes_up": 100, "bytes_up_fp32": 400, "bytes_up_fp16": 200,
+             "bytes_down": 50, "train_loss": 1.0, "eval_loss": 1.0 / r, "eval_accuracy": a, "sim_time": 10.0 * r}
+            for r, a in ((1, 0.5), (2, 0.86), (3, 0.84), (4, 0.9))]
+    assert report.time_to_target(rows, 0.85) == 20.0 and report.time_to_target(rows, 0.95) is None
+    row = sweep.summarize("none", rows, tmp_path, target=0.85)
+    assert row["time_to_target_s"] == 20.0 and row["sim_time_s"] == 40.0
+    assert sweep.summarize("none", [{k: v for k, v in r.items() if k != "sim_time"} for r in rows], tmp_path,
+                           target=0.85)["time_to_target_s"] is None  # no clock, no time
+    report.plot_curves(rows, tmp_path / "curves.png")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "curves.png").size[0] > 1200  # three panels: the third against simulated time
