@@ -34,6 +34,7 @@ from fedpeft import config, report  # noqa: E402
 from fedpeft.simulation import clocked, runner  # noqa: E402
 from fedpeft.simulation.sweep import compare_compression, split_codecs  # noqa: E402
 
+# the issue's federation of phones; --set overrides these
 DEVICES = ["devices.clock=true", "devices.slowdown=\"pareto:1\"", "network.uplink_mbps=\"fixed:1\"",
            "network.downlink_mbps=\"fixed:10\"", "network.latency_ms=\"fixed:50\""]
 
@@ -78,7 +79,7 @@ def bench_overhead(out: Path, sets: list[str]) -> str:
 
 def bench_codecs(out: Path, sets: list[str], codecs: list[str]) -> str:
     """Simulated time to the target accuracy per codec, and to the accuracy every codec reached."""
-    cfg = config.load(None, [f"output.dir=\"{out}\"", "output.plots=false", *sets, *DEVICES])
+    cfg = config.load(None, [f"output.dir=\"{out}\"", "output.plots=false", *DEVICES, *sets])
     sweep = compare_compression(cfg, codecs, on_done=lambda r: print(r["codec"], r["final_accuracy"],
                                                                      r["time_to_target_s"], flush=True))
     with open(sweep / "compression.csv") as f:
@@ -105,7 +106,7 @@ def bench_codecs(out: Path, sets: list[str], codecs: list[str]) -> str:
 
 def bench_fedbuff(out: Path, sets: list[str], clients: int, rounds: int) -> str:
     """Synchronous FedAvg against FedBuff on the same devices."""
-    base = [f"output.dir=\"{out}\"", "output.plots=false", *sets, *DEVICES]
+    base = [f"output.dir=\"{out}\"", "output.plots=false", *DEVICES, *sets]
     sync = report.read_metrics(runner.simulate(config.load(None, [*base, f"federation.rounds={rounds}"])))
     k = max(1, clients // 2)
     buffered = report.read_metrics(runner.simulate(config.load(None, [

@@ -178,3 +178,23 @@ def test_time_to_target_in_the_sweep_row_and_the_curves(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "curves.png").size[0] > 1200  # three panels: the third against simulated time
+
+
+@pytest.mark.parametrize("mode", ["flops", "measured"])
+def test_flops_and_measured_compute_times(tmp_path, mode):
+    from fedpeft.runtime import RuntimeCache
+    from fedpeft.simulation.clocked import ClockedGrid
+
+    data = write_classification(tmp_path / "topics.jsonl", n=60)
+    cfg = config.load(None, tiny_overrides(data, tmp_path / "runs", **{
+        "data.num_clients": 2, "devices.clock": True, "devices.compute": mode, "devices.flops": 1e9,
+        "devices.slowdown": "fixed:4"}))
+    runtimes = RuntimeCache()
+    grid = ClockedGrid(None, 2, {"run-dir": str(tmp_path)}, runtimes, cfg)  # type: ignore[arg-type]
+    if mode == "measured":
+        assert grid.compute_seconds("train", 0, 0.25) == 1.0 and grid.compute_seconds(None, 1, 0.5) == 2.0
+        return
+    params = sum(p.numel() for p in runtimes.get(cfg).model.parameters())
+    step = 6 * params * cfg.train.batch_size * cfg.model.max_length / 1e9
+    assert grid.compute_seconds("train", 0, 99.0) == pytest.approx(cfg.train.local_steps * step * 4, rel=1e-12)
+    assert grid.compute_seconds(None, 0, 99.0) == 0.0  # a SecAgg+ key stage
