@@ -70,7 +70,8 @@ def bench_overhead(out: Path, sets: list[str]) -> str:
         for u in undo:
             u()
     own = totals["_deliver"] - totals["call"] + totals["_log"]
-    rows = [["clock off", f"{off:.1f}", "-", "-"], ["clock on", f"{on:.1f}", f"{own:.3f}", f"{100 * own / on:.2f} %"]]
+    rows: list[list[object]] = [["clock off", f"{off:.1f}", "-", "-"],
+                                ["clock on", f"{on:.1f}", f"{own:.3f}", f"{100 * own / on:.2f} %"]]
     return ("Embedded default (" + (", ".join(sets) or "as shipped") + "). The clock's own time is measured inside "
             "the clocked run (message delivery less the ClientApp's work, plus the event log); the wall times of "
             "the two runs differ also by machine load.\n\n"
@@ -85,7 +86,7 @@ def bench_codecs(out: Path, sets: list[str], codecs: list[str]) -> str:
     with open(sweep / "compression.csv") as f:
         runs = {r["codec"]: report.read_metrics(Path(r["run_dir"])) for r in csv.DictReader(f)}
     common_acc = min(rows[-1]["eval_accuracy"] for rows in runs.values())
-    out_rows = []
+    out_rows: list[list[str]] = []
     for spec in codecs:
         rows = runs[spec]
         per_round = rows[-1]["sim_time"] / len(rows)
@@ -101,7 +102,7 @@ def bench_codecs(out: Path, sets: list[str], codecs: list[str]) -> str:
                  + (f"{float(t['none'][5]) / float(other[5]):.2f}x" if "-" not in (t['none'][5], other[5]) else "-"))
     return (f"Clock: {', '.join(DEVICES[1:])}; " + (", ".join(sets) or "embedded default") + ".\n\n"
             + table(["uplink codec", "uplink kB/round", "sim s/round", "final acc", "sim s to 0.85",
-                     f"sim s to {common_acc:.4f}"], out_rows) + ratio)
+                     f"sim s to {common_acc:.4f}"], [list[object](r) for r in out_rows]) + ratio)
 
 
 def bench_fedbuff(out: Path, sets: list[str], clients: int, rounds: int) -> str:
