@@ -152,6 +152,14 @@ class FederationSection:
     evaluation: str = option("server", choices=("server", "federated", "both"),
                              help="server = on the server's held-out set; federated = each client on its own "
                                   "held-out split (docs/evaluation.md)")
+    buffer_size: int = option(0, lo=0, help="FedBuff: clients train at their own pace and the server applies an update "
+                                            "whenever this many have arrived (0 = synchronous rounds; needs "
+                                            "devices.clock; each applied update is a round; docs/virtual-clock.md)")
+    concurrency: int = option(0, lo=0, help="FedBuff: clients training at once (0 = clients_per_round, or all)")
+    staleness_exponent: float = option(0.5, lo=0.0, help="FedBuff: an update tau server updates old is weighted "
+                                                         "1 / (1 + tau) ** this (0.5: Nguyen et al. 2022)")
+    max_staleness: int = option(0, lo=0, help="FedBuff: a client whose error-feedback residual is more than this many "
+                                              "server updates old starts from a zero residual (0 = no bound)")
     ray_num_cpus: float = option(1.0, lo=0.0, help="CPUs per Ray client actor")
     ray_num_gpus: float = option(0.0, lo=0.0, help="GPU fraction per Ray client actor")
 
@@ -355,6 +363,39 @@ class SanitySection:
 
 
 @dataclass
+class DevicesSection:
+    """Simulated client devices: the virtual clock of the in-process engine (docs/virtual-clock.md)."""
+
+    clock: bool = option(False, help="simulate time: sim_time per round in metrics.jsonl, per message in "
+                                     "clients.jsonl; federation.round_timeout counts simulated seconds")
+    compute: str = option("steps", choices=("steps", "flops", "measured"),
+                          help="compute time: local steps x step_seconds, 6 x parameters x tokens / flops per step, "
+                               "or the measured wall time (not reproducible); each x the client's slowdown")
+    step_seconds: float = option(0.1, lo=0.0, lo_open=True, help="steps: seconds per optimizer step on a slowdown-1 "
+                                                                  "device")
+    flops: float = option(1e12, lo=0.0, lo_open=True, help="flops: FLOP/s of a slowdown-1 device")
+    slowdown: str = option("fixed:1", help="compute time multiplier per client, seeded: fixed:V, uniform:LO,HI, "
+                                          "lognormal:MU,SIGMA, pareto:SHAPE[,SCALE]")
+    availability: float = option(1.0, lo=0.0, hi=1.0, help="probability that a client is online when a message "
+                                                           "reaches it (else it answers unavailable)")
+    dropout: float = option(0.0, lo=0.0, hi=1.0, help="probability that an online client drops out before replying")
+    target_accuracy: float = option(0.85, lo=0.0, hi=1.0, help="summary.md and compare-compression report the "
+                                                               "simulated time to this eval accuracy")
+    profiles: str = option("", help="CSV of device profiles, one row per client: client, and any of slowdown, "
+                                    "uplink_mbps, downlink_mbps, latency_ms, availability, dropout (the rest drawn)")
+
+
+@dataclass
+class NetworkSection:
+    """Simulated client links for the virtual clock (distributions as devices.slowdown, seeded)."""
+
+    uplink_mbps: str = option("fixed:1", help="client -> server bandwidth (Mbit/s)")
+    downlink_mbps: str = option("fixed:10", help="server -> client bandwidth (Mbit/s)")
+    latency_ms: str = option("fixed:50", help="one-way latency of each message (ms)")
+    loss: float = option(0.0, lo=0.0, hi=0.99, help="packet loss: retransmissions stretch each transfer by 1/(1-loss)")
+
+
+@dataclass
 class OutputSection:
     """Where run artifacts go."""
 
@@ -379,6 +420,8 @@ class Config:
     split: SplitSection = field(default_factory=SplitSection)
     adversary: AdversarySection = field(default_factory=AdversarySection)
     sanity: SanitySection = field(default_factory=SanitySection)
+    devices: DevicesSection = field(default_factory=DevicesSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
     output: OutputSection = field(default_factory=OutputSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -63,6 +63,9 @@ def validate(cfg: Config) -> None:
         _validate_federated_evaluation(cfg)
     if cfg.adversary.attack != "none" or cfg.adversary.fraction or cfg.adversary.clients:
         _validate_adversary(cfg)
+    from fedpeft.simulation import clock  # the virtual clock's distributions and FedBuff's limits
+
+    clock.check_config(cfg)
 
 
 def _validate_strategy(cfg: Config) -> None:

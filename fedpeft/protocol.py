@@ -37,6 +37,7 @@ TRAIN, EVALUATE = "train", "evaluate"
 GLOBAL, CONFIG, UPDATE, METRICS = "global", "config", "update", "metrics"
 CORRECTION = "lora-correction"  # federation.lora_aggregation = "exact": the frozen per-module correction (dense fp32)
 PAYLOAD = "payload"
+EF_RESET = "ef-reset"  # train config (FedBuff): the client's error-feedback residual is too stale; start from zero
 REQUIRED_METRICS = ("num-examples",)
 #: what a client sends under DP unless privacy.release_client_metrics: values that do not depend on its data
 #: (its simulation index, the traffic the split server sees anyway, adaptive clipping's 0/1 indicator, which

@@ -78,7 +78,7 @@ def round_line(row: dict[str, Any], total: int) -> str:
 ROUND_COLUMNS = ["round", "replies", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
                  "fed_eval_loss", "fed_eval_accuracy", "fed_eval_perplexity", "fed_eval_worst",
                  "backdoor_success", "epsilon_client", "epsilon_local", "clip_norm", "bytes_up", "bytes_down",
-                 "split_bytes_up", "split_bytes_down", "seconds"]
+                 "split_bytes_up", "split_bytes_down", "seconds", "sim_time", "staleness_mean"]
 BYTE_PARTS = ["up_positions", "up_values", "up_scales", "up_header", "up_framing"]
 
 
@@ -106,6 +106,7 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
                                                                     "epsilon_client", "epsilon_local")
                                    if last.get(k) is not None),
             *_split_lines(cfg, rows),
+            *_clock_lines(cfg, rows),
             *_fed_eval_lines(rows),
             *summary_lines(cfg, rows),
             *guarantee_lines(cfg, rows),
@@ -114,6 +115,22 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
     (run_dir / "summary.md").write_text("\n".join(text))
     if cfg.output.plots and rows:
         plot_curves(rows, run_dir / "curves.png")
+
+
+def _clock_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
+    """The virtual clock: simulated time in all, and when the target accuracy was first reached."""
+    if not rows or rows[-1].get("sim_time") is None:
+        return []
+    target = cfg.devices.target_accuracy
+    reached = time_to_target(rows, target)
+    return [f"- simulated time {fmt(rows[-1]['sim_time'])} s (the virtual clock, docs/virtual-clock.md); eval "
+            f"accuracy {fmt(target)} " + ("not reached" if reached is None else f"first reached at {fmt(reached)} s")]
+
+
+def time_to_target(rows: list[dict[str, Any]], target: float, key: str = "eval_accuracy") -> float | None:
+    """Simulated seconds until ``key`` first reached ``target`` (None: never, or no clock)."""
+    return next((r["sim_time"] for r in rows if r.get("sim_time") is not None and r.get(key) is not None
+                 and r[key] >= target), None)
 
 
 def _fed_eval_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -144,7 +161,9 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    timed = rows[-1].get("sim_time") is not None  # the virtual clock: accuracy against simulated time too
+    fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(13.5 if timed else 9, 3.5))
+    ax1, ax2 = axes[0], axes[1]
     evals = [r for r in rows if r.get("eval_loss") is not None]
     ax2.plot([r["round"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     trains = [r for r in rows if r.get("train_loss") is not None]
@@ -156,6 +175,10 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     ax1.plot([r["round"] for r in evals], [r.get(key) for r in evals], "o-", color="tab:green")
     ax1.set_xlabel("round")
     ax1.set_ylabel(key.replace("eval_", "eval "))
+    if timed:
+        axes[2].plot([r["sim_time"] for r in evals], [r.get(key) for r in evals], "o-", color="tab:purple")
+        axes[2].set_xlabel("simulated time (s)")
+        axes[2].set_ylabel(key.replace("eval_", "eval "))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -135,7 +135,7 @@ def train(msg: Message, context: Context) -> Message:
         context.state[LOCAL_DP_STATE] = ConfigRecord({"json": json.dumps(local_dp.state_dict())})
         extra["epsilon-local"] = local_dp.epsilon()
     ef = update.error_feedback(codec, cfg.compression.error_feedback)
-    if ef is not None and EF_STATE in context.state:
+    if ef is not None and EF_STATE in context.state and not instruction.get(protocol.EF_RESET, False):
         ef.load_state_dict(_arrays(context.state[EF_STATE]))
     clip = protocol.number(instruction, "clip-norm") if cfg.privacy.mode in ("client", "both") else None
     enc = update.encode_update(delta, codec, layout, rng=np.random.default_rng(seed), fisher=result.fisher, ef=ef,

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpeft import config, versions
 from fedpeft.adversary import require_simulation
 from fedpeft.runtime import runtimes_of
+from fedpeft.server.asynchronous import BufferedServer
 from fedpeft.server.loop import FederatedServer, Observer
 
 
@@ -32,7 +33,8 @@ def make_app(observers: Sequence[Observer] = ()) -> ServerApp:
         run_dir.mkdir(parents=True, exist_ok=True)
         versions.write_versions(run_dir)  # the server process's environment, rewritten on resume
         resume = bool(context.run_config.get("resume", False))
-        FederatedServer(cfg, run_dir, resume=resume, observers=observers, runtimes=runtimes_of(context)).run(grid)
+        server = BufferedServer if cfg.federation.buffer_size else FederatedServer  # FedBuff: asynchronous.py
+        server(cfg, run_dir, resume=resume, observers=observers, runtimes=runtimes_of(context)).run(grid)
 
     return server_app
 

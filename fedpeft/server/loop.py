@@ -155,14 +155,23 @@ class FederatedServer:
         self.privacy.restore(ckpt.extra["privacy"], ckpt.tensors["privacy"])
         self.round = ckpt.round
         self.started = time.time() - float(ckpt.extra.get("elapsed", 0.0))
+        self.restore_extra(ckpt.extra)
         log.info("resumed from round %d", self.round)
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON state a subclass adds to the checkpoint (FedBuff: the clients in flight)."""
+        return {}
+
+    def restore_extra(self, extra: dict[str, Any]) -> None:
+        """Continue from what :meth:`extra_state` saved."""
 
     def _save(self, grid: Grid) -> None:
         agg_state, t = self.aggregator.state_dict()
         privacy_meta, privacy_tensors = self.privacy.state()
         downlink_meta, downlink_tensors = self.downlink.state()
         tensors = {"global": self.global_state, "optimizer": agg_state, "privacy": privacy_tensors, **downlink_tensors}
-        extra = {"elapsed": time.time() - self.started, "optimizer_t": t, "privacy": privacy_meta, **downlink_meta}
+        extra = {"elapsed": time.time() - self.started, "optimizer_t": t, "privacy": privacy_meta, **downlink_meta,
+                 **self.extra_state()}
         split_state = self.split.state() if self.split is not None else None
         if split_state is not None:  # the in-process split body's adapters and optimizer
             tensors["split_body"], extra["split_body"] = split_state
@@ -315,12 +324,17 @@ class FederatedServer:
             row["epsilon_local"] = max(replies.local_epsilons)
         return row
 
-    def run_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
-        """One round: sample, instruct, collect, aggregate, account, evaluate; returns its metrics row."""
-        t0 = time.time()
+    def _gather(self, grid: Grid, rnd: int) -> tuple[list[int], RoundReplies]:
+        """Sample, instruct and collect: the nodes asked and their replies (FedBuff overrides this)."""
         sampled = self._sample(grid, rnd)
         replies = self._collect(grid, self._instructions(sampled, rnd), rnd)
         self.downlink.commit(sampled, replies.nodes, rnd)
+        return sampled, replies
+
+    def run_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
+        """One round: sample, instruct, collect, aggregate, account, evaluate; returns its metrics row."""
+        t0, sim_start = time.time(), getattr(grid, "sim_time", None)  # the in-process virtual clock, if on
+        sampled, replies = self._gather(grid, rnd)
         row: dict[str, Any] = {"round": rnd, "sampled": len(sampled), "replies": len(replies.clients),
                                "dropped": len(replies.dropped)}
         self.lora_row = {}
@@ -341,6 +355,8 @@ class FederatedServer:
         row.update({**replies.traffic_row(self.layout.total),
                     "seconds": round(time.time() - t0, 3), "elapsed": round(time.time() - self.started, 3),
                     "peak_rss_mb": round(peak_rss_mb(), 1)})
+        if sim_start is not None:  # simulated seconds (simulation/clock.py): this round's and since the start
+            row.update(sim_seconds=round(grid.sim_time - sim_start, 6), sim_time=round(grid.sim_time, 6))  # type: ignore[attr-defined]
         log.info("round %d: %s", rnd, row)
         return row
 

@@ -25,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedpeft import config
 from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
 
 log = logging.getLogger(__name__)
@@ -90,18 +91,21 @@ class InProcessGrid(Grid):
                                                  state=RecordDict(), run_config=dict(self.run_config))
         return self._contexts[node]
 
+    def call(self, msg: Message) -> Message:
+        """Run the ClientApp of ``msg``'s node on it; a failing client is an error reply, as in a deployment."""
+        try:
+            return self.client_app(msg, self.context(msg.metadata.dst_node_id))
+        except Exception as e:
+            log.exception("virtual node %s failed", msg.metadata.dst_node_id)
+            return Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
             if msg.metadata.dst_node_id not in self.get_node_ids():
                 raise ValueError(f"unknown node {msg.metadata.dst_node_id}")
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            try:
-                reply = self.client_app(msg, self.context(msg.metadata.dst_node_id))
-            except Exception as e:  # a failing client is an error reply, as in a deployment
-                log.exception("virtual node %s failed", msg.metadata.dst_node_id)
-                reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
-            self._replies[msg.metadata.message_id] = reply
+            self._replies[msg.metadata.message_id] = self.call(msg)
             ids.append(msg.metadata.message_id)
         return ids
 
@@ -154,6 +158,11 @@ def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int, 
     TaskIdentity.node_id = SERVER_NODE_ID
     TaskIdentity.task_id = 1
     grid = InProcessGrid(client_app, num_nodes, run_config, runtimes=runtimes)
+    cfg = config.loads(str(run_config["fedpeft-config"])) if "fedpeft-config" in run_config else None
+    if cfg is not None and cfg.devices.clock:  # simulated time (simulation/clock.py)
+        from fedpeft.simulation.clocked import ClockedGrid
+
+        grid = ClockedGrid(client_app, num_nodes, run_config, runtimes, cfg)
     server_ctx = EngineContext(runtimes, run_id=1, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
                                run_config=dict(run_config))
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from fedpeft.simulation import runner
 
 COLUMNS = ["codec", "density", "uplink_bytes_per_round", "downlink_bytes_per_round", "ratio_vs_fp32",
            "ratio_vs_fp16", "entropy_bound_ratio", "final_accuracy", "accuracy_delta_vs_none", "final_eval_loss",
-           "encode_ms", "decode_ms", "run_dir"]
+           "encode_ms", "decode_ms", "sim_time_s", "time_to_target_s", "run_dir"]
 
 
 def _ideal_bits(spec: str, d: int) -> float | None:
@@ -38,8 +38,8 @@ def _ideal_bits(spec: str, d: int) -> float | None:
     return None
 
 
-def summarize(spec: str, rows: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
-    """One sweep row from a run's metrics."""
+def summarize(spec: str, rows: list[dict[str, Any]], run_dir: Path, target: float = 0.85) -> dict[str, Any]:
+    """One sweep row from a run's metrics (with the virtual clock: simulated seconds in all and to ``target``)."""
     n = max(1, len(rows))
     up, fp32 = sum(r["bytes_up"] for r in rows), sum(r["bytes_up_fp32"] for r in rows)
     fp16 = sum(r["bytes_up_fp16"] for r in rows)
@@ -56,6 +56,7 @@ def summarize(spec: str, rows: list[dict[str, Any]], run_dir: Path) -> dict[str,
             "final_accuracy": last.get("eval_accuracy"), "final_eval_loss": last.get("eval_loss"),
             "accuracy_delta_vs_none": None,
             "encode_ms": sum(enc) / len(enc) if enc else None, "decode_ms": sum(dec) / len(dec) if dec else None,
+            "sim_time_s": last.get("sim_time"), "time_to_target_s": report.time_to_target(rows, target),
             "run_dir": str(run_dir)}
 
 
@@ -90,7 +91,7 @@ def compare_compression(cfg: Config, codecs: list[str], both_directions: bool = 
                                       run=dataclasses.replace(cfg.run, name=_slug(spec)),
                                       output=dataclasses.replace(cfg.output, dir=str(sweep_dir / "runs")))
         run_dir = runner.simulate(run_cfg)
-        results.append(summarize(spec, report.read_metrics(run_dir), run_dir))
+        results.append(summarize(spec, report.read_metrics(run_dir), run_dir, cfg.devices.target_accuracy))
         if on_done:
             on_done(results[-1])
     base = next((r["final_accuracy"] for r in results if r["codec"] == "none"), None)
@@ -112,7 +113,9 @@ def write_sweep(sweep_dir: Path, cfg: Config, results: list[dict[str, Any]]) -> 
             f"Model `{cfg.model.name}`, adapter `{cfg.adapter.type}` (r={cfg.adapter.r}), {cfg.data.num_clients} "
             f"clients, {cfg.federation.rounds} rounds, seed {cfg.run.seed}. Bytes are serialized Flower records "
             "per round (all clients); ratios compare with the dense fp32 / fp16 size of the same updates; "
-            "`entropy_bound_ratio` is the ideal ratio vs fp32 for that density.\n",
+            "`entropy_bound_ratio` is the ideal ratio vs fp32 for that density. With the virtual clock "
+            f"(devices.clock), `time_to_target_s` is the simulated time to eval accuracy "
+            f"{cfg.devices.target_accuracy} (empty: not reached).\n",
             report.markdown_table(cols, [[r[c] for c in cols] for r in results])]
     (sweep_dir / "compression.md").write_text("\n".join(text))
     if cfg.output.plots:

@@ -1,0 +1,123 @@
+"""FedBuff on the virtual clock: equal speeds with K = all clients is synchronous FedAvg, a straggler does not
+hold the server back and arrives down-weighted by its staleness, a crashed run resumes exactly, and what it
+cannot account or run is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from fedpeft import config, report
+from fedpeft.errors import ConfigError
+from fedpeft.server import asynchronous
+from fedpeft.simulation import runner
+from fedpeft.simulation.clocked import CLIENTS_FILE
+
+from conftest import Interrupted, tiny_overrides, write_classification
+
+KEYS = ("round", "replies", "train_loss", "eval_loss", "eval_accuracy", "sim_time", "staleness_max", "bytes_up",
+        "bytes_down")
+SLOW = 3.0  # the straggler's slowdown: 2 steps x 0.5 s x 3 = 3 s of compute against 1 s
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("fedbuff")
+    data = write_classification(tmp / "topics.jsonl", n=60)
+    profiles = tmp / "devices.csv"
+    profiles.write_text(f"client,slowdown\n2,{SLOW}\n")
+
+    def cfg(**extra: object) -> config.Config:
+        sets = {"data.num_clients": 3, "federation.rounds": 2, "train.local_steps": 2, "model.max_length": 16,
+                "devices.clock": True, "devices.step_seconds": 0.5, **extra}
+        return config.load(None, tiny_overrides(data, tmp / "runs", **sets))
+
+    return {"cfg": cfg, "profiles": str(profiles)}
+
+
+def _adapter(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / CLIENTS_FILE).read_text().splitlines()]
+
+
+def test_staleness_weights_as_specified():
+    assert asynchronous.staleness_weight(0, 0.5) == 1.0
+    assert asynchronous.staleness_weight(3, 0.5) == 0.5  # 1 / sqrt(1 + 3)
+    assert asynchronous.staleness_weight(1, 1.0) == 0.5
+    assert asynchronous.staleness_weight(7, 0.0) == 1.0
+
+
+def test_equal_speeds_and_k_all_clients_is_synchronous_fedavg(setup):
+    sync = runner.simulate(setup["cfg"]())
+    buffered = runner.simulate(setup["cfg"](**{"federation.buffer_size": 3}))
+    a, b = report.read_metrics(sync), report.read_metrics(buffered)
+    assert [[r.get(k) for k in KEYS if k != "staleness_max"] for r in a] == \
+        [[r.get(k) for k in KEYS if k != "staleness_max"] for r in b]
+    assert [r["staleness_max"] for r in b] == [0, 0]
+    sa, sb = _adapter(sync), _adapter(buffered)
+    assert sa.keys() == sb.keys() and all(sa[k].equal(sb[k]) for k in sa)
+    assert _log(sync) == _log(buffered)
+
+
+def test_a_straggler_is_not_waited_for_and_arrives_down_weighted(setup, monkeypatch):
+    weights: list[tuple[int, float]] = []
+    real = asynchronous.staleness_weight
+    monkeypatch.setattr(asynchronous, "staleness_weight", lambda tau, e: weights.append((tau, e)) or real(tau, e))
+    run_dir = runner.simulate(setup["cfg"](**{"federation.buffer_size": 2, "federation.rounds": 3,
+                                              "devices.profiles": setup["profiles"]}))
+    rows, log = report.read_metrics(run_dir), _log(run_dir)
+    straggler = next(e for e in log if e["node"] == 1002)
+    assert straggler["round"] == 1 and straggler["finish"] > rows[1]["sim_time"]  # dispatched first, back late
+    assert [r["replies"] for r in rows] == [2, 2, 2]
+    assert rows[0]["sim_time"] < straggler["finish"] / 2  # the first update did not wait for it
+    assert rows[2]["sim_time"] >= straggler["finish"] and rows[2]["staleness_max"] == 2  # sent at v0, applied at v2
+    assert [r["staleness_max"] for r in rows[:2]] == [0, 0]
+    assert {w for w in weights if w[0]} == {(2, 0.5)}  # only the straggler's tensors were scaled, by 1/sqrt(3)
+
+
+@pytest.fixture(scope="module")
+def interrupted(setup) -> dict:
+    """A 4-update FedBuff run with the straggler in flight at the round-2 checkpoint, and that run crashed
+    at the start of update 3."""
+    extra = {"federation.buffer_size": 2, "federation.rounds": 4, "devices.profiles": setup["profiles"],
+             "compression.uplink": "topk:0.3", "federation.max_staleness": 1}
+    reference = runner.simulate(setup["cfg"](**extra))
+    original = asynchronous.BufferedServer.run_round
+
+    def crash(self, grid, rnd):
+        if rnd == 3:
+            raise Interrupted()
+        return original(self, grid, rnd)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(asynchronous.BufferedServer, "run_round", crash)
+        cfg, crashed = runner.prepare(setup["cfg"](**extra))
+        with pytest.raises(Interrupted):
+            runner.execute(cfg, crashed)
+    return {"reference": reference, "crashed": crashed}
+
+
+def test_a_resumed_fedbuff_run_matches_the_uninterrupted_one(interrupted):
+    crashed = interrupted["crashed"]
+    assert json.loads((crashed / "checkpoint" / "server.json").read_text())["round"] == 2
+    runner.simulate(resume=crashed)
+    ref, res = (report.read_metrics(d) for d in (interrupted["reference"], crashed))
+    assert [[r.get(k) for k in KEYS] for r in res] == [[r.get(k) for k in KEYS] for r in ref]
+    assert _log(crashed) == _log(interrupted["reference"])
+    a, b = _adapter(interrupted["reference"]), _adapter(crashed)
+    assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_what_fedbuff_cannot_account_or_run_is_refused(setup):
+    with pytest.raises(ConfigError, match="privacy.mode = 'client' is not supported .*device timing"):
+        setup["cfg"](**{"federation.buffer_size": 2, "privacy.mode": "client"})
+    with pytest.raises(ConfigError, match="runs on the virtual clock: set devices.clock = true"):
+        setup["cfg"](**{"federation.buffer_size": 2, "devices.clock": False})
+    with pytest.raises(ConfigError, match="buffer_size <= federation.concurrency"):
+        setup["cfg"](**{"federation.buffer_size": 3, "federation.concurrency": 2})
