@@ -93,6 +93,10 @@ def _validate_generative(cfg: Config) -> None:
     if cfg.split.enabled and (m.dtype != "fp32" or m.quantization != "none" or m.device_map):
         raise ConfigError("split learning runs fp32 base weights on one device: leave model.dtype = 'fp32', "
                           "model.quantization = 'none' and model.device_map empty with split.enabled = true")
+    if cfg.privacy.mode in ("local", "both") and (m.dtype != "fp32" or m.quantization != "none"):
+        raise ConfigError(f"local DP-SGD (privacy.mode = {cfg.privacy.mode!r}) is supported on fp32 base weights only "
+                          "(Opacus' per-example gradients are untested over bf16/fp16 or quantized layers): set "
+                          "model.dtype = 'fp32' and model.quantization = 'none'")
     fp16_on_cpu = m.dtype == "fp16" and cfg.run.device == "cpu"
     if cfg.run.device in ("cpu", "mps") and (m.quantization != "none" or fp16_on_cpu):
         what = "model.quantization" if m.quantization != "none" else "model.dtype = 'fp16'"

@@ -96,6 +96,8 @@ def _cast_input(module: nn.Module, args: tuple) -> tuple:
 def fp32_trainables(model: nn.Module) -> None:
     """Over bf16/fp16 (or quantized) base weights, keep every trainable tensor in fp32 (the optimizer's state
     and the wire stay exact); a trained head (a full copy peft makes) gets its input cast to its own dtype."""
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        return
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
