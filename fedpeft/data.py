@@ -77,12 +77,12 @@ def tokenize(ex: Examples, tokenizer: Any, max_length: int, task: str,
     labels_out: list[list[int]] = []
     silent = 0
     fmt = prompt_formatter(prompt_template, tokenizer)
-    specials = not uses_chat_template(prompt_template, tokenizer)  # a chat template writes its own (BOS, turns)
+    add_specials = not uses_chat_template(prompt_template, tokenizer)  # a chat template writes its own (BOS, turns)
     for p, r in zip(ex.prompts, ex.responses):
         # only the prompt's end and the response's start can reach the window (see _truncate)
-        ids, n_prompt, n_lead = _encode_causal(tokenizer, fmt(p[-limit:]), r[:limit], specials)
+        ids, n_prompt, n_lead = _encode_causal(tokenizer, fmt(p[-limit:]), r[:limit], add_specials)
         if (len(p) > limit and n_prompt < max_length) or (len(r) > limit and len(ids) <= max_length):
-            ids, n_prompt, n_lead = _encode_causal(tokenizer, fmt(p), r, specials)
+            ids, n_prompt, n_lead = _encode_causal(tokenizer, fmt(p), r, add_specials)
         ids, n_prompt = _truncate(ids, n_prompt, n_lead, max_length)
         labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
         silent += n_prompt >= len(ids)
@@ -95,14 +95,14 @@ def tokenize(ex: Examples, tokenizer: Any, max_length: int, task: str,
 
 
 def _encode_causal(tokenizer: Any, prompt_text: str, response: str,
-                   specials: bool = True) -> tuple[list[int], int, int]:
-    """(ids of prompt + response [+ eos], number of prompt tokens, leading special tokens); ``specials``: let the
-    tokenizer add its special tokens (not for a chat-formatted text, which holds them already)."""
+                   add_specials: bool = True) -> tuple[list[int], int, int]:
+    """(ids of prompt + response [+ eos], number of prompt tokens, leading special tokens); ``add_specials``: let
+    the tokenizer add its special tokens (not for a chat-formatted text, which holds them already)."""
     full = prompt_text + response
     cut = len(prompt_text)
     try:
         enc = tokenizer(full, return_offsets_mapping=True, return_special_tokens_mask=True,
-                        add_special_tokens=specials)
+                        add_special_tokens=add_specials)
         offsets, special = enc["offset_mapping"], enc["special_tokens_mask"]
     except (NotImplementedError, ValueError, TypeError):
         enc, offsets = None, None
@@ -115,8 +115,8 @@ def _encode_causal(tokenizer: Any, prompt_text: str, response: str,
         n_lead = next((i for i, sp in enumerate(special) if not sp), len(ids))
         n_prompt = content[-1] + 1 if content else n_lead
     else:  # slow tokenizer without offsets: the prompt alone, minus its trailing special tokens
-        ids = list(tokenizer(full, add_special_tokens=specials)["input_ids"])
-        p_ids = list(tokenizer(prompt_text, add_special_tokens=specials)["input_ids"])
+        ids = list(tokenizer(full, add_special_tokens=add_specials)["input_ids"])
+        p_ids = list(tokenizer(prompt_text, add_special_tokens=add_specials)["input_ids"])
         specials = set(getattr(tokenizer, "all_special_ids", []))
         while p_ids and p_ids[-1] in specials:
             p_ids.pop()

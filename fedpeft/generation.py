@@ -14,7 +14,7 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -75,8 +75,8 @@ def generate(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_new_tok
         rows = [list(tokenizer(t, add_special_tokens=specials)["input_ids"]) for t in texts[start:start + batch_size]]
         rows = [r[-max_prompt_tokens:] if max_prompt_tokens else r for r in rows]
         ids, mask = _left_padded(rows, int(pad), device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=int(pad), eos_token_id=tokenizer.eos_token_id)
+        out = cast(Any, model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                        do_sample=False, pad_token_id=int(pad), eos_token_id=tokenizer.eos_token_id)
         outputs += [tokenizer.decode(o[ids.shape[1]:], skip_special_tokens=True).strip() for o in out]
     return outputs
 
@@ -90,10 +90,11 @@ def evaluate_generation(model: nn.Module, tokenizer: Any, examples: Examples, pr
     prompts, refs = examples.prompts[:n], examples.responses[:n]
     outs = generate(model, tokenizer, [fmt(p) for p in prompts], gen.max_new_tokens, gen.batch_size, device,
                     max_prompt_tokens, specials=not uses_chat_template(prompt_template, tokenizer))
-    rows = [{"kind": "generation", "prompt": p, "reference": r, "output": o, "exact_match": exact_match(o, r),
-             "rougeL": round(rouge_l_words(o, r), 6)} for p, r, o in zip(prompts, refs, outs)]
-    metrics = {"gen_examples": float(n), "gen_exact_match": sum(r["exact_match"] for r in rows) / max(1, n),
-               "gen_rougeL": sum(r["rougeL"] for r in rows) / max(1, n)}
+    em = [exact_match(o, r) for o, r in zip(outs, refs)]
+    rl = [round(rouge_l_words(o, r), 6) for o, r in zip(outs, refs)]
+    rows = [{"kind": "generation", "prompt": p, "reference": r, "output": o, "exact_match": e, "rougeL": f}
+            for p, r, o, e, f in zip(prompts, refs, outs, em, rl)]
+    metrics = {"gen_examples": float(n), "gen_exact_match": sum(em) / max(1, n), "gen_rougeL": sum(rl) / max(1, n)}
     return metrics, rows
 
 
@@ -177,7 +178,8 @@ def score_choices(model: nn.Module, tokenizer: Any, questions: Sequence[Question
     answer that is no letter counts as wrong there).
     """
     model.eval()
-    rows = []
+    rows: list[dict[str, Any]] = []
+    right = greedy_right = 0
     for q in questions:
         prefix = list(tokenizer(flowertune_prompt(q))["input_ids"])
         letters = [list(tokenizer(LETTERS[i], add_special_tokens=False)["input_ids"]) for i in range(len(q.options))]
@@ -192,12 +194,13 @@ def score_choices(model: nn.Module, tokenizer: Any, questions: Sequence[Question
             scores.append(float(logp.gather(1, torch.tensor(toks, device=device)[:, None]).sum()))
         pick = max(range(len(scores)), key=scores.__getitem__)
         greedy = _first_letter(tokenizer.decode([int(first.argmax())], skip_special_tokens=True))
+        right += pick == q.answer
+        greedy_right += greedy == LETTERS[q.answer].lower()
         rows.append({"kind": "choice", "question": q.question, "answer": LETTERS[q.answer],
                      "predicted": LETTERS[pick], "greedy": greedy, "scores": [round(s, 4) for s in scores]})
     n = max(1, len(rows))
     return ({"mc_questions": float(len(rows)),
-             "mc_accuracy": sum(r["predicted"] == r["answer"] for r in rows) / n,
-             "mc_accuracy_greedy": sum(r["greedy"] == r["answer"].lower() for r in rows) / n}, rows)
+             "mc_accuracy": right / n, "mc_accuracy_greedy": greedy_right / n}, rows)
 
 
 # ----------------------------------------------------------------------------- the server's hook

@@ -106,4 +106,4 @@ def fp32_trainables(model: nn.Module) -> None:
                 any(p.requires_grad for p in module.parameters(recurse=False)) and \
                 not getattr(module, "_fedpeft_cast", False):
             module.register_forward_pre_hook(_cast_input)
-            module._fedpeft_cast = True  # type: ignore[assignment]
+            module._fedpeft_cast = True
