@@ -57,6 +57,14 @@ class ModelSection:
     gguf_file: str = option("", help="GGUF weights file inside the model directory (e.g. SmolLM2)")
     tiny_hidden_size: int = option(64, lo=8, help="hidden size of tiny-* test models")
     tiny_layers: int = option(2, lo=1, help="layers of tiny-* test models")
+    dtype: str = option("fp32", choices=("fp32", "bf16", "fp16"),
+                        help="base weights' dtype (adapters stay fp32); fp16 only on a GPU (docs/gpu.md)")
+    quantization: str = option("none", choices=("none", "4bit", "8bit"),
+                               help="QLoRA: load the base in 4-bit NF4 or 8-bit through bitsandbytes (needs a CUDA "
+                                    "device and bitsandbytes; docs/gpu.md)")
+    device_map: str = option("", choices=("", "auto", "balanced", "balanced_low_0", "sequential"),
+                             help="spread the base over this process's GPUs with accelerate (empty = all on "
+                                  "run.device; 'auto' on a machine without CUDA = the CPU)")
 
 
 @dataclass
@@ -84,6 +92,9 @@ class DataSection:
     prompt_column: str = option("prompt")
     response_column: str = option("response")
     group_column: str = option("", help="natural client id column (partition = 'natural')")
+    prompt_template: str = option("auto", help="causal LM prompt: auto (the tokenizer's chat template when it has "
+                                               "one, else plain), chat, plain ('Question: {prompt}\\nAnswer: '), "
+                                               "or your own text holding {prompt} once (docs/generative.md)")
     max_examples: int = option(0, lo=0, help="use at most this many examples (0 = all)")
     eval_fraction: float = option(0.2, lo=0.01, hi=0.9, help="held-out global eval split")
     client_eval_fraction: float = option(0.0, lo=0.0, hi=0.9, help="each client holds this part of its own data "
@@ -93,6 +104,20 @@ class DataSection:
     dirichlet_alpha: float = option(1.0, lo=1e-4, help="label-skew concentration (smaller = more skewed)")
     quantity_alpha: float = option(1.0, lo=1e-4, help="size-skew concentration for partition = 'quantity'")
     classes_per_client: int = option(1, lo=1, help="labels per client for partition = 'pathological'")
+
+
+@dataclass
+class GenerationSection:
+    """Generation-based evaluation of a causal LM on the server's held-out prompts (docs/generative.md)."""
+
+    eval_examples: int = option(0, lo=0, help="held-out prompts answered by greedy decoding after the last round "
+                                              "(exact match, ROUGE-L; samples in RUN/generations.jsonl; 0 = off)")
+    max_new_tokens: int = option(48, lo=1, hi=4096, help="tokens generated per prompt at most")
+    every_eval: bool = option(False, help="generate at every evaluation, not only after the last round")
+    batch_size: int = option(8, lo=1, help="prompts decoded together")
+    choices_path: str = option("", help="multiple-choice set (.jsonl/.csv/.parquet: question, A..E or choices, "
+                                        "answer) scored by log-likelihood in FlowerTune's prompt format")
+    choices_max: int = option(0, lo=0, help="score at most this many multiple-choice questions (0 = all)")
 
 
 @dataclass
@@ -412,6 +437,7 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     adapter: AdapterSection = field(default_factory=AdapterSection)
     data: DataSection = field(default_factory=DataSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
     train: TrainSection = field(default_factory=TrainSection)
     federation: FederationSection = field(default_factory=FederationSection)
     compression: CompressionSection = field(default_factory=CompressionSection)

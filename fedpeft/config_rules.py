@@ -8,6 +8,8 @@ names the keys, the bad values and the way out.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fedpeft.config import Config
 from fedpeft.errors import ConfigError
 
@@ -63,9 +65,45 @@ def validate(cfg: Config) -> None:
         _validate_federated_evaluation(cfg)
     if cfg.adversary.attack != "none" or cfg.adversary.fraction or cfg.adversary.clients:
         _validate_adversary(cfg)
+    _validate_generative(cfg)
     from fedpeft.simulation import clock  # the virtual clock's distributions and FedBuff's limits
 
     clock.check_config(cfg)
+
+
+def _validate_generative(cfg: Config) -> None:
+    """Prompt template, generation evaluation and base-model precision (hardware is checked when the run starts,
+    :func:`fedpeft.precision.check_hardware`)."""
+    from fedpeft.errors import DataError
+    from fedpeft.sources import check_prompt_template
+
+    try:
+        check_prompt_template(cfg.data.prompt_template)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    gen, m = cfg.generation, cfg.model
+    if (gen.eval_examples or gen.choices_path) and m.task != "causal_lm":
+        raise ConfigError("generation.eval_examples / generation.choices_path evaluate a causal LM: set model.task = "
+                          "'causal_lm' (or leave them at 0 / empty)")
+    if (gen.eval_examples or gen.choices_path) and (cfg.federation.evaluation == "federated" or cfg.split.enabled):
+        raise ConfigError("generation.eval_examples / generation.choices_path run on the server's held-out set and "
+                          "whole model: they need federation.evaluation = 'server' or 'both' and split.enabled = false")
+    if gen.choices_path and not Path(gen.choices_path).expanduser().is_file():
+        raise ConfigError(f"generation.choices_path = {gen.choices_path!r}: file not found")
+    if m.quantization != "none" and m.name in ("tiny-bert", "tiny-gpt2", "tiny-llama"):
+        raise ConfigError(f"model.quantization = {m.quantization!r} loads pretrained weights through bitsandbytes; "
+                          f"{m.name!r} is built from a config: save it with save_pretrained and name the directory")
+    if cfg.split.enabled and (m.dtype != "fp32" or m.quantization != "none" or m.device_map):
+        raise ConfigError("split learning runs fp32 base weights on one device: leave model.dtype = 'fp32', "
+                          "model.quantization = 'none' and model.device_map empty with split.enabled = true")
+    if cfg.privacy.mode in ("local", "both") and (m.dtype != "fp32" or m.quantization != "none"):
+        raise ConfigError(f"local DP-SGD (privacy.mode = {cfg.privacy.mode!r}) is supported on fp32 base weights only "
+                          "(Opacus' per-example gradients are untested over bf16/fp16 or quantized layers): set "
+                          "model.dtype = 'fp32' and model.quantization = 'none'")
+    fp16_on_cpu = m.dtype == "fp16" and cfg.run.device == "cpu"
+    if cfg.run.device in ("cpu", "mps") and (m.quantization != "none" or fp16_on_cpu):
+        what = "model.quantization" if m.quantization != "none" else "model.dtype = 'fp16'"
+        raise ConfigError(f"{what} needs a CUDA GPU, but run.device = {cfg.run.device!r} (docs/gpu.md)")
 
 
 def _validate_strategy(cfg: Config) -> None:

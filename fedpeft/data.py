@@ -4,8 +4,9 @@ Flow: :func:`load_examples` (the registered sources, see :mod:`fedpeft.sources`)
 (held-out global eval set) -> :func:`partition` (client index arrays, see :mod:`fedpeft.partition`) ->
 :func:`tokenize` -> :class:`Collator`.
 
-Causal-LM examples are formatted with :data:`PROMPT_TEMPLATE` + the response + the tokenizer's
-eos token (``"Question: {prompt}\\nAnswer: {response}</s>"``); the loss is on the response only.
+Causal-LM examples are formatted with the prompt template (``data.prompt_template``: the tokenizer's chat
+template, or :data:`PROMPT_TEMPLATE`, ``"Question: {prompt}\\nAnswer: "``, or the user's own) + the response +
+the tokenizer's eos token; the loss is on the response only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from fedpeft.errors import DataError
 from fedpeft.partition import partition, split_eval
-from fedpeft.sources import PROMPT_TEMPLATE, TASKS, Examples, load_examples
+from fedpeft.sources import PROMPT_TEMPLATE, TASKS, Examples, load_examples, prompt_formatter, uses_chat_template
 
 __all__ = ["Examples", "load_examples", "split_eval", "partition", "tokenize", "Collator",
            "PROMPT_TEMPLATE", "IGNORE_INDEX"]
@@ -54,9 +55,11 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return [len(x) for x in self.input_ids]
 
 
-def tokenize(ex: Examples, tokenizer: Any, max_length: int, task: str) -> TokenizedDataset:
+def tokenize(ex: Examples, tokenizer: Any, max_length: int, task: str,
+             prompt_template: str = "plain") -> TokenizedDataset:
     """Tokenize to at most ``max_length`` tokens per example (padding is left to :class:`Collator`); texts are
-    cut to ``max_length * CHARS_PER_TOKEN`` characters first, with the same tokens as uncut."""
+    cut to ``max_length * CHARS_PER_TOKEN`` characters first, with the same tokens as uncut. Causal-LM prompts
+    are formatted by ``prompt_template`` (see :func:`fedpeft.sources.prompt_formatter`)."""
     if task != ex.task:
         raise DataError(f"cannot tokenize {ex.task} examples for task {task!r}")
     if max_length < 2:
@@ -73,11 +76,13 @@ def tokenize(ex: Examples, tokenizer: Any, max_length: int, task: str) -> Tokeni
     ids_out: list[list[int]] = []
     labels_out: list[list[int]] = []
     silent = 0
+    fmt = prompt_formatter(prompt_template, tokenizer)
+    add_specials = not uses_chat_template(prompt_template, tokenizer)  # a chat template writes its own (BOS, turns)
     for p, r in zip(ex.prompts, ex.responses):
         # only the prompt's end and the response's start can reach the window (see _truncate)
-        ids, n_prompt, n_lead = _encode_causal(tokenizer, PROMPT_TEMPLATE.format(prompt=p[-limit:]), r[:limit])
+        ids, n_prompt, n_lead = _encode_causal(tokenizer, fmt(p[-limit:]), r[:limit], add_specials)
         if (len(p) > limit and n_prompt < max_length) or (len(r) > limit and len(ids) <= max_length):
-            ids, n_prompt, n_lead = _encode_causal(tokenizer, PROMPT_TEMPLATE.format(prompt=p), r)
+            ids, n_prompt, n_lead = _encode_causal(tokenizer, fmt(p), r, add_specials)
         ids, n_prompt = _truncate(ids, n_prompt, n_lead, max_length)
         labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
         silent += n_prompt >= len(ids)
@@ -89,12 +94,15 @@ def tokenize(ex: Examples, tokenizer: Any, max_length: int, task: str) -> Tokeni
     return TokenizedDataset(ids_out, labels_out, task)
 
 
-def _encode_causal(tokenizer: Any, prompt_text: str, response: str) -> tuple[list[int], int, int]:
-    """(ids of prompt + response [+ eos], number of prompt tokens, leading special tokens)."""
+def _encode_causal(tokenizer: Any, prompt_text: str, response: str,
+                   add_specials: bool = True) -> tuple[list[int], int, int]:
+    """(ids of prompt + response [+ eos], number of prompt tokens, leading special tokens); ``add_specials``: let
+    the tokenizer add its special tokens (not for a chat-formatted text, which holds them already)."""
     full = prompt_text + response
     cut = len(prompt_text)
     try:
-        enc = tokenizer(full, return_offsets_mapping=True, return_special_tokens_mask=True)
+        enc = tokenizer(full, return_offsets_mapping=True, return_special_tokens_mask=True,
+                        add_special_tokens=add_specials)
         offsets, special = enc["offset_mapping"], enc["special_tokens_mask"]
     except (NotImplementedError, ValueError, TypeError):
         enc, offsets = None, None
@@ -107,8 +115,8 @@ def _encode_causal(tokenizer: Any, prompt_text: str, response: str) -> tuple[lis
         n_lead = next((i for i, sp in enumerate(special) if not sp), len(ids))
         n_prompt = content[-1] + 1 if content else n_lead
     else:  # slow tokenizer without offsets: the prompt alone, minus its trailing special tokens
-        ids = list(tokenizer(full)["input_ids"])
-        p_ids = list(tokenizer(prompt_text)["input_ids"])
+        ids = list(tokenizer(full, add_special_tokens=add_specials)["input_ids"])
+        p_ids = list(tokenizer(prompt_text, add_special_tokens=add_specials)["input_ids"])
         specials = set(getattr(tokenizer, "all_special_ids", []))
         while p_ids and p_ids[-1] in specials:
             p_ids.pop()

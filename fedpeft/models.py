@@ -36,6 +36,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from fedpeft.adapters import ADAPTERS
 from fedpeft.config import AdapterSection, ModelSection
 from fedpeft.errors import ModelError
+from fedpeft.precision import DTYPES, fp32_trainables, placement
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -183,7 +184,8 @@ class MeanPoolClassifier(nn.Module):
 
 
 def load_base_model(cfg: ModelSection, num_labels: int = 0, seed: int = 0) -> nn.Module:
-    """Load (or, for tiny-* models, build with a seeded init) the frozen base model."""
+    """Load (or, for tiny-* models, build with a seeded init) the frozen base model, its weights in
+    ``model.dtype`` (or quantized, ``model.quantization``)."""
     classification = cfg.task == "classification"
     if classification and num_labels < 2:
         raise ModelError(f"classification needs at least 2 labels, got {num_labels}")
@@ -200,7 +202,7 @@ def load_base_model(cfg: ModelSection, num_labels: int = 0, seed: int = 0) -> nn
                 model = AutoModelForCausalLM.from_config(mcfg)
         else:
             path = model_path(cfg.name)
-            kwargs: dict = {"local_files_only": _offline(path), **_gguf_file(cfg)}
+            kwargs: dict = {"local_files_only": _offline(path), **_gguf_file(cfg), **placement(cfg)}
             try:
                 if classification and cfg.pooling == "model":
                     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
@@ -210,8 +212,12 @@ def load_base_model(cfg: ModelSection, num_labels: int = 0, seed: int = 0) -> nn
                     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             except LOAD_ERRORS as e:
                 raise ModelError(_load_failure(cfg.name, e)) from None
-    if any(p.dtype != torch.float32 for p in model.parameters()):  # GGUF models are dequantized already
-        model = model.to(torch.float32)
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif any(p.dtype != DTYPES[cfg.dtype] for p in model.parameters()):  # GGUF weights come dequantized
+        model = model.to(DTYPES[cfg.dtype])
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -241,6 +247,7 @@ def build_peft_model(base: nn.Module, adapter: AdapterSection, task: str, seed: 
     for name, p in model.named_parameters():
         if freeze_a and ".lora_A." in name:
             p.requires_grad_(False)
+    fp32_trainables(model)
     if task == "classification" and not adapter.train_head:
         for name, p in model.named_parameters():
             if "classifier" in name or "score" in name:

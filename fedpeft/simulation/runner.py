@@ -66,6 +66,10 @@ def prepare(cfg: Config | None = None, resume: Path | None = None) -> tuple[Conf
         raise ConfigError("no configuration given")
     if cfg.data.source == "file" and not Path(cfg.data.path).expanduser().is_file():  # before the run directory
         raise DataError(f"data file not found: {cfg.data.path} (data.path)")
+    from fedpeft.precision import check_hardware  # dtype / QLoRA / device_map this machine cannot run
+    from fedpeft.training import select_device
+
+    check_hardware(cfg.model, select_device(cfg.run.device))
     run_dir = new_run_dir(cfg.output.dir, cfg.run.name)
     (run_dir / CONFIG_FILE).write_text(cfg.to_toml())
     return cfg, run_dir
