@@ -54,6 +54,8 @@ def validate(cfg: Config) -> None:
     _validate_strategy(cfg)
     if cfg.federation.lora_aggregation != "naive":
         _validate_lora(cfg)
+    if cfg.adapter.client_ranks:
+        _validate_ranks(cfg)
     if cfg.split.enabled:
         _validate_split(cfg)
     if cfg.privacy.secure_aggregation == "secaggplus":
@@ -91,6 +93,8 @@ def _validate_strategy(cfg: Config) -> None:
 
 def _validate_lora(cfg: Config) -> None:
     """What each federation.lora_aggregation mode cannot combine with (docs/lora-aggregation.md)."""
+    from fedpeft import lora  # already imported: it declares the modes
+
     mode = cfg.federation.lora_aggregation
     key = f"federation.lora_aggregation = {mode!r}"
     if cfg.adapter.type != "lora":
@@ -98,7 +102,7 @@ def _validate_lora(cfg: Config) -> None:
     if cfg.split.enabled:
         raise ConfigError(f"{key} does not combine with split.enabled (the split cut chooses which adapter tensors "
                           "travel); use federation.lora_aggregation = 'naive'")
-    if mode not in ("exact", "svd"):
+    if mode not in lora.PRODUCT_MODES:
         return  # freeze_a, share_a: one factor travels and is aggregated by any strategy
     if cfg.federation.strategy not in ("fedavg", "fedprox"):
         raise ConfigError(f"{key} replaces the mean by the mean of the clients' B_i A_i, so it works with "
@@ -113,6 +117,32 @@ def _validate_lora(cfg: Config) -> None:
                           f"client-level DP releases (privacy.mode = {cfg.privacy.mode!r}): use "
                           "federation.lora_aggregation = 'freeze_a' (exact; only B is noised), "
                           "'share_a' or 'naive', or privacy.mode = 'local'")
+
+
+def _validate_ranks(cfg: Config) -> None:
+    """Mixed LoRA ranks (adapter.client_ranks): which aggregators, engines and options can carry them."""
+    from fedpeft import lora
+    from fedpeft.compression import make_codec
+
+    ranks, r = cfg.adapter.client_ranks, cfg.adapter.r
+    key = f"adapter.client_ranks = {ranks}"
+    if cfg.adapter.type != "lora":
+        raise ConfigError(f"{key} needs adapter.type = 'lora' (got {cfg.adapter.type!r})")
+    if any(not 1 <= x <= r for x in ranks):
+        raise ConfigError(f"{key}: every rank must be between 1 and adapter.r = {r} (the server's rank)")
+    mode = cfg.federation.lora_aggregation
+    if mode not in lora.MIXED_RANK_MODES:
+        raise ConfigError(f"federation.lora_aggregation = {mode!r} cannot aggregate clients of different LoRA ranks "
+                          f"({key}); choose one of: {', '.join(map(repr, lora.MIXED_RANK_MODES))}")
+    if cfg.run.engine != "inprocess":
+        raise ConfigError(f"{key} needs run.engine = 'inprocess' (the server must know each node's partition to "
+                          f"send it its rank; got {cfg.run.engine!r})")
+    if not make_codec(cfg.compression.downlink).lossless:
+        raise ConfigError(f"{key} needs a lossless compression.downlink ('none'; got {cfg.compression.downlink!r}): "
+                          "each rank gets its own truncation of the global adapter")
+    if cfg.privacy.mode in ("local", "both"):
+        raise ConfigError(f"{key} does not combine with local DP-SGD (privacy.mode = {cfg.privacy.mode!r}): its "
+                          "noise would train the components beyond a client's rank; use privacy.mode = 'none'")
 
 
 def _validate_split(cfg: Config) -> None:

@@ -94,10 +94,11 @@ def train(msg: Message, context: Context) -> Message:
     split = split_of(rt)  # before the layout: with split learning only the client side travels
     partition_id = int(context.node_config.get("partition-id", 0)) if data_path else int(
         context.node_config["partition-id"])
-    layout = rt.layout
+    rank = _rank(cfg, rt, partition_id)
+    layout = rt.layout if rank is None else Layout.from_state(lora.truncate(rt.initial_adapter(), rank))
     instruction = protocol.config_record(msg.content)
     global_state = receive_global(msg, context, layout, cfg.compression.downlink)
-    if cfg.federation.lora_aggregation == "exact":
+    if cfg.federation.lora_aggregation in lora.CORRECTED:
         lora.set_correction(rt.model, receive_correction(msg, lora.correction_layout(global_state)))
     rnd = int(protocol.number(instruction, "round"))
     attacker = adversary.attack_for(cfg, partition_id, bool(context.run_config.get("simulation", False)))
@@ -117,7 +118,8 @@ def train(msg: Message, context: Context) -> Message:
         result, state, split_metrics = split.train_round(f"node-{context.node_id}", dataset, global_state, seed)
         extra.update(split_metrics)
     else:
-        start = rt.full_state(global_state)  # with this node's personal tensors (at their init the first time)
+        # with this node's personal tensors (at their init the first time); a lower rank zero-padded to the model's
+        start = rt.full_state(global_state if rank is None else lora.pad(global_state, cfg.adapter.r))
         if PERSONAL_STATE in context.state:
             start.update({k: torch.tensor(v) for k, v in _arrays(context.state[PERSONAL_STATE]).items()})
         models.set_adapter_state(rt.model, start)
@@ -125,6 +127,8 @@ def train(msg: Message, context: Context) -> Message:
                              proximal_mu=protocol.number(instruction, "proximal-mu"), dp=local_dp,
                              fisher=codec.wants_fisher)
         state = models.adapter_state(rt.model)
+        if rank is not None:  # the components beyond the rank stayed at zero (zero gradients)
+            state = lora.truncate(state, rank)
         personal = {k: v for k, v in state.items() if k not in global_state}
         if personal:
             context.state[PERSONAL_STATE] = _record({k: v.numpy() for k, v in personal.items()})
@@ -138,8 +142,8 @@ def train(msg: Message, context: Context) -> Message:
     if ef is not None and EF_STATE in context.state:
         ef.load_state_dict(_arrays(context.state[EF_STATE]))
     clip = protocol.number(instruction, "clip-norm") if cfg.privacy.mode in ("client", "both") else None
-    enc = update.encode_update(delta, codec, layout, rng=np.random.default_rng(seed), fisher=result.fisher, ef=ef,
-                               clip=clip)
+    fisher = result.fisher if rank is None or result.fisher is None else lora.truncate(result.fisher, rank)
+    enc = update.encode_update(delta, codec, layout, rng=np.random.default_rng(seed), fisher=fisher, ef=ef, clip=clip)
     if ef is not None:
         context.state[EF_STATE] = _record(ef.state_dict())
     if enc.clip_indicator is not None and enc.update_norm is not None:  # client-level DP clipped the update
@@ -150,6 +154,14 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.privacy.mode != "none" and not cfg.privacy.release_client_metrics:
         metrics = protocol.public_metrics(metrics)
     return Message(protocol.train_reply(enc.payload, attacker.metrics(metrics)), reply_to=msg)
+
+
+def _rank(cfg: config.Config, rt: Runtime, partition_id: int) -> int | None:
+    """This client's LoRA rank under mixed ranks (adapter.client_ranks), else None (the model's)."""
+    if not cfg.adapter.client_ranks:
+        return None
+    sizes = [len(p) for p in rt.partitions]
+    return lora.client_ranks(cfg.adapter.client_ranks, cfg.adapter.rank_rule, sizes)[partition_id]
 
 
 def _local_eval(rt: Runtime, dataset: Dataset, cfg: config.Config) -> dict[str, float]:
@@ -166,7 +178,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     data_path = str(context.node_config.get("data-path", "")) or None
     rt = node_runtime(cfg, context)
     global_state = make_codec("none").decode(protocol.record_payload(msg.content[protocol.GLOBAL]), rt.layout)
-    if cfg.federation.lora_aggregation == "exact":
+    if cfg.federation.lora_aggregation in lora.CORRECTED:
         lora.set_correction(rt.model, receive_correction(msg, lora.correction_layout(global_state)))
     state = rt.full_state(global_state)
     if PERSONAL_STATE in context.state:

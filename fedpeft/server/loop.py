@@ -43,6 +43,7 @@ from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
 from fedpeft.server import checkpoint, fed_eval
 from fedpeft.server.aggregators import make_aggregator
 from fedpeft.server.downlink import Downlink
+from fedpeft.server.ranks import RankPlan
 from fedpeft.server.replies import RoundReplies, collect
 from fedpeft.server.sanity import ReplyChecks, global_problem, metric_ranges, screen_norms
 from fedpeft.split.plugin import split_of
@@ -100,6 +101,8 @@ class FederatedServer:
         self.privacy = ServerPrivacy(cfg)
         self.aggregator = make_aggregator(cfg.federation, self.privacy)
         self.correction_layout = lora.correction_layout(self.global_state)  # exact's frozen correction
+        self.ranks = (RankPlan(cfg, [len(p) for p in self.rt.partitions], self.global_state)
+                      if cfg.adapter.client_ranks else None)  # mixed LoRA ranks (server/ranks.py)
         self.lora_row: dict[str, float | None] = {}  # this round's lora_agg_error (and svd's truncation error)
         self.adversary = Ledger(cfg, self.rt)  # the simulated attackers, recorded (never aggregated by)
         self.secagg = None
@@ -179,6 +182,8 @@ class FederatedServer:
             else:  # a new deployment run: nodes start with empty state, so none holds a broadcast state
                 self.downlink.forget_nodes()
         partition_of = getattr(grid, "partition_of", None)  # the in-process engine knows each node's partition
+        if self.ranks is not None:
+            self.ranks.bind(partition_of)
         if self.checks is not None and partition_of is not None:
             sizes = [len(p) for p in self.rt.partitions]
             self.checks.partition_size = lambda node: None if (pid := partition_of(node)) is None else sizes[pid]
@@ -224,7 +229,8 @@ class FederatedServer:
         """The training message content for each sampled node (see :mod:`fedpeft.server.downlink`)."""
         base = {"round": rnd, "seed": self.cfg.run.seed, "clip-norm": self.privacy.clip_norm,
                 "proximal-mu": self.aggregator.proximal_mu}
-        contents = self.downlink.contents(self.global_state, sampled, rnd, base)
+        contents = (self.downlink.contents(self.global_state, sampled, rnd, base) if self.ranks is None
+                    else self.ranks.contents(self.global_state, sampled, rnd, base))
         record = self._correction_record()
         if record is not None:  # one per content object (sampled nodes share one)
             for content in {id(c): c for c in contents.values()}.values():
@@ -247,8 +253,8 @@ class FederatedServer:
                 replies.clients = [replace(c, metrics=replies.checked_metrics(self.checks, c.metrics, c.node, rnd))
                                    for c in replies.clients]
             return replies
-        replies = collect(grid, contents, rnd, self.uplink, self.layout, self.cfg.federation.round_timeout or None,
-                          self.checks)
+        replies = collect(grid, contents, rnd, self.uplink, self.layout if self.ranks is None else self.ranks.layout,
+                          self.cfg.federation.round_timeout or None, self.checks)
         if self.checks is not None:
             replies.sanity.update(screen_norms(replies, self.global_state, self.cfg.sanity, rnd))
         for c, delta in zip(replies.clients, replies.deltas):
@@ -350,7 +356,7 @@ class FederatedServer:
             log.info("remote split server: the body's adapters are not here; centralized evaluation skipped")
             return {}
         models.set_adapter_state(self.rt.model, state)
-        if self.cfg.federation.lora_aggregation == "exact":
+        if self.cfg.federation.lora_aggregation in lora.CORRECTED:
             lora.set_correction(self.rt.model, self.aggregator.correction() or {})
         return {**evaluate(self.rt.model, self.rt.eval_dataset, self.rt.collate, self.cfg.train.eval_batch_size,
                            self.rt.device, self.cfg.model.task), **self.adversary.evaluate(self.rt.model)}
