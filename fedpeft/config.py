@@ -160,6 +160,11 @@ class FederationSection:
     evaluation: str = option("server", choices=("server", "federated", "both"),
                              help="server = on the server's held-out set; federated = each client on its own "
                                   "held-out split (docs/evaluation.md)")
+    personalization: str = option("none", choices=("none", "finetune"),
+                                  help="finetune: federated evaluation also evaluates, on each client's held-out "
+                                       "split, the adapter after personal_steps local steps on its own training data "
+                                       "(personal_eval_* metrics; docs/evaluation.md)")
+    personal_steps: int = option(5, lo=1, help="personalization = 'finetune': local optimizer steps before evaluation")
     ray_num_cpus: float = option(1.0, lo=0.0, help="CPUs per Ray client actor")
     ray_num_gpus: float = option(0.0, lo=0.0, help="GPU fraction per Ray client actor")
 

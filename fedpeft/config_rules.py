@@ -52,6 +52,8 @@ def validate(cfg: Config) -> None:
     if cfg.adapter.type == "lora" and cfg.adapter.alpha <= 0:
         raise ConfigError("adapter.alpha must be > 0 for LoRA")
     _validate_strategy(cfg)
+    if cfg.federation.strategy == "scaffold":
+        _validate_scaffold(cfg)
     if cfg.federation.lora_aggregation != "naive":
         _validate_lora(cfg)
     if cfg.adapter.client_ranks:
@@ -63,6 +65,10 @@ def validate(cfg: Config) -> None:
     _validate_secure_uplink(cfg)
     if cfg.federation.evaluation != "server":
         _validate_federated_evaluation(cfg)
+    if cfg.federation.personalization != "none" and cfg.federation.evaluation == "server":
+        raise ConfigError(f"federation.personalization = {cfg.federation.personalization!r} is evaluated on each "
+                          "client's own held-out split: set federation.evaluation = 'federated' or 'both' (and "
+                          "data.client_eval_fraction > 0)")
     if cfg.adversary.attack != "none" or cfg.adversary.fraction or cfg.adversary.clients:
         _validate_adversary(cfg)
 
@@ -89,6 +95,26 @@ def _validate_strategy(cfg: Config) -> None:
         if fed.multi_krum > m - f:
             raise ConfigError(f"federation.multi_krum = {fed.multi_krum} exceeds the n - f = {m - f} updates Krum can "
                               "trust per round")
+
+
+def _validate_scaffold(cfg: Config) -> None:
+    """SCAFFOLD's control variates travel in each client's own payload and are averaged unnoised."""
+    from fedpeft.compression import make_codec
+
+    key = "federation.strategy = 'scaffold'"
+    if cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation != "none":
+        raise ConfigError(f"{key} sends each client's control variate in the clear and averages it unnoised: it does "
+                          f"not combine with privacy.mode = {cfg.privacy.mode!r} / privacy.secure_aggregation = "
+                          f"{cfg.privacy.secure_aggregation!r}; use privacy.mode = 'none' and no secure aggregation")
+    if cfg.split.enabled or cfg.federation.lora_aggregation != "naive":
+        raise ConfigError(f"{key} needs split.enabled = false and federation.lora_aggregation = 'naive'")
+    if cfg.train.optimizer != "sgd" or cfg.train.schedule != "constant" or cfg.train.warmup_steps:
+        raise ConfigError(f"{key} estimates each control variate as (x - y_i) / (K lr), which assumes K plain SGD "
+                          f"steps at one learning rate: set train.optimizer = 'sgd' (got {cfg.train.optimizer!r}), "
+                          "train.schedule = 'constant' and train.warmup_steps = 0")
+    if make_codec(cfg.compression.uplink).wants_fisher:
+        raise ConfigError(f"{key} with a Fisher-ranked uplink ({cfg.compression.uplink!r}) is not supported (the "
+                          "control variate has no Fisher estimate); use select=magnitude")
 
 
 def _validate_lora(cfg: Config) -> None:

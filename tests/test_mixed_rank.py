@@ -3,6 +3,8 @@ ranks {2, 4, 8, 16}, what each rank sends and receives in a real run, refusals, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -83,12 +85,17 @@ def test_stack_reproduces_the_mean_of_mixed_rank_products_and_restarts_the_facto
         assert _rel(agg.correction()[m] + state[b] @ state[a], c1[m] + mean) < 1e-10
 
 
-def test_svd_at_full_rank_reproduces_the_mixed_rank_mean_and_each_rank_gets_its_best_approximation():
-    gen = torch.Generator().manual_seed(2)
+def _one_round(mode: str, seed: int) -> tuple[dict, RoundReplies, Any, dict]:
+    """(global state, replies of ranks 2, 4, 8, 16, the aggregator, its new global state) for one round."""
+    gen = torch.Generator().manual_seed(seed)
     state = _global(gen)
     replies = _replies(gen, state)
-    agg = make_aggregator(FederationSection(lora_aggregation="svd"))
-    new = agg.aggregate(replies, state)
+    agg = make_aggregator(FederationSection(lora_aggregation=mode))
+    return state, replies, agg, agg.aggregate(replies, state)
+
+
+def test_svd_at_full_rank_reproduces_the_mixed_rank_mean_and_each_rank_gets_its_best_approximation():
+    state, replies, agg, new = _one_round("svd", 2)
     assert agg.metrics["lora_svd_error"] < 1e-10
     for m, mean in _by_hand(replies, state).items():
         assert _rel(new[_key(m, "B")].double() @ new[_key(m, "A")].double(), mean) < 1e-6  # float32 factors
@@ -100,11 +107,7 @@ def test_svd_at_full_rank_reproduces_the_mixed_rank_mean_and_each_rank_gets_its_
 
 
 def test_zeropad_averages_the_zero_padded_factors_and_reports_its_error():
-    gen = torch.Generator().manual_seed(3)
-    state = _global(gen)
-    replies = _replies(gen, state)
-    agg = make_aggregator(FederationSection(lora_aggregation="zeropad"))
-    new = agg.aggregate(replies, state)
+    state, replies, agg, new = _one_round("zeropad", 3)
     total = sum(replies.weights)
     errors, refs = [], []
     for m, mean in _by_hand(replies, state).items():

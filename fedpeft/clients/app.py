@@ -1,6 +1,7 @@
 """The Flower ClientApp. One data holder: apply the received global adapter, train on the local
 partition, reply with the (compressed) adapter delta and metrics; for federated evaluation, evaluate
-the received global adapter on the node's own held-out split and reply with counts.
+the received global adapter (after a few steps of local fine-tuning, with personalization) on the node's
+own held-out split and reply with counts.
 
 The partition comes from the node config (``partition-id``), or a deployed node trains on all of
 its own file (node config ``data-path``, read with the scenario's data settings) less its held-out
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from torch.utils.data import Dataset
 
-from fedpeft import adversary, config, lora, models, privacy, protocol, update
+from fedpeft import adversary, config, lora, models, privacy, protocol, scaffold, update
 from fedpeft.clients import node_runtime, secagg
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import PayloadError
@@ -36,6 +38,7 @@ app = ClientApp()
 EF_STATE = "fedpeft.error-feedback"
 LOCAL_DP_STATE = "fedpeft.local-dp"
 BROADCAST_STATE, BROADCAST_ROUND = "fedpeft.broadcast", "fedpeft.broadcast-round"
+SCAFFOLD_STATE = "fedpeft.scaffold"  # SCAFFOLD: this node's control variate c_i
 PERSONAL_STATE = "fedpeft.personal"  # adapter tensors that never leave the node (share_a's B)
 
 
@@ -114,6 +117,7 @@ def train(msg: Message, context: Context) -> Message:
             local_dp.load_state_dict(json.loads(str(context.state[LOCAL_DP_STATE]["json"])))
     extra: dict[str, float] = {}
     codec = make_codec(cfg.compression.uplink)
+    controls = _controls(msg, context, layout) if cfg.federation.strategy == "scaffold" else None
     if split is not None:  # SplitFed: train through the split server's body; only the client side travels
         result, state, split_metrics = split.train_round(f"node-{context.node_id}", dataset, global_state, seed)
         extra.update(split_metrics)
@@ -125,7 +129,8 @@ def train(msg: Message, context: Context) -> Message:
         models.set_adapter_state(rt.model, start)
         result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
                              proximal_mu=protocol.number(instruction, "proximal-mu"), dp=local_dp,
-                             fisher=codec.wants_fisher)
+                             fisher=codec.wants_fisher, grad_hook=None if controls is None else _corrector(rt.model,
+                                                                                                          *controls))
         state = models.adapter_state(rt.model)
         if rank is not None:  # the components beyond the rank stayed at zero (zero gradients)
             state = lora.truncate(state, rank)
@@ -134,6 +139,11 @@ def train(msg: Message, context: Context) -> Message:
             context.state[PERSONAL_STATE] = _record({k: v.numpy() for k, v in personal.items()})
         state = {k: v for k, v in state.items() if k in global_state}  # the model's order, as before
     delta = attacker.update(models.subtract(state, global_state), seed)  # before EF / clip / encode: any codec
+    if controls is not None:  # SCAFFOLD: c_i += Δc_i, which travels in the same payload as the update
+        c, ci = controls
+        dc = scaffold.control_delta(c, delta, result.steps, cfg.train.lr)
+        context.state[SCAFFOLD_STATE] = _record({k: (ci[k] + dc[k]).numpy() for k in ci})
+        delta, layout = scaffold.join(delta, dc), scaffold.uplink_layout(layout)
 
     if local_dp is not None:
         context.state[LOCAL_DP_STATE] = ConfigRecord({"json": json.dumps(local_dp.state_dict())})
@@ -154,6 +164,29 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.privacy.mode != "none" and not cfg.privacy.release_client_metrics:
         metrics = protocol.public_metrics(metrics)
     return Message(protocol.train_reply(enc.payload, attacker.metrics(metrics)), reply_to=msg)
+
+
+def _controls(msg: Message, context: Context, layout: Layout) -> tuple[models.AdapterState, models.AdapterState]:
+    """SCAFFOLD: the server's control variate ``c`` (sent with the instruction) and this node's ``c_i`` (node
+    state, zero at first)."""
+    record = msg.content.get(protocol.CONTROL)
+    if record is None:
+        raise PayloadError(f"a SCAFFOLD instruction must carry {protocol.CONTROL!r}")
+    c = make_codec("none").decode(protocol.record_payload(record), layout)
+    if SCAFFOLD_STATE not in context.state:
+        return c, {k: torch.zeros_like(v) for k, v in c.items()}
+    return c, {k: torch.tensor(v) for k, v in _arrays(context.state[SCAFFOLD_STATE]).items()}
+
+
+def _corrector(model: torch.nn.Module, c: models.AdapterState, ci: models.AdapterState) -> Callable[[], None]:
+    """The gradient hook of SCAFFOLD's local steps: every gradient += c - c_i."""
+    pairs = [(p, c[n] - ci[n]) for n, p in model.named_parameters() if p.requires_grad and n in c]
+
+    def correct() -> None:
+        for p, d in pairs:
+            if p.grad is not None:
+                p.grad.add_(d.to(p.grad.device, p.grad.dtype))
+    return correct
 
 
 def _rank(cfg: config.Config, rt: Runtime, partition_id: int) -> int | None:
@@ -184,5 +217,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     if PERSONAL_STATE in context.state:
         state.update({k: torch.tensor(v) for k, v in _arrays(context.state[PERSONAL_STATE]).items()})
     models.set_adapter_state(rt.model, state)
-    dataset = rt.client_eval_dataset(0 if data_path else int(context.node_config["partition-id"]))
-    return Message(protocol.evaluate_reply(_local_eval(rt, dataset, cfg)), reply_to=msg)
+    pid = 0 if data_path else int(context.node_config["partition-id"])
+    instruction = protocol.config_record(msg.content)
+    steps = int(protocol.number(instruction, "personal-steps")) if "personal-steps" in instruction else 0
+    if steps > 0:  # personalization: fine-tune a copy on this node's own training data; it never leaves the node
+        rnd = int(protocol.number(instruction, "round"))
+        train_local(rt.model, rt.client_dataset(pid), rt.collate, cfg.train, rt.device,
+                    seed=client_seed(cfg.run.seed, rnd, pid), steps=steps)
+    return Message(protocol.evaluate_reply(_local_eval(rt, rt.client_eval_dataset(pid), cfg)), reply_to=msg)

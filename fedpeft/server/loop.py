@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from fedpeft import export, lora, models, protocol
+from fedpeft import export, lora, models, protocol, scaffold
 from fedpeft.adversary import Ledger
 from fedpeft.compression import make_codec
 from fedpeft.config import Config
@@ -42,6 +42,7 @@ from fedpeft.report import METRICS_FILE
 from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
 from fedpeft.server import checkpoint, fed_eval
 from fedpeft.server.aggregators import make_aggregator
+from fedpeft.server.aggregators.scaffold import Scaffold
 from fedpeft.server.downlink import Downlink
 from fedpeft.server.ranks import RankPlan
 from fedpeft.server.replies import RoundReplies, collect
@@ -100,6 +101,10 @@ class FederatedServer:
         self.rng = np.random.default_rng(cfg.run.seed)
         self.privacy = ServerPrivacy(cfg)
         self.aggregator = make_aggregator(cfg.federation, self.privacy)
+        self.uplink_layout = self.layout  # what a reply's payload holds: with SCAFFOLD the control variate too
+        if isinstance(self.aggregator, Scaffold):
+            self.aggregator.population = cfg.data.num_clients
+            self.uplink_layout = scaffold.uplink_layout(self.layout)
         self.correction_layout = lora.correction_layout(self.global_state)  # exact's frozen correction
         self.ranks = (RankPlan(cfg, [len(p) for p in self.rt.partitions], self.global_state)
                       if cfg.adapter.client_ranks else None)  # mixed LoRA ranks (server/ranks.py)
@@ -231,10 +236,12 @@ class FederatedServer:
                 "proximal-mu": self.aggregator.proximal_mu}
         contents = (self.downlink.contents(self.global_state, sampled, rnd, base) if self.ranks is None
                     else self.ranks.contents(self.global_state, sampled, rnd, base))
-        record = self._correction_record()
-        if record is not None:  # one per content object (sampled nodes share one)
-            for content in {id(c): c for c in contents.values()}.values():
-                content[protocol.CORRECTION] = record
+        records = {protocol.CORRECTION: self._correction_record()}
+        if isinstance(self.aggregator, Scaffold):  # the server control variate, dense fp32
+            records[protocol.CONTROL] = protocol.payload_record(make_codec("none").encode(
+                self.aggregator.control(self.global_state), self.layout))
+        for content in {id(c): c for c in contents.values()}.values():  # one per content object
+            content.update({key: record for key, record in records.items() if record is not None})
         return contents
 
     def _correction_record(self) -> ArrayRecord | None:
@@ -253,7 +260,8 @@ class FederatedServer:
                 replies.clients = [replace(c, metrics=replies.checked_metrics(self.checks, c.metrics, c.node, rnd))
                                    for c in replies.clients]
             return replies
-        replies = collect(grid, contents, rnd, self.uplink, self.layout if self.ranks is None else self.ranks.layout,
+        layout = self.uplink_layout if self.ranks is None else self.ranks.layout
+        replies = collect(grid, contents, rnd, self.uplink, layout,
                           self.cfg.federation.round_timeout or None, self.checks)
         if self.checks is not None:
             replies.sanity.update(screen_norms(replies, self.global_state, self.cfg.sanity, rnd))
@@ -362,10 +370,9 @@ class FederatedServer:
                            self.rt.device, self.cfg.model.task), **self.adversary.evaluate(self.rt.model)}
 
     def federated_evaluate(self, grid: Grid, rnd: int) -> dict[str, Any]:
-        """Every connected node evaluates the global adapter on its own held-out split (server/fed_eval.py)."""
-        content = fed_eval.evaluate_instruction(self.global_state, self.layout, rnd, self._correction_record())
-        return fed_eval.federated_evaluate(grid, sorted(grid.get_node_ids()), content, rnd, self.cfg.model.task,
-                                           self.cfg.federation.round_timeout or None)
+        """Every connected node evaluates the global adapter on its own held-out split, and with personalization
+        a fine-tuned copy of it (server/fed_eval.py)."""
+        return fed_eval.evaluations(grid, self.global_state, self.layout, rnd, self._correction_record(), self.cfg)
 
     def finish(self) -> None:
         """Write the final adapter (a peft adapter usable outside fedpeft, see :mod:`fedpeft.export`; with a

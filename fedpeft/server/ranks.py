@@ -57,7 +57,7 @@ class RankPlan:
             r = self.rank(node)
             if r not in by_rank:
                 payload = self.codec.encode(lora.truncate(global_state, r), self.layouts[r])
-                by_rank[r] = protocol.train_instruction(payload, {**config, "downlink": "full", "codec": self.codec.spec,
-                                                                  "base-round": rnd - 1, "lora-rank": r})
+                by_rank[r] = protocol.train_instruction(payload, {**config, "downlink": "full", "lora-rank": r,
+                                                                  "codec": self.codec.spec, "base-round": rnd - 1})
             out[node] = by_rank[r]
         return out

@@ -153,7 +153,8 @@ class RoundReplies:
 
 
 def collect(grid: Grid, contents: dict[int, protocol.RecordDict], rnd: int, uplink: Codec,
-            layout: Layout | Callable[[int], Layout], timeout: float | None, checks: ReplyChecks | None = None) -> RoundReplies:
+            layout: Layout | Callable[[int], Layout], timeout: float | None,
+            checks: ReplyChecks | None = None) -> RoundReplies:
     """Send each sampled node its instruction, wait for the replies, validate and decode them (with the
     sanity ``checks`` when given)."""
     replies = RoundReplies()
