@@ -72,7 +72,13 @@ class AdapterSection:
     """The trainable parameter-efficient adapter (through peft)."""
 
     type: str = option("lora", choices=_registered("fedpeft.adapters", "ADAPTERS"))
-    r: int = option(8, lo=1, hi=4096, help="LoRA rank")
+    r: int = option(8, lo=1, hi=4096, help="LoRA rank (with adapter.client_ranks: the server's rank, the largest)")
+    client_ranks: list[int] = option([], help="mixed LoRA ranks: the ranks clients train at, each <= adapter.r, "
+                                              "assigned by adapter.rank_rule (empty = every client at adapter.r; "
+                                              "docs/lora-aggregation.md)")
+    rank_rule: str = option("cycle", choices=("cycle", "by_size"),
+                            help="client_ranks: partition p gets client_ranks[p % len] (cycle), or the larger "
+                                 "partitions the larger ranks in equal shares (by_size)")
     alpha: float = option(16.0, lo=0.0, help="LoRA alpha (scale = alpha / r)")
     dropout: float = option(0.0, lo=0.0, hi=0.9, help="LoRA dropout")
     target_modules: list[str] = option([], help="modules to adapt; empty = per-architecture default")
@@ -149,7 +155,9 @@ class FederationSection:
     lora_aggregation: str = option("naive", choices=_registered("fedpeft.lora", "MODES"),
                                    help="LoRA: average A and B separately (naive), the exact mean of B_i A_i with a "
                                         "frozen correction (exact), that mean truncated by SVD (svd), A frozen and "
-                                        "only B sent (freeze_a), only A sent, B personal (share_a); "
+                                        "only B sent (freeze_a), only A sent, B personal (share_a), zero-padded "
+                                        "factors averaged (zeropad, HetLoRA), the exact mean folded into the "
+                                        "correction and the factors re-initialised (stack, FLoRA); "
                                         "docs/lora-aggregation.md")
     server_lr: float = option(1.0, lo=0.0, help="server learning rate (FedOpt family, FedAvgM)")
     server_momentum: float = option(0.9, lo=0.0, hi=1.0, help="FedAvgM momentum")
@@ -185,6 +193,11 @@ class FederationSection:
                                                          "1 / (1 + tau) ** this (0.5: Nguyen et al. 2022)")
     max_staleness: int = option(0, lo=0, help="FedBuff: a client whose error-feedback residual is more than this many "
                                               "server updates old starts from a zero residual (0 = no bound)")
+    personalization: str = option("none", choices=("none", "finetune"),
+                                  help="finetune: federated evaluation also evaluates, on each client's held-out "
+                                       "split, the adapter after personal_steps local steps on its own training data "
+                                       "(personal_eval_* metrics; docs/evaluation.md)")
+    personal_steps: int = option(5, lo=1, help="personalization = 'finetune': local optimizer steps before evaluation")
     ray_num_cpus: float = option(1.0, lo=0.0, help="CPUs per Ray client actor")
     ray_num_gpus: float = option(0.0, lo=0.0, help="GPU fraction per Ray client actor")
 

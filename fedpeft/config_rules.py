@@ -54,8 +54,12 @@ def validate(cfg: Config) -> None:
     if cfg.adapter.type == "lora" and cfg.adapter.alpha <= 0:
         raise ConfigError("adapter.alpha must be > 0 for LoRA")
     _validate_strategy(cfg)
+    if cfg.federation.strategy == "scaffold":
+        _validate_scaffold(cfg)
     if cfg.federation.lora_aggregation != "naive":
         _validate_lora(cfg)
+    if cfg.adapter.client_ranks:
+        _validate_ranks(cfg)
     if cfg.split.enabled:
         _validate_split(cfg)
     if cfg.privacy.secure_aggregation == "secaggplus":
@@ -63,6 +67,10 @@ def validate(cfg: Config) -> None:
     _validate_secure_uplink(cfg)
     if cfg.federation.evaluation != "server":
         _validate_federated_evaluation(cfg)
+    if cfg.federation.personalization != "none" and cfg.federation.evaluation == "server":
+        raise ConfigError(f"federation.personalization = {cfg.federation.personalization!r} is evaluated on each "
+                          "client's own held-out split: set federation.evaluation = 'federated' or 'both' (and "
+                          "data.client_eval_fraction > 0)")
     if cfg.adversary.attack != "none" or cfg.adversary.fraction or cfg.adversary.clients:
         _validate_adversary(cfg)
     _validate_generative(cfg)
@@ -130,8 +138,30 @@ def _validate_strategy(cfg: Config) -> None:
                               "trust per round")
 
 
+def _validate_scaffold(cfg: Config) -> None:
+    """SCAFFOLD's control variates travel in each client's own payload and are averaged unnoised."""
+    from fedpeft.compression import make_codec
+
+    key = "federation.strategy = 'scaffold'"
+    if cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation != "none":
+        raise ConfigError(f"{key} sends each client's control variate in the clear and averages it unnoised: it does "
+                          f"not combine with privacy.mode = {cfg.privacy.mode!r} / privacy.secure_aggregation = "
+                          f"{cfg.privacy.secure_aggregation!r}; use privacy.mode = 'none' and no secure aggregation")
+    if cfg.split.enabled or cfg.federation.lora_aggregation != "naive":
+        raise ConfigError(f"{key} needs split.enabled = false and federation.lora_aggregation = 'naive'")
+    if cfg.train.optimizer != "sgd" or cfg.train.schedule != "constant" or cfg.train.warmup_steps:
+        raise ConfigError(f"{key} estimates each control variate as (x - y_i) / (K lr), which assumes K plain SGD "
+                          f"steps at one learning rate: set train.optimizer = 'sgd' (got {cfg.train.optimizer!r}), "
+                          "train.schedule = 'constant' and train.warmup_steps = 0")
+    if make_codec(cfg.compression.uplink).wants_fisher:
+        raise ConfigError(f"{key} with a Fisher-ranked uplink ({cfg.compression.uplink!r}) is not supported (the "
+                          "control variate has no Fisher estimate); use select=magnitude")
+
+
 def _validate_lora(cfg: Config) -> None:
     """What each federation.lora_aggregation mode cannot combine with (docs/lora-aggregation.md)."""
+    from fedpeft import lora  # already imported: it declares the modes
+
     mode = cfg.federation.lora_aggregation
     key = f"federation.lora_aggregation = {mode!r}"
     if cfg.adapter.type != "lora":
@@ -139,7 +169,7 @@ def _validate_lora(cfg: Config) -> None:
     if cfg.split.enabled:
         raise ConfigError(f"{key} does not combine with split.enabled (the split cut chooses which adapter tensors "
                           "travel); use federation.lora_aggregation = 'naive'")
-    if mode not in ("exact", "svd"):
+    if mode not in lora.PRODUCT_MODES:
         return  # freeze_a, share_a: one factor travels and is aggregated by any strategy
     if cfg.federation.strategy not in ("fedavg", "fedprox"):
         raise ConfigError(f"{key} replaces the mean by the mean of the clients' B_i A_i, so it works with "
@@ -154,6 +184,32 @@ def _validate_lora(cfg: Config) -> None:
                           f"client-level DP releases (privacy.mode = {cfg.privacy.mode!r}): use "
                           "federation.lora_aggregation = 'freeze_a' (exact; only B is noised), "
                           "'share_a' or 'naive', or privacy.mode = 'local'")
+
+
+def _validate_ranks(cfg: Config) -> None:
+    """Mixed LoRA ranks (adapter.client_ranks): which aggregators, engines and options can carry them."""
+    from fedpeft import lora
+    from fedpeft.compression import make_codec
+
+    ranks, r = cfg.adapter.client_ranks, cfg.adapter.r
+    key = f"adapter.client_ranks = {ranks}"
+    if cfg.adapter.type != "lora":
+        raise ConfigError(f"{key} needs adapter.type = 'lora' (got {cfg.adapter.type!r})")
+    if any(not 1 <= x <= r for x in ranks):
+        raise ConfigError(f"{key}: every rank must be between 1 and adapter.r = {r} (the server's rank)")
+    mode = cfg.federation.lora_aggregation
+    if mode not in lora.MIXED_RANK_MODES:
+        raise ConfigError(f"federation.lora_aggregation = {mode!r} cannot aggregate clients of different LoRA ranks "
+                          f"({key}); choose one of: {', '.join(map(repr, lora.MIXED_RANK_MODES))}")
+    if cfg.run.engine != "inprocess":
+        raise ConfigError(f"{key} needs run.engine = 'inprocess' (the server must know each node's partition to "
+                          f"send it its rank; got {cfg.run.engine!r})")
+    if not make_codec(cfg.compression.downlink).lossless:
+        raise ConfigError(f"{key} needs a lossless compression.downlink ('none'; got {cfg.compression.downlink!r}): "
+                          "each rank gets its own truncation of the global adapter")
+    if cfg.privacy.mode in ("local", "both"):
+        raise ConfigError(f"{key} does not combine with local DP-SGD (privacy.mode = {cfg.privacy.mode!r}): its "
+                          "noise would train the components beyond a client's rank; use privacy.mode = 'none'")
 
 
 def _validate_split(cfg: Config) -> None:

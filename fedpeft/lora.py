@@ -9,6 +9,11 @@ product is ``B_i A_i = (B + dB_i)(A + dA_i)``; the weighted mean of the products
 ``R = Σ w_i dB_i dA_i - mean(dB)·mean(dA)``, which one (out x n·r) @ (n·r x in) product yields. Everything is
 in ``B·A`` units: peft's scale ``alpha / r`` is the same on every client, so it cancels in every ratio and is
 applied only where a correction is folded into a model's weight.
+
+Mixed ranks (``adapter.client_ranks``): the server's factors have rank ``R = adapter.r``; a client of rank
+``r_i <= R`` trains the first ``r_i`` rows of ``A`` and columns of ``B`` (:func:`truncate`, :func:`pad`) at
+the common scale ``alpha / R``. Its factors are zero-padded to ``R`` before any mean (HetLoRA), which
+leaves its product unchanged, so every mean above holds for mixed ranks too.
 """
 
 from __future__ import annotations
@@ -22,7 +27,13 @@ from torch import nn
 from fedpeft.compression import Layout
 from fedpeft.models import AdapterState, lora_pairs
 
-MODES = ("naive", "exact", "svd", "freeze_a", "share_a")
+MODES = ("naive", "exact", "svd", "freeze_a", "share_a", "zeropad", "stack")
+#: the modes that aggregate clients of different LoRA ranks (adapter.client_ranks)
+MIXED_RANK_MODES = ("svd", "zeropad", "stack")
+#: the modes that form the mean of the clients' products from their individual updates (aggregators/lora.py)
+PRODUCT_MODES = ("exact", "svd", "zeropad", "stack")
+#: the modes whose clients fold a frozen per-module correction into their base weights
+CORRECTED = ("exact", "stack")
 #: share_a (FedSA-LoRA): LoRA's B is the client's own and never travels
 PERSONAL = ".lora_B."
 CORRECTION_FILE = "lora_correction.safetensors"  # exact: module -> C (B·A units) beside the final peft adapter
@@ -69,10 +80,59 @@ def normalised(weights: list[float]) -> torch.Tensor:
 
 def pair_means(deltas: list[AdapterState], weights: list[float],
                global_state: AdapterState) -> dict[str, tuple[str, PairMean]]:
-    """``A`` key -> (its ``B`` key, :class:`PairMean`) for every LoRA module whose two factors travel."""
+    """``A`` key -> (its ``B`` key, :class:`PairMean`) for every LoRA module whose two factors travel; a
+    lower-rank client's factor deltas are zero-padded first (:func:`pad_delta`)."""
     w = normalised(weights)
-    return {a: (b, pair_mean(global_state[a], global_state[b], [d[a] for d in deltas], [d[b] for d in deltas], w))
+    return {a: (b, pair_mean(global_state[a], global_state[b], [pad_delta(global_state[a], d[a], 0) for d in deltas],
+                             [pad_delta(global_state[b], d[b], 1) for d in deltas], w))
             for a, b in lora_pairs(global_state).items()}
+
+
+def pad_delta(factor: torch.Tensor, delta: torch.Tensor, dim: int) -> torch.Tensor:
+    """A rank-``r_i`` client's delta of a global ``factor`` (rank along ``dim``: 0 for ``A``, 1 for ``B``) as
+    a full-rank delta whose factor is zero beyond ``r_i`` (HetLoRA's zero-padding: ``-factor`` there)."""
+    r = delta.shape[dim]
+    if r == factor.shape[dim]:
+        return delta
+    return torch.cat([delta.to(factor.dtype), -factor.narrow(dim, r, factor.shape[dim] - r)], dim=dim)
+
+
+def _rank_dim(key: str) -> int | None:
+    return 0 if ".lora_A." in key else 1 if ".lora_B." in key else None
+
+
+def truncate(state: AdapterState, r: int) -> AdapterState:
+    """``state`` with every LoRA factor cut to its first ``r`` rank components (what a rank-``r`` client holds;
+    after an SVD these are the top ``r`` singular directions)."""
+    return {k: v if (d := _rank_dim(k)) is None else v.narrow(d, 0, min(r, v.shape[d])).clone()
+            for k, v in state.items()}
+
+
+def pad(state: AdapterState, r: int) -> AdapterState:
+    """Inverse of :func:`truncate` on the model: every LoRA factor zero-padded to rank ``r`` (the padded
+    components get zero gradients, so training leaves them at zero)."""
+    out = {}
+    for k, v in state.items():
+        d = _rank_dim(k)
+        if d is None or v.shape[d] >= r:
+            out[k] = v
+        else:
+            shape = list(v.shape)
+            shape[d] = r - v.shape[d]
+            out[k] = torch.cat([v, v.new_zeros(shape)], dim=d)
+    return out
+
+
+def client_ranks(client: list[int], rule: str, sizes: list[int]) -> list[int]:
+    """The LoRA rank of each partition (``adapter.client_ranks`` under ``adapter.rank_rule``): ``cycle``: partition
+    p gets ``client[p % len]``; ``by_size``: partitions sorted by size (ties by id) get the sorted ranks in
+    equal shares, the largest partitions the largest ranks."""
+    if rule == "cycle":
+        return [client[p % len(client)] for p in range(len(sizes))]
+    ordered, out = sorted(client), [0] * len(sizes)
+    for k, p in enumerate(sorted(range(len(sizes)), key=lambda p: (sizes[p], p))):
+        out[p] = ordered[k * len(ordered) // len(sizes)]
+    return out
 
 
 def relative_error(errors: list[torch.Tensor], references: list[torch.Tensor]) -> float:

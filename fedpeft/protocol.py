@@ -35,6 +35,7 @@ from fedpeft.privacy.distributed import DistributedDP
 
 TRAIN, EVALUATE = "train", "evaluate"
 GLOBAL, CONFIG, UPDATE, METRICS = "global", "config", "update", "metrics"
+CONTROL = "scaffold-control"  # federation.strategy = "scaffold": the server control variate (dense fp32)
 CORRECTION = "lora-correction"  # federation.lora_aggregation = "exact": the frozen per-module correction (dense fp32)
 PAYLOAD = "payload"
 EF_RESET = "ef-reset"  # train config (FedBuff): the client's error-feedback residual is too stale; start from zero

@@ -62,7 +62,8 @@ def round_line(row: dict[str, Any], total: int) -> str:
     if row.get("train_loss") is not None:
         parts.append(f"train loss {row['train_loss']:.4f}")
     for key, label in (("eval_accuracy", "eval acc"), ("eval_loss", "eval loss"), ("eval_perplexity", "ppl"),
-                       ("fed_eval_accuracy", "fed eval acc"), ("fed_eval_worst", "worst client")):
+                       ("fed_eval_accuracy", "fed eval acc"), ("fed_eval_worst", "worst client"),
+                       ("personal_eval_accuracy", "personal acc"), ("personal_eval_worst", "personal worst")):
         if row.get(key) is not None:
             parts.append(f"{label} {row[key]:.4f}")
     for key, label in (("epsilon_client", "ε client"), ("epsilon_local", "ε local")):
@@ -76,9 +77,10 @@ def round_line(row: dict[str, Any], total: int) -> str:
 
 
 ROUND_COLUMNS = ["round", "replies", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
-                 "fed_eval_loss", "fed_eval_accuracy", "fed_eval_perplexity", "fed_eval_worst",
-                 "backdoor_success", "epsilon_client", "epsilon_local", "clip_norm", "bytes_up", "bytes_down",
-                 "split_bytes_up", "split_bytes_down", "seconds", "sim_time", "staleness_mean"]
+                 "fed_eval_loss", "fed_eval_accuracy", "fed_eval_perplexity", "fed_eval_client_mean", "fed_eval_worst",
+                 "personal_eval_accuracy", "personal_eval_perplexity", "personal_eval_client_mean",
+                 "personal_eval_worst", "backdoor_success", "epsilon_client", "epsilon_local", "clip_norm", "bytes_up",
+                 "bytes_down", "split_bytes_up", "split_bytes_down", "seconds", "sim_time", "staleness_mean"]
 BYTE_PARTS = ["up_positions", "up_values", "up_scales", "up_header", "up_framing"]
 
 
@@ -102,7 +104,10 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
                 f"{k[3:]} {human_bytes(sum(r.get(k, 0) for r in rows))}" for k in BYTE_PARTS),
             "- final: " + ", ".join(f"{k} {fmt(last[k])}" for k in ("eval_loss", "eval_accuracy", "eval_perplexity",
                                                                     "fed_eval_loss", "fed_eval_accuracy",
-                                                                    "fed_eval_perplexity", "fed_eval_worst",
+                                                                    "fed_eval_perplexity", "fed_eval_client_mean",
+                                                                    "fed_eval_worst", "personal_eval_accuracy",
+                                                                    "personal_eval_perplexity",
+                                                                    "personal_eval_client_mean", "personal_eval_worst",
                                                                     "gen_exact_match", "gen_rougeL", "mc_accuracy",
                                                                     "mc_accuracy_greedy", "epsilon_client",
                                                                     "epsilon_local")
@@ -136,13 +141,19 @@ def time_to_target(rows: list[dict[str, Any]], target: float, key: str = "eval_a
 
 
 def _fed_eval_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Federated evaluation: each client's value at the last evaluated round (fairness)."""
-    last = next((r for r in reversed(rows) if r.get("fed_eval_clients")), None)
-    if last is None:
-        return []
-    what = "accuracy" if "fed_eval_accuracy" in last else "loss"
-    return [f"- federated evaluation, round {last['round']}, per-client {what} (node: value): " + ", ".join(
-        f"{node}: {fmt(v)}" for node, v in last["fed_eval_clients"].items())]
+    """Federated (and personalized) evaluation: which model, the mean over clients, the worst client and each
+    client's value at the last evaluated round (fairness)."""
+    lines = []
+    for prefix, name in (("fed_eval", "federated evaluation"), ("personal_eval", "personalized evaluation")):
+        last = next((r for r in reversed(rows) if r.get(f"{prefix}_clients")), None)
+        if last is None:
+            continue
+        what = "accuracy" if f"{prefix}_accuracy" in last else "loss"
+        lines.append(f"- {name} ({last.get(f'{prefix}_model', 'global')} model), round {last['round']}: mean over "
+                     f"clients {fmt(last.get(f'{prefix}_client_mean'))}, worst client {fmt(last[f'{prefix}_worst'])}; "
+                     f"per-client {what} (node: value): " + ", ".join(
+                         f"{node}: {fmt(v)}" for node, v in last[f"{prefix}_clients"].items()))
+    return lines
 
 
 def _split_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:

@@ -141,13 +141,14 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor], per_example_mean: bo
 
 def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: TrainSection, device: torch.device,
                 seed: int, proximal_mu: float = 0.0, steps: int | None = None, dp: object | None = None,
-                fisher: bool = False) -> TrainResult:
+                fisher: bool = False, grad_hook: Callable[[], None] | None = None) -> TrainResult:
     """Train the model's trainable parameters in place for one round.
 
     ``proximal_mu > 0`` adds FedProx's term mu/2 * ||w - w_start||^2 (w_start: the received global).
     ``dp`` (a :class:`fedpeft.privacy.LocalDP`) makes it DP-SGD: Poisson batches, per-example clipping
     and noise by Opacus, accounted in ``dp``. ``fisher=True`` also sums the squared gradients
-    (:attr:`TrainResult.fisher`; one adapter-sized buffer and one multiply-add per step).
+    (:attr:`TrainResult.fisher`; one adapter-sized buffer and one multiply-add per step). ``grad_hook`` runs
+    after each backward pass, before clipping and the step.
     """
     start = time.perf_counter()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -183,6 +184,8 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
                     loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)  # clipping and the Fisher sums see true gradients
+                if grad_hook is not None:  # SCAFFOLD's control-variate correction of the gradients
+                    grad_hook()
                 if cfg.max_grad_norm > 0 and dp is None:  # DP-SGD clips per example instead
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 scaler.step(optimizer)

@@ -68,7 +68,7 @@ def test_every_strategy_moves_towards_the_delta_and_restores_state(name):
 
 def test_the_registry_lists_every_strategy_and_config_refuses_unknown_ones():
     assert OPTIMIZERS.names() == ["cosine_filter", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedprox", "fedyogi",
-                                  "krum", "median", "norm_bounded", "sign_majority", "trimmed_mean"]
+                                  "krum", "median", "norm_bounded", "scaffold", "sign_majority", "trimmed_mean"]
     with pytest.raises(ConfigError) as e:
         config.load(None, ["federation.strategy=fedmedian"])
     assert "federation.strategy = 'fedmedian'" in str(e.value)

@@ -1,6 +1,7 @@
 """The Flower ClientApp. One data holder: apply the received global adapter, train on the local
 partition, reply with the (compressed) adapter delta and metrics; for federated evaluation, evaluate
-the received global adapter on the node's own held-out split and reply with counts.
+the received global adapter (after a few steps of local fine-tuning, with personalization) on the node's
+own held-out split and reply with counts.
 
 The partition comes from the node config (``partition-id``), or a deployed node trains on all of
 its own file (node config ``data-path``, read with the scenario's data settings) less its held-out
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from torch.utils.data import Dataset
 
-from fedpeft import adversary, config, lora, models, privacy, protocol, update
+from fedpeft import adversary, config, lora, models, privacy, protocol, scaffold, update
 from fedpeft.clients import node_runtime, secagg
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import PayloadError
@@ -36,6 +38,7 @@ app = ClientApp()
 EF_STATE = "fedpeft.error-feedback"
 LOCAL_DP_STATE = "fedpeft.local-dp"
 BROADCAST_STATE, BROADCAST_ROUND = "fedpeft.broadcast", "fedpeft.broadcast-round"
+SCAFFOLD_STATE = "fedpeft.scaffold"  # SCAFFOLD: this node's control variate c_i
 PERSONAL_STATE = "fedpeft.personal"  # adapter tensors that never leave the node (share_a's B)
 
 
@@ -94,10 +97,11 @@ def train(msg: Message, context: Context) -> Message:
     split = split_of(rt)  # before the layout: with split learning only the client side travels
     partition_id = int(context.node_config.get("partition-id", 0)) if data_path else int(
         context.node_config["partition-id"])
-    layout = rt.layout
+    rank = _rank(cfg, rt, partition_id)
+    layout = rt.layout if rank is None else Layout.from_state(lora.truncate(rt.initial_adapter(), rank))
     instruction = protocol.config_record(msg.content)
     global_state = receive_global(msg, context, layout, cfg.compression.downlink)
-    if cfg.federation.lora_aggregation == "exact":
+    if cfg.federation.lora_aggregation in lora.CORRECTED:
         lora.set_correction(rt.model, receive_correction(msg, lora.correction_layout(global_state)))
     rnd = int(protocol.number(instruction, "round"))
     attacker = adversary.attack_for(cfg, partition_id, bool(context.run_config.get("simulation", False)))
@@ -113,23 +117,33 @@ def train(msg: Message, context: Context) -> Message:
             local_dp.load_state_dict(json.loads(str(context.state[LOCAL_DP_STATE]["json"])))
     extra: dict[str, float] = {}
     codec = make_codec(cfg.compression.uplink)
+    controls = _controls(msg, context, layout) if cfg.federation.strategy == "scaffold" else None
     if split is not None:  # SplitFed: train through the split server's body; only the client side travels
         result, state, split_metrics = split.train_round(f"node-{context.node_id}", dataset, global_state, seed)
         extra.update(split_metrics)
     else:
-        start = rt.full_state(global_state)  # with this node's personal tensors (at their init the first time)
+        # with this node's personal tensors (at their init the first time); a lower rank zero-padded to the model's
+        start = rt.full_state(global_state if rank is None else lora.pad(global_state, cfg.adapter.r))
         if PERSONAL_STATE in context.state:
             start.update({k: torch.tensor(v) for k, v in _arrays(context.state[PERSONAL_STATE]).items()})
         models.set_adapter_state(rt.model, start)
         result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
                              proximal_mu=protocol.number(instruction, "proximal-mu"), dp=local_dp,
-                             fisher=codec.wants_fisher)
+                             fisher=codec.wants_fisher, grad_hook=None if controls is None else _corrector(rt.model,
+                                                                                                          *controls))
         state = models.adapter_state(rt.model)
+        if rank is not None:  # the components beyond the rank stayed at zero (zero gradients)
+            state = lora.truncate(state, rank)
         personal = {k: v for k, v in state.items() if k not in global_state}
         if personal:
             context.state[PERSONAL_STATE] = _record({k: v.numpy() for k, v in personal.items()})
         state = {k: v for k, v in state.items() if k in global_state}  # the model's order, as before
     delta = attacker.update(models.subtract(state, global_state), seed)  # before EF / clip / encode: any codec
+    if controls is not None:  # SCAFFOLD: c_i += Δc_i, which travels in the same payload as the update
+        c, ci = controls
+        dc = scaffold.control_delta(c, delta, result.steps, cfg.train.lr)
+        context.state[SCAFFOLD_STATE] = _record({k: (ci[k] + dc[k]).numpy() for k in ci})
+        delta, layout = scaffold.join(delta, dc), scaffold.uplink_layout(layout)
 
     if local_dp is not None:
         context.state[LOCAL_DP_STATE] = ConfigRecord({"json": json.dumps(local_dp.state_dict())})
@@ -138,8 +152,8 @@ def train(msg: Message, context: Context) -> Message:
     if ef is not None and EF_STATE in context.state and not instruction.get(protocol.EF_RESET, False):
         ef.load_state_dict(_arrays(context.state[EF_STATE]))
     clip = protocol.number(instruction, "clip-norm") if cfg.privacy.mode in ("client", "both") else None
-    enc = update.encode_update(delta, codec, layout, rng=np.random.default_rng(seed), fisher=result.fisher, ef=ef,
-                               clip=clip)
+    fisher = result.fisher if rank is None or result.fisher is None else lora.truncate(result.fisher, rank)
+    enc = update.encode_update(delta, codec, layout, rng=np.random.default_rng(seed), fisher=fisher, ef=ef, clip=clip)
     if ef is not None:
         context.state[EF_STATE] = _record(ef.state_dict())
     if enc.clip_indicator is not None and enc.update_norm is not None:  # client-level DP clipped the update
@@ -150,6 +164,37 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.privacy.mode != "none" and not cfg.privacy.release_client_metrics:
         metrics = protocol.public_metrics(metrics)
     return Message(protocol.train_reply(enc.payload, attacker.metrics(metrics)), reply_to=msg)
+
+
+def _controls(msg: Message, context: Context, layout: Layout) -> tuple[models.AdapterState, models.AdapterState]:
+    """SCAFFOLD: the server's control variate ``c`` (sent with the instruction) and this node's ``c_i`` (node
+    state, zero at first)."""
+    record = msg.content.get(protocol.CONTROL)
+    if record is None:
+        raise PayloadError(f"a SCAFFOLD instruction must carry {protocol.CONTROL!r}")
+    c = make_codec("none").decode(protocol.record_payload(record), layout)
+    if SCAFFOLD_STATE not in context.state:
+        return c, {k: torch.zeros_like(v) for k, v in c.items()}
+    return c, {k: torch.tensor(v) for k, v in _arrays(context.state[SCAFFOLD_STATE]).items()}
+
+
+def _corrector(model: torch.nn.Module, c: models.AdapterState, ci: models.AdapterState) -> Callable[[], None]:
+    """The gradient hook of SCAFFOLD's local steps: every gradient += c - c_i."""
+    pairs = [(p, c[n] - ci[n]) for n, p in model.named_parameters() if p.requires_grad and n in c]
+
+    def correct() -> None:
+        for p, d in pairs:
+            if p.grad is not None:
+                p.grad.add_(d.to(p.grad.device, p.grad.dtype))
+    return correct
+
+
+def _rank(cfg: config.Config, rt: Runtime, partition_id: int) -> int | None:
+    """This client's LoRA rank under mixed ranks (adapter.client_ranks), else None (the model's)."""
+    if not cfg.adapter.client_ranks:
+        return None
+    sizes = [len(p) for p in rt.partitions]
+    return lora.client_ranks(cfg.adapter.client_ranks, cfg.adapter.rank_rule, sizes)[partition_id]
 
 
 def _local_eval(rt: Runtime, dataset: Dataset, cfg: config.Config) -> dict[str, float]:
@@ -166,11 +211,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     data_path = str(context.node_config.get("data-path", "")) or None
     rt = node_runtime(cfg, context)
     global_state = make_codec("none").decode(protocol.record_payload(msg.content[protocol.GLOBAL]), rt.layout)
-    if cfg.federation.lora_aggregation == "exact":
+    if cfg.federation.lora_aggregation in lora.CORRECTED:
         lora.set_correction(rt.model, receive_correction(msg, lora.correction_layout(global_state)))
     state = rt.full_state(global_state)
     if PERSONAL_STATE in context.state:
         state.update({k: torch.tensor(v) for k, v in _arrays(context.state[PERSONAL_STATE]).items()})
     models.set_adapter_state(rt.model, state)
-    dataset = rt.client_eval_dataset(0 if data_path else int(context.node_config["partition-id"]))
-    return Message(protocol.evaluate_reply(_local_eval(rt, dataset, cfg)), reply_to=msg)
+    pid = 0 if data_path else int(context.node_config["partition-id"])
+    instruction = protocol.config_record(msg.content)
+    steps = int(protocol.number(instruction, "personal-steps")) if "personal-steps" in instruction else 0
+    if steps > 0:  # personalization: fine-tune a copy on this node's own training data; it never leaves the node
+        rnd = int(protocol.number(instruction, "round"))
+        train_local(rt.model, rt.client_dataset(pid), rt.collate, cfg.train, rt.device,
+                    seed=client_seed(cfg.run.seed, rnd, pid), steps=steps)
+    return Message(protocol.evaluate_reply(_local_eval(rt, rt.client_eval_dataset(pid), cfg)), reply_to=msg)

@@ -5,8 +5,12 @@ content object shared by all nodes, bytes counted per node) and, under ``exact``
 frozen correction. Each node replies with counts (:data:`fedpeft.protocol.EVAL_METRICS`); a failed or
 malformed reply is dropped and logged. The round's row gets the example-weighted (token-weighted for a
 causal LM) ``fed_eval_loss``, ``fed_eval_accuracy`` / ``fed_eval_perplexity``, each node's value in
-``fed_eval_clients`` and the worst of them in ``fed_eval_worst``. Nothing here draws random numbers, so a
-resumed run evaluates exactly as an uninterrupted one.
+``fed_eval_clients``, their unweighted mean in ``fed_eval_client_mean`` and the worst of them in
+``fed_eval_worst``. Personalization (``federation.personalization = "finetune"``) runs a second evaluation in
+which each node first fine-tunes the received adapter for ``federation.personal_steps`` steps on its own
+training data (seeded; the fine-tuned adapter never leaves the node and is not kept): ``personal_eval_*``.
+The server draws no random numbers here and the fine-tune is seeded, so a resumed run evaluates exactly as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -20,25 +24,47 @@ from flwr.serverapp import Grid
 
 from fedpeft import models, protocol
 from fedpeft.compression import Layout, make_codec
+from fedpeft.config import Config
 from fedpeft.errors import PayloadError, error_line
 
 log = logging.getLogger(__name__)
+PERSONAL = "personal_eval"  # row key prefix of the personalized evaluation
 
 
 def evaluate_instruction(global_state: models.AdapterState, layout: Layout, rnd: int,
-                         correction: ArrayRecord | None = None) -> RecordDict:
-    """The content of an evaluate message: the exact global adapter, the round and (exact LoRA) the correction."""
-    content = protocol.train_instruction(make_codec("none").encode(global_state, layout), {"round": rnd})
+                         correction: ArrayRecord | None = None, personal_steps: int = 0) -> RecordDict:
+    """The content of an evaluate message: the exact global adapter, the round, (exact / stack LoRA) the
+    correction, and how many steps each client fine-tunes it on its own training data first (0: none)."""
+    content = protocol.train_instruction(make_codec("none").encode(global_state, layout),
+                                         {"round": rnd, "personal-steps": personal_steps})
     if correction is not None:
         content[protocol.CORRECTION] = correction
     return content
 
 
+def evaluations(grid: Grid, global_state: models.AdapterState, layout: Layout, rnd: int,
+                correction: ArrayRecord | None, cfg: Config) -> dict[str, Any]:
+    """The round's federated evaluation: every connected node evaluates the model as received (``fed_eval_*``;
+    ``fed_eval_model`` says whether that is the global model or, with share_a's own B, a personal one) and,
+    with ``federation.personalization = "finetune"``, again after fine-tuning it on its own training data
+    (``personal_eval_*``)."""
+    nodes, timeout = sorted(grid.get_node_ids()), cfg.federation.round_timeout or None
+    row = federated_evaluate(grid, nodes, evaluate_instruction(global_state, layout, rnd, correction), rnd,
+                             cfg.model.task, timeout)
+    row["fed_eval_model"] = "personal" if cfg.federation.lora_aggregation == "share_a" else "global"
+    if cfg.federation.personalization == "finetune":
+        content = evaluate_instruction(global_state, layout, rnd, correction, cfg.federation.personal_steps)
+        row.update(federated_evaluate(grid, nodes, content, rnd, cfg.model.task, timeout, PERSONAL))
+        row[f"{PERSONAL}_model"] = "personal"
+    return row
+
+
 def federated_evaluate(grid: Grid, nodes: list[int], content: RecordDict, rnd: int, task: str,
-                       timeout: float | None) -> dict[str, Any]:
-    """Send ``content`` to ``nodes`` as evaluate messages; aggregate the valid replies into the row's metrics."""
+                       timeout: float | None, prefix: str = "fed_eval") -> dict[str, Any]:
+    """Send ``content`` to ``nodes`` as evaluate messages; aggregate the valid replies into the row's metrics
+    (keys ``{prefix}_loss``, ...)."""
     classification = task == "classification"
-    messages = [Message(content, node, protocol.EVALUATE, group_id=f"{rnd}-eval") for node in nodes]
+    messages = [Message(content, node, protocol.EVALUATE, group_id=f"{rnd}-{prefix}") for node in nodes]
     counts: dict[int, dict[str, float]] = {}
     dropped: dict[int, str] = {}
     bytes_up = 0
@@ -57,30 +83,30 @@ def federated_evaluate(grid: Grid, nodes: list[int], content: RecordDict, rnd: i
     for node in nodes:
         if node not in counts and node not in dropped:
             dropped[node] = "no reply"
-    row: dict[str, Any] = {"fed_eval_replies": len(counts),
-                           "fed_eval_bytes_down": len(nodes) * protocol.record_bytes(content),
-                           "fed_eval_bytes_up": bytes_up}
+    row: dict[str, Any] = {"replies": len(counts), "bytes_down": len(nodes) * protocol.record_bytes(content),
+                           "bytes_up": bytes_up}
     if dropped:
-        row["fed_eval_dropped"] = {str(node): why for node, why in sorted(dropped.items())}
+        row["dropped"] = {str(node): why for node, why in sorted(dropped.items())}
     if counts:
         row.update(aggregate(counts, classification))
-    return row
+    return {f"{prefix}_{k}": v for k, v in row.items()}
 
 
 def aggregate(counts: dict[int, dict[str, float]], classification: bool) -> dict[str, Any]:
     """Example-weighted loss and accuracy (token-weighted loss and perplexity for a causal LM) over the nodes,
-    each node's accuracy (loss for a causal LM) and the worst node's."""
+    each node's accuracy (loss for a causal LM), their unweighted mean (each client counts once) and the
+    worst node's (keys without the row's prefix)."""
     weight = sum(c["eval-weight"] for c in counts.values())
     loss = sum(c["eval-loss-sum"] for c in counts.values()) / weight
-    row: dict[str, Any] = {"fed_eval_loss": loss, "fed_eval_examples": int(sum(c["num-examples"]
-                                                                               for c in counts.values()))}
+    row: dict[str, Any] = {"loss": loss, "examples": int(sum(c["num-examples"] for c in counts.values()))}
     if classification:
-        row["fed_eval_accuracy"] = sum(c["eval-correct"] for c in counts.values()) / row["fed_eval_examples"]
+        row["accuracy"] = sum(c["eval-correct"] for c in counts.values()) / row["examples"]
         per_node = {str(n): c["eval-correct"] / c["num-examples"] for n, c in sorted(counts.items())}
-        row["fed_eval_worst"] = min(per_node.values())
+        row["worst"] = min(per_node.values())
     else:
-        row["fed_eval_perplexity"] = math.exp(min(loss, 50.0))
+        row["perplexity"] = math.exp(min(loss, 50.0))
         per_node = {str(n): c["eval-loss-sum"] / c["eval-weight"] for n, c in sorted(counts.items())}
-        row["fed_eval_worst"] = max(per_node.values())
-    row["fed_eval_clients"] = per_node
+        row["worst"] = max(per_node.values())
+    row["client_mean"] = sum(per_node.values()) / len(per_node)
+    row["clients"] = per_node
     return row

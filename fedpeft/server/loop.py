@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from fedpeft import export, generation, lora, models, protocol
+from fedpeft import export, generation, lora, models, protocol, scaffold
 from fedpeft.adversary import Ledger
 from fedpeft.compression import make_codec
 from fedpeft.config import Config
@@ -43,7 +43,9 @@ from fedpeft.report import METRICS_FILE
 from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
 from fedpeft.server import checkpoint, fed_eval
 from fedpeft.server.aggregators import make_aggregator
+from fedpeft.server.aggregators.scaffold import Scaffold
 from fedpeft.server.downlink import Downlink
+from fedpeft.server.ranks import RankPlan
 from fedpeft.server.replies import RoundReplies, collect
 from fedpeft.server.sanity import ReplyChecks, global_problem, metric_ranges, screen_norms
 from fedpeft.split.plugin import split_of
@@ -103,7 +105,13 @@ class FederatedServer:
         self.rng = np.random.default_rng(cfg.run.seed)
         self.privacy = ServerPrivacy(cfg)
         self.aggregator = make_aggregator(cfg.federation, self.privacy)
+        self.uplink_layout = self.layout  # what a reply's payload holds: with SCAFFOLD the control variate too
+        if isinstance(self.aggregator, Scaffold):
+            self.aggregator.population = cfg.data.num_clients
+            self.uplink_layout = scaffold.uplink_layout(self.layout)
         self.correction_layout = lora.correction_layout(self.global_state)  # exact's frozen correction
+        self.ranks = (RankPlan(cfg, [len(p) for p in self.rt.partitions], self.global_state)
+                      if cfg.adapter.client_ranks else None)  # mixed LoRA ranks (server/ranks.py)
         self.lora_row: dict[str, float | None] = {}  # this round's lora_agg_error (and svd's truncation error)
         self.adversary = Ledger(cfg, self.rt)  # the simulated attackers, recorded (never aggregated by)
         self.secagg = None
@@ -192,6 +200,8 @@ class FederatedServer:
             else:  # a new deployment run: nodes start with empty state, so none holds a broadcast state
                 self.downlink.forget_nodes()
         partition_of = getattr(grid, "partition_of", None)  # the in-process engine knows each node's partition
+        if self.ranks is not None:
+            self.ranks.bind(partition_of)
         if self.checks is not None and partition_of is not None:
             sizes = [len(p) for p in self.rt.partitions]
             self.checks.partition_size = lambda node: None if (pid := partition_of(node)) is None else sizes[pid]
@@ -237,11 +247,14 @@ class FederatedServer:
         """The training message content for each sampled node (see :mod:`fedpeft.server.downlink`)."""
         base = {"round": rnd, "seed": self.cfg.run.seed, "clip-norm": self.privacy.clip_norm,
                 "proximal-mu": self.aggregator.proximal_mu}
-        contents = self.downlink.contents(self.global_state, sampled, rnd, base)
-        record = self._correction_record()
-        if record is not None:  # one per content object (sampled nodes share one)
-            for content in {id(c): c for c in contents.values()}.values():
-                content[protocol.CORRECTION] = record
+        contents = (self.downlink.contents(self.global_state, sampled, rnd, base) if self.ranks is None
+                    else self.ranks.contents(self.global_state, sampled, rnd, base))
+        records = {protocol.CORRECTION: self._correction_record()}
+        if isinstance(self.aggregator, Scaffold):  # the server control variate, dense fp32
+            records[protocol.CONTROL] = protocol.payload_record(make_codec("none").encode(
+                self.aggregator.control(self.global_state), self.layout))
+        for content in {id(c): c for c in contents.values()}.values():  # one per content object
+            content.update({key: record for key, record in records.items() if record is not None})
         return contents
 
     def _correction_record(self) -> ArrayRecord | None:
@@ -264,8 +277,9 @@ class FederatedServer:
                     observe(ObservedUpdate(rnd, -1, -1, self.downlink.broadcast, replies.secure_mean,
                                            {"summed": float(len(replies.clients))}))
             return replies
-        replies = collect(grid, contents, rnd, self.uplink, self.layout, self.cfg.federation.round_timeout or None,
-                          self.checks)
+        layout = self.uplink_layout if self.ranks is None else self.ranks.layout
+        replies = collect(grid, contents, rnd, self.uplink, layout,
+                          self.cfg.federation.round_timeout or None, self.checks)
         if self.checks is not None:
             replies.sanity.update(screen_norms(replies, self.global_state, self.cfg.sanity, rnd))
         for c, delta in zip(replies.clients, replies.deltas):
@@ -375,16 +389,15 @@ class FederatedServer:
             log.info("remote split server: the body's adapters are not here; centralized evaluation skipped")
             return {}
         models.set_adapter_state(self.rt.model, state)
-        if self.cfg.federation.lora_aggregation == "exact":
+        if self.cfg.federation.lora_aggregation in lora.CORRECTED:
             lora.set_correction(self.rt.model, self.aggregator.correction() or {})
         return {**evaluate(self.rt.model, self.rt.eval_dataset, self.rt.collate, self.cfg.train.eval_batch_size,
                            self.rt.device, self.cfg.model.task), **self.adversary.evaluate(self.rt.model)}
 
     def federated_evaluate(self, grid: Grid, rnd: int) -> dict[str, Any]:
-        """Every connected node evaluates the global adapter on its own held-out split (server/fed_eval.py)."""
-        content = fed_eval.evaluate_instruction(self.global_state, self.layout, rnd, self._correction_record())
-        return fed_eval.federated_evaluate(grid, sorted(grid.get_node_ids()), content, rnd, self.cfg.model.task,
-                                           self.cfg.federation.round_timeout or None)
+        """Every connected node evaluates the global adapter on its own held-out split, and with personalization
+        a fine-tuned copy of it (server/fed_eval.py)."""
+        return fed_eval.evaluations(grid, self.global_state, self.layout, rnd, self._correction_record(), self.cfg)
 
     def finish(self) -> None:
         """Write the final adapter (a peft adapter usable outside fedpeft, see :mod:`fedpeft.export`; with a

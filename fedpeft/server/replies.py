@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -101,10 +102,13 @@ class RoundReplies:
                 "encode_ms": float(np.mean(encode_ms)) if encode_ms else None,
                 "decode_ms": float(np.mean(self.decode_ms)) if self.decode_ms else None}
 
-    def add(self, reply: Message, uplink: Codec, layout: Layout, rnd: int, checks: ReplyChecks | None = None) -> None:
-        """Validate and decode one Flower reply; a failed or malformed one is dropped and logged. ``checks``
-        (the sanity checks) bound the decoded values and the weight, and drop bad metrics."""
+    def add(self, reply: Message, uplink: Codec, layout: Layout | Callable[[int], Layout], rnd: int,
+            checks: ReplyChecks | None = None) -> None:
+        """Validate and decode one Flower reply with ``layout`` (or the node's, mixed LoRA ranks); a failed or
+        malformed one is dropped and logged. ``checks`` (the sanity checks) bound the decoded values and the
+        weight, and drop bad metrics."""
         node = reply.metadata.src_node_id
+        layout = layout(node) if callable(layout) else layout
         if reply.has_error():
             why = error_line(reply.error.reason or "")
             self.dropped[node] = f"failed: {why}"
@@ -148,8 +152,9 @@ class RoundReplies:
         return kept
 
 
-def collect(grid: Grid, contents: dict[int, protocol.RecordDict], rnd: int, uplink: Codec, layout: Layout,
-            timeout: float | None, checks: ReplyChecks | None = None) -> RoundReplies:
+def collect(grid: Grid, contents: dict[int, protocol.RecordDict], rnd: int, uplink: Codec,
+            layout: Layout | Callable[[int], Layout], timeout: float | None,
+            checks: ReplyChecks | None = None) -> RoundReplies:
     """Send each sampled node its instruction, wait for the replies, validate and decode them (with the
     sanity ``checks`` when given)."""
     replies = RoundReplies()

@@ -135,8 +135,9 @@ def delta_w_norms(delta: AdapterState, global_state: AdapterState,
     alpha / r is left out: a constant factor per run, so relative checks do not see it."""
     out = {}
     for ka, kb in pairs:
-        a, b = global_state[ka].double(), global_state[kb].double()
         da, db = delta[ka].double(), delta[kb].double()
+        # the client's own rank (adapter.client_ranks: it changed the first r_i components)
+        a, b = global_state[ka].double()[:da.shape[0]], global_state[kb].double()[:, :db.shape[1]]
         change = _gram_norm(torch.cat([db, b], 1), torch.cat([a + da, da], 0))
         linear = _gram_norm(torch.cat([db, b], 1), torch.cat([a, da], 0))
         out[ka.replace(".lora_A.", ".lora_AB.")] = (change, linear + _gram_norm(db, da))

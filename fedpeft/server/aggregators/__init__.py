@@ -5,7 +5,7 @@ deltas arrive compressed and the loop owns sampling, DP and checkpoints, so the 
 here, on plain tensors. A new aggregator is one module registering one :class:`Aggregator` subclass.
 """
 
-from fedpeft.server.aggregators import cosine, fedavg, fedopt, krum, lora, robust  # noqa: F401  (register the aggregators)
+from fedpeft.server.aggregators import cosine, fedavg, fedopt, krum, lora, robust, scaffold  # noqa: F401  (register the aggregators)
 from fedpeft.server.aggregators.base import (
     AGGREGATORS,
     LORA_AGGREGATORS,

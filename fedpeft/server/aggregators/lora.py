@@ -1,6 +1,7 @@
-"""LoRA-aware aggregators (``federation.lora_aggregation``): ``exact`` (FedEx-LoRA) and ``svd`` (FlexLoRA).
+"""LoRA-aware aggregators (``federation.lora_aggregation``): ``exact`` (FedEx-LoRA), ``svd`` (FlexLoRA),
+``zeropad`` (HetLoRA) and ``stack`` (FLoRA).
 
-Both form the weighted mean of the clients' ``ΔW_i = B_i A_i`` per LoRA module from the individual decoded
+All form the weighted mean of the clients' ``ΔW_i = B_i A_i`` per LoRA module from the individual decoded
 updates (:func:`fedpeft.lora.pair_means`) and step the global model to ``ΔW + server_lr * (mean - ΔW)``;
 tensors that are not a LoRA pair (a classification head) get FedAvg's weighted mean.
 
@@ -10,8 +11,15 @@ tensors that are not a LoRA pair (a classification head) get FedAvg's weighted m
   ``B'A' + C`` equals the target to float64 rounding whatever the rank of the mean.
 - ``svd``: the target is factored back to rank r by a truncated SVD (``B' = U_r S_r^½``, ``A' = S_r^½ V_r^T``);
   nothing else travels, so it is exact only when the target has rank <= r (``lora_svd_error`` reports the rest).
+  A client of rank ``r_i`` receives the first ``r_i`` components: the target's best rank-``r_i`` approximation.
+- ``zeropad``: the new factors are the mean of the clients' zero-padded factors (FedAvg when all ranks are
+  equal); ``lora_agg_error`` reports how far their product is from the target. Nothing else travels.
+- ``stack``: the exact mean of the stacked ``[w_1 B_1 ... w_n B_n] [A_1; ...; A_n]`` (rank ``Σ r_i``) is kept
+  bounded the FLoRA way: folded into the frozen correction (as ``exact``'s) while the factors go back to their
+  seeded initialisation (``B = 0``) every round.
 
-Both need every client's update (no SecAgg+) and do not noise the mean (no client-level DP);
+Mixed client ranks pad each client's factors with zeros to the server's rank first (:func:`fedpeft.lora.pair_means`).
+All need every client's update (no SecAgg+) and do not noise the mean (no client-level DP);
 :mod:`fedpeft.config_rules` refuses those combinations and any strategy other than fedavg or fedprox.
 """
 
@@ -30,7 +38,8 @@ if TYPE_CHECKING:
     from fedpeft.models import AdapterState
     from fedpeft.server.replies import RoundReplies
 
-CORRECTION = "correction"  # state key prefix of exact's per-module correction
+CORRECTION = "correction"  # state key prefix of exact's (and stack's) per-module correction
+INIT = "init"  # state key prefix of stack's initial factors
 
 
 class LoraProductMean(FedAvg):
@@ -66,24 +75,46 @@ class LoraProductMean(FedAvg):
         """The new (A, B) of one module whose global ``ΔW`` should become ``target`` (float64)."""
 
 
+@LORA_AGGREGATORS.register("zeropad")
+class ZeroPadLoRA(LoraProductMean):
+    """HetLoRA: the weighted mean of the clients' factors zero-padded to the server's rank (no correction)."""
+
+    def factor(self, module: str, target: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, m: lora.PairMean,
+               lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return (ga.double() + lr * m.mean_da).to(ga.dtype), (gb.double() + lr * m.mean_db).to(gb.dtype)
+
+
 @LORA_AGGREGATORS.register("exact")
-class ExactLoRA(LoraProductMean):
+class ExactLoRA(ZeroPadLoRA):
     """FedEx-LoRA: FedAvg's factors plus a frozen per-module correction holding the rest of the exact mean."""
 
     def factor(self, module: str, target: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, m: lora.PairMean,
                lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        a = (ga.double() + lr * m.mean_da).to(ga.dtype)
-        b = (gb.double() + lr * m.mean_db).to(gb.dtype)
-        key = f"{CORRECTION}/{module}"
-        old = self.state.get(key, torch.zeros_like(target))
-        # the global model's ΔW was B·A + C; it becomes B'·A' + C' = target + C (rounded factors included)
-        self.state[key] = old + target - b.double() @ a.double()
+        a, b = super().factor(module, target, ga, gb, m, lr)
+        self._correct(module, target, a, b)
         return a, b
+
+    def _correct(self, module: str, target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """The global model's ΔW was B·A + C; it becomes B'·A' + C' = target + C (rounded factors included)."""
+        key = f"{CORRECTION}/{module}"
+        self.state[key] = self.state.get(key, torch.zeros_like(target)) + target - b.double() @ a.double()
 
     def correction(self) -> dict[str, torch.Tensor] | None:
         """Module -> its correction C in ``B·A`` units (float64; None before the first aggregation)."""
         found = {k.split("/", 1)[1]: v for k, v in self.state.items() if k.startswith(CORRECTION + "/")}
         return found or None
+
+
+@LORA_AGGREGATORS.register("stack")
+class StackLoRA(ExactLoRA):
+    """FLoRA: the exact mean product goes into the frozen correction; the factors restart at their init."""
+
+    def factor(self, module: str, target: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, m: lora.PairMean,
+               lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # the global factors before the first aggregation are the seeded init (state: a resumed run keeps them)
+        a0, b0 = (self.state.setdefault(f"{INIT}/{module}/{f}", x.clone()) for f, x in (("A", ga), ("B", gb)))
+        self._correct(module, target, a0, b0)
+        return a0.clone(), b0.clone()
 
 
 @LORA_AGGREGATORS.register("svd")
