@@ -353,6 +353,27 @@ class SanitySection:
 
 
 @dataclass
+class TrackingSection:
+    """Experiment tracking (docs/tracking.md): per-round metrics, sampled per-step client logs and audit
+    verdicts sent to TensorBoard event files, a local MLflow store or W&B in offline mode."""
+
+    sinks: list[str] = option([], help="where to send metrics: any of tensorboard, mlflow, wandb (each needs its "
+                                       "package: pip install '.[tracking]'); empty = off")
+    dir: str = option("", help="where sinks write; empty = <run dir>/tracking (an audit: <out>/tracking)")
+    step_every: int = option(0, lo=0, help="clients log train loss, learning rate and gradient norm every N-th "
+                                           "local step (and the last) and send it with their reply; 0 = off")
+    project: str = option("fedpeft", help="MLflow experiment / W&B project name")
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sinks if s not in TRACKING_SINKS]
+        if unknown or len(set(self.sinks)) != len(self.sinks):
+            raise ConfigError(f"tracking.sinks = {self.sinks!r}: each sink once, from: {', '.join(TRACKING_SINKS)}")
+
+
+TRACKING_SINKS = ("tensorboard", "mlflow", "wandb")
+
+
+@dataclass
 class OutputSection:
     """Where run artifacts go."""
 
@@ -377,6 +398,7 @@ class Config:
     split: SplitSection = field(default_factory=SplitSection)
     adversary: AdversarySection = field(default_factory=AdversarySection)
     sanity: SanitySection = field(default_factory=SanitySection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
     output: OutputSection = field(default_factory=OutputSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

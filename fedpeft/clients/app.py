@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from torch.utils.data import Dataset
 
-from fedpeft import adversary, config, lora, models, privacy, protocol, update
+from fedpeft import adversary, config, lora, models, privacy, protocol, tracking, update
 from fedpeft.clients import node_runtime, secagg
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import PayloadError
@@ -123,7 +123,8 @@ def train(msg: Message, context: Context) -> Message:
         models.set_adapter_state(rt.model, start)
         result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
                              proximal_mu=protocol.number(instruction, "proximal-mu"), dp=local_dp,
-                             fisher=codec.wants_fisher)
+                             fisher=codec.wants_fisher, step_every=cfg.tracking.step_every)
+        extra.update(tracking.step_metrics(result.step_log))
         state = models.adapter_state(rt.model)
         personal = {k: v for k, v in state.items() if k not in global_state}
         if personal:
