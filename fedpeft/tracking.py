@@ -1,5 +1,5 @@
 """Experiment tracking: per-round metrics, sampled per-step client logs and audit verdicts sent to optional
-sinks (TensorBoard event files, a local MLflow file store, W&B in offline mode); docs/tracking.md.
+sinks (TensorBoard event files, a local MLflow store (SQLite file), W&B in offline mode); docs/tracking.md.
 
 Step logs come from the clients' own training loops: a client with ``tracking.step_every > 0`` adds
 ``step-<i>-loss``, ``step-<i>-lr`` and ``step-<i>-grad-norm`` for its sampled local steps to the metrics
@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import math
 import re
+import secrets
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -122,13 +123,13 @@ class TensorBoardSink:
 
 
 class MLflowSink:
-    """One MLflow run in a local file store (``directory/mlruns``, or ``uri``); a resumed run continues the
-    same MLflow run (its id is kept in ``directory/mlflow_run_id``)."""
+    """One MLflow run in a local SQLite store (``directory/mlflow.db``; MLflow 3 keeps its plain-file store in
+    maintenance mode); a resumed run continues the same MLflow run (its id is kept in ``directory/mlflow_run_id``)."""
 
     def __init__(self, directory: Path, project: str, name: str, params: Mapping[str, Any]) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=(directory / "mlruns").resolve().as_uri())
+        self.client = MlflowClient(tracking_uri=mlflow_uri(directory))
         id_file = directory / "mlflow_run_id"
         if id_file.is_file():
             self.run_id = id_file.read_text().strip()
@@ -152,6 +153,11 @@ class MLflowSink:
         self.client.set_terminated(self.run_id)
 
 
+def mlflow_uri(directory: Path) -> str:
+    """The MLflow tracking URI of a tracking directory (``mlflow ui --backend-store-uri`` takes it)."""
+    return f"sqlite:///{(directory / 'mlflow.db').resolve()}"
+
+
 class WandbSink:
     """A W&B run in offline mode under ``directory`` (``wandb sync`` uploads it later); rounds and local
     steps are two x-axes (``round``, ``train_step``)."""
@@ -160,7 +166,7 @@ class WandbSink:
         import wandb
 
         id_file = directory / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self.run = wandb.init(mode="offline", dir=str(directory), project=project, name=name, id=run_id,
                               resume="allow", config=dict(params))

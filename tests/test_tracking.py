@@ -115,13 +115,13 @@ def test_a_resumed_run_continues_its_tracking(cls_data, tmp_path, monkeypatch, o
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
-def test_mlflow_file_store_holds_the_rounds(cls_data, tmp_path, one_thread):
+def test_mlflow_local_store_holds_the_rounds_and_step_logs(cls_data, tmp_path, one_thread):
     from mlflow.tracking import MlflowClient
 
     sets = tiny_overrides(cls_data, tmp_path / "runs", **{"federation.rounds": 2, "tracking.sinks": ["mlflow"],
                                                           "tracking.step_every": 5})
     run_dir = runner.simulate(config.load(None, sets))
-    client = MlflowClient(tracking_uri=(run_dir / "tracking" / "mlruns").resolve().as_uri())
+    client = MlflowClient(tracking_uri=tracking.mlflow_uri(run_dir / "tracking"))
     run_id = (run_dir / "tracking" / "mlflow_run_id").read_text()
     rows = report.read_metrics(run_dir)
     history = {m.step: m.value for m in client.get_metric_history(run_id, "round/eval_accuracy")}
