@@ -138,3 +138,16 @@ def test_wandb_offline_run_is_written(cls_data, tmp_path, monkeypatch, one_threa
     run_dir = runner.simulate(config.load(None, sets))
     assert list((run_dir / "tracking").rglob("run-*.wandb")), "no offline W&B run file"
 
+
+
+def test_audit_cells_are_tracked_with_their_verdicts(tmp_path):
+    from fedpeft.config import TrackingSection
+
+    tracker = tracking.Tracker(TrackingSection(sinks=["tensorboard"]), tmp_path, "audit", {})
+    tracker.cell(0, {"verdict": "fail", "token_f1": 0.9, "epsilon": math.inf, "codec": "none", "rank": 8})
+    tracker.cell(1, {"verdict": "pass", "token_f1": 0.1, "epsilon": 2.0, "codec": "int8", "rank": 8})
+    tracker.close()
+    scalars = read_scalars(tmp_path / "tensorboard")
+    assert scalars["audit/verdict"] == {0: 2.0, 1: 0.0}
+    assert scalars["audit/token_f1"] == pytest.approx({0: 0.9, 1: 0.1})
+    assert scalars["audit/epsilon"] == {1: 2.0}  # no DP (infinite epsilon) is left out, not plotted as inf
