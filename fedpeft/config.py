@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 import tomllib
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,15 +453,30 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def packaged_scenarios() -> dict[str, Any]:
+    """name -> file of the scenarios shipped inside the package (the repository's simulations/)."""
+    from importlib.resources import files
+
+    folder = files("fedpeft").joinpath("scenarios")
+    return {f.name.removesuffix(".toml"): f for f in folder.iterdir() if f.name.endswith(".toml")} \
+        if folder.is_dir() else {}
+
+
 def read_scenario(path: str | Path | None) -> dict[str, Any]:
-    """The raw nested dict of a scenario TOML file ({} for None: the embedded default)."""
+    """The raw nested dict of a scenario TOML file ({} for None: the embedded default). A path that is not a
+    file is looked up among the packaged scenarios by its name (``quickstart``, ``simulations/noniid.toml``),
+    so the README's commands work from a wheel install too."""
     if path is None:
         return {}
     p = Path(path)
+    source: Any = p
     if not p.is_file():
-        raise ConfigError(f"scenario file not found: {p}")
+        source = packaged_scenarios().get(p.name.removesuffix(".toml"))
+        if source is None:
+            raise ConfigError(f"scenario file not found: {p} (packaged scenarios: "
+                              f"{', '.join(sorted(packaged_scenarios()))})")
     try:
-        return tomllib.loads(p.read_bytes().decode("utf-8"))
+        return tomllib.loads(source.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save the "
                           "scenario as UTF-8") from None
@@ -482,6 +497,20 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     raw = read_scenario(path)
     for text in overrides:
         set_value(raw, *parse_override(text))
+    return from_dict(raw)
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> Config:
+    """The run's Config from a Flower run config: ``fedpeft-config`` (the resolved TOML fedpeft's commands
+    send) or, under ``flwr run .`` where that is empty, ``scenario`` (a path or packaged name; empty = the
+    embedded default) with every non-empty ``section.key`` entry on top (pyproject.toml's [tool.flwr.app.config])."""
+    text = str(run_config.get("fedpeft-config", ""))
+    if text:
+        return loads(text)
+    raw = read_scenario(str(run_config.get("scenario", "")) or None)
+    for key, value in run_config.items():
+        if "." in key and value != "":
+            set_value(raw, *key.split(".", 1), value)
     return from_dict(raw)
 
 

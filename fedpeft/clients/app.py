@@ -87,7 +87,7 @@ def receive_correction(msg: Message, layout: Layout) -> dict[str, torch.Tensor]:
 def train(msg: Message, context: Context) -> Message:
     """Train on the local partition starting from the received global adapter."""
     t0 = time.perf_counter()
-    cfg = config.loads(str(context.run_config["fedpeft-config"]))
+    cfg = config.from_run_config(context.run_config)
     set_threads(cfg.run.threads, workers=int(context.run_config.get("workers", 1)))
     data_path = str(context.node_config.get("data-path", "")) or None  # a deployed node's own data file
     rt = node_runtime(cfg, context)
@@ -162,7 +162,7 @@ def _local_eval(rt: Runtime, dataset: Dataset, cfg: config.Config) -> dict[str, 
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter (with this node's personal tensors, if any) on the node's own
     held-out split (data.client_eval_fraction); reply with counts the server can add up."""
-    cfg = config.loads(str(context.run_config["fedpeft-config"]))
+    cfg = config.from_run_config(context.run_config)
     set_threads(cfg.run.threads, workers=int(context.run_config.get("workers", 1)))
     data_path = str(context.node_config.get("data-path", "")) or None
     rt = node_runtime(cfg, context)
