@@ -1,6 +1,7 @@
 """Flower conventions: the repository is a `flwr run .` app (Flower validates and loads its components, run
 config keys override the scenario), and the wheel ships the scenario files that the code finds by name."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -109,3 +110,52 @@ def test_the_wheel_ships_the_scenarios_and_finds_them_installed(tmp_path):
     assert out.returncode == 0, out.stderr
     where, name = json.loads(out.stdout.strip().splitlines()[-1])
     assert where.startswith(str(site)) and name == "privacy-audit"
+
+
+def _labelled(n: int = 300, classes: int = 5):
+    import numpy as np
+
+    from fedpeft.sources import Examples
+
+    labels = np.random.default_rng(0).integers(0, classes, n)
+    return Examples("classification", [f"t{i}" for i in range(n)], labels, [f"c{c}" for c in range(classes)])
+
+
+def test_flower_partitioners_without_the_package_name_it(monkeypatch):
+    from fedpeft.config import DataSection
+    from fedpeft.errors import DataError
+    from fedpeft.partition import partition
+
+    monkeypatch.setitem(sys.modules, "flwr_datasets", None)  # as if not installed
+    with pytest.raises(DataError, match="'flwr_dirichlet' needs the flwr-datasets package"):
+        partition(_labelled(), DataSection(num_clients=3, partition="flwr_dirichlet"), 0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flwr_datasets") is None, reason="flwr-datasets is not installed")
+def test_flower_partitioners_split_like_flower_and_follow_the_seed():
+    import numpy as np
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    from fedpeft.config import DataSection
+    from fedpeft.partition import partition
+
+    ex = _labelled()
+    for scheme in ("flwr_iid", "flwr_dirichlet", "flwr_pathological"):
+        cfg = DataSection(num_clients=4, partition=scheme, dirichlet_alpha=0.3, classes_per_client=2)
+        a, b, c = partition(ex, cfg, 0), partition(ex, cfg, 0), partition(ex, cfg, 1)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b)) and any(len(x) != len(y) or (x != y).any()
+                                                                      for x, y in zip(a, c))
+        assert all(len(p) for p in a) and len(np.unique(np.concatenate(a))) == len(np.concatenate(a))
+        if scheme != "flwr_pathological":
+            assert sorted(np.concatenate(a).tolist()) == list(range(len(ex)))
+        else:
+            assert all(len(set(ex.labels[p].tolist())) <= 2 for p in a)
+    # flwr_dirichlet is Flower's own split: the same partitioner on the labels gives the same clients
+    cfg = DataSection(num_clients=4, partition="flwr_dirichlet", dirichlet_alpha=0.3)
+    seed = int(np.random.default_rng(7).integers(2**31 - 1))
+    import datasets
+
+    flower = DirichletPartitioner(num_partitions=4, partition_by="label", alpha=0.3, seed=seed, min_partition_size=10)
+    flower.dataset = datasets.Dataset.from_dict({"label": ex.labels.tolist(), "idx": list(range(len(ex)))})
+    ours = partition(ex, cfg, 7)
+    assert [sorted(flower.load_partition(j)["idx"]) for j in range(4)] == [p.tolist() for p in ours]
