@@ -510,7 +510,8 @@ def from_run_config(run_config: Mapping[str, Any]) -> Config:
     raw = read_scenario(str(run_config.get("scenario", "")) or None)
     for key, value in run_config.items():
         if "." in key and value != "":
-            set_value(raw, *key.split(".", 1), value)
+            section, name = key.split(".", 1)
+            set_value(raw, section, name, value)
     return from_dict(raw)
 
 

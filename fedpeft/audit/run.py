@@ -57,7 +57,7 @@ RANKING_COPIES = {"span_decode": "span", "label_and_canary": "subspace_opt"}
 
 COLUMNS = [*GRID_KEYS, "density", "budget", "verdict", "best_attack", "token_f1", "token_f1_ci", "rouge2", "exact",
            "ranking_attack", "top_true", "top_true_ci", "baseline", "lift", "chance", "seeds", "hit_pvalue",
-           "canary_exposure", "epsilon", "payload_bytes", "dense_bytes", "utility_cos", "seconds"]
+           "canary_exposure", "epsilon", "payload_bytes", "dense_bytes", "utility_cos", "seconds", "cpu_seconds"]
 
 
 def binomial_tail(hits: int, n: int, p: float) -> float:
@@ -166,7 +166,7 @@ def run_cell(cfg: Config, cell: dict[str, Any], src: VictimSource | None = None,
     """All seeds of one cell, aggregated into one report row: metrics are means over seeds (with a 95 %
     t-interval), each ranking attack's hits are pooled over seeds for its p-value at the baseline's rate.
     ``on_victim()`` is called after each seed's victim has been attacked (progress display)."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     src = src or victim_source(cfg)
     results, views = [], []
     for s in range(cfg.audit.seeds):
@@ -218,6 +218,7 @@ def run_cell(cfg: Config, cell: dict[str, Any], src: VictimSource | None = None,
     row["lift"] = lift(row["top_true"], row["baseline"])
     row["verdict"] = verdict(row, cfg.audit)
     row["seconds"] = time.perf_counter() - start
+    row["cpu_seconds"] = time.process_time() - cpu_start  # this process's CPU time: sizes a grid on a busy machine
     return row
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -116,8 +117,7 @@ def compare_compression(cfg: Config, codecs: list[str], both_directions: bool = 
                 output=dataclasses.replace(cfg.output, dir=str(sweep_dir / "runs"))))
             started[spec] = str(run_dir.relative_to(sweep_dir))
             (sweep_dir / STARTED_FILE).write_text(json.dumps(started))
-        with following(run_dir, (lambda row, spec=spec: on_round(spec, row)) if on_round else (lambda row: None),
-                       len(report.read_metrics(run_dir))):
+        with following(run_dir, functools.partial(on_round or _ignore, spec), len(report.read_metrics(run_dir))):
             runner.execute(run_cfg, run_dir, resume=run_dir == previous)
         results.append(summarize(spec, report.read_metrics(run_dir), run_dir))
         with open(sweep_dir / RESULTS_FILE, "a") as f:
@@ -130,6 +130,10 @@ def compare_compression(cfg: Config, codecs: list[str], both_directions: bool = 
             r["accuracy_delta_vs_none"] = r["final_accuracy"] - base
     write_sweep(sweep_dir, cfg, results)
     return sweep_dir
+
+
+def _ignore(spec: str, row: dict[str, Any]) -> None:
+    """No per-round display."""
 
 
 def load_sweep(sweep_dir: Path) -> tuple[Config, list[str], bool, list[dict[str, Any]]]:
