@@ -34,6 +34,11 @@ def _summary_table(run_dir: Path) -> Table:
     return table
 
 
+def _print_round(total: int) -> api.RoundCallback:
+    """A callback printing each recorded round as one plain line (no markup: values may hold brackets)."""
+    return lambda row: console.print(report.round_line(row, total), markup=False, highlight=False)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.simulation import runner
 
@@ -45,8 +50,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                   f"{args.engine or cfg.run.engine}")
     total = cfg.federation.rounds
     try:
-        with api.following(run_dir, lambda row: console.print(report.round_line(row, total), markup=False,
-                                                              highlight=False), done_rounds), \
+        with api.following(run_dir, _print_round(total), done_rounds), \
                 console.status("loading model and data, training ..."):
             runner.execute(cfg, run_dir, resume=args.resume is not None, engine=args.engine)
     except KeyboardInterrupt:
@@ -59,25 +63,33 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare_compression(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from fedpeft.simulation import sweep
-    from fedpeft.simulation.sweep import compare_compression
 
-    cfg = config.load(args.scenario, args.overrides)
-    codecs = sweep.split_codecs(args.codecs) if args.codecs else list(cfg.compression.sweep)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task(f"codecs ({codecs[0]} first)", total=len(codecs))
+    if args.resume is not None:
+        cfg, codecs, _, finished = sweep.load_sweep(args.resume)
+    else:
+        cfg, finished = config.load(args.scenario, args.overrides), []
+        codecs = sweep.split_codecs(args.codecs) if args.codecs else list(cfg.compression.sweep)
+    rounds = cfg.federation.rounds
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task(f"{len(codecs)} codec(s)", total=len(codecs) * rounds,
+                                 completed=len(finished) * rounds)
+
+        def each_round(spec: str, row: dict[str, Any]) -> None:
+            progress.update(task, description=f"{spec}: round {row['round']}/{rounds}",
+                            completed=codecs.index(spec) * rounds + row["round"])
 
         def done(row: dict[str, Any]) -> None:
             acc = report.fmt(row["final_accuracy"])
             ratio = report.fmt(row["ratio_vs_fp32"], 3)
             progress.console.print(f"{row['codec']}: up {report.human_bytes(row['uplink_bytes_per_round'])}/round "
                                    f"({ratio}x smaller than fp32), final accuracy {acc}")
-            progress.advance(task)
 
-        sweep_dir = compare_compression(cfg, codecs, args.both_directions, on_done=done)
+        sweep_dir = sweep.compare_compression(cfg, codecs, args.both_directions, on_done=done, on_round=each_round,
+                                              resume=args.resume)
     console.print((sweep_dir / "compression.md").read_text())
     console.print(f"sweep written to [bold]{sweep_dir}[/]")
     print(json.dumps({"sweep_dir": str(sweep_dir)}))
@@ -85,7 +97,7 @@ def cmd_compare_compression(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from fedpeft.audit.grid import GRID_KEYS
     from fedpeft.audit.run import check, run_audit
@@ -97,21 +109,27 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return _audit_capture(args, attacks)
     if args.rounds or args.clients:
         raise FedPeftError("--rounds and --clients select updates of a real run: use them with --capture")
-    cfg, cells = check(config.load(args.scenario, args.overrides), args.grid, attacks)
+    done: list[dict[str, Any]] = []
+    if args.resume is not None:
+        from fedpeft.audit.run import load_progress
+
+        cfg, cells, done = load_progress(args.resume)
+    else:
+        cfg, cells = check(config.load(args.scenario, args.overrides), args.grid, attacks)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as progress:
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task(f"audit: {len(cells)} cell(s) x {cfg.audit.seeds} victim(s)",
-                                 total=len(cells) * cfg.audit.seeds)
+                                 total=len(cells) * cfg.audit.seeds, completed=len(done) * cfg.audit.seeds)
 
         varying = [k for k in GRID_KEYS if len({str(c[k]) for c in cells}) > 1] or ["batch_size"]
 
-        def done(i: int, total: int, row: dict[str, Any]) -> None:
+        def finished(i: int, total: int, row: dict[str, Any]) -> None:
             cell = ", ".join(f"{k}={row[k]}" for k in varying)
             progress.console.print(f"[bold]{row['verdict']}[/] {cell}: F1 {row['token_f1']:.2f}, top "
                                    f"{row['top_true']:.2f} (frequency guess {row['baseline']:.2f}, chance "
                                    f"{row['chance']:.3f}), {row['seconds']:.0f} s")
 
-        out = run_audit(cfg, cells, on_cell=done, on_victim=lambda: progress.advance(task))
+        out = run_audit(cfg, cells, on_cell=finished, on_victim=lambda: progress.advance(task), resume=args.resume)
     console.print((out / "audit.md").read_text())
     console.print(f"audit written to [bold]{out}[/]")
     print(json.dumps({"audit_dir": str(out)}))
@@ -330,7 +348,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(json.dumps({"run_id": run_id, "run_dir": str(run_dir)}), flush=True)
     if not args.wait:
         return 0
-    with console.status(f"waiting for run {run_id} ..."):
+    total = config.load(run_dir / "config.toml").federation.rounds  # the round lines need the run's length
+    with console.status(f"waiting for run {run_id} ..."), \
+            api.following(run_dir, _print_round(total), len(report.read_metrics(run_dir))):
         final = submit.wait(home, run_id)
     if final == "finished:completed":
         console.print(f"run {run_id}: {final}")

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(a codec's key=value options follow it: compeft:0.05,scale=std); "
                                       "default: compression.sweep")
     cmp.add_argument("--both-directions", action="store_true", help="apply each codec to the downlink too")
+    cmp.add_argument("--resume", type=Path, metavar="SWEEP_DIR",
+                     help="continue an interrupted sweep: finished codecs are kept, an interrupted run continues "
+                          "from its checkpoint (the scenario and other options are not used)")
     cfg = sub.add_parser("config", help="print the resolved configuration (TOML) and exit")
     _scenario_args(cfg)
     cfg.add_argument("--reference", action="store_true", help="print the reference of every key (markdown)")
@@ -79,6 +82,9 @@ def _audit_parser(sub: argparse._SubParsersAction) -> None:
                           "replaces that axis of audit.grid). Keys: batch_size, rank, targets, steps, optimizer, "
                           "round, rounds, codec, dp, observed")
     aud.add_argument("--attacks", help="comma-separated attacks (default: audit.attacks)")
+    aud.add_argument("--resume", type=Path, metavar="AUDIT_DIR",
+                     help="continue an interrupted grid audit: runs only the cells its cells.jsonl lacks, with its "
+                          "own config and grid (the scenario and other options are not used)")
     aud.add_argument("--capture", action="store_true",
                      help="run the scenario itself (in-process) and attack the real updates the server decodes, "
                           "instead of the grid; writes audit.md/csv/png into the run directory")

@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 import tomllib
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -434,6 +434,27 @@ class NetworkSection:
 
 
 @dataclass
+class TrackingSection:
+    """Experiment tracking (docs/tracking.md): per-round metrics, sampled per-step client logs and audit
+    verdicts sent to TensorBoard event files, a local MLflow store or W&B in offline mode."""
+
+    sinks: list[str] = option([], help="where to send metrics: any of tensorboard, mlflow, wandb (each needs its "
+                                       "package: pip install '.[tracking]'); empty = off")
+    dir: str = option("", help="where sinks write; empty = <run dir>/tracking (an audit: <out>/tracking)")
+    step_every: int = option(0, lo=0, help="clients log train loss, learning rate and gradient norm every N-th "
+                                           "local step (and the last) and send it with their reply; 0 = off")
+    project: str = option("fedpeft", help="MLflow experiment / W&B project name")
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sinks if s not in TRACKING_SINKS]
+        if unknown or len(set(self.sinks)) != len(self.sinks):
+            raise ConfigError(f"tracking.sinks = {self.sinks!r}: each sink once, from: {', '.join(TRACKING_SINKS)}")
+
+
+TRACKING_SINKS = ("tensorboard", "mlflow", "wandb")
+
+
+@dataclass
 class OutputSection:
     """Where run artifacts go."""
 
@@ -461,6 +482,7 @@ class Config:
     sanity: SanitySection = field(default_factory=SanitySection)
     devices: DevicesSection = field(default_factory=DevicesSection)
     network: NetworkSection = field(default_factory=NetworkSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
     output: OutputSection = field(default_factory=OutputSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -518,15 +540,30 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def packaged_scenarios() -> dict[str, Any]:
+    """name -> file of the scenarios shipped inside the package (the repository's simulations/)."""
+    from importlib.resources import files
+
+    folder = files("fedpeft").joinpath("scenarios")
+    return {f.name.removesuffix(".toml"): f for f in folder.iterdir() if f.name.endswith(".toml")} \
+        if folder.is_dir() else {}
+
+
 def read_scenario(path: str | Path | None) -> dict[str, Any]:
-    """The raw nested dict of a scenario TOML file ({} for None: the embedded default)."""
+    """The raw nested dict of a scenario TOML file ({} for None: the embedded default). A path that is not a
+    file is looked up among the packaged scenarios by its name (``quickstart``, ``simulations/noniid.toml``),
+    so the README's commands work from a wheel install too."""
     if path is None:
         return {}
     p = Path(path)
+    source: Any = p
     if not p.is_file():
-        raise ConfigError(f"scenario file not found: {p}")
+        source = packaged_scenarios().get(p.name.removesuffix(".toml"))
+        if source is None:
+            raise ConfigError(f"scenario file not found: {p} (packaged scenarios: "
+                              f"{', '.join(sorted(packaged_scenarios()))})")
     try:
-        return tomllib.loads(p.read_bytes().decode("utf-8"))
+        return tomllib.loads(source.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save the "
                           "scenario as UTF-8") from None
@@ -547,6 +584,21 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     raw = read_scenario(path)
     for text in overrides:
         set_value(raw, *parse_override(text))
+    return from_dict(raw)
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> Config:
+    """The run's Config from a Flower run config: ``fedpeft-config`` (the resolved TOML fedpeft's commands
+    send) or, under ``flwr run .`` where that is empty, ``scenario`` (a path or packaged name; empty = the
+    embedded default) with every non-empty ``section.key`` entry on top (pyproject.toml's [tool.flwr.app.config])."""
+    text = str(run_config.get("fedpeft-config", ""))
+    if text:
+        return loads(text)
+    raw = read_scenario(str(run_config.get("scenario", "")) or None)
+    for key, value in run_config.items():
+        if "." in key and value != "":
+            section, name = key.split(".", 1)
+            set_value(raw, section, name, value)
     return from_dict(raw)
 
 

@@ -73,6 +73,11 @@ def validate(cfg: Config) -> None:
                           "data.client_eval_fraction > 0)")
     if cfg.adversary.attack != "none" or cfg.adversary.fraction or cfg.adversary.clients:
         _validate_adversary(cfg)
+    private = cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation != "none"
+    if cfg.tracking.step_every and private and not cfg.privacy.release_client_metrics:
+        raise ConfigError("tracking.step_every > 0 with privacy.mode / privacy.secure_aggregation on sends each "
+                          "client's per-step loss and gradient norm in the clear, outside the privacy guarantee: set "
+                          "privacy.release_client_metrics = true to accept that, or tracking.step_every = 0")
     _validate_generative(cfg)
     from fedpeft.simulation import clock  # the virtual clock's distributions and FedBuff's limits
 

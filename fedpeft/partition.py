@@ -21,6 +21,12 @@ Schemes (``data.partition``):
 
 For ``causal_lm`` data (no labels) the label-based schemes use the group column (e.g. the
 chatterbot category) as the class variable.
+
+``flwr_iid``, ``flwr_dirichlet`` and ``flwr_pathological`` hand the split to Flower Datasets' own
+partitioners (``IidPartitioner``, ``DirichletPartitioner``, ``PathologicalPartitioner``; the package
+``flwr-datasets`` is imported only then), so client data can be matched with Flower baselines. Their
+parameters come from the same keys (``dirichlet_alpha``, ``classes_per_client``), their seed from the run
+seed; Flower's pathological split may leave examples of unassigned classes out (logged).
 """
 
 from __future__ import annotations
@@ -197,6 +203,48 @@ def _pathological(ex: Examples, cfg: DataSection, rng: np.random.Generator) -> l
             buckets[j].append(shard)
     parts = [np.concatenate(b) if b else np.empty(0, dtype=np.int64) for b in buckets]
     return _fill_empty(parts, rng)
+
+
+def _flower(name: str, ex: Examples, cfg: DataSection, rng: np.random.Generator, **kwargs: object) -> list[np.ndarray]:
+    """Split with Flower Datasets' ``name`` partitioner over the class ids (or, for flwr_iid, the positions)."""
+    try:
+        import datasets
+        from flwr_datasets import partitioner
+    except ImportError:
+        raise DataError(f"data.partition = {cfg.partition!r} needs the flwr-datasets package "
+                        "(pip install flwr-datasets; see docs/flower.md)") from None
+    if name == "IidPartitioner":  # Flower's IID split cuts the table in order: shuffle it first (seeded)
+        table = datasets.Dataset.from_dict({"idx": rng.permutation(len(ex)).tolist()})
+    else:
+        table = datasets.Dataset.from_dict({"label": _class_ids(ex, cfg.partition).tolist(),
+                                            "idx": list(range(len(ex)))})
+        kwargs.update(partition_by="label", seed=int(rng.integers(2**31 - 1)))
+    split = getattr(partitioner, name)(num_partitions=cfg.num_clients, **kwargs)
+    split.dataset = table
+    try:
+        parts = [np.asarray(split.load_partition(j)["idx"], dtype=np.int64) for j in range(cfg.num_clients)]
+    except ValueError as e:
+        raise DataError(f"data.partition = {cfg.partition!r}: {e}") from None
+    left_out = len(ex) - sum(len(p) for p in parts)
+    if left_out:
+        logger.warning("%s left %d of %d examples out of every client", name, left_out, len(ex))
+    return _fill_empty(parts, rng)
+
+
+@PARTITIONS.register("flwr_iid")
+def _flwr_iid(ex: Examples, cfg: DataSection, rng: np.random.Generator) -> list[np.ndarray]:
+    return _flower("IidPartitioner", ex, cfg, rng)
+
+
+@PARTITIONS.register("flwr_dirichlet")
+def _flwr_dirichlet(ex: Examples, cfg: DataSection, rng: np.random.Generator) -> list[np.ndarray]:
+    return _flower("DirichletPartitioner", ex, cfg, rng, alpha=cfg.dirichlet_alpha,
+                   min_partition_size=min(10, len(ex) // cfg.num_clients))
+
+
+@PARTITIONS.register("flwr_pathological")
+def _flwr_pathological(ex: Examples, cfg: DataSection, rng: np.random.Generator) -> list[np.ndarray]:
+    return _flower("PathologicalPartitioner", ex, cfg, rng, num_classes_per_partition=cfg.classes_per_client)
 
 
 def client_eval_split(indices: np.ndarray, fraction: float, seed: int, partition_id: int

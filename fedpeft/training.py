@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -126,6 +126,9 @@ class TrainResult:
     Fisher, after clipping; under DP-SGD of the noised gradients, so using it costs no privacy),
     float32 on the CPU, keyed like :func:`fedpeft.models.adapter_state`; None unless asked for
     (``train_local(fisher=True)``). Compression ranks by it."""
+    step_log: list[tuple[int, float, float, float]] = field(default_factory=list)
+    """(step, loss, learning rate, gradient norm) of every ``step_every``-th step and the last (experiment
+    tracking); the norm is taken before clipping, under DP-SGD of the noised gradient the step used."""
 
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor], per_example_mean: bool) -> torch.Tensor:
@@ -141,14 +144,14 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor], per_example_mean: bo
 
 def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: TrainSection, device: torch.device,
                 seed: int, proximal_mu: float = 0.0, steps: int | None = None, dp: object | None = None,
-                fisher: bool = False, grad_hook: Callable[[], None] | None = None) -> TrainResult:
+                fisher: bool = False, grad_hook: Callable[[], None] | None = None, step_every: int = 0) -> TrainResult:
     """Train the model's trainable parameters in place for one round.
 
     ``proximal_mu > 0`` adds FedProx's term mu/2 * ||w - w_start||^2 (w_start: the received global).
     ``dp`` (a :class:`fedpeft.privacy.LocalDP`) makes it DP-SGD: Poisson batches, per-example clipping
     and noise by Opacus, accounted in ``dp``. ``fisher=True`` also sums the squared gradients
     (:attr:`TrainResult.fisher`; one adapter-sized buffer and one multiply-add per step). ``grad_hook`` runs
-    after each backward pass, before clipping and the step.
+    after each backward pass, before clipping and the step. ``step_every > 0`` fills :attr:`TrainResult.step_log`.
     """
     start = time.perf_counter()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -167,10 +170,12 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
     schedule = make_schedule(optimizer, cfg, steps)
     scaler = loss_scaler(device, dp)
     total, counted = 0.0, 0
+    step_log: list[tuple[int, float, float, float]] = []
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # dropout
-            for _ in range(steps):
+            for step in range(steps):
+                logged = step_every > 0 and (step % step_every == 0 or step == steps - 1)
                 batch = next(batches)
                 optimizer.zero_grad(set_to_none=True)
                 if batch is None:  # an empty Poisson draw: a noise-only step, still accounted
@@ -186,10 +191,14 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
                 scaler.unscale_(optimizer)  # clipping and the Fisher sums see true gradients
                 if grad_hook is not None:  # SCAFFOLD's control-variate correction of the gradients
                     grad_hook()
+                lr = float(optimizer.param_groups[0]["lr"])
+                norm = _grad_norm(params) if logged and dp is None else 0.0
                 if cfg.max_grad_norm > 0 and dp is None:  # DP-SGD clips per example instead
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
+                if logged:
+                    step_log.append((step, float(loss.detach()), lr, norm if dp is None else _grad_norm(params)))
                 schedule.step()
                 for acc, p in zip(sq_grads, params):  # the gradient the step used (DP-SGD: noised)
                     if p.grad is not None:
@@ -204,7 +213,13 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
     return TrainResult(num_examples=dataset_size(dataset), steps=steps, loss=total / max(1, counted),
                        seconds=time.perf_counter() - start,
                        fisher={n: (acc / max(1, counted)).cpu() for (n, _), acc in zip(named, sq_grads)} if fisher
-                       else None)
+                       else None, step_log=step_log)
+
+
+def _grad_norm(params: list[nn.Parameter]) -> float:
+    """The L2 norm of all parameters' gradients together."""
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
 
 
 @torch.no_grad()

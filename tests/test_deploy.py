@@ -508,6 +508,7 @@ def test_federated_evaluation_on_deployed_nodes_own_files(tmp_path: Path) -> Non
                                   "--wait", *[a for s in sets for a in ("--set", s)]),
                              capture_output=True, text=True, timeout=400, env=flower.flower_env(home))
         assert out.returncode == 0, out.stdout + out.stderr + cluster.log("n0") + cluster.log("n1")
+        assert "round 1/1 | clients 2/2" in out.stderr and "up " in out.stderr  # run --wait streams each round
         run_dir = Path(json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("{")))["run_dir"])
         (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert row["replies"] == 2 and "eval_loss" not in row

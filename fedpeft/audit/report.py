@@ -79,14 +79,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def write(out: Path, cfg: Config, rows: list[dict[str, Any]], victim: str = "") -> None:
-    """audit.csv, audit.json, audit.md and (if output.plots) audit.png; ``victim`` describes the victim."""
+def write_csv(out: Path, rows: list[dict[str, Any]]) -> None:
+    """audit.csv, one row per cell (replaced whole, so a reader never sees a torn row)."""
     from fedpeft.audit.run import COLUMNS
 
-    with open(out / "audit.csv", "w", newline="") as f:
+    with open(out / "audit.csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    (out / "audit.csv.tmp").replace(out / "audit.csv")
+
+
+def write(out: Path, cfg: Config, rows: list[dict[str, Any]], victim: str = "") -> None:
+    """audit.csv, audit.json, audit.md and (if output.plots) audit.png; ``victim`` describes the victim."""
+    write_csv(out, rows)
     (out / "audit.json").write_text(json.dumps({"victim": victim, "rows": _plain(rows)}, indent=1))
     varying = [k for k in GRID_KEYS if len({str(r[k]) for r in rows}) > 1]
     fixed = {k: rows[0][k] for k in GRID_KEYS if k not in varying} if rows else {}

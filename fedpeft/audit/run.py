@@ -24,8 +24,10 @@ Verdicts (thresholds from ``[audit]``; defaults below):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,7 +57,7 @@ RANKING_COPIES = {"span_decode": "span", "label_and_canary": "subspace_opt"}
 
 COLUMNS = [*GRID_KEYS, "density", "budget", "verdict", "best_attack", "token_f1", "token_f1_ci", "rouge2", "exact",
            "ranking_attack", "top_true", "top_true_ci", "baseline", "lift", "chance", "seeds", "hit_pvalue",
-           "canary_exposure", "epsilon", "payload_bytes", "dense_bytes", "utility_cos", "seconds"]
+           "canary_exposure", "epsilon", "payload_bytes", "dense_bytes", "utility_cos", "seconds", "cpu_seconds"]
 
 
 def binomial_tail(hits: int, n: int, p: float) -> float:
@@ -164,7 +166,7 @@ def run_cell(cfg: Config, cell: dict[str, Any], src: VictimSource | None = None,
     """All seeds of one cell, aggregated into one report row: metrics are means over seeds (with a 95 %
     t-interval), each ranking attack's hits are pooled over seeds for its p-value at the baseline's rate.
     ``on_victim()`` is called after each seed's victim has been attacked (progress display)."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     src = src or victim_source(cfg)
     results, views = [], []
     for s in range(cfg.audit.seeds):
@@ -216,6 +218,7 @@ def run_cell(cfg: Config, cell: dict[str, Any], src: VictimSource | None = None,
     row["lift"] = lift(row["top_true"], row["baseline"])
     row["verdict"] = verdict(row, cfg.audit)
     row["seconds"] = time.perf_counter() - start
+    row["cpu_seconds"] = time.process_time() - cpu_start  # this process's CPU time: sizes a grid on a busy machine
     return row
 
 
@@ -247,25 +250,81 @@ def check(cfg: Config, extra_grid: list[str] | None = None,
     return cfg, cells
 
 
-def run_audit(cfg: Config, cells: list[dict[str, Any]] | None = None,
-              on_cell: Callable[[int, int, dict[str, Any]], None] | None = None,
-              on_victim: Callable[[], None] | None = None) -> Path:
-    """Run every cell (default: the cells of ``cfg.audit.grid``), write ``audit.md``, ``audit.csv``,
-    ``audit.json``, ``audit.png`` and ``config.toml``; returns the audit directory. ``on_cell(i, total, row)`` is
-    called after each cell, ``on_victim()`` after each of its seeds (progress display)."""
+PLAN_FILE, CELLS_FILE = "plan.json", "cells.jsonl"  # the grid's cells; each finished cell's row, as it finishes
+
+
+def load_progress(out: Path) -> tuple[Config, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(config, planned cells, finished rows) of an audit directory, to continue it; a torn last line (the
+    process was killed while writing it) is dropped, that cell runs again."""
+    from fedpeft import config as config_mod
+
+    if not (out / PLAN_FILE).is_file():
+        raise ConfigError(f"--resume {out}: not an audit directory (no {PLAN_FILE})")
+    cfg = config_mod.load(out / "config.toml")
+    cells = json.loads((out / PLAN_FILE).read_text())
+    rows = []
+    lines = (out / CELLS_FILE).read_text().splitlines() if (out / CELLS_FILE).is_file() else []
+    for n, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines) - 1:
+                raise ConfigError(f"{out / CELLS_FILE}: line {n + 1} is not JSON") from None
+    for i, row in enumerate(rows):
+        if i >= len(cells) or any(row[k] != cells[i][k] for k in GRID_KEYS):
+            raise ConfigError(f"{out / CELLS_FILE}: row {i + 1} is not the plan's cell {i + 1}")
+    return cfg, cells, rows
+
+
+def _persist(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Append the newest row to cells.jsonl (on disk before the next cell starts) and rewrite audit.csv."""
     from fedpeft.audit import report
 
-    if cells is None:
-        cfg, cells = check(cfg)
-    out = new_run_dir(cfg.output.dir, f"{cfg.run.name}-audit")
-    (out / "config.toml").write_text(cfg.to_toml())
-    rows = []
+    with open(out / CELLS_FILE, "a") as f:
+        f.write(json.dumps(rows[-1]) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    report.write_csv(out, rows)
+
+
+def run_audit(cfg: Config, cells: list[dict[str, Any]] | None = None,
+              on_cell: Callable[[int, int, dict[str, Any]], None] | None = None,
+              on_victim: Callable[[], None] | None = None, resume: Path | None = None) -> Path:
+    """Run every cell (default: the cells of ``cfg.audit.grid``), write ``audit.md``, ``audit.csv``,
+    ``audit.json``, ``audit.png`` and ``config.toml``; returns the audit directory. ``on_cell(i, total, row)`` is
+    called after each cell, ``on_victim()`` after each of its seeds (progress display). Each finished cell is
+    in ``cells.jsonl`` and ``audit.csv`` at once; ``resume`` (an audit directory) runs only the cells it lacks,
+    with its own config and plan (``cfg`` and ``cells`` are then not used)."""
+    from fedpeft import tracking
+    from fedpeft.audit import report
+
+    if resume is not None:
+        out = resume
+        cfg, cells, rows = load_progress(out)
+        (out / CELLS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))  # without a torn last line
+        log.info("audit: resuming %s, %d of %d cell(s) done", out, len(rows), len(cells))
+    else:
+        if cells is None:
+            cfg, cells = check(cfg)
+        out = new_run_dir(cfg.output.dir, f"{cfg.run.name}-audit")
+        (out / "config.toml").write_text(cfg.to_toml())
+        (out / PLAN_FILE).write_text(json.dumps(cells))
+        rows = []
+    tracker = tracking.Tracker(cfg.tracking, Path(cfg.tracking.dir or out / "tracking"), out.name,
+                               tracking.flat_params(cfg.to_dict())) if cfg.tracking.sinks else None
     src = victim_source(cfg)
-    with torch.random.fork_rng(devices=[]):
-        for i, cell in enumerate(cells):
-            rows.append(run_cell(cfg, cell, src, on_victim))
-            log.info("audit cell %d/%d: %s -> %s", i + 1, len(cells), cell, rows[-1]["verdict"])
-            if on_cell:
-                on_cell(i, len(cells), rows[-1])
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for i in range(len(rows), len(cells)):
+                rows.append(json.loads(json.dumps(run_cell(cfg, cells[i], src, on_victim))))  # as a resume reads it
+                _persist(out, rows)
+                log.info("audit cell %d/%d: %s -> %s", i + 1, len(cells), cells[i], rows[-1]["verdict"])
+                if tracker is not None:
+                    tracker.cell(i, rows[-1])
+                if on_cell:
+                    on_cell(i, len(cells), rows[-1])
+    finally:
+        if tracker is not None:
+            tracker.close()
     report.write(out, cfg, rows, src.describe())
     return out

@@ -26,7 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from torch.utils.data import Dataset
 
-from fedpeft import adversary, config, lora, models, privacy, protocol, scaffold, update
+from fedpeft import adversary, config, lora, models, privacy, protocol, scaffold, tracking, update
 from fedpeft.clients import node_runtime, secagg
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import PayloadError
@@ -90,7 +90,7 @@ def receive_correction(msg: Message, layout: Layout) -> dict[str, torch.Tensor]:
 def train(msg: Message, context: Context) -> Message:
     """Train on the local partition starting from the received global adapter."""
     t0 = time.perf_counter()
-    cfg = config.loads(str(context.run_config["fedpeft-config"]))
+    cfg = config.from_run_config(context.run_config)
     set_threads(cfg.run.threads, workers=int(context.run_config.get("workers", 1)))
     data_path = str(context.node_config.get("data-path", "")) or None  # a deployed node's own data file
     rt = node_runtime(cfg, context)
@@ -129,8 +129,9 @@ def train(msg: Message, context: Context) -> Message:
         models.set_adapter_state(rt.model, start)
         result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
                              proximal_mu=protocol.number(instruction, "proximal-mu"), dp=local_dp,
-                             fisher=codec.wants_fisher, grad_hook=None if controls is None else _corrector(rt.model,
-                                                                                                          *controls))
+                             fisher=codec.wants_fisher, step_every=cfg.tracking.step_every,
+                             grad_hook=None if controls is None else _corrector(rt.model, *controls))
+        extra.update(tracking.step_metrics(result.step_log))
         state = models.adapter_state(rt.model)
         if rank is not None:  # the components beyond the rank stayed at zero (zero gradients)
             state = lora.truncate(state, rank)
@@ -206,7 +207,7 @@ def _local_eval(rt: Runtime, dataset: Dataset, cfg: config.Config) -> dict[str, 
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter (with this node's personal tensors, if any) on the node's own
     held-out split (data.client_eval_fraction); reply with counts the server can add up."""
-    cfg = config.loads(str(context.run_config["fedpeft-config"]))
+    cfg = config.from_run_config(context.run_config)
     set_threads(cfg.run.threads, workers=int(context.run_config.get("workers", 1)))
     data_path = str(context.node_config.get("data-path", "")) or None
     rt = node_runtime(cfg, context)

@@ -53,7 +53,7 @@ def client_mod(msg: Message, context: Context, call_next: Any) -> Message:
 
 def _pack(reply: Message, context: Context) -> None:
     """Replace Flower's int64 masked arrays by one string of ``log2(modulus)``-bit elements (when configured)."""
-    cfg = fconfig.loads(str(context.run_config["fedpeft-config"]))
+    cfg = fconfig.from_run_config(context.run_config)
     if not protocol.packs_masked(cfg.privacy):
         return
     stage_reply = reply.content.config_records[RECORD_KEY_CONFIGS]
@@ -88,7 +88,7 @@ def _train_for_secagg(msg: Message, context: Context, call_next: Any) -> Message
     if reply.has_error():
         raise FedPeftError(f"training failed: {reply.error.reason}")
     payload, metrics = protocol.parse_reply(reply.content)
-    cfg = fconfig.loads(str(context.run_config["fedpeft-config"]))
+    cfg = fconfig.from_run_config(context.run_config)
     layout = node_runtime(cfg, context).layout
     delta = make_codec(cfg.compression.uplink).decode(payload, layout)
     vector = np.concatenate([delta[n].numpy().ravel() for n in layout.names]).astype(np.float64)

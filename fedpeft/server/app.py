@@ -2,7 +2,9 @@
 
 The run configuration travels in the Flower run config: ``fedpeft-config`` (the resolved TOML text),
 ``run-dir`` (where metrics, checkpoints, the adapter and ``versions.json`` go) and ``resume`` (continue
-from the checkpoint in ``run-dir``). The runtime comes from the cache the engine put in the ``Context``.
+from the checkpoint in ``run-dir``). Under ``flwr run .`` both are empty: the configuration comes from
+``scenario`` and ``section.key`` entries (:func:`fedpeft.config.from_run_config`) and the run directory is
+made under ``output.dir``. The runtime comes from the cache the engine put in the ``Context``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import config, versions
 from fedpeft.adversary import require_simulation
+from fedpeft.rundir import new_run_dir
 from fedpeft.runtime import runtimes_of
 from fedpeft.server.asynchronous import BufferedServer
 from fedpeft.server.loop import FederatedServer, Observer
@@ -27,10 +30,13 @@ def make_app(observers: Sequence[Observer] = ()) -> ServerApp:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         """Load the configuration from the run config and run the federated rounds."""
-        cfg = config.loads(str(context.run_config["fedpeft-config"]))
+        cfg = config.from_run_config(context.run_config)
         require_simulation(cfg, bool(context.run_config.get("simulation", False)))  # no planted attackers deployed
-        run_dir = Path(str(context.run_config["run-dir"]))
+        given = str(context.run_config.get("run-dir", ""))
+        run_dir = Path(given) if given else new_run_dir(cfg.output.dir, cfg.run.name)  # empty: flwr run .
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not given:
+            (run_dir / "config.toml").write_text(cfg.to_toml())
         versions.write_versions(run_dir)  # the server process's environment, rewritten on resume
         resume = bool(context.run_config.get("resume", False))
         server = BufferedServer if cfg.federation.buffer_size else FederatedServer  # FedBuff: asynchronous.py

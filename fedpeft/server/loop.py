@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from fedpeft import export, generation, lora, models, protocol, scaffold
+from fedpeft import export, generation, lora, models, protocol, scaffold, tracking
 from fedpeft.adversary import Ledger
 from fedpeft.compression import make_codec
 from fedpeft.config import Config
@@ -49,7 +49,7 @@ from fedpeft.server.ranks import RankPlan
 from fedpeft.server.replies import RoundReplies, collect
 from fedpeft.server.sanity import ReplyChecks, global_problem, metric_ranges, screen_norms
 from fedpeft.split.plugin import split_of
-from fedpeft.training import evaluate
+from fedpeft.training import evaluate, num_local_steps
 
 log = logging.getLogger(__name__)
 SANITY_COUNTS = ("sanity_dropped", "sanity_clipped", "sanity_metrics_dropped", "global_rejected")
@@ -126,6 +126,7 @@ class FederatedServer:
         self.not_applied: Counter[str] = Counter()  # why the other rounds did not (one line per kind)
         self.not_applied_example: dict[str, str] = {}  # kind -> the first round's details
         self.started = time.time()
+        self.tracker: tracking.Tracker | None = None
         if self.split is not None:
             self.split.reset()
         if resume:
@@ -205,8 +206,13 @@ class FederatedServer:
         if self.checks is not None and partition_of is not None:
             sizes = [len(p) for p in self.rt.partitions]
             self.checks.partition_size = lambda node: None if (pid := partition_of(node)) is None else sizes[pid]
-        for rnd in range(self.round + 1, self.cfg.federation.rounds + 1):
-            self._record(grid, rnd, self.run_round(grid, rnd))
+        self.tracker = tracking.for_run(self.cfg, self.run_dir, max(len(p) for p in self.rt.partitions))
+        try:
+            for rnd in range(self.round + 1, self.cfg.federation.rounds + 1):
+                self._record(grid, rnd, self.run_round(grid, rnd))
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
         self.finish()
         if not self.applied and self.not_applied:
             causes = "; ".join(f"{why} ({n}x, e.g. {self.not_applied_example[why]})"
@@ -220,6 +226,8 @@ class FederatedServer:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())  # on disk before a checkpoint commits it
+        if self.tracker is not None:
+            self.tracker.round(row)
         self.round = rnd
         if rnd % self.cfg.output.checkpoint_every == 0 or rnd == self.cfg.federation.rounds:
             self._save(grid)
@@ -353,6 +361,10 @@ class FederatedServer:
                                "dropped": len(replies.dropped)}
         self.lora_row = {}
         row["train_loss"] = self._aggregate(replies, rnd)
+        if self.cfg.tracking.step_every:  # the clients' sampled step logs (tracking.py)
+            row["step_logs"] = tracking.round_step_logs(
+                replies.clients, num_local_steps(self.cfg.train, self.cfg.sanity.max_num_examples),
+                self.cfg.sanity.max_loss, rnd)
         row.update(self.lora_row)
         if self.checks is not None or replies.sanity:
             row.update({**dict.fromkeys(SANITY_COUNTS, 0), **replies.sanity})

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fedpeft import report
+from fedpeft.api import following
 from fedpeft.compression import entropy_bound_bits, make_codec
 from fedpeft.config import Config
 from fedpeft.errors import ConfigError
@@ -75,23 +78,51 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", spec).strip("-")
 
 
+PLAN_FILE, STARTED_FILE, RESULTS_FILE = "plan.json", "started.json", "results.jsonl"
+RoundHook = Callable[[str, dict[str, Any]], None]
+
+
 def compare_compression(cfg: Config, codecs: list[str], both_directions: bool = False,
-                        on_done: Callable[[dict[str, Any]], None] | None = None) -> Path:
-    """Run ``cfg`` once per uplink codec (and downlink too if ``both_directions``); returns the sweep dir."""
-    if not codecs:
-        raise ConfigError("no codecs to compare: pass --codecs or set compression.sweep")
-    for spec in codecs:
-        make_codec(spec)  # every spec is checked before any work starts
-    sweep_dir = new_run_dir(cfg.output.dir, f"{cfg.run.name}-compression")
-    results = []
-    for spec in codecs:
-        compression = dataclasses.replace(cfg.compression, uplink=spec,
-                                          downlink=spec if both_directions else cfg.compression.downlink)
-        run_cfg = dataclasses.replace(cfg, compression=compression,
-                                      run=dataclasses.replace(cfg.run, name=_slug(spec)),
-                                      output=dataclasses.replace(cfg.output, dir=str(sweep_dir / "runs")))
-        run_dir = runner.simulate(run_cfg)
+                        on_done: Callable[[dict[str, Any]], None] | None = None,
+                        on_round: RoundHook | None = None, resume: Path | None = None) -> Path:
+    """Run ``cfg`` once per uplink codec (and downlink too if ``both_directions``); returns the sweep dir.
+
+    ``on_round(codec, row)`` sees each round's metrics row as it is recorded, ``on_done(result)`` each codec's
+    summary. Progress is kept in the sweep directory (``results.jsonl``: finished codecs; ``started.json``:
+    each codec's run directory), so ``resume`` (a sweep directory; ``cfg``, ``codecs`` and ``both_directions``
+    are then read from it) skips finished codecs and continues an interrupted one from its checkpoint.
+    """
+    if resume is not None:
+        sweep_dir = resume
+        cfg, codecs, both_directions, results = load_sweep(sweep_dir)
+        (sweep_dir / RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in results))  # drop a torn line
+    else:
+        if not codecs:
+            raise ConfigError("no codecs to compare: pass --codecs or set compression.sweep")
+        for spec in codecs:
+            make_codec(spec)  # every spec is checked before any work starts
+        sweep_dir = new_run_dir(cfg.output.dir, f"{cfg.run.name}-compression")
+        (sweep_dir / runner.CONFIG_FILE).write_text(cfg.to_toml())
+        (sweep_dir / PLAN_FILE).write_text(json.dumps({"codecs": codecs, "both_directions": both_directions}))
+        results = []
+    started = json.loads((sweep_dir / STARTED_FILE).read_text()) if (sweep_dir / STARTED_FILE).is_file() else {}
+    for spec in codecs[len(results):]:
+        previous = sweep_dir / started[spec] if spec in started else None
+        if previous is not None and any(previous.glob("checkpoint*")):  # continue the interrupted run
+            run_cfg, run_dir = runner.prepare(None, previous)
+        else:
+            compression = dataclasses.replace(cfg.compression, uplink=spec,
+                                              downlink=spec if both_directions else cfg.compression.downlink)
+            run_cfg, run_dir = runner.prepare(dataclasses.replace(
+                cfg, compression=compression, run=dataclasses.replace(cfg.run, name=_slug(spec)),
+                output=dataclasses.replace(cfg.output, dir=str(sweep_dir / "runs"))))
+            started[spec] = str(run_dir.relative_to(sweep_dir))
+            (sweep_dir / STARTED_FILE).write_text(json.dumps(started))
+        with following(run_dir, functools.partial(on_round or _ignore, spec), len(report.read_metrics(run_dir))):
+            runner.execute(run_cfg, run_dir, resume=run_dir == previous)
         results.append(summarize(spec, report.read_metrics(run_dir), run_dir, cfg.devices.target_accuracy))
+        with open(sweep_dir / RESULTS_FILE, "a") as f:
+            f.write(json.dumps(results[-1]) + "\n")
         if on_done:
             on_done(results[-1])
     base = next((r["final_accuracy"] for r in results if r["codec"] == "none"), None)
@@ -100,6 +131,29 @@ def compare_compression(cfg: Config, codecs: list[str], both_directions: bool = 
             r["accuracy_delta_vs_none"] = r["final_accuracy"] - base
     write_sweep(sweep_dir, cfg, results)
     return sweep_dir
+
+
+def _ignore(spec: str, row: dict[str, Any]) -> None:
+    """No per-round display."""
+
+
+def load_sweep(sweep_dir: Path) -> tuple[Config, list[str], bool, list[dict[str, Any]]]:
+    """(config, codecs, both_directions, finished results) of a sweep directory, to continue it."""
+    from fedpeft import config
+
+    if not (sweep_dir / PLAN_FILE).is_file():
+        raise ConfigError(f"--resume {sweep_dir}: not a compare-compression directory (no {PLAN_FILE})")
+    plan = json.loads((sweep_dir / PLAN_FILE).read_text())
+    lines = (sweep_dir / RESULTS_FILE).read_text().splitlines() if (sweep_dir / RESULTS_FILE).is_file() else []
+    results = []
+    for line in lines:
+        try:
+            results.append(json.loads(line))
+        except json.JSONDecodeError:  # torn by a kill while writing: that codec's run is complete, resumed below
+            break
+    if [r["codec"] for r in results] != plan["codecs"][:len(results)]:
+        raise ConfigError(f"{sweep_dir / RESULTS_FILE} does not follow the planned codecs {plan['codecs']}")
+    return config.load(sweep_dir / runner.CONFIG_FILE), plan["codecs"], plan["both_directions"], results
 
 
 def write_sweep(sweep_dir: Path, cfg: Config, results: list[dict[str, Any]]) -> None:
