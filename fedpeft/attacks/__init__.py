@@ -6,7 +6,15 @@ An attack is ``run(obs: Observation, **params) -> AttackResult``, registered by 
 instead and raises :class:`NotApplicable` on adapter updates.
 """
 
-from fedpeft.attacks import grad_match, label_and_canary, smashed, span, span_decode, subspace_opt  # noqa: F401
+from fedpeft.attacks import (  # noqa: F401
+    grad_match,
+    label_and_canary,
+    sign_span,
+    smashed,
+    span,
+    span_decode,
+    subspace_opt,
+)
 from fedpeft.attacks.observation import ATTACKS, AttackResult, NotApplicable, Observation, register_attack, run_attack
 
 __all__ = ["ATTACKS", "AttackResult", "NotApplicable", "Observation", "register_attack", "run_attack"]

@@ -53,17 +53,26 @@ def _soft_loss(model: torch.nn.Module, probs: torch.Tensor, emb: torch.Tensor, c
     return -(probs[:, 1:] * logp).sum(-1).mean()
 
 
-def candidate_tokens(obs: Observation, candidates: str, top_k: int,
-                     vocab: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """All token ids, or the ``top_k`` of the span / subspace_opt ranking, with the ranking's scores
-    of the candidates (positions × C; one position for position-free models), None for "all"."""
+def candidate_tokens(obs: Observation, candidates: str, top_k: int, vocab: int,
+                     layers: str = "first") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All token ids, or ``top_k`` of the span / subspace_opt ranking (span over ``layers``, see
+    :func:`fedpeft.attacks.span.run`), with the ranking's scores of the candidates (positions × C; one
+    position for position-free models), None for "all". A learned-position ranking contributes the best
+    tokens of every position in turn (each position's 1st, then 2nd, ...) rather than the best over all
+    positions: a position that holds B tokens is not crowded out by a token that fits some other position."""
     if candidates == "all":
         return torch.arange(vocab), None
     if candidates not in ("span", "subspace"):
         raise ValueError(f"grad_match candidates must be 'all', 'span' or 'subspace', got {candidates!r}")
-    ranking = run_attack("span" if candidates == "span" else "subspace_opt", obs)
+    ranking = run_attack("span", obs, layers=layers) if candidates == "span" else run_attack("subspace_opt", obs)
     assert ranking.token_scores is not None  # both rank every token
-    cand = torch.topk(ranking.token_scores, min(top_k, vocab)).indices.sort().values
+    k = min(top_k, vocab)
+    if ranking.position_scores is None:
+        cand = torch.topk(ranking.token_scores, k).indices
+    else:
+        order = torch.argsort(ranking.position_scores, dim=-1, descending=True)[:, :k].T.flatten()
+        cand = torch.tensor(list(dict.fromkeys(order.tolist()))[:k])
+    cand = cand.sort().values
     scores = ranking.position_scores if ranking.position_scores is not None else ranking.token_scores[None]
     return cand, scores[:, cand].float()
 
@@ -115,12 +124,13 @@ def run(obs: Observation, iterations: int = 100, lr: float = 0.1, candidates: st
         l2_weight: float = 0.1, temperature: float = 1.0, seed: int = 0, lm_weight: float = 0.0,
         lm_model: str = "global", init_scale: float = 3.0, patience: int = 25, sweeps: int = 3, width: int = 4,
         reorders: int = 16, prior: str | nn.Module | None = None, prior_weight: float = 0.05,
-        lm_proposals: bool = True, **_unused: Any) -> AttackResult:
+        lm_proposals: bool = True, span_layers: str = "first", **_unused: Any) -> AttackResult:
     """Gradient matching: continuous phase (``iterations``, early stop after ``patience`` iterations
     without improvement) over ``candidates`` ("span" default, falls back to "all" where no span attack
     applies, "subspace", "all"), then ``sweeps`` of discrete search (``width`` tokens per position,
     ``reorders`` swap/move tries per sweep; 0 sweeps = argmax only) with an optional LM ``prior``, which
-    also proposes its most likely next tokens as replacements (``lm_proposals``).
+    also proposes its most likely next tokens as replacements (``lm_proposals``). ``span_layers``: the span
+    ranking's layers ("all": every LoRA layer's dL/dA rows, "first": the first block's).
     ``lm_weight`` > 0 adds the soft LM term (causal LMs only)."""
     if lm_weight and obs.task != "causal_lm":
         raise ValueError(f"grad_match lm_weight needs a causal LM, the task is {obs.task!r}")
@@ -128,7 +138,7 @@ def run(obs: Observation, iterations: int = 100, lr: float = 0.1, candidates: st
     emb_all = model.get_input_embeddings().weight.detach()
     vocab = emb_all.shape[0]
     try:
-        cand, scores = candidate_tokens(obs, candidates, top_k, vocab)
+        cand, scores = candidate_tokens(obs, candidates, top_k, vocab, span_layers)
     except NotApplicable:
         cand, scores = candidate_tokens(obs, "all", top_k, vocab)
     emb = emb_all[cand]

@@ -24,7 +24,15 @@ from typing import Any
 
 import torch
 
-from fedpeft.attacks.lora_io import gap_cut, residuals, row_basis, shared_groups, token_inputs
+from fedpeft.attacks.lora_io import (
+    gap_cut,
+    lora_modules,
+    outlier_cut,
+    residuals,
+    row_basis,
+    shared_groups,
+    token_inputs,
+)
 from fedpeft.attacks.observation import AttackResult, NotApplicable, Observation, register_attack
 from fedpeft.attacks.prefix_span import prefix_layout, run_prefix
 
@@ -48,9 +56,48 @@ def first_layer(obs: Observation, layer: int = 0) -> tuple[list, torch.Tensor, b
     return obs.memo(f"cands:{layer}", compute, shared=layer == 0)
 
 
+def deeper_layers(obs: Observation) -> list[tuple[list, torch.Tensor]]:
+    """Every LoRA layer after the first: its largest module group reading one input, and approximate
+    candidate inputs (positions × vocab × d) — each token in a context of copies of itself, which keeps the
+    token's own part of the residual stream and drops what its real neighbours would add. Exact for no layer,
+    close where attention and MLP outputs are small against the residual stream (e.g. a random-weight model)."""
+    model = obs.working_model()
+    vocab = model.get_input_embeddings().num_embeddings
+
+    def compute() -> list[tuple[list, torch.Tensor]]:
+        out = []
+        for layer in sorted({m.layer for m in lora_modules(model) if m.layer > 0}):
+            groups = shared_groups(model, layer, token_local=False, vocab=vocab)
+            if groups:
+                out.append((groups[0], token_inputs(model, groups[0][0].path, vocab, obs.seq_len)[0]))
+        return out
+
+    return obs.memo("cands:deeper", compute)  # depends on the global adapter of the earlier layers
+
+
+def all_layer_residuals(obs: Observation, res: torch.Tensor, bound: int, rounds: str) -> tuple[torch.Tensor, int]:
+    """``res`` (the first block's dL/dA residuals) combined with every deeper layer's: the geometric mean of
+    the residuals, each layer's against its own stacked dL/dA rows (a layer of position-free inputs
+    broadcasts over the positions). Returns the combined residuals and the rows the deeper layers add to the
+    budget (modules × rank × rounds)."""
+    logs, rows = [res.clamp_min(1e-300).log()], 0
+    for group, cands in deeper_layers(obs):
+        basis = a_channel_basis(obs, group, cands.shape[-1], bound, rounds)
+        if basis.shape[0]:
+            logs.append(residuals(cands, basis).clamp_min(1e-300).log())
+            rows += sum(upd[m.a_name].shape[0] for _, upd in update_pairs(obs, rounds) for m in group)
+    shape = torch.broadcast_shapes(*(t.shape for t in logs))
+    return torch.stack([t.expand(shape) for t in logs]).mean(0).exp(), rows
+
+
+def update_pairs(obs: Observation, rounds: str) -> list[tuple[dict, dict]]:
+    """The (global, update) pairs a test reads: every round, or the last."""
+    return obs.updates() if rounds == "all" else obs.updates()[-1:]
+
+
 def a_channel_basis(obs: Observation, group: list, d: int, bound: int, rounds: str = "all") -> torch.Tensor:
     """Orthonormal basis (k × d) of the stacked dL/dA rows of ``group`` (every round, or the last)."""
-    pairs = obs.updates() if rounds == "all" else obs.updates()[-1:]
+    pairs = update_pairs(obs, rounds)
     rows = torch.cat([upd[m.a_name].to(torch.float64).reshape(-1, d) for _, upd in pairs for m in group])
     return row_basis(rows, bound)[0]
 
@@ -98,7 +145,7 @@ def a_channel_residuals(obs: Observation, group: list, cands: torch.Tensor, boun
 def b_channel_residuals(obs: Observation, group: list, cands: torch.Tensor, bound: int,
                         rounds: str = "all") -> tuple[torch.Tensor, int]:
     """Mean residual of the projected candidates A·x against each module's dL/dB row space."""
-    pairs = obs.updates() if rounds == "all" else obs.updates()[-1:]
+    pairs = update_pairs(obs, rounds)
     total = torch.zeros(cands.shape[:-1], dtype=torch.float64)
     views, rank = 0, 0
     for g_state, upd in pairs:
@@ -136,12 +183,14 @@ def dropout_cut(cands: torch.Tensor, p: float, z: float = 3.0) -> torch.Tensor:
 
 
 def _accepted(res: torch.Tensor, cands: torch.Tensor, obs: Observation, use: str, k: int, bound: int,
-              positional: bool, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+              positional: bool, threshold: float | None,
+              cut_rule: str = "gap") -> tuple[torch.Tensor, torch.Tensor, float | None]:
     """Accepted tokens (vocab) and (position, token) pairs, and the token cut (None: statistical test).
 
-    Exact test: the largest gap (:func:`gap_cut`) or ``threshold``. With dropout (``obs.dropout`` > 0, dL/dA)
-    the statistical test :func:`dropout_cut` instead, and at most ``batch_size`` tokens per position (each
-    position holds one token per example).
+    Exact test: the largest gap (:func:`gap_cut`) or ``threshold``; with ``cut_rule="outlier"`` and no gap
+    (more inputs than rows) the robust outliers of the residuals instead (:func:`outlier_cut`). With dropout
+    (``obs.dropout`` > 0, dL/dA) the statistical test :func:`dropout_cut` instead, and at most ``batch_size``
+    tokens per position (each position holds one token per example).
     """
     tok_res = res.min(dim=0).values
     if not k:
@@ -154,15 +203,19 @@ def _accepted(res: torch.Tensor, cands: torch.Tensor, obs: Observation, use: str
             pairs &= torch.zeros_like(pairs).scatter_(-1, top, True)
         return pairs.any(0), pairs, None
     cut = threshold if threshold is not None else gap_cut(tok_res, bound)
+    beyond = threshold is None and cut == 0.0 and cut_rule == "outlier"
+    if beyond:
+        cut = outlier_cut(tok_res)
     if not positional:
         return tok_res < cut, (res < cut), cut
-    pcut = threshold if threshold is not None else gap_cut(res, bound)
+    pcut = threshold if threshold is not None else outlier_cut(res) if beyond else gap_cut(res, bound)
     return tok_res < cut, res < pcut, cut
 
 
 @register_attack("span")
 def run(obs: Observation, channel: str = "auto", rounds: str = "all", bound: int | None = None,
-        threshold: float | None = None, layer: int = 0, **_: Any) -> AttackResult:
+        threshold: float | None = None, layer: int = 0, layers: str = "first", cut: str = "gap",
+        **_: Any) -> AttackResult:
     """Span check; ``channel`` = "A" (dL/dA), "B" (dL/dB, projected) or "auto" (A unless it is zero).
 
     ``bound``: upper bound on distinct first-layer inputs (default: the public token count).
@@ -170,7 +223,16 @@ def run(obs: Observation, channel: str = "auto", rounds: str = "all", bound: int
     ``obs.dropout`` > 0 the statistical :func:`dropout_cut`). A learned-position model's single example
     (batch size 1) comes back as a sequence: the accepted token of each position, in order.
     Prefix-tuning observations get the per-head prefix-key check (``channel`` is ignored there).
+    ``layers="all"`` (dL/dA channel) ranks by the residuals of every LoRA layer combined
+    (:func:`all_layer_residuals`: more rows than the first block's rank budget, approximate inputs past it);
+    with dropout the accepted bag still comes from the first block alone. ``cut="outlier"``: where the
+    largest gap is no clear gap (a batch beyond the rank budget) the bag is the residuals' robust outliers
+    (:func:`fedpeft.attacks.lora_io.outlier_cut`) instead of nothing.
     """
+    if layers not in ("first", "all"):
+        raise ValueError(f"span layers must be 'first' or 'all', got {layers!r}")
+    if cut not in ("gap", "outlier"):
+        raise ValueError(f"span cut must be 'gap' or 'outlier', got {cut!r}")
     if prefix_layout(obs.working_model()) is not None:
         return run_prefix(obs, rounds, bound, threshold)
     group, cands, positional = first_layer(obs, layer)
@@ -181,31 +243,35 @@ def run(obs: Observation, channel: str = "auto", rounds: str = "all", bound: int
         res, k = a_channel_residuals(obs, group, cands, bound, rounds)
     else:
         res, k = b_channel_residuals(obs, group, cands, bound, rounds)
+    first_res, deeper_rows = res, 0
+    if layers == "all" and use == "A" and k:
+        res, deeper_rows = all_layer_residuals(obs, res, bound, rounds)
     token_scores, pos_scores = scores_from_residuals(res, positional)
     # the rank budget: stacked rows the test reads (modules sharing the input x rank x rounds) vs bound
-    rows = sum(upd[m.a_name if use == "A" else m.b_name].shape[0 if use == "A" else 1]
-               for _, upd in (obs.updates() if rounds == "all" else obs.updates()[-1:]) for m in group)
-    in_bag, pairs, cut = _accepted(res, cands, obs, use, k, bound, positional, threshold)
+    rows = deeper_rows + sum(upd[m.a_name if use == "A" else m.b_name].shape[0 if use == "A" else 1]
+                             for _, upd in update_pairs(obs, rounds) for m in group)
+    in_bag, pairs, cut_at = _accepted(first_res if obs.dropout > 0 else res, cands, obs, use, k, bound, positional,
+                                      threshold, cut)
     bag = in_bag.nonzero().flatten().tolist()
     positions = [(p, v) for p, v in pairs.nonzero().tolist()] if positional else []
-    if cut is None:  # statistical test: the accepted pairs themselves
+    if cut_at is None:  # statistical test: the accepted pairs themselves
         consistent = [sorted(v for q, v in positions if q == p) for p in range(res.shape[0])] if positional else []
     else:
-        consistent = [[v for v in bag if float(res[p, v]) < cut] for p in range(res.shape[0])] if positional else []
+        consistent = [[v for v in bag if float(res[p, v]) < cut_at] for p in range(res.shape[0])] if positional else []
     sequences = []
     if positional and obs.batch_size == 1 and positions:
         visible = [p for p in range(res.shape[0]) if bool(pairs[p].any())]
-        if cut is None:  # statistical test: choose the sentence jointly, it is the bag
+        if cut_at is None:  # statistical test: choose the sentence jointly, it is the bag
             basis = a_channel_basis(obs, group, cands.shape[-1], bound, rounds)
-            sequences = [joint_sequence(res, cands, basis, visible)]
+            sequences = [joint_sequence(first_res, cands, basis, visible)]
             positions = list(zip(visible, sequences[0]))
             bag = sorted(set(sequences[0]))
         else:
             masked = torch.where(pairs, res, torch.inf)
             sequences = [[int(masked[p].argmin()) for p in visible]]
     log.info("span[%s]: %d modules, rank %d, cut %s -> %d tokens", use, len(group), k,
-             "statistical" if cut is None else f"{cut:.2e}", len(bag))
+             "statistical" if cut_at is None else f"{cut_at:.2e}", len(bag))
     return AttackResult("span", token_scores=token_scores, position_scores=pos_scores, bag=bag, sequences=sequences,
-                        extra={"channel": use, "rank": k, "cut": cut, "positional": positional, "rows": rows,
+                        extra={"channel": use, "rank": k, "cut": cut_at, "positional": positional, "rows": rows,
                                "positions": positions, "consistent": consistent, "dropout": obs.dropout,
                                "modules": [m.path for m in group]})

@@ -1,0 +1,73 @@
+"""Span attacks beyond the rank budget: LLaMA r = 8, later round, one SGD step, B = 4 and 16, 3 seeds.
+
+Usage: ``python benchmarks/bench_attack_budget.py [--batches 4,16] [--seeds 3] [--no-append]``
+
+Victims are built with plain transformers + peft (``tests/plain_victims.py::padded_victim``): a tiny random
+LLaMA (2 layers, hidden 64, RoPE), LoRA r = 8 on q/k/v (24 first-block rows), a trained global adapter,
+float32, one SGD step (lr 0.01, local − global rescaled by −1/lr) on a right-padded batch of WordPiece
+sentences (``[CLS] the <2-9 random words of a 40-word list> [SEP]``, 12 tokens). Bag-of-token F1 of
+``span`` against the unpadded tokens, for its cut rules: ``gap`` (the largest residual gap; nothing where
+there is no clear gap) and ``outlier`` (the gap, else the residuals' robust outliers), and its layers
+(``first``, ``all``: every layer's rows, context-free inputs past the first). Appends a dated section to
+``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "tests"))  # the independent victims
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import append_results, table  # noqa: E402
+from plain_victims import padded_victim  # noqa: E402
+
+from fedpeft.attacks import run_attack  # noqa: E402
+from fedpeft.attacks.metrics import token_prf, unpadded  # noqa: E402
+
+VARIANTS = {"gap, first": {}, "outlier, first": {"cut": "outlier"}, "outlier, all": {"cut": "outlier", "layers": "all"}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="4,16")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    summary, rows = [], []
+    for b in [int(v) for v in args.batches.split(",")]:
+        f1s: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for seed in range(args.seeds):
+            obs, ids, mask = padded_victim(b, seed, arch="llama", r=8, text="words", seq_len=12, dtype=torch.float32,
+                                           sgd_lr=0.01)
+            truth = [t for row in unpadded(ids, mask) for t in row]
+            for name, params in VARIANTS.items():
+                t0 = time.perf_counter()
+                result = run_attack("span", obs, **params)
+                f1s[name].append(token_prf(result.bag, truth)["f1"])
+                rows.append([b, seed, name, len(set(truth)), result.extra["rows"], len(result.bag),
+                             f"{f1s[name][-1]:.2f}", f"{time.perf_counter() - t0:.1f}"])
+                print(*rows[-1], flush=True)
+        summary += [[b, name, f"{statistics.mean(v):.2f}", " / ".join(f"{x:.2f}" for x in v)]
+                    for name, v in f1s.items()]
+    body = ("Tiny random LLaMA (hidden 64), LoRA r = 8 on q/k/v, later round, one SGD step (lr 0.01, float32) on B "
+            "right-padded WordPiece sentences of 12 tokens (words from a 40-word list), victims built with plain "
+            "transformers + peft (tests/plain_victims.py::padded_victim); span bag F1 per cut rule and layers.\n\n"
+            + table(["B", "span cut, layers", "mean bag F1", "per seed"], summary)
+            + "\n\n" + table(["B", "seed", "variant", "distinct tokens", "rows", "bag", "bag F1", "seconds"], rows))
+    print(body)
+    if not args.no_append:
+        append_results("Span beyond the rank budget: LLaMA r = 8, SGD x1, B = 4 / 16 (3 seeds)", body)
+
+
+if __name__ == "__main__":
+    main()
