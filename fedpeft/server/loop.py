@@ -99,6 +99,7 @@ class FederatedServer:
         self.rng = np.random.default_rng(cfg.run.seed)
         self.privacy = ServerPrivacy(cfg)
         self.aggregator = make_aggregator(cfg.federation, self.privacy)
+        self.aggregator.seed = cfg.run.seed
         self.correction_layout = lora.correction_layout(self.global_state)  # exact's frozen correction
         self.lora_row: dict[str, float | None] = {}  # this round's lora_agg_error (and svd's truncation error)
         self.adversary = Ledger(cfg, self.rt)  # the simulated attackers, recorded (never aggregated by)
