@@ -151,7 +151,7 @@ class FederationSection:
                                                    "the round's median update norm); a backdoor defence, not DP: "
                                                    "nothing is accounted (docs/robust-aggregation.md)")
     sign_threshold: int = option(0, lo=0, help="robust strategies: reverse the step on each coordinate where the "
-                                               "clients' signs net out below this (|sum sign| < threshold; robust "
+                                               "clients' signs net out below this (abs(sum of signs) < it; robust "
                                                "learning rate, a backdoor defence; 0 = off)")
     round_timeout: float = option(0.0, lo=0.0, help="seconds to wait for replies (0 = no limit)")
     node_wait_timeout: float = option(120.0, lo=0.0, help="seconds to wait for enough nodes to connect")
