@@ -179,6 +179,13 @@ class FederationSection:
                                                  "before averaging (0 = the round's median update norm)")
     min_cosine: float = option(0.0, lo=-1.0, hi=1.0, help="cosine_filter: leave out an update whose cosine with the "
                                                           "sum of the other (clipped) updates is below this")
+    robust_noise: float = option(0.0, lo=0.0, help="robust strategies: add Gaussian noise of std robust_noise x "
+                                                   "bound / n to each round's aggregate (bound: the clip bound, else "
+                                                   "the round's median update norm); a backdoor defence, not DP: "
+                                                   "nothing is accounted (docs/robust-aggregation.md)")
+    sign_threshold: int = option(0, lo=0, help="robust strategies: reverse the step on each coordinate where the "
+                                               "clients' signs net out below this (abs(sum of signs) < it; robust "
+                                               "learning rate, a backdoor defence; 0 = off)")
     round_timeout: float = option(0.0, lo=0.0, help="seconds to wait for replies (0 = no limit)")
     node_wait_timeout: float = option(120.0, lo=0.0, help="seconds to wait for enough nodes to connect")
     eval_every: int = option(1, lo=1, help="evaluation every N rounds (and always the last)")

@@ -122,6 +122,7 @@ def _validate_generative(cfg: Config) -> None:
 def _validate_strategy(cfg: Config) -> None:
     """What an aggregator cannot combine with: robust ones need every client's update and do not add DP noise."""
     from fedpeft.server.aggregators import AGGREGATORS
+    from fedpeft.server.aggregators.robust import RobustAggregator
 
     fed = cfg.federation
     agg, strategy = AGGREGATORS.get(fed.strategy), f"federation.strategy = {fed.strategy!r}"
@@ -133,8 +134,18 @@ def _validate_strategy(cfg: Config) -> None:
         raise ConfigError(f"{strategy} does not apply client-level DP (privacy.mode = {cfg.privacy.mode!r} needs the "
                           "clipped, noised mean of DP-FedAvg): use a mean-based strategy (fedavg, fedadam, ...), "
                           "or privacy.mode = 'none' or 'local'")
+    defence = ("federation.robust_noise", fed.robust_noise) if fed.robust_noise > 0 else (
+        ("federation.sign_threshold", fed.sign_threshold) if fed.sign_threshold else None)
+    if defence and not issubclass(agg, RobustAggregator):
+        robust = ", ".join(n for n in AGGREGATORS.names() if issubclass(AGGREGATORS.get(n), RobustAggregator))
+        raise ConfigError(f"{defence[0]} = {defence[1]} acts on a robust aggregate, but {strategy} is not robust: use "
+                          f"one of {robust}, or {defence[0]} = 0")
+    m = fed.clients_per_round or cfg.data.num_clients
+    if fed.sign_threshold > m:
+        raise ConfigError(f"federation.sign_threshold = {fed.sign_threshold} exceeds the {m} clients per round: "
+                          "every coordinate's step would be reversed; use at most the number of clients (0 = off)")
     if fed.strategy == "krum":
-        m, f = fed.clients_per_round or cfg.data.num_clients, fed.byzantine_clients
+        f = fed.byzantine_clients
         if m < 2 * f + 3:
             raise ConfigError(f"{strategy} with federation.byzantine_clients = {f} needs at least 2f + 3 = {2 * f + 3} "
                               f"clients per round (got {m}): sample more clients or lower federation.byzantine_clients")

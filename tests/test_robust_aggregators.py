@@ -179,6 +179,69 @@ def test_krum_in_delta_w_space_is_blind_to_a_change_of_a_alone_while_b_is_zero()
     assert by_factors[a].abs().max() < 5 and torch.equal(by_delta_w[a], glob[a] + 50.0)
 
 
+def _noise_round(strategy, seed=0, t=0, **kw):
+    """One round of 4 clients along the same unit direction (norms 1, 2, 3, 100) over D elements: the noise-free
+    norm-bounded mean is 2 / sqrt(D) per element (median norm 2.5 clips to 1, 2, 2.5, 2.5)."""
+    direction = torch.ones(D) / D ** 0.5
+    agg = make_aggregator(_fed(strategy, **kw))
+    agg.seed, agg.t = seed, t
+    out = agg.aggregate(_replies(*({"w": (c * direction).tolist()} for c in (1.0, 2.0, 3.0, 100.0))),
+                        {"w": torch.zeros(D)})["w"]
+    return out, direction
+
+
+D = 40_000
+
+
+def test_robust_noise_has_std_robust_noise_times_the_clip_bound_over_n():
+    out, direction = _noise_round("norm_bounded", robust_noise=0.4)
+    noise = out - 2.0 * direction
+    # sigma = 0.4 x 2.5 / 4 = 0.25; the sample std of 40,000 draws is within 2 % (relative error ~ 0.35 %)
+    assert abs(float(noise.std()) / 0.25 - 1) < 0.02 and abs(float(noise.mean())) < 0.01
+    fixed, _ = _noise_round("norm_bounded", robust_noise=0.4, norm_bound=1.0)  # bound 1: mean 1, sigma 0.1
+    assert abs(float((fixed - direction).std()) / 0.1 - 1) < 0.02
+
+
+def test_robust_noise_of_a_rule_that_does_not_clip_scales_with_the_median_norm():
+    out, direction = _noise_round("median", robust_noise=0.4, byzantine_clients=0)
+    assert abs(float((out - 2.5 * direction).std()) / 0.25 - 1) < 0.02  # the median of (1, 2, 3, 100) is 2.5
+
+
+def test_robust_noise_is_seeded_by_the_run_seed_and_the_step_count():
+    a, _ = _noise_round("norm_bounded", seed=0, t=1, robust_noise=0.4)
+    assert torch.equal(a, _noise_round("norm_bounded", seed=0, t=1, robust_noise=0.4)[0])  # a resumed round
+    assert not torch.allclose(a, _noise_round("norm_bounded", seed=1, t=1, robust_noise=0.4)[0])
+    assert not torch.allclose(a, _noise_round("norm_bounded", seed=0, t=2, robust_noise=0.4)[0])
+
+
+def test_sign_threshold_reverses_the_step_where_the_signs_do_not_agree():
+    clients = [[1.0, 1.0, 1.0, -1.0, 0.0],
+               [1.0, 1.0, -1.0, -1.0, 0.0],
+               [1.0, 1.0, 1.0, 0.0, 0.0],
+               [1.0, -1.0, 1.0, 0.0, 2.0],
+               [1.0, -1.0, -3.0, 0.0, 3.0]]
+    # net sign votes 5, 1, 1, -2 (two abstain), 2 (three abstain); a bound of 100 clips nothing
+    mean = torch.tensor([5.0, 1.0, -1.0, -2.0, 5.0]) / 5
+    assert torch.allclose(_agg("norm_bounded", *clients, norm_bound=100.0), mean)
+    assert torch.allclose(_agg("norm_bounded", *clients, norm_bound=100.0, sign_threshold=2),
+                          mean * torch.tensor([1, -1, -1, 1, 1]))
+    agg = make_aggregator(_fed("norm_bounded", norm_bound=100.0, sign_threshold=3))
+    out = agg.aggregate(_replies(*({"w": c} for c in clients)), {"w": torch.zeros(5)})["w"]
+    assert torch.allclose(out, mean * torch.tensor([1, -1, -1, -1, -1])) and agg.metrics["sign_reversed"] == 4 / 5
+
+
+def test_backdoor_defences_are_refused_with_a_strategy_that_is_not_robust():
+    for key in ("robust_noise=0.1", "sign_threshold=2"):
+        name = key.split("=")[0]
+        with pytest.raises(ConfigError, match=f"federation.{name} = .* acts on a robust aggregate, but federation."
+                                              "strategy = 'fedavg' is not robust: use one of .*norm_bounded"):
+            config.load(None, [f"federation.{key}", "data.num_clients=4"])
+    with pytest.raises(ConfigError, match="federation.sign_threshold = 5 exceeds the 4 clients per round"):
+        config.load(None, ["federation.strategy=norm_bounded", "federation.sign_threshold=5", "data.num_clients=4"])
+    config.load(None, ["federation.strategy=krum", "federation.robust_noise=0.1", "federation.sign_threshold=4",
+                       "data.num_clients=5"])
+
+
 @pytest.mark.parametrize("name", ROBUST)
 def test_all_zero_and_identical_updates_are_handled(name):
     zeros = _agg(name, *([[0.0, 0.0, 0.0]] * 5))
@@ -223,16 +286,22 @@ def test_krum_needs_2f_plus_3_clients_and_at_most_n_minus_f_selected():
         config.load(None, ["federation.trim_fraction=0.6"])
 
 
-@pytest.mark.parametrize("strategy, uplink", [("median", "none"), ("trimmed_mean", "topk:0.2"),
-                                              ("norm_bounded", "int8"), ("sign_majority", "compeft:0.2"),
-                                              ("krum", "fp16"), ("cosine_filter", "compeft:0.2")])
-def test_each_robust_strategy_runs_end_to_end(tiny_cfg, strategy, uplink):
+DEFENDED = {"federation.robust_noise": 0.5, "federation.sign_threshold": 2}
+
+
+@pytest.mark.parametrize("strategy, uplink, extra", [("median", "none", {}), ("trimmed_mean", "topk:0.2", {}),
+                                                     ("norm_bounded", "int8", {}), ("sign_majority", "compeft:0.2", {}),
+                                                     ("krum", "fp16", {}), ("cosine_filter", "compeft:0.2", {}),
+                                                     ("norm_bounded", "none", DEFENDED)])
+def test_each_robust_strategy_runs_end_to_end(tiny_cfg, strategy, uplink, extra):
     cfg = tiny_cfg(**{"federation.strategy": strategy, "compression.uplink": uplink, "data.num_clients": 4,
                       "federation.rounds": 2, "train.local_steps": 3,
-                      "federation.byzantine_clients": 0 if strategy == "krum" else 1})
+                      "federation.byzantine_clients": 0 if strategy == "krum" else 1, **extra})
     run_dir = runner.simulate(cfg)
     rows = report.read_metrics(run_dir)
     assert [r["replies"] for r in rows] == [4, 4] and all(math.isfinite(r["eval_loss"]) for r in rows)
+    if extra:  # the defences report what they did every round
+        assert all(0 <= r["sign_reversed"] <= 1 and r["robust_noise_std"] > 0 for r in rows)
     final = load_file(str(run_dir / "checkpoint" / "global.safetensors"))
     initial = get_runtime(cfg).initial_adapter()
     assert all(torch.isfinite(v).all() for v in final.values())

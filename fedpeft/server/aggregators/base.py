@@ -35,6 +35,7 @@ class Aggregator(ABC):
         self.privacy = privacy
         self.state: dict[str, torch.Tensor] = {}
         self.t = 0
+        self.seed = 0  # run.seed (set by the server loop), for aggregators that draw random numbers
         self.metrics: dict[str, float | None] = {}  # this round's values for metrics.jsonl (set by aggregate)
 
     @property

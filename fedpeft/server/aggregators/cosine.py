@@ -58,7 +58,7 @@ class CosineFilter(RobustAggregator):
         n = len(deltas)
         gram = gram_matrix(deltas, global_state)
         norms = gram.diagonal().clamp_min(0).sqrt()
-        bound = self.cfg.norm_bound or float(median(norms))
+        self.bound = bound = self.cfg.norm_bound or float(median(norms))
         scales = torch.where(norms > bound, bound / norms.clamp_min(1e-300), torch.ones_like(norms))
         cos = leave_one_out_cosines(gram * scales.unsqueeze(0) * scales.unsqueeze(1))
         keep = [i for i in range(n) if cos[i] >= self.cfg.min_cosine]

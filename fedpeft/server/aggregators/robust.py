@@ -33,6 +33,7 @@ import torch
 from fedpeft.errors import ConfigError
 from fedpeft.privacy.client_dp import global_norm
 from fedpeft.server.aggregators.base import AGGREGATORS
+from fedpeft.server.aggregators.defences import add_noise, noise_seed, robust_learning_rate
 from fedpeft.server.aggregators.fedavg import FedAvg
 
 if TYPE_CHECKING:
@@ -55,13 +56,32 @@ class RobustAggregator(FedAvg):
             raise ConfigError(f"federation.strategy = {cfg.strategy!r} does not apply client-level DP")
         super().__init__(cfg, privacy)
         self.left_out: dict[int, str] = {}
+        self.bound: float | None = None  # this round's clip bound, for rules that clip every update
 
     def aggregate(self, replies: RoundReplies, global_state: AdapterState) -> AdapterState:
-        self.left_out = {}
+        self.left_out, self.bound = {}, None
         step = self.combine(replies.deltas, global_state)
         nodes = replies.delta_nodes
         replies.excluded.update({nodes[i]: why for i, why in self.left_out.items()})
-        return self.apply(global_state, step)
+        return self.apply(global_state, self.defended(step, replies.deltas))
+
+    def defended(self, step: AdapterState, deltas: list[AdapterState]) -> AdapterState:
+        """``step`` after the backdoor defences configured (:mod:`.defences`): the robust learning rate, then
+        server noise of std ``robust_noise`` x bound / n, where the bound is this round's clip bound when the rule
+        clips (``self.bound``), else the round's median update norm; the noise is seeded by the run seed and the
+        step count, so a resumed run adds the same noise. The fraction of coordinates reversed and the noise std
+        go to ``metrics.jsonl`` (``sign_reversed``, ``robust_noise_std``)."""
+        if self.cfg.sign_threshold:
+            step, self.metrics["sign_reversed"] = robust_learning_rate(step, deltas, self.cfg.sign_threshold)
+        if self.cfg.robust_noise > 0:
+            bound = self.bound if self.bound is not None else float(median(torch.tensor(
+                [global_norm(d) for d in deltas], dtype=torch.float64)))
+            sigma = self.cfg.robust_noise * bound / len(deltas)
+            log.info("%s: noise std %.4g (robust_noise %g x bound %.4g / %d updates)", self.cfg.strategy, sigma,
+                     self.cfg.robust_noise, bound, len(deltas))
+            step = add_noise(step, sigma, noise_seed(self.seed, self.t))
+            self.metrics["robust_noise_std"] = sigma
+        return step
 
     @abstractmethod
     def combine(self, deltas: list[AdapterState], global_state: AdapterState) -> AdapterState:
@@ -145,7 +165,7 @@ class NormBoundedMean(RobustAggregator):
 
     def combine(self, deltas: list[AdapterState], global_state: AdapterState) -> AdapterState:
         norms = torch.tensor([global_norm(d) for d in deltas], dtype=torch.float64)
-        bound = self.cfg.norm_bound or float(median(norms))
+        self.bound = bound = self.cfg.norm_bound or float(median(norms))
         scales = [min(1.0, bound / float(v)) if v > 0 else 1.0 for v in norms]
         clipped = sum(1 for s in scales if s < 1.0)
         if clipped:
