@@ -109,7 +109,6 @@ class FederatedServer:
         if isinstance(self.aggregator, Scaffold):
             self.aggregator.population = cfg.data.num_clients
             self.uplink_layout = scaffold.uplink_layout(self.layout)
-
         self.aggregator.seed = cfg.run.seed
         self.correction_layout = lora.correction_layout(self.global_state)  # exact's frozen correction
         self.ranks = (RankPlan(cfg, [len(p) for p in self.rt.partitions], self.global_state)
