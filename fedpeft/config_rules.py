@@ -52,6 +52,11 @@ def validate(cfg: Config) -> None:
     if cfg.adapter.type == "lora" and cfg.adapter.alpha <= 0:
         raise ConfigError("adapter.alpha must be > 0 for LoRA")
     _validate_strategy(cfg)
+    if cfg.privacy.mode != "none":  # what needs no data now; the server repeats it with the client data sizes
+        from fedpeft.privacy.checks import check_privacy
+
+        check_privacy(cfg.privacy, cfg.data.num_clients, cfg.federation.clients_per_round, cfg.federation.rounds,
+                      min_local_examples=1)
     if cfg.federation.lora_aggregation != "naive":
         _validate_lora(cfg)
     if cfg.split.enabled:

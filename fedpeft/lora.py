@@ -14,13 +14,18 @@ applied only where a correction is folded into a model's weight.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
+from fedpeft import lazy
 from fedpeft.compression import Layout
-from fedpeft.models import AdapterState, lora_pairs
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from fedpeft.models import AdapterState
+else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
+    torch = lazy.module("torch")
 
 MODES = ("naive", "exact", "svd", "freeze_a", "share_a")
 #: share_a (FedSA-LoRA): LoRA's B is the client's own and never travels
@@ -70,6 +75,8 @@ def normalised(weights: list[float]) -> torch.Tensor:
 def pair_means(deltas: list[AdapterState], weights: list[float],
                global_state: AdapterState) -> dict[str, tuple[str, PairMean]]:
     """``A`` key -> (its ``B`` key, :class:`PairMean`) for every LoRA module whose two factors travel."""
+    from fedpeft.models import lora_pairs  # transformers: not when a configuration is checked
+
     w = normalised(weights)
     return {a: (b, pair_mean(global_state[a], global_state[b], [d[a] for d in deltas], [d[b] for d in deltas], w))
             for a, b in lora_pairs(global_state).items()}
@@ -93,6 +100,8 @@ def agg_error(means: dict[str, tuple[str, PairMean]]) -> float | None:
 
 def correction_shapes(state: AdapterState) -> dict[str, tuple[int, int]]:
     """Module name -> (out, in) of its weight correction, for every LoRA pair in ``state``."""
+    from fedpeft.models import lora_pairs
+
     return {module_of(a): (int(state[b].shape[0]), int(state[a].shape[1])) for a, b in lora_pairs(state).items()}
 
 
