@@ -109,6 +109,11 @@ class TrainSection:
     max_grad_norm: float = option(1.0, lo=0.0, help="gradient-norm clip (0 = off)")
     optimizer: str = option("adamw", choices=("adamw", "sgd"))
     eval_batch_size: int = option(64, lo=1)
+    precision: str = option("auto", choices=("auto", "fp32", "bf16"),
+                            help="autocast of the forward pass (training and evaluation); adapter weights and "
+                                 "optimizer state stay fp32. auto = bf16 on a CUDA GPU with bf16 (else fp16) and on "
+                                 "a CPU with native bf16 (AVX512-BF16 / AMX), fp32 elsewhere and under DP-SGD on the "
+                                 "CPU (docs/performance.md)")
     max_eval_examples: int = option(0, lo=0, help="cap the global eval set (0 = all)")
 
 

@@ -45,12 +45,36 @@ def set_threads(threads: int, workers: int = 1) -> int:
     return n
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 (or fp16 where bf16 is unsupported) autocast on GPU; nothing on CPU/MPS."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX-BF16, read from Linux's
+    /proc/cpuinfo): there bf16 autocast is faster than fp32; elsewhere torch emulates bf16 and is slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto", dp: bool = False) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device`` (None: plain fp32).
+
+    ``auto``: bf16 on a CUDA GPU that has it (fp16 on one that does not: an fp16 GradScaler belongs around
+    ``backward``/``optimizer.step`` in :func:`train_local`), bf16 on a CPU with native bf16, else fp32; DP-SGD on
+    the CPU stays fp32 under ``auto`` (Opacus' per-example gradients are not measured under CPU autocast).
+    """
+    if precision == "fp32" or device.type not in ("cuda", "cpu"):
+        return None
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+        return torch.bfloat16 if precision == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "bf16" or (not dp and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device`` (see :func:`autocast_dtype`); nothing for None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -155,6 +179,7 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
     else:
         batches = _batches(dataset, collate, cfg.batch_size, torch.Generator().manual_seed(seed))
     schedule = make_schedule(optimizer, cfg, steps)
+    dtype = autocast_dtype(device, cfg.precision, dp is not None)
     total, counted = 0.0, 0
     try:
         with torch.random.fork_rng(devices=[]):
@@ -167,7 +192,7 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
                     schedule.step()
                     continue
                 batch = _to(batch, device)
-                with _autocast(device):
+                with autocast(device, dtype):
                     loss = _loss(model, batch, dp is not None)
                 if proximal_mu > 0:
                     loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
@@ -194,14 +219,15 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
 
 @torch.no_grad()
 def evaluate_counts(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: int, device: torch.device,
-                    task: str) -> dict[str, float]:
+                    task: str, precision: str = "auto") -> dict[str, float]:
     """Sums that add up across clients: ``examples``, ``weight`` (examples, or response tokens for a causal LM),
-    ``loss_sum`` (mean loss x weight) and ``correct`` (classification)."""
+    ``loss_sum`` (mean loss x weight) and ``correct`` (classification); forward passes under ``train.precision``."""
     model.eval()
+    dtype = autocast_dtype(device, precision)
     loss_sum, weight, correct, seen = 0.0, 0, 0, 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
         batch = _to(batch, device)
-        with _autocast(device):
+        with autocast(device, dtype):
             out = model(**batch)
         seen += batch["labels"].shape[0]
         if task == "classification":
@@ -209,7 +235,7 @@ def evaluate_counts(model: nn.Module, dataset: Dataset, collate: Callable, batch
             correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
         else:
             n = int((batch["labels"][:, 1:] != -100).sum())
-        loss_sum += float(out.loss) * n
+        loss_sum += float(out.loss.float()) * n
         weight += n
     counts = {"examples": float(seen), "weight": float(weight), "loss_sum": loss_sum}
     if task == "classification":
@@ -226,6 +252,6 @@ def metrics_of_counts(counts: dict[str, float], task: str) -> dict[str, float]:
 
 
 def evaluate(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: int, device: torch.device,
-             task: str) -> dict[str, float]:
+             task: str, precision: str = "auto") -> dict[str, float]:
     """Loss and accuracy (classification) or loss and perplexity (causal LM, over response tokens)."""
-    return metrics_of_counts(evaluate_counts(model, dataset, collate, batch_size, device, task), task)
+    return metrics_of_counts(evaluate_counts(model, dataset, collate, batch_size, device, task, precision), task)
