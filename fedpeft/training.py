@@ -56,18 +56,18 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast_dtype(device: torch.device, precision: str = "auto", dp: bool = False) -> torch.dtype | None:
+def autocast_dtype(device: torch.device, precision: str = "gpu", dp: bool = False) -> torch.dtype | None:
     """The autocast dtype of ``train.precision`` on ``device`` (None: plain fp32).
 
-    ``auto``: bf16 on a CUDA GPU that has it (fp16 on one that does not: an fp16 GradScaler belongs around
-    ``backward``/``optimizer.step`` in :func:`train_local`), bf16 on a CPU with native bf16, else fp32; DP-SGD on
-    the CPU stays fp32 under ``auto`` (Opacus' per-example gradients are not measured under CPU autocast).
+    ``gpu`` and ``auto`` autocast on a CUDA GPU to bf16, or fp16 where it has no bf16 (an fp16 GradScaler belongs
+    around ``backward``/``optimizer.step`` in :func:`train_local`); ``auto`` also uses bf16 on a CPU with native bf16,
+    except under DP-SGD (Opacus' per-example gradients are not measured under CPU autocast).
     """
     if precision == "fp32" or device.type not in ("cuda", "cpu"):
         return None
     if device.type == "cuda":
         return torch.bfloat16 if precision == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "bf16" or (not dp and cpu_has_native_bf16()):
+    if precision == "bf16" or (precision == "auto" and not dp and cpu_has_native_bf16()):
         return torch.bfloat16
     return None
 
@@ -219,7 +219,7 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
 
 @torch.no_grad()
 def evaluate_counts(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: int, device: torch.device,
-                    task: str, precision: str = "auto") -> dict[str, float]:
+                    task: str, precision: str = "gpu") -> dict[str, float]:
     """Sums that add up across clients: ``examples``, ``weight`` (examples, or response tokens for a causal LM),
     ``loss_sum`` (mean loss x weight) and ``correct`` (classification); forward passes under ``train.precision``."""
     model.eval()
@@ -252,6 +252,6 @@ def metrics_of_counts(counts: dict[str, float], task: str) -> dict[str, float]:
 
 
 def evaluate(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: int, device: torch.device,
-             task: str, precision: str = "auto") -> dict[str, float]:
+             task: str, precision: str = "gpu") -> dict[str, float]:
     """Loss and accuracy (classification) or loss and perplexity (causal LM, over response tokens)."""
     return metrics_of_counts(evaluate_counts(model, dataset, collate, batch_size, device, task, precision), task)
