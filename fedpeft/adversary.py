@@ -320,7 +320,8 @@ class Ledger:
         ds = self.rt.plugin("adversary.backdoor-eval", lambda: backdoor_eval_set(self.rt))
         if not len(ds):
             return {}
-        m = evaluate(model, ds, self.rt.collate, self.cfg.train.eval_batch_size, self.rt.device, "classification")
+        m = evaluate(model, ds, self.rt.collate, self.cfg.train.eval_batch_size, self.rt.device, "classification",
+                     self.cfg.train.precision)
         return {"backdoor_success": m["eval_accuracy"]}
 
 

@@ -56,6 +56,11 @@ def validate(cfg: Config) -> None:
     _validate_strategy(cfg)
     if cfg.federation.strategy == "scaffold":
         _validate_scaffold(cfg)
+    if cfg.privacy.mode != "none":  # what needs no data now; the server repeats it with the client data sizes
+        from fedpeft.privacy.checks import check_privacy
+
+        check_privacy(cfg.privacy, cfg.data.num_clients, cfg.federation.clients_per_round, cfg.federation.rounds,
+                      min_local_examples=1)
     if cfg.federation.lora_aggregation != "naive":
         _validate_lora(cfg)
     if cfg.adapter.client_ranks:

@@ -19,13 +19,18 @@ leaves its product unchanged, so every mean above holds for mixed ranks too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
+from fedpeft import lazy
 from fedpeft.compression import Layout
-from fedpeft.models import AdapterState, lora_pairs
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from fedpeft.models import AdapterState
+else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
+    torch = lazy.module("torch")
 
 MODES = ("naive", "exact", "svd", "freeze_a", "share_a", "zeropad", "stack")
 #: the modes that aggregate clients of different LoRA ranks (adapter.client_ranks)
@@ -82,6 +87,8 @@ def pair_means(deltas: list[AdapterState], weights: list[float],
                global_state: AdapterState) -> dict[str, tuple[str, PairMean]]:
     """``A`` key -> (its ``B`` key, :class:`PairMean`) for every LoRA module whose two factors travel; a
     lower-rank client's factor deltas are zero-padded first (:func:`pad_delta`)."""
+    from fedpeft.models import lora_pairs  # transformers: not when a configuration is checked
+
     w = normalised(weights)
     return {a: (b, pair_mean(global_state[a], global_state[b], [pad_delta(global_state[a], d[a], 0) for d in deltas],
                              [pad_delta(global_state[b], d[b], 1) for d in deltas], w))
@@ -153,6 +160,8 @@ def agg_error(means: dict[str, tuple[str, PairMean]]) -> float | None:
 
 def correction_shapes(state: AdapterState) -> dict[str, tuple[int, int]]:
     """Module name -> (out, in) of its weight correction, for every LoRA pair in ``state``."""
+    from fedpeft.models import lora_pairs
+
     return {module_of(a): (int(state[b].shape[0]), int(state[a].shape[1])) for a, b in lora_pairs(state).items()}
 
 

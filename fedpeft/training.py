@@ -45,21 +45,43 @@ def set_threads(threads: int, workers: int = 1) -> int:
     return n
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 (or fp16 where bf16 is unsupported) autocast on GPU; nothing on CPU/MPS."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX-BF16, read from Linux's
+    /proc/cpuinfo): there bf16 autocast is faster than fp32; elsewhere torch emulates bf16 and is slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, precision: str = "gpu", dp: bool = False) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device`` (None: plain fp32).
+
+    ``gpu`` and ``auto`` autocast on a CUDA GPU to bf16, or fp16 where it has no bf16 (an fp16 GradScaler belongs
+    around ``backward``/``optimizer.step`` in :func:`train_local`); ``auto`` also uses bf16 on a CPU with native bf16,
+    except under DP-SGD (Opacus' per-example gradients are not measured under CPU autocast).
+    """
+    if precision == "fp32" or device.type not in ("cuda", "cpu"):
+        return None
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+        return torch.bfloat16 if precision == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "bf16" or (precision == "auto" and not dp and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return None
 
 
-def loss_scaler(device: torch.device, dp: object | None = None) -> torch.amp.GradScaler:
-    """A GradScaler, enabled where the training autocast runs in fp16 (whose small gradients underflow without
-    scaling); disabled (a pass-through) under bf16/fp32 and under DP-SGD (Opacus clips unscaled per-example
-    gradients)."""
-    with _autocast(device):
-        fp16 = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
-    return torch.amp.GradScaler(device.type, enabled=fp16 and dp is None)
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device`` (see :func:`autocast_dtype`); nothing for None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def loss_scaler(device: torch.device, dtype: torch.dtype | None, dp: object | None = None) -> torch.amp.GradScaler:
+    """A GradScaler, enabled where the training autocast runs in fp16 (``dtype``, from :func:`autocast_dtype`; its
+    small gradients underflow without scaling); disabled (a pass-through) under bf16/fp32 and under DP-SGD (Opacus
+    clips unscaled per-example gradients)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and dp is None)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -168,7 +190,8 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
     else:
         batches = _batches(dataset, collate, cfg.batch_size, torch.Generator().manual_seed(seed))
     schedule = make_schedule(optimizer, cfg, steps)
-    scaler = loss_scaler(device, dp)
+    dtype = autocast_dtype(device, cfg.precision, dp is not None)
+    scaler = loss_scaler(device, dtype, dp)
     total, counted = 0.0, 0
     step_log: list[tuple[int, float, float, float]] = []
     try:
@@ -183,7 +206,7 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
                     schedule.step()
                     continue
                 batch = _to(batch, device)
-                with _autocast(device):
+                with autocast(device, dtype):
                     loss = _loss(model, batch, dp is not None)
                 if proximal_mu > 0:
                     loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
@@ -224,14 +247,15 @@ def _grad_norm(params: list[nn.Parameter]) -> float:
 
 @torch.no_grad()
 def evaluate_counts(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: int, device: torch.device,
-                    task: str) -> dict[str, float]:
+                    task: str, precision: str = "gpu") -> dict[str, float]:
     """Sums that add up across clients: ``examples``, ``weight`` (examples, or response tokens for a causal LM),
-    ``loss_sum`` (mean loss x weight) and ``correct`` (classification)."""
+    ``loss_sum`` (mean loss x weight) and ``correct`` (classification); forward passes under ``train.precision``."""
     model.eval()
+    dtype = autocast_dtype(device, precision)
     loss_sum, weight, correct, seen = 0.0, 0, 0, 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
         batch = _to(batch, device)
-        with _autocast(device):
+        with autocast(device, dtype):
             out = model(**batch)
         seen += batch["labels"].shape[0]
         if task == "classification":
@@ -239,7 +263,7 @@ def evaluate_counts(model: nn.Module, dataset: Dataset, collate: Callable, batch
             correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
         else:
             n = int((batch["labels"][:, 1:] != -100).sum())
-        loss_sum += float(out.loss) * n
+        loss_sum += float(out.loss.float()) * n
         weight += n
     counts = {"examples": float(seen), "weight": float(weight), "loss_sum": loss_sum}
     if task == "classification":
@@ -256,6 +280,6 @@ def metrics_of_counts(counts: dict[str, float], task: str) -> dict[str, float]:
 
 
 def evaluate(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: int, device: torch.device,
-             task: str) -> dict[str, float]:
+             task: str, precision: str = "gpu") -> dict[str, float]:
     """Loss and accuracy (classification) or loss and perplexity (causal LM, over response tokens)."""
-    return metrics_of_counts(evaluate_counts(model, dataset, collate, batch_size, device, task), task)
+    return metrics_of_counts(evaluate_counts(model, dataset, collate, batch_size, device, task, precision), task)

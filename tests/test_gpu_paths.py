@@ -129,7 +129,8 @@ def test_device_map_auto_on_a_cpu_only_machine_loads_on_the_cpu(qa_data, tmp_pat
 # ----------------------------------------------------------------------------- fp16 loss scaling
 
 def test_no_loss_scaling_without_fp16_autocast():
-    assert not training.loss_scaler(CPU).is_enabled()
+    assert not training.loss_scaler(CPU, None).is_enabled()
+    assert not training.loss_scaler(CPU, torch.bfloat16).is_enabled()
 
 
 def test_fp16_autocast_scales_the_loss_and_unscales_before_clipping(monkeypatch):
@@ -141,8 +142,8 @@ def test_fp16_autocast_scales_the_loss_and_unscales_before_clipping(monkeypatch)
     ref_model, model = _tiny_causal(), _tiny_causal()
     start = models.adapter_state(model)
     ref = training.train_local(ref_model, ds, collate, tcfg, CPU, seed=0, fisher=True)
-    monkeypatch.setattr(training, "_autocast", lambda device: torch.autocast("cpu", dtype=torch.float16))
-    assert training.loss_scaler(CPU).is_enabled()
+    monkeypatch.setattr(training, "autocast_dtype", lambda *args: torch.float16)
+    assert training.loss_scaler(CPU, torch.float16).is_enabled()
     scaled = training.train_local(model, ds, collate, tcfg, CPU, seed=0, fisher=True)
     rel = lambda a, b: float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))  # noqa: E731
     flat = lambda d: torch.cat([v.flatten() for v in d.values()])  # noqa: E731

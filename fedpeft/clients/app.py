@@ -200,7 +200,8 @@ def _rank(cfg: config.Config, rt: Runtime, partition_id: int) -> int | None:
 
 def _local_eval(rt: Runtime, dataset: Dataset, cfg: config.Config) -> dict[str, float]:
     """The counts of this node's held-out split (one seam, so tests can make a node misbehave)."""
-    return evaluate_counts(rt.model, dataset, rt.collate, cfg.train.eval_batch_size, rt.device, cfg.model.task)
+    return evaluate_counts(rt.model, dataset, rt.collate, cfg.train.eval_batch_size, rt.device, cfg.model.task,
+                           cfg.train.precision)
 
 
 @app.evaluate()

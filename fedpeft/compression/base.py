@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from fedpeft.compression.payload import H_CODEC, H_FIELDS, H_LAYOUT, H_NTENSORS, H_TOTAL, Layout, Payload, require
 from fedpeft.errors import ConfigError, PayloadError
@@ -25,6 +24,7 @@ from fedpeft.fields import check
 from fedpeft.registry import Registry
 
 if TYPE_CHECKING:
+    import torch
     from _typeshed import DataclassInstance
 
 log = logging.getLogger(__name__)

@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+from fedpeft import lazy
 from fedpeft.errors import PayloadError
+
+if TYPE_CHECKING:
+    import torch
+else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
+    torch = lazy.module("torch")
 
 log = logging.getLogger(__name__)
 

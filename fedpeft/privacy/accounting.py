@@ -27,17 +27,17 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.accountant import IAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from fedpeft.errors import PrivacyError
 
+if TYPE_CHECKING:  # opacus (and the scipy it loads) only when a run accounts privacy
+    from opacus.accountants.accountant import IAccountant
+
 log = logging.getLogger(__name__)
 
-ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
+ACCOUNTANTS = ("rdp", "prv")
 SAMPLING = ("poisson", "fixed")
 #: integer RDP orders for fixed-size sampling (the without-replacement bound is stated at integer orders)
 FIXED_ORDERS = [*range(2, 65), 80, 96, 128, 192, 256]
@@ -45,10 +45,15 @@ FIXED_ORDERS = [*range(2, 65), 80, 96, 128, 192, 256]
 
 def make_accountant(kind: str) -> IAccountant:
     """A fresh opacus accountant of the given kind ("rdp" or "prv")."""
-    try:
-        return ACCOUNTANTS[kind]()
-    except KeyError:
-        raise PrivacyError(f"unknown accountant {kind!r}; known: {', '.join(sorted(ACCOUNTANTS))}") from None
+    _check_kind(kind)
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return {"rdp": RDPAccountant, "prv": PRVAccountant}[kind]()
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ACCOUNTANTS:
+        raise PrivacyError(f"unknown accountant {kind!r}; known: {', '.join(sorted(ACCOUNTANTS))}")
 
 
 def history_to_json(history: list[tuple[float, float, int]]) -> list[list[float | int]]:
@@ -117,6 +122,8 @@ def rdp_fixed_size_gaussian(noise_multiplier: float, sample_rate: float, order: 
 
 def fixed_size_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     """Epsilon at ``delta`` of a fixed-size-sampling history (RDP composition, then opacus' conversion)."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
     rdp = [sum(n * rdp_fixed_size_gaussian(z, q, a) for z, q, n in history) for a in FIXED_ORDERS]
     return float(get_privacy_spent(orders=FIXED_ORDERS, rdp=rdp, delta=delta)[0])
 
@@ -130,9 +137,17 @@ class ClientLevelAccountant:
         if sampling == "fixed" and kind != "rdp":
             raise PrivacyError(f"fixed-size client sampling is accounted with RDP only (replace-one bound); "
                                f"privacy.accountant = {kind!r} works with poisson sampling")
+        _check_kind(kind)
         self.kind = kind
         self.sampling = sampling
-        self._acc = make_accountant(kind)
+
+    @cached_property
+    def _acc(self) -> IAccountant:
+        """The opacus accountant, built on first use: a run that charges nothing never imports opacus."""
+        return make_accountant(self.kind)
+
+    def _history(self) -> list[tuple[float, float, int]]:
+        return self._acc.history if "_acc" in self.__dict__ else []
 
     def step(self, noise_multiplier: float, sample_rate: float) -> None:
         """Charge one round: Gaussian noise multiplier ``z`` on a client sample of rate ``q``."""
@@ -145,12 +160,12 @@ class ClientLevelAccountant:
     @property
     def rounds(self) -> int:
         """Number of rounds charged so far."""
-        return sum(n for _, _, n in self._acc.history)
+        return sum(n for _, _, n in self._history())
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
         """The composition history (noise multiplier, sample rate, consecutive steps)."""
-        return list(self._acc.history)
+        return list(self._history())
 
     def epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta``."""
@@ -166,6 +181,8 @@ class ClientLevelAccountant:
             return [self.epsilon(d) for d in deltas]
         if any(z == 0 for z, _, _ in self._acc.history):
             return [math.inf] * len(deltas)
+        from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
         orders = self._acc.DEFAULT_ALPHAS
         rdp = sum(compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders) for z, q, n in self._acc.history)
         return [float(get_privacy_spent(orders=orders, rdp=rdp, delta=d)[0]) for d in deltas]
@@ -179,14 +196,16 @@ class ClientLevelAccountant:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-able state: the accountant kind, the sampling scheme and the history."""
-        return {"kind": self.kind, "sampling": self.sampling, "history": history_to_json(self._acc.history)}
+        return {"kind": self.kind, "sampling": self.sampling, "history": history_to_json(self._history())}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`; kind and sampling scheme must match."""
         if state.get("kind") != self.kind or state.get("sampling", "poisson") != self.sampling:
             raise PrivacyError(f"accountant state is for {state.get('kind')!r} with {state.get('sampling')!r} "
                                f"sampling, this accountant is {self.kind!r} with {self.sampling!r}")
-        self._acc.history = history_from_json(state.get("history"))
+        history = history_from_json(state.get("history"))
+        if history or "_acc" in self.__dict__:
+            self._acc.history = history
 
 
 def noise_for_epsilon(target_epsilon: float, delta: float, rounds: int, sample_rate: float = 1.0,

@@ -41,11 +41,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from fedpeft import lazy
 from fedpeft.errors import PayloadError, PrivacyError
+
+if TYPE_CHECKING:
+    import torch
+else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
+    torch = lazy.module("torch")
 
 log = logging.getLogger(__name__)
 

@@ -405,7 +405,8 @@ class FederatedServer:
         if self.cfg.federation.lora_aggregation in lora.CORRECTED:
             lora.set_correction(self.rt.model, self.aggregator.correction() or {})
         return {**evaluate(self.rt.model, self.rt.eval_dataset, self.rt.collate, self.cfg.train.eval_batch_size,
-                           self.rt.device, self.cfg.model.task), **self.adversary.evaluate(self.rt.model)}
+                           self.rt.device, self.cfg.model.task, self.cfg.train.precision),
+                **self.adversary.evaluate(self.rt.model)}
 
     def federated_evaluate(self, grid: Grid, rnd: int) -> dict[str, Any]:
         """Every connected node evaluates the global adapter on its own held-out split, and with personalization

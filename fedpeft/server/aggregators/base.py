@@ -13,15 +13,18 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
+from fedpeft import lazy
 from fedpeft.registry import Registry
 
 if TYPE_CHECKING:
+    import torch
+
     from fedpeft.config import FederationSection
     from fedpeft.models import AdapterState
     from fedpeft.privacy.server_dp import ServerPrivacy
     from fedpeft.server.replies import RoundReplies
+else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
+    torch = lazy.module("torch")
 
 
 class Aggregator(ABC):

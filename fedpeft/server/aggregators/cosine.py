@@ -27,14 +27,17 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import torch
-
+from fedpeft import lazy
 from fedpeft.server.aggregators.base import AGGREGATORS
 from fedpeft.server.aggregators.krum import gram_matrix
 from fedpeft.server.aggregators.robust import RobustAggregator, median
 
 if TYPE_CHECKING:
+    import torch
+
     from fedpeft.models import AdapterState
+else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
+    torch = lazy.module("torch")
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
+from fedpeft import lazy
 from fedpeft.server.aggregators.base import AGGREGATORS, Aggregator, mean_update
 
 if TYPE_CHECKING:
+    import torch
+
     from fedpeft.models import AdapterState
     from fedpeft.server.replies import RoundReplies
+else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
+    torch = lazy.module("torch")
 
 
 @AGGREGATORS.register("fedavg")

@@ -5,11 +5,16 @@ aggregator's checkpointed state, so a resumed run continues exactly."""
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import TYPE_CHECKING
 
-import torch
-
+from fedpeft import lazy
 from fedpeft.server.aggregators.base import AGGREGATORS
 from fedpeft.server.aggregators.fedavg import FedAvg
+
+if TYPE_CHECKING:
+    import torch
+else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
+    torch = lazy.module("torch")
 
 
 class FedOpt(FedAvg):

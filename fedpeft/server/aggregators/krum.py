@@ -22,14 +22,16 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import torch
-
-from fedpeft.models import lora_pairs
+from fedpeft import lazy
 from fedpeft.server.aggregators.base import AGGREGATORS
 from fedpeft.server.aggregators.robust import RobustAggregator
 
 if TYPE_CHECKING:
+    import torch
+
     from fedpeft.models import AdapterState
+else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
+    torch = lazy.module("torch")
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ def delta_w(deltas: list[AdapterState], global_state: AdapterState, a: str, b: s
 def _blocks(deltas: list[AdapterState], global_state: AdapterState, space: str) -> Iterator[torch.Tensor]:
     """The updates as (clients, elements) blocks: one per LoRA pair (its ΔW) in ``delta_w`` space, one per
     other tensor."""
+    from fedpeft.models import lora_pairs  # transformers: only when the aggregator runs
+
     pairs = lora_pairs(global_state) if space == "delta_w" else {}
     for a, b in pairs.items():
         yield delta_w(deltas, global_state, a, b)

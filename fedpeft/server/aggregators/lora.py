@@ -28,15 +28,17 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import TYPE_CHECKING
 
-import torch
-
-from fedpeft import lora
+from fedpeft import lazy, lora
 from fedpeft.server.aggregators.base import LORA_AGGREGATORS, weighted_mean
 from fedpeft.server.aggregators.fedavg import FedAvg
 
 if TYPE_CHECKING:
+    import torch
+
     from fedpeft.models import AdapterState
     from fedpeft.server.replies import RoundReplies
+else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
+    torch = lazy.module("torch")
 
 CORRECTION = "correction"  # state key prefix of exact's (and stack's) per-module correction
 INIT = "init"  # state key prefix of stack's initial factors

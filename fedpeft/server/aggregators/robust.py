@@ -28,8 +28,7 @@ import logging
 from abc import abstractmethod
 from typing import TYPE_CHECKING
 
-import torch
-
+from fedpeft import lazy
 from fedpeft.errors import ConfigError
 from fedpeft.privacy.client_dp import global_norm
 from fedpeft.server.aggregators.base import AGGREGATORS
@@ -37,10 +36,14 @@ from fedpeft.server.aggregators.defences import add_noise, noise_seed, robust_le
 from fedpeft.server.aggregators.fedavg import FedAvg
 
 if TYPE_CHECKING:
+    import torch
+
     from fedpeft.config import FederationSection
     from fedpeft.models import AdapterState
     from fedpeft.privacy.server_dp import ServerPrivacy
     from fedpeft.server.replies import RoundReplies
+else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
+    torch = lazy.module("torch")
 
 log = logging.getLogger(__name__)
 
