@@ -3,6 +3,7 @@ catches a broken noise scale at either level."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,10 +13,17 @@ from fedpeft.audit.epsilon import audit_client_level, audit_local_dpsgd
 from fedpeft.errors import ConfigError
 
 
+def _without_noise(cfg: config.Config, key: str) -> config.Config:
+    """``cfg`` with ``privacy.<key> = 0``: a broken mechanism the configuration itself refuses (no privacy), built
+    behind its back so that the audit can show it would catch one."""
+    return dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, **{key: 0.0}))
+
+
 def _cfg(z: float, rounds: int = 1, **extra: str) -> config.Config:
-    return config.load(None, ["privacy.mode=client", f"privacy.server_noise_multiplier={z}", "privacy.clip_norm=1.0",
-                              "privacy.delta=1e-5", f"federation.rounds={rounds}",
-                              *(f"{k}={v}" for k, v in extra.items())])
+    cfg = config.load(None, ["privacy.mode=client", f"privacy.server_noise_multiplier={z or 1.0}",
+                             "privacy.clip_norm=1.0", "privacy.delta=1e-5", f"federation.rounds={rounds}",
+                             *(f"{k}={v}" for k, v in extra.items())])
+    return cfg if z else _without_noise(cfg, "server_noise_multiplier")
 
 
 def test_without_noise_the_bound_is_far_above_any_small_epsilon() -> None:
@@ -55,8 +63,9 @@ def test_the_command_writes_each_level_beside_its_claim(tmp_path, capsys) -> Non
 
 
 def _local(z: float) -> config.Config:
-    return config.load(None, ["privacy.mode=local", f"privacy.noise_multiplier={z}", "privacy.max_grad_norm=1.0",
-                              "privacy.delta=1e-5"])
+    cfg = config.load(None, ["privacy.mode=local", f"privacy.noise_multiplier={z or 1.0}", "privacy.max_grad_norm=1.0",
+                             "privacy.delta=1e-5"])
+    return cfg if z else _without_noise(cfg, "noise_multiplier")
 
 
 def test_dpsgd_without_noise_is_far_above_any_small_epsilon() -> None:
