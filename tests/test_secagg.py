@@ -243,8 +243,8 @@ def test_client_level_dp_under_secagg_matches_the_plain_dp_round(data):
     ({"privacy.secagg_num_shares": 2.5}, "whole number"),
     ({"privacy.secagg_num_shares": 3, "privacy.secagg_reconstruction_threshold": 3}, "below privacy.secagg_num"),
     ({"privacy.secure_aggregation": "secagg"}, "choose one of"),
-    ({"privacy.mode": "client", "privacy.adaptive_clip": True, "privacy.secagg_clipping_range": 0.5},
-     "clip indicators"),
+    ({"privacy.mode": "client", "privacy.adaptive_clip": True, "privacy.clip_count_noise": 1.0,
+      "privacy.secagg_clipping_range": 0.5}, "clip indicators"),
 ])
 def test_incompatible_settings_are_refused(data, extra, match):
     with pytest.raises(ConfigError, match=match):
