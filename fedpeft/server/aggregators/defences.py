@@ -22,10 +22,14 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING
 
-import torch
+from fedpeft import lazy
 
 if TYPE_CHECKING:
+    import torch
+
     from fedpeft.models import AdapterState
+else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
+    torch = lazy.module("torch")
 
 log = logging.getLogger(__name__)
 NOISE_SALT = 0x5EED  # keeps the aggregate's noise apart from the other streams seeded by run.seed

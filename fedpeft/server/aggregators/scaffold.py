@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
-from fedpeft import scaffold
+from fedpeft import lazy
 from fedpeft.server.aggregators.base import AGGREGATORS, weighted_mean
 from fedpeft.server.aggregators.fedavg import FedAvg
 
 if TYPE_CHECKING:
+    import torch
+
+    from fedpeft import scaffold
     from fedpeft.models import AdapterState
     from fedpeft.server.replies import RoundReplies
+else:  # on first use: checking a configuration imports this module (fedpeft/lazy.py)
+    torch = lazy.module("torch")
+    scaffold = lazy.module("fedpeft.scaffold")
 
 CONTROL = "control"
 
