@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 import re
 import secrets
 import time
@@ -111,7 +112,9 @@ class TensorBoardSink:
             from tensorboardX import SummaryWriter
         else:
             from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(logdir=str(directory))
+        # the writers name their file by the second: a run resumed within the same second would overwrite the
+        # first writer's events without a suffix of its own
+        self.writer = SummaryWriter(str(directory), filename_suffix=f".{os.getpid()}.{time.time_ns()}")
 
     def scalars(self, values: Mapping[str, float], step: int, axis: str) -> None:
         for tag, value in values.items():

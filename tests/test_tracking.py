@@ -107,6 +107,11 @@ def test_tensorboard_event_files_hold_every_round_and_the_clients_step_logs(cls_
 
 
 def test_a_resumed_run_continues_its_tracking(cls_data, tmp_path, monkeypatch, one_thread):
+    """The resumed process writes a second event file beside the first, even when it starts within the same
+    second (the writer names its file by the second: the clock is frozen here to make that certain)."""
+    import tensorboardX.event_file_writer as efw
+
+    monkeypatch.setattr(efw, "time", SimpleNamespace(time=lambda: 1_700_000_000.0))
     cfg = config.load(None, tiny_overrides(cls_data, tmp_path / "runs", **{"tracking.sinks": ["tensorboard"]}))
     run_dir = interrupt_and_resume(cfg, crash_round=2, monkeypatch=monkeypatch)
     scalars = read_scalars(run_dir / "tracking" / "tensorboard")
