@@ -123,9 +123,7 @@ def train(msg: Message, context: Context) -> Message:
         extra.update(split_metrics)
     else:
         # with this node's personal tensors (at their init the first time); a lower rank zero-padded to the model's
-        start = rt.full_state(global_state if rank is None else lora.pad(global_state, cfg.adapter.r))
-        if PERSONAL_STATE in context.state:
-            start.update({k: torch.tensor(v) for k, v in _arrays(context.state[PERSONAL_STATE]).items()})
+        start = _with_personal(rt, context, global_state if rank is None else lora.pad(global_state, cfg.adapter.r))
         models.set_adapter_state(rt.model, start)
         result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
                              proximal_mu=protocol.number(instruction, "proximal-mu"), dp=local_dp,
@@ -165,6 +163,15 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.privacy.mode != "none" and not cfg.privacy.release_client_metrics:
         metrics = protocol.public_metrics(metrics)
     return Message(protocol.train_reply(enc.payload, attacker.metrics(metrics)), reply_to=msg)
+
+
+def _with_personal(rt: Runtime, context: Context, global_state: models.AdapterState) -> models.AdapterState:
+    """The whole adapter to load: the global tensors plus this node's personal ones (node state; at their init
+    the first time)."""
+    state = rt.full_state(global_state)
+    if PERSONAL_STATE in context.state:
+        state.update({k: torch.tensor(v) for k, v in _arrays(context.state[PERSONAL_STATE]).items()})
+    return state
 
 
 def _controls(msg: Message, context: Context, layout: Layout) -> tuple[models.AdapterState, models.AdapterState]:
@@ -215,10 +222,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     global_state = make_codec("none").decode(protocol.record_payload(msg.content[protocol.GLOBAL]), rt.layout)
     if cfg.federation.lora_aggregation in lora.CORRECTED:
         lora.set_correction(rt.model, receive_correction(msg, lora.correction_layout(global_state)))
-    state = rt.full_state(global_state)
-    if PERSONAL_STATE in context.state:
-        state.update({k: torch.tensor(v) for k, v in _arrays(context.state[PERSONAL_STATE]).items()})
-    models.set_adapter_state(rt.model, state)
+    models.set_adapter_state(rt.model, _with_personal(rt, context, global_state))
     pid = 0 if data_path else int(context.node_config["partition-id"])
     instruction = protocol.config_record(msg.content)
     steps = int(protocol.number(instruction, "personal-steps")) if "personal-steps" in instruction else 0
