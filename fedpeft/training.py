@@ -59,9 +59,9 @@ def cpu_has_native_bf16() -> bool:
 def autocast_dtype(device: torch.device, precision: str = "gpu", dp: bool = False) -> torch.dtype | None:
     """The autocast dtype of ``train.precision`` on ``device`` (None: plain fp32).
 
-    ``gpu`` and ``auto`` autocast on a CUDA GPU to bf16, or fp16 where it has no bf16 (an fp16 GradScaler belongs
-    around ``backward``/``optimizer.step`` in :func:`train_local`); ``auto`` also uses bf16 on a CPU with native bf16,
-    except under DP-SGD (Opacus' per-example gradients are not measured under CPU autocast).
+    ``gpu`` and ``auto`` autocast on a CUDA GPU to bf16, or fp16 where it has no bf16 (then :func:`loss_scaler`
+    scales the loss in :func:`train_local`); ``auto`` also uses bf16 on a CPU with native bf16, except under DP-SGD
+    (Opacus' per-example gradients are not measured under CPU autocast).
     """
     if precision == "fp32" or device.type not in ("cuda", "cpu"):
         return None
