@@ -242,6 +242,7 @@ def test_client_level_dp_under_secagg_matches_the_plain_dp_round(data):
     ({"privacy.secagg_quantization_range": 2**31}, "would wrap around"),
     ({"privacy.secagg_num_shares": 2.5}, "whole number"),
     ({"privacy.secagg_num_shares": 3, "privacy.secagg_reconstruction_threshold": 3}, "below privacy.secagg_num"),
+    ({"data.num_clients": 6, "federation.clients_per_round": 6, "privacy.secagg_num_shares": 4}, "must be odd"),
     ({"privacy.secure_aggregation": "secagg"}, "choose one of"),
     ({"privacy.mode": "client", "privacy.adaptive_clip": True, "privacy.clip_count_noise": 1.0,
       "privacy.secagg_clipping_range": 0.5}, "clip indicators"),
