@@ -117,7 +117,7 @@ def test_a_resumed_fedbuff_run_matches_the_uninterrupted_one(interrupted):
 def test_what_fedbuff_cannot_account_or_run_is_refused(setup):
     with pytest.raises(ConfigError, match="privacy.mode = 'client' is not supported .*device timing"):
         setup["cfg"](**{"federation.buffer_size": 2, "privacy.mode": "client"})
-    with pytest.raises(ConfigError, match="runs on the virtual clock: set devices.clock = true"):
-        setup["cfg"](**{"federation.buffer_size": 2, "devices.clock": False})
+    with pytest.raises(ConfigError, match="needs run.engine = 'inprocess'"):
+        setup["cfg"](**{"federation.buffer_size": 2, "devices.clock": False, "run.engine": "ray"})
     with pytest.raises(ConfigError, match="buffer_size <= federation.concurrency"):
         setup["cfg"](**{"federation.buffer_size": 3, "federation.concurrency": 2})
