@@ -9,6 +9,9 @@ one-way latency, availability, dropout), drawn once from seeded distributions (`
     + split-learning traffic (per step: one round trip, activations up, gradients down)
     + uplink latency + bytes_up * 8 / uplink rate / (1 - loss)           (the exact serialized reply)
 
+An :class:`Availability` trace (``devices.availability_trace``) switches clients off and on in simulated time:
+offline clients are not listed as connected, and a reply still in flight when its client goes off is lost.
+
 Randomness (device draws, availability, dropout) comes from generators keyed by the run seed and what they
 decide (client, round, stage), never from a shared stream, so the event log is the same for the same seed
 whatever order the engine asks in. The engine (:mod:`fedpeft.simulation.inprocess`) owns the clock's time;
@@ -278,7 +281,7 @@ class Event:
     finish: float
     bytes_down: int
     bytes_up: int
-    status: str  # ok, late, unavailable, dropout
+    status: str  # ok, late, unavailable, dropout, offline
 
     def row(self) -> dict[str, Any]:
         """The JSON row, times rounded to the microsecond (the log is hashed: no float noise)."""

@@ -13,6 +13,10 @@ wait for replies:
 - :meth:`dispatch` and :meth:`next_reply` (buffered asynchronous FL): replies queue by arrival time and
   the server takes them one at a time, the clock moving to each arrival.
 
+With an availability trace only the clients online at ``sim_time`` are listed (:meth:`get_node_ids`), the
+server waits for clients in simulated time (:meth:`wait_for_nodes`), and a client that goes offline before
+its reply arrives answers "went offline" at that moment.
+
 Every message is one line of ``RUN/clients.jsonl`` (an :class:`~fedpeft.simulation.clock.Event`). The
 clock's time, the lines written and the replies still in flight are saved with the node states, so a
 resumed run continues on the same clock.
