@@ -1,6 +1,7 @@
 """FedBuff on real time (the deployment path: push_messages / pull_messages, server/async_grid.py), on the in-process
 grid without the virtual clock: K = all clients is synchronous FedAvg, a node whose reply is held back is not waited
-for and arrives down-weighted, and a message left unanswered past round_timeout frees its node."""
+for and arrives down-weighted, a message left unanswered past round_timeout frees its node, and an error reply the
+SuperLink writes is charged to the node the message went to."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from flwr.app import Message, RecordDict
+from flwr.app import Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
@@ -96,22 +97,39 @@ def test_a_held_back_node_is_not_waited_for_and_arrives_down_weighted(make_cfg, 
     assert [r["replies"] for r in rows] == [2, 2, 2, 2] and rows[0]["in_flight"] == 1
 
 
-def test_a_message_unanswered_past_round_timeout_frees_its_node(make_cfg, monkeypatch, tmp_path):
+class FewReplies:
+    """A SuperLink whose node 1007 never answers and whose node 1008 gets an error the SuperLink writes itself
+    (sender: the SuperLink's node id 0, as Flower's grid does when a reply's objects cannot be pulled)."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, Message] = {}
+
+    def push_messages(self, messages):
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+            self.sent[f"m{i}"] = msg
+        return list(self.sent)
+
+    def pull_messages(self, message_ids):
+        replies = []
+        for mid in message_ids:
+            if self.sent[mid].metadata.dst_node_id == 1008:
+                reply = Message(Error(code=0, reason="objects unavailable"), reply_to=self.sent[mid])
+                reply.metadata.__dict__["_src_node_id"] = 0
+                replies.append(reply)
+        return replies
+
+
+def test_a_silent_node_is_given_up_after_round_timeout_and_a_superlink_error_names_its_node(monkeypatch, tmp_path):
     monkeypatch.setattr(async_grid, "POLL_SECONDS", 0.01)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-
-    class Silent:  # a SuperLink whose nodes never answer
-        def push_messages(self, messages):
-            return [f"m{i}" for i, _ in enumerate(messages)]
-
-        def pull_messages(self, message_ids):
-            return []
-
-    flights = async_grid.LiveFlights(Silent(), 0.05, tmp_path / CLIENTS_FILE)  # type: ignore[arg-type]
-    flights.dispatch([Message(RecordDict(), 1007, "train", group_id="3")])
-    reply = flights.next_reply()
-    assert reply is not None and reply.has_error() and reply.metadata.src_node_id == 1007
-    assert "no reply within federation.round_timeout = 0.05 s" in reply.error.reason
+    flights = async_grid.LiveFlights(FewReplies(), 0.05, tmp_path / CLIENTS_FILE)  # type: ignore[arg-type]
+    flights.dispatch([Message(RecordDict(), node, "train", group_id="3") for node in (1007, 1008)])
+    failed, late = flights.next_reply(), flights.next_reply()
+    assert failed is not None and failed.metadata.src_node_id == 1008 and failed.error.reason == "objects unavailable"
+    assert late is not None and late.has_error() and late.metadata.src_node_id == 1007
+    assert "no reply within federation.round_timeout = 0.05 s" in late.error.reason
     assert flights.next_reply() is None  # nothing left in flight
-    (row,) = [json.loads(line) for line in (tmp_path / CLIENTS_FILE).read_text().splitlines()]
-    assert (row["round"], row["node"], row["status"]) == (3, 1007, "late") and row["finish"] >= 0.05
+    rows = [json.loads(line) for line in (tmp_path / CLIENTS_FILE).read_text().splitlines()]
+    assert [(r["round"], r["node"], r["status"]) for r in rows] == [(3, 1008, "failed"), (3, 1007, "late")]
+    assert rows[1]["finish"] >= 0.05

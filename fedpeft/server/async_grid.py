@@ -71,6 +71,10 @@ class LiveFlights:
                     log.warning("ignored a reply to a message that is not in flight (%s)",
                                 reply.metadata.reply_to_message_id)
                     continue
+                node = flight.message.metadata.dst_node_id
+                if reply.metadata.src_node_id != node:  # an error the SuperLink wrote names itself as the sender
+                    reply = Message(reply.error if reply.has_error() else Error(
+                        code=0, reason=f"a reply from node {reply.metadata.src_node_id}"), reply_to=flight.message)
                 self._done(flight, reply, "failed" if reply.has_error() else "ok")
             if not self.arrived:
                 self._expire()
