@@ -1,5 +1,5 @@
 """FedBuff on a real deployment: a SuperLink and three SuperNodes on loopback (real processes, warm executors), one
-of them slow because it holds far more data (train.local_epochs = 1: 500 local steps against 2). The server keeps
+of them slow because it holds far more data (train.local_epochs = 1: 250 local steps against 2). The server keeps
 three messages in flight through Flower's Message API and applies an update whenever two replies are in, without
 waiting for the slow node, whose update arrives later, down-weighted by its staleness."""
 
@@ -17,8 +17,8 @@ from fedpeft.simulation.clock import CLIENTS_FILE
 
 from conftest import tiny_overrides, write_classification
 
-SIZES = (16, 16, 4000)  # examples per node: partition 2 trains 500 steps of 8, the others 2
-UPDATES = 6
+SIZES = (16, 16, 2000)  # examples per node: partition 2 trains 250 steps of 8, the others 2
+UPDATES = 10  # the slow reply came back after 5 updates at load 15
 
 
 @pytest.mark.slow
