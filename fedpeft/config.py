@@ -199,8 +199,9 @@ class FederationSection:
                              help="server = on the server's held-out set; federated = each client on its own "
                                   "held-out split (docs/evaluation.md)")
     buffer_size: int = option(0, lo=0, help="FedBuff: clients train at their own pace and the server applies an update "
-                                            "whenever this many have arrived (0 = synchronous rounds; needs "
-                                            "devices.clock; each applied update is a round; docs/virtual-clock.md)")
+                                            "whenever this many have arrived (0 = synchronous rounds; each applied "
+                                            "update is a round; simulated on devices.clock, or on real time in a "
+                                            "deployment; docs/virtual-clock.md)")
     concurrency: int = option(0, lo=0, help="FedBuff: clients training at once (0 = clients_per_round, or all)")
     staleness_exponent: float = option(0.5, lo=0.0, help="FedBuff: an update tau server updates old is weighted "
                                                          "1 / (1 + tau) ** this (0.5: Nguyen et al. 2022)")
@@ -430,6 +431,10 @@ class DevicesSection:
     availability: float = option(1.0, lo=0.0, hi=1.0, help="probability that a client is online when a message "
                                                            "reaches it (else it answers unavailable)")
     dropout: float = option(0.0, lo=0.0, hi=1.0, help="probability that an online client drops out before replying")
+    availability_trace: str = option("", help="CSV of on/off traces in simulated seconds: client, start, end (offline "
+                                              "from start to end) and/or client, on, off, phase (online on s, then "
+                                              "offline off s); offline clients are not sampled and lose the reply in "
+                                              "flight (docs/virtual-clock.md)")
     target_accuracy: float = option(0.85, lo=0.0, hi=1.0, help="summary.md and compare-compression report the "
                                                                "simulated time to this eval accuracy")
     profiles: str = option("", help="CSV of device profiles, one row per client: client, and any of slowdown, "

@@ -198,3 +198,50 @@ def test_flops_and_measured_compute_times(tmp_path, mode):
     step = 6 * params * cfg.train.batch_size * cfg.model.max_length / 1e9
     assert grid.compute_seconds("train", 0, 99.0) == pytest.approx(cfg.train.local_steps * step * 4, rel=1e-12)
     assert grid.compute_seconds(None, 0, 99.0) == 0.0  # a SecAgg+ key stage
+
+
+def test_availability_traces_say_who_is_online_and_bad_rows_are_refused(tmp_path):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("client,start,end,on,off,phase\n0,10,20,,,\n0,30,35,,,\n1,,,4,2,1\n")
+    t = clock.read_trace(trace, 3)
+    assert [t.online(0, x) for x in (9.9, 10, 19.9, 20, 32)] == [True, False, False, True, False]
+    assert [t.online(1, x) for x in (0.5, 1, 4.9, 5, 6.9, 7)] == [False, True, True, False, False, True]
+    assert all(t.online(2, x) for x in (0, 1e6))  # no rows: always online
+    assert t.offline_from(0, 0, 10) is None and t.offline_from(0, 0, 10.5) == 10 and t.offline_from(0, 12, 13) == 12
+    assert t.offline_from(1, 1, 9) == 5 and t.next_online(1, 5, 9) == 7 and t.next_online(0, 10, 19) is None
+    for body, words in (("client,start\n0,1\n", "line 2: give start and end"), ("client,when\n0,1\n", "columns"),
+                        ("client,start,end\n3,0,1\n", "client must be in 0..2"),
+                        ("client,on,off\n0,1,0\n", "both > 0"), ("client,start,end\n0,x,1\n", "not a number")):
+        trace.write_text(body)
+        with pytest.raises(ConfigError, match=words):
+            clock.read_trace(trace, 3)
+    with pytest.raises(ConfigError, match="set devices.clock = true"):
+        config.load(None, [f"devices.availability_trace={trace}"])
+
+
+def _traced_run(tmp_path: Path, trace: str, **extra: object) -> tuple[list[dict], list[dict]]:
+    data = write_classification(tmp_path / "topics.jsonl", n=60)
+    (tmp_path / "trace.csv").write_text(trace)
+    sets = {"data.num_clients": 3, "federation.rounds": 2, "train.local_steps": STEPS, "model.max_length": 16,
+            "devices.clock": True, "devices.step_seconds": STEP_SECONDS,
+            "devices.availability_trace": str(tmp_path / "trace.csv"), **extra}
+    run_dir = runner.simulate(config.load(None, tiny_overrides(data, tmp_path / "runs", **sets)))
+    log = [json.loads(line) for line in (run_dir / CLIENTS_FILE).read_text().splitlines()]
+    return report.read_metrics(run_dir), log
+
+
+def test_a_client_offline_in_the_trace_is_not_sampled_and_its_reply_in_flight_is_lost(tmp_path):
+    # client 0 is off all run; client 2 goes off at 0.5 s, in the middle of its 1 s of round-1 compute
+    rows, log = _traced_run(tmp_path, "client,start,end\n0,0,1000\n2,0.5,0.6\n", **{"federation.clients_per_round": 2})
+    assert 1000 not in {e["node"] for e in log}
+    lost = next(e for e in log if e["node"] == 1002 and e["round"] == 1)
+    assert lost["status"] == "offline" and lost["finish"] == 0.5 and lost["bytes_up"] == 0
+    assert rows[0]["replies"] == 1
+    assert rows[0]["dropped_nodes"] == {"1002": "failed: went offline (virtual clock trace)"}
+    assert [e["status"] for e in log if e["round"] == 2] == ["ok", "ok"]  # back online after 0.6 s: sampled again
+
+
+def test_the_server_waits_in_simulated_time_for_clients_the_trace_has_offline(tmp_path):
+    rows, log = _traced_run(tmp_path, "client,start,end\n0,0,7\n", **{"federation.rounds": 1})
+    assert [e["start"] for e in log] == [7.0, 7.0, 7.0]  # all three wanted: sampled when client 0 came back
+    assert rows[0]["replies"] == 3 and rows[0]["sim_time"] > 7.0

@@ -117,7 +117,18 @@ def test_a_resumed_fedbuff_run_matches_the_uninterrupted_one(interrupted):
 def test_what_fedbuff_cannot_account_or_run_is_refused(setup):
     with pytest.raises(ConfigError, match="privacy.mode = 'client' is not supported .*device timing"):
         setup["cfg"](**{"federation.buffer_size": 2, "privacy.mode": "client"})
-    with pytest.raises(ConfigError, match="runs on the virtual clock: set devices.clock = true"):
-        setup["cfg"](**{"federation.buffer_size": 2, "devices.clock": False})
+    with pytest.raises(ConfigError, match="needs run.engine = 'inprocess'"):
+        setup["cfg"](**{"federation.buffer_size": 2, "devices.clock": False, "run.engine": "ray"})
     with pytest.raises(ConfigError, match="buffer_size <= federation.concurrency"):
         setup["cfg"](**{"federation.buffer_size": 3, "federation.concurrency": 2})
+
+
+def test_fedbuff_waits_for_and_sends_only_to_clients_the_trace_has_online(setup, tmp_path):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("client,start,end\n0,0,3\n1,0,1000\n")  # client 0 back at 3 s, client 1 off all run
+    run_dir = runner.simulate(setup["cfg"](**{"federation.buffer_size": 2, "federation.concurrency": 2,
+                                              "devices.availability_trace": str(trace)}))
+    log = _log(run_dir)
+    assert 1001 not in {e["node"] for e in log}
+    assert [(e["node"], e["start"]) for e in log[:2]] == [(1000, 3.0), (1002, 3.0)]  # filled when two were online
+    assert [r["replies"] for r in report.read_metrics(run_dir)] == [2, 2]

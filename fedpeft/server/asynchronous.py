@@ -1,12 +1,13 @@
-"""Buffered asynchronous FL (FedBuff, Nguyen et al. 2022) on the in-process engine's virtual clock.
+"""Buffered asynchronous FL (FedBuff, Nguyen et al. 2022) on the virtual clock or on a real deployment.
 
 Clients train at their own pace: ``federation.concurrency`` of them are always in flight, each from the
-global adapter of the moment it was sent. The server takes replies in order of arrival (simulated time,
-:class:`~fedpeft.simulation.clocked.ClockedGrid`) and, whenever ``federation.buffer_size`` (K) valid updates
-have arrived, applies one update through the configured mean-based aggregator; each applied update is a
-"round" of metrics.jsonl. A freed slot is refilled at once with the adapter of that moment; replies that
-arrive at the same instant are taken together first (so equal speeds with K = all clients is synchronous
-FedAvg, update for update).
+global adapter of the moment it was sent. The server takes replies in order of arrival (simulated time on the
+in-process engine's :class:`~fedpeft.simulation.clocked.ClockedGrid`; real time on any other Grid, pushed and
+pulled through Flower's Message API by :class:`~fedpeft.server.async_grid.LiveFlights`) and, whenever
+``federation.buffer_size`` (K) valid updates have arrived, applies one update through the configured mean-based
+aggregator; each applied update is a "round" of metrics.jsonl. A freed slot is refilled at once with the adapter
+of that moment; replies that arrive together are taken together first (so equal speeds with K = all clients is
+synchronous FedAvg, update for update).
 
 Staleness: an update trained from version v and applied at version t has staleness tau = t - v and enters
 the mean scaled by ``1 / (1 + tau) ** federation.staleness_exponent`` (0.5 in the paper). The example
@@ -16,7 +17,8 @@ residual was made more than ``federation.max_staleness`` versions ago is told to
 
 Client-level DP, SecAgg+, split learning, exact/svd LoRA aggregation, federated evaluation and lossy
 downlinks are refused (:func:`fedpeft.simulation.clock.check_async`); local DP-SGD is accounted by each client
-as in synchronous runs. The real-deployment path (a Grid that keeps messages in flight) is not built.
+as in synchronous runs. Replies are validated and decoded as in synchronous rounds (a bad one is dropped and
+logged, and its node gets no new message in that update).
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ from flwr.serverapp import Grid
 
 from fedpeft import protocol
 from fedpeft.config import Config
-from fedpeft.errors import ConfigError
 from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
-from fedpeft.server.loop import FederatedServer, Observer
+from fedpeft.server.async_grid import LiveFlights
+from fedpeft.server.loop import FederatedServer, Observer, connected_nodes
 from fedpeft.server.replies import RoundReplies
 from fedpeft.server.sanity import screen_norms
+from fedpeft.simulation.clock import CLIENTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +51,16 @@ def staleness_weight(tau: int, exponent: float) -> float:
 
 
 class BufferedServer(FederatedServer):
-    """The federated server with FedBuff's buffered asynchronous rounds (needs the clocked in-process grid)."""
+    """The federated server with FedBuff's buffered asynchronous rounds: on the in-process engine's virtual clock
+    (its :class:`~fedpeft.simulation.clocked.ClockedGrid`) or on real time on any other Flower Grid
+    (:class:`~fedpeft.server.async_grid.LiveFlights`)."""
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, observers: Sequence[Observer] = (),
                  runtimes: RuntimeCache = PROCESS_RUNTIMES) -> None:
         self.dispatched: dict[int, int] = {}  # node in flight -> the version it trains from
         self.residual_version: dict[int, int] = {}  # node -> the version its error-feedback residual was made at
         self.async_row: dict[str, Any] = {}
+        self.flights: Any = None  # the ClockedGrid itself, or LiveFlights around a real Grid
         super().__init__(cfg, run_dir, resume=resume, observers=observers, runtimes=runtimes)
         fed = cfg.federation
         self.concurrency = fed.concurrency or fed.clients_per_round or cfg.data.num_clients
@@ -68,15 +74,34 @@ class BufferedServer(FederatedServer):
         self.dispatched = {int(k): int(v) for k, v in state.get("dispatched", {}).items()}
         self.residual_version = {int(k): int(v) for k, v in state.get("residual_version", {}).items()}
 
-    def _fill(self, grid: Any, rnd: int, refused: set[int], replies: RoundReplies) -> list[int]:
+    def run(self, grid: Grid) -> None:
+        """Run on the clock (replies in flight resume with it) or on real time (those of a previous run are
+        gone; a deployment's nodes also lost their residuals)."""
+        if hasattr(grid, "dispatch"):
+            self.flights = grid
+        else:
+            self.flights = LiveFlights(grid, self.cfg.federation.round_timeout or None, self.run_dir / CLIENTS_FILE)
+            self.dispatched.clear()
+            if not hasattr(grid, "load_node_states"):
+                self.residual_version.clear()
+        super().run(grid)
+
+    def _fill(self, grid: Grid, rnd: int, refused: set[int], replies: RoundReplies) -> list[int]:
         """Send the adapter of version ``rnd - 1`` to idle nodes until ``concurrency`` are in flight (seeded
-        choice; not to nodes that failed this round); counts the bytes sent in ``replies``; returns the nodes."""
-        idle = [n for n in sorted(grid.get_node_ids()) if n not in self.dispatched and n not in refused]
+        choice; not to nodes that failed this round); counts the bytes sent in ``replies``; returns the nodes.
+        With nothing in flight it first waits for nodes as a synchronous round does (federation.node_wait_timeout
+        in the first round, at most 10 s later)."""
+        fed = self.cfg.federation
+        nodes = sorted(grid.get_node_ids())
+        if not self.dispatched and len(nodes) < self.concurrency:
+            patience = fed.node_wait_timeout if rnd == self.first_round else min(fed.node_wait_timeout, 10.0)
+            nodes = connected_nodes(grid, self.concurrency, patience)
+        idle = [n for n in nodes if n not in self.dispatched and n not in refused]
         want = min(self.concurrency - len(self.dispatched), len(idle))
         if want <= 0:
             return []
         chosen = sorted(int(n) for n in self.rng.choice(idle, size=want, replace=False)) if want < len(idle) else idle
-        version, bound = rnd - 1, self.cfg.federation.max_staleness
+        version, bound = rnd - 1, fed.max_staleness
         contents = self._instructions(chosen, rnd)
         sizes = {id(c): protocol.record_bytes(c) for c in contents.values()}  # nodes share one content
         for node in chosen:
@@ -85,19 +110,16 @@ class BufferedServer(FederatedServer):
                 sizes[id(contents[node])] = protocol.record_bytes(contents[node])
             self.dispatched[node] = self.residual_version[node] = version
             replies.bytes_down += sizes[id(contents[node])]
-        grid.dispatch([Message(contents[n], n, protocol.TRAIN, group_id=str(rnd)) for n in chosen])
+        self.flights.dispatch([Message(contents[n], n, protocol.TRAIN, group_id=str(rnd)) for n in chosen])
         return chosen
 
-    def _gather(self, server_grid: Grid, rnd: int) -> tuple[list[int], RoundReplies]:
+    def _gather(self, grid: Grid, rnd: int) -> tuple[list[int], RoundReplies]:
         """Take replies in arrival order until K valid updates are in the buffer, refilling freed slots."""
-        grid: Any = server_grid  # a ClockedGrid (simulation/clocked.py): dispatch, next_reply, pending
-        if not hasattr(grid, "dispatch"):
-            raise ConfigError("federation.buffer_size (FedBuff) needs run.engine = 'inprocess' with devices.clock")
-        k, version = self.cfg.federation.buffer_size, rnd - 1
-        replies, refused, stale = RoundReplies(), set[int](), []
+        k, version, flights = self.cfg.federation.buffer_size, rnd - 1, self.flights
+        replies, refused = RoundReplies(), set[int]()
         sent = self._fill(grid, rnd, refused, replies)
         while len(replies.clients) < k:
-            reply = grid.next_reply()
+            reply = flights.next_reply()
             if reply is None:  # nothing left in flight: apply what arrived (the quorum guard decides)
                 break
             while True:
@@ -106,22 +128,23 @@ class BufferedServer(FederatedServer):
                 before = len(replies.clients)
                 replies.add(reply, self.uplink, self.layout, rnd, self.checks)
                 if len(replies.clients) > before:
-                    stale.append(version - start)
+                    replies.clients[-1] = replace(replies.clients[-1], staleness=version - start)
                 else:
                     refused.add(node)
-                if len(replies.clients) >= k or not _arrives_now(grid):
+                if len(replies.clients) >= k or not flights.arrives_now():
                     break
-                reply = grid.next_reply()
+                reply = flights.next_reply()
             if len(replies.clients) < k:
                 sent += self._fill(grid, rnd, refused, replies)
         if self.checks is not None:
             replies.sanity.update(screen_norms(replies, self.global_state, self.cfg.sanity, rnd))
         exponent = self.cfg.federation.staleness_exponent
-        taus = dict(zip([c.node for c in replies.clients], stale))
         replies.clients = [c if c.delta is None else replace(c, delta={
-            key: v * staleness_weight(taus[c.node], exponent) for key, v in c.delta.items()}) for c in replies.clients]
+            key: v * staleness_weight(c.staleness, exponent) for key, v in c.delta.items()}) for c in replies.clients]
+        stale = [c.staleness for c in replies.clients]
         self.async_row = {"staleness_mean": float(np.mean(stale)) if stale else None,
-                          "staleness_max": max(stale) if stale else None, "in_flight": len(self.dispatched)}
+                          "staleness_max": max(stale) if stale else None, "in_flight": len(self.dispatched),
+                          "buffered": [[c.node, _partition(c.metrics), c.staleness] for c in replies.clients]}
         return sent, replies
 
     def run_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
@@ -131,9 +154,9 @@ class BufferedServer(FederatedServer):
         return row
 
 
-def _arrives_now(grid: Any) -> bool:
-    """Whether the next reply in flight arrives at the clock's current time (taken in the same batch)."""
-    return bool(grid.pending) and grid.pending[0].finish <= grid.sim_time
+def _partition(metrics: dict[str, float]) -> int | None:
+    """The partition a reply says it trained on (validated by the sanity checks; absent under DP)."""
+    return int(metrics["partition-id"]) if "partition-id" in metrics else None
 
 
 def _with_reset(content: RecordDict) -> RecordDict:

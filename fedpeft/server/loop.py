@@ -60,6 +60,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def connected_nodes(grid: Grid, wanted: int, patience: float) -> list[int]:
+    """The connected nodes, sorted, once ``wanted`` are connected or after ``patience`` seconds (simulated
+    seconds on the virtual clock, whose grid waits by itself)."""
+    wait = getattr(grid, "wait_for_nodes", None)
+    if wait is not None:
+        return sorted(wait(wanted, patience))
+    deadline = time.time() + patience
+    nodes = sorted(grid.get_node_ids())
+    while len(nodes) < wanted and time.time() < deadline:
+        time.sleep(1.0)
+        nodes = sorted(grid.get_node_ids())
+    return nodes
+
+
 @dataclass(frozen=True)
 class ObservedUpdate:
     """One client's update exactly as the server decoded it, with what it was trained from (under SecAgg+
@@ -240,11 +254,7 @@ class FederatedServer:
         fed = self.cfg.federation
         wanted = fed.clients_per_round or self.cfg.data.num_clients
         patience = fed.node_wait_timeout if rnd == self.first_round else min(fed.node_wait_timeout, 10.0)
-        deadline = time.time() + patience
-        nodes = sorted(grid.get_node_ids())
-        while len(nodes) < wanted and time.time() < deadline:
-            time.sleep(1.0)
-            nodes = sorted(grid.get_node_ids())
+        nodes = connected_nodes(grid, wanted, patience)
         if len(nodes) < fed.min_clients:
             raise FedPeftError(f"only {len(nodes)} node(s) connected after {patience:.0f} s; "
                                f"federation.min_clients = {fed.min_clients}")

@@ -42,6 +42,7 @@ class ClientReply:
     weight: float
     metrics: dict[str, float]
     delta: AdapterState | None = None
+    staleness: int = 0  # FedBuff: server updates applied since the version it trained from
 
 
 @dataclass

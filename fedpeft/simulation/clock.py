@@ -9,6 +9,9 @@ one-way latency, availability, dropout), drawn once from seeded distributions (`
     + split-learning traffic (per step: one round trip, activations up, gradients down)
     + uplink latency + bytes_up * 8 / uplink rate / (1 - loss)           (the exact serialized reply)
 
+An :class:`Availability` trace (``devices.availability_trace``) switches clients off and on in simulated time:
+offline clients are not listed as connected, and a reply still in flight when its client goes off is lost.
+
 Randomness (device draws, availability, dropout) comes from generators keyed by the run seed and what they
 decide (client, round, stage), never from a shared stream, so the event log is the same for the same seed
 whatever order the engine asks in. The engine (:mod:`fedpeft.simulation.inprocess`) owns the clock's time;
@@ -22,6 +25,7 @@ import hashlib
 import json
 import math
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,8 @@ from fedpeft.errors import ConfigError
 
 DISTRIBUTIONS = {"fixed": 1, "uniform": 2, "lognormal": 2, "pareto": (1, 2)}  # name -> number of parameters
 PROFILE_COLUMNS = ("client", "slowdown", "uplink_mbps", "downlink_mbps", "latency_ms", "availability", "dropout")
+TRACE_COLUMNS = ("client", "start", "end", "on", "off", "phase")
+CLIENTS_FILE = "clients.jsonl"  # one line per message: the clock's events, or FedBuff's live flights
 EVAL_STEP_SHARE = 1 / 3  # a forward-only evaluation batch costs about a third of a training step
 
 
@@ -104,6 +110,10 @@ def check_config(cfg: Config) -> None:
     if cfg.devices.profiles and not Path(cfg.devices.profiles).expanduser().is_file():
         raise ConfigError(f"devices.profiles = {cfg.devices.profiles!r}: file not found (a CSV with columns "
                           f"{', '.join(PROFILE_COLUMNS)})")
+    if cfg.devices.availability_trace:
+        if not cfg.devices.clock:
+            raise ConfigError("devices.availability_trace is read by the virtual clock: set devices.clock = true")
+        read_trace(Path(cfg.devices.availability_trace).expanduser(), cfg.data.num_clients)  # refuse a bad file now
 
 
 def check_async(cfg: Config) -> None:
@@ -111,8 +121,9 @@ def check_async(cfg: Config) -> None:
     fed, n = cfg.federation, cfg.data.num_clients
     k = f"federation.buffer_size = {fed.buffer_size}"
     concurrency = fed.concurrency or fed.clients_per_round or n
-    if not cfg.devices.clock:
-        raise ConfigError(f"{k} (FedBuff) runs on the virtual clock: set devices.clock = true")
+    if cfg.run.engine != "inprocess":
+        raise ConfigError(f"{k} (FedBuff) in a simulation needs run.engine = 'inprocess' (with devices.clock for "
+                          f"heterogeneous devices; got {cfg.run.engine!r}); a deployment runs it on real time")
     if not fed.buffer_size <= concurrency <= n:
         raise ConfigError(f"{k} needs buffer_size <= federation.concurrency ({concurrency}) <= data.num_clients ({n})")
     if fed.min_clients > fed.buffer_size:
@@ -178,6 +189,78 @@ def read_profiles(path: Path, n: int) -> dict[int, dict[str, float]]:
     return rows
 
 
+@dataclass(frozen=True)
+class Availability:
+    """On/off traces (``devices.availability_trace``): per client, offline windows [start, end) in simulated
+    seconds and/or periodic cycles (online for ``on`` s, then offline for ``off`` s, counted from ``phase``).
+    A client is online when no window and no cycle says otherwise; a client without rows is always online."""
+
+    windows: dict[int, tuple[tuple[float, float], ...]]
+    cycles: dict[int, tuple[tuple[float, float, float], ...]]
+
+    def online(self, client: int, t: float) -> bool:
+        """Whether ``client`` is online at simulated time ``t``."""
+        if any(start <= t < end for start, end in self.windows.get(client, ())):
+            return False
+        return all((t - phase) % (on + off) < on for on, off, phase in self.cycles.get(client, ()))
+
+    def _changes(self, client: int, t0: float, t1: float) -> Iterator[float]:
+        """The times in (t0, t1] at which ``client``'s state may change, ascending."""
+        points = {p for window in self.windows.get(client, ()) for p in window if t0 < p <= t1}
+        for on, off, phase in self.cycles.get(client, ()):
+            period = on + off
+            begin = phase + math.floor((t0 - phase) / period) * period
+            while begin <= t1:
+                points.update(p for p in (begin, begin + on) if t0 < p <= t1)
+                begin += period
+        return iter(sorted(points))
+
+    def offline_from(self, client: int, t0: float, t1: float) -> float | None:
+        """The first time in [t0, t1) at which ``client`` is offline (None: online throughout)."""
+        if not self.online(client, t0):
+            return t0
+        return next((p for p in self._changes(client, t0, t1) if p < t1 and not self.online(client, p)), None)
+
+    def next_online(self, client: int, t0: float, t1: float) -> float | None:
+        """The first time in [t0, t1] at which ``client`` is online (None: offline throughout)."""
+        if self.online(client, t0):
+            return t0
+        return next((p for p in self._changes(client, t0, t1) if self.online(client, p)), None)
+
+
+def read_trace(path: Path, n: int) -> Availability:
+    """An availability trace CSV: ``client`` (0..n-1) and per row either ``start``, ``end`` (an offline window,
+    simulated seconds) or ``on``, ``off`` and optionally ``phase`` (a periodic cycle); raises ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"devices.availability_trace = {str(path)!r}: file not found (a CSV with columns client, "
+                          "start, end and/or on, off, phase)")
+    windows: dict[int, list[tuple[float, float]]] = {}
+    cycles: dict[int, list[tuple[float, float, float]]] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        names = set(reader.fieldnames or ())
+        if "client" not in names or names - set(TRACE_COLUMNS):
+            raise ConfigError(f"devices.availability_trace {path}: columns must be 'client' and start, end (offline "
+                              f"windows) and/or on, off, phase (cycles); got {reader.fieldnames}")
+        for line, raw in enumerate(reader, 2):
+            where = f"devices.availability_trace {path} line {line}"
+            try:
+                client = int(raw["client"])
+                v = {k: float(x) for k, x in raw.items() if k != "client" and x not in ("", None)}
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: not a number") from None
+            if not 0 <= client < n or not all(map(math.isfinite, v.values())):
+                raise ConfigError(f"{where}: client must be in 0..{n - 1} and times finite")
+            if set(v) == {"start", "end"} and 0 <= v["start"] < v["end"]:
+                windows.setdefault(client, []).append((v["start"], v["end"]))
+            elif set(v) - {"phase"} == {"on", "off"} and v["on"] > 0 and v["off"] > 0:
+                cycles.setdefault(client, []).append((v["on"], v["off"], v.get("phase", 0.0)))
+            else:
+                raise ConfigError(f"{where}: give start and end (0 <= start < end: offline from start to end) or "
+                                  "on and off (both > 0) with an optional phase (online for on s, then off for off s)")
+    return Availability({c: tuple(sorted(w)) for c, w in windows.items()}, {c: tuple(w) for c, w in cycles.items()})
+
+
 def transfer_seconds(nbytes: float, mbps: float, latency_s: float, loss: float) -> float:
     """One message: latency + serialization time at ``mbps``, stretched by retransmissions at ``loss``."""
     return latency_s + nbytes * 8 / (mbps * 1e6) / (1 - loss)
@@ -198,7 +281,7 @@ class Event:
     finish: float
     bytes_down: int
     bytes_up: int
-    status: str  # ok, late, unavailable, dropout
+    status: str  # ok, late, unavailable, dropout, offline
 
     def row(self) -> dict[str, Any]:
         """The JSON row, times rounded to the microsecond (the log is hashed: no float noise)."""

@@ -13,6 +13,10 @@ wait for replies:
 - :meth:`dispatch` and :meth:`next_reply` (buffered asynchronous FL): replies queue by arrival time and
   the server takes them one at a time, the clock moving to each arrival.
 
+With an availability trace only the clients online at ``sim_time`` are listed (:meth:`get_node_ids`), the
+server waits for clients in simulated time (:meth:`wait_for_nodes`), and a client that goes offline before
+its reply arrives answers "went offline" at that moment.
+
 Every message is one line of ``RUN/clients.jsonl`` (an :class:`~fedpeft.simulation.clock.Event`). The
 clock's time, the lines written and the replies still in flight are saved with the node states, so a
 resumed run continues on the same clock.
@@ -39,7 +43,7 @@ from fedpeft.simulation import clock
 from fedpeft.simulation.inprocess import NODE_ID_BASE, InProcessGrid
 from fedpeft.training import num_local_steps
 
-CLIENTS_FILE = "clients.jsonl"
+CLIENTS_FILE = clock.CLIENTS_FILE
 CLOCK_DIR = "clock"  # beside the node states in a checkpoint
 
 
@@ -72,12 +76,34 @@ class ClockedGrid(InProcessGrid):
         super().__init__(client_app, num_nodes, run_config, runtimes=runtimes)
         self.cfg = cfg
         self.devices = clock.devices_for(cfg, num_nodes)
+        trace = cfg.devices.availability_trace
+        self.trace = clock.read_trace(Path(trace).expanduser(), num_nodes) if trace else None
         self.sim_time = 0.0
         self.pending: list[Pending] = []
         self.seq = 0
         self.logged = 0
         self.log_path = Path(str(run_config["run-dir"])) / CLIENTS_FILE
         self._per_client: tuple[list[int], list[int], float] | None = None
+
+    # ---- who is online (devices.availability_trace) ---------------------------------------------
+    def get_node_ids(self) -> list[int]:
+        """The nodes online now: without a trace all of them, as a SuperLink lists its connected nodes."""
+        nodes = super().get_node_ids()
+        return list(nodes) if self.trace is None else [n for n in nodes if self.trace.online(n - NODE_ID_BASE,
+                                                                                             self.sim_time)]
+
+    def wait_for_nodes(self, wanted: int, patience: float) -> list[int]:
+        """Wait in simulated time, at most ``patience`` seconds, until ``wanted`` nodes are online; the nodes
+        online then (the clock moves to that moment, or to the end of the patience)."""
+        deadline = self.sim_time + patience
+        while len(nodes := self.get_node_ids()) < wanted and self.trace is not None:
+            trace, now = self.trace, self.sim_time
+            back = [t for i in range(self.num_nodes) if (t := trace.next_online(i, now, deadline)) is not None
+                    and t > now]
+            self.sim_time = min(back, default=deadline)
+            if not back:
+                return self.get_node_ids()
+        return nodes
 
     # ---- the time model ----------------------------------------------------------------------
     def _work_sizes(self) -> tuple[list[int], list[int], float]:
@@ -130,6 +156,7 @@ class ClockedGrid(InProcessGrid):
         down = clock.transfer_seconds(bytes_down, dev.downlink_mbps, dev.latency_s, loss)
         rng = clock.keyed_rng(seed, "presence", node, rnd, label)
         online, drop_at = rng.random() < dev.availability, rng.random()
+        online = online and (self.trace is None or self.trace.online(pid, self.sim_time))
         event = clock.Event(rnd, node, label, self.sim_time, 0.0, 0.0, 0.0, 0.0, self.sim_time, 0, 0, "ok")
         if not online:
             event.status, reply = "unavailable", Message(Error(code=0, reason="unavailable (virtual clock)"),
@@ -148,6 +175,10 @@ class ClockedGrid(InProcessGrid):
                 event.up_s = clock.transfer_seconds(event.bytes_up, dev.uplink_mbps, dev.latency_s, loss)
         event.bytes_down = bytes_down if online else 0
         event.finish = self.sim_time + event.down_s + event.compute_s + event.split_s + event.up_s
+        gone = None if self.trace is None or not online else self.trace.offline_from(pid, self.sim_time, event.finish)
+        if gone is not None:  # the trace takes it offline before its reply is in: the SuperLink answers for it
+            event.status, event.finish, event.bytes_up = "offline", gone, 0
+            reply = Message(Error(code=0, reason="went offline (virtual clock trace)"), reply_to=msg)
         self.seq += 1
         return Pending(event.finish, self.seq, event, reply)
 
@@ -183,10 +214,9 @@ class ClockedGrid(InProcessGrid):
         self._log(p.event)
         return p.reply
 
-    @property
-    def in_flight(self) -> list[int]:
-        """Nodes whose reply is still on its way."""
-        return [p.event.node for p in self.pending]
+    def arrives_now(self) -> bool:
+        """Whether the next reply in flight arrives at the current time (FedBuff takes such replies together)."""
+        return bool(self.pending) and self.pending[0].finish <= self.sim_time
 
     def _log(self, event: clock.Event) -> None:
         with open(self.log_path, "a") as f:
