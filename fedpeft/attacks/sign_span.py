@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fedpeft.attacks.observation import AttackResult, Observation, register_attack
+from fedpeft.attacks.observation import AttackResult, NotApplicable, Observation, register_attack
 from fedpeft.attacks.span import first_layer, update_pairs
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,11 @@ def run(obs: Observation, width: int = 24, floor: float = 0.01, rounds: str = "a
     regressions with one more input: the cost grows with the square of the picks).
     A learned-position model's single example comes back as a sequence (its picks in position order).
     (Adding the deeper layers' rows with approximate inputs, as ``span`` can, lowered the bag F1 on a tiny
-    LLaMA from 0.82 to 0.56: their signs are not explained by context-free inputs.)"""
+    LLaMA from 0.82 to 0.56: their signs are not explained by context-free inputs.)
+    Not applicable to a client whose public optimizer is not Adam-family (``obs.optimizer``)."""
+    if not obs.optimizer.lower().startswith("adam"):
+        raise NotApplicable(f"sign_span reads the update of an Adam(W) client; optimizer {obs.optimizer!r}: "
+                            "a plain SGD update keeps its magnitudes, which span reads exactly")
     group, cands, positional = first_layer(obs)
     signs = sign_rows(obs, group, cands.shape[-1], rounds)
     if signs.shape[0] == 0:
