@@ -1,11 +1,13 @@
 """Span attacks beyond the rank budget: LLaMA r = 8, later round, one SGD step, B = 4 and 16, 3 seeds.
 
-Usage: ``python benchmarks/bench_attack_budget.py [--batches 4,16] [--seeds 3] [--no-append]``
+Usage: ``python benchmarks/bench_attack_budget.py [--batches 4,16] [--seeds 3] [--text words|english] [--no-append]``
 
 Victims are built with plain transformers + peft (``tests/plain_victims.py::padded_victim``): a tiny random
 LLaMA (2 layers, hidden 64, RoPE), LoRA r = 8 on q/k/v (24 first-block rows), a trained global adapter,
 float32, one SGD step (lr 0.01, local − global rescaled by −1/lr) on a right-padded batch of WordPiece
-sentences (``[CLS] the <2-9 random words of a 40-word list> [SEP]``, 12 tokens). Bag-of-token F1 of
+sentences: ``--text words`` (``[CLS] the <2-9 random words of a 40-word list> [SEP]``, 12 tokens) or
+``--text english`` (B of the 50 hand-written sentences of ``plain_victims.ENGLISH``, 24 tokens: 14-22
+tokens each, then padding). Bag-of-token F1 of
 ``span`` against the unpadded tokens, for its cut rules: ``gap`` (the largest residual gap; nothing where
 there is no clear gap) and ``outlier`` (the gap, else the residuals' robust outliers), and its layers
 (``first``, ``all``: every layer's rows, context-free inputs past the first). Appends a dated section to
@@ -40,15 +42,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="4,16")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--text", default="words", choices=("words", "english"))
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
+    seq_len, what = (12, "WordPiece sentences of 12 tokens (words from a 40-word list)") if args.text == "words" \
+        else (24, "hand-written English WordPiece sentences (tests/plain_victims.py::ENGLISH), padded to 24 tokens")
     torch.set_num_threads(1)
     summary, rows = [], []
     for b in [int(v) for v in args.batches.split(",")]:
         f1s: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for seed in range(args.seeds):
-            obs, ids, mask = padded_victim(b, seed, arch="llama", r=8, text="words", seq_len=12, dtype=torch.float32,
-                                           sgd_lr=0.01)
+            obs, ids, mask = padded_victim(b, seed, arch="llama", r=8, text=args.text, seq_len=seq_len,
+                                           dtype=torch.float32, sgd_lr=0.01)
             truth = [t for row in unpadded(ids, mask) for t in row]
             for name, params in VARIANTS.items():
                 t0 = time.perf_counter()
@@ -60,13 +65,14 @@ def main() -> None:
         summary += [[b, name, f"{statistics.mean(v):.2f}", " / ".join(f"{x:.2f}" for x in v)]
                     for name, v in f1s.items()]
     body = ("Tiny random LLaMA (hidden 64), LoRA r = 8 on q/k/v, later round, one SGD step (lr 0.01, float32) on B "
-            "right-padded WordPiece sentences of 12 tokens (words from a 40-word list), victims built with plain "
+            f"right-padded {what}, victims built with plain "
             "transformers + peft (tests/plain_victims.py::padded_victim); span bag F1 per cut rule and layers.\n\n"
             + table(["B", "span cut, layers", "mean bag F1", "per seed"], summary)
             + "\n\n" + table(["B", "seed", "variant", "distinct tokens", "rows", "bag", "bag F1", "seconds"], rows))
     print(body)
     if not args.no_append:
-        append_results("Span beyond the rank budget: LLaMA r = 8, SGD x1, B = 4 / 16 (3 seeds)", body)
+        append_results(f"Span beyond the rank budget: LLaMA r = 8, SGD x1, B = {args.batches} ({args.seeds} seeds, "
+                       f"{args.text})", body)
 
 
 if __name__ == "__main__":

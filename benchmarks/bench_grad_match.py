@@ -10,6 +10,7 @@ client's batch is B natural English sentences (the first 12 tokens each, drawn p
 below); the observation is the single-step gradient of the causal-LM loss. Rows:
 
 * ``grad_match``: this suite's attack, defaults + the pretrained SmolLM2-135M as the discrete prior;
+* ``grad_match (span_layers=all)``: the same with the candidates ranked by every LoRA layer's span;
 * ``grad_match (old defaults)``: the attack as it was (60 iterations over the whole vocabulary, random
   init, no discrete phase);
 * ``TAG (reimpl.)``: Adam on dummy input embeddings and soft labels, L2 + alpha·L1 gradient distance,
@@ -43,31 +44,9 @@ from fedpeft.models import PACKAGED_MODELS, model_path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the independent victims live there
 from common import append_results, table  # noqa: E402
-from plain_victims import gpt2_lora_gradient  # noqa: E402
+from plain_victims import SENTENCES, gpt2_lora_gradient  # noqa: E402
 
 SEQ_LEN, RANK, PRIOR = 12, 8, "smollm2-135m"
-SENTENCES = [
-    "The old man walked slowly to the station every morning before the sun came up.",
-    "She found a small wooden box hidden under the stairs of her grandmother's house.",
-    "We should leave early tomorrow because the roads will be busy after the holiday.",
-    "The children laughed loudly when the dog jumped into the cold water of the lake.",
-    "My brother bought a new bicycle last week and rides it to work every day.",
-    "The weather was so warm that we decided to have lunch outside in the garden.",
-    "He forgot his keys at the office and had to wait for his wife to come home.",
-    "The teacher asked the students to read the first chapter of the book at home.",
-    "After the long meeting, everyone went to the small cafe across the street.",
-    "Please remember to close the windows before you go to bed tonight.",
-    "The doctor told him to drink more water and to sleep at least eight hours.",
-    "Our neighbours are planning a big party for their daughter's wedding in June.",
-    "The train was late again, so I missed the beginning of the concert.",
-    "They built a beautiful house near the river, far away from the noisy city.",
-    "I have never seen so many birds sitting on the roof of the old church.",
-    "The company will open a new office in the north of the country next year.",
-    "She cooked a delicious dinner for her friends and served fresh bread with it.",
-    "The little girl lost her red balloon in the park and started to cry.",
-    "When the storm ended, the farmers went out to look at their damaged fields.",
-    "You can find the best coffee in town at the corner shop near the bank.",
-]
 
 
 def tokenizer() -> AutoTokenizer:
@@ -106,6 +85,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--batches", default="1,2")
     ap.add_argument("--tag-iterations", type=int, default=300)
+    ap.add_argument("--methods", default="", help="comma-separated row names to run (default: all)")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -117,10 +97,14 @@ def main() -> None:
     assert all(len(e) == SEQ_LEN for e in encoded)
     methods = {
         "grad_match": lambda o, s: run_attack("grad_match", o, seed=s, prior=prior).bag,
+        "grad_match (span_layers=all)": lambda o, s: run_attack("grad_match", o, seed=s, prior=prior,
+                                                                span_layers="all").bag,
         "grad_match (old defaults)": lambda o, s: run_attack(
             "grad_match", o, seed=s, iterations=60, candidates="all", init_scale=0.0, patience=61, sweeps=0).bag,
         "TAG (reimpl.)": lambda o, s: tag(o, args.tag_iterations, seed=s),
     }
+    if args.methods:
+        methods = {name: methods[name] for name in args.methods.split(",")}
     rows, f1s = [], {}
     for b in [int(v) for v in args.batches.split(",")]:
         for seed in range(args.seeds):

@@ -37,6 +37,64 @@ PAD, BOS, EOS = 0, 1, 2
 WORDS = ("the cat sat on a mat and my dog ran to the park with his red ball . my name is john , my card number "
          "and bank pin code are secret . we met at noon").split()
 
+#: 20 hand-written English sentences (the grad_match and AdamW benchmarks' text)
+SENTENCES = [
+    "The old man walked slowly to the station every morning before the sun came up.",
+    "She found a small wooden box hidden under the stairs of her grandmother's house.",
+    "We should leave early tomorrow because the roads will be busy after the holiday.",
+    "The children laughed loudly when the dog jumped into the cold water of the lake.",
+    "My brother bought a new bicycle last week and rides it to work every day.",
+    "The weather was so warm that we decided to have lunch outside in the garden.",
+    "He forgot his keys at the office and had to wait for his wife to come home.",
+    "The teacher asked the students to read the first chapter of the book at home.",
+    "After the long meeting, everyone went to the small cafe across the street.",
+    "Please remember to close the windows before you go to bed tonight.",
+    "The doctor told him to drink more water and to sleep at least eight hours.",
+    "Our neighbours are planning a big party for their daughter's wedding in June.",
+    "The train was late again, so I missed the beginning of the concert.",
+    "They built a beautiful house near the river, far away from the noisy city.",
+    "I have never seen so many birds sitting on the roof of the old church.",
+    "The company will open a new office in the north of the country next year.",
+    "She cooked a delicious dinner for her friends and served fresh bread with it.",
+    "The little girl lost her red balloon in the park and started to cry.",
+    "When the storm ended, the farmers went out to look at their damaged fields.",
+    "You can find the best coffee in town at the corner shop near the bank.",
+]
+#: 30 more hand-written sentences: with SENTENCES, the 50 of ``english_batch``
+MORE_SENTENCES = [
+    "The museum closes at six, but the garden stays open until the evening.",
+    "He wrote a long letter to his sister and posted it on his way to school.",
+    "Nobody expected the small team from the village to win the final match.",
+    "The baker wakes up at four every morning to prepare bread for the market.",
+    "Her favourite book tells the story of a sailor who crossed the ocean alone.",
+    "We watched the fireworks from the hill behind our house on new year's eve.",
+    "The nurse checked the patient's temperature twice during the night.",
+    "Every summer the family drives to the mountains to visit their cousins.",
+    "The printer in the library has not worked properly for three days.",
+    "My grandfather planted these apple trees when he was a young man.",
+    "The students were nervous before the exam, but most of them passed easily.",
+    "A strong wind blew the leaves across the road and into the river.",
+    "She learned to play the piano when she was only five years old.",
+    "The restaurant on the main square serves the best soup in the city.",
+    "Please send me the report before lunch so that I can read it carefully.",
+    "The old bridge was closed last month because it was no longer safe.",
+    "Our cat sleeps on the warm windowsill for most of the afternoon.",
+    "The pilot announced that the plane would land twenty minutes early.",
+    "They spent the whole weekend painting the walls of their new kitchen.",
+    "The market sells fresh fish, vegetables and flowers every saturday.",
+    "I could not find my umbrella, so I got completely wet on the way home.",
+    "The scientist explained her discovery to a room full of curious children.",
+    "After dinner we played cards and talked about our plans for the holidays.",
+    "The bus driver waited patiently while the old woman climbed the steps.",
+    "His new job starts next monday at a bank in the centre of town.",
+    "The football stadium was full of fans singing and waving their flags.",
+    "She keeps her grandmother's recipes in a small notebook in the kitchen.",
+    "The hotel room had a beautiful view of the harbour and the boats.",
+    "We need to buy milk, eggs and a loaf of bread on the way back.",
+    "The concert in the park was cancelled because of the heavy rain.",
+]
+ENGLISH = SENTENCES + MORE_SENTENCES  #: the 50 hand-written sentences of ``english_batch``
+
 
 @functools.cache
 def wordpiece() -> PreTrainedTokenizerBase:
@@ -90,6 +148,17 @@ def word_batch(batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, 
     return enc["input_ids"], enc["attention_mask"]
 
 
+def english_batch(batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` distinct sentences of :data:`ENGLISH` (seeded draw), WordPiece-tokenized ([CLS] ...
+    [SEP], cut at ``seq_len``), right-padded to ``seq_len``: token ids and attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(ENGLISH), generator=g)[:batch_size].tolist()
+    tok = wordpiece()
+    rows = [tok(ENGLISH[i], truncation=True, max_length=seq_len)["input_ids"] for i in picks]
+    enc = tok.pad({"input_ids": rows}, padding="max_length", max_length=seq_len, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
 def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, vocab: int = 300,
                   hidden: int = 64, seq_len: int = 12, eos: bool = True, dtype: torch.dtype = torch.float64,
                   text: str = "random",
@@ -97,10 +166,11 @@ def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, 
     """One client's single-step gradient on a padded batch, in a later round (LoRA B ≠ 0): the server's
     Observation, the true token ids and the attention mask (ground truth, for the metrics only).
 
-    ``text``: "random" (ids below ``vocab``, ending in EOS if ``eos``) or "words" (:func:`word_batch`;
-    the vocabulary is the tokenizer's). ``sgd_lr``: the client sends one SGD step, local − global in the
-    model's dtype (rounding included), which the server rescales by −1/lr to the gradient."""
-    if text == "words":
+    ``text``: "random" (ids below ``vocab``, ending in EOS if ``eos``), "words" (:func:`word_batch`) or
+    "english" (:func:`english_batch`; both: the vocabulary is the WordPiece tokenizer's). ``sgd_lr``: the
+    client sends one SGD step, local − global in the model's dtype (rounding included), which the server
+    rescales by −1/lr to the gradient."""
+    if text in ("words", "english"):
         vocab = len(wordpiece())
     targets = ["q_proj", "k_proj", "v_proj"] if arch == "llama" else ["c_attn"]
     lora = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
@@ -112,7 +182,8 @@ def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, 
         for p in params.values():
             p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     global_state = {n: p.detach().clone() for n, p in params.items()}
-    ids, mask = word_batch(batch_size, seq_len, seed) if text == "words" else \
+    batches = {"words": word_batch, "english": english_batch}
+    ids, mask = batches[text](batch_size, seq_len, seed) if text in batches else \
         padded_batch(batch_size, seq_len, seed, vocab, eos=eos)
     labels = ids.masked_fill(mask == 0, -100)
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss

@@ -135,7 +135,11 @@ def test_subspace_ranking_survives_ternary_compression_and_adam() -> None:
 
 @pytest.mark.parametrize("name", ATTACKS.names())
 def test_every_registered_attack_runs_on_the_tiny_model(name: str) -> None:
-    obs, truth = make_victim(batch_size=1, seed=0, r=8)
+    adam = {"steps": 3, "optimizer": "adam", "lr": 1e-3} if name == "sign_span" else {}  # Adam(W) clients only
+    obs, truth = make_victim(batch_size=1, seed=0, r=8, **adam)
+    if name == "sign_span":
+        with pytest.raises(NotApplicable):
+            run_attack(name, make_victim(batch_size=1, seed=0, r=8)[0])  # plain SGD: span's case
     if name == "smashed":  # attacks split-learning activations, not adapter updates (tests/test_attacks_smashed.py)
         with pytest.raises(NotApplicable):
             run_attack(name, obs)

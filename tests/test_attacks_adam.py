@@ -14,7 +14,7 @@ from plain_victims import adamw_victim, wordpiece
 
 from fedpeft.attacks import run_attack
 from fedpeft.attacks.metrics import token_prf
-from fedpeft.attacks.sign_span import logistic_fit, pursuit
+from fedpeft.attacks.sign_span import logistic_fit, pursuit, soft_sign_fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SENTENCE = "She found a small wooden box hidden under the stairs of her grandmother's house."
@@ -48,3 +48,31 @@ def test_sign_span_reads_a_sentence_through_five_adamw_steps(later: bool) -> Non
     subspace = token_prf(run_attack("subspace_opt", obs).bag, truth)["f1"]
     assert new >= 0.75, new
     assert span < 0.1 and subspace < 0.55, (span, subspace)
+
+
+def test_soft_sign_fit_reads_margins_the_signs_do_not_show() -> None:
+    """Soft signs tanh(X u) of 5 inputs (d = 48): the least-squares fit on the true inputs reproduces them,
+    one wrong input fits much worse, and the magnitude pursuit picks exactly the 5."""
+    g = torch.Generator().manual_seed(1)
+    cands = torch.randn(1, 400, 48, generator=g, dtype=torch.float64)
+    truth = [7, 60, 111, 250, 333]
+    x = cands[0, truth] / cands[0, truth].norm(dim=-1, keepdim=True)
+    y = torch.tanh(torch.randn(12, 5, generator=g, dtype=torch.float64) @ x)
+    margins, _, loss = soft_sign_fit(x, y)
+    assert float((torch.tanh(margins) - y).abs().max()) < 5e-3  # the loss is then mostly the ridge term
+    wrong = cands[0, [7, 60, 111, 250, 334]] / cands[0, [7, 60, 111, 250, 334]].norm(dim=-1, keepdim=True)
+    assert soft_sign_fit(wrong, y)[2] > 100 * loss
+    picks, _, _ = pursuit(y, cands, per_position=400, max_picks=10, fit="magnitude")
+    assert sorted(v for _, v in picks) == truth
+
+
+def test_magnitudes_read_more_of_a_later_round_sentence_than_the_signs() -> None:
+    """Later round, five AdamW steps: the soft-sign fit (default) reads more of the sentence than the
+    logistic pursuit on the signs alone (the attack as first measured)."""
+    tok = wordpiece()
+    ids = torch.tensor([tok(SENTENCE)["input_ids"][:16]])
+    obs = adamw_victim("llama", 1, ids, later=True)
+    truth = ids[0].tolist()
+    new = token_prf(run_attack("sign_span", obs).bag, truth)["f1"]
+    old = token_prf(run_attack("sign_span", obs, fit="sign").bag, truth)["f1"]
+    assert new >= 0.9 and new >= old + 0.03, (new, old)

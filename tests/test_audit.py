@@ -107,3 +107,17 @@ def test_audit_cli_bad_grid_exits_2_without_output(tmp_path: Path, capsys: pytes
     code = cli.main(["audit", str(SCENARIO), "--set", f'output.dir="{tmp_path}"', "--grid", "size=1"])
     assert code == 2
     assert not any(tmp_path.iterdir())
+
+
+def test_default_attacks_read_adam_clients_with_sign_span(tmp_path: Path) -> None:
+    """The default attacks include ``sign_span``: on five AdamW steps it runs and reads most of the sentence
+    (the cell's verdict counts it); on SGD it is skipped (not applicable) and span reads the update."""
+    default = json.dumps(config.AuditSection().attacks)
+    cfg, cells = audit.check(_cfg(tmp_path, f"audit.attacks={default}"),
+                             ["batch_size=1", "round=later", "codec=none", "dp=none", "steps=5",
+                              "optimizer=adamw,sgd"])
+    rows = {r["optimizer"]: r for r in (audit.run_cell(cfg, c) for c in cells)}
+    adam, sgd = rows["adamw"], rows["sgd"]
+    assert adam["per_attack"]["sign_span"]["token_f1"] >= 0.75, adam["per_attack"]
+    assert adam["token_f1"] >= adam["per_attack"]["sign_span"]["token_f1"]
+    assert "sign_span" not in sgd["per_attack"] and "span" in sgd["per_attack"]
