@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     _scenario_args(sim)
     sim.add_argument("--engine", choices=list(ENGINES), help="override run.engine")
     sim.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    sim.add_argument("-q", "--quiet", action="store_true",
+                     help="no progress (spinner, per-client step lines, per-round lines); the summary still prints")
     cmp = sub.add_parser("compare-compression", help="run a scenario once per codec and compare bytes and accuracy")
     _scenario_args(cmp)
     cmp.add_argument("--codecs", help="comma-separated codec specs, e.g. none,fp16,int8,topk:0.1,compeft:0.1 "
