@@ -555,8 +555,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def packaged_scenarios() -> dict[str, Any]:
     """name -> file of the scenarios shipped inside the package (the repository's simulations/)."""
     from importlib.resources import files
+    from importlib.resources.abc import Traversable
 
-    folder = files("fedpeft").joinpath("scenarios")
+    folder: Traversable = files("fedpeft").joinpath("scenarios")
+    if not folder.is_dir():  # a Flower App bundle (`flwr run .`) copies simulations/ but not the link to it
+        folder = Path(__file__).resolve().parent.parent / "simulations"
     return {f.name.removesuffix(".toml"): f for f in folder.iterdir() if f.name.endswith(".toml")} \
         if folder.is_dir() else {}
 
