@@ -193,6 +193,9 @@ class FederationSection:
                                                "learning rate, a backdoor defence; 0 = off)")
     round_timeout: float = option(0.0, lo=0.0, help="seconds to wait for replies (0 = no limit)")
     node_wait_timeout: float = option(120.0, lo=0.0, help="seconds to wait for enough nodes to connect")
+    poll_interval: float = option(0.2, lo=0.01, help="deployment: seconds between the ServerApp's pulls of replies "
+                                                    "from the SuperLink (Flower 1.41's own: 3; >= 3 keeps "
+                                                    "Flower's; docs/performance.md)")
     eval_every: int = option(1, lo=1, help="evaluation every N rounds (and always the last)")
     evaluation: str = option("server", choices=("server", "federated", "both"),
                              help="server = on the server's held-out set; federated = each client on its own "
