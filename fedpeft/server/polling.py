@@ -13,42 +13,25 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
+
+from fedpeft.server.delegating import DelegatingGrid
 
 FLOWER_POLL_INTERVAL = 3.0  # flwr 1.41: HttpGrid.send_and_receive sleeps this long between pulls
 
 
-class PollingGrid(Grid):
+class PollingGrid(DelegatingGrid):
     """Delegates to a deployment's Grid; :meth:`send_and_receive` pulls replies every ``interval`` seconds."""
 
     def __init__(self, inner: Grid, interval: float) -> None:
-        self.inner, self.interval = inner, interval
+        super().__init__(inner)
+        self.interval = interval
 
     def __getattr__(self, name: str) -> Any:  # anything else the inner grid offers
         if name == "inner":  # not set yet (a copy being built): no recursion
             raise AttributeError(name)
         return getattr(self.inner, name)
-
-    def set_run(self, run: Any) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self.inner.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``, then pull until every reply is in or ``timeout`` seconds have passed (Flower's
