@@ -87,6 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--polling", action="store_true", help="warm nodes: Flower's 3 s polling vs fedpeft's")
+    ap.add_argument("--node-poll", type=float, default=0.5, help="fedpeft node --poll-interval (default 0.5)")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
@@ -102,8 +103,9 @@ def main() -> None:
     results = [summarize("in-process engine", local_rows, local_wall, None)]
     # (name, warm, ServerApp poll s, SuperNode poll s)
     variants = ([("warm, Flower's polling (3 s / 3 s)", True, 3.0, 3.0),
-                 ("warm, fedpeft's polling (0.2 s / 0.5 s)", True, 0.2, 0.5)] if args.polling else
-                [("cold clients", False, 0.2, 0.5), ("warm clients", True, 0.2, 0.5)])
+                 (f"warm, fedpeft's polling (0.2 s / {args.node_poll:g} s)", True, 0.2, args.node_poll)]
+                if args.polling else
+                [("cold clients", False, 0.2, args.node_poll), ("warm clients", True, 0.2, args.node_poll)])
     for i, (name, warm, server_poll, node_poll) in enumerate(variants):
         run_cfg = config.load(None, [*sets, f"federation.poll_interval={server_poll}"])
         rows, wall = deployed(run_cfg, root / f"v{i}", warm, node_poll)
