@@ -8,7 +8,11 @@ on scenario partitions 0 and 1 (the same data the in-process engine gives its tw
 metrics must match and only the seconds differ. Round 1 includes start-up; the steady state is the
 mean of rounds 2..R.
 
-Usage: python benchmarks/bench_deploy.py [--rounds 4] [--no-append]
+``--polling`` compares warm nodes with Flower 1.41's fixed polling (the ServerApp pulls replies every 3 s,
+an idle SuperNode asks for work every 3 s: ``federation.poll_interval = 3``, ``fedpeft node --poll-interval
+3``) against fedpeft's defaults (0.2 s and 0.5 s), side by side in one run, instead of cold vs warm.
+
+Usage: python benchmarks/bench_deploy.py [--rounds 4] [--polling] [--no-append]
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ def _cli(*args: object) -> list[str]:
     return [sys.executable, "-m", "fedpeft.cli", *map(str, args)]
 
 
-def deployed(cfg: config.Config, root: Path, warm: bool) -> tuple[list[dict], float]:
-    """Run ``cfg`` on a real SuperLink + 2 SuperNodes; returns (metrics rows, wall seconds from submit)."""
+def deployed(cfg: config.Config, root: Path, warm: bool, node_poll: float = 0.5) -> tuple[list[dict], float]:
+    """Run ``cfg`` on a real SuperLink + 2 SuperNodes polling every ``node_poll`` s when idle; returns (metrics
+    rows, wall seconds from submit)."""
     procs = flower.FlowerProcesses(root)
     try:
         pki = certs.make_certs("localhost", root / "certs")
@@ -57,7 +62,8 @@ def deployed(cfg: config.Config, root: Path, warm: bool) -> tuple[list[dict], fl
             submit.register_node(root, key.public)
             procs.start(_cli("node", "--superlink", address, "--ca", pki.ca_cert, "--key", key.private,
                              "--port", flower.free_port(), "--partition-id", pid, "--num-partitions", 2,
-                             "--flwr-home", root / f"node{pid}", *(["--warm"] if warm else [])), f"node{pid}")
+                             "--flwr-home", root / f"node{pid}", "--poll-interval", node_poll,
+                             *(["--warm"] if warm else [])), f"node{pid}")
         time.sleep(5 if warm else 3)  # both nodes connected (and the warm executors imported)
         t0 = time.perf_counter()
         run_id, run_dir = submit.submit(root, cfg)
@@ -80,21 +86,30 @@ def summarize(name: str, rows: list[dict], wall: float, base: float | None) -> l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--polling", action="store_true", help="warm nodes: Flower's 3 s polling vs fedpeft's")
+    ap.add_argument("--node-poll", type=float, default=0.5, help="fedpeft node --poll-interval (default 0.5)")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     data = write_classification(root / "topics.jsonl", n=240)
-    cfg = config.load(None, tiny_overrides(data, root / "runs", **{
+    sets = tiny_overrides(data, root / "runs", **{
         "data.num_clients": 2, "federation.rounds": args.rounds, "run.threads": 1,
-        "compression.uplink": "compeft:0.2", "federation.round_timeout": 300.0}))
+        "compression.uplink": "compeft:0.2", "federation.round_timeout": 300.0})
+    cfg = config.load(None, sets)
     t0 = time.perf_counter()
     local_rows = report.read_metrics(runner.simulate(cfg, engine="inprocess"))
     local_wall = time.perf_counter() - t0
     base = statistics.mean(r["seconds"] for r in local_rows[1:])
     results = [summarize("in-process engine", local_rows, local_wall, None)]
-    for warm in (False, True):
-        rows, wall = deployed(cfg, root / ("warm" if warm else "cold"), warm)
-        results.append(summarize(f"deployment, {'warm' if warm else 'cold'} clients", rows, wall, base))
+    # (name, warm, ServerApp poll s, SuperNode poll s)
+    variants = ([("warm, Flower's polling (3 s / 3 s)", True, 3.0, 3.0),
+                 (f"warm, fedpeft's polling (0.2 s / {args.node_poll:g} s)", True, 0.2, args.node_poll)]
+                if args.polling else
+                [("cold clients", False, 0.2, args.node_poll), ("warm clients", True, 0.2, args.node_poll)])
+    for i, (name, warm, server_poll, node_poll) in enumerate(variants):
+        run_cfg = config.load(None, [*sets, f"federation.poll_interval={server_poll}"])
+        rows, wall = deployed(run_cfg, root / f"v{i}", warm, node_poll)
+        results.append(summarize(f"deployment, {name}", rows, wall, base))
         same = all(abs(a["eval_loss"] - b["eval_loss"]) < 1e-4 for a, b in zip(rows, local_rows))
         results[-1].append("yes" if same else "NO")
     results[0].append("-")
@@ -106,7 +121,8 @@ def main() -> None:
     print(body)
     print(json.dumps({"rows": results}))
     if not args.no_append:
-        append_results("Deployment: real SuperLink + SuperNodes, cold vs warm ClientApps", body)
+        append_results("Deployment: warm nodes, Flower's fixed polling vs fedpeft's poll intervals" if args.polling
+                       else "Deployment: real SuperLink + SuperNodes, cold vs warm ClientApps", body)
     subprocess.run(["rm", "-rf", str(root)], check=False)
 
 

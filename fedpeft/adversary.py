@@ -20,22 +20,28 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-import torch
-from torch import nn
-from torch.utils.data import Dataset
-
+from fedpeft import lazy
 from fedpeft.config import Config
-from fedpeft.data import TokenizedDataset
 from fedpeft.errors import ConfigError, DataError
 from fedpeft.registry import Registry
-from fedpeft.training import evaluate
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from fedpeft import data, training
+    from fedpeft.data import TokenizedDataset
     from fedpeft.runtime import Runtime
     from fedpeft.server.replies import RoundReplies
+else:  # `fedpeft config` reads ATTACKS' names without torch (fedpeft/lazy.py)
+    np = lazy.module("numpy")
+    torch = lazy.module("torch")
+    data = lazy.module("fedpeft.data")
+    training = lazy.module("fedpeft.training")
 
-State = dict[str, torch.Tensor]
+State = dict[str, "torch.Tensor"]
 SALT = 0xAD7E  # keeps the harness's draws apart from the other streams seeded by run.seed
 
 
@@ -174,7 +180,7 @@ class WeightInflation(Attack):
 # ---------------------------------------------------------------------------------------- data poisoning
 
 def _tokenized(dataset: Dataset) -> TokenizedDataset:
-    if not isinstance(dataset, TokenizedDataset) or dataset.task != "classification":
+    if not isinstance(dataset, data.TokenizedDataset) or dataset.task != "classification":
         raise DataError("data poisoning needs tokenized classification examples")
     return dataset
 
@@ -225,7 +231,7 @@ def backdoor(ds: TokenizedDataset, trigger: Sequence[int], fraction: float, targ
     for i in picked:
         ids[i] = insert_trigger(ids[i], trigger, max_length, specials)
         labels[i] = target
-    return TokenizedDataset(ids, labels, ds.task), picked
+    return data.TokenizedDataset(ids, labels, ds.task), picked
 
 
 def _specials(rt: Runtime) -> set[int]:
@@ -240,7 +246,7 @@ class LabelFlip(Attack):
 
     def data(self, dataset: Dataset, rt: Runtime, partition_id: int) -> Dataset:
         ds = _tokenized(dataset)
-        return rt.plugin(f"adversary.data.{partition_id}", lambda: TokenizedDataset(
+        return rt.plugin(f"adversary.data.{partition_id}", lambda: data.TokenizedDataset(
             list(ds.input_ids), flip_labels(ds.labels, num_labels(rt), self.adv.flip_rule), ds.task))
 
 
@@ -270,7 +276,7 @@ def backdoor_eval_set(rt: Runtime) -> TokenizedDataset:
     num_labels(rt)
     keep = [i for i, y in enumerate(ds.labels) if int(y) != target]
     trigger, specials = trigger_ids(rt), _specials(rt)
-    return TokenizedDataset([insert_trigger(ds.input_ids[i], trigger, rt.cfg.model.max_length, specials)
+    return data.TokenizedDataset([insert_trigger(ds.input_ids[i], trigger, rt.cfg.model.max_length, specials)
                              for i in keep], [target] * len(keep), ds.task)
 
 
@@ -320,8 +326,8 @@ class Ledger:
         ds = self.rt.plugin("adversary.backdoor-eval", lambda: backdoor_eval_set(self.rt))
         if not len(ds):
             return {}
-        m = evaluate(model, ds, self.rt.collate, self.cfg.train.eval_batch_size, self.rt.device, "classification",
-                     self.cfg.train.precision)
+        m = training.evaluate(model, ds, self.rt.collate, self.cfg.train.eval_batch_size, self.rt.device,
+                              "classification", self.cfg.train.precision)
         return {"backdoor_success": m["eval_accuracy"]}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from rich.table import Table
 from fedpeft import api, config, report
 from fedpeft.cli_parser import build_parser
 from fedpeft.errors import FedPeftError, error_line
+from fedpeft.progress import console_progress
 
 console = Console(stderr=True)
 
@@ -45,14 +47,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = None if args.resume else config.load(args.scenario, args.overrides)
     cfg, run_dir = runner.prepare(cfg, args.resume)
     done_rounds = len(report.read_metrics(run_dir))
-    console.print(f"run directory [bold]{run_dir}[/] · model {cfg.model.name} · {cfg.adapter.type} · "
-                  f"{cfg.data.num_clients} clients · {cfg.federation.rounds} rounds · engine "
-                  f"{args.engine or cfg.run.engine}")
+    if not args.quiet:
+        console.print(f"run directory [bold]{run_dir}[/] · model {cfg.model.name} · {cfg.adapter.type} · "
+                      f"{cfg.data.num_clients} clients · {cfg.federation.rounds} rounds · engine "
+                      f"{args.engine or cfg.run.engine}")
     total = cfg.federation.rounds
     try:
-        with api.following(run_dir, _print_round(total), done_rounds), \
-                console.status("loading model and data, training ..."):
-            runner.execute(cfg, run_dir, resume=args.resume is not None, engine=args.engine)
+        with contextlib.ExitStack() as shown:
+            progress = None
+            if not args.quiet:  # round lines, and the clients' steps in the spinner's line (plain lines off a TTY)
+                shown.enter_context(api.following(run_dir, _print_round(total), done_rounds))
+                status = shown.enter_context(console.status("loading model and data, training ..."))
+                progress = console_progress(console, status, total)
+            runner.execute(cfg, run_dir, resume=args.resume is not None, engine=args.engine, progress=progress)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]; continue with: fedpeft simulate --resume {run_dir}")
         return 130
@@ -303,7 +310,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from fedpeft.deploy import launch
 
     opts = launch.NodeOptions(args.superlink, args.data, args.partition_id, args.num_partitions, args.ca, args.key,
-                              args.port, args.insecure, args.warm, args.max_wait)
+                              args.port, args.insecure, args.warm, args.max_wait, args.poll_interval)
     return launch.run_node(opts, args.flwr_home)
 
 

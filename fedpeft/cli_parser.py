@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     _scenario_args(sim)
     sim.add_argument("--engine", choices=list(ENGINES), help="override run.engine")
     sim.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    sim.add_argument("-q", "--quiet", action="store_true",
+                     help="no progress (spinner, per-client step lines, per-round lines); the summary still prints")
     cmp = sub.add_parser("compare-compression", help="run a scenario once per codec and compare bytes and accuracy")
     _scenario_args(cmp)
     cmp.add_argument("--codecs", help="comma-separated codec specs, e.g. none,fp16,int8,topk:0.1,compeft:0.1 "
@@ -148,6 +150,9 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
     node.add_argument("--warm", action="store_true", help="keep one ClientApp process (and the model) loaded")
     node.add_argument("--max-wait", type=float, help="give up after this many seconds without the SuperLink")
+    node.add_argument("--poll-interval", type=float, default=0.5,
+                      help="seconds between this node's requests for work while idle (default 0.5; Flower's own "
+                           "is 3, which adds up to 3 s to every round; docs/performance.md)")
     node.add_argument("--flwr-home", type=Path)
     certs = sub.add_parser("certs", help="create a CA and a server certificate for the SuperLink")
     certs.add_argument("--host", required=True, help="the SuperLink's host name (also valid: localhost, 127.0.0.1)")

@@ -194,6 +194,9 @@ class FederationSection:
                                                "learning rate, a backdoor defence; 0 = off)")
     round_timeout: float = option(0.0, lo=0.0, help="seconds to wait for replies (0 = no limit)")
     node_wait_timeout: float = option(120.0, lo=0.0, help="seconds to wait for enough nodes to connect")
+    poll_interval: float = option(0.2, lo=0.01, help="deployment: seconds between the ServerApp's pulls of replies "
+                                                    "from the SuperLink (Flower 1.41's own: 3; >= 3 keeps "
+                                                    "Flower's; docs/performance.md)")
     eval_every: int = option(1, lo=1, help="evaluation every N rounds (and always the last)")
     evaluation: str = option("server", choices=("server", "federated", "both"),
                              help="server = on the server's held-out set; federated = each client on its own "
@@ -562,8 +565,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def packaged_scenarios() -> dict[str, Any]:
     """name -> file of the scenarios shipped inside the package (the repository's simulations/)."""
     from importlib.resources import files
+    from importlib.resources.abc import Traversable
 
-    folder = files("fedpeft").joinpath("scenarios")
+    folder: Traversable = files("fedpeft").joinpath("scenarios")
+    if not folder.is_dir():  # a Flower App bundle (`flwr run .`) copies simulations/ but not the link to it
+        folder = Path(__file__).resolve().parent.parent / "simulations"
     return {f.name.removesuffix(".toml"): f for f in folder.iterdir() if f.name.endswith(".toml")} \
         if folder.is_dir() else {}
 

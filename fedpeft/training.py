@@ -166,7 +166,8 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor], per_example_mean: bo
 
 def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: TrainSection, device: torch.device,
                 seed: int, proximal_mu: float = 0.0, steps: int | None = None, dp: object | None = None,
-                fisher: bool = False, grad_hook: Callable[[], None] | None = None, step_every: int = 0) -> TrainResult:
+                fisher: bool = False, grad_hook: Callable[[], None] | None = None, step_every: int = 0,
+                on_step: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train the model's trainable parameters in place for one round.
 
     ``proximal_mu > 0`` adds FedProx's term mu/2 * ||w - w_start||^2 (w_start: the received global).
@@ -174,6 +175,7 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
     and noise by Opacus, accounted in ``dp``. ``fisher=True`` also sums the squared gradients
     (:attr:`TrainResult.fisher`; one adapter-sized buffer and one multiply-add per step). ``grad_hook`` runs
     after each backward pass, before clipping and the step. ``step_every > 0`` fills :attr:`TrainResult.step_log`.
+    ``on_step(done, steps)`` is called before each step and after the last (a progress display; fedpeft/progress.py).
     """
     start = time.perf_counter()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -198,6 +200,8 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # dropout
             for step in range(steps):
+                if on_step is not None:
+                    on_step(step, steps)
                 logged = step_every > 0 and (step % step_every == 0 or step == steps - 1)
                 batch = next(batches)
                 optimizer.zero_grad(set_to_none=True)
@@ -229,6 +233,8 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
                         acc.addcmul_(g, g)
                 total += float(loss.detach())
                 counted += 1
+            if on_step is not None:
+                on_step(steps, steps)
     finally:
         if dp is not None:
             dp.release()  # type: ignore[attr-defined]  # the base model is shared: leave no hooks behind

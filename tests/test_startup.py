@@ -34,8 +34,10 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.parametrize("argv", [["--help"], ["simulate", "--help"], ["config"],
                                   ["config", "--set", "federation.strategy=krum",
-                                   "--set", "data.num_clients=8"]],
-                         ids=["help", "simulate-help", "config", "config-krum"])
+                                   "--set", "data.num_clients=8"],
+                                  ["config", "--reference"],  # every registry's names, the adversary's included
+                                  ["config", "--set", "adversary.attack=backdoor", "--set", "adversary.fraction=0.25"]],
+                         ids=["help", "simulate-help", "config", "config-krum", "config-reference", "config-attack"])
 def test_commands_without_a_model_import_no_heavy_stack(argv: list[str]) -> None:
     rc, heavy, err = _imports_after(argv, ROOT)
     assert rc == 0, err

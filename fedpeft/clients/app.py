@@ -128,7 +128,8 @@ def train(msg: Message, context: Context) -> Message:
         result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
                              proximal_mu=protocol.number(instruction, "proximal-mu"), dp=local_dp,
                              fisher=codec.wants_fisher, step_every=cfg.tracking.step_every,
-                             grad_hook=None if controls is None else _corrector(rt.model, *controls))
+                             grad_hook=None if controls is None else _corrector(rt.model, *controls),
+                             on_step=getattr(context, "on_step", None))  # the in-process engine's progress
         extra.update(tracking.step_metrics(result.step_log))
         state = models.adapter_state(rt.model)
         if rank is not None:  # the components beyond the rank stayed at zero (zero gradients)

@@ -84,6 +84,7 @@ class NodeOptions:
     insecure: bool = False
     warm: bool = False
     max_wait: float | None = None
+    poll_interval: float = 0.5  # seconds between the SuperNode's pulls when idle (Flower 1.41's own: 3)
 
 
 def node_config(opts: NodeOptions) -> str:
@@ -106,9 +107,15 @@ def node_config(opts: NodeOptions) -> str:
 
 
 def node_args(opts: NodeOptions) -> list[str]:
-    """The ``flower-supernode`` command for ``opts``."""
-    args = [flower.flower_bin("flower-supernode"), "--superlink", opts.superlink, "--port", str(opts.port),
-            "--node-config", node_config(opts)]
+    """The ``flower-supernode`` command for ``opts`` (through :mod:`fedpeft.deploy.supernode` when it polls
+    faster than Flower's 3 s)."""
+    from fedpeft.deploy.supernode import FLOWER_IDLE_SLEEP
+
+    if not opts.poll_interval > 0:
+        raise FedPeftError(f"--poll-interval {opts.poll_interval}: expected seconds > 0")
+    supernode = ([flower.flower_bin("flower-supernode")] if opts.poll_interval >= FLOWER_IDLE_SLEEP else
+                 [sys.executable, "-m", "fedpeft.deploy.supernode", "--poll-interval", str(opts.poll_interval)])
+    args = [*supernode, "--superlink", opts.superlink, "--port", str(opts.port), "--node-config", node_config(opts)]
     if opts.insecure:
         args.append("--insecure")
     elif opts.ca is not None:

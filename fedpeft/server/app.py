@@ -21,6 +21,7 @@ from fedpeft.rundir import new_run_dir
 from fedpeft.runtime import runtimes_of
 from fedpeft.server.asynchronous import BufferedServer
 from fedpeft.server.loop import FederatedServer, Observer
+from fedpeft.server.polling import with_poll_interval
 
 
 def make_app(observers: Sequence[Observer] = ()) -> ServerApp:
@@ -40,6 +41,7 @@ def make_app(observers: Sequence[Observer] = ()) -> ServerApp:
         versions.write_versions(run_dir)  # the server process's environment, rewritten on resume
         resume = bool(context.run_config.get("resume", False))
         server = BufferedServer if cfg.federation.buffer_size else FederatedServer  # FedBuff: asynchronous.py
+        grid = with_poll_interval(grid, cfg.federation.poll_interval)  # a deployment: Flower's 3 s -> ours
         server(cfg, run_dir, resume=resume, observers=observers, runtimes=runtimes_of(context)).run(grid)
 
     return server_app

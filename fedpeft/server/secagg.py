@@ -64,6 +64,7 @@ from fedpeft.config import Config
 from fedpeft.errors import PayloadError
 from fedpeft.models import AdapterState
 from fedpeft.protocol import DP_FLAG, PAYLOAD_TYPE, SLACK, SUBSPACE_SEED, WEIGHT_CAP, SecureField
+from fedpeft.server.delegating import DelegatingGrid
 from fedpeft.server.replies import UP_KEYS, ClientReply, RoundReplies
 
 log = logging.getLogger(__name__)
@@ -122,31 +123,12 @@ def _copy_records(content: RecordDict) -> RecordDict:
     return RecordDict({name: type(record)(dict(record)) for name, record in content.items()})  # type: ignore[arg-type]
 
 
-class _WireGrid(Grid):
+class _WireGrid(DelegatingGrid):
     """Delegates to the round's grid; copies what it sends, counts serialized bytes per stage."""
 
     def __init__(self, inner: Grid, result: SecureRound, field: SecureField) -> None:
-        self.inner, self.result, self.field = inner, result, field
-
-    def set_run(self, run: Any) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self.inner.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
+        super().__init__(inner)
+        self.result, self.field = result, field
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         sent, stage, originals = [], "?", {}

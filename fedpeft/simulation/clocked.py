@@ -187,7 +187,7 @@ class ClockedGrid(InProcessGrid):
                          timeout: float | None = None) -> list[Message]:
         """Send all now; the replies that arrive within ``timeout`` simulated seconds (the clock moves to the
         last arrival, or to the deadline when an awaited reply is late)."""
-        batch = sorted(self._deliver(msg) for msg in messages)
+        batch = sorted(self._deliver(msg) for msg in self.announced(messages))
         deadline = self.sim_time + timeout if timeout else math.inf
         replies, end = [], self.sim_time
         for p in batch:
@@ -202,7 +202,7 @@ class ClockedGrid(InProcessGrid):
 
     def dispatch(self, messages: list[Message]) -> None:
         """Send ``messages`` now; their replies queue by arrival time (:meth:`next_reply`)."""
-        for msg in messages:
+        for msg in self.announced(messages):
             heapq.heappush(self.pending, self._deliver(msg))
 
     def next_reply(self) -> Message | None:

@@ -14,9 +14,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
@@ -27,6 +27,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft import config
 from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
+
+if TYPE_CHECKING:
+    from fedpeft.progress import StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +46,20 @@ def node_id(partition_id: int) -> int:
 
 
 class EngineContext(Context):
-    """A Flower ``Context`` that also carries the engine's runtime cache to the app it is given to."""
+    """A Flower ``Context`` that also carries the engine's runtime cache to the app it is given to, and the
+    step-progress hook the ClientApp hands to ``train_local`` (None: no progress display)."""
 
-    def __init__(self, runtimes: RuntimeCache, **kwargs: Any) -> None:
+    def __init__(self, runtimes: RuntimeCache, on_step: Callable[[int, int], None] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.runtimes = runtimes
+        self.on_step = on_step
 
 
 class InProcessGrid(Grid):
     """A Grid whose nodes are virtual clients called in this process (sharing ``runtimes``)."""
+
+    progress: StepProgress | None = None  # told which message runs; its step hook goes to every node
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict, run_id: int = 1,
                  runtimes: RuntimeCache = PROCESS_RUNTIMES) -> None:
@@ -86,7 +94,8 @@ class InProcessGrid(Grid):
         """The persistent context of a virtual node (created on first use)."""
         if node not in self._contexts:
             pid = node - NODE_ID_BASE
-            self._contexts[node] = EngineContext(self.runtimes, run_id=self._run.run_id, node_id=node,
+            self._contexts[node] = EngineContext(self.runtimes, None if self.progress is None else self.progress.step,
+                                                 run_id=self._run.run_id, node_id=node,
                                                  node_config={"partition-id": pid, "num-partitions": self.num_nodes},
                                                  state=RecordDict(), run_config=dict(self.run_config))
         return self._contexts[node]
@@ -99,9 +108,18 @@ class InProcessGrid(Grid):
             log.exception("virtual node %s failed", msg.metadata.dst_node_id)
             return Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
 
+    def announced(self, messages: Iterable[Message]) -> Iterator[Message]:
+        """``messages`` one by one, each announced to :attr:`progress` (round, kind, i of n) as it is taken."""
+        batch = list(messages)
+        for i, msg in enumerate(batch):
+            if self.progress is not None:
+                rnd = msg.metadata.group_id.split("-")[0]
+                self.progress.begin(int(rnd) if rnd.isdigit() else 0, msg.metadata.message_type, i, len(batch))
+            yield msg
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
-        for msg in messages:
+        for msg in self.announced(messages):
             if msg.metadata.dst_node_id not in self.get_node_ids():
                 raise ValueError(f"unknown node {msg.metadata.dst_node_id}")
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
@@ -148,11 +166,11 @@ class InProcessGrid(Grid):
 
 
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int, run_config: dict,
-                  runtimes: RuntimeCache = PROCESS_RUNTIMES) -> float:
+                  runtimes: RuntimeCache = PROCESS_RUNTIMES, progress: StepProgress | None = None) -> float:
     """Run ``server_app`` against ``num_nodes`` virtual clients, all on ``runtimes``; returns the wall time in seconds.
 
     The default is this process's cache, so later work in the process (an audit of the run, a test) finds the
-    model the run loaded.
+    model the run loaded. ``progress`` (optional) follows the clients' local steps.
     """
     TaskIdentity.run_id = 1
     TaskIdentity.node_id = SERVER_NODE_ID
@@ -163,6 +181,7 @@ def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int, 
         from fedpeft.simulation.clocked import ClockedGrid
 
         grid = ClockedGrid(client_app, num_nodes, run_config, runtimes, cfg)
+    grid.progress = progress
     server_ctx = EngineContext(runtimes, run_id=1, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
                                run_config=dict(run_config))
     t0 = time.perf_counter()

@@ -14,29 +14,30 @@ from fedpeft.registry import Registry
 from fedpeft.rundir import new_run_dir
 
 if TYPE_CHECKING:
+    from fedpeft.progress import StepProgress
     from fedpeft.server.loop import Observer
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.toml"
 
 
-Engine = Callable[[Config, dict, Sequence["Observer"]], None]
+Engine = Callable[[Config, dict, Sequence["Observer"], "StepProgress | None"], None]
 ENGINES: Registry[Engine] = Registry("engine")
 
 
 @ENGINES.register("inprocess")
-def _inprocess(cfg: Config, rc: dict, observers: Sequence[Observer]) -> None:
-    """Every client in this process, one after another (deterministic; observers allowed)."""
+def _inprocess(cfg: Config, rc: dict, observers: Sequence[Observer], progress: StepProgress | None) -> None:
+    """Every client in this process, one after another (deterministic; observers and step progress allowed)."""
     from fedpeft.clients.app import app as client_app
     from fedpeft.server.app import app, make_app
     from fedpeft.simulation.inprocess import run_inprocess
 
-    run_inprocess(make_app(observers) if observers else app, client_app, cfg.data.num_clients, rc)
+    run_inprocess(make_app(observers) if observers else app, client_app, cfg.data.num_clients, rc, progress=progress)
 
 
 @ENGINES.register("ray")
-def _ray(cfg: Config, rc: dict, observers: Sequence[Observer]) -> None:
-    """Flower's Ray simulation behind a local SuperLink (clients in parallel actors)."""
+def _ray(cfg: Config, rc: dict, observers: Sequence[Observer], progress: StepProgress | None) -> None:
+    """Flower's Ray simulation behind a local SuperLink (clients in parallel actors; per-round progress only)."""
     from fedpeft.simulation.ray import run_ray
 
     run_ray(cfg, rc)
@@ -76,16 +77,17 @@ def prepare(cfg: Config | None = None, resume: Path | None = None) -> tuple[Conf
 
 
 def execute(cfg: Config, run_dir: Path, resume: bool = False, engine: str | None = None,
-            observers: Sequence[Observer] = ()) -> None:
+            observers: Sequence[Observer] = (), progress: StepProgress | None = None) -> None:
     """Run (or continue) the scenario in ``run_dir`` on the chosen engine.
 
-    ``observers`` (in-process engine only) see every update the server decodes, e.g. for an audit.
+    ``observers`` (in-process engine only) see every update the server decodes, e.g. for an audit;
+    ``progress`` follows the clients' local steps (in-process engine; other engines ignore it).
     """
     engine = engine or cfg.run.engine
     rc = run_config(cfg, run_dir, resume)
     if observers and engine != "inprocess":
         raise ConfigError(f"observing the decoded updates needs run.engine = 'inprocess', not {engine!r}")
-    ENGINES.get(engine)(cfg, rc, observers)
+    ENGINES.get(engine)(cfg, rc, observers, progress)
 
 
 def simulate(cfg: Config | None = None, resume: Path | None = None, engine: str | None = None,
