@@ -141,7 +141,7 @@ class TrainSection:
     max_grad_norm: float = option(1.0, lo=0.0, help="gradient-norm clip (0 = off)")
     optimizer: str = option("adamw", choices=("adamw", "sgd"))
     eval_batch_size: int = option(64, lo=1)
-    precision: str = option("gpu", choices=("gpu", "auto", "fp32", "bf16"),
+    precision: str = option("auto", choices=("gpu", "auto", "fp32", "bf16"),
                             help="autocast of the forward pass (training and evaluation); adapter weights and "
                                  "optimizer state stay fp32. gpu = on a CUDA GPU only (bf16, else fp16), fp32 on the "
                                  "CPU; auto = also bf16 on a CPU with native bf16 (AVX512-BF16 / AMX), not under "

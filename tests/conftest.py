@@ -54,6 +54,9 @@ def tiny_overrides(data_path: Path, out_dir: Path, **extra: object) -> list[str]
         "data.source": "file", "data.path": str(data_path), "data.num_clients": 3, "data.partition": "iid",
         "data.eval_fraction": 0.25, "train.local_steps": 10, "train.batch_size": 8, "train.lr": 0.03,
         "federation.rounds": 3, "output.dir": str(out_dir), "output.plots": False, "adapter.r": 4,
+        # exact fp32 arithmetic, which many tests compare against; the default (auto: bf16 on a CPU with native
+        # bf16) has its own tests in test_training_precision.py
+        "train.precision": "fp32",
     }
     sets.update(extra)
     return [f"{k}={json.dumps(v)}" for k, v in sets.items()]

@@ -1,5 +1,5 @@
-"""train.precision: CPU bf16 autocast in training and evaluation, fp32 weights and optimizer state, and the
-default leaving the CPU path exactly as it was (fp32)."""
+"""train.precision: CPU bf16 autocast in training and evaluation, fp32 weights and optimizer state; ``gpu`` leaves
+the CPU path exactly fp32; the default ``auto`` is bf16 on a CPU with native bf16."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from fedpeft import models
+from fedpeft import config, models
 from fedpeft.errors import ConfigError
 from fedpeft.runtime import get_runtime
 from fedpeft.training import autocast_dtype, cpu_has_native_bf16, evaluate, train_local
@@ -57,13 +57,18 @@ def test_bf16_trains_in_bf16_and_keeps_fp32_weights(tiny_cfg, one_thread) -> Non
     assert 0 < rel < 0.1  # different arithmetic, the same training
 
 
-def test_the_default_leaves_cpu_training_in_fp32_exactly(tiny_cfg, one_thread) -> None:
+def test_gpu_precision_leaves_cpu_training_in_fp32_exactly(tiny_cfg, one_thread) -> None:
     cfg = tiny_cfg()
-    assert cfg.train.precision == "gpu"
-    state_default, loss_default, seen, _ = _round(cfg, cfg.train.precision)
+    state_gpu, loss_gpu, seen, _ = _round(cfg, "gpu")
     state32, loss32, _, _ = _round(cfg, "fp32")
-    assert set(seen) == {torch.float32} and loss_default == loss32
-    assert all(torch.equal(state_default[k], state32[k]) for k in state32)
+    assert set(seen) == {torch.float32} and loss_gpu == loss32
+    assert all(torch.equal(state_gpu[k], state32[k]) for k in state32)
+
+
+def test_the_default_is_auto_bf16_where_the_cpu_has_it(tiny_cfg, one_thread) -> None:
+    assert config.load(None, []).train.precision == "auto"  # measured: final accuracy within 0.5 point of fp32
+    _, _, seen, _ = _round(tiny_cfg(), "auto")
+    assert set(seen) == {torch.bfloat16 if cpu_has_native_bf16() else torch.float32}
 
 
 def test_bf16_evaluation_stays_close_to_fp32(tiny_cfg, one_thread) -> None:
