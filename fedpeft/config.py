@@ -214,10 +214,11 @@ class FederationSection:
                                                          "1 / (1 + tau) ** this (0.5: Nguyen et al. 2022)")
     max_staleness: int = option(0, lo=0, help="FedBuff: a client whose error-feedback residual is more than this many "
                                               "server updates old starts from a zero residual (0 = no bound)")
-    personalization: str = option("none", choices=("none", "finetune"),
+    personalization: str = option("none", choices=("none", "finetune", "head"),
                                   help="finetune: federated evaluation also evaluates, on each client's held-out "
                                        "split, the adapter after personal_steps local steps on its own training data "
-                                       "(personal_eval_* metrics; docs/evaluation.md)")
+                                       "(personal_eval_* metrics); head: each client trains its own classification "
+                                       "head, which never leaves it, on the shared adapter (docs/evaluation.md)")
     personal_steps: int = option(5, lo=1, help="personalization = 'finetune': local optimizer steps before evaluation")
     ray_num_cpus: float = option(1.0, lo=0.0, help="CPUs per Ray client actor")
     ray_num_gpus: float = option(0.0, lo=0.0, help="GPU fraction per Ray client actor")

@@ -76,6 +76,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"federation.personalization = {cfg.federation.personalization!r} is evaluated on each "
                           "client's own held-out split: set federation.evaluation = 'federated' or 'both' (and "
                           "data.client_eval_fraction > 0)")
+    if cfg.federation.personalization == "head" and (cfg.model.task != "classification" or not cfg.adapter.train_head
+                                                     or cfg.split.enabled):
+        raise ConfigError("federation.personalization = 'head' keeps each client's classification head: it needs "
+                          "model.task = 'classification', adapter.train_head = true and split.enabled = false (got "
+                          f"{cfg.model.task!r}, {cfg.adapter.train_head}, {cfg.split.enabled})")
     if cfg.adversary.attack != "none" or cfg.adversary.fraction or cfg.adversary.clients:
         _validate_adversary(cfg)
     private = cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation != "none"
