@@ -339,3 +339,22 @@ def test_one_factor_modes_run_under_secagg(tiny_cfg, mode, held_back):
     layout = get_runtime(cfg).layout
     assert row["replies"] == 3 and row["dropped"] == 0 and row["secagg_up_collect_masked_vectors"] > 0
     assert not [n for n in layout.names if held_back in n] and row["bytes_up_fp32"] == 4 * 3 * layout.total
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_audit_share_a_a_alone_still_gives_the_batch_away(tmp_path):
+    """What share_a exposes (measured, not assumed): the server observes only dA, and the span attack's A channel
+    reads the client's one-example batch from it as well as from naive's dA + dB (tiny LLaMA, one SGD step)."""
+    from fedpeft import config
+    from fedpeft.audit import capture
+
+    from test_audit_capture import FAST, _rows, _sets
+
+    found = {}
+    for mode in ("naive", "share_a"):
+        (tmp_path / mode).mkdir()
+        cfg = config.load(None, _sets(tmp_path / mode, **{"federation.lora_aggregation": mode}))
+        found[mode] = _rows(capture.audit_run(cfg, FAST, rounds=[2]))
+    for r in found["share_a"]:
+        assert r["verdict"] == "fail" and r["best_attack"] == "span" and float(r["token_f1"]) >= 0.9, r
+    assert [int(r["payload_bytes"]) for r in found["share_a"]] < [int(r["payload_bytes"]) for r in found["naive"]]
