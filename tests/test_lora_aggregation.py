@@ -345,10 +345,10 @@ def test_one_factor_modes_run_under_secagg(tiny_cfg, mode, held_back):
 def test_audit_share_a_a_alone_still_gives_the_batch_away(tmp_path):
     """What share_a exposes (measured, not assumed): the server observes only dA, and the span attack's A channel
     reads the client's one-example batch from it as well as from naive's dA + dB (tiny LLaMA, one SGD step)."""
+    from test_audit_capture import FAST, _rows, _sets
+
     from fedpeft import config
     from fedpeft.audit import capture
-
-    from test_audit_capture import FAST, _rows, _sets
 
     found = {}
     for mode in ("naive", "share_a"):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_lora_aggregation import _serialized
+from test_personal import PATHOLOGICAL
 
 from fedpeft import report
 from fedpeft.errors import ConfigError
@@ -13,8 +15,6 @@ from fedpeft.personal import HEAD
 from fedpeft.simulation import runner
 
 from conftest import interrupt_and_resume
-from test_lora_aggregation import _serialized
-from test_personal import PATHOLOGICAL
 
 HEADED = {**PATHOLOGICAL, "federation.personalization": "head"}
 

@@ -7,9 +7,10 @@ malformed reply is dropped and logged. The round's row gets the example-weighted
 causal LM) ``fed_eval_loss``, ``fed_eval_accuracy`` / ``fed_eval_perplexity``, each node's value in
 ``fed_eval_clients``, their unweighted mean in ``fed_eval_client_mean`` and the worst of them in
 ``fed_eval_worst``. With a personal head (``federation.personalization = "head"``) or share_a's own ``B`` each
-node evaluates the shared adapter with its own tensors (``fed_eval_model = "personal"``). Personalization (``federation.personalization = "finetune"``) runs a second evaluation in
-which each node first fine-tunes the received adapter for ``federation.personal_steps`` steps on its own
-training data (seeded; the fine-tuned adapter never leaves the node and is not kept): ``personal_eval_*``.
+node evaluates the shared adapter with its own tensors (``fed_eval_model = "personal"``). Personalization
+(``federation.personalization = "finetune"``) runs a second evaluation in which each node first fine-tunes the
+received adapter for ``federation.personal_steps`` steps on its own training data (seeded; the fine-tuned
+adapter never leaves the node and is not kept): ``personal_eval_*``.
 The server draws no random numbers here and the fine-tune is seeded, so a resumed run evaluates exactly as an
 uninterrupted one.
 """
