@@ -5,8 +5,7 @@ evaluation evaluates each client's own head, and a resumed run is exact."""
 from __future__ import annotations
 
 import pytest
-import torch
-from test_lora_aggregation import _serialized
+from test_lora_aggregation import capture_calls
 from test_personal import PATHOLOGICAL
 
 from fedpeft import report
@@ -23,27 +22,11 @@ def test_the_head_never_leaves_the_client(tiny_cfg, monkeypatch):
     """Every client's head and head update (its node state after minus before each call) is searched for, byte for
     byte, in the instruction it received and the reply it sent (train and evaluate); the adapter's update, which
     does travel, is found by the same search."""
-    from fedpeft.clients.app import PERSONAL_STATE
-    from fedpeft.clients.app import app as client_app
     from fedpeft.compression import make_codec
     from fedpeft.protocol import TRAIN, parse_reply
     from fedpeft.runtime import get_runtime
 
-    calls: list[tuple] = []
-    original = client_app.__call__
-
-    def personal(context) -> dict:
-        record = context.state.get(PERSONAL_STATE)
-        return {} if record is None else {k: torch.tensor(v.numpy()) for k, v in record.items()}
-
-    def capture(self, message, context):
-        before = personal(context)
-        reply = original(message, context)
-        calls.append((message.metadata.message_type, _serialized(message.content) + _serialized(reply.content),
-                      before, personal(context), reply))
-        return reply
-
-    monkeypatch.setattr(type(client_app), "__call__", capture)
+    calls = capture_calls(monkeypatch)
     cfg = tiny_cfg(**HEADED)
     rows = report.read_metrics(runner.simulate(cfg))
     layout = get_runtime(cfg).layout
