@@ -28,6 +28,8 @@ from fedpeft.simulation import runner  # noqa: E402
 SCENARIO = Path(__file__).resolve().parent.parent / "simulations" / "mixed-rank.toml"
 ARMS = {"svd": ['federation.lora_aggregation="svd"'], "zeropad": ['federation.lora_aggregation="zeropad"'],
         "stack": ['federation.lora_aggregation="stack"'],
+        "zeropad+prune": ['federation.lora_aggregation="zeropad"', "adapter.rank_prune_decay=0.5",
+                          "adapter.rank_prune_threshold=0.5"],
         "all r=16": ['federation.lora_aggregation="naive"', "adapter.client_ranks=[]"]}
 
 
@@ -35,29 +37,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--set", action="append", default=[], help="extra overrides (shorter runs)")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows, acc = [], {arm: [] for arm in ARMS}
+    arms = {a: ARMS[a] for a in args.arms.split(",")}
+    rows, acc = [], {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            for arm, sets in ARMS.items():
+            for arm, sets in arms.items():
                 cfg = config.load(SCENARIO, [f'output.dir="{tmp}"', "output.plots=false", f"run.seed={seed}",
                                              *args.set, *sets])
                 metrics = report.read_metrics(runner.simulate(cfg))
                 last = metrics[-1]
                 acc[arm].append(last["eval_accuracy"])
+                ranks = sorted(last.get("lora_ranks", {}).values())
                 rows.append([seed, arm, f"{last['eval_accuracy']:.3f}", f"{last.get('lora_agg_error') or 0:.3f}",
+                             " ".join(map(str, ranks)) or "-",
                              f"{sum(r['bytes_up'] for r in metrics) / 1e6:.2f}",
                              f"{sum(r['bytes_down'] for r in metrics) / 1e6:.2f}", f"{last['elapsed']:.0f}"])
                 print(rows[-1], flush=True)
     mean = {arm: sum(v) / len(v) for arm, v in acc.items()}
-    best = max(("svd", "stack"), key=lambda a: mean[a])
+    best = max((a for a in ("svd", "stack") if a in mean), key=lambda a: mean[a], default=None)
     body = (f"Settings: {SCENARIO.name} with {' '.join(args.set) or 'its own settings'}; seeds {args.seeds}.\n\n"
-            + table(["seed", "aggregator", "accuracy", "lora_agg_error (last)", "MB up", "MB down", "s"], rows)
-            + "\n\nMean accuracy: " + ", ".join(f"{a} {m:.3f}" for a, m in mean.items())
-            + f". Best mixed-rank ({best}) - zeropad: {100 * (mean[best] - mean['zeropad']):+.1f} points; "
-            f"- all r=16: {100 * (mean[best] - mean['all r=16']):+.1f} points.\n")
+            + table(["seed", "aggregator", "accuracy", "lora_agg_error (last)", "ranks (last round)", "MB up",
+                     "MB down", "s"], rows)
+            + "\n\nMean accuracy: " + ", ".join(f"{a} {m:.3f}" for a, m in mean.items()) + ".")
+    for other in ("zeropad", "all r=16"):
+        if best is not None and other in mean:
+            body += f" Best mixed-rank ({best}) - {other}: {100 * (mean[best] - mean[other]):+.1f} points."
+    if "zeropad+prune" in mean and "zeropad" in mean:
+        body += f" Self-pruning - zeropad: {100 * (mean['zeropad+prune'] - mean['zeropad']):+.1f} points."
+    body += "\n"
     print(body)
     if not args.no_append:
         append_results("Mixed LoRA ranks (bench_mixed_rank.py)", body)

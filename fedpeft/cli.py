@@ -310,7 +310,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     from fedpeft.deploy import launch
 
     opts = launch.NodeOptions(args.superlink, args.data, args.partition_id, args.num_partitions, args.ca, args.key,
-                              args.port, args.insecure, args.warm, args.max_wait, args.poll_interval)
+                              args.port, args.insecure, args.warm, args.max_wait, args.poll_interval,
+                              args.rank)
     return launch.run_node(opts, args.flwr_home)
 
 

@@ -144,6 +144,8 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--data", type=Path, help="this node's own data file (all of it is trained on)")
     node.add_argument("--partition-id", type=int, help="train on this partition of the scenario data instead")
     node.add_argument("--num-partitions", type=int)
+    node.add_argument("--rank", type=int, help="this node's LoRA rank (runs with adapter.rank_rule = 'node'; "
+                                               "at most adapter.r)")
     node.add_argument("--ca", type=Path, help="CA certificate of the SuperLink")
     node.add_argument("--key", type=Path, help="node private key (from `fedpeft node-key`)")
     node.add_argument("--port", type=int, default=9094, help="local Runtime API port (one per node on a host)")

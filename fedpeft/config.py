@@ -76,9 +76,18 @@ class AdapterSection:
     client_ranks: list[int] = option([], help="mixed LoRA ranks: the ranks clients train at, each <= adapter.r, "
                                               "assigned by adapter.rank_rule (empty = every client at adapter.r; "
                                               "docs/lora-aggregation.md)")
-    rank_rule: str = option("cycle", choices=("cycle", "by_size"),
+    rank_rule: str = option("cycle", choices=("cycle", "by_size", "node"),
                             help="client_ranks: partition p gets client_ranks[p % len] (cycle), or the larger "
-                                 "partitions the larger ranks in equal shares (by_size)")
+                                 "partitions the larger ranks in equal shares (by_size); node: a deployed node's own "
+                                 "rank (fedpeft node --rank, at most adapter.r), which the server learns from its "
+                                 "replies")
+    rank_prune_decay: float = option(0.0, lo=0.0, hi=0.99,
+                                     help="mixed ranks: HetLoRA self-pruning, a client of rank r drops to "
+                                          "max(1, floor(decay * r)) when its trailing components are small "
+                                          "(rank_prune_threshold); 0 = off")
+    rank_prune_threshold: float = option(0.5, lo=0.0,
+                                         help="rank_prune_decay: prune when ||B[:, k:] A[k:]|| < threshold * "
+                                              "||B[:, :k] A[:k]|| (over all LoRA modules)")
     alpha: float = option(16.0, lo=0.0, help="LoRA alpha (scale = alpha / r)")
     dropout: float = option(0.0, lo=0.0, hi=0.9, help="LoRA dropout")
     target_modules: list[str] = option([], help="modules to adapt; empty = per-architecture default")
@@ -210,10 +219,11 @@ class FederationSection:
                                                          "1 / (1 + tau) ** this (0.5: Nguyen et al. 2022)")
     max_staleness: int = option(0, lo=0, help="FedBuff: a client whose error-feedback residual is more than this many "
                                               "server updates old starts from a zero residual (0 = no bound)")
-    personalization: str = option("none", choices=("none", "finetune"),
+    personalization: str = option("none", choices=("none", "finetune", "head"),
                                   help="finetune: federated evaluation also evaluates, on each client's held-out "
                                        "split, the adapter after personal_steps local steps on its own training data "
-                                       "(personal_eval_* metrics; docs/evaluation.md)")
+                                       "(personal_eval_* metrics); head: each client trains its own classification "
+                                       "head, which never leaves it, on the shared adapter (docs/evaluation.md)")
     personal_steps: int = option(5, lo=1, help="personalization = 'finetune': local optimizer steps before evaluation")
     ray_num_cpus: float = option(1.0, lo=0.0, help="CPUs per Ray client actor")
     ray_num_gpus: float = option(0.0, lo=0.0, help="GPU fraction per Ray client actor")

@@ -64,7 +64,7 @@ def validate(cfg: Config) -> None:
                       min_local_examples=1)
     if cfg.federation.lora_aggregation != "naive":
         _validate_lora(cfg)
-    if cfg.adapter.client_ranks:
+    if cfg.adapter.client_ranks or cfg.adapter.rank_rule == "node" or cfg.adapter.rank_prune_decay:
         _validate_ranks(cfg)
     if cfg.split.enabled:
         _validate_split(cfg)
@@ -77,6 +77,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"federation.personalization = {cfg.federation.personalization!r} is evaluated on each "
                           "client's own held-out split: set federation.evaluation = 'federated' or 'both' (and "
                           "data.client_eval_fraction > 0)")
+    if cfg.federation.personalization == "head" and (cfg.model.task != "classification" or not cfg.adapter.train_head
+                                                     or cfg.split.enabled):
+        raise ConfigError("federation.personalization = 'head' keeps each client's classification head: it needs "
+                          "model.task = 'classification', adapter.train_head = true and split.enabled = false (got "
+                          f"{cfg.model.task!r}, {cfg.adapter.train_head}, {cfg.split.enabled})")
     if cfg.adversary.attack != "none" or cfg.adversary.fraction or cfg.adversary.clients:
         _validate_adversary(cfg)
     private = cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation != "none"
@@ -213,8 +218,14 @@ def _validate_ranks(cfg: Config) -> None:
     from fedpeft import lora
     from fedpeft.compression import make_codec
 
-    ranks, r = cfg.adapter.client_ranks, cfg.adapter.r
-    key = f"adapter.client_ranks = {ranks}"
+    ranks, r, rule = cfg.adapter.client_ranks, cfg.adapter.r, cfg.adapter.rank_rule
+    key = "adapter.rank_rule = 'node'" if rule == "node" else f"adapter.client_ranks = {ranks}"
+    if not lora.mixed_ranks(ranks, rule):
+        raise ConfigError(f"adapter.rank_prune_decay = {cfg.adapter.rank_prune_decay} prunes mixed LoRA ranks: set "
+                          "adapter.client_ranks or adapter.rank_rule = 'node' (or rank_prune_decay = 0)")
+    if rule == "node" and ranks:
+        raise ConfigError(f"{key} takes each node's rank from its node config: leave adapter.client_ranks empty "
+                          f"(got {ranks}), or choose adapter.rank_rule 'cycle' or 'by_size'")
     if cfg.adapter.type != "lora":
         raise ConfigError(f"{key} needs adapter.type = 'lora' (got {cfg.adapter.type!r})")
     if any(not 1 <= x <= r for x in ranks):
@@ -223,9 +234,10 @@ def _validate_ranks(cfg: Config) -> None:
     if mode not in lora.MIXED_RANK_MODES:
         raise ConfigError(f"federation.lora_aggregation = {mode!r} cannot aggregate clients of different LoRA ranks "
                           f"({key}); choose one of: {', '.join(map(repr, lora.MIXED_RANK_MODES))}")
-    if cfg.run.engine != "inprocess":
+    if cfg.run.engine != "inprocess" and rule != "node":
         raise ConfigError(f"{key} needs run.engine = 'inprocess' (the server must know each node's partition to "
-                          f"send it its rank; got {cfg.run.engine!r})")
+                          f"send it its rank; got {cfg.run.engine!r}); a deployment sets each node's rank with "
+                          "adapter.rank_rule = 'node'")
     if not make_codec(cfg.compression.downlink).lossless:
         raise ConfigError(f"{key} needs a lossless compression.downlink ('none'; got {cfg.compression.downlink!r}): "
                           "each rank gets its own truncation of the global adapter")

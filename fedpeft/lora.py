@@ -142,6 +142,28 @@ def client_ranks(client: list[int], rule: str, sizes: list[int]) -> list[int]:
     return out
 
 
+def mixed_ranks(client_ranks: list[int], rule: str) -> bool:
+    """Whether clients train at ranks of their own (``adapter.client_ranks``, or node-config ranks)."""
+    return bool(client_ranks) or rule == "node"
+
+
+def pruned_rank(state: AdapterState, r: int, decay: float, threshold: float) -> int:
+    """HetLoRA's rank self-pruning: ``k = max(1, floor(decay * r))`` when the trailing components of a rank-``r``
+    adapter are small, ``sqrt(Σ_m ||B[:, k:r] A[k:r]||²) < threshold * sqrt(Σ_m ||B[:, :k] A[:k]||²)``, else ``r``
+    (a client keeps the rank it can use; a smaller one cuts its bytes and lets the server see it)."""
+    from fedpeft.models import lora_pairs
+
+    k = max(1, int(decay * r))
+    if k >= r:
+        return r
+    tail = head = 0.0
+    for a_key, b_key in lora_pairs(state).items():
+        a, b = state[a_key].double(), state[b_key].double()
+        tail += float((b[:, k:r] @ a[k:r]).pow(2).sum())
+        head += float((b[:, :k] @ a[:k]).pow(2).sum())
+    return k if tail ** 0.5 < threshold * head ** 0.5 else r
+
+
 def relative_error(errors: list[torch.Tensor], references: list[torch.Tensor]) -> float:
     """``sqrt(Σ_m ||E_m||²) / sqrt(Σ_m ||M_m||²)`` over modules m (0 when both are 0): the relative Frobenius
     error of the block-diagonal matrix of all modules."""

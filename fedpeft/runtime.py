@@ -27,7 +27,7 @@ import numpy as np
 import torch  # noqa: F401
 from torch.utils.data import Dataset
 
-from fedpeft import data, lora, models, precision
+from fedpeft import data, models, personal, precision
 from fedpeft.compression import Layout
 from fedpeft.config import Config
 from fedpeft.partition import client_eval_split
@@ -78,8 +78,9 @@ class Runtime:
         model = models.build_peft_model(base, self.cfg.adapter, self.cfg.model.task, seed=self.cfg.run.seed,
                                         freeze_a=self.cfg.federation.lora_aggregation == "freeze_a")
         self.initial_state = models.adapter_state(model)
-        if self.cfg.federation.lora_aggregation == "share_a":  # FedSA-LoRA: B stays on the client
-            self._adapter_keys = [k for k in self.initial_state if lora.PERSONAL not in k]
+        kept = personal.markers(self.cfg.federation.lora_aggregation, self.cfg.federation.personalization)
+        if kept:  # share_a's B, a personal head: they stay on the client (fedpeft/personal.py)
+            self._adapter_keys = [k for k in self.initial_state if not personal.is_personal(k, kept)]
         return precision.place(model, self.device).eval()
 
     def initial_adapter(self) -> models.AdapterState:

@@ -287,13 +287,11 @@ def _serialized(content) -> bytes:
     return b"".join(obj.deflate() for obj in get_all_nested_objects(content).values())
 
 
-def test_share_a_never_puts_b_in_any_payload(tiny_cfg, monkeypatch):
-    """Every client's B update (its personal state after minus before the call) is searched for, byte for byte,
-    in everything that crossed the wire that round; A's updates, which do travel, are found the same way."""
+def capture_calls(monkeypatch) -> list[tuple]:
+    """Record every ClientApp call as (message type, its serialized instruction + reply, the node's personal state
+    before and after, the reply)."""
     from fedpeft.clients.app import PERSONAL_STATE
     from fedpeft.clients.app import app as client_app
-    from fedpeft.compression import make_codec
-    from fedpeft.protocol import parse_reply
 
     calls: list[tuple] = []
     original = client_app.__call__
@@ -305,11 +303,21 @@ def test_share_a_never_puts_b_in_any_payload(tiny_cfg, monkeypatch):
     def capture(self, message, context):
         before = personal(context)
         reply = original(message, context)
-        after = personal(context)
-        calls.append((_serialized(message.content) + _serialized(reply.content), before, after, reply))
+        calls.append((message.metadata.message_type, _serialized(message.content) + _serialized(reply.content),
+                      before, personal(context), reply))
         return reply
 
     monkeypatch.setattr(type(client_app), "__call__", capture)
+    return calls
+
+
+def test_share_a_never_puts_b_in_any_payload(tiny_cfg, monkeypatch):
+    """Every client's B update (its personal state after minus before the call) is searched for, byte for byte,
+    in everything that crossed the wire that round; A's updates, which do travel, are found the same way."""
+    from fedpeft.compression import make_codec
+    from fedpeft.protocol import parse_reply
+
+    calls = capture_calls(monkeypatch)
     cfg = tiny_cfg(**{"federation.rounds": 2, "federation.lora_aggregation": "share_a"})
     rows = report.read_metrics(runner.simulate(cfg))
     from fedpeft.runtime import get_runtime
@@ -317,7 +325,7 @@ def test_share_a_never_puts_b_in_any_payload(tiny_cfg, monkeypatch):
     layout = get_runtime(cfg).layout
     assert not [n for n in layout.names if ".lora_B." in n] and [n for n in layout.names if ".lora_A." in n]
     assert len(calls) == 6 and all(r["replies"] == 3 for r in rows)
-    for wire, before, after, reply in calls:
+    for _, wire, before, after, reply in calls:
         assert after and all(".lora_B." in k for k in after)
         for k, b in after.items():
             db = b - before.get(k, torch.zeros_like(b))
@@ -339,3 +347,22 @@ def test_one_factor_modes_run_under_secagg(tiny_cfg, mode, held_back):
     layout = get_runtime(cfg).layout
     assert row["replies"] == 3 and row["dropped"] == 0 and row["secagg_up_collect_masked_vectors"] > 0
     assert not [n for n in layout.names if held_back in n] and row["bytes_up_fp32"] == 4 * 3 * layout.total
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_audit_share_a_a_alone_still_gives_the_batch_away(tmp_path):
+    """What share_a exposes (measured, not assumed): the server observes only dA, and the span attack's A channel
+    reads the client's one-example batch from it as well as from naive's dA + dB (tiny LLaMA, one SGD step)."""
+    from test_audit_capture import FAST, _rows, _sets
+
+    from fedpeft import config
+    from fedpeft.audit import capture
+
+    found = {}
+    for mode in ("naive", "share_a"):
+        (tmp_path / mode).mkdir()
+        cfg = config.load(None, _sets(tmp_path / mode, **{"federation.lora_aggregation": mode}))
+        found[mode] = _rows(capture.audit_run(cfg, FAST, rounds=[2]))
+    for r in found["share_a"]:
+        assert r["verdict"] == "fail" and r["best_attack"] == "span" and float(r["token_f1"]) >= 0.9, r
+    assert [int(r["payload_bytes"]) for r in found["share_a"]] < [int(r["payload_bytes"]) for r in found["naive"]]

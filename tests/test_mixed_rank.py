@@ -206,3 +206,45 @@ def test_mixed_ranks_resume_exactly(tiny_cfg, monkeypatch, mode):
     full = report.read_metrics(runner.simulate(tiny_cfg(**extra)))
     resumed = report.read_metrics(interrupt_and_resume(tiny_cfg(**extra), 2, monkeypatch))
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
+
+
+def _state(tail_scale: float) -> dict[str, torch.Tensor]:
+    """A rank-8 adapter whose components 4-7 are ``tail_scale`` times components 0-3 (same directions' sizes)."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(8, 20, generator=gen, dtype=torch.float64)
+    b = torch.randn(16, 8, generator=gen, dtype=torch.float64)
+    b[:, 4:] *= tail_scale
+    return {_key("m.q", "A"): a, _key("m.q", "B"): b}
+
+
+def test_self_pruning_drops_small_trailing_components_by_the_decay_factor():
+    small, large = _state(0.01), _state(1.0)
+    # by hand: ||B[:, 4:] A[4:]|| against ||B[:, :4] A[:4]||
+    for state, expected in ((small, 4), (large, 8)):
+        a, b = state[_key("m.q", "A")], state[_key("m.q", "B")]
+        ratio = float((b[:, 4:] @ a[4:]).norm() / (b[:, :4] @ a[:4]).norm())
+        assert (ratio < 0.5) == (expected == 4)
+        assert lora.pruned_rank(state, 8, 0.5, 0.5) == expected
+    assert lora.pruned_rank(small, 8, 0.25, 0.5) == 8  # k = 2: components 2-7 hold half the update
+    assert lora.pruned_rank(small, 1, 0.5, 0.5) == 1  # a rank-1 client has nothing to drop
+    zero = {k: torch.zeros_like(v) for k, v in small.items()}
+    assert lora.pruned_rank(zero, 8, 0.5, 0.5) == 8  # nothing trained yet: keep the rank
+
+
+def test_self_pruned_ranks_travel_and_resume_exactly(tiny_cfg, monkeypatch):
+    """With a threshold no update can miss, every client halves its rank each round (2, 4, 8, 16 -> 1, 2, 4, 8 ->
+    1, 1, 2, 4); the server decodes the smaller replies, sends the smaller shares, and a resumed run is identical."""
+    extra = {**MIXED, "federation.lora_aggregation": "zeropad", "adapter.rank_prune_decay": 0.5,
+             "adapter.rank_prune_threshold": 1e9}
+    keys = ("train_loss", "eval_loss", "lora_ranks", "bytes_up", "bytes_down")
+    full = report.read_metrics(runner.simulate(tiny_cfg(**extra)))
+    assert [sorted(r["lora_ranks"].values()) for r in full] == [[1, 2, 4, 8], [1, 1, 2, 4]]
+    assert all(r["replies"] == 4 and r["dropped"] == 0 for r in full)
+    assert full[1]["bytes_up"] < full[0]["bytes_up"] and full[1]["bytes_down"] < full[0]["bytes_down"]
+    resumed = report.read_metrics(interrupt_and_resume(tiny_cfg(**extra), 2, monkeypatch))
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
+
+
+def test_self_pruning_needs_mixed_ranks(tiny_cfg):
+    with pytest.raises(ConfigError, match="rank_prune_decay = 0.5 prunes mixed LoRA ranks"):
+        tiny_cfg(**{"federation.lora_aggregation": "zeropad", "adapter.rank_prune_decay": 0.5})

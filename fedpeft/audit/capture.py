@@ -128,8 +128,10 @@ def _single_step(cfg: Config) -> bool:
             and t.warmup_steps == 0 and t.lr > 0 and unclipped)
 
 
-def observation(model: torch.nn.Module, cfg: Config, cap: Captured) -> Observation:
+def observation(model: torch.nn.Module, cfg: Config, cap: Captured, public: State | None = None) -> Observation:
     """What the server knows about ``cap``: model + base, start adapter, decoded delta, public metadata.
+    ``public``: the seeded initial adapter, which fills in the tensors that never travel (share_a's B, a personal
+    head: the server knows only their init).
 
     ``num_examples`` is the public bound on the examples one round touches: min(reported examples,
     batch size x local steps).
@@ -140,7 +142,8 @@ def observation(model: torch.nn.Module, cfg: Config, cap: Captured) -> Observati
     reported = int(u.metrics.get("num-examples", cfg.train.batch_size))
     steps = num_local_steps(cfg.train, reported)
     touched = max(1, min(reported, cfg.train.batch_size * steps))
-    pairs: list[tuple[State, State]] = [(h.start_state, h.delta) for h in cap.history] + [(u.start_state, u.delta)]
+    pairs: list[tuple[State, State]] = [({**(public or {}), **h.start_state}, h.delta)
+                                        for h in [*cap.history, u]]
     if _single_step(cfg):
         scale = -1.0 / cfg.train.lr
         pairs = [(g, {k: v * scale for k, v in d.items()}) for g, d in pairs]
@@ -299,7 +302,7 @@ def audit_run(cfg: Config, attacks: Sequence[str] | None = None, rounds: Sequenc
             rows, truth = _truth(rt, cfg, cap)
             first = rows[0] if rows else []
             canary = first[common:common + run.CANARY_LEN] or first[-run.CANARY_LEN:]
-            obs = observation(model, cfg, cap)
+            obs = observation(model, cfg, cap, rt.full_state({}))
             prior = _prior(rt, cap.update.partition_id, vocab) if cap.update.partition_id >= 0 else None
             found = attack_update(obs, rows, vocab, cfg, canary, sorted(set(alphabet) | set(canary)), prior)
             row = _row(cfg, cap, truth, rows, found, per_round.get(cap.update.round, {}), density, dense_bytes)

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from fedpeft import adversary, config, lora, models, privacy, protocol, scaffold, tracking, update
 from fedpeft.clients import node_runtime, secagg
 from fedpeft.compression import Layout, make_codec
-from fedpeft.errors import PayloadError
+from fedpeft.errors import ConfigError, PayloadError
 from fedpeft.runtime import Runtime
 from fedpeft.split.plugin import split_of
 from fedpeft.training import client_seed, evaluate_counts, num_local_steps, set_threads, train_local
@@ -40,6 +40,7 @@ LOCAL_DP_STATE = "fedpeft.local-dp"
 BROADCAST_STATE, BROADCAST_ROUND = "fedpeft.broadcast", "fedpeft.broadcast-round"
 SCAFFOLD_STATE = "fedpeft.scaffold"  # SCAFFOLD: this node's control variate c_i
 PERSONAL_STATE = "fedpeft.personal"  # adapter tensors that never leave the node (share_a's B)
+RANK_STATE = "fedpeft.lora-rank"  # mixed ranks: the rank this node pruned itself to (adapter.rank_prune_decay)
 
 
 def _arrays(record: object) -> dict:
@@ -97,10 +98,18 @@ def train(msg: Message, context: Context) -> Message:
     split = split_of(rt)  # before the layout: with split learning only the client side travels
     partition_id = int(context.node_config.get("partition-id", 0)) if data_path else int(
         context.node_config["partition-id"])
-    rank = _rank(cfg, rt, partition_id)
-    layout = rt.layout if rank is None else Layout.from_state(lora.truncate(rt.initial_adapter(), rank))
     instruction = protocol.config_record(msg.content)
-    global_state = receive_global(msg, context, layout, cfg.compression.downlink)
+    rank = _rank(cfg, rt, partition_id, context)
+    if rank is None:
+        global_state = receive_global(msg, context, rt.layout, cfg.compression.downlink)
+    else:  # the server sends this node's rank once it knows it, the whole adapter before (rank_rule = node)
+        sent = int(protocol.number(instruction, "lora-rank"))
+        if not 1 <= sent <= cfg.adapter.r:
+            raise PayloadError(f"instruction lora-rank = {sent} is not between 1 and adapter.r = {cfg.adapter.r}")
+        rank = min(rank, sent)
+        global_state = lora.truncate(receive_global(msg, context, _rank_layout(rt, sent), cfg.compression.downlink),
+                                     rank)
+    layout = rt.layout if rank is None else _rank_layout(rt, rank)
     if cfg.federation.lora_aggregation in lora.CORRECTED:
         lora.set_correction(rt.model, receive_correction(msg, lora.correction_layout(global_state)))
     rnd = int(protocol.number(instruction, "round"))
@@ -134,6 +143,13 @@ def train(msg: Message, context: Context) -> Message:
         state = models.adapter_state(rt.model)
         if rank is not None:  # the components beyond the rank stayed at zero (zero gradients)
             state = lora.truncate(state, rank)
+            if cfg.adapter.rank_prune_decay > 0:  # HetLoRA self-pruning: drop small trailing components
+                new = lora.pruned_rank(state, rank, cfg.adapter.rank_prune_decay, cfg.adapter.rank_prune_threshold)
+                if new < rank:
+                    rank, layout = new, _rank_layout(rt, new)
+                    state, global_state = lora.truncate(state, rank), lora.truncate(global_state, rank)
+                    context.state[RANK_STATE] = ConfigRecord({"rank": rank})
+            extra["lora-rank"] = rank  # the server decodes the reply with this rank's layout
         personal = {k: v for k, v in state.items() if k not in global_state}
         if personal:
             context.state[PERSONAL_STATE] = _record({k: v.numpy() for k, v in personal.items()})
@@ -198,12 +214,27 @@ def _corrector(model: torch.nn.Module, c: models.AdapterState, ci: models.Adapte
     return correct
 
 
-def _rank(cfg: config.Config, rt: Runtime, partition_id: int) -> int | None:
-    """This client's LoRA rank under mixed ranks (adapter.client_ranks), else None (the model's)."""
-    if not cfg.adapter.client_ranks:
+def _rank(cfg: config.Config, rt: Runtime, partition_id: int, context: Context) -> int | None:
+    """This client's LoRA rank under mixed ranks (its partition's, or its node config's ``rank`` under
+    adapter.rank_rule = node; lower once it pruned itself), else None (the model's)."""
+    if not lora.mixed_ranks(cfg.adapter.client_ranks, cfg.adapter.rank_rule):
         return None
-    sizes = [len(p) for p in rt.partitions]
-    return lora.client_ranks(cfg.adapter.client_ranks, cfg.adapter.rank_rule, sizes)[partition_id]
+    if cfg.adapter.rank_rule == "node":
+        own = context.node_config.get("rank", cfg.adapter.r)
+        if isinstance(own, bool) or not isinstance(own, int) or not 1 <= own <= cfg.adapter.r:
+            raise ConfigError(f"node config rank = {own!r}: expected an integer between 1 and adapter.r = "
+                              f"{cfg.adapter.r} (the server's rank)")
+    else:
+        sizes = [len(p) for p in rt.partitions]
+        own = lora.client_ranks(cfg.adapter.client_ranks, cfg.adapter.rank_rule, sizes)[partition_id]
+    if RANK_STATE in context.state:
+        own = min(own, int(protocol.number(protocol.config_record(context.state, RANK_STATE), "rank")))
+    return own
+
+
+def _rank_layout(rt: Runtime, rank: int) -> Layout:
+    """The layout of a rank-``rank`` share of the adapter (mixed ranks)."""
+    return Layout.from_state(lora.truncate(rt.initial_adapter(), rank))
 
 
 def _local_eval(rt: Runtime, dataset: Dataset, cfg: config.Config) -> dict[str, float]:

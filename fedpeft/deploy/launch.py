@@ -85,10 +85,12 @@ class NodeOptions:
     warm: bool = False
     max_wait: float | None = None
     poll_interval: float = 0.5  # seconds between the SuperNode's pulls when idle (Flower 1.41's own: 3)
+    rank: int | None = None  # node config "rank": this node's LoRA rank (adapter.rank_rule = "node")
 
 
 def node_config(opts: NodeOptions) -> str:
-    """The ``--node-config`` string: ``data-path`` (absolute) and/or ``partition-id``/``num-partitions``."""
+    """The ``--node-config`` string: ``data-path`` (absolute) and/or ``partition-id``/``num-partitions``, and
+    ``rank``."""
     items = []
     if opts.data is not None:
         path = Path(opts.data).expanduser().resolve()
@@ -103,6 +105,10 @@ def node_config(opts: NodeOptions) -> str:
         items.append(f"partition-id={int(opts.partition_id)}")
     if opts.num_partitions is not None:
         items.append(f"num-partitions={int(opts.num_partitions)}")
+    if opts.rank is not None:
+        if opts.rank < 1:
+            raise FedPeftError(f"--rank {opts.rank}: a LoRA rank is at least 1")
+        items.append(f"rank={int(opts.rank)}")
     return " ".join(items)
 
 

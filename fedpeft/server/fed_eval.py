@@ -6,9 +6,11 @@ frozen correction. Each node replies with counts (:data:`fedpeft.protocol.EVAL_M
 malformed reply is dropped and logged. The round's row gets the example-weighted (token-weighted for a
 causal LM) ``fed_eval_loss``, ``fed_eval_accuracy`` / ``fed_eval_perplexity``, each node's value in
 ``fed_eval_clients``, their unweighted mean in ``fed_eval_client_mean`` and the worst of them in
-``fed_eval_worst``. Personalization (``federation.personalization = "finetune"``) runs a second evaluation in
-which each node first fine-tunes the received adapter for ``federation.personal_steps`` steps on its own
-training data (seeded; the fine-tuned adapter never leaves the node and is not kept): ``personal_eval_*``.
+``fed_eval_worst``. With a personal head (``federation.personalization = "head"``) or share_a's own ``B`` each
+node evaluates the shared adapter with its own tensors (``fed_eval_model = "personal"``). Personalization
+(``federation.personalization = "finetune"``) runs a second evaluation in which each node first fine-tunes the
+received adapter for ``federation.personal_steps`` steps on its own training data (seeded; the fine-tuned
+adapter never leaves the node and is not kept): ``personal_eval_*``.
 The server draws no random numbers here and the fine-tune is seeded, so a resumed run evaluates exactly as an
 uninterrupted one.
 """
@@ -51,7 +53,8 @@ def evaluations(grid: Grid, global_state: models.AdapterState, layout: Layout, r
     nodes, timeout = sorted(grid.get_node_ids()), cfg.federation.round_timeout or None
     row = federated_evaluate(grid, nodes, evaluate_instruction(global_state, layout, rnd, correction), rnd,
                              cfg.model.task, timeout)
-    row["fed_eval_model"] = "personal" if cfg.federation.lora_aggregation == "share_a" else "global"
+    own = cfg.federation.lora_aggregation == "share_a" or cfg.federation.personalization == "head"
+    row["fed_eval_model"] = "personal" if own else "global"  # with the node's own B / head
     if cfg.federation.personalization == "finetune":
         content = evaluate_instruction(global_state, layout, rnd, correction, cfg.federation.personal_steps)
         row.update(federated_evaluate(grid, nodes, content, rnd, cfg.model.task, timeout, PERSONAL))

@@ -126,7 +126,8 @@ class FederatedServer:
         self.aggregator.seed = cfg.run.seed
         self.correction_layout = lora.correction_layout(self.global_state)  # exact's frozen correction
         self.ranks = (RankPlan(cfg, [len(p) for p in self.rt.partitions], self.global_state)
-                      if cfg.adapter.client_ranks else None)  # mixed LoRA ranks (server/ranks.py)
+                      if lora.mixed_ranks(cfg.adapter.client_ranks, cfg.adapter.rank_rule)
+                      else None)  # mixed LoRA ranks (server/ranks.py)
         self.lora_row: dict[str, float | None] = {}  # this round's lora_agg_error (and svd's truncation error)
         self.adversary = Ledger(cfg, self.rt)  # the simulated attackers, recorded (never aggregated by)
         self.secagg = None
@@ -180,6 +181,8 @@ class FederatedServer:
         self.round = ckpt.round
         self.started = time.time() - float(ckpt.extra.get("elapsed", 0.0))
         self.restore_extra(ckpt.extra)
+        if self.ranks is not None:
+            self.ranks.restore(ckpt.extra.get("lora_ranks", {}))
         log.info("resumed from round %d", self.round)
 
     def extra_state(self) -> dict[str, Any]:
@@ -196,6 +199,8 @@ class FederatedServer:
         tensors = {"global": self.global_state, "optimizer": agg_state, "privacy": privacy_tensors, **downlink_tensors}
         extra = {"elapsed": time.time() - self.started, "optimizer_t": t, "privacy": privacy_meta, **downlink_meta,
                  **self.extra_state()}
+        if self.ranks is not None:  # the ranks learned from the replies (self-pruned, node configs)
+            extra["lora_ranks"] = self.ranks.state()
         split_state = self.split.state() if self.split is not None else None
         if split_state is not None:  # the in-process split body's adapters and optimizer
             tensors["split_body"], extra["split_body"] = split_state
@@ -215,6 +220,8 @@ class FederatedServer:
                 load_nodes(self.checkpoint_dir / "nodes")
             else:  # a new deployment run: nodes start with empty state, so none holds a broadcast state
                 self.downlink.forget_nodes()
+                if self.ranks is not None:  # and each node declares its rank again
+                    self.ranks.restore({})
         partition_of = getattr(grid, "partition_of", None)  # the in-process engine knows each node's partition
         if self.ranks is not None:
             self.ranks.bind(partition_of)
@@ -296,9 +303,11 @@ class FederatedServer:
                     observe(ObservedUpdate(rnd, -1, -1, self.downlink.broadcast, replies.secure_mean,
                                            {"summed": float(len(replies.clients))}))
             return replies
-        layout = self.uplink_layout if self.ranks is None else self.ranks.layout
+        layout = self.uplink_layout if self.ranks is None else self.ranks.reply_layout
         replies = collect(grid, contents, rnd, self.uplink, layout,
                           self.cfg.federation.round_timeout or None, self.checks)
+        if self.ranks is not None:
+            self.ranks.learn(replies)
         if self.checks is not None:
             replies.sanity.update(screen_norms(replies, self.global_state, self.cfg.sanity, rnd))
         for c, delta in zip(replies.clients, replies.deltas):
@@ -377,6 +386,8 @@ class FederatedServer:
                 replies.clients, num_local_steps(self.cfg.train, self.cfg.sanity.max_num_examples),
                 self.cfg.sanity.max_loss, rnd)
         row.update(self.lora_row)
+        if self.ranks is not None:  # each valid reply's LoRA rank (its node's or self-pruned)
+            row["lora_ranks"] = {str(n): self.ranks.learned[n] for n in replies.nodes if n in self.ranks.learned}
         if self.checks is not None or replies.sanity:
             row.update({**dict.fromkeys(SANITY_COUNTS, 0), **replies.sanity})
         for key, nodes in (("dropped_nodes", replies.dropped), ("excluded_nodes", replies.excluded)):

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UP_KEYS = ("bytes_up", "up_positions", "up_values", "up_scales", "up_header", "up_framing")
+ReplyLayout = Callable[[int, dict[str, float]], "Layout"]  # (node, its reply's metrics) -> the payload's layout
 SPLIT_METRICS = ("split-bytes-up", "split-bytes-down", "fl-adapter-bytes-fp32")
 
 
@@ -103,13 +104,13 @@ class RoundReplies:
                 "encode_ms": float(np.mean(encode_ms)) if encode_ms else None,
                 "decode_ms": float(np.mean(self.decode_ms)) if self.decode_ms else None}
 
-    def add(self, reply: Message, uplink: Codec, layout: Layout | Callable[[int], Layout], rnd: int,
+    def add(self, reply: Message, uplink: Codec, layout: Layout | ReplyLayout, rnd: int,
             checks: ReplyChecks | None = None) -> None:
-        """Validate and decode one Flower reply with ``layout`` (or the node's, mixed LoRA ranks); a failed or
+        """Validate and decode one Flower reply with ``layout`` (or the one for the node and its metrics: mixed LoRA
+        ranks, server/ranks.py); a failed or
         malformed one is dropped and logged. ``checks`` (the sanity checks) bound the decoded values and the
         weight, and drop bad metrics."""
         node = reply.metadata.src_node_id
-        layout = layout(node) if callable(layout) else layout
         if reply.has_error():
             why = error_line(reply.error.reason or "")
             self.dropped[node] = f"failed: {why}"
@@ -118,6 +119,8 @@ class RoundReplies:
             return
         try:
             payload, metrics = protocol.parse_reply(reply.content)
+            if callable(layout):
+                layout = layout(node, metrics)
             t_dec = time.perf_counter()
             if checks is None:
                 delta = uplink.decode(payload, layout)
@@ -154,7 +157,7 @@ class RoundReplies:
 
 
 def collect(grid: Grid, contents: dict[int, protocol.RecordDict], rnd: int, uplink: Codec,
-            layout: Layout | Callable[[int], Layout], timeout: float | None,
+            layout: Layout | ReplyLayout, timeout: float | None,
             checks: ReplyChecks | None = None) -> RoundReplies:
     """Send each sampled node its instruction, wait for the replies, validate and decode them (with the
     sanity ``checks`` when given)."""
