@@ -366,3 +366,28 @@ def test_audit_share_a_a_alone_still_gives_the_batch_away(tmp_path):
     for r in found["share_a"]:
         assert r["verdict"] == "fail" and r["best_attack"] == "span" and float(r["token_f1"]) >= 0.9, r
     assert [int(r["payload_bytes"]) for r in found["share_a"]] < [int(r["payload_bytes"]) for r in found["naive"]]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_audit_freeze_a_b_alone_gives_the_batch_away_below_r_tokens(tmp_path):
+    """What freeze_a exposes (measured): the server observes only dB and knows A (the public seeded init); the span
+    attack's B channel reads the client's one-example batch (about 32 distinct tokens) at r = 64 nearly as well as
+    naive's A channel, and at r = 16 (fewer dimensions than tokens) applies and reads nothing. Before, it found
+    no module with a trainable A and the audit's pass had no attack behind it (best attack '-')."""
+    from test_audit_capture import FAST, _rows, _sets
+
+    from fedpeft import config
+    from fedpeft.audit import capture
+
+    found = {}
+    for mode, r in (("naive", 64), ("freeze_a", 64), ("freeze_a", 16)):
+        (tmp_path / f"{mode}{r}").mkdir()
+        cfg = config.load(None, _sets(tmp_path / f"{mode}{r}", **{"federation.lora_aggregation": mode,
+                                                                    "adapter.r": r}))
+        found[mode, r] = _rows(capture.audit_run(cfg, FAST, rounds=[2]))
+    for naive, frozen in zip(found["naive", 64], found["freeze_a", 64]):
+        assert frozen["verdict"] == "fail" and frozen["best_attack"] == "span", frozen
+        assert float(frozen["token_f1"]) >= 0.9 and float(naive["token_f1"]) - float(frozen["token_f1"]) < 0.05
+        assert int(frozen["payload_bytes"]) < int(naive["payload_bytes"])
+    for r in found["freeze_a", 16]:
+        assert r["best_attack"] == "span" and float(r["token_f1"]) == 0.0, r

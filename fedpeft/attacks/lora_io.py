@@ -32,8 +32,10 @@ class LoraModule:
     b_name: str
 
 
-def lora_modules(model: nn.Module) -> list[LoraModule]:
-    """All LoRA A/B pairs of ``model`` (names as in :func:`fedpeft.models.adapter_state`), in order."""
+def lora_modules(model: nn.Module, frozen_a: bool = False) -> list[LoraModule]:
+    """All LoRA A/B pairs of ``model`` (names as in :func:`fedpeft.models.adapter_state`), in order: both
+    factors trainable, or with ``frozen_a`` those whose ``B`` alone trains (FFA-LoRA: ``A`` is the public
+    seeded init, in the model itself, never in an update)."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     found = []
     for name, _ in model.named_modules():
@@ -41,7 +43,7 @@ def lora_modules(model: nn.Module) -> list[LoraModule]:
             continue
         a_name = f"{name}.weight"
         b_name = a_name.replace(".lora_A.", ".lora_B.")
-        if a_name in trainable and b_name in trainable:
+        if (a_name not in trainable) == frozen_a and b_name in trainable:
             m = _LAYER.search(name)
             found.append(LoraModule(name.rsplit(".lora_A.", 1)[0], int(m.group(1)) if m else -1, a_name, b_name))
     return found
@@ -83,13 +85,15 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, paths: list[str]) -> dic
     return got
 
 
-def shared_groups(model: nn.Module, layer: int, token_local: bool, vocab: int) -> list[list[LoraModule]]:
+def shared_groups(model: nn.Module, layer: int, token_local: bool, vocab: int,
+                  frozen_a: bool = False) -> list[list[LoraModule]]:
     """LoRA modules of ``layer`` grouped by identical input (e.g. q/k/v), largest group first.
 
     With ``token_local`` only modules whose input at a position depends on that position's token
-    alone are kept (the first block's normed embeddings, not attention outputs).
+    alone are kept (the first block's normed embeddings, not attention outputs). ``frozen_a``: the modules
+    whose ``A`` is frozen (:func:`lora_modules`).
     """
-    mods = [m for m in lora_modules(model) if m.layer == layer]
+    mods = [m for m in lora_modules(model, frozen_a) if m.layer == layer]
     if not mods:
         return []
     g = torch.Generator().manual_seed(1)

@@ -39,21 +39,40 @@ from fedpeft.attacks.prefix_span import prefix_layout, run_prefix
 log = logging.getLogger(__name__)
 
 
-def first_layer(obs: Observation, layer: int = 0) -> tuple[list, torch.Tensor, bool]:
-    """The q/k/v-like module group of ``layer`` and its candidate inputs (positions × vocab × d)."""
+def first_layer(obs: Observation, layer: int = 0, frozen_a: bool = False) -> tuple[list, torch.Tensor, bool]:
+    """The q/k/v-like module group of ``layer`` and its candidate inputs (positions × vocab × d).
+    ``frozen_a``: the modules whose ``A`` is frozen and only ``B`` travels (FFA-LoRA)."""
     model = obs.working_model()
     vocab = model.get_input_embeddings().num_embeddings
 
     def compute() -> tuple[list, torch.Tensor, bool]:
-        groups = shared_groups(model, layer, token_local=True, vocab=vocab)
+        groups = shared_groups(model, layer, token_local=True, vocab=vocab, frozen_a=frozen_a)
         if not groups:
-            raise NotApplicable("span attack: no token-local LoRA modules in the first block "
-                                "(is this a LoRA adapter with first-block targets?)")
+            raise NotApplicable(f"span attack: no token-local LoRA modules{' with a frozen A' if frozen_a else ''} "
+                                "in the first block (is this a LoRA adapter with first-block targets?)")
         cands, positional = token_inputs(model, groups[0][0].path, vocab, obs.seq_len)
         return groups[0], cands, positional
 
     # the first block's token-local inputs do not depend on the adapter: shareable across clients
-    return obs.memo(f"cands:{layer}", compute, shared=layer == 0)
+    return obs.memo(f"cands:{layer}{':frozen_a' if frozen_a else ''}", compute, shared=layer == 0)
+
+
+def span_group(obs: Observation, layer: int = 0) -> tuple[list, torch.Tensor, bool, bool]:
+    """:func:`first_layer`'s group of modules with both factors trainable, else (FFA-LoRA, only ``B``
+    trains and travels) the frozen-``A`` group; the last value says which (True: ``A`` frozen)."""
+    try:
+        return (*first_layer(obs, layer), False)
+    except NotApplicable:
+        return (*first_layer(obs, layer, frozen_a=True), True)
+
+
+def a_factor(obs: Observation, g_state: dict, module: Any) -> torch.Tensor:
+    """The ``A`` a module's client started from: the global adapter's, or (frozen ``A``, never sent) the
+    public seeded init held by the model."""
+    if module.a_name in g_state:
+        return g_state[module.a_name].to(torch.float64)
+    params = dict(obs.working_model().named_parameters())
+    return params[module.a_name].detach().to(torch.float64)
 
 
 def deeper_layers(obs: Observation) -> list[tuple[list, torch.Tensor]]:
@@ -144,23 +163,26 @@ def a_channel_residuals(obs: Observation, group: list, cands: torch.Tensor, boun
 
 def b_channel_residuals(obs: Observation, group: list, cands: torch.Tensor, bound: int,
                         rounds: str = "all") -> tuple[torch.Tensor, int]:
-    """Mean residual of the projected candidates A·x against each module's dL/dB row space."""
+    """Geometric mean of the residuals of the projected candidates A·x against each module's (and round's)
+    dL/dB row space: near 0 where any view holds the input exactly. (An input can be missing from one view:
+    the first position's query gradient is zero, its softmax has one entry; the arithmetic mean lifted such a
+    token's residual to about 1/3 over q/k/v and out of the accepted bag.)"""
     pairs = update_pairs(obs, rounds)
     total = torch.zeros(cands.shape[:-1], dtype=torch.float64)
     views, rank = 0, 0
     for g_state, upd in pairs:
         for m in group:
-            a = g_state[m.a_name].to(torch.float64)
+            a = a_factor(obs, g_state, m)
             gb = upd[m.b_name].to(torch.float64)
             basis, _ = row_basis(gb, bound)
             if basis.shape[0] == 0 or basis.shape[0] >= a.shape[0]:
                 continue  # zero, or spans all of R^r: no information
-            total += residuals(cands.to(torch.float64) @ a.T, basis)
+            total += residuals(cands.to(torch.float64) @ a.T, basis).clamp_min(1e-300).log()
             views += 1
             rank = max(rank, basis.shape[0])
     if views == 0:
         return torch.ones(cands.shape[:-1], dtype=torch.float64), 0
-    return total / views, rank
+    return (total / views).exp(), rank
 
 
 def scores_from_residuals(res: torch.Tensor, positional: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -235,9 +257,11 @@ def run(obs: Observation, channel: str = "auto", rounds: str = "all", bound: int
         raise ValueError(f"span cut must be 'gap' or 'outlier', got {cut!r}")
     if prefix_layout(obs.working_model()) is not None:
         return run_prefix(obs, rounds, bound, threshold)
-    group, cands, positional = first_layer(obs, layer)
+    group, cands, positional, frozen = span_group(obs, layer)
     bound = bound or obs.token_bound
-    a_zero = all(float(upd[m.a_name].abs().max()) == 0.0 for _, upd in obs.updates() for m in group)
+    if frozen and channel == "A":
+        raise NotApplicable("span channel 'A': A is frozen (FFA-LoRA), only dL/dB travels")
+    a_zero = frozen or all(float(upd[m.a_name].abs().max()) == 0.0 for _, upd in obs.updates() for m in group)
     use = channel if channel != "auto" else ("B" if a_zero else "A")
     if use == "A":
         res, k = a_channel_residuals(obs, group, cands, bound, rounds)
