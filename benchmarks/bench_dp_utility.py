@@ -55,7 +55,8 @@ def run_one(eps: float, setting: str, out_dir: str) -> dict[str, object]:
     overrides: dict[str, object] = {"output.dir": out_dir, "output.plots": False, "privacy.delta": 1e-4}
     if eps > 0:
         # release_client_metrics: the clients report their accountant's epsilon (a benchmark, not a deployment)
-        overrides.update({"privacy.mode": "local", "privacy.target_epsilon": eps, "privacy.release_client_metrics": True})
+        overrides.update({"privacy.mode": "local", "privacy.target_epsilon": eps,
+                          "privacy.release_client_metrics": True})
     overrides.update(parse_setting(setting))
     start = time.perf_counter()
     result = fedpeft.simulate(None, overrides)

