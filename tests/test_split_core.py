@@ -30,7 +30,10 @@ SEED = 5
 
 
 def _train_cfg(**kw: object) -> TrainSection:
-    base = {"local_steps": 4, "batch_size": 4, "lr": 0.03, "max_grad_norm": 0.0, "eval_batch_size": 16}
+    # fp32 on both sides: split learning has no autocast, so the monolithic reference must not use the default
+    # train.precision (auto: bf16 on a CPU with native bf16) either
+    base = {"local_steps": 4, "batch_size": 4, "lr": 0.03, "max_grad_norm": 0.0, "eval_batch_size": 16,
+            "precision": "fp32"}
     base.update(kw)
     return TrainSection(**base)  # type: ignore[arg-type]
 
