@@ -85,9 +85,9 @@ def test_k_all_clients_on_real_time_is_synchronous_fedavg(make_cfg):
                                                                         for i in range(3)]
 
 
-def test_a_held_back_node_is_not_waited_for_and_arrives_down_weighted(make_cfg, monkeypatch):
-    monkeypatch.setattr(async_grid, "POLL_SECONDS", 0.01)
-    run_dir = _run(make_cfg(**{"federation.buffer_size": 2, "federation.rounds": 4}), hold=2)
+def test_a_held_back_node_is_not_waited_for_and_arrives_down_weighted(make_cfg):
+    run_dir = _run(make_cfg(**{"federation.buffer_size": 2, "federation.rounds": 4, "federation.poll_interval": 0.01}),
+                   hold=2)
     rows = report.read_metrics(run_dir)
     buffered = [sorted(tuple(b) for b in r["buffered"]) for r in rows]
     # updates 1 and 2 are applied from nodes 0 and 1 while node 2's first reply (sent with version 0) is held back
@@ -120,10 +120,9 @@ class FewReplies:
         return replies
 
 
-def test_a_silent_node_is_given_up_after_round_timeout_and_a_superlink_error_names_its_node(monkeypatch, tmp_path):
-    monkeypatch.setattr(async_grid, "POLL_SECONDS", 0.01)
+def test_a_silent_node_is_given_up_after_round_timeout_and_a_superlink_error_names_its_node(tmp_path):
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    flights = async_grid.LiveFlights(FewReplies(), 0.05, tmp_path / CLIENTS_FILE)  # type: ignore[arg-type]
+    flights = async_grid.LiveFlights(FewReplies(), 0.05, tmp_path / CLIENTS_FILE, 0.01)  # type: ignore[arg-type]
     flights.dispatch([Message(RecordDict(), node, "train", group_id="3") for node in (1007, 1008)])
     failed, late = flights.next_reply(), flights.next_reply()
     assert failed is not None and failed.metadata.src_node_id == 1008 and failed.error.reason == "objects unavailable"

@@ -4,9 +4,9 @@ the virtual clock).
 :class:`LiveFlights` offers the two calls the buffered server needs, as :class:`~fedpeft.simulation.clocked.
 ClockedGrid` does in simulated time: :meth:`~LiveFlights.dispatch` pushes training messages with
 ``grid.push_messages`` and returns at once; :meth:`~LiveFlights.next_reply` hands over the replies one at a time
-in the order they came back, pulling them with ``grid.pull_messages`` every :data:`POLL_SECONDS` while none is
-waiting. Nothing is waited for as a cohort: the server keeps ``federation.concurrency`` messages in flight and
-refills a node as soon as its reply is in.
+in the order they came back, pulling them with ``grid.pull_messages`` every ``federation.poll_interval`` seconds
+while none is waiting. Nothing is waited for as a cohort: the server keeps ``federation.concurrency`` messages in
+flight and refills a node as soon as its reply is in.
 
 A message unanswered after ``federation.round_timeout`` seconds (0: no limit) is given up: it comes back as a
 failed reply ("no reply within ..."), so its node is free again; a reply that still arrives later is never
@@ -31,9 +31,6 @@ from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.5  # between two pulls while no reply is waiting (Flower's own send_and_receive sleeps 3 s)
-
-
 @dataclass
 class Flight:
     """A pushed message and when it left (``time.monotonic()``)."""
@@ -45,8 +42,8 @@ class Flight:
 class LiveFlights:
     """Training messages in flight on ``grid``; replies queue in the order they are pulled."""
 
-    def __init__(self, grid: Grid, timeout: float | None, log_path: Path) -> None:
-        self.grid, self.timeout, self.log_path = grid, timeout, log_path
+    def __init__(self, grid: Grid, timeout: float | None, log_path: Path, poll_seconds: float) -> None:
+        self.grid, self.timeout, self.log_path, self.poll_seconds = grid, timeout, log_path, poll_seconds
         self.started = time.monotonic()
         self.flights: dict[str, Flight] = {}  # message id -> flight, in the order pushed
         self.arrived: deque[Message] = deque()
@@ -79,7 +76,7 @@ class LiveFlights:
             if not self.arrived:
                 self._expire()
             if not self.arrived and self.flights:
-                time.sleep(POLL_SECONDS)
+                time.sleep(self.poll_seconds)
         return self.arrived.popleft() if self.arrived else None
 
     def arrives_now(self) -> bool:

@@ -80,7 +80,8 @@ class BufferedServer(FederatedServer):
         if hasattr(grid, "dispatch"):
             self.flights = grid
         else:
-            self.flights = LiveFlights(grid, self.cfg.federation.round_timeout or None, self.run_dir / CLIENTS_FILE)
+            self.flights = LiveFlights(grid, self.cfg.federation.round_timeout or None, self.run_dir / CLIENTS_FILE,
+                                       self.cfg.federation.poll_interval)
             self.dispatched.clear()
             if not hasattr(grid, "load_node_states"):
                 self.residual_version.clear()
