@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from fedpeft import config, report
@@ -132,3 +133,34 @@ def test_fedbuff_waits_for_and_sends_only_to_clients_the_trace_has_online(setup,
     assert 1001 not in {e["node"] for e in log}
     assert [(e["node"], e["start"]) for e in log[:2]] == [(1000, 3.0), (1002, 3.0)]  # filled when two were online
     assert [r["replies"] for r in report.read_metrics(run_dir)] == [2, 2]
+
+
+def test_observers_see_each_buffered_update_with_the_adapter_its_client_was_sent(setup):
+    """The audit's capture hook under FedBuff: every applied update, decoded and not yet staleness-weighted, with
+    the global adapter of the round its message carried (checked against the same run cut short)."""
+    from fedpeft.runtime import get_runtime
+    from fedpeft.server.loop import ObservedUpdate
+
+    extra = {"federation.buffer_size": 2, "federation.rounds": 3, "devices.profiles": setup["profiles"]}
+    seen: list[ObservedUpdate] = []
+    cfg = setup["cfg"](**extra)
+    full = runner.simulate(cfg, observers=[seen.append])
+    rows = report.read_metrics(full)
+    stale = [int(u.metrics["staleness"]) for u in seen]
+    applied = sorted((u.round + s, u.node, u.partition_id, s) for u, s in zip(seen, stale))
+    assert applied == sorted((r["round"], *b) for r in rows for b in r["buffered"])
+    assert max(stale) == 2  # the straggler: sent in round 1, applied in update 3
+    sent = {1: get_runtime(cfg).initial_adapter()}
+    for cut in (1, 2, 3):
+        run_dir = full if cut == 3 else runner.simulate(setup["cfg"](**{**extra, "federation.rounds": cut}))
+        sent[cut + 1] = load_file(str(run_dir / "checkpoint" / "global.safetensors"))
+    for u in seen:
+        assert u.start_state.keys() == sent[u.round].keys()
+        assert all(u.start_state[k].equal(sent[u.round][k]) for k in u.start_state), (u.round, u.node)
+    # update 3 = the global after update 2 + the example-weighted mean of the observed deltas, each scaled by
+    # 1 / sqrt(1 + staleness) by the server: what was observed is the decoded delta before that scaling
+    last = [(u, s) for u, s in zip(seen, stale) if u.round + s == 3]
+    total = sum(u.metrics["num-examples"] for u, _ in last)
+    for k in sent[4]:
+        step = sum(u.metrics["num-examples"] * asynchronous.staleness_weight(s, 0.5) * u.delta[k] for u, s in last)
+        assert torch.allclose(sent[4][k], sent[3][k] + step / total, atol=1e-6), k

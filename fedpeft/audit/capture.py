@@ -4,9 +4,11 @@ The scenario runs on the in-process engine (:func:`fedpeft.simulation.runner.sim
 a capture starts, so this module needs no Flower) with an observer in the server loop
 (:class:`fedpeft.server.loop.ObservedUpdate`): every update the server decoded — after the real uplink
 codec, the client's clip and any local DP noise — is kept (references, no copies) for the selected
-rounds and clients. After the run each one becomes an attack :class:`~fedpeft.attacks.observation.Observation`
-(the run's model and frozen base, the adapter the client started from, the decoded delta, the public
-``[train]`` metadata, optionally the same client's earlier updates) and the configured attacks run on it.
+rounds and clients (under FedBuff every buffered update, with the adapter its client was sent:
+:mod:`fedpeft.server.asynchronous`). After the run each one becomes an attack
+:class:`~fedpeft.attacks.observation.Observation` (the run's model and frozen base, the adapter the client
+started from, the decoded delta, the public ``[train]`` metadata, optionally the same client's earlier
+updates) and the configured attacks run on it.
 
 Ground truth (metrics only): the tokens of the examples the client trained on in that round. Without
 local DP the client's seeded sampler is replayed (:func:`drawn_indices`: ``client_seed`` and
@@ -48,9 +50,9 @@ if TYPE_CHECKING:  # the server loop imports flwr: audit/ names the type only
 log = logging.getLogger(__name__)
 
 #: audit.csv columns of a captured run (one row per attacked (round, client) update)
-COLUMNS = ["round", "client", "node", "truth", "examples", "stacked", "density", "verdict", "best_attack", "token_f1",
-           "rouge2", "exact", "top_true", "baseline", "lift", "chance", "hit_pvalue", "canary_exposure", "epsilon",
-           "epsilon_client",
+COLUMNS = ["round", "client", "node", "staleness", "truth", "examples", "stacked", "density", "verdict", "best_attack",
+           "token_f1", "rouge2", "exact", "top_true", "baseline", "lift", "chance", "hit_pvalue", "canary_exposure",
+           "epsilon", "epsilon_client",
            "payload_bytes", "dense_bytes", "train_loss", "eval_accuracy", "eval_loss", "eval_perplexity", "seconds"]
 UpdateCallback = Callable[[int, int, dict[str, Any]], None]
 
@@ -259,7 +261,9 @@ def _row(cfg: Config, cap: Captured, truth: str, rows: list[list[int]], found: d
     payload = (metrics.get("bytes_up", 0) - metrics.get("up_framing", 0)) / replies
     eps_client = metrics.get("epsilon_client")
     eps = u.metrics.get("epsilon-local", eps_client if eps_client is not None else math.inf)
-    return {"round": u.round, "client": u.partition_id, "node": u.node, "truth": truth, "examples": len(rows),
+    stale = u.metrics.get("staleness")  # FedBuff only
+    return {"round": u.round, "client": u.partition_id, "node": u.node,
+            "staleness": None if stale is None else int(stale), "truth": truth, "examples": len(rows),
             "stacked": len(cap.history), "density": density, **found, "epsilon": float(eps),
             "epsilon_client": eps_client, "payload_bytes": int(payload), "dense_bytes": dense_bytes,
             "train_loss": u.metrics.get("train-loss"), "eval_accuracy": metrics.get("eval_accuracy"),
@@ -370,7 +374,7 @@ def write(out: Path, cfg: Config, rows: list[dict[str, Any]], metrics: list[dict
         text += [report.markdown_table(cols, table), "\n### Per attack (token F1, then top_true)\n",
                  report.markdown_table(["round", "client", *(f"F1 {x}" for x in attacks),
                                         *(f"top {x}" for x in attacks)], detail)]
-    text += ["", "## Legend\n", *metric_legend(cfg), *NOTES]
+    text += ["", "## Legend\n", *metric_legend(cfg), *NOTES, *(FEDBUFF_NOTES if cfg.federation.buffer_size else [])]
     (out / "audit.md").write_text("\n".join(text) + "\n")
     if cfg.output.plots and rows:
         plot(rows, out / "audit.png")
@@ -388,4 +392,9 @@ NOTES = [
     "- **payload_bytes**: mean encoded uplink payload per reply in that round (metrics.jsonl `bytes_up` minus "
     "Flower framing, over the replies); **eval_accuracy** / **eval_perplexity**: the global model after that round "
     "(`-` where the round did not evaluate).",
+]
+FEDBUFF_NOTES = [
+    "- **FedBuff** (`federation.buffer_size`): **round** is the round the client was sent, i.e. it trained from the "
+    "global adapter after round - 1 (and its sampler is replayed for that round); audit.csv's **staleness** says how "
+    "many updates later the server applied it. The attacked delta is the decoded one, before the staleness weight.",
 ]

@@ -15,6 +15,11 @@ weights stay as they are, so the step is sum_i w_i s_i delta_i / sum_i w_i: with
 FedBuff's (1/K) sum_i s_i delta_i, with tau = 0 FedAvg's weighted mean. A client whose error-feedback
 residual was made more than ``federation.max_staleness`` versions ago is told to start from zero.
 
+Observers (the privacy audit's capture, :mod:`fedpeft.audit.capture`) see every update of the buffer as the
+server decoded it, after the sanity screen and before the staleness weighting (the server's own scaling), with the
+global adapter its client was sent; its ``round`` is the round that message carried (so the client's seeded
+sampler replays), ``metrics["staleness"]`` says how many updates later it was applied.
+
 Client-level DP, SecAgg+, split learning, exact/svd LoRA aggregation, federated evaluation and lossy
 downlinks are refused (:func:`fedpeft.simulation.clock.check_async`); local DP-SGD is accounted by each client
 as in synchronous runs. Replies are validated and decoded as in synchronous rounds (a bad one is dropped and
@@ -35,9 +40,10 @@ from flwr.serverapp import Grid
 
 from fedpeft import protocol
 from fedpeft.config import Config
+from fedpeft.models import AdapterState
 from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
 from fedpeft.server.async_grid import LiveFlights
-from fedpeft.server.loop import FederatedServer, Observer, connected_nodes
+from fedpeft.server.loop import FederatedServer, ObservedUpdate, Observer, connected_nodes
 from fedpeft.server.replies import RoundReplies
 from fedpeft.server.sanity import screen_norms
 from fedpeft.simulation.clock import CLIENTS_FILE
@@ -60,6 +66,7 @@ class BufferedServer(FederatedServer):
         self.dispatched: dict[int, int] = {}  # node in flight -> the version it trains from
         self.residual_version: dict[int, int] = {}  # node -> the version its error-feedback residual was made at
         self.async_row: dict[str, Any] = {}
+        self.sent_states: dict[int, AdapterState] = {}  # with observers: version -> the adapter sent as it
         self.flights: Any = None  # the ClockedGrid itself, or LiveFlights around a real Grid
         super().__init__(cfg, run_dir, resume=resume, observers=observers, runtimes=runtimes)
         fed = cfg.federation
@@ -111,6 +118,8 @@ class BufferedServer(FederatedServer):
                 sizes[id(contents[node])] = protocol.record_bytes(contents[node])
             self.dispatched[node] = self.residual_version[node] = version
             replies.bytes_down += sizes[id(contents[node])]
+        if self.observers:
+            self.sent_states.setdefault(version, self.downlink.start_state(chosen[0]))  # lossless: one state
         self.flights.dispatch([Message(contents[n], n, protocol.TRAIN, group_id=str(rnd)) for n in chosen])
         return chosen
 
@@ -139,6 +148,8 @@ class BufferedServer(FederatedServer):
                 sent += self._fill(grid, rnd, refused, replies)
         if self.checks is not None:
             replies.sanity.update(screen_norms(replies, self.global_state, self.cfg.sanity, rnd))
+        if self.observers:
+            self._observe(replies, rnd)
         exponent = self.cfg.federation.staleness_exponent
         replies.clients = [c if c.delta is None else replace(c, delta={
             key: v * staleness_weight(c.staleness, exponent) for key, v in c.delta.items()}) for c in replies.clients]
@@ -147,6 +158,23 @@ class BufferedServer(FederatedServer):
                           "staleness_max": max(stale) if stale else None, "in_flight": len(self.dispatched),
                           "buffered": [[c.node, _partition(c.metrics), c.staleness] for c in replies.clients]}
         return sent, replies
+
+    def _observe(self, replies: RoundReplies, rnd: int) -> None:
+        """Hand each buffered update to the observers (see the module docstring); forget the adapters no reply
+        in flight trained from. An update whose adapter is unknown (sent before a resume) is not observed."""
+        version = rnd - 1
+        for c in replies.clients:
+            start = version - c.staleness
+            sent = self.sent_states.get(start)
+            if c.delta is None or sent is None:
+                log.info("update %d: node %s's update (version %d) is not observed: its adapter is unknown",
+                         rnd, c.node, start)
+                continue
+            for observe in self.observers:
+                observe(ObservedUpdate(start + 1, c.node, int(c.metrics.get("partition-id", -1)), sent, c.delta,
+                                       {**c.metrics, "staleness": float(c.staleness)}))
+        waiting = set(self.dispatched.values())
+        self.sent_states = {v: state for v, state in self.sent_states.items() if v in waiting}
 
     def run_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
         """One applied update (K arrivals); the row also holds the staleness of what was applied."""
