@@ -7,6 +7,10 @@ shaped like the TOML, a :class:`~fedpeft.config.Config`, or nothing (the embedde
 torch ``Dataset`` whose items are dicts) are written once to a content-addressed JSONL file under the
 output directory and used as ``data.source = "file"``, so every engine, ``--resume`` and the run's
 ``config.toml`` see the same file.
+
+``progress=True`` shows what ``fedpeft simulate`` shows on stderr: a line per finished round and the clients'
+local steps with an ETA (a live line on a terminal, plain lines elsewhere, e.g. in a notebook or a log);
+a function instead of True is given each of those lines. Off by default; it changes nothing in the results.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import threading
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +33,9 @@ from fedpeft.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import torch
+    from rich.console import Console
+
+    from fedpeft.progress import StepProgress
 
 ConfigLike = Config | str | Path | Mapping[str, Any] | None
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -143,14 +150,36 @@ def following(run_dir: Path, callback: RoundCallback, seen: int = 0) -> Iterator
         raise failed[0]
 
 
+@contextmanager
+def showing(run_dir: Path, rounds: int, seen: int, to: Console | Callable[[str], None]) -> Iterator[StepProgress]:
+    """Show a run's progress while the block runs: each round recorded after the first ``seen`` as one line, and
+    the clients' local steps through the yielded :class:`~fedpeft.progress.StepProgress` (hand it to
+    :func:`fedpeft.simulation.runner.execute`). ``to``: a rich Console (the steps in a status line on a
+    terminal, plain lines elsewhere) or a function given each line."""
+    from rich.console import Console
+
+    from fedpeft.progress import StepProgress, console_progress
+
+    if not isinstance(to, Console):
+        with following(run_dir, lambda row: to(report.round_line(row, rounds)), seen):
+            yield StepProgress(rounds, to, live=False)
+        return
+    console = to
+    with following(run_dir, lambda row: console.print(report.round_line(row, rounds), markup=False,
+                                                      highlight=False), seen), \
+            console.status("loading model and data, training ...") as status:
+        yield console_progress(console, status, rounds)
+
+
 def simulate(config: ConfigLike = None, overrides: Mapping[str, Any] | Sequence[str] = (), *,
              data: Iterable[Mapping[str, Any]] | None = None, engine: str | None = None,
-             callbacks: Sequence[RoundCallback] = (), progress: bool = False,
+             callbacks: Sequence[RoundCallback] = (), progress: bool | Callable[[str], None] = False,
              resume: str | Path | None = None) -> RunResult:
     """Run a simulation and return its :class:`RunResult`.
 
     ``data``: your own examples instead of ``data.source`` (see the module docstring). ``callbacks`` are
-    called with each round's metrics row as it is recorded; ``progress`` prints one line per round.
+    called with each round's metrics row as it is recorded; ``progress`` shows round lines and the clients'
+    steps with an ETA on stderr (True) or hands each line to the function given (both engines).
     ``resume``: a run directory to continue (``config``, ``overrides`` and ``data`` are then not used).
     """
     from fedpeft.simulation import runner
@@ -162,17 +191,19 @@ def simulate(config: ConfigLike = None, overrides: Mapping[str, Any] | Sequence[
             path = dataset_file(data, Path(cfg.output.dir) / "datasets")
             cfg = resolve_config(cfg, {"data.source": "file", "data.path": str(path.resolve())})
     cfg, run_dir = runner.prepare(cfg, None if resume is None else Path(resume))
-    hooks = list(callbacks)
-    if progress:
-        from rich.console import Console
-
-        console, total = Console(stderr=True), cfg.federation.rounds
-        hooks.append(lambda row: console.print(report.round_line(row, total), markup=False, highlight=False))
+    seen = len(report.read_metrics(run_dir))
 
     def each(row: dict[str, Any]) -> None:
-        for hook in hooks:
+        for hook in callbacks:
             hook(row)
 
-    with following(run_dir, each, len(report.read_metrics(run_dir))):
-        runner.execute(cfg, run_dir, resume is not None, engine)
+    with ExitStack() as stack:
+        stack.enter_context(following(run_dir, each, seen))
+        steps = None
+        if progress:
+            from rich.console import Console
+
+            to = Console(stderr=True) if progress is True else progress
+            steps = stack.enter_context(showing(run_dir, cfg.federation.rounds, seen, to))
+        runner.execute(cfg, run_dir, resume is not None, engine, progress=steps)
     return RunResult(run_dir, cfg, report.read_metrics(run_dir))

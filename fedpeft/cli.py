@@ -19,7 +19,6 @@ from rich.table import Table
 from fedpeft import api, config, report
 from fedpeft.cli_parser import build_parser
 from fedpeft.errors import FedPeftError, error_line
-from fedpeft.progress import console_progress
 
 console = Console(stderr=True)
 
@@ -51,14 +50,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         console.print(f"run directory [bold]{run_dir}[/] · model {cfg.model.name} · {cfg.adapter.type} · "
                       f"{cfg.data.num_clients} clients · {cfg.federation.rounds} rounds · engine "
                       f"{args.engine or cfg.run.engine}")
-    total = cfg.federation.rounds
     try:
         with contextlib.ExitStack() as shown:
             progress = None
             if not args.quiet:  # round lines, and the clients' steps in the spinner's line (plain lines off a TTY)
-                shown.enter_context(api.following(run_dir, _print_round(total), done_rounds))
-                status = shown.enter_context(console.status("loading model and data, training ..."))
-                progress = console_progress(console, status, total)
+                progress = shown.enter_context(api.showing(run_dir, cfg.federation.rounds, done_rounds, console))
             runner.execute(cfg, run_dir, resume=args.resume is not None, engine=args.engine, progress=progress)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]; continue with: fedpeft simulate --resume {run_dir}")

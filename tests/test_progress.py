@@ -64,6 +64,12 @@ def test_plain_lines_once_per_client_and_every_few_seconds_in_between() -> None:
     assert [line.split(" · ")[2] for line in lines] == ["step 15/20", "step 20/20"]
     p.begin(1, "evaluate", 0, 2)  # federated evaluation: no steps, no ETA
     assert p.line() == "round 1/1 · evaluating client 1/2"
+    late, lines = StepProgress(1, lines.append, live=False, every=15.0, clock=clock), []
+    late.emit = lines.append
+    clock.now += 60.0  # loading the model took longer than `every`: the start of the steps is no news
+    late.begin(1, "train", 0, 2)
+    late.step(0, 4)
+    assert lines == []
 
 
 def test_live_line_is_rewritten_at_most_four_times_a_second() -> None:
@@ -123,3 +129,91 @@ def test_simulate_shows_each_clients_steps_and_quiet_shows_none_with_identical_r
     assert " · step " not in err and "round 1/2 |" not in err and "run directory" not in err
     assert f"run {quiet.name}" in err  # the summary table
     assert _results(shown) == _results(quiet)  # metrics and the final adapter, bit for bit
+
+
+# ---- the Python API and the Ray engine -----------------------------------------------------------------------
+
+def test_api_progress_shows_steps_and_rounds_and_changes_no_result(
+        tiny_cfg, capsys: pytest.CaptureFixture[str], one_thread: None) -> None:
+    import fedpeft
+
+    cfg = tiny_cfg(**{"federation.rounds": 2, "data.num_clients": 2, "train.local_steps": 4})
+    lines: list[str] = []
+    to_function = fedpeft.simulate(cfg, progress=lines.append)
+    steps = [line.split(" · ETA ")[0] for line in lines if " · step " in line]
+    assert steps == [f"round {r}/2 · client {c}/2 · step 4/4" for r in (1, 2) for c in (1, 2)], lines
+    assert sum(line.startswith("round 2/2 | clients 2/2") for line in lines) == 1  # the round lines too
+    capsys.readouterr()
+    on_stderr = fedpeft.simulate(cfg, progress=True)
+    err = capsys.readouterr().err
+    assert "round 1/2 · client 2/2 · step 4/4 · ETA round" in err and "round 2/2 | clients 2/2" in err
+    silent = fedpeft.simulate(cfg)
+    assert capsys.readouterr().err == ""  # off by default
+    assert _results(to_function.run_dir) == _results(on_stderr.run_dir) == _results(silent.run_dir)
+
+
+def _event(t: float, rnd: int, node: int, step: int, steps: int = 10) -> dict:
+    return {"round": rnd, "node": node, "step": step, "steps": steps, "t": t}
+
+
+def test_parallel_progress_counts_all_clients_steps_and_times_the_round_by_wall_time() -> None:
+    from fedpeft.progress import ParallelProgress
+
+    clock, lines = Clock(), []
+    p = ParallelProgress(3, lines.append, live=False, every=1e9, clock=clock)
+    p.feed({"round": 1, "kind": "train", "count": 4, "t": 100.0})
+    for node in (1, 2):  # two actors at once; each step takes them 2 s: one step per second together
+        p.feed(_event(130.0, 1, node, 0))  # 30 s of set-up before the first step is not step time
+    for i in range(1, 11):
+        for node in (1, 2):
+            p.feed(_event(130.0 + 2 * i, 1, node, i))
+    assert p.rate() == pytest.approx(20 / 20)  # wall seconds per client step, the actors together
+    assert lines[-1] == "round 1/3 · 2/4 clients done · 0 training · steps 20/40 · ETA round 0:20 · run 1:40"
+    p.feed(_event(150.0, 1, 3, 0))
+    p.feed(_event(160.0, 1, 3, 5))
+    assert p.line().startswith("round 1/3 · 2/4 clients done · 1 training · steps 25/40")
+    p.feed({"round": 1, "kind": "evaluate", "count": 4, "t": 180.0})  # same round: its start is kept
+    assert p.line() == "round 1/3 · evaluating on 4 client(s)"
+    p.feed({"round": 2, "kind": "train", "count": 4, "t": 190.0})
+    assert p.last_round_seconds == pytest.approx(90.0) and p.rate() == pytest.approx(30 / 25)
+    p.feed(_event(191.0, 1, 4, 10))  # a late event of the last round changes nothing
+    p.feed(_event(200.0, 2, 1, 0))
+    p.feed(_event(201.2, 2, 1, 1))
+    left = p.eta()
+    assert left is not None and left[1] == pytest.approx(left[0] + 90.0)  # one more round, as long as round 1
+
+
+def test_events_from_other_processes_reach_the_display_and_the_file_is_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from fedpeft.progress import PROGRESS_KEY, ParallelProgress, append_event, following_events, step_writer
+
+    events, lines = tmp_path / "progress.jsonl", []
+    p = ParallelProgress(1, lines.append, live=False, every=1e9)
+    writer = ("import sys; from fedpeft.progress import step_writer\n"
+              f"hook = step_writer({{{PROGRESS_KEY!r}: sys.argv[1]}}, 1, int(sys.argv[2]))\n"
+              "[hook(i, 50) for i in range(51)]")
+    with following_events(events, p, poll=0.05):
+        append_event(events, {"round": 1, "kind": "train", "count": 2, "t": 0.0})
+        procs = [subprocess.Popen([sys.executable, "-c", writer, str(events), str(n)]) for n in (7, 8)]
+        assert [proc.wait() for proc in procs] == [0, 0]
+    assert not events.exists()
+    # each process wrote its first and last step (the ones between are throttled to one per 0.5 s)
+    assert lines[-1].startswith("round 1/1 · 2/2 clients done · 0 training · steps 100/100"), lines
+    assert step_writer({}, 1, 1) is None and step_writer({PROGRESS_KEY: ""}, 1, 1) is None  # no progress asked
+
+
+@pytest.mark.slow
+def test_ray_actors_steps_reach_the_drivers_display(tiny_cfg) -> None:
+    pytest.importorskip("ray", reason="the ray engine needs: pip install 'fedpeft[ray]'")
+    import fedpeft
+
+    cfg = tiny_cfg(**{"federation.rounds": 2, "run.threads": 1, "train.local_steps": 4})
+    lines: list[str] = []
+    result = fedpeft.simulate(cfg, engine="ray", progress=lines.append)
+    for rnd in (1, 2):  # every client's last step came from its actor, through the run directory
+        assert any(line.startswith(f"round {rnd}/2 · 3/3 clients done · 0 training · steps 12/12") for line in lines), \
+            lines
+    assert sum(line.startswith("round 2/2 | clients 3/3") for line in lines) == 1
+    assert not (result.run_dir / "progress.jsonl").exists()

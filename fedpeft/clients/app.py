@@ -30,6 +30,7 @@ from fedpeft import adversary, config, lora, models, privacy, protocol, scaffold
 from fedpeft.clients import node_runtime, secagg
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import ConfigError, PayloadError
+from fedpeft.progress import step_writer
 from fedpeft.runtime import Runtime
 from fedpeft.split.plugin import split_of
 from fedpeft.training import client_seed, evaluate_counts, num_local_steps, set_threads, train_local
@@ -138,7 +139,8 @@ def train(msg: Message, context: Context) -> Message:
                              proximal_mu=protocol.number(instruction, "proximal-mu"), dp=local_dp,
                              fisher=codec.wants_fisher, step_every=cfg.tracking.step_every,
                              grad_hook=None if controls is None else _corrector(rt.model, *controls),
-                             on_step=getattr(context, "on_step", None))  # the in-process engine's progress
+                             on_step=getattr(context, "on_step", None)  # the in-process engine's progress
+                             or step_writer(context.run_config, rnd, context.node_id))  # Ray's (progress.py)
         extra.update(tracking.step_metrics(result.step_log))
         state = models.adapter_state(rt.model)
         if rank is not None:  # the components beyond the rank stayed at zero (zero gradients)

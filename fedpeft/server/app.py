@@ -19,6 +19,7 @@ from fedpeft import config, versions
 from fedpeft.adversary import require_simulation
 from fedpeft.rundir import new_run_dir
 from fedpeft.runtime import runtimes_of
+from fedpeft.server.announcing import announcing
 from fedpeft.server.asynchronous import BufferedServer
 from fedpeft.server.loop import FederatedServer, Observer
 from fedpeft.server.polling import with_poll_interval
@@ -42,6 +43,7 @@ def make_app(observers: Sequence[Observer] = ()) -> ServerApp:
         resume = bool(context.run_config.get("resume", False))
         server = BufferedServer if cfg.federation.buffer_size else FederatedServer  # FedBuff: asynchronous.py
         grid = with_poll_interval(grid, cfg.federation.poll_interval)  # a deployment: Flower's 3 s -> ours
+        grid = announcing(grid, context.run_config)  # the Ray engine's step progress (fedpeft/progress.py)
         server(cfg, run_dir, resume=resume, observers=observers, runtimes=runtimes_of(context)).run(grid)
 
     return server_app

@@ -13,17 +13,26 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedpeft.config import Config
 from fedpeft.deploy import flower
 from fedpeft.errors import FedPeftError, error_line
+from fedpeft.progress import PROGRESS_FILE, PROGRESS_KEY, ParallelProgress, following_events
+
+if TYPE_CHECKING:
+    from fedpeft.progress import StepProgress
 
 log = logging.getLogger(__name__)
 
 
-def run_ray(cfg: Config, run_config: dict) -> None:
-    """Run the scenario on Flower's Ray backend; returns when the run has finished."""
+def run_ray(cfg: Config, run_config: dict, progress: StepProgress | None = None) -> None:
+    """Run the scenario on Flower's Ray backend; returns when the run has finished.
+
+    ``progress``: its display shows the actors' local steps (:class:`~fedpeft.progress.ParallelProgress`, fed
+    through ``RUN/progress.jsonl``)."""
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -44,8 +53,13 @@ def run_ray(cfg: Config, run_config: dict) -> None:
         gpus = int(fed.ray_num_gpus) if float(fed.ray_num_gpus).is_integer() else fed.ray_num_gpus
         fed_cfg = (f"num-supernodes={cfg.data.num_clients} client-resources-num-cpus={cpus} "
                    f"client-resources-num-gpus={gpus}")
-        run_id = flower.run_app(home, flower.app_dir(home / "app"), {**run_config, "workers": workers}, fed_cfg)
-        status = flower.wait_run(home, run_id)
+        events = Path(run_config["run-dir"]) / PROGRESS_FILE
+        shown = nullcontext() if progress is None else following_events(events, ParallelProgress.like(progress))
+        with shown:
+            extra = {} if progress is None else {PROGRESS_KEY: str(events)}
+            run_id = flower.run_app(home, flower.app_dir(home / "app"),
+                                    {**run_config, **extra, "workers": workers}, fed_cfg)
+            status = flower.wait_run(home, run_id)
         log_file = Path(run_config["run-dir"]) / "flower.log"
         run_log = _keep_logs(home, run_id, log_file)
         if status != "finished:completed":

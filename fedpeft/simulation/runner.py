@@ -37,10 +37,11 @@ def _inprocess(cfg: Config, rc: dict, observers: Sequence[Observer], progress: S
 
 @ENGINES.register("ray")
 def _ray(cfg: Config, rc: dict, observers: Sequence[Observer], progress: StepProgress | None) -> None:
-    """Flower's Ray simulation behind a local SuperLink (clients in parallel actors; per-round progress only)."""
+    """Flower's Ray simulation behind a local SuperLink (clients in parallel actors; their steps reach
+    ``progress`` through the run directory)."""
     from fedpeft.simulation.ray import run_ray
 
-    run_ray(cfg, rc)
+    run_ray(cfg, rc, progress)
 
 
 def run_config(cfg: Config, run_dir: Path, resume: bool) -> dict[str, str | bool | int]:
@@ -81,7 +82,7 @@ def execute(cfg: Config, run_dir: Path, resume: bool = False, engine: str | None
     """Run (or continue) the scenario in ``run_dir`` on the chosen engine.
 
     ``observers`` (in-process engine only) see every update the server decodes, e.g. for an audit;
-    ``progress`` follows the clients' local steps (in-process engine; other engines ignore it).
+    ``progress`` follows the clients' local steps (in-process and Ray engines).
     """
     engine = engine or cfg.run.engine
     rc = run_config(cfg, run_dir, resume)
