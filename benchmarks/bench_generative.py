@@ -33,9 +33,10 @@ from fedpeft.simulation import runner  # noqa: E402
 from fedpeft.sources import uses_chat_template  # noqa: E402
 
 SCENARIO = Path(__file__).resolve().parent.parent / "simulations" / "causal-lm.toml"
-SETTINGS = ["model.max_length=96", "train.local_steps=5", "federation.rounds=2", "federation.eval_every=2",
-            "train.max_eval_examples=40", "generation.eval_examples=24", "generation.max_new_tokens=24",
-            "output.plots=false"]
+# what fits 2 busy CPU cores (the RESULTS.md table: 39 min wall at load ~20, ~5 min of CPU): 3 rounds x 10 steps
+SETTINGS = ["model.max_length=96", "train.local_steps=10", "train.lr=1e-3", "federation.rounds=3",
+            "federation.eval_every=3", "train.max_eval_examples=60", "generation.eval_examples=40",
+            "generation.max_new_tokens=24", "output.plots=false"]
 
 
 def _measure(rt, cfg, state) -> dict[str, float]:  # noqa: ANN001 - a Runtime and its Config
