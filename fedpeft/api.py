@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import threading
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -121,33 +120,19 @@ def _plain(value: Any) -> Any:
 def following(run_dir: Path, callback: RoundCallback, seen: int = 0) -> Iterator[None]:
     """Call ``callback`` with each row appended to ``run_dir/metrics.jsonl`` while the block runs (every
     engine writes it, so this works for Ray too). A callback's exception is raised when the block ends."""
-    stop, failed = threading.Event(), []
+    from fedpeft.progress import polling
 
-    def watch() -> None:
-        count = seen
-        while True:
-            done = stop.is_set()
-            rows = report.read_metrics(run_dir) if (run_dir / report.METRICS_FILE).exists() else []
-            for row in rows[count:]:
-                try:
-                    callback(row)
-                except Exception as e:  # noqa: BLE001 - handed to the caller's thread below
-                    failed.append(e)
-                    return
-            count = max(count, len(rows))
-            if done:
-                return
-            stop.wait(0.5)
+    count = seen
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
+    def check() -> None:
+        nonlocal count
+        rows = report.read_metrics(run_dir) if (run_dir / report.METRICS_FILE).exists() else []
+        for row in rows[count:]:
+            count += 1
+            callback(row)
+
+    with polling(check, 0.5):
         yield
-    finally:
-        stop.set()
-        thread.join()
-    if failed:
-        raise failed[0]
 
 
 @contextmanager

@@ -62,21 +62,51 @@ class _Position:
     started: float = 0.0
 
 
-class StepProgress:
-    """Tracks the in-process engine's position and emits one-line progress reports through ``emit``."""
+class _Display:
+    """What both kinds of progress share: where lines go and how often, the run's length, the ETA's wording."""
 
     live_interval = 0.25  # seconds between rewrites of a live line
 
+    def __init__(self, rounds: int, emit: Callable[[str], None], live: bool, every: float,
+                 clock: Callable[[], float]) -> None:
+        self.rounds, self.emit, self.live, self.every, self.clock = rounds, emit, live, every, clock
+        self.last_emit = clock()
+
+    def eta(self) -> tuple[float, float] | None:
+        """Seconds left in this round's training and in the run (None: not known yet)."""
+        raise NotImplementedError
+
+    def line(self) -> str:
+        """The current position as one line."""
+        raise NotImplementedError
+
+    def _with_eta(self, parts: list[str]) -> str:
+        eta = self.eta()
+        if eta is not None:
+            parts.append(f"ETA round {clock_text(eta[0])} · run {clock_text(eta[1])}")
+        return " · ".join(parts)
+
+    def _step_due(self, now: float, done: int, total: int) -> bool:
+        """A line is due after a client's last step, else once the interval has passed (never at step 0)."""
+        return 0 < done and (done == total or now - self.last_emit >= (self.live_interval if self.live else self.every))
+
+    def _emit(self, now: float) -> None:
+        self.last_emit = now
+        self.emit(self.line())
+
+
+class StepProgress(_Display):
+    """Tracks the in-process engine's position and emits one-line progress reports through ``emit``."""
+
     def __init__(self, rounds: int, emit: Callable[[str], None], live: bool, every: float = 15.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.rounds, self.emit, self.live, self.every, self.clock = rounds, emit, live, every, clock
+        super().__init__(rounds, emit, live, every, clock)
         self.pos = _Position()
         self.client_seconds = 0.0  # from the current client's start to its latest step
         self.step_seconds = 0.0  # the same, summed over the finished clients
         self.steps_done = 0
         self.round_started: dict[int, float] = {}
         self.last_round_seconds: float | None = None
-        self.last_emit = clock()
 
     def begin(self, rnd: int, kind: str, index: int, count: int) -> None:
         """Message ``index`` (0-based) of ``count`` of ``kind`` in round ``rnd`` is about to be delivered."""
@@ -100,7 +130,7 @@ class StepProgress:
             self.client_seconds = now - self.pos.started
         else:  # steps are timed from here: the first client's set-up (tokenizing, ...) would skew the rate
             self.pos.started = self.last_emit = now  # and plain lines come `every` seconds into the steps
-        if 0 < done and (done == total or now - self.last_emit >= (self.live_interval if self.live else self.every)):
+        if self._step_due(now, done, total):
             self._emit(now)
 
     def rate(self) -> float | None:
@@ -125,14 +155,7 @@ class StepProgress:
             parts.append(f"{'client' if p.kind == 'train' else 'evaluating client'} {p.index + 1}/{p.count}")
         if p.kind == "train" and p.steps:
             parts.append(f"step {p.step}/{p.steps}")
-        eta = self.eta()
-        if eta is not None:
-            parts.append(f"ETA round {clock_text(eta[0])} · run {clock_text(eta[1])}")
-        return " · ".join(parts)
-
-    def _emit(self, now: float) -> None:
-        self.last_emit = now
-        self.emit(self.line())
+        return self._with_eta(parts)
 
 
 def console_progress(console: Console, status: Status, rounds: int) -> StepProgress:
@@ -191,7 +214,7 @@ class _Round:
     last_step: float | None = None
 
 
-class ParallelProgress:
+class ParallelProgress(_Display):
     """Progress of rounds whose clients train at once (Ray actors), from :func:`step_writer` and
     ``AnnouncingGrid`` events; emits one line like :class:`StepProgress`.
 
@@ -200,15 +223,12 @@ class ParallelProgress:
     full round's wall time for each round after it.
     """
 
-    live_interval = StepProgress.live_interval
-
     def __init__(self, rounds: int, emit: Callable[[str], None], live: bool, every: float = 15.0,
                  clock: Callable[[], float] = time.time) -> None:
-        self.rounds, self.emit, self.live, self.every, self.clock = rounds, emit, live, every, clock
+        super().__init__(rounds, emit, live, every, clock)
         self.current: _Round | None = None
         self.past_steps, self.past_seconds = 0, 0.0  # finished training rounds
         self.last_round_seconds: float | None = None
-        self.last_emit = clock()
 
     @classmethod
     def like(cls, shown: StepProgress) -> ParallelProgress:
@@ -244,7 +264,7 @@ class ParallelProgress:
         r.first_step = t if r.first_step is None else min(r.first_step, t)
         r.last_step = t if r.last_step is None else max(r.last_step, t)
         now = self.clock()
-        if 0 < done and (done == total or now - self.last_emit >= (self.live_interval if self.live else self.every)):
+        if self._step_due(now, done, total):
             self._emit(now)
 
     def rate(self) -> float | None:
@@ -276,44 +296,59 @@ class ParallelProgress:
         parts += [f"{finished}/{r.count} clients done", f"{len(r.done) - finished} training"]
         if r.steps:
             parts.append(f"steps {sum(r.done.values())}/{r.count * r.steps}")
-        eta = self.eta()
-        if eta is not None:
-            parts.append(f"ETA round {clock_text(eta[0])} · run {clock_text(eta[1])}")
-        return " · ".join(parts)
-
-    def _emit(self, now: float) -> None:
-        self.last_emit = now
-        self.emit(self.line())
+        return self._with_eta(parts)
 
 
 @contextmanager
-def following_events(path: Path, progress: ParallelProgress, poll: float = 0.2) -> Iterator[None]:
-    """Feed ``progress`` each event appended to ``path`` while the block runs (a thread tails the file; it is
-    removed afterwards: the events mean nothing once the run is over)."""
-    stop = threading.Event()
+def polling(check: Callable[[], None], interval: float) -> Iterator[None]:
+    """Call ``check`` every ``interval`` seconds in a thread while the block runs, and once more after it (so
+    what was written at the end is not missed). An exception in ``check`` stops the calls and is raised when the
+    block ends."""
+    stop, failed = threading.Event(), []
 
-    def tail() -> None:
-        offset, partial = 0, b""
+    def loop() -> None:
         while True:
             done = stop.is_set()
-            if path.exists():
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                offset += len(chunk)
-                *lines, partial = (partial + chunk).split(b"\n")
-                for line in lines:
-                    progress.feed(json.loads(line))
+            try:
+                check()
+            except Exception as e:  # noqa: BLE001 - handed to the caller's thread below
+                failed.append(e)
+                return
             if done:
                 return
-            stop.wait(poll)
+            stop.wait(interval)
 
-    path.unlink(missing_ok=True)  # a resumed run's old events
-    thread = threading.Thread(target=tail, daemon=True)
+    thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join()
+    if failed:
+        raise failed[0]
+
+
+@contextmanager
+def following_events(path: Path, progress: ParallelProgress, poll: float = 0.2) -> Iterator[None]:
+    """Feed ``progress`` each event appended to ``path`` while the block runs (the file is removed afterwards:
+    the events mean nothing once the run is over)."""
+    offset, partial = 0, b""
+
+    def tail() -> None:
+        nonlocal offset, partial
+        if path.exists():
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            *lines, partial = (partial + chunk).split(b"\n")
+            for line in lines:
+                progress.feed(json.loads(line))
+
+    path.unlink(missing_ok=True)  # a resumed run's old events
+    try:
+        with polling(tail, poll):
+            yield
+    finally:
         path.unlink(missing_ok=True)
