@@ -96,6 +96,7 @@ def dense_takeover(layout: Layout) -> tuple[bytes, float]:
     return pack("none", layout, np.full(total, 0.01, "<f4")), 1e9 - 1
 
 
+@pytest.mark.slow  # five 3-round runs of the real ServerApp path
 @pytest.mark.parametrize("codec, forge, sanity, seen", [
     ("int8", int8_huge_scale, {}, "decodes beyond the bound"),
     ("int8", int8_at_the_bound, {}, "out of bounds"),
