@@ -4,11 +4,9 @@ more examples than the chunk size."""
 
 from __future__ import annotations
 
-import peft
 import pytest
 import torch
-from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from test_privacy_dpsgd import VOCAB, lora_bert  # the tiny LoRA BERT (3 labels, no dropout)
 
 from fedpeft.config import PrivacySection, TrainSection
 from fedpeft.errors import PrivacyError
@@ -16,17 +14,7 @@ from fedpeft.privacy import LocalDP
 from fedpeft.training import train_local
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-VOCAB, T, N = 200, 8, 48
-
-
-def lora_bert() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model("bert", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=64, max_position_embeddings=32, num_labels=3,
-                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = AutoModelForSequenceClassification.from_config(cfg)
-    return peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"],
-                                                      init_lora_weights=False))
+T, N = 8, 48
 
 
 def examples() -> list[dict[str, torch.Tensor]]:
