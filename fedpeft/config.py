@@ -257,6 +257,10 @@ class PrivacySection:
     noise_multiplier: float = option(1.0, lo=0.0, help="local DP-SGD noise multiplier")
     max_grad_norm: float = option(1.0, lo=0.0, help="local DP-SGD per-example clip")
     target_epsilon: float = option(0.0, lo=0.0, help="local DP-SGD: derive the noise for this epsilon (0 = off)")
+    physical_batch_size: int = option(0, lo=0, help="local DP-SGD: split each Poisson-sampled batch into forward/"
+                                                   "backward chunks of at most this many examples, clipped into one "
+                                                   "noisy step (gradient accumulation: same update and epsilon, less "
+                                                   "memory; 0 = off)")
     clip_norm: float = option(1.0, lo=0.0, help="client-level / distributed DP: update clip norm C")
     server_noise_multiplier: float = option(1.0, lo=0.0, help="client-level DP: z (noise std z*C/m); distributed "
                                                             "DP: the summed noise std / sensitivity")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedpeft.compression import Payload
@@ -208,6 +209,8 @@ PAYLOAD_TYPE = "fedpeft.payload"  # tensor_type of the legacy Parameters that ca
 DP_FLAG, WEIGHT_CAP, SLACK = "secagg-dp", "secagg-max-weight", "secagg-clip-slack"  # fit-config keys
 HIDDEN_METRICS = ("clip-indicator", "update-norm")  # per-client values that must not travel in the clear
 SUBSPACE_SEED = "secagg-subspace-seed"  # fit-config key: the round's shared random subspace
+#: SecAgg+ key-exchange entries that travel compact under a packed field (one bytes value, or a list of them)
+KEY_EXCHANGE = {Key.PUBLIC_KEY_1: "one", Key.PUBLIC_KEY_2: "one", Key.CIPHERTEXT_LIST: "list"}
 
 
 @dataclass(frozen=True)

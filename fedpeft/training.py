@@ -210,6 +210,12 @@ def train_local(model: nn.Module, dataset: Dataset, collate: Callable, cfg: Trai
                     schedule.step()
                     continue
                 batch = _to(batch, device)
+                if dp is not None:  # privacy.physical_batch_size: clip all but the last chunk into the sum
+                    *early, batch = dp.physical_batches(batch)  # type: ignore[attr-defined]
+                    for chunk in early:
+                        with autocast(device, dtype):
+                            _loss(model, chunk, True).backward()
+                        dp.accumulate(optimizer)  # type: ignore[attr-defined]
                 with autocast(device, dtype):
                     loss = _loss(model, batch, dp is not None)
                 if proximal_mu > 0:

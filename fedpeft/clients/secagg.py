@@ -28,7 +28,7 @@ from fedpeft import config as fconfig
 from fedpeft import protocol
 from fedpeft.clients import node_runtime
 from fedpeft.compression import make_codec
-from fedpeft.compression.secure import pack_field, subspace
+from fedpeft.compression.secure import compact_key_exchange, pack_field, subspace
 from fedpeft.errors import FedPeftError, PayloadError
 from fedpeft.protocol import DP_FLAG, HIDDEN_METRICS, PAYLOAD_TYPE, SLACK, SUBSPACE_SEED, WEIGHT_CAP
 
@@ -44,7 +44,7 @@ def client_mod(msg: Message, context: Context, call_next: Any) -> Message:
         return call_next(msg, context)
     stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
     reply = secaggplus_mod(msg, context, functools.partial(_train_for_secagg, call_next=call_next))
-    if stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():
+    if not reply.has_error():
         _pack(reply, context)
     if stage == Stage.UNMASK:  # the round's keys and shares are spent: do not keep them in the node state
         context.state.config_records.pop(RECORD_KEY_STATE, None)
@@ -52,11 +52,15 @@ def client_mod(msg: Message, context: Context, call_next: Any) -> Message:
 
 
 def _pack(reply: Message, context: Context) -> None:
-    """Replace Flower's int64 masked arrays by one string of ``log2(modulus)``-bit elements (when configured)."""
+    """Under a packed field: public keys and key shares in binary form, and Flower's int64 masked arrays as one
+    string of ``log2(modulus)``-bit elements."""
     cfg = fconfig.from_run_config(context.run_config)
     if not protocol.packs_masked(cfg.privacy):
         return
     stage_reply = reply.content.config_records[RECORD_KEY_CONFIGS]
+    compact_key_exchange(stage_reply, protocol.KEY_EXCHANGE)  # type: ignore[arg-type]
+    if Key.MASKED_PARAMETERS not in stage_reply:
+        return
     mod_range = context.state.config_records[RECORD_KEY_STATE]["mod_range"]
     masked = stage_reply[Key.MASKED_PARAMETERS]
     if not (isinstance(mod_range, int) and isinstance(masked, list)):

@@ -7,6 +7,11 @@ put each masked element on the wire at exactly ``log2(M)`` bits instead of Flowe
 :func:`subspace` draws the coordinates every client of a round keeps (the same ones, from the server's
 per-round seed, so masks and positions line up).
 
+The key exchange travels compact too (:func:`compact_key_exchange`, :func:`expand_key_exchange`): Flower's SecAgg+
+sends public keys as PEM text and the encrypted key shares as base64 Fernet tokens; the client sends their binary
+forms (DER, raw token) and the server restores the exact bytes Flower's workflow expects (25-45 % fewer key-exchange
+bytes, lossless).
+
 ``sint:b,range=r[,keep=f]`` is the same quantizer without secure aggregation: each element is clipped
 to ``+-r`` and rounded stochastically (unbiased inside the range) onto ``2**b - 1`` points (``2**b - 2``
 steps, 0 included, as Flower's SecAgg+ quantizer with ``quantization_range = 2**b - 2`` does), packed at
@@ -16,10 +21,15 @@ positions travel) and the decoder scales it by ``1 / keep``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives import serialization
 
 from fedpeft.compression.base import Codec, Encoded, register_codec
 from fedpeft.compression.bits import nbytes_for, pack_uint, unpack_uint
@@ -71,6 +81,59 @@ def unpack_field(data: bytes, sizes: list[int], bits: int) -> list[np.ndarray]:
     flat = unpack_uint(np.frombuffer(data, np.uint8), n, bits, "masked vector")
     bounds = np.cumsum([0, *sizes])
     return [flat[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _der(pem: bytes) -> bytes:
+    key = serialization.load_pem_public_key(pem)
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    require(_pem(der) == pem, "public key is not in canonical PEM form")
+    return der
+
+
+def _pem(der: bytes) -> bytes:
+    try:
+        key = serialization.load_der_public_key(der)
+    except ValueError as e:
+        raise PayloadError(f"malformed public key: {e}") from None
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _raw_token(token: bytes) -> bytes:
+    raw = base64.urlsafe_b64decode(token)
+    require(base64.urlsafe_b64encode(raw) == token, "ciphertext is not canonical base64")
+    return raw
+
+
+def _token(raw: bytes) -> bytes:
+    return base64.urlsafe_b64encode(raw)
+
+
+def _convert(values: dict[str, Any], keys: Mapping[str, str], single: Callable[[bytes], bytes],
+             listed: Callable[[bytes], bytes]) -> None:
+    """Apply ``single`` to the bytes value of each "one" key present and ``listed`` to each item of a "list" key."""
+    for key, kind in keys.items():
+        if key not in values:
+            continue
+        value = values[key]
+        try:
+            if kind == "one" and isinstance(value, bytes):
+                values[key] = single(value)
+            elif kind == "list" and isinstance(value, list) and all(isinstance(v, bytes) for v in value):
+                values[key] = [listed(v) for v in value]
+            else:
+                raise PayloadError("wrong type")
+        except (binascii.Error, ValueError, PayloadError) as e:
+            raise PayloadError(f"SecAgg+ {key!r}: {e}") from None
+
+
+def compact_key_exchange(values: dict[str, Any], keys: Mapping[str, str]) -> None:
+    """Client side, in place: PEM public keys ("one" keys) -> DER, base64 Fernet tokens ("list" keys) -> raw."""
+    _convert(values, keys, _der, _raw_token)
+
+
+def expand_key_exchange(values: dict[str, Any], keys: Mapping[str, str]) -> None:
+    """Server side, in place: the exact PEM and base64 bytes Flower sent; :class:`PayloadError` if malformed."""
+    _convert(values, keys, _pem, _token)
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,7 @@ class LocalDP:
         self.kind = cfg.accountant
         self.delta = cfg.delta
         self.max_grad_norm = float(cfg.max_grad_norm)
+        self.physical_batch_size = int(cfg.physical_batch_size)
         self.dataset_size = int(dataset_size)
         self.batch_size = int(batch_size)
         self.total_steps = int(total_steps)
@@ -226,8 +227,28 @@ class LocalDP:
 
     def _charge_step(self, optimizer: DPOptimizer) -> None:
         """Charge one DP-SGD step to the accountant at the configured noise and rate (Opacus calls it after
-        each noisy step; gradient accumulation is forbidden, so one call is one sampled batch)."""
+        each noisy step: once per sampled batch, however many physical chunks it was split into)."""
         self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+
+    def physical_batches(self, batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The Poisson-sampled (logical) ``batch`` as chunks of at most ``privacy.physical_batch_size`` examples
+        (one chunk when 0): run forward and backward per chunk, :meth:`accumulate` after every chunk but the last,
+        and step the optimizer after the last (Opacus' BatchMemoryManager, without its data loader)."""
+        sizes = {v.shape[0] for v in batch.values()}
+        if len(sizes) != 1:
+            raise PrivacyError(f"cannot split a batch whose tensors hold {sorted(sizes)} examples")
+        n, size = sizes.pop(), self.physical_batch_size
+        if size <= 0 or n <= size:
+            return [dict(batch)]
+        return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+    @staticmethod
+    def accumulate(optimizer: DPOptimizer) -> None:
+        """After a chunk's backward pass that is not the logical batch's last: clip its per-example gradients into
+        the batch's sum, without noise, step or accounting (those come once, with the last chunk)."""
+        optimizer.signal_skip_step(do_skip=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # per-example gradients only: the clipped sum is kept
 
     def empty_step(self, optimizer: DPOptimizer) -> None:
         """Take a noise-only step for an empty Poisson batch (skipping it would leak that it was empty)."""

@@ -20,9 +20,10 @@ from the reply, so the server only ever receives masked integers.
 **Compressed uplink** (``privacy.secagg_bits``, ``privacy.secagg_keep``, distributed DP): the field is
 sized to what the sum can reach (:func:`fedpeft.protocol.secure_field`), clients keep the coordinates of
 the round's shared subspace (the server's per-round seed travels in the instruction), and each masked
-element travels at ``log2(modulus)`` bits (:func:`fedpeft.compression.secure.pack_field`): the grid
-unpacks them into Flower's arrays before the workflow sums them. A malformed packed vector becomes that
-client's error reply, so the workflow drops that client (its masks are reconstructed) and the round goes on.
+element travels at ``log2(modulus)`` bits (:func:`fedpeft.compression.secure.pack_field`), public keys and key
+shares in binary form: the grid restores Flower's own forms before the workflow reads them. A malformed packed
+vector or key becomes that client's error reply, so the workflow drops that client (its masks are
+reconstructed) and the round goes on.
 Under distributed DP (:mod:`fedpeft.privacy.distributed`) the clients' vectors are noised integers on
 Flower's grid with a quantization step of exactly 1, so the unmasked sum is their exact integer sum.
 
@@ -59,7 +60,7 @@ from flwr.serverapp import Grid
 
 from fedpeft import protocol
 from fedpeft.compression import Layout
-from fedpeft.compression.secure import subspace, unpack_field
+from fedpeft.compression.secure import expand_key_exchange, subspace, unpack_field
 from fedpeft.config import Config
 from fedpeft.errors import PayloadError
 from fedpeft.models import AdapterState
@@ -153,22 +154,26 @@ class _WireGrid(DelegatingGrid):
         return out
 
     def _unpacked(self, reply: Message, original: Message | None) -> Message:
-        """A packed masked vector as Flower's two int64 arrays (factor, vector); malformed: an error reply."""
+        """A compact reply as Flower sent it: PEM public keys, base64 key shares, a packed masked vector as
+        Flower's two int64 arrays (factor, vector); malformed: an error reply (costs that client only)."""
         stage_reply = reply.content.config_records.get(RECORD_KEY_CONFIGS)
-        if stage_reply is None or Key.MASKED_PARAMETERS not in stage_reply:
+        if stage_reply is None:
             return reply
         if original is None:
-            raise PayloadError(f"masked vector from node {reply.metadata.src_node_id}, which was sent nothing")
-        try:
-            packed = stage_reply[Key.MASKED_PARAMETERS]
-            if not (isinstance(packed, list) and len(packed) == 1 and isinstance(packed[0], bytes)):
-                raise PayloadError("expected one packed byte string of masked parameters")
-            arrays = unpack_field(packed[0], [1, self.field.width], self.field.bits)
-        except PayloadError as e:
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"malformed masked vector: {e}"),
-                           reply_to=original)
+            raise PayloadError(f"SecAgg+ reply from node {reply.metadata.src_node_id}, which was sent nothing")
         content = _copy_records(reply.content)  # what was received stays as received
-        content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in arrays]
+        values = content.config_records[RECORD_KEY_CONFIGS]
+        try:
+            expand_key_exchange(values, protocol.KEY_EXCHANGE)  # type: ignore[arg-type]
+            if Key.MASKED_PARAMETERS in values:
+                packed = values[Key.MASKED_PARAMETERS]
+                if not (isinstance(packed, list) and len(packed) == 1 and isinstance(packed[0], bytes)):
+                    raise PayloadError("expected one packed byte string of masked parameters")
+                arrays = unpack_field(packed[0], [1, self.field.width], self.field.bits)
+                values[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in arrays]
+        except PayloadError as e:
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"malformed SecAgg+ reply: {e}"),
+                           reply_to=original)
         return Message(content, reply_to=original)
 
 
