@@ -182,9 +182,9 @@ def test_rank_rules():
 
 
 @pytest.mark.parametrize(("extra", "needle"), [
-    ({"federation.lora_aggregation": "naive"}, "choose one of: 'svd', 'zeropad', 'stack'"),
-    ({"federation.lora_aggregation": "exact"}, "choose one of: 'svd', 'zeropad', 'stack'"),
-    ({"federation.lora_aggregation": "share_a"}, "choose one of: 'svd', 'zeropad', 'stack'"),
+    ({"federation.lora_aggregation": "naive"}, "choose one of: 'svd', 'svd_delta', 'zeropad', 'stack'"),
+    ({"federation.lora_aggregation": "exact"}, "choose one of: 'svd', 'svd_delta', 'zeropad', 'stack'"),
+    ({"federation.lora_aggregation": "share_a"}, "choose one of: 'svd', 'svd_delta', 'zeropad', 'stack'"),
     ({"federation.lora_aggregation": "svd", "adapter.r": 8}, "between 1 and adapter.r = 8"),
     ({"federation.lora_aggregation": "svd", "run.engine": "ray"}, "run.engine = 'inprocess'"),
     ({"federation.lora_aggregation": "zeropad", "compression.downlink": "int8"}, "lossless compression.downlink"),
@@ -197,7 +197,7 @@ def test_mixed_ranks_refuse_what_cannot_carry_them(tiny_cfg, extra, needle):
     assert needle in str(e.value)
 
 
-@pytest.mark.parametrize("mode", ["svd", "zeropad", "stack"])
+@pytest.mark.parametrize("mode", ["svd", "svd_delta", "zeropad", "stack"])
 def test_ranks_2_4_8_16_in_one_run(tiny_cfg, monkeypatch, mode):
     """Each node is sent its rank's share of the global adapter and replies at its rank (decoded with that
     layout, fingerprint-checked); every update is aggregated; the run learns."""
