@@ -1,5 +1,5 @@
 """Mixed LoRA ranks (simulations/mixed-rank.toml: MiniLM + BBC, 8 clients, ranks {2, 4, 8, 16}, Dirichlet 0.3):
-final server accuracy of each mixed-rank aggregator (svd, zeropad, stack) beside every client at r = 16
+final server accuracy of each mixed-rank aggregator (svd, svd_delta, zeropad, stack) beside every client at r = 16
 (naive FedAvg), the same seeds, side by side in one run; uplink and downlink bytes of the whole run.
 
 Targets (issue 19): the best mixed-rank aggregator beats zeropad by >= 2 points and ends within 1 point of all
@@ -26,7 +26,8 @@ from fedpeft import config, report  # noqa: E402
 from fedpeft.simulation import runner  # noqa: E402
 
 SCENARIO = Path(__file__).resolve().parent.parent / "simulations" / "mixed-rank.toml"
-ARMS = {"svd": ['federation.lora_aggregation="svd"'], "zeropad": ['federation.lora_aggregation="zeropad"'],
+ARMS = {"svd": ['federation.lora_aggregation="svd"'], "svd_delta": ['federation.lora_aggregation="svd_delta"'],
+        "zeropad": ['federation.lora_aggregation="zeropad"'],
         "stack": ['federation.lora_aggregation="stack"'],
         "zeropad+prune": ['federation.lora_aggregation="zeropad"', "adapter.rank_prune_decay=0.5",
                           "adapter.rank_prune_threshold=0.5"],
@@ -58,7 +59,7 @@ def main() -> None:
                              f"{sum(r['bytes_down'] for r in metrics) / 1e6:.2f}", f"{last['elapsed']:.0f}"])
                 print(rows[-1], flush=True)
     mean = {arm: sum(v) / len(v) for arm, v in acc.items()}
-    best = max((a for a in ("svd", "stack") if a in mean), key=lambda a: mean[a], default=None)
+    best = max((a for a in ("svd", "svd_delta", "stack") if a in mean), key=lambda a: mean[a], default=None)
     body = (f"Settings: {SCENARIO.name} with {' '.join(args.set) or 'its own settings'}; seeds {args.seeds}.\n\n"
             + table(["seed", "aggregator", "accuracy", "lora_agg_error (last)", "ranks (last round)", "MB up",
                      "MB down", "s"], rows)
@@ -66,6 +67,8 @@ def main() -> None:
     for other in ("zeropad", "all r=16"):
         if best is not None and other in mean:
             body += f" Best mixed-rank ({best}) - {other}: {100 * (mean[best] - mean[other]):+.1f} points."
+    if "svd_delta" in mean and "svd" in mean:
+        body += f" svd_delta - svd: {100 * (mean['svd_delta'] - mean['svd']):+.1f} points."
     if "zeropad+prune" in mean and "zeropad" in mean:
         body += f" Self-pruning - zeropad: {100 * (mean['zeropad+prune'] - mean['zeropad']):+.1f} points."
     body += "\n"

@@ -171,10 +171,11 @@ class FederationSection:
                            help="registered aggregator (fedpeft.server.aggregators)")
     lora_aggregation: str = option("naive", choices=_registered("fedpeft.lora", "MODES"),
                                    help="LoRA: average A and B separately (naive), the exact mean of B_i A_i with a "
-                                        "frozen correction (exact), that mean truncated by SVD (svd), A frozen and "
-                                        "only B sent (freeze_a), only A sent, B personal (share_a), zero-padded "
-                                        "factors averaged (zeropad, HetLoRA), the exact mean folded into the "
-                                        "correction and the factors re-initialised (stack, FLoRA); "
+                                        "frozen correction (exact), that mean truncated by SVD (svd), an exact dense "
+                                        "global stepped by each client's change, SVD-truncated (svd_delta), A "
+                                        "frozen and only B sent (freeze_a), only A sent, B personal (share_a), "
+                                        "zero-padded factors averaged (zeropad, HetLoRA), the exact mean folded into "
+                                        "the correction and the factors re-initialised (stack, FLoRA); "
                                         "docs/lora-aggregation.md")
     server_lr: float = option(1.0, lo=0.0, help="server learning rate (FedOpt family, FedAvgM)")
     server_momentum: float = option(0.9, lo=0.0, hi=1.0, help="FedAvgM momentum")

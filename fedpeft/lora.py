@@ -32,15 +32,17 @@ if TYPE_CHECKING:
 else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
     torch = lazy.module("torch")
 
-MODES = ("naive", "exact", "svd", "freeze_a", "share_a", "zeropad", "stack")
+MODES = ("naive", "exact", "svd", "svd_delta", "freeze_a", "share_a", "zeropad", "stack")
 #: the modes that aggregate clients of different LoRA ranks (adapter.client_ranks)
-MIXED_RANK_MODES = ("svd", "zeropad", "stack")
+MIXED_RANK_MODES = ("svd", "svd_delta", "zeropad", "stack")
 #: the modes that form the mean of the clients' products from their individual updates (aggregators/lora.py)
-PRODUCT_MODES = ("exact", "svd", "zeropad", "stack")
+PRODUCT_MODES = ("exact", "svd", "svd_delta", "zeropad", "stack")
 #: the modes whose clients fold a frozen per-module correction into their base weights
 CORRECTED = ("exact", "stack")
 #: share_a (FedSA-LoRA): LoRA's B is the client's own and never travels
 PERSONAL = ".lora_B."
+CORRECTION_RANKS = "lora-correction-ranks"  # message record: module -> the rank its correction travels at (0: dense)
+RANK_TOL = 1e-12  # correction_wire: singular values below this times the largest are not sent
 CORRECTION_FILE = "lora_correction.safetensors"  # exact: module -> C (B·A units) beside the final peft adapter
 BASE_WEIGHTS = "_fedpeft_base_weights"  # model attribute: each corrected layer's weight before any correction
 
@@ -187,9 +189,41 @@ def correction_shapes(state: AdapterState) -> dict[str, tuple[int, int]]:
     return {module_of(a): (int(state[b].shape[0]), int(state[a].shape[1])) for a, b in lora_pairs(state).items()}
 
 
-def correction_layout(state: AdapterState) -> Layout:
-    """The layout of the per-module correction sent to clients under ``exact`` (dense fp32, codec ``none``)."""
-    return Layout.from_state({k: torch.empty(s) for k, s in correction_shapes(state).items()})
+def correction_layout(state: AdapterState, ranks: dict[str, int] | None = None) -> Layout:
+    """The layout of the per-module correction sent to clients under ``exact`` / ``stack`` (fp32, codec ``none``):
+    module m as its dense (out x in) matrix, or with ``ranks[m] = k >= 1`` as its two factors ``m/B`` (out x k)
+    and ``m/A`` (k x in) (:func:`correction_wire`)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, (rows, cols) in correction_shapes(state).items():
+        k = (ranks or {}).get(name, 0)
+        shapes.update({f"{name}/B": (rows, k), f"{name}/A": (k, cols)} if k else {name: (rows, cols)})
+    return Layout.from_state({k: torch.empty(s) for k, s in shapes.items()})
+
+
+def correction_wire(correction: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """What travels of each module's correction ``C`` (float64) and its rank record: the SVD factors of its
+    numerical rank k (singular values above ``RANK_TOL`` times the largest), ``B = U_k S_k^½``, ``A = S_k^½ V_k^T``
+    in fp32, when those ``(out + in) · k`` numbers are fewer than the ``out · in`` of ``C`` (rank 0: ``C`` dense).
+    The components dropped are below fp32's own rounding of ``C``, so both forms are as exact as fp32 allows;
+    ``stack``'s correction has rank at most the ranks stacked so far, so it travels as factors while that is small."""
+    out: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for name, c in sorted(correction.items()):
+        rows, cols = c.shape
+        u, s, vh = torch.linalg.svd(c.double(), full_matrices=False)
+        k = max(1, int((s > s[0] * RANK_TOL).sum())) if s.numel() else 1
+        if (rows + cols) * k < rows * cols:
+            root = s[:k].sqrt()
+            out[f"{name}/B"], out[f"{name}/A"] = (u[:, :k] * root).float(), (root.unsqueeze(1) * vh[:k]).float()
+            ranks[name] = k
+        else:
+            out[name], ranks[name] = c.float(), 0
+    return out, ranks
+
+
+def correction_from_wire(decoded: dict[str, torch.Tensor], ranks: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`correction_wire` on a decoded payload: module -> C (fp32)."""
+    return {name: decoded[f"{name}/B"] @ decoded[f"{name}/A"] if k else decoded[name] for name, k in ranks.items()}
 
 
 def set_correction(model: nn.Module, correction: dict[str, torch.Tensor]) -> None:

@@ -82,7 +82,7 @@ def test_the_server_learns_each_rank_from_the_replies_and_drops_a_lying_node(tin
 
 @pytest.mark.parametrize(("extra", "needle"), [
     ({"adapter.client_ranks": [2, 8]}, "leave adapter.client_ranks empty"),
-    ({"federation.lora_aggregation": "naive"}, "choose one of: 'svd', 'zeropad', 'stack'"),
+    ({"federation.lora_aggregation": "naive"}, "choose one of: 'svd', 'svd_delta', 'zeropad', 'stack'"),
     ({"compression.downlink": "int8"}, "lossless compression.downlink"),
 ])
 def test_node_ranks_refuse_what_cannot_carry_them(tiny_cfg, extra, needle) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedpeft import lora, protocol, report
+from fedpeft import lora, models, protocol, report
 from fedpeft.compression import make_codec
 from fedpeft.config import FederationSection
 from fedpeft.errors import ConfigError
@@ -106,6 +106,46 @@ def test_svd_at_full_rank_reproduces_the_mixed_rank_mean_and_each_rank_gets_its_
             assert float(err) == pytest.approx(float(s[r:].pow(2).sum().sqrt()), rel=1e-5, abs=1e-9)
 
 
+def test_svd_delta_steps_the_exact_dense_global_by_each_clients_change():
+    """ΔW' = BA + Σ w_i ((B_r + dB_i)(A_r + dA_i) - B_r A_r), kept dense; the factors are its SVD (full rank here)."""
+    state, replies, agg, new = _one_round("svd_delta", 2)
+    total = sum(replies.weights)
+    for m in MODULES:
+        a, b = _key(m, "A"), _key(m, "B")
+        want = state[b] @ state[a]
+        for c in replies.clients:
+            r = c.delta[a].shape[0]
+            b_r, a_r = state[b][:, :r], state[a][:r]
+            want = want + (c.weight / total) * ((b_r + c.delta[b]) @ (a_r + c.delta[a]) - b_r @ a_r)
+        assert _rel(agg.state[f"dense/{m}"], want) < 1e-12
+        assert _rel(new[b].double() @ new[a].double(), want) < 1e-6  # float32 factors
+    assert agg.metrics["lora_svd_error"] < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["svd", "svd_delta"])
+def test_a_low_rank_client_that_changed_nothing_erases_the_global_tail_under_svd_only(mode):
+    gen = torch.Generator().manual_seed(6)
+    state = _global(gen)
+    still = {k: torch.zeros_like(v) for k, v in lora.truncate(state, 2).items()}  # a rank-2 client, no change
+    new = make_aggregator(FederationSection(lora_aggregation=mode)).aggregate(
+        RoundReplies(clients=[ClientReply(0, 1.0, {}, still)]), state)
+    for m in MODULES:
+        a, b = _key(m, "A"), _key(m, "B")
+        kept = _rel(new[b].double() @ new[a].double(), state[b] @ state[a])
+        assert (kept < 1e-6) == (mode == "svd_delta"), kept  # svd: the global becomes the rank-2 start point
+
+
+def test_svd_delta_with_every_client_at_full_rank_is_svd():
+    gen = torch.Generator().manual_seed(7)
+    state = _global(gen)
+    clients = [ClientReply(i, float(i + 1), {}, {k: torch.randn(v.shape, generator=gen, dtype=torch.float64)
+                                                 for k, v in state.items()}) for i in range(3)]
+    out = {mode: make_aggregator(FederationSection(lora_aggregation=mode)).aggregate(RoundReplies(clients=clients),
+                                                                                       state)
+           for mode in ("svd", "svd_delta")}
+    assert all(torch.allclose(out["svd"][k], out["svd_delta"][k], rtol=0, atol=1e-12) for k in state)
+
+
 def test_zeropad_averages_the_zero_padded_factors_and_reports_its_error():
     state, replies, agg, new = _one_round("zeropad", 3)
     total = sum(replies.weights)
@@ -142,9 +182,9 @@ def test_rank_rules():
 
 
 @pytest.mark.parametrize(("extra", "needle"), [
-    ({"federation.lora_aggregation": "naive"}, "choose one of: 'svd', 'zeropad', 'stack'"),
-    ({"federation.lora_aggregation": "exact"}, "choose one of: 'svd', 'zeropad', 'stack'"),
-    ({"federation.lora_aggregation": "share_a"}, "choose one of: 'svd', 'zeropad', 'stack'"),
+    ({"federation.lora_aggregation": "naive"}, "choose one of: 'svd', 'svd_delta', 'zeropad', 'stack'"),
+    ({"federation.lora_aggregation": "exact"}, "choose one of: 'svd', 'svd_delta', 'zeropad', 'stack'"),
+    ({"federation.lora_aggregation": "share_a"}, "choose one of: 'svd', 'svd_delta', 'zeropad', 'stack'"),
     ({"federation.lora_aggregation": "svd", "adapter.r": 8}, "between 1 and adapter.r = 8"),
     ({"federation.lora_aggregation": "svd", "run.engine": "ray"}, "run.engine = 'inprocess'"),
     ({"federation.lora_aggregation": "zeropad", "compression.downlink": "int8"}, "lossless compression.downlink"),
@@ -157,7 +197,7 @@ def test_mixed_ranks_refuse_what_cannot_carry_them(tiny_cfg, extra, needle):
     assert needle in str(e.value)
 
 
-@pytest.mark.parametrize("mode", ["svd", "zeropad", "stack"])
+@pytest.mark.parametrize("mode", ["svd", "svd_delta", "zeropad", "stack"])
 def test_ranks_2_4_8_16_in_one_run(tiny_cfg, monkeypatch, mode):
     """Each node is sent its rank's share of the global adapter and replies at its rank (decoded with that
     layout, fingerprint-checked); every update is aggregated; the run learns."""
@@ -199,7 +239,7 @@ def test_a_lower_rank_client_sends_fewer_bytes(tiny_cfg):
     assert low[0]["bytes_up"] < high[0]["bytes_up"] and low[0]["bytes_down"] < high[0]["bytes_down"]
 
 
-@pytest.mark.parametrize("mode", ["stack", "svd"])
+@pytest.mark.parametrize("mode", ["stack", "svd", "svd_delta"])
 def test_mixed_ranks_resume_exactly(tiny_cfg, monkeypatch, mode):
     extra = {**MIXED, "federation.lora_aggregation": mode, "federation.rounds": 2, "federation.clients_per_round": 3}
     keys = ("train_loss", "eval_loss", "lora_agg_error", "bytes_up", "bytes_down")
@@ -245,6 +285,60 @@ def test_self_pruned_ranks_travel_and_resume_exactly(tiny_cfg, monkeypatch):
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
 
 
+def test_a_resume_whose_nodes_start_with_empty_state_keeps_the_ranks_learned_from_their_replies(tiny_cfg, monkeypatch):
+    """As in a deployment (a resumed run is a new Flower run: node state starts empty, the node ids persist), the
+    nodes forget the ranks they pruned themselves to; the checkpoint's learned ranks keep sending each node its
+    pruned rank, so the resumed run equals the uninterrupted one (it went back to the partitions' ranks before)."""
+    from fedpeft.simulation.inprocess import InProcessGrid
+
+    extra = {**MIXED, "federation.lora_aggregation": "zeropad", "adapter.rank_prune_decay": 0.5,
+             "adapter.rank_prune_threshold": 1e9, "federation.rounds": 3}
+    keys = ("train_loss", "eval_loss", "lora_ranks", "bytes_up", "bytes_down")
+    full = report.read_metrics(runner.simulate(tiny_cfg(**extra)))
+    monkeypatch.delattr(InProcessGrid, "load_node_states")  # the deployment path: nothing restores node state
+    resumed = report.read_metrics(interrupt_and_resume(tiny_cfg(**extra), 3, monkeypatch))
+    assert [sorted(r["lora_ranks"].values()) for r in resumed] == [[1, 2, 4, 8], [1, 1, 2, 4], [1, 1, 1, 2]]
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
+
+
 def test_self_pruning_needs_mixed_ranks(tiny_cfg):
     with pytest.raises(ConfigError, match="rank_prune_decay = 0.5 prunes mixed LoRA ranks"):
         tiny_cfg(**{"federation.lora_aggregation": "zeropad", "adapter.rank_prune_decay": 0.5})
+
+
+def test_federated_evaluation_sends_each_node_the_adapter_at_its_own_rank(tiny_cfg, monkeypatch):
+    """Each node evaluates (and downloads) the truncation its train message gets: a rank-2 node's model has LoRA
+    components 2..15 at zero, and the round's evaluate bytes are the sum of each rank's message, not 4 full ones."""
+    from fedpeft.clients import app as client_app
+    from fedpeft.server import fed_eval
+    from fedpeft.server.ranks import RankPlan
+
+    evaluated: list[int] = []
+    original = client_app._local_eval
+
+    def local_eval(rt, dataset, cfg):
+        a = next(v for k, v in models.adapter_state(rt.model).items() if ".lora_A." in k)
+        evaluated.append(int((a.abs().sum(dim=1) > 0).sum()))  # the rank components the node evaluates with
+        return original(rt, dataset, cfg)
+
+    monkeypatch.setattr(client_app, "_local_eval", local_eval)
+    cfg = tiny_cfg(**{**MIXED, "federation.lora_aggregation": "svd", "data.client_eval_fraction": 0.25,
+                      "federation.evaluation": "federated"})
+    rows = report.read_metrics(runner.simulate(cfg))
+    assert sorted(evaluated) == sorted(RANKS * 2)  # two rounds, one evaluation per node
+    assert all(r["fed_eval_replies"] == 4 for r in rows)
+    template = runner_template(cfg)
+    plan = RankPlan(cfg, [1] * 4, template)
+    for rnd, row in enumerate(rows, start=1):
+        want = {r: protocol.record_bytes(fed_eval.evaluate_instruction(lora.truncate(template, r), plan.layout_of(r),
+                                                                       rnd, rank=r)) for r in RANKS}
+        assert row["fed_eval_bytes_down"] == sum(want.values())  # exactly one message of each rank
+        assert row["fed_eval_bytes_down"] < 4 * protocol.record_bytes(fed_eval.evaluate_instruction(
+            template, plan.layout_of(R), rnd))
+
+
+def runner_template(cfg) -> dict[str, torch.Tensor]:
+    """The run's adapter tensors that travel (zeros: an fp32 payload's size does not depend on the values)."""
+    from fedpeft.runtime import PROCESS_RUNTIMES
+
+    return {k: torch.zeros_like(v) for k, v in PROCESS_RUNTIMES.get(cfg).initial_adapter().items()}

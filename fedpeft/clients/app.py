@@ -82,10 +82,24 @@ def receive_global(msg: Message, context: Context, layout: Layout, downlink_spec
     return state
 
 
-def receive_correction(msg: Message, layout: Layout) -> dict[str, torch.Tensor]:
-    """``exact``'s frozen per-module correction sent with the instruction (none before the first aggregation)."""
+def receive_correction(msg: Message, global_state: models.AdapterState) -> dict[str, torch.Tensor]:
+    """``exact`` / ``stack``'s frozen per-module correction sent with the instruction (none before the first
+    aggregation), each module dense or as factors of the rank its record declares (:func:`lora.correction_wire`)."""
     record = msg.content.get(protocol.CORRECTION)
-    return {} if record is None else make_codec("none").decode(protocol.record_payload(record), layout)
+    if record is None:
+        return {}
+    shapes = lora.correction_shapes(global_state)
+    declared = protocol.config_record(msg.content, lora.CORRECTION_RANKS)
+    if set(declared) != set(shapes):
+        raise PayloadError(f"{lora.CORRECTION_RANKS} names {sorted(declared)[:3]}, not the LoRA modules")
+    ranks = {}
+    for name, (rows, cols) in shapes.items():
+        k = protocol.number(declared, name)
+        if k != int(k) or not 0 <= k <= min(rows, cols):
+            raise PayloadError(f"{lora.CORRECTION_RANKS}[{name!r}] = {k:g} is not a rank of a {rows} x {cols} matrix")
+        ranks[name] = int(k)
+    decoded = make_codec("none").decode(protocol.record_payload(record), lora.correction_layout(global_state, ranks))
+    return lora.correction_from_wire(decoded, ranks)
 
 
 @app.train(mods=[secagg.client_mod])  # SecAgg+ rounds go through Flower's secaggplus_mod
@@ -104,15 +118,13 @@ def train(msg: Message, context: Context) -> Message:
     if rank is None:
         global_state = receive_global(msg, context, rt.layout, cfg.compression.downlink)
     else:  # the server sends this node's rank once it knows it, the whole adapter before (rank_rule = node)
-        sent = int(protocol.number(instruction, "lora-rank"))
-        if not 1 <= sent <= cfg.adapter.r:
-            raise PayloadError(f"instruction lora-rank = {sent} is not between 1 and adapter.r = {cfg.adapter.r}")
+        sent = _sent_rank(instruction, cfg)
         rank = min(rank, sent)
         global_state = lora.truncate(receive_global(msg, context, _rank_layout(rt, sent), cfg.compression.downlink),
                                      rank)
     layout = rt.layout if rank is None else _rank_layout(rt, rank)
     if cfg.federation.lora_aggregation in lora.CORRECTED:
-        lora.set_correction(rt.model, receive_correction(msg, lora.correction_layout(global_state)))
+        lora.set_correction(rt.model, receive_correction(msg, global_state))
     rnd = int(protocol.number(instruction, "round"))
     attacker = adversary.attack_for(cfg, partition_id, bool(context.run_config.get("simulation", False)))
     dataset = attacker.data(rt.client_dataset(0 if data_path else partition_id), rt, partition_id)
@@ -234,6 +246,14 @@ def _rank(cfg: config.Config, rt: Runtime, partition_id: int, context: Context) 
     return own
 
 
+def _sent_rank(instruction: ConfigRecord, cfg: config.Config) -> int:
+    """The rank of the adapter a mixed-rank message carries (``lora-rank``), checked against ``adapter.r``."""
+    sent = int(protocol.number(instruction, "lora-rank"))
+    if not 1 <= sent <= cfg.adapter.r:
+        raise PayloadError(f"instruction lora-rank = {sent} is not between 1 and adapter.r = {cfg.adapter.r}")
+    return sent
+
+
 def _rank_layout(rt: Runtime, rank: int) -> Layout:
     """The layout of a rank-``rank`` share of the adapter (mixed ranks)."""
     return Layout.from_state(lora.truncate(rt.initial_adapter(), rank))
@@ -253,12 +273,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     set_threads(cfg.run.threads, workers=int(context.run_config.get("workers", 1)))
     data_path = str(context.node_config.get("data-path", "")) or None
     rt = node_runtime(cfg, context)
-    global_state = make_codec("none").decode(protocol.record_payload(msg.content[protocol.GLOBAL]), rt.layout)
-    if cfg.federation.lora_aggregation in lora.CORRECTED:
-        lora.set_correction(rt.model, receive_correction(msg, lora.correction_layout(global_state)))
-    models.set_adapter_state(rt.model, _with_personal(rt, context, global_state))
     pid = 0 if data_path else int(context.node_config["partition-id"])
     instruction = protocol.config_record(msg.content)
+    payload = protocol.record_payload(msg.content[protocol.GLOBAL])
+    rank = _rank(cfg, rt, pid, context)
+    if rank is None:
+        global_state = make_codec("none").decode(payload, rt.layout)
+    else:  # mixed ranks: the adapter at the rank this node trains (as its train message), zero-padded to the model's
+        sent = _sent_rank(instruction, cfg)
+        global_state = lora.pad(lora.truncate(make_codec("none").decode(payload, _rank_layout(rt, sent)),
+                                              min(rank, sent)), cfg.adapter.r)
+    if cfg.federation.lora_aggregation in lora.CORRECTED:
+        lora.set_correction(rt.model, receive_correction(msg, global_state))
+    models.set_adapter_state(rt.model, _with_personal(rt, context, global_state))
     steps = int(protocol.number(instruction, "personal-steps")) if "personal-steps" in instruction else 0
     if steps > 0:  # personalization: fine-tune a copy on this node's own training data; it never leaves the node
         rnd = int(protocol.number(instruction, "round"))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
@@ -124,7 +124,6 @@ class FederatedServer:
             self.aggregator.population = cfg.data.num_clients
             self.uplink_layout = scaffold.uplink_layout(self.layout)
         self.aggregator.seed = cfg.run.seed
-        self.correction_layout = lora.correction_layout(self.global_state)  # exact's frozen correction
         self.ranks = (RankPlan(cfg, [len(p) for p in self.rt.partitions], self.global_state)
                       if lora.mixed_ranks(cfg.adapter.client_ranks, cfg.adapter.rank_rule)
                       else None)  # mixed LoRA ranks (server/ranks.py)
@@ -218,10 +217,8 @@ class FederatedServer:
             load_nodes = getattr(grid, "load_node_states", None)  # the in-process engine keeps client state
             if load_nodes is not None:
                 load_nodes(self.checkpoint_dir / "nodes")
-            else:  # a new deployment run: nodes start with empty state, so none holds a broadcast state
-                self.downlink.forget_nodes()
-                if self.ranks is not None:  # and each node declares its rank again
-                    self.ranks.restore({})
+            else:  # a new deployment run: nodes start with empty state, so none holds a broadcast state; the
+                self.downlink.forget_nodes()  # LoRA ranks learned from their replies (node ids persist) are kept
         partition_of = getattr(grid, "partition_of", None)  # the in-process engine knows each node's partition
         if self.ranks is not None:
             self.ranks.bind(partition_of)
@@ -275,7 +272,7 @@ class FederatedServer:
                 "proximal-mu": self.aggregator.proximal_mu}
         contents = (self.downlink.contents(self.global_state, sampled, rnd, base) if self.ranks is None
                     else self.ranks.contents(self.global_state, sampled, rnd, base))
-        records = {protocol.CORRECTION: self._correction_record()}
+        records: dict[str, Any] = dict(self._correction_records())
         if isinstance(self.aggregator, Scaffold):  # the server control variate, dense fp32
             records[protocol.CONTROL] = protocol.payload_record(make_codec("none").encode(
                 self.aggregator.control(self.global_state), self.layout))
@@ -283,13 +280,17 @@ class FederatedServer:
             content.update({key: record for key, record in records.items() if record is not None})
         return contents
 
-    def _correction_record(self) -> ArrayRecord | None:
-        """``exact``'s frozen correction as dense fp32 (None before the first aggregation and in other modes)."""
+    def _correction_records(self) -> dict[str, ArrayRecord | ConfigRecord]:
+        """``exact`` / ``stack``'s frozen correction, each module dense or as factors when fewer bytes
+        (:func:`fedpeft.lora.correction_wire`; fp32), with the record of each module's rank (none before the first
+        aggregation and in other modes)."""
         correction = self.aggregator.correction()
         if correction is None:
-            return None
-        return protocol.payload_record(make_codec("none").encode({k: v.float() for k, v in correction.items()},
-                                                                 self.correction_layout))
+            return {}
+        wire, ranks = lora.correction_wire(correction)
+        payload = make_codec("none").encode(wire, lora.correction_layout(self.global_state, ranks))
+        declared: dict[str, Any] = dict(ranks)  # module -> rank (0: dense)
+        return {protocol.CORRECTION: protocol.payload_record(payload), lora.CORRECTION_RANKS: ConfigRecord(declared)}
 
     def _collect(self, grid: Grid, contents: dict[int, protocol.RecordDict], rnd: int) -> RoundReplies:
         """Send the instructions and collect the replies: decoded per client, or a secure sum (SecAgg+)."""
@@ -432,7 +433,8 @@ class FederatedServer:
     def federated_evaluate(self, grid: Grid, rnd: int) -> dict[str, Any]:
         """Every connected node evaluates the global adapter on its own held-out split, and with personalization
         a fine-tuned copy of it (server/fed_eval.py)."""
-        return fed_eval.evaluations(grid, self.global_state, self.layout, rnd, self._correction_record(), self.cfg)
+        return fed_eval.evaluations(grid, self.global_state, self.layout, rnd, self._correction_records(), self.cfg,
+                                    self.ranks)
 
     def finish(self) -> None:
         """Write the final adapter (a peft adapter usable outside fedpeft, see :mod:`fedpeft.export`; with a

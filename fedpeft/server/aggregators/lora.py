@@ -12,6 +12,12 @@ tensors that are not a LoRA pair (a classification head) get FedAvg's weighted m
 - ``svd``: the target is factored back to rank r by a truncated SVD (``B' = U_r S_r^½``, ``A' = S_r^½ V_r^T``);
   nothing else travels, so it is exact only when the target has rank <= r (``lora_svd_error`` reports the rest).
   A client of rank ``r_i`` receives the first ``r_i`` components: the target's best rank-``r_i`` approximation.
+- ``svd_delta``: ``svd`` for clients of mixed ranks without erasing what they never held. The server keeps the
+  exact dense global ``ΔW`` per module (float64 aggregator state) and steps it by each client's *change*,
+  ``ΔW += lr · Σ w_i (B_i A_i - B_(r_i) A_(r_i))`` (``B_(r_i) A_(r_i)``: the best rank-``r_i`` approximation the
+  client was sent); the global factors are its rank-r SVD, whose first ``r_i`` components each client gets. Under
+  ``svd`` a rank-2 client's product lacks the global's components 3..r, so its weight's share of them is erased
+  every round; here it leaves them as they are. All clients at rank r: identical to ``svd``.
 - ``zeropad``: the new factors are the mean of the clients' zero-padded factors (FedAvg when all ranks are
   equal); ``lora_agg_error`` reports how far their product is from the target. Nothing else travels.
 - ``stack``: the exact mean of the stacked ``[w_1 B_1 ... w_n B_n] [A_1; ...; A_n]`` (rank ``Σ r_i``) is kept
@@ -40,6 +46,7 @@ if TYPE_CHECKING:
 else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
     torch = lazy.module("torch")
 
+DENSE = "dense"  # state key prefix of svd_delta's exact global ΔW
 CORRECTION = "correction"  # state key prefix of exact's (and stack's) per-module correction
 INIT = "init"  # state key prefix of stack's initial factors
 
@@ -144,3 +151,23 @@ class SvdLoRA(LoraProductMean):
         self._errors.append(target - b.double() @ a.double())
         self._targets.append(target)
         return a, b
+
+
+@LORA_AGGREGATORS.register("svd_delta")
+class SvdDeltaLoRA(SvdLoRA):
+    """``svd`` stepping an exact dense global ``ΔW`` by each client's change against what it was sent."""
+
+    def aggregate(self, replies: RoundReplies, global_state: AdapterState) -> AdapterState:
+        self._w = lora.normalised(replies.weights)
+        self._ranks = [next(int(v.shape[0]) for k, v in d.items() if ".lora_A." in k) for d in replies.deltas]
+        return super().aggregate(replies, global_state)
+
+    def factor(self, module: str, target: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, m: lora.PairMean,
+               lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = ga.double(), gb.double()
+        key = f"{DENSE}/{module}"
+        dense = self.state.get(key, b @ a)
+        start = {r: b[:, :r] @ a[:r] for r in set(self._ranks)}  # what a rank-r client started from
+        sent = sum((float(w) * start[r] for w, r in zip(self._w, self._ranks)), torch.zeros_like(dense))
+        self.state[key] = dense + lr * (m.product - sent)
+        return super().factor(module, self.state[key], ga, gb, m, lr)
