@@ -407,7 +407,7 @@ def test_correction_travels_as_factors_of_its_rank_when_fewer_bytes():
 
 def test_stack_downloads_its_correction_as_stacked_factors_and_counts_them(tiny_cfg, monkeypatch):
     """Round 2 of stack: each of the 3 clients downloads the rank <= 3 x 4 correction as factors, fewer bytes than
-    the dense matrices, and bytes_down exceeds naive's by exactly those records (serialized Flower objects)."""
+    the dense matrices, and bytes_down exceeds naive's by those records (serialized Flower objects)."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     from fedpeft import protocol
@@ -438,4 +438,6 @@ def test_stack_downloads_its_correction_as_stacked_factors_and_counts_them(tiny_
     both = protocol.record_bytes(RecordDict({"x": ArrayRecord(), **records})) - protocol.record_bytes(
         RecordDict({"x": ArrayRecord()}))
     assert stack[0]["bytes_down"] == naive[0]["bytes_down"]
-    assert stack[1]["bytes_down"] - naive[1]["bytes_down"] == 3 * both
+    # the records, within 2 bytes per message: the framing of the enclosing message (varint length prefixes) moves
+    # with its size; a dense correction would add thousands of bytes more
+    assert abs(stack[1]["bytes_down"] - naive[1]["bytes_down"] - 3 * both) <= 3 * 2
