@@ -131,6 +131,12 @@ def record_bytes(content: RecordDict) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
+def round_of(group_id: str) -> int:
+    """The round a message's group id names (``"3"`` for training, ``"3-fed_eval"`` for evaluation; 0: none)."""
+    head = group_id.split("-")[0]
+    return int(head) if head.isdigit() else 0
+
+
 def train_instruction(global_payload: Payload, config: Mapping[str, int | float | str | bool]) -> RecordDict:
     """The content of a server -> client training message."""
     return RecordDict({GLOBAL: payload_record(global_payload), CONFIG: ConfigRecord(dict(config))})

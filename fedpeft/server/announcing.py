@@ -13,6 +13,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedpeft import protocol
 from fedpeft.progress import PROGRESS_KEY, append_event
 from fedpeft.server.delegating import DelegatingGrid
 
@@ -27,8 +28,7 @@ class AnnouncingGrid(DelegatingGrid):
     def _announce(self, messages: list[Message]) -> None:
         if messages:
             meta = messages[0].metadata
-            rnd = meta.group_id.split("-")[0]
-            append_event(self.path, {"round": int(rnd) if rnd.isdigit() else 0, "kind": meta.message_type,
+            append_event(self.path, {"round": protocol.round_of(meta.group_id), "kind": meta.message_type,
                                      "count": len(messages), "t": time.time()})
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

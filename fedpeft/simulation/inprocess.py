@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpeft import config
+from fedpeft import config, protocol
 from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
 
 if TYPE_CHECKING:
@@ -113,8 +113,8 @@ class InProcessGrid(Grid):
         batch = list(messages)
         for i, msg in enumerate(batch):
             if self.progress is not None:
-                rnd = msg.metadata.group_id.split("-")[0]
-                self.progress.begin(int(rnd) if rnd.isdigit() else 0, msg.metadata.message_type, i, len(batch))
+                self.progress.begin(protocol.round_of(msg.metadata.group_id), msg.metadata.message_type, i,
+                                    len(batch))
             yield msg
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
