@@ -100,25 +100,27 @@ def cmd_compare_compression(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None
+    if (args.rounds or args.clients) and not args.capture:
+        raise FedPeftError("--rounds and --clients select updates of a real run: use them with --capture")
+    # The scenario is read and validated before the attack suite (torch, transformers) is imported,
+    # so a bad key or value fails at once.
+    if args.epsilon_lower_bound:
+        return _audit_epsilon(args, config.load(args.scenario, args.overrides))
+    if args.capture:
+        return _audit_capture(args, config.load(args.scenario, args.overrides), attacks)
+    loaded = None if args.resume is not None else config.load(args.scenario, args.overrides)
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from fedpeft.audit.grid import GRID_KEYS
-    from fedpeft.audit.run import check, run_audit
+    from fedpeft.audit.run import check, load_progress, run_audit
 
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None
-    if args.epsilon_lower_bound:
-        return _audit_epsilon(args)
-    if args.capture:
-        return _audit_capture(args, attacks)
-    if args.rounds or args.clients:
-        raise FedPeftError("--rounds and --clients select updates of a real run: use them with --capture")
     done: list[dict[str, Any]] = []
-    if args.resume is not None:
-        from fedpeft.audit.run import load_progress
-
+    if loaded is None:
         cfg, cells, done = load_progress(args.resume)
     else:
-        cfg, cells = check(config.load(args.scenario, args.overrides), args.grid, attacks)
+        cfg, cells = check(loaded, args.grid, attacks)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task(f"audit: {len(cells)} cell(s) x {cfg.audit.seeds} victim(s)",
@@ -198,7 +200,7 @@ def cmd_split_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_epsilon(args: argparse.Namespace) -> int:
+def _audit_epsilon(args: argparse.Namespace, cfg: config.Config) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedpeft.audit.epsilon import (
@@ -211,7 +213,6 @@ def _audit_epsilon(args: argparse.Namespace) -> int:
     )
     from fedpeft.rundir import new_run_dir
 
-    cfg = config.load(args.scenario, args.overrides)
     if cfg.privacy.mode == "none":
         raise FedPeftError("--epsilon-lower-bound audits a DP run: set privacy.mode = 'client', 'local' or 'both'")
     results: list[EpsilonAudit] = []
@@ -238,10 +239,10 @@ def _audit_epsilon(args: argparse.Namespace) -> int:
     return 1 if verdict == "fail" else 0
 
 
-def _audit_capture(args: argparse.Namespace, attacks: list[str] | None) -> int:
+def _audit_capture(args: argparse.Namespace, loaded: config.Config, attacks: list[str] | None) -> int:
     from fedpeft.audit import capture
 
-    cfg = capture.check(config.load(args.scenario, args.overrides), attacks, args.grid)
+    cfg = capture.check(loaded, attacks, args.grid)
     with console.status("running the scenario; the server keeps the updates it decodes"):
         def done(i: int, total: int, row: dict[str, Any]) -> None:
             console.print(f"[bold]{row['verdict']}[/] round {row['round']} client {row['client']} "

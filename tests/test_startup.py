@@ -90,3 +90,12 @@ def test_lazy_module_imports_on_first_attribute() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**_env(), "PYTHONPATH": str(ROOT)})
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("argv", [["audit"], ["audit", "--capture"], ["audit", "--epsilon-lower-bound"],
+                                  ["frontier"], ["compare-compression"]],
+                         ids=["audit-grid", "audit-capture", "audit-epsilon", "frontier", "compare-compression"])
+def test_long_commands_refuse_a_bad_key_before_the_heavy_stack(tmp_path: Path, argv: list[str]) -> None:
+    rc, heavy, err = _imports_after([*argv, "--set", "run.bogus=1"], tmp_path)
+    assert rc == 2 and "unknown key run.bogus" in err and "Traceback" not in err
+    assert heavy == []
