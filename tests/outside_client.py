@@ -63,6 +63,22 @@ def bitmap(total: int, idx: np.ndarray) -> np.ndarray:
     return np.packbits(bits)
 
 
+def golomb(positions: np.ndarray, m: int) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """Golomb-coded positions: (the four coding fields, the unary, fixed and extra streams, each byte-aligned)."""
+    gaps = np.diff(positions, prepend=-1) - 1
+    q, r = np.divmod(gaps, m)
+    b = (m - 1).bit_length()
+    u, w = (1 << b) - m, max(b - 1, 0)
+    unary = np.concatenate([np.r_[np.zeros(n, "u1"), 1] for n in q]).astype("u1")
+    if b == 0:
+        return (GOLOMB, m, unary.size, 0), np.packbits(unary)
+    fixed = np.where(r < u, r, (r + u) >> 1)
+    fixed_bits = ((fixed[:, None] >> np.arange(w - 1, -1, -1)) & 1).reshape(-1).astype("u1")
+    extra = ((r + u) & 1)[r >= u].astype("u1")
+    streams = [np.packbits(unary), np.packbits(fixed_bits), np.packbits(extra)]
+    return (GOLOMB, m, unary.size, extra.size), np.concatenate(streams)
+
+
 def sparse(codec: str, layout: Layout, p: float, k: int, positions: np.ndarray, values: np.ndarray,
            scales: np.ndarray | None = None, coding: tuple[int, int, int, int] = (BITMAP, 0, 0, 0)) -> bytes:
     """A topk / compeft payload: fields k, p as float64 bits, scope 0 (global), then the positions coding's four."""

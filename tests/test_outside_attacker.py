@@ -10,30 +10,36 @@ import json
 import logging
 import os
 import subprocess
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from outside_client import (
     BOUND,
     Forge,
     Layout,
+    bitmap,
     compeft_at_the_bound,
     compeft_huge_scale,
     dense_poison,
     dense_takeover,
+    golomb,
     hostile_app,
     int8_at_the_bound,
     int8_huge_scale,
+    pack,
     sign_huge_scale,
+    sparse,
     topk_bad_positions,
     topk_huge_values,
 )
 from test_deploy import Cluster, _cli
 
-from fedpeft import certs, config, report
+from fedpeft import certs, config, protocol, report
 from fedpeft.clients.app import app as client_app
+from fedpeft.compression import Layout as FedpeftLayout
+from fedpeft.compression import make_codec
 from fedpeft.deploy import flower, submit
 from fedpeft.runtime import get_runtime
 from fedpeft.server import checkpoint
@@ -48,6 +54,11 @@ def public_layout(cfg) -> Layout:
     """Names and shapes only: the public model's adapter, as any node builds it."""
     known = get_runtime(cfg).layout
     return list(zip(known.names, known.shapes))
+
+
+def density(codec: str) -> float:
+    """The density p the attacker reads from the run's uplink spec (``topk:0.2``; 0 for a codec without one)."""
+    return float(codec.partition(":")[2] or 0.0)
 
 
 def attacked_run(cfg, forge: Forge, p: float, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -72,6 +83,56 @@ def global_peak(run_dir: Path) -> float:
     return max(float(t.abs().max()) for t in ckpt.tensors["global"].values())
 
 
+SMALL: Layout = [("a.lora_A", (3, 5)), ("b.lora_B", (7,)), ("c.weight", (2, 9))]  # 40 elements, three tensors
+
+
+def _sparse_cases() -> list[tuple[str, bytes, np.ndarray]]:
+    """Hand-built topk / compeft payloads of SMALL at p = 0.5 with both positions codings, and what they hold."""
+    pos = np.array([0, 1, 4, 9, 14, 15, 16, 22, 30, 39])  # runs, short and long gaps, the first and last element
+    half = np.array([1.0, -2.0, 0.5, 3.0, -0.25, 8.0, -1.5, 0.75, 2.5, -4.0], "<f2")
+    negative = half < 0
+    scales = np.array([0.5, 2.0, 0.125], "<f4")
+    tensor = np.searchsorted([15, 22, 40], pos, side="right")  # which tensor each position falls in
+    cases = []
+    for coding, name in [(None, "bitmap"), (1, "golomb m=1"), (2, "golomb m=2"), (3, "golomb m=3"), (6, "golomb m=6")]:
+        fields, streams = (0, 0, 0, 0), bitmap(40, pos)
+        if coding is not None:
+            fields, streams = golomb(pos, coding)
+        top = np.zeros(40, np.float32)
+        top[pos] = half
+        cases.append((f"topk:0.5 {name}", sparse("topk", SMALL, 0.5, pos.size, streams, half, coding=fields), top))
+        ternary = np.zeros(40, np.float32)
+        ternary[pos] = np.where(negative, -scales[tensor], scales[tensor])
+        signs = np.packbits(negative.astype("u1"))
+        cases.append((f"compeft:0.5 {name}", sparse("compeft", SMALL, 0.5, pos.size, streams, signs, scales,
+                                                    coding=fields), ternary))
+    return cases
+
+
+def _dense_cases() -> list[tuple[str, bytes, np.ndarray]]:
+    values = np.linspace(-1, 1, 40).astype("<f4")
+    codes = np.arange(-20, 20).astype("i1")
+    int8_scales = np.array([0.1, 1.0, 0.01], "<f4")
+    sign_scales = np.array([0.5, 2.0, 0.125], "<f4")
+    per_element = np.repeat(np.arange(3), [15, 7, 18])
+    signs = np.packbits((values < 0).astype("u1"))
+    return [("none", pack("none", SMALL, values), values),
+            ("int8", pack("int8", SMALL, codes, int8_scales), codes * int8_scales[per_element]),
+            ("sign", pack("sign", SMALL, signs, sign_scales),
+             np.where(values < 0, -sign_scales[per_element], sign_scales[per_element]))]
+
+
+@pytest.mark.parametrize("spec, data, expected", _dense_cases() + _sparse_cases(),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_the_documented_layouts_decode_to_what_the_builder_meant(spec, data, expected):
+    """The wire-format section is enough: every payload built from it alone decodes in fedpeft to the intended
+    values (bitmap and Golomb positions, with m = 1, 2, 3 and 6 exercising every stream)."""
+    layout = FedpeftLayout(tuple(n for n, _ in SMALL), tuple(s for _, s in SMALL))
+    decoded = make_codec(spec.split()[0]).decode(protocol.unpack_payload(data), layout)
+    flat = np.concatenate([decoded[name].reshape(-1).numpy() for name, _ in SMALL])
+    assert np.array_equal(flat, expected.astype(np.float32))
+
+
 @pytest.mark.slow  # ten 3-round runs of the real ServerApp path
 @pytest.mark.parametrize("codec, forge, sanity, seen", [
     ("int8", int8_huge_scale, {}, "decodes beyond the bound"),
@@ -88,9 +149,8 @@ def global_peak(run_dir: Path) -> float:
 def test_a_reply_built_from_the_docs_cannot_take_the_federation_over(tiny_cfg, monkeypatch, caplog, one_thread,
                                                                      codec, forge, sanity, seen):
     cfg = tiny_cfg(**{"compression.uplink": codec, **sanity})
-    p = float(codec.partition(":")[2] or 0.0)  # the density the attacker reads from the run's uplink spec
     caplog.set_level(logging.INFO)
-    run_dir = attacked_run(cfg, forge, p, monkeypatch)
+    run_dir = attacked_run(cfg, forge, density(codec), monkeypatch)
 
     rows = report.read_metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2, 3]
@@ -131,7 +191,7 @@ def test_without_sanity_the_same_replies_do_take_the_adapter(tiny_cfg, monkeypat
     """The control: with ``sanity.enabled = false`` the compressed replies above are accepted and move the global
     adapter far beyond anything honest (so the test above fails without the sanity checks)."""
     cfg = tiny_cfg(**{"compression.uplink": codec, "sanity.enabled": False, "federation.rounds": 1})
-    run_dir = attacked_run(cfg, forge, float(codec.partition(":")[2] or 0.0), monkeypatch)
+    run_dir = attacked_run(cfg, forge, density(codec), monkeypatch)
     (row,) = report.read_metrics(run_dir)
     assert (row["replies"], row["dropped"]) == (3, 0)
     assert global_peak(run_dir) > floor
@@ -159,7 +219,7 @@ def test_a_hostile_node_of_a_real_deployment_is_dropped(tmp_path: Path, monkeypa
     keys = {n: certs.make_node_key(tmp_path / "keys", name=n) for n in ("a", "b", "hostile")}
     data = write_classification(tmp_path / "all.jsonl", n=240)
     cfg_sets = tiny_overrides(data, tmp_path / "runs", **{
-        "data.num_clients": 3, "federation.rounds": 2, "federation.min_clients": 3,
+        "data.num_clients": 3, "federation.rounds": 3,
         "federation.round_timeout": 60.0, "federation.node_wait_timeout": 90.0,
         "compression.uplink": "compeft:0.2", "run.threads": 1})
     layout_file = tmp_path / "layout.json"  # the public model's adapter names and shapes, as the attacker knows them
@@ -192,17 +252,16 @@ def test_a_hostile_node_of_a_real_deployment_is_dropped(tmp_path: Path, monkeypa
         assert out.returncode == 0, out.stderr
         submitted = json.loads(out.stdout.strip().splitlines()[-1])
         run_id, run_dir = int(submitted["run_id"]), Path(submitted["run_dir"])
-        t0 = time.time()
         status = submit.wait(cli_home, run_id, timeout=300)
         logs = submit.logs(cli_home, run_id)
         assert status == "finished:completed", logs + cluster.log("hostile")
 
         rows = report.read_metrics(run_dir)
-        assert [(r["round"], r["replies"], r["dropped"]) for r in rows] == [(1, 2, 1), (2, 2, 1)], (
+        assert [(r["round"], r["replies"], r["dropped"]) for r in rows] == [(1, 2, 1), (2, 2, 1), (3, 2, 1)], (
             logs + cluster.log("hostile"))
         assert "compeft scale 3e+38 x level 1 decodes beyond the bound" in logs
-        assert logs.count("dropped the update of node") == 2
+        assert logs.count("dropped the update of node") == 3
         assert global_peak(run_dir) <= BOUND
-        assert rows[-1]["eval_accuracy"] > 0.55, (rows, time.time() - t0)
+        assert rows[-1]["eval_accuracy"] > 0.55, rows
     finally:
         cluster.stop()
