@@ -196,6 +196,20 @@ class Cluster:
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")[-3000:]
 
+    def tls_superlink(self, pki: certs.CertPaths, public_keys: list[Path]) -> tuple[str, Path]:
+        """Start a TLS SuperLink with node authentication (certificates in ``root/certs``), connect a CLI
+        home to it and register ``public_keys``: the link's address and the CLI home."""
+        port = flower.free_port()
+        address = f"127.0.0.1:{port}"
+        link = self.start("superlink", _cli("superlink", "--host", "127.0.0.1", "--port", port, "--certs",
+                                            self.root / "certs"), self.root / "home-link")
+        flower.wait_healthy(port, link, ca=pki.ca_cert)
+        cli_home = self.root / "home-cli"
+        submit.connect(cli_home, address, pki.ca_cert)
+        for key in public_keys:
+            submit.register_node(cli_home, key)
+        return address, cli_home
+
     def stop(self) -> None:
         for name in list(self.procs):
             self.kill(name)
@@ -211,17 +225,9 @@ def test_real_deployment_tls_auth_compeft_and_a_node_failure(tmp_path: Path, cap
     # node b lacks a label: it still answers because its labels get the scenario's ids (run config label-names)
     node_data["b"].write_text("".join(f"{line}\n" for line in node_data["b"].read_text().splitlines()
                                       if '"fruit"' not in line))
-    port = flower.free_port()
-    address = f"127.0.0.1:{port}"
     cluster = Cluster(tmp_path)
     try:
-        link = cluster.start("superlink", _cli("superlink", "--host", "127.0.0.1", "--port", port, "--certs",
-                                               tmp_path / "certs"), tmp_path / "home-link")
-        flower.wait_healthy(port, link, ca=pki.ca_cert)
-        cli_home = tmp_path / "home-cli"
-        submit.connect(cli_home, address, pki.ca_cert)
-        for n in "ab":
-            submit.register_node(cli_home, keys[n].public)
+        address, cli_home = cluster.tls_superlink(pki, [keys[n].public for n in "ab"])
 
         def node(name: str, *extra: object) -> subprocess.Popen:
             return cluster.start(name, _cli("node", "--superlink", address, "--ca", pki.ca_cert, "--key",

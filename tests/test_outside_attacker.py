@@ -224,17 +224,9 @@ def test_a_hostile_node_of_a_real_deployment_is_dropped(tmp_path: Path, monkeypa
         "compression.uplink": "compeft:0.2", "run.threads": 1})
     layout_file = tmp_path / "layout.json"  # the public model's adapter names and shapes, as the attacker knows them
     layout_file.write_text(json.dumps(public_layout(config.load(None, cfg_sets))))
-    port = flower.free_port()
-    address = f"127.0.0.1:{port}"
     cluster = Cluster(tmp_path)
     try:
-        link = cluster.start("superlink", _cli("superlink", "--host", "127.0.0.1", "--port", port, "--certs",
-                                               tmp_path / "certs"), tmp_path / "home-link")
-        flower.wait_healthy(port, link, ca=pki.ca_cert)
-        cli_home = tmp_path / "home-cli"
-        submit.connect(cli_home, address, pki.ca_cert)
-        for key in keys.values():
-            submit.register_node(cli_home, key.public)
+        address, cli_home = cluster.tls_superlink(pki, [key.public for key in keys.values()])
         for i, name in enumerate("ab"):
             cluster.start(name, _cli("node", "--superlink", address, "--ca", pki.ca_cert, "--key", keys[name].private,
                                      "--port", flower.free_port(), "--partition-id", i, "--warm"),
