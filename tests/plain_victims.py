@@ -163,7 +163,7 @@ def english_batch(batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tenso
 def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, vocab: int = 300,
                   hidden: int = 64, seq_len: int = 12, eos: bool = True, dtype: torch.dtype = torch.float64,
                   text: str = "random", sgd_lr: float | None = None, rounds: int = 1,
-                  drift: float = 0.05) -> tuple[Observation, torch.Tensor, torch.Tensor]:
+                  drift: float = 0.05, pad_in_loss: bool = False) -> tuple[Observation, torch.Tensor, torch.Tensor]:
     """One client's single-step gradient on a padded batch, in a later round (LoRA B ≠ 0): the server's
     Observation, the true token ids and the attention mask (ground truth, for the metrics only).
 
@@ -172,7 +172,9 @@ def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, 
     client sends one SGD step, local − global in the model's dtype (rounding included), which the server
     rescales by −1/lr to the gradient. ``rounds`` > 1: the server observes the same client on the same
     batch in that many rounds (the earlier ones in ``Observation.history``); between two observed rounds the
-    global adapter moves by N(0, ``drift``²) per LoRA entry (other clients' rounds in between)."""
+    global adapter moves by N(0, ``drift``²) per LoRA entry (other clients' rounds in between). ``pad_in_loss``:
+    the client keeps the padding in the loss (labels = ids; the attention mask alone hides the padding), as a
+    loop that copies the ids into the labels without masking does."""
     if text in ("words", "english"):
         vocab = len(wordpiece())
     targets = ["q_proj", "k_proj", "v_proj"] if arch == "llama" else ["c_attn"]
@@ -187,7 +189,7 @@ def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, 
     batches = {"words": word_batch, "english": english_batch}
     ids, mask = batches[text](batch_size, seq_len, seed) if text in batches else \
         padded_batch(batch_size, seq_len, seed, vocab, eos=eos)
-    labels = ids.masked_fill(mask == 0, -100)
+    labels = ids if pad_in_loss else ids.masked_fill(mask == 0, -100)
     observed = []
     for t in range(rounds):
         if t:
