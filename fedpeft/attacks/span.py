@@ -25,12 +25,14 @@ from typing import Any
 import torch
 
 from fedpeft.attacks.lora_io import (
+    count_cut,
     gap_cut,
     lora_modules,
     outlier_cut,
     residuals,
     row_basis,
     shared_groups,
+    signal_rank,
     token_inputs,
 )
 from fedpeft.attacks.observation import AttackResult, NotApplicable, Observation, register_attack
@@ -114,11 +116,15 @@ def update_pairs(obs: Observation, rounds: str) -> list[tuple[dict, dict]]:
     return obs.updates() if rounds == "all" else obs.updates()[-1:]
 
 
+def a_channel_rows(obs: Observation, group: list, d: int, rounds: str = "all") -> torch.Tensor:
+    """The stacked dL/dA rows (float64, rows × d) of ``group`` (every round, or the last)."""
+    pairs = update_pairs(obs, rounds)
+    return torch.cat([upd[m.a_name].to(torch.float64).reshape(-1, d) for _, upd in pairs for m in group])
+
+
 def a_channel_basis(obs: Observation, group: list, d: int, bound: int, rounds: str = "all") -> torch.Tensor:
     """Orthonormal basis (k × d) of the stacked dL/dA rows of ``group`` (every round, or the last)."""
-    pairs = update_pairs(obs, rounds)
-    rows = torch.cat([upd[m.a_name].to(torch.float64).reshape(-1, d) for _, upd in pairs for m in group])
-    return row_basis(rows, bound)[0]
+    return row_basis(a_channel_rows(obs, group, d, rounds), bound)[0]
 
 
 def joint_sequence(res: torch.Tensor, cands: torch.Tensor, basis: torch.Tensor, visible: list[int],
@@ -205,12 +211,13 @@ def dropout_cut(cands: torch.Tensor, p: float, z: float = 3.0) -> torch.Tensor:
 
 
 def _accepted(res: torch.Tensor, cands: torch.Tensor, obs: Observation, use: str, k: int, bound: int,
-              positional: bool, threshold: float | None,
-              cut_rule: str = "gap") -> tuple[torch.Tensor, torch.Tensor, float | None]:
+              positional: bool, threshold: float | None, cut_rule: str = "gap",
+              count: int = 0) -> tuple[torch.Tensor, torch.Tensor, float | None]:
     """Accepted tokens (vocab) and (position, token) pairs, and the token cut (None: statistical test).
 
-    Exact test: the largest gap (:func:`gap_cut`) or ``threshold``; with ``cut_rule="outlier"`` and no gap
-    (more inputs than rows) the robust outliers of the residuals instead (:func:`outlier_cut`). With dropout
+    Exact test: the largest gap (:func:`gap_cut`) or ``threshold``; with no gap (more inputs than rows, or a
+    true tail that runs into the noise) ``cut_rule="outlier"`` takes the robust outliers of the residuals
+    (:func:`outlier_cut`) and ``cut_rule="spectrum"`` the ``count`` smallest (:func:`count_cut`). With dropout
     (``obs.dropout`` > 0, dL/dA) the statistical test :func:`dropout_cut` instead, and at most ``batch_size``
     tokens per position (each position holds one token per example).
     """
@@ -225,12 +232,16 @@ def _accepted(res: torch.Tensor, cands: torch.Tensor, obs: Observation, use: str
             pairs &= torch.zeros_like(pairs).scatter_(-1, top, True)
         return pairs.any(0), pairs, None
     cut = threshold if threshold is not None else gap_cut(tok_res, bound)
-    beyond = threshold is None and cut == 0.0 and cut_rule == "outlier"
+    beyond = threshold is None and cut == 0.0 and cut_rule != "gap"
+
+    def fallback(values: torch.Tensor) -> float:
+        return count_cut(values, count) if cut_rule == "spectrum" and count else outlier_cut(values)
+
     if beyond:
-        cut = outlier_cut(tok_res)
+        cut = fallback(tok_res)
     if not positional:
         return tok_res < cut, (res < cut), cut
-    pcut = threshold if threshold is not None else outlier_cut(res) if beyond else gap_cut(res, bound)
+    pcut = threshold if threshold is not None else fallback(res) if beyond else gap_cut(res, bound)
     return tok_res < cut, res < pcut, cut
 
 
@@ -249,12 +260,15 @@ def run(obs: Observation, channel: str = "auto", rounds: str = "all", bound: int
     (:func:`all_layer_residuals`: more rows than the first block's rank budget, approximate inputs past it);
     with dropout the accepted bag still comes from the first block alone. ``cut="outlier"``: where the
     largest gap is no clear gap (a batch beyond the rank budget) the bag is the residuals' robust outliers
-    (:func:`fedpeft.attacks.lora_io.outlier_cut`) instead of nothing.
+    (:func:`fedpeft.attacks.lora_io.outlier_cut`) instead of nothing. ``cut="spectrum"`` (dL/dA channel; the
+    B channel falls back to "outlier"): there the bag is the m best-ranked inputs, m the stacked rows' singular
+    values above their noise bulk (:func:`fedpeft.attacks.lora_io.signal_rank`): a float32 update whose least
+    weighted tokens sink into its rounding noise (no gap even inside the rank budget), or a batch past it.
     """
     if layers not in ("first", "all"):
         raise ValueError(f"span layers must be 'first' or 'all', got {layers!r}")
-    if cut not in ("gap", "outlier"):
-        raise ValueError(f"span cut must be 'gap' or 'outlier', got {cut!r}")
+    if cut not in ("gap", "outlier", "spectrum"):
+        raise ValueError(f"span cut must be 'gap', 'outlier' or 'spectrum', got {cut!r}")
     if prefix_layout(obs.working_model()) is not None:
         return run_prefix(obs, rounds, bound, threshold)
     group, cands, positional, frozen = span_group(obs, layer)
@@ -274,8 +288,11 @@ def run(obs: Observation, channel: str = "auto", rounds: str = "all", bound: int
     # the rank budget: stacked rows the test reads (modules sharing the input x rank x rounds) vs bound
     rows = deeper_rows + sum(upd[m.a_name if use == "A" else m.b_name].shape[0 if use == "A" else 1]
                              for _, upd in update_pairs(obs, rounds) for m in group)
+    count = 0
+    if cut == "spectrum" and use == "A" and k:
+        count = signal_rank(torch.linalg.svdvals(a_channel_rows(obs, group, cands.shape[-1], rounds)), cands.shape[-1])
     in_bag, pairs, cut_at = _accepted(first_res if obs.dropout > 0 else res, cands, obs, use, k, bound, positional,
-                                      threshold, cut)
+                                      threshold, cut, count)
     bag = in_bag.nonzero().flatten().tolist()
     positions = [(p, v) for p, v in pairs.nonzero().tolist()] if positional else []
     if cut_at is None:  # statistical test: the accepted pairs themselves
@@ -296,6 +313,6 @@ def run(obs: Observation, channel: str = "auto", rounds: str = "all", bound: int
     log.info("span[%s]: %d modules, rank %d, cut %s -> %d tokens", use, len(group), k,
              "statistical" if cut_at is None else f"{cut_at:.2e}", len(bag))
     return AttackResult("span", token_scores=token_scores, position_scores=pos_scores, bag=bag, sequences=sequences,
-                        extra={"channel": use, "rank": k, "cut": cut_at, "positional": positional, "rows": rows,
-                               "positions": positions, "consistent": consistent, "dropout": obs.dropout,
+                        extra={"channel": use, "rank": k, "cut": cut_at, "signal_rank": count, "positional": positional,
+                               "rows": rows, "positions": positions, "consistent": consistent, "dropout": obs.dropout,
                                "modules": [m.path for m in group]})

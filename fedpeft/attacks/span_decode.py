@@ -74,8 +74,8 @@ def _chained(values: list[float], gap: float) -> float:
 
 
 def greedy_decode(model: torch.nn.Module, path: str, basis: torch.Tensor, cands: list[list[int]], length: int,
-                  beams: int, ratio: float = 1e3, tau: float = 0.05,
-                  end_ratio: float = 10.0) -> list[tuple[list[int], float]]:
+                  beams: int, ratio: float = 1e3, tau: float = 0.05, end_ratio: float = 10.0,
+                  pad: int | None = None) -> list[tuple[list[int], float]]:
     """Extend prefixes token by token, keeping extensions whose layer-1 input is in the span.
 
     True extensions sit close to the span and close to each other (residual about 1e-15-1e-12 for a
@@ -86,8 +86,9 @@ def greedy_decode(model: torch.nn.Module, path: str, basis: torch.Tensor, cands:
     visible part (padding and the last token add nothing to the gradient) and ends there. Otherwise
     it keeps the extensions chained from its best one (sentences that branch there), below ``tau`` and
     within ``ratio`` of the best, or else its best one alone: on a noisy update every residual is
-    large, nothing ends and the best guess goes on. Returns the ended prefixes and those that reach
-    ``length``, by mean residual, best first.
+    large, nothing ends and the best guess goes on. A prefix whose best extension is the ``pad`` token ends
+    after it (a right-padded batch holds nothing but padding past it: padding kept in the loss is in the
+    span). Returns the ended prefixes and those that reach ``length``, by mean residual, best first.
     """
     prefixes: list[tuple[list[int], float]] = [([], 0.0)]
     finished: list[tuple[list[int], float]] = []
@@ -108,7 +109,8 @@ def greedy_decode(model: torch.nn.Module, path: str, basis: torch.Tensor, cands:
             r = res[idx].tolist()
             near = min(_chained(r, end_ratio), best * ratio)
             keep = [j for j, rv in zip(idx, r) if rv <= max(near, 1e-12) and rv < tau] or [idx[r.index(best)]]
-            nxt += [(exts[j][0], score + float(res[j])) for j in keep]
+            for j in keep:
+                (finished if exts[j][0][-1] == pad else nxt).append((exts[j][0], score + float(res[j])))
         level = max(level, top)
         nxt.sort(key=lambda t: t[1])
         prefixes = nxt[:beams]
@@ -188,12 +190,30 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], max_elems: int = 20
     return ys
 
 
+def special_ids(model: torch.nn.Module) -> tuple[int | None, int | None]:
+    """The model's public pad and EOS token ids (its config's; None where unset)."""
+    cfg = getattr(model, "config", None)
+    ids = (getattr(cfg, "pad_token_id", None), getattr(cfg, "eos_token_id", None))
+    return tuple(i if isinstance(i, int) else None for i in ids)  # type: ignore[return-value]
+
+
+def trim_padding(seq: list[int], pad: int | None, eos: int | None) -> list[int]:
+    """``seq`` without its trailing ``pad`` tokens (one kept where pad is also EOS: the sentence's own end).
+    A client that keeps the padding in the loss makes the first pad visible and labels the last real token
+    with it, so the decoder and the label channel add pads after the sentence."""
+    end = len(seq)
+    while pad is not None and end and seq[end - 1] == pad:
+        end -= 1
+    return seq[:end + 1] if end < len(seq) and pad == eos else seq[:end]
+
+
 @register_attack("span_decode")
 def run(obs: Observation, beams: int | None = None, max_cands: int = 64, ratio: float = 1e3, tau: float = 0.05,
-        end_ratio: float = 10.0, **_unused: Any) -> AttackResult:
+        end_ratio: float = 10.0, cut: str = "gap", **_unused: Any) -> AttackResult:
     """Layer-0 span check, then greedy layer-1 decoding with ``beams`` prefixes (default 2 × batch size);
-    the best batch-size sequences are returned, each with its own length (padding is not decoded).
-    ``ratio``, ``tau``, ``end_ratio``: see :func:`greedy_decode`."""
+    the best batch-size sequences are returned, each with its own length, trailing padding trimmed
+    (:func:`trim_padding`). ``ratio``, ``tau``, ``end_ratio``: see :func:`greedy_decode`; ``cut``: the
+    layer-0 span's bag rule (:func:`fedpeft.attacks.span.run`: "gap", "outlier" or "spectrum")."""
     model = obs.working_model()
     vocab = model.get_input_embeddings().num_embeddings
     groups = shared_groups(model, 1, token_local=False, vocab=vocab)  # cheap checks first: NotApplicable
@@ -204,17 +224,19 @@ def run(obs: Observation, beams: int | None = None, max_cands: int = 64, ratio: 
         raise NotApplicable("span_decode decodes left to right: the second block's input at a position depends "
                             "on later tokens (a bidirectional encoder such as BERT / MiniLM)")
     _, _, positional = span.first_layer(obs)
-    res0 = span.run(obs)
+    res0 = span.run(obs, cut=cut)
     rows = torch.cat([upd[m.a_name].to(torch.float64) for _, upd in obs.updates() for m in group])
     basis, _ = row_basis(rows, obs.token_bound)
     cands = _candidates(res0, positional, obs.seq_len, max_cands)
     beams = beams or 2 * obs.batch_size
     length = obs.seq_len - 1 if obs.task == "causal_lm" else obs.seq_len  # causal LM: last token invisible
-    decoded = greedy_decode(model, group[0].path, basis, cands, length, beams, ratio, tau, end_ratio)
+    pad, eos = special_ids(model)
+    decoded = greedy_decode(model, group[0].path, basis, cands, length, beams, ratio, tau, end_ratio, pad)
     seqs = [p for p, _ in decoded][: obs.batch_size]
     tails = last_tokens(obs, seqs) if length < obs.seq_len else None
     if tails is not None:
         seqs = [s + [t] for s, t in zip(seqs, tails)]
+    seqs = [trim_padding(s, pad, eos) for s in seqs]
     log.info("span_decode: %d sequences (layer-1 rank %d), last token %s", len(seqs), basis.shape[0],
              "from the label channel" if tails else "unknown")
     return AttackResult("span_decode", token_scores=res0.token_scores, position_scores=res0.position_scores,
