@@ -25,6 +25,8 @@ dataset; this rule needs no server data and uses the other clients' updates as t
 from __future__ import annotations
 
 import logging
+import operator
+from functools import reduce
 from typing import TYPE_CHECKING
 
 from fedpeft import lazy
@@ -71,7 +73,7 @@ class CosineFilter(RobustAggregator):
     def combine(self, deltas: list[AdapterState], global_state: AdapterState) -> AdapterState:
         n, cfg = len(deltas), self.cfg
         grams = group_grams(deltas, cfg.score_groups)
-        norms = sum(grams.values()).diagonal().clamp_min(0).sqrt()
+        norms = reduce(operator.add, grams.values()).diagonal().clamp_min(0).sqrt()
         self.bound = bound = cfg.norm_bound or float(median(norms))
         scales = torch.where(norms > bound, bound / norms.clamp_min(1e-300), torch.ones_like(norms))
         outer = scales.unsqueeze(0) * scales.unsqueeze(1)
