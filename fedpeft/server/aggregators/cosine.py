@@ -20,6 +20,9 @@ heuristic, not a breakdown-point guarantee: hostile updates that agree with the 
 test (their influence stays bounded by the clip), and when hostile clients are the majority the reference
 is theirs. FLTrust (Cao et al., 2021) scores clients by their cosine with a reference computed on a server
 dataset; this rule needs no server data and uses the other clients' updates as the reference.
+
+Options (:mod:`.reputation`): the test per group of tensors (``score_groups``), a relative outlier test per group
+(``outlier_z``) and a cross-round client reputation that weights the kept updates (``reputation_decay``).
 """
 
 from __future__ import annotations

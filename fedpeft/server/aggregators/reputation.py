@@ -2,10 +2,9 @@
 
 A backdoor's update under a sparse ternary uplink (``compeft``) is of ordinary size and, over the whole
 adapter, agrees with the honest direction as much as an honest update does: a whole-vector test cannot
-tell them apart. What differs is local: measured on captured ``compeft:0.1`` updates (MiniLM + LoRA, BBC
-News), the classification head's tensors single the attackers out in a round where the whole update does
-not, because the head is small and the attackers' relabelled examples move it the most. Two pieces act
-on that:
+tell them apart. On updates captured from one ``compeft:0.1`` run (MiniLM + LoRA, BBC News, seed 0) a small
+group, the classification head, singled an attacker out in a round where the whole update did not. Two
+pieces act on that lead:
 
 - **Per-group scores** (``federation.score_groups``): the leave-one-out cosine of each update with the
   sum of the others is computed per group of tensors (``kind``: the LoRA factors together, the other
@@ -19,6 +18,10 @@ on that:
   with its reputation as its weight. Attackers that look honest in the first round keep a reduced weight
   after they are caught once. It never recovers: a slow attacker cannot earn its weight back by sending
   honest updates for a while. The reputations are aggregator state and persist in the checkpoint.
+
+Measured over 3 seeds (docs/robust-aggregation.md) this does not stop that backdoor: the per-group cosines of
+sparse ternary updates spread as much between honest clients as between honest and hostile ones, and a client
+left out wrongly loses weight for the rest of the run.
 """
 
 from __future__ import annotations
