@@ -3,10 +3,11 @@
 MiniLM-L6 + LoRA on BBC News (the embedded default), 10 clients of which 2 attack (``[adversary]``, drawn
 from the seed): scaling x10, sign flip, weight inflation, a backdoor; each strategy x uplink codec x seed also
 runs clean (no attacker) as the reference. The table gives, per strategy, uplink and attack, the mean over
-seeds of the final clean accuracy, the eval loss and the backdoor success rate (held-out examples of the other
-labels with the trigger, classified as the target; for the clean run the same measurement on its final
-adapter), and the differences to the clean run of the same seed. Targets: the best robust aggregator within
-2 points of the clean run (also with compeft:0.1), backdoor success <= 10 % with the defence.
+seeds (and per seed) of the final clean accuracy, the eval loss and the backdoor success rate (held-out examples of
+the other labels with the trigger, classified as the target; for the clean run the same measurement on its final
+adapter: the per-seed floor a defence cannot go below), and the differences to the clean run of the same seed.
+Targets: the best robust aggregator within 2 points of the clean run (also with compeft:0.1), backdoor success
+<= 10 % with the defence.
 
 Strategies default to fedavg and every registered aggregator that reads the individual updates (the robust
 ones: ``robust`` where an aggregator declares it, else ``needs_individual_updates``).
@@ -105,7 +106,11 @@ def cells(runs: list[dict[str, Any]], clean: list[dict[str, Any]]) -> list[str]:
     def vs_clean(key: str) -> float:
         return statistics.mean(r[key] - c[key] for r, c in zip(runs, clean))
 
-    return [f"{mean('accuracy'):.4f}", f"{mean('loss'):.4g}", f"{mean('backdoor'):.3f}",
+    def per_seed(key: str, scale: float, fmt: str) -> str:
+        return " / ".join(f"{scale * r[key]:{fmt}}" for r in runs)
+
+    return [f"{mean('accuracy'):.4f}", per_seed("accuracy", 1, ".3f"), f"{mean('loss'):.4g}", f"{mean('backdoor'):.3f}",
+            per_seed("backdoor", 100, ".1f"),
             f"{100 * vs_clean('accuracy'):+.1f}", f"{vs_clean('loss'):+.3g}", f"{mean('weight'):.2f}",
             str(sum(r["dropped"] for r in runs)), str(sum(r["excluded"] for r in runs)),
             str(sum(r["attackers_out"] for r in runs))]
@@ -153,8 +158,8 @@ def main() -> None:
             for attack in attacks:
                 rows.append([strategy, uplink, attack, *cells([results[strategy, uplink, attack, s] for s in seeds],
                                                               [results[strategy, uplink, CLEAN, s] for s in seeds])])
-    header = ["strategy", "uplink", "attack", "clean accuracy", "eval loss", "backdoor success",
-              "accuracy vs clean (pt)", "loss vs clean", "attacker weight share", "dropped updates",
+    header = ["strategy", "uplink", "attack", "clean accuracy", "per seed", "eval loss", "backdoor success",
+              "per seed (%)", "accuracy vs clean (pt)", "loss vs clean", "attacker weight share", "dropped updates",
               "left out by the aggregator", "attacker updates dropped or left out"]
     settings = " ".join([*(QUICK if args.quick else []), *args.overrides]) or "the embedded default's"
     body = (f"MiniLM-L6 + LoRA r8 on BBC News, {args.clients} clients, {args.adversaries} attacking (drawn from the "

@@ -197,6 +197,16 @@ class FederationSection:
                                                  "before averaging (0 = the round's median update norm)")
     min_cosine: float = option(0.0, lo=-1.0, hi=1.0, help="cosine_filter: leave out an update whose cosine with the "
                                                           "sum of the other (clipped) updates is below this")
+    score_groups: str = option("whole", choices=("whole", "kind", "module"),
+                               help="cosine_filter: score the updates per group of tensors and leave one out that "
+                                    "fails in any group: whole = one group; kind = LoRA factors / other tensors (the "
+                                    "head); module = each module (docs/robust-aggregation.md)")
+    outlier_z: float = option(0.0, lo=0.0, help="cosine_filter: also leave out an update whose cosine in a score group "
+                                                "is more than this many robust deviations (1.4826 x MAD) below the "
+                                                "group's median (0 = off)")
+    reputation_decay: float = option(1.0, lo=0.0, hi=1.0, help="cosine_filter: multiply a client's reputation by this "
+                                                               "each round its update is left out; later updates "
+                                                               "count with the reputation as weight (1 = off)")
     robust_noise: float = option(0.0, lo=0.0, help="robust strategies: add Gaussian noise of std robust_noise x "
                                                    "bound / n to each round's aggregate (bound: the clip bound, else "
                                                    "the round's median update norm); a backdoor defence, not DP: "

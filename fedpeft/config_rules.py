@@ -151,6 +151,12 @@ def _validate_strategy(cfg: Config) -> None:
         robust = ", ".join(n for n in AGGREGATORS.names() if issubclass(AGGREGATORS.get(n), RobustAggregator))
         raise ConfigError(f"{defence[0]} = {defence[1]} acts on a robust aggregate, but {strategy} is not robust: use "
                           f"one of {robust}, or {defence[0]} = 0")
+    scoring = [(k, v) for k, v, off in (("score_groups", fed.score_groups, "whole"), ("outlier_z", fed.outlier_z, 0.0),
+                                        ("reputation_decay", fed.reputation_decay, 1.0)) if v != off]
+    if scoring and fed.strategy != "cosine_filter":
+        key, value = scoring[0]
+        raise ConfigError(f"federation.{key} = {value!r} is an option of federation.strategy = 'cosine_filter', not "
+                          f"of {strategy}: use cosine_filter, or leave federation.{key} at its default")
     m = fed.clients_per_round or cfg.data.num_clients
     if fed.sign_threshold > m:
         raise ConfigError(f"federation.sign_threshold = {fed.sign_threshold} exceeds the {m} clients per round: "

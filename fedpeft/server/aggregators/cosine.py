@@ -20,22 +20,30 @@ heuristic, not a breakdown-point guarantee: hostile updates that agree with the 
 test (their influence stays bounded by the clip), and when hostile clients are the majority the reference
 is theirs. FLTrust (Cao et al., 2021) scores clients by their cosine with a reference computed on a server
 dataset; this rule needs no server data and uses the other clients' updates as the reference.
+
+Options (:mod:`.reputation`): the test per group of tensors (``score_groups``), a relative outlier test per group
+(``outlier_z``) and a cross-round client reputation that weights the kept updates (``reputation_decay``).
 """
 
 from __future__ import annotations
 
 import logging
+import operator
+from functools import reduce
 from typing import TYPE_CHECKING
 
 from fedpeft import lazy
 from fedpeft.server.aggregators.base import AGGREGATORS
-from fedpeft.server.aggregators.krum import gram_matrix
+from fedpeft.server.aggregators.reputation import group_grams, low_outliers, penalise, reputations
 from fedpeft.server.aggregators.robust import RobustAggregator, median
 
 if TYPE_CHECKING:
     import torch
 
+    from fedpeft.config import FederationSection
     from fedpeft.models import AdapterState
+    from fedpeft.privacy.server_dp import ServerPrivacy
+    from fedpeft.server.replies import RoundReplies
 else:  # torch on first use: checking a configuration imports this module (fedpeft/lazy.py)
     torch = lazy.module("torch")
 
@@ -54,23 +62,43 @@ def leave_one_out_cosines(gram: torch.Tensor) -> torch.Tensor:
 
 @AGGREGATORS.register("cosine_filter")
 class CosineFilter(RobustAggregator):
-    """Clip to a common norm, drop updates whose cosine with the sum of the others is below ``min_cosine``,
-    average the rest (one vote each)."""
+    """Clip to a common norm, drop updates whose cosine with the sum of the others is below ``min_cosine`` (or, per
+    score group, a robust outlier: :mod:`.reputation`), average the rest weighted by each client's reputation."""
+
+    def __init__(self, cfg: FederationSection, privacy: ServerPrivacy | None = None) -> None:
+        super().__init__(cfg, privacy)
+        self.nodes: list[int] = []  # the node of each update this round
+
+    def aggregate(self, replies: RoundReplies, global_state: AdapterState) -> AdapterState:
+        self.nodes = replies.delta_nodes  # the reputation is per client, across rounds
+        return super().aggregate(replies, global_state)
 
     def combine(self, deltas: list[AdapterState], global_state: AdapterState) -> AdapterState:
-        n = len(deltas)
-        gram = gram_matrix(deltas, global_state)
-        norms = gram.diagonal().clamp_min(0).sqrt()
-        self.bound = bound = self.cfg.norm_bound or float(median(norms))
+        n, cfg = len(deltas), self.cfg
+        grams = group_grams(deltas, cfg.score_groups)
+        norms = reduce(operator.add, grams.values()).diagonal().clamp_min(0).sqrt()
+        self.bound = bound = cfg.norm_bound or float(median(norms))
         scales = torch.where(norms > bound, bound / norms.clamp_min(1e-300), torch.ones_like(norms))
-        cos = leave_one_out_cosines(gram * scales.unsqueeze(0) * scales.unsqueeze(1))
-        keep = [i for i in range(n) if cos[i] >= self.cfg.min_cosine]
-        self.left_out = {i: f"cosine_filter: cosine {float(cos[i]):.3f} with the other updates < "
-                            f"{self.cfg.min_cosine}" for i in range(n) if i not in keep}
-        log.info("cosine_filter: clip bound %.4g (%d clipped), kept %d of %d (cosines %s)", bound,
-                 int((scales < 1).sum()), len(keep), n, [round(float(c), 3) for c in cos])
-        if not keep:
+        outer = scales.unsqueeze(0) * scales.unsqueeze(1)
+        self.left_out = {}
+        for group, gram in grams.items():
+            cos = leave_one_out_cosines(gram * outer)
+            where = "" if group == "whole" else f" in group {group!r}"
+            outliers = low_outliers(cos, cfg.outlier_z)
+            for i in range(n):
+                if i not in self.left_out and (cos[i] < cfg.min_cosine or outliers[i]):
+                    self.left_out[i] = (f"cosine_filter: cosine {float(cos[i]):.3f} with the other updates{where} < "
+                                        + (f"{cfg.min_cosine}" if cos[i] < cfg.min_cosine else
+                                           f"the group's median by more than outlier_z = {cfg.outlier_z} deviations"))
+            log.info("cosine_filter: cosines%s %s", where, [round(float(c), 3) for c in cos])
+        keep = [i for i in range(n) if i not in self.left_out]
+        rep = reputations(self.state, self.nodes)
+        penalise(self.state, self.nodes, rep, list(self.left_out), cfg.reputation_decay)
+        log.info("cosine_filter: clip bound %.4g (%d clipped), kept %d of %d, reputations %s", bound,
+                 int((scales < 1).sum()), len(keep), n, [round(float(r), 3) for r in rep])
+        self.metrics["reputation_below_1"] = float((rep < 1).sum())
+        if not keep or float(rep[keep].sum()) <= 0:
             return {k: torch.zeros_like(v) for k, v in deltas[0].items()}
-        weights = scales[keep].to(torch.float32) / len(keep)
+        weights = (scales[keep] * rep[keep] / rep[keep].sum()).to(torch.float32)
         return {k: torch.einsum("n,n...->...", weights, torch.stack([deltas[i][k] for i in keep]).float())
                 for k in deltas[0]}
