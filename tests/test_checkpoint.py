@@ -22,11 +22,13 @@ KEYS = ("round", "sampled", "train_loss", "eval_loss", "eval_accuracy")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A 4-round reference run, and the same run crashed at the start of round 3 (checkpoint at round 2)."""
+    """A 4-round reference run, and the same run crashed at the start of round 3 (checkpoint at round 2).
+    The lossy uplink gives each node state to checkpoint (error-feedback residuals)."""
     tmp = tmp_path_factory.mktemp("ckpt")
     data = write_classification(tmp / "topics.jsonl", n=120)
     cfg = config.load(None, tiny_overrides(data, tmp / "runs", **{
-        "federation.rounds": 4, "data.num_clients": 2, "train.local_steps": 3, "model.max_length": 24}))
+        "federation.rounds": 4, "data.num_clients": 2, "train.local_steps": 3, "model.max_length": 24,
+        "compression.uplink": "compeft:0.5"}))
     reference = report.read_metrics(runner.simulate(cfg))
     original = loop.FederatedServer.run_round
 

@@ -91,7 +91,8 @@ class InProcessGrid(Grid):
         return node - NODE_ID_BASE if 0 <= node - NODE_ID_BASE < self.num_nodes else None
 
     def context(self, node: int) -> Context:
-        """The persistent context of a virtual node (created on first use)."""
+        """The persistent context of a virtual node (created on first use; a node whose state is empty after
+        its call is not kept, so memory follows the nodes that hold state, not every node ever sampled)."""
         if node not in self._contexts:
             pid = node - NODE_ID_BASE
             self._contexts[node] = EngineContext(self.runtimes, None if self.progress is None else self.progress.step,
@@ -102,11 +103,15 @@ class InProcessGrid(Grid):
 
     def call(self, msg: Message) -> Message:
         """Run the ClientApp of ``msg``'s node on it; a failing client is an error reply, as in a deployment."""
+        node = msg.metadata.dst_node_id
         try:
-            return self.client_app(msg, self.context(msg.metadata.dst_node_id))
+            return self.client_app(msg, self.context(node))
         except Exception as e:
-            log.exception("virtual node %s failed", msg.metadata.dst_node_id)
+            log.exception("virtual node %s failed", node)
             return Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
+        finally:
+            if node in self._contexts and not self._contexts[node].state:
+                del self._contexts[node]  # nothing to keep: a fresh context next time is the same
 
     def announced(self, messages: Iterable[Message]) -> Iterator[Message]:
         """``messages`` one by one, each announced to :attr:`progress` (round, kind, i of n) as it is taken."""
@@ -120,7 +125,7 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in self.announced(messages):
-            if msg.metadata.dst_node_id not in self.get_node_ids():
+            if self.partition_of(msg.metadata.dst_node_id) is None:
                 raise ValueError(f"unknown node {msg.metadata.dst_node_id}")
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self._replies[msg.metadata.message_id] = self.call(msg)
@@ -135,13 +140,16 @@ class InProcessGrid(Grid):
 
     # ---- persistence of client state (called by the server at checkpoints) ------------------
     def save_node_states(self, directory: Path) -> None:
-        """Save every node's state: arrays to ``<node>.npz``, config records to ``<node>.json`` (no pickle)."""
+        """Save the state of every node that holds some: arrays to ``<node>.npz``, config records to
+        ``<node>.json`` (no pickle). A node without files starts empty on resume, as it would have."""
         directory.mkdir(parents=True, exist_ok=True)
         for node, ctx in self._contexts.items():
             arrays = {f"{rec}/{key}": arr.numpy() for rec, record in ctx.state.items()
                       if isinstance(record, ArrayRecord) for key, arr in record.items()}
             configs = {rec: dict(record) for rec, record in ctx.state.items() if isinstance(record, ConfigRecord)
                        and rec not in TRANSIENT_STATE}
+            if not arrays and not configs:
+                continue
             # numpy's stub: a **mapping could also fill the allow_pickle keyword, so mypy wants bool values too
             np.savez(directory / f"{node}.npz", **arrays)  # type: ignore[arg-type]
             (directory / f"{node}.json").write_text(json.dumps(configs))
