@@ -6,23 +6,22 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_deploy import Cluster, _cli
+from test_deploy_ranks import run_two_nodes
 from test_personal import PATHOLOGICAL
 
 from fedpeft import report
 from fedpeft.clients import node_store
 from fedpeft.clients.node_store import NodeState, NodeStateError
-from fedpeft.deploy import flower, launch
+from fedpeft.deploy import launch
 from fedpeft.errors import FedPeftError
 from fedpeft.simulation import runner
 from fedpeft.simulation.inprocess import node_id
 
-from conftest import interrupt_and_resume, tiny_overrides, write_classification
+from conftest import interrupt_and_resume
 
 
 def _state(rnd: int, value: float = 1.0) -> NodeState:
@@ -153,29 +152,9 @@ def test_a_stored_state_of_other_shapes_is_refused_and_the_node_starts_fresh(tin
 def test_deployed_nodes_write_their_state_where_fedpeft_node_state_dir_says(tmp_path: Path) -> None:
     """Real SuperLink + two SuperNodes started with ``fedpeft node --state-dir``: after a 2-round personal-head run
     each node's directory holds its state of round 2 (its own head, not the server's init), readable by the store."""
-    port = flower.free_port()
-    cluster = Cluster(tmp_path)
-    data = write_classification(tmp_path / "all.jsonl", n=120)
-    sets = tiny_overrides(data, tmp_path / "runs", **{
-        **PATHOLOGICAL, "data.num_clients": 2, "data.classes_per_client": 2, "federation.personalization": "head",
-        "federation.rounds": 2,
-        "federation.node_wait_timeout": 120.0, "federation.round_timeout": 180.0, "run.threads": 1})
-    try:
-        link = cluster.start("superlink", _cli("superlink", "--host", "127.0.0.1", "--port", port, "--insecure",
-                                               "--no-auth"), tmp_path / "home-link")
-        flower.wait_healthy(port, link)
-        for i in range(2):
-            cluster.start(f"n{i}", _cli("node", "--superlink", f"127.0.0.1:{port}", "--insecure", "--port",
-                                        flower.free_port(), "--partition-id", i, "--state-dir", tmp_path / f"s{i}"),
-                          tmp_path / f"home-n{i}")
-        home = tmp_path / "home-cli"
-        out = subprocess.run(_cli("run", "--superlink", f"127.0.0.1:{port}", "--insecure", "--flwr-home", home,
-                                  "--wait", *[a for s in sets for a in ("--set", s)]),
-                             capture_output=True, text=True, timeout=600, env=flower.flower_env(home))
-        assert out.returncode == 0, out.stdout + out.stderr + cluster.log("n0") + cluster.log("n1")
-    finally:
-        cluster.stop()
-    run_dir = Path(json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("{")))["run_dir"])
+    _, run_dir = run_two_nodes(tmp_path, {**PATHOLOGICAL, "data.classes_per_client": 2, "federation.rounds": 2,
+                                          "federation.personalization": "head"},
+                               [["--state-dir", tmp_path / f"s{i}"] for i in range(2)])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["replies"] for r in rows] == [2, 2]
     heads = []
