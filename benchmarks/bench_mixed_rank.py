@@ -1,6 +1,7 @@
 """Mixed LoRA ranks (simulations/mixed-rank.toml: MiniLM + BBC, 8 clients, ranks {2, 4, 8, 16}, Dirichlet 0.3):
-final server accuracy of each mixed-rank aggregator (svd, svd_delta, zeropad, stack) beside every client at r = 16
-(naive FedAvg), the same seeds, side by side in one run; uplink and downlink bytes of the whole run.
+final server accuracy of each mixed-rank aggregator (svd, svd_delta, zeropad, stack; each also with
+federation.lora_rank_weighting "rank" or "slice": "svd_delta+slice") beside every client at r = 16 (naive FedAvg),
+the same seeds, side by side in one run; uplink and downlink bytes of the whole run.
 
 Targets (issue 19): the best mixed-rank aggregator beats zeropad by >= 2 points and ends within 1 point of all
 clients at r = 16.
@@ -32,6 +33,10 @@ ARMS = {"svd": ['federation.lora_aggregation="svd"'], "svd_delta": ['federation.
         "zeropad+prune": ['federation.lora_aggregation="zeropad"', "adapter.rank_prune_decay=0.5",
                           "adapter.rank_prune_threshold=0.5"],
         "all r=16": ['federation.lora_aggregation="naive"', "adapter.client_ranks=[]"]}
+# rank-aware weighting (federation.lora_rank_weighting) of each mixed-rank aggregator: "svd_delta+slice", ...
+ARMS.update({f"{mode}+{w}": [*ARMS[mode], f'federation.lora_rank_weighting="{w}"']
+             for mode in ("svd", "svd_delta", "zeropad", "stack") for w in ("rank", "slice")})
+BASELINES = ("zeropad", "zeropad+prune", "all r=16")  # not candidates for "best mixed-rank"
 
 
 def main() -> None:
@@ -59,7 +64,7 @@ def main() -> None:
                              f"{sum(r['bytes_down'] for r in metrics) / 1e6:.2f}", f"{last['elapsed']:.0f}"])
                 print(rows[-1], flush=True)
     mean = {arm: sum(v) / len(v) for arm, v in acc.items()}
-    best = max((a for a in ("svd", "svd_delta", "stack") if a in mean), key=lambda a: mean[a], default=None)
+    best = max((a for a in mean if a not in BASELINES), key=lambda a: mean[a], default=None)
     body = (f"Settings: {SCENARIO.name} with {' '.join(args.set) or 'its own settings'}; seeds {args.seeds}.\n\n"
             + table(["seed", "aggregator", "accuracy", "lora_agg_error (last)", "ranks (last round)", "MB up",
                      "MB down", "s"], rows)
@@ -69,6 +74,9 @@ def main() -> None:
             body += f" Best mixed-rank ({best}) - {other}: {100 * (mean[best] - mean[other]):+.1f} points."
     if "svd_delta" in mean and "svd" in mean:
         body += f" svd_delta - svd: {100 * (mean['svd_delta'] - mean['svd']):+.1f} points."
+    for arm in mean:
+        if "+" in arm and (plain := arm.split("+")[0]) in mean and arm != "zeropad+prune":
+            body += f" {arm} - {plain}: {100 * (mean[arm] - mean[plain]):+.1f} points."
     if "zeropad+prune" in mean and "zeropad" in mean:
         body += f" Self-pruning - zeropad: {100 * (mean['zeropad+prune'] - mean['zeropad']):+.1f} points."
     body += "\n"

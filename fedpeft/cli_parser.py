@@ -146,6 +146,9 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--num-partitions", type=int)
     node.add_argument("--rank", type=int, help="this node's LoRA rank (runs with adapter.rank_rule = 'node'; "
                                                "at most adapter.r)")
+    node.add_argument("--state-dir", type=Path, help="keep this node's client state (personal tensors, error "
+                                                     "feedback, SCAFFOLD, local DP) here, so that a resumed run "
+                                                     "continues it (docs/deploy.md)")
     node.add_argument("--ca", type=Path, help="CA certificate of the SuperLink")
     node.add_argument("--key", type=Path, help="node private key (from `fedpeft node-key`)")
     node.add_argument("--port", type=int, default=9094, help="local Runtime API port (one per node on a host)")

@@ -177,6 +177,12 @@ class FederationSection:
                                         "zero-padded factors averaged (zeropad, HetLoRA), the exact mean folded into "
                                         "the correction and the factors re-initialised (stack, FLoRA); "
                                         "docs/lora-aggregation.md")
+    lora_rank_weighting: str = option("examples", choices=_registered("fedpeft.lora", "RANK_WEIGHTINGS"),
+                                      help="mixed LoRA ranks (svd, svd_delta, zeropad, stack): each client weighs "
+                                           "in every rank component by its examples, its zero padding included "
+                                           "(examples), by examples x its rank (rank, HetLoRA), or component k "
+                                           "is averaged over the clients of rank > k only (slice); "
+                                           "docs/lora-aggregation.md")
     server_lr: float = option(1.0, lo=0.0, help="server learning rate (FedOpt family, FedAvgM)")
     server_momentum: float = option(0.9, lo=0.0, hi=1.0, help="FedAvgM momentum")
     beta1: float = option(0.9, lo=0.0, hi=1.0)

@@ -66,6 +66,11 @@ def validate(cfg: Config) -> None:
         _validate_lora(cfg)
     if cfg.adapter.client_ranks or cfg.adapter.rank_rule == "node" or cfg.adapter.rank_prune_decay:
         _validate_ranks(cfg)
+    if cfg.federation.lora_rank_weighting != "examples" and not (cfg.adapter.client_ranks
+                                                                 or cfg.adapter.rank_rule == "node"):
+        raise ConfigError(f"federation.lora_rank_weighting = {cfg.federation.lora_rank_weighting!r} weighs clients "
+                          "of different LoRA ranks: set adapter.client_ranks or adapter.rank_rule = 'node' (with "
+                          "one rank for all it changes nothing), or leave it at 'examples'")
     if cfg.split.enabled:
         _validate_split(cfg)
     if cfg.privacy.secure_aggregation == "secaggplus":

@@ -35,6 +35,8 @@ else:  # torch on first use: checking a configuration imports this module (fedpe
 MODES = ("naive", "exact", "svd", "svd_delta", "freeze_a", "share_a", "zeropad", "stack")
 #: the modes that aggregate clients of different LoRA ranks (adapter.client_ranks)
 MIXED_RANK_MODES = ("svd", "svd_delta", "zeropad", "stack")
+#: federation.lora_rank_weighting: how mixed-rank clients weigh in each rank component (:func:`component_weights`)
+RANK_WEIGHTINGS = ("examples", "rank", "slice")
 #: the modes that form the mean of the clients' products from their individual updates (aggregators/lora.py)
 PRODUCT_MODES = ("exact", "svd", "svd_delta", "zeropad", "stack")
 #: the modes whose clients fold a frozen per-module correction into their base weights
@@ -64,14 +66,16 @@ class PairMean:
 
 def pair_mean(ga: torch.Tensor, gb: torch.Tensor, da: list[torch.Tensor], db: list[torch.Tensor],
               w: torch.Tensor) -> PairMean:
-    """The round's means for one module from the global factors, the clients' factor deltas and weights
-    ``w`` (summing to 1)."""
+    """The round's means for one module from the global factors, the clients' factor deltas and weights: ``w``
+    (n,) summing to 1, or per rank component (n x r, :func:`component_weights`), each column summing to 1, or
+    to 0 where no client holds that component (the global component is then kept as it is)."""
     a, b = ga.double(), gb.double()
     dA = torch.stack([x.double() for x in da])  # (n, r, in)
     dB = torch.stack([x.double() for x in db])  # (n, out, r)
     n, r, cols = dA.shape
-    mean_da, mean_db = torch.einsum("n,nri->ri", w, dA), torch.einsum("n,nor->or", w, dB)
-    cross = (dB * w.view(n, 1, 1)).permute(1, 0, 2).reshape(dB.shape[1], n * r) @ dA.reshape(n * r, cols)
+    W = w.view(n, 1).expand(n, r) if w.dim() == 1 else w
+    mean_da, mean_db = torch.einsum("nr,nri->ri", W, dA), torch.einsum("nr,nor->or", W, dB)
+    cross = (dB * W.view(n, 1, r)).permute(1, 0, 2).reshape(dB.shape[1], n * r) @ dA.reshape(n * r, cols)
     residual = cross - mean_db @ mean_da
     product = b @ a + b @ mean_da + mean_db @ a + cross
     return PairMean(mean_da, mean_db, product, residual)
@@ -85,16 +89,46 @@ def normalised(weights: list[float]) -> torch.Tensor:
     return w / w.sum()
 
 
-def pair_means(deltas: list[AdapterState], weights: list[float],
+def held(ranks: list[int], r: int) -> torch.Tensor:
+    """(n x r) float64: 1 where client i (of rank ``ranks[i]``) holds rank component k (``k < r_i``), else 0."""
+    return (torch.arange(r).view(1, r) < torch.tensor(ranks).view(-1, 1)).double()
+
+
+def component_weights(weights: list[float], ranks: list[int], r: int, weighting: str) -> torch.Tensor:
+    """(n x r) float64: client i's weight in rank component k of every LoRA module
+    (``federation.lora_rank_weighting``). ``examples``: ``w_i`` (the FedAvg weights, normalised) in every
+    component, a lower-rank client's zero padding included; ``rank``: ``w_i ∝ weights_i · r_i`` (HetLoRA's
+    rank-proportional weights); ``slice``: component k is averaged over the clients that hold it only,
+    ``w_i [k < r_i] / Σ_j w_j [k < r_j]`` (a column of zeros where no client holds it: kept unchanged)."""
+    if weighting not in RANK_WEIGHTINGS:
+        raise ValueError(f"unknown rank weighting {weighting!r}; known: {', '.join(RANK_WEIGHTINGS)}")
+    if weighting == "rank":
+        w = normalised([x * ri for x, ri in zip(weights, ranks)])
+    else:
+        w = normalised(weights)
+    if weighting != "slice":
+        return w.view(-1, 1).expand(len(ranks), r).clone()
+    hw = w.view(-1, 1) * held(ranks, r)
+    total = hw.sum(0)
+    return torch.where(total > 0, hw / total.clamp_min(torch.finfo(torch.float64).tiny), hw)
+
+
+def pair_means(deltas: list[AdapterState], weights: list[float] | torch.Tensor,
                global_state: AdapterState) -> dict[str, tuple[str, PairMean]]:
     """``A`` key -> (its ``B`` key, :class:`PairMean`) for every LoRA module whose two factors travel; a
-    lower-rank client's factor deltas are zero-padded first (:func:`pad_delta`)."""
+    lower-rank client's factor deltas are zero-padded first (:func:`pad_delta`). ``weights``: the clients' raw
+    weights, or their normalised per-component weights (:func:`component_weights`)."""
     from fedpeft.models import lora_pairs  # transformers: not when a configuration is checked
 
-    w = normalised(weights)
+    w = weights if isinstance(weights, torch.Tensor) else normalised(weights)
     return {a: (b, pair_mean(global_state[a], global_state[b], [pad_delta(global_state[a], d[a], 0) for d in deltas],
                              [pad_delta(global_state[b], d[b], 1) for d in deltas], w))
             for a, b in lora_pairs(global_state).items()}
+
+
+def delta_rank(delta: AdapterState) -> int:
+    """The LoRA rank a client's update was sent at (the rows of its ``lora_A`` deltas)."""
+    return next(int(v.shape[0]) for k, v in delta.items() if ".lora_A." in k)
 
 
 def pad_delta(factor: torch.Tensor, delta: torch.Tensor, dim: int) -> torch.Tensor:

@@ -96,6 +96,32 @@ def test_node_ranks_need_node_configs_so_a_simulation_refuses_them(tiny_cfg) -> 
         runner.simulate(tiny_cfg(**NODE, **{"federation.rounds": 1}))
 
 
+def run_two_nodes(tmp_path: Path, extra: dict, node_args: list[list]) -> tuple[list[str], Path]:
+    """A 2-round run of the tiny scenario (with ``extra``) on a real insecure SuperLink and two ``fedpeft node``
+    SuperNodes on partitions 0 and 1 (each with its ``node_args``), all torn down after; (the overrides, run dir)."""
+    port = flower.free_port()
+    cluster = Cluster(tmp_path)
+    data = write_classification(tmp_path / "all.jsonl", n=120)
+    sets = tiny_overrides(data, tmp_path / "runs", **{
+        "data.num_clients": 2, "federation.rounds": 2, "federation.node_wait_timeout": 120.0, "run.threads": 1,
+        "federation.round_timeout": 180.0, **extra})
+    try:
+        link = cluster.start("superlink", _cli("superlink", "--host", "127.0.0.1", "--port", port, "--insecure",
+                                               "--no-auth"), tmp_path / "home-link")
+        flower.wait_healthy(port, link)
+        for i, own in enumerate(node_args):
+            cluster.start(f"n{i}", _cli("node", "--superlink", f"127.0.0.1:{port}", "--insecure", "--port",
+                                        flower.free_port(), "--partition-id", i, *own), tmp_path / f"home-n{i}")
+        home = tmp_path / "home-cli"
+        out = subprocess.run(_cli("run", "--superlink", f"127.0.0.1:{port}", "--insecure", "--flwr-home", home,
+                                  "--wait", *[a for s in sets for a in ("--set", s)]),
+                             capture_output=True, text=True, timeout=600, env=flower.flower_env(home))
+        assert out.returncode == 0, out.stdout + out.stderr + cluster.log("n0") + cluster.log("n1")
+    finally:
+        cluster.stop()
+    return sets, Path(json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("{")))["run_dir"])
+
+
 @pytest.mark.slow
 def test_two_deployed_nodes_of_ranks_2_and_8_run_svd_rounds(tmp_path: Path) -> None:
     """Real SuperLink + two SuperNodes (fedpeft node --rank 2 / --rank 8) under adapter.r = 16: round 1 sends
@@ -104,29 +130,9 @@ def test_two_deployed_nodes_of_ranks_2_and_8_run_svd_rounds(tmp_path: Path) -> N
     from fedpeft.runtime import Runtime
     from fedpeft.server import checkpoint
 
-    port = flower.free_port()
-    cluster = Cluster(tmp_path)
-    data = write_classification(tmp_path / "all.jsonl", n=120)
-    sets = tiny_overrides(data, tmp_path / "runs", **{
-        "data.num_clients": 2, "federation.rounds": 2, "federation.node_wait_timeout": 120.0, "run.threads": 1,
-        "federation.round_timeout": 180.0, "adapter.r": 16, "adapter.rank_rule": "node",
-        "federation.lora_aggregation": "svd"})
-    try:
-        link = cluster.start("superlink", _cli("superlink", "--host", "127.0.0.1", "--port", port, "--insecure",
-                                               "--no-auth"), tmp_path / "home-link")
-        flower.wait_healthy(port, link)
-        for i, rank in enumerate((2, 8)):
-            cluster.start(f"n{i}", _cli("node", "--superlink", f"127.0.0.1:{port}", "--insecure", "--port",
-                                        flower.free_port(), "--partition-id", i, "--rank", rank),
-                          tmp_path / f"home-n{i}")
-        home = tmp_path / "home-cli"
-        out = subprocess.run(_cli("run", "--superlink", f"127.0.0.1:{port}", "--insecure", "--flwr-home", home,
-                                  "--wait", *[a for s in sets for a in ("--set", s)]),
-                             capture_output=True, text=True, timeout=600, env=flower.flower_env(home))
-        assert out.returncode == 0, out.stdout + out.stderr + cluster.log("n0") + cluster.log("n1")
-    finally:
-        cluster.stop()
-    run_dir = Path(json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("{")))["run_dir"])
+    sets, run_dir = run_two_nodes(tmp_path, {"adapter.r": 16, "adapter.rank_rule": "node",
+                                             "federation.lora_aggregation": "svd"},
+                                  [["--rank", 2], ["--rank", 8]])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["replies"] for r in rows] == [2, 2] and all(r["dropped"] == 0 for r in rows)
     assert all(r["lora_agg_error"] is not None and r["lora_svd_error"] is not None for r in rows)

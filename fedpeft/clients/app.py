@@ -17,8 +17,10 @@ section, an attacking client's attack hooks in at one point (its data, its delta
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ from flwr.clientapp import ClientApp
 from torch.utils.data import Dataset
 
 from fedpeft import adversary, config, lora, models, privacy, protocol, scaffold, tracking, update
-from fedpeft.clients import node_runtime, secagg
+from fedpeft.clients import node_runtime, node_store, secagg
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import ConfigError, PayloadError
 from fedpeft.progress import step_writer
@@ -36,12 +38,16 @@ from fedpeft.split.plugin import split_of
 from fedpeft.training import client_seed, evaluate_counts, num_local_steps, set_threads, train_local
 
 app = ClientApp()
+log = logging.getLogger(__name__)
 EF_STATE = "fedpeft.error-feedback"
 LOCAL_DP_STATE = "fedpeft.local-dp"
 BROADCAST_STATE, BROADCAST_ROUND = "fedpeft.broadcast", "fedpeft.broadcast-round"
 SCAFFOLD_STATE = "fedpeft.scaffold"  # SCAFFOLD: this node's control variate c_i
 PERSONAL_STATE = "fedpeft.personal"  # adapter tensors that never leave the node (share_a's B)
 RANK_STATE = "fedpeft.lora-rank"  # mixed ranks: the rank this node pruned itself to (adapter.rank_prune_decay)
+STORE_STATE = "fedpeft.node-store"  # node config state-dir: this Flower run already looked for a stored state
+#: what a node store keeps across Flower runs (the lossy-downlink copy belongs to the old run's broadcasts)
+STORED = (EF_STATE, LOCAL_DP_STATE, SCAFFOLD_STATE, PERSONAL_STATE, RANK_STATE)
 
 
 def _arrays(record: object) -> dict:
@@ -114,6 +120,8 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config.get("partition-id", 0)) if data_path else int(
         context.node_config["partition-id"])
     instruction = protocol.config_record(msg.content)
+    rnd = int(protocol.number(instruction, "round"))
+    _restore(context, rt, cfg, partition_id, rnd)
     rank = _rank(cfg, rt, partition_id, context)
     if rank is None:
         global_state = receive_global(msg, context, rt.layout, cfg.compression.downlink)
@@ -125,7 +133,6 @@ def train(msg: Message, context: Context) -> Message:
     layout = rt.layout if rank is None else _rank_layout(rt, rank)
     if cfg.federation.lora_aggregation in lora.CORRECTED:
         lora.set_correction(rt.model, receive_correction(msg, global_state))
-    rnd = int(protocol.number(instruction, "round"))
     attacker = adversary.attack_for(cfg, partition_id, bool(context.run_config.get("simulation", False)))
     dataset = attacker.data(rt.client_dataset(0 if data_path else partition_id), rt, partition_id)
     n_examples = len(dataset)  # type: ignore[arg-type]  # a map-style dataset: sized
@@ -193,7 +200,60 @@ def train(msg: Message, context: Context) -> Message:
                "client-seconds": time.perf_counter() - t0, "partition-id": partition_id, **extra}
     if cfg.privacy.mode != "none" and not cfg.privacy.release_client_metrics:
         metrics = protocol.public_metrics(metrics)
+    _persist(context, rnd)
     return Message(protocol.train_reply(enc.payload, attacker.metrics(metrics)), reply_to=msg)
+
+
+def _store(context: Context) -> tuple[Path, str] | None:
+    """(state directory, run name) when this node keeps its state on disk (node config ``state-dir``, from
+    ``fedpeft node --state-dir``); the run name is the run directory's, which a resumed run keeps."""
+    state_dir, run_dir = str(context.node_config.get("state-dir", "")), str(context.run_config.get("run-dir", ""))
+    return (Path(state_dir), Path(run_dir).name) if state_dir and run_dir else None
+
+
+def _restore(context: Context, rt: Runtime, cfg: config.Config, partition_id: int, rnd: int) -> None:
+    """At a Flower run's first message to this node: load its newest stored state from before round ``rnd``
+    (:mod:`fedpeft.clients.node_store`) into the empty node state; a file that does not fit this run is refused
+    with a warning, and the node starts fresh."""
+    where = _store(context)
+    if where is None or STORE_STATE in context.state or any(k in context.state for k in STORED):
+        return  # no store, already looked, or the engine restored the node state itself (in-process checkpoint)
+    context.state[STORE_STATE] = ConfigRecord({"round": rnd})
+    try:
+        saved = node_store.load(*where, context.node_id, rnd)
+        if saved is None:
+            return
+        for rec, values in saved.configs.items():
+            if rec in STORED:
+                context.state[rec] = ConfigRecord(values)
+        rank = _rank(cfg, rt, partition_id, context)  # a stored self-pruned rank shapes the rest
+        full = rt.full_state(rt.initial_adapter())
+        shapes = {k: tuple(v.shape) for k, v in (full if rank is None else lora.truncate(full, rank)).items()}
+        node_store.check_shapes(saved, {PERSONAL_STATE: shapes, SCAFFOLD_STATE: shapes,
+                                        EF_STATE: {**shapes, **{scaffold.PREFIX + k: v for k, v in shapes.items()}}})
+        for rec, arrays in saved.arrays.items():
+            if rec in STORED:
+                context.state[rec] = _record(arrays)
+        log.info("node %d: restored its state of round %d from %s", context.node_id, saved.round, where[0])
+    except (node_store.NodeStateError, ConfigError, PayloadError) as e:
+        for rec in STORED:
+            context.state.pop(rec, None)
+        log.warning("node %d starts with fresh client state: %s", context.node_id, e)
+
+
+def _persist(context: Context, rnd: int) -> None:
+    """Write this node's state after training round ``rnd`` to its store (when it keeps one)."""
+    where = _store(context)
+    if where is None:
+        return
+    state = node_store.NodeState(rnd)
+    for rec in STORED:
+        record = context.state.get(rec)
+        if isinstance(record, ArrayRecord):
+            state.arrays[rec] = _arrays(record)
+        elif isinstance(record, ConfigRecord):
+            state.configs[rec] = dict(record)
+    node_store.save(*where, context.node_id, state)
 
 
 def _with_personal(rt: Runtime, context: Context, global_state: models.AdapterState) -> models.AdapterState:
@@ -275,6 +335,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     rt = node_runtime(cfg, context)
     pid = 0 if data_path else int(context.node_config["partition-id"])
     instruction = protocol.config_record(msg.content)
+    _restore(context, rt, cfg, pid, int(protocol.number(instruction, "round")))
     payload = protocol.record_payload(msg.content[protocol.GLOBAL])
     rank = _rank(cfg, rt, pid, context)
     if rank is None:

@@ -86,11 +86,12 @@ class NodeOptions:
     max_wait: float | None = None
     poll_interval: float = 0.5  # seconds between the SuperNode's pulls when idle (Flower 1.41's own: 3)
     rank: int | None = None  # node config "rank": this node's LoRA rank (adapter.rank_rule = "node")
+    state_dir: Path | None = None  # node config "state-dir": client state kept across resumed runs
 
 
 def node_config(opts: NodeOptions) -> str:
-    """The ``--node-config`` string: ``data-path`` (absolute) and/or ``partition-id``/``num-partitions``, and
-    ``rank``."""
+    """The ``--node-config`` string: ``data-path`` (absolute) and/or ``partition-id``/``num-partitions``, ``rank``
+    and ``state-dir`` (absolute)."""
     items = []
     if opts.data is not None:
         path = Path(opts.data).expanduser().resolve()
@@ -109,7 +110,21 @@ def node_config(opts: NodeOptions) -> str:
         if opts.rank < 1:
             raise FedPeftError(f"--rank {opts.rank}: a LoRA rank is at least 1")
         items.append(f"rank={int(opts.rank)}")
+    if opts.state_dir is not None:
+        items.append(f'state-dir="{_plain_dir(opts.state_dir, "--state-dir")}"')
     return " ".join(items)
+
+
+def _plain_dir(path: Path, flag: str) -> Path:
+    """``path`` made absolute and created: a directory the node config string can quote."""
+    path = Path(path).expanduser().resolve()
+    if any(c in str(path) for c in ' "\\'):
+        raise FedPeftError(f"{flag} {path}: the path may not contain spaces, quotes or backslashes")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FedPeftError(f"{flag} {path}: cannot create the directory ({e})") from e
+    return path
 
 
 def node_args(opts: NodeOptions) -> list[str]:

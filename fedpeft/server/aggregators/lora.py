@@ -64,7 +64,10 @@ class LoraProductMean(FedAvg):
     def aggregate(self, replies: RoundReplies, global_state: AdapterState) -> AdapterState:
         self.t += 1
         deltas, weights, lr = replies.deltas, replies.weights, self.cfg.server_lr
-        means = lora.pair_means(deltas, weights, global_state)
+        self._ranks = [lora.delta_rank(d) for d in deltas]
+        r = next((int(v.shape[0]) for k, v in global_state.items() if ".lora_A." in k), 0)
+        self._w = lora.component_weights(weights, self._ranks, r, self.cfg.lora_rank_weighting)
+        means = lora.pair_means(deltas, self._w, global_state)
         paired = set(means) | {b for b, _ in means.values()}
         others = [k for k in global_state if k not in paired]
         out = {}
@@ -157,17 +160,15 @@ class SvdLoRA(LoraProductMean):
 class SvdDeltaLoRA(SvdLoRA):
     """``svd`` stepping an exact dense global ``ΔW`` by each client's change against what it was sent."""
 
-    def aggregate(self, replies: RoundReplies, global_state: AdapterState) -> AdapterState:
-        self._w = lora.normalised(replies.weights)
-        self._ranks = [next(int(v.shape[0]) for k, v in d.items() if ".lora_A." in k) for d in replies.deltas]
-        return super().aggregate(replies, global_state)
-
     def factor(self, module: str, target: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, m: lora.PairMean,
                lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = ga.double(), gb.double()
         key = f"{DENSE}/{module}"
         dense = self.state.get(key, b @ a)
-        start = {r: b[:, :r] @ a[:r] for r in set(self._ranks)}  # what a rank-r client started from
-        sent = sum((float(w) * start[r] for w, r in zip(self._w, self._ranks)), torch.zeros_like(dense))
+        # what the clients started from, weighted as the product mean weighs them: component k counts by the
+        # weight of its holders, and fully where nobody holds it (the product mean keeps it unchanged there)
+        w = self._w
+        held = lora.held(self._ranks, w.shape[1])
+        sent = (b * ((w * held).sum(0) + 1 - w.sum(0))) @ a
         self.state[key] = dense + lr * (m.product - sent)
         return super().factor(module, self.state[key], ga, gb, m, lr)
