@@ -29,7 +29,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedpeft.compression import Payload
-from fedpeft.compression.secure import field_bits, levels_for
+from fedpeft.compression.secure import field_modulus, levels_for
 from fedpeft.config import PrivacySection
 from fedpeft.errors import PayloadError
 from fedpeft.privacy.distributed import DistributedDP
@@ -226,15 +226,10 @@ class SecureField:
     clipping_range: float  # Flower clips each element to +-this
     quantization_range: int  # Flower's steps over [-clipping_range, clipping_range]
     modulus_range: int  # the field: masks and sums are mod this
-    packed: bool  # masked elements travel at log2(modulus_range) bits, not as int64 arrays
+    packed: bool  # masked elements travel as packed base-modulus digits (pack_field), not as int64 arrays
     keep: float  # fraction of coordinates summed (a per-round shared subspace)
     width: int  # elements each client sums (subspace size, + the clip indicator under adaptive clipping)
     ddp: DistributedDP | None  # distributed DP: integer grid and noise shares
-
-    @property
-    def bits(self) -> int:
-        """Bits per masked element."""
-        return (self.modulus_range - 1).bit_length()
 
 
 def packs_masked(p: PrivacySection) -> bool:
@@ -253,7 +248,7 @@ def secure_field(p: PrivacySection, total: int, clients: int) -> SecureField:
     width = k + (1 if p.mode in ("client", "both") else 0)
     if p.secagg_bits:
         levels = levels_for(p.secagg_bits)
-        return SecureField(p.secagg_clipping_range, levels, 2 ** field_bits(clients, levels), True, p.secagg_keep,
+        return SecureField(p.secagg_clipping_range, levels, field_modulus(clients, levels), True, p.secagg_keep,
                            width, None)
     return SecureField(p.secagg_clipping_range, p.secagg_quantization_range, p.secagg_modulus_range, packed,
                        p.secagg_keep, width, None)

@@ -7,6 +7,8 @@ the secure sum can be compared with what each client really computed.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import test_secagg
@@ -17,7 +19,7 @@ from test_secagg import DROPOUT_OK, SECAGG, RecordingGrid, flat, make_cfg, one_r
 from fedpeft import config, protocol
 from fedpeft.compression import make_codec
 from fedpeft.compression.bits import nbytes_for
-from fedpeft.compression.secure import field_bits, levels_for, subspace, unpack_field
+from fedpeft.compression.secure import digit_groups, levels_for, subspace, unpack_field
 from fedpeft.errors import ConfigError
 from fedpeft.privacy.accounting import FIXED_ORDERS, ClientLevelAccountant
 from fedpeft.privacy.distributed import DistributedDP, discrete_gaussian
@@ -46,8 +48,9 @@ def test_the_integer_uplink_sums_the_plain_updates_at_log2_m_levels_bits(data, p
     server, grid, row, start = one_round(cfg, data[1] / "bits")
     assert row["replies"] == 3 and row["secagg_clipped"] == 0
     levels = levels_for(8)
-    bits = field_bits(3, levels)
-    assert (server.secagg.field.modulus_range, server.secagg.field.bits) == (2**bits, bits) and bits == 10
+    modulus = 3 * levels + 1  # the exact field: 763, not the power of 2 above it (1024)
+    assert server.secagg.field.modulus_range == modulus
+    assert digit_groups(modulus) == (5, 48)  # 763**5 < 2**48: 9.6 bits an element, log2(763) = 9.58
     weights = [c[1] for c in plain["clients"].values()]
     mean = flat(server.global_state, plain["names"]) - flat(start, plain["names"])
     bound = secagg_bound(weights, server.secagg.max_weight, [c[0] for c in plain["clients"].values()],
@@ -55,9 +58,9 @@ def test_the_integer_uplink_sums_the_plain_updates_at_log2_m_levels_bits(data, p
     assert float(np.abs(mean - plain["mean"]).max()) <= bound
     assert np.corrcoef(mean, plain["mean"])[0, 1] > 0.9  # the grid is fine enough to carry the update
     width = server.layout.total
-    for reply in masked_replies(grid):  # one byte string per client: (factor + vector) x 10 bits
+    for reply in masked_replies(grid):  # one byte string per client: (factor + vector) in groups of 5, 48 bits each
         (packed,) = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
-        assert len(packed) == nbytes_for((width + 1) * bits)
+        assert len(packed) == nbytes_for(math.ceil((width + 1) / 5) * 48) < nbytes_for((width + 1) * 10)
     assert len(masked_replies(grid)) == 3
 
 
@@ -90,7 +93,7 @@ def test_a_shared_subspace_sums_the_same_coordinates_of_every_client(data, plain
     assert float(np.abs(mean[kept] * 0.25 - plain["mean"][kept]).max()) <= bound
     for reply in masked_replies(grid):
         (packed,) = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
-        assert len(packed) == nbytes_for((k + 1) * 10)
+        assert len(packed) == nbytes_for(math.ceil((k + 1) / 5) * 48)  # field 763: 5 elements in 48 bits
 
 
 class CorruptingGrid(RecordingGrid):
@@ -238,7 +241,7 @@ def test_the_server_never_receives_an_un_noised_individual_update(data, plain16,
         assert all(len(record) == 0 for record in reply.content.array_records.values())
     for reply in replies:  # the bytes the server gets: one packed string of uniform field elements
         (packed,) = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
-        factor, vector = unpack_field(packed, [1, field.width], field.bits)
+        factor, vector = unpack_field(packed, [1, field.width], field.modulus_range)
         delta = plain16[reply.metadata.src_node_id]
         assert abs(np.corrcoef(vector.astype(np.float64), delta)[0, 1]) < 0.1
         assert abs(vector.mean() / field.modulus_range - 0.5) < 0.02  # uniform over [0, M)
@@ -268,20 +271,28 @@ def test_a_config_with_distributed_dp_loads(data):
     assert isinstance(cfg, config.Config) and cfg.privacy.mode == "distributed"
 
 
-def test_packed_field_round_trips_and_refuses_a_wrong_length():
+@pytest.mark.parametrize("modulus, per_group, group_bits", [(2**13, 1, 13), (10 * levels_for(8) + 1, 3, 34)])
+def test_packed_field_round_trips_and_refuses_a_malformed_string(modulus, per_group, group_bits):
     from fedpeft.compression.secure import pack_field
     from fedpeft.errors import PayloadError
 
     rng = np.random.default_rng(3)
-    arrays = [rng.integers(0, 2**13, 1), rng.integers(0, 2**13, 1001)]
-    packed = pack_field(arrays, 13)
-    assert len(packed) == nbytes_for(1002 * 13)
-    assert all(np.array_equal(a, b) for a, b in zip(unpack_field(packed, [1, 1001], 13), arrays))
+    arrays = [rng.integers(0, modulus, 1), rng.integers(0, modulus, 1001), np.array([modulus - 1])]
+    assert digit_groups(modulus) == (per_group, group_bits)  # 2541 (m = 10, b = 8): 11.33 bits an element, not 12
+    packed = pack_field(arrays, modulus)
+    assert len(packed) == nbytes_for(math.ceil(1003 / per_group) * group_bits)
+    assert all(np.array_equal(a, b) for a, b in zip(unpack_field(packed, [1, 1001, 1], modulus), arrays))
     for bad in (packed[:-1], packed + b"\0"):
         with pytest.raises(PayloadError, match="packed masked vector"):
-            unpack_field(bad, [1, 1001], 13)
+            unpack_field(bad, [1, 1001, 1], modulus)
     with pytest.raises(PayloadError, match="outside"):
-        pack_field([np.array([2**13])], 13)
+        pack_field([np.array([modulus])], modulus)
+    if per_group > 1:  # every bit string of a power-of-2 field is valid; base-M groups can be out of range
+        with pytest.raises(PayloadError, match="not 3 digits"):
+            unpack_field(b"\xff" * 5 + packed[5:], [1, 1001, 1], modulus)
+        longer = pack_field([*arrays, np.array([7])], modulus)  # 1004 and 1003 elements: the same 335 groups
+        with pytest.raises(PayloadError, match="nonzero padding"):
+            unpack_field(longer, [1, 1001, 1], modulus)
 
 
 @pytest.mark.parametrize("key, value, match", [

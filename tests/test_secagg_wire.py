@@ -1,5 +1,6 @@
-"""The compact SecAgg+ key exchange under a packed field: public keys travel as DER and encrypted key shares as raw
-Fernet tokens; the server restores Flower's exact PEM / base64 bytes, and a malformed key costs that client only."""
+"""The compact SecAgg+ key exchange under a packed field: public keys travel as X9.62 compressed EC points and encrypted
+key shares as raw Fernet tokens; the server restores Flower's exact PEM / base64 bytes, and a malformed key costs that
+client only."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def test_compact_key_exchange_is_lossless_and_smaller() -> None:
     original = flower_values()
     values = dict(original)
     compact_key_exchange(values, protocol.KEY_EXCHANGE)
-    assert not values[Key.PUBLIC_KEY_1].startswith(b"-----BEGIN")  # type: ignore[union-attr]
+    for key in (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2):  # 49 bytes, not PEM's 215 (or DER's 120)
+        assert len(values[key]) == 49 and values[key][0] in (2, 3)  # type: ignore[arg-type, index]
     size = lambda v: sum(len(x) for k in protocol.KEY_EXCHANGE for x in (v[k] if isinstance(v[k], list) else [v[k]]))  # noqa: E731
     assert size(values) < 0.75 * size(original)
     expand_key_exchange(values, protocol.KEY_EXCHANGE)
@@ -43,6 +45,8 @@ def test_compact_key_exchange_is_lossless_and_smaller() -> None:
 
 
 @pytest.mark.parametrize("key, value", [(Key.PUBLIC_KEY_1, b"\x30\x03junk"), (Key.PUBLIC_KEY_2, [b"a list"]),
+                                        (Key.PUBLIC_KEY_1, b"\x02" + b"\xff" * 48),  # x beyond the field: no point
+                                        (Key.PUBLIC_KEY_2, b"\x04" + b"\x01" * 48),  # not a compressed point
                                         (Key.CIPHERTEXT_LIST, [1, 2])])
 def test_a_malformed_compact_entry_is_a_payload_error(key, value) -> None:
     values = flower_values()
@@ -77,7 +81,7 @@ def test_the_server_receives_compact_keys_and_a_malformed_key_costs_that_client(
             if Key.PUBLIC_KEY_1 in r.content.config_records[RECORD_KEY_CONFIGS]]
     shares = [r.content.config_records[RECORD_KEY_CONFIGS] for r in grid.seen
               if Key.CIPHERTEXT_LIST in r.content.config_records[RECORD_KEY_CONFIGS]]
-    assert len(keys) == 3 and all(not v[Key.PUBLIC_KEY_2].startswith(b"-----") for v in keys)
+    assert len(keys) == 3 and all(len(v[Key.PUBLIC_KEY_2]) == 49 for v in keys)  # compressed points
     assert shares and all(t[0] == 0x80 for v in shares for t in v[Key.CIPHERTEXT_LIST])  # raw Fernet: version byte
     assert row["replies"] == 2 and row["dropped"] == 1  # the round goes on without the corrupted client
     survivors = sorted(n for n in plain["clients"] if n != KeyCorruptingGrid.victim)

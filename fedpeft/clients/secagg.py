@@ -8,7 +8,7 @@ adaptive clipping). Flower's mod weights, quantizes and masks it and clears it f
 server only ever receives masked integers. With a compressed secure uplink the client keeps the round's
 shared subspace (the server's seed), under distributed DP it sends its noised integer vector
 (:meth:`fedpeft.privacy.distributed.DistributedDP.encode`, noise from OS entropy: the server knows the run
-seed), and ``client_mod`` packs the masked vector at ``log2(modulus)`` bits per element.
+seed), and ``client_mod`` packs the masked vector at about ``log2(modulus)`` bits per element.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def client_mod(msg: Message, context: Context, call_next: Any) -> Message:
 
 def _pack(reply: Message, context: Context) -> None:
     """Under a packed field: public keys and key shares in binary form, and Flower's int64 masked arrays as one
-    string of ``log2(modulus)``-bit elements."""
+    string of packed base-modulus digits (:func:`fedpeft.compression.secure.pack_field`)."""
     cfg = fconfig.from_run_config(context.run_config)
     if not protocol.packs_masked(cfg.privacy):
         return
@@ -65,9 +65,8 @@ def _pack(reply: Message, context: Context) -> None:
     masked = stage_reply[Key.MASKED_PARAMETERS]
     if not (isinstance(mod_range, int) and isinstance(masked, list)):
         raise PayloadError("SecAgg+ state has no modulus or the reply no masked arrays")
-    bits = (mod_range - 1).bit_length()
     arrays = [bytes_to_ndarray(b) for b in masked if isinstance(b, bytes)]
-    stage_reply[Key.MASKED_PARAMETERS] = [pack_field(arrays, bits)]
+    stage_reply[Key.MASKED_PARAMETERS] = [pack_field(arrays, mod_range)]
 
 
 def _number(fit_config: dict[str, ConfigRecordValues], key: str) -> float:

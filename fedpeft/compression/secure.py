@@ -1,16 +1,17 @@
 """Integer codecs that sum inside SecAgg+'s field, and the plain ``sint`` codec they are compared with.
 
 Secure aggregation adds masked integers modulo ``M``; any codec whose values are integers on a grid
-shared by every client sums there. :func:`field_bits` sizes the field for ``m`` clients of ``levels``
-steps each (no wrap-around is possible: ``m * levels < M``), :func:`pack_field` / :func:`unpack_field`
-put each masked element on the wire at exactly ``log2(M)`` bits instead of Flower's int64, and
+shared by every client sums there. :func:`field_modulus` sizes the field for ``m`` clients of ``levels``
+steps each (the smallest M with ``m * levels < M``: no wrap-around is possible, and M need not be a power of 2),
+:func:`pack_field` / :func:`unpack_field` put each masked element on the wire at close to ``log2(M)`` bits (base-M
+digits packed a few at a time) instead of Flower's int64, and
 :func:`subspace` draws the coordinates every client of a round keeps (the same ones, from the server's
 per-round seed, so masks and positions line up).
 
 The key exchange travels compact too (:func:`compact_key_exchange`, :func:`expand_key_exchange`): Flower's SecAgg+
 sends public keys as PEM text and the encrypted key shares as base64 Fernet tokens; the client sends their binary
-forms (DER, raw token) and the server restores the exact bytes Flower's workflow expects (25-45 % fewer key-exchange
-bytes, lossless).
+forms (X9.62 compressed EC points, raw tokens) and the server restores the exact bytes Flower's workflow expects
+(lossless; a key that is not a point on the curve is that client's :class:`PayloadError`).
 
 ``sint:b,range=r[,keep=f]`` is the same quantizer without secure aggregation: each element is clipped
 to ``+-r`` and rounded stochastically (unbiased inside the range) onto ``2**b - 1`` points (``2**b - 2``
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedpeft.compression.base import Codec, Encoded, register_codec
 from fedpeft.compression.bits import nbytes_for, pack_uint, unpack_uint
@@ -51,6 +53,24 @@ def field_bits(clients: int, levels: int) -> int:
     return max(1, math.ceil(math.log2(clients * levels + 1)))
 
 
+def field_modulus(clients: int, levels: int) -> int:
+    """The smallest modulus M with ``clients * levels < M``: the sum never wraps and no value of M is unused."""
+    return clients * levels + 1
+
+
+def digit_groups(modulus: int) -> tuple[int, int]:
+    """``(k, bits)``: masked elements travel ``k`` at a time as one ``bits``-bit number in base ``modulus`` (the
+    ``k`` with the fewest bits per element among groups below ``2**63``; ``k = 1`` for a power of 2)."""
+    best_k, best_bits = 1, (modulus - 1).bit_length()
+    k = 2
+    while modulus**k <= 2**63:
+        bits = (modulus**k - 1).bit_length()
+        if bits * best_k < best_bits * k:
+            best_k, best_bits = k, bits
+        k += 1
+    return best_k, best_bits
+
+
 def subspace(seed: int, total: int, keep: float) -> np.ndarray:
     """The sorted coordinates a round keeps: ``ceil(keep * total)`` of ``total``, drawn from ``seed``."""
     if keep >= 1.0:
@@ -65,36 +85,61 @@ def stochastic_round(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (low + (rng.random(x.shape) < (x - low))).astype(np.int64)
 
 
-def pack_field(values: list[np.ndarray], bits: int) -> bytes:
-    """Flower's masked arrays (int64 in ``[0, 2**bits)``) as one byte string, ``bits`` bits per element."""
+def pack_field(values: list[np.ndarray], modulus: int) -> bytes:
+    """Flower's masked arrays (int64 in ``[0, modulus)``) as one byte string: groups of base-``modulus`` digits
+    (:func:`digit_groups`), so an element costs ``log2(modulus)`` bits, not the next whole bit."""
     flat = np.concatenate([np.asarray(v, dtype=np.int64).ravel() for v in values])
-    if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
-        raise PayloadError(f"masked values outside [0, 2**{bits})")
-    return pack_uint(flat, bits).tobytes()
+    if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= modulus):
+        raise PayloadError(f"masked values outside [0, {modulus})")
+    k, bits = digit_groups(modulus)
+    digits = np.concatenate([flat, np.zeros(-flat.size % k, np.int64)]).reshape(-1, k).astype(np.uint64)
+    groups = np.zeros(digits.shape[0], np.uint64)
+    for j in range(k):
+        groups = groups * np.uint64(modulus) + digits[:, j]
+    return pack_uint(groups, bits).tobytes()
 
 
-def unpack_field(data: bytes, sizes: list[int], bits: int) -> list[np.ndarray]:
-    """Inverse of :func:`pack_field` for arrays of ``sizes`` elements; :class:`PayloadError` on a bad length."""
+def unpack_field(data: bytes, sizes: list[int], modulus: int) -> list[np.ndarray]:
+    """Inverse of :func:`pack_field` for arrays of ``sizes`` elements; :class:`PayloadError` on a bad length, a
+    group that is not ``k`` digits below ``modulus`` or nonzero padding digits."""
     n = sum(sizes)
-    require(len(data) == nbytes_for(n * bits), f"packed masked vector has {len(data)} bytes, expected "
-                                               f"{nbytes_for(n * bits)} for {n} elements of {bits} bits")
-    flat = unpack_uint(np.frombuffer(data, np.uint8), n, bits, "masked vector")
+    k, bits = digit_groups(modulus)
+    count = -(-n // k)
+    require(len(data) == nbytes_for(count * bits), f"packed masked vector has {len(data)} bytes, expected "
+                                                   f"{nbytes_for(count * bits)} for {n} elements mod {modulus}")
+    groups = unpack_uint(np.frombuffer(data, np.uint8), count, bits, "masked vector")
+    require(count == 0 or int(groups.max()) < modulus**k, f"masked vector: a group is not {k} digits mod {modulus}")
+    digits = np.zeros((count, k), np.int64)
+    for j in reversed(range(k)):
+        digits[:, j] = groups % modulus
+        groups //= modulus
+    flat = digits.ravel()
+    require(not flat[n:].any(), "masked vector: nonzero padding digits")
     bounds = np.cumsum([0, *sizes])
     return [flat[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def _der(pem: bytes) -> bytes:
+_CURVE = ec.SECP384R1()  # the curve of Flower's SecAgg+ key pairs
+_POINT_BYTES = 1 + (_CURVE.key_size + 7) // 8  # X9.62 compressed point: parity byte 2 or 3, then x
+
+
+def _point(pem: bytes) -> bytes:
     key = serialization.load_pem_public_key(pem)
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    require(_pem(der) == pem, "public key is not in canonical PEM form")
-    return der
+    if not (isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == _CURVE.name):
+        raise PayloadError(f"public key is not an EC key on {_CURVE.name}")
+    point = key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+    require(_pem(point) == pem, "public key is not in canonical PEM form")
+    return point
 
 
-def _pem(der: bytes) -> bytes:
+def _pem(point: bytes) -> bytes:
+    require(len(point) == _POINT_BYTES and point[0] in (2, 3),
+            f"public key must be a {_POINT_BYTES}-byte compressed {_CURVE.name} point (first byte 02 or 03), got "
+            f"{len(point)} bytes starting {point[:1].hex() or 'with nothing'}")
     try:
-        key = serialization.load_der_public_key(der)
+        key = ec.EllipticCurvePublicKey.from_encoded_point(_CURVE, point)
     except ValueError as e:
-        raise PayloadError(f"malformed public key: {e}") from None
+        raise PayloadError(f"public key is not a point on {_CURVE.name}: {e}") from None
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -127,8 +172,9 @@ def _convert(values: dict[str, Any], keys: Mapping[str, str], single: Callable[[
 
 
 def compact_key_exchange(values: dict[str, Any], keys: Mapping[str, str]) -> None:
-    """Client side, in place: PEM public keys ("one" keys) -> DER, base64 Fernet tokens ("list" keys) -> raw."""
-    _convert(values, keys, _der, _raw_token)
+    """Client side, in place: PEM public keys ("one" keys) -> X9.62 compressed points (49 bytes, not 215),
+    base64 Fernet tokens ("list" keys) -> raw."""
+    _convert(values, keys, _point, _raw_token)
 
 
 def expand_key_exchange(values: dict[str, Any], keys: Mapping[str, str]) -> None:

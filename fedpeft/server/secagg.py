@@ -20,8 +20,9 @@ from the reply, so the server only ever receives masked integers.
 **Compressed uplink** (``privacy.secagg_bits``, ``privacy.secagg_keep``, distributed DP): the field is
 sized to what the sum can reach (:func:`fedpeft.protocol.secure_field`), clients keep the coordinates of
 the round's shared subspace (the server's per-round seed travels in the instruction), and each masked
-element travels at ``log2(modulus)`` bits (:func:`fedpeft.compression.secure.pack_field`), public keys and key
-shares in binary form: the grid restores Flower's own forms before the workflow reads them. A malformed packed
+element travels at about ``log2(modulus)`` bits (base-modulus digits, :func:`fedpeft.compression.secure.pack_field`;
+the integer uplink's modulus is the exact ``m * L + 1``, not a power of 2), public keys as compressed EC points and
+key shares in binary form: the grid restores Flower's own forms before the workflow reads them. A malformed packed
 vector or key becomes that client's error reply, so the workflow drops that client (its masks are
 reconstructed) and the round goes on.
 Under distributed DP (:mod:`fedpeft.privacy.distributed`) the clients' vectors are noised integers on
@@ -169,7 +170,7 @@ class _WireGrid(DelegatingGrid):
                 packed = values[Key.MASKED_PARAMETERS]
                 if not (isinstance(packed, list) and len(packed) == 1 and isinstance(packed[0], bytes)):
                     raise PayloadError("expected one packed byte string of masked parameters")
-                arrays = unpack_field(packed[0], [1, self.field.width], self.field.bits)
+                arrays = unpack_field(packed[0], [1, self.field.width], self.field.modulus_range)
                 values[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in arrays]
         except PayloadError as e:
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"malformed SecAgg+ reply: {e}"),
@@ -222,7 +223,8 @@ class _RoundStrategy(Strategy):
 
 
 class _SecAggPlus(SecAggPlusWorkflow):
-    """Flower's workflow with one fix: a node lost before it shared its key shares is not "dead".
+    """Flower's workflow with two changes: any modulus above the quantization range (not only a power of 2), and a
+    node lost before it shared its key shares is not "dead".
 
     Flower 1.41 counts every node sampled at setup as dead in the unmask stage if it is no longer
     active, and asks the survivors for its key shares; a node that dropped during setup or share-keys
@@ -230,6 +232,17 @@ class _SecAggPlus(SecAggPlusWorkflow):
     masks (clients mask only with the nodes whose shares they received), so after share-keys the
     protocol's participants are exactly the nodes still active.
     """
+
+    def _check_init_params(self) -> None:
+        """Flower's checks, except that the modulus need not be a power of 2: masking mod any M hides a value
+        (Flower asks for 2**n against int overflow, which an M below 2**32 cannot cause), and the exact field
+        ``m * L + 1`` packs at log2 of it (:func:`fedpeft.protocol.secure_field`)."""
+        exact = self.modulus_range
+        self.modulus_range = 1 << (exact - 1).bit_length()
+        try:
+            super()._check_init_params()
+        finally:
+            self.modulus_range = exact
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         ok = super().share_keys_stage(grid, context, state)
