@@ -306,8 +306,9 @@ class PrivacySection:
     secagg_max_weight: float = option(0.0, lo=0.0, help="SecAgg+ largest client weight (num-examples; 0 = the "
                                                       "largest partition; 1 under client-level DP)")
     secagg_bits: int = option(0, lo=0, hi=16, help="SecAgg+ integer uplink: 2**bits - 1 levels over "
-                                                 "+-secagg_clipping_range, field and wire sized to log2(m * levels) "
-                                                 "bits (0 = dense, secagg_quantization_range / modulus_range)")
+                                                 "+-secagg_clipping_range, a field of exactly the sum's "
+                                                 "m * (levels - 1) + 1 values, packed at log2 of that bits an element "
+                                                 "(0 = dense, secagg_quantization_range / modulus_range)")
     secagg_keep: float = option(1.0, lo=0.0, lo_open=True, hi=1.0,
                                 help="SecAgg+: fraction of coordinates summed, a random subspace from a per-round "
                                      "server seed, the same for every client (1 = all)")
