@@ -126,9 +126,10 @@ def pair_means(deltas: list[AdapterState], weights: list[float] | torch.Tensor,
             for a, b in lora_pairs(global_state).items()}
 
 
-def delta_rank(delta: AdapterState) -> int:
-    """The LoRA rank a client's update was sent at (the rows of its ``lora_A`` deltas)."""
-    return next(int(v.shape[0]) for k, v in delta.items() if ".lora_A." in k)
+def adapter_rank(state: AdapterState) -> int:
+    """The LoRA rank of an adapter state or of a client's update (the rows of its ``lora_A`` tensors); 0 when it
+    has none."""
+    return next((int(v.shape[0]) for k, v in state.items() if ".lora_A." in k), 0)
 
 
 def pad_delta(factor: torch.Tensor, delta: torch.Tensor, dim: int) -> torch.Tensor:

@@ -91,8 +91,8 @@ class RankPlan:
         against the declaration)."""
         for c in replies.clients:
             if c.delta is not None:
-                r = next((int(v.shape[0]) for k, v in c.delta.items() if ".lora_A." in k), None)
-                if r is not None:
+                r = lora.adapter_rank(c.delta)
+                if r:
                     self.learned[c.node] = r
 
     def state(self) -> dict[str, int]:

@@ -64,9 +64,9 @@ class LoraProductMean(FedAvg):
     def aggregate(self, replies: RoundReplies, global_state: AdapterState) -> AdapterState:
         self.t += 1
         deltas, weights, lr = replies.deltas, replies.weights, self.cfg.server_lr
-        self._ranks = [lora.delta_rank(d) for d in deltas]
-        r = next((int(v.shape[0]) for k, v in global_state.items() if ".lora_A." in k), 0)
-        self._w = lora.component_weights(weights, self._ranks, r, self.cfg.lora_rank_weighting)
+        self._ranks = [lora.adapter_rank(d) for d in deltas]
+        self._w = lora.component_weights(weights, self._ranks, lora.adapter_rank(global_state),
+                                         self.cfg.lora_rank_weighting)
         means = lora.pair_means(deltas, self._w, global_state)
         paired = set(means) | {b for b, _ in means.values()}
         others = [k for k in global_state if k not in paired]
