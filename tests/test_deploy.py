@@ -210,9 +210,24 @@ class Cluster:
             submit.register_node(cli_home, key)
         return address, cli_home
 
+    def superlink(self, name: str, port: int, *flags: object, ca: Path | None = None) -> None:
+        """Start a SuperLink on 127.0.0.1:``port`` with ``flags`` (TLS or ``--insecure --no-auth``) on the database
+        ``root/state.db``, so that a restart keeps the nodes registered, and wait until it is healthy."""
+        proc = self.start(name, _cli("superlink", "--host", "127.0.0.1", "--port", port, *flags, "--database",
+                                     self.root / "state.db"), self.root / "home-link")
+        flower.wait_healthy(port, proc, ca=ca)
+
     def stop(self) -> None:
         for name in list(self.procs):
             self.kill(name)
+
+
+def resume(run_dir: Path, home: Path) -> list[dict]:
+    """``fedpeft run --resume run_dir --wait``, which must succeed: the run's metrics rows."""
+    out = subprocess.run(_cli("run", "--resume", run_dir, "--flwr-home", home, "--wait"), capture_output=True,
+                         text=True, timeout=240, env=flower.flower_env(home))
+    assert out.returncode == 0, out.stdout + out.stderr
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -290,10 +305,7 @@ def test_superlink_restart_then_resume_continues_the_run(tmp_path: Path) -> None
     cluster = Cluster(tmp_path)
 
     def superlink(tag: str) -> None:
-        proc = cluster.start(f"superlink{tag}", _cli("superlink", "--host", "127.0.0.1", "--port", port, "--certs",
-                                                     tmp_path / "certs", "--database", tmp_path / "state.db"),
-                             tmp_path / "home-link")
-        flower.wait_healthy(port, proc, ca=pki.ca_cert)
+        cluster.superlink(f"superlink{tag}", port, "--certs", tmp_path / "certs", ca=pki.ca_cert)
 
     try:
         superlink("1")
@@ -315,10 +327,7 @@ def test_superlink_restart_then_resume_continues_the_run(tmp_path: Path) -> None
             time.sleep(0.2)
         cluster.kill("superlink1")  # the ServerApp dies with it, after the round-1 checkpoint
         superlink("2")  # same database: the nodes stay registered and reconnect by themselves
-        out = subprocess.run(_cli("run", "--resume", run_dir, "--flwr-home", home, "--wait"), capture_output=True,
-                             text=True, timeout=240, env=flower.flower_env(home))
-        assert out.returncode == 0, out.stdout + out.stderr
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        rows = resume(run_dir, home)
         assert [r["round"] for r in rows] == [1, 2, 3] and all(r["replies"] == 2 for r in rows)
         assert (run_dir / "adapter").is_dir()
     finally:
@@ -400,61 +409,65 @@ class HoldingProxy:
                     s.close()
 
 
-@pytest.mark.slow
-def test_superlink_killed_mid_task_then_resume_with_warm_nodes(tmp_path: Path) -> None:
-    """The SuperLink dies while both warm executors hold a round-2 task of run A whose input is still arriving.
+#: the run :func:`restart_mid_round_then_resume` interrupts (on top of :func:`conftest.tiny_overrides`)
+RESTARTED_RUN = {"data.num_clients": 2, "federation.rounds": 3, "federation.round_timeout": 30.0, "run.threads": 1}
 
-    A proxy between the nodes and the SuperLink holds the nodes' first object pull of round 2 (the executors have
-    acquired the task and wait for its input), the SuperLink is killed and restarted on its database, the old run
-    ends, and only then do the nodes' retries get through ("run is not running"). The resumed run must get a reply
-    from both warm nodes in every round, and the executors must not have restarted (the model stays loaded).
-    Plain HTTP without node auth, so that the proxy can see the request paths (TLS is covered above).
+
+def restart_mid_round_then_resume(tmp_path: Path, needle: bytes, extra: dict | None = None,
+                                  node_args: Callable[[int], list] = lambda i: [],
+                                  held: Callable[[], None] = lambda: None) -> tuple[Path, list[dict]]:
+    """Kill the SuperLink in round 2 of a 3-round run on two warm nodes (partitions 0 and 1, with
+    ``node_args(i)``), restart it and resume: (run dir, the run's metrics rows after the resume).
+
+    The nodes reach the SuperLink through a :class:`HoldingProxy`. Once round 1 is recorded, the proxy holds the
+    nodes' first request of round 2 that contains ``needle``; ``held()`` runs; the SuperLink is killed and restarted
+    on its database, the old run ends, and only then do the nodes' retries get through ("run is not running");
+    ``fedpeft run --resume`` continues the run. Plain HTTP without node auth, so that the proxy can see the request
+    paths (TLS is covered above). The nodes' logs are ``tmp_path/n<i>.log``.
     """
     data = write_classification(tmp_path / "all.jsonl", n=120)
     port = flower.free_port()
-    proxy = HoldingProxy(port, b"/v1/fleet/pull-object")
+    proxy = HoldingProxy(port, needle)
     cluster = Cluster(tmp_path)
-
-    def superlink(tag: str) -> None:
-        proc = cluster.start(f"superlink{tag}", _cli("superlink", "--host", "127.0.0.1", "--port", port, "--insecure",
-                                                     "--no-auth", "--database", tmp_path / "state.db"),
-                             tmp_path / "home-link")
-        flower.wait_healthy(port, proc)
-
-    def node_log(i: int) -> str:
-        return (tmp_path / f"n{i}.log").read_text(errors="replace")
-
     try:
-        superlink("1")
+        cluster.superlink("superlink1", port, "--insecure", "--no-auth")
         home = tmp_path / "home-cli"
         submit.connect(home, f"127.0.0.1:{port}", insecure=True)
         for i in range(2):
             cluster.start(f"n{i}", _cli("node", "--superlink", f"127.0.0.1:{proxy.port}", "--insecure", "--port",
-                                        flower.free_port(), "--partition-id", i, "--warm"), tmp_path / f"home-n{i}")
-        cfg = config.load(None, tiny_overrides(data, tmp_path / "runs", **{
-            "data.num_clients": 2, "federation.rounds": 3, "federation.round_timeout": 30.0, "run.threads": 1}))
+                                        flower.free_port(), "--partition-id", i, "--warm", *node_args(i)),
+                          tmp_path / f"home-n{i}")
+        cfg = config.load(None, tiny_overrides(data, tmp_path / "runs", **{**RESTARTED_RUN, **(extra or {})}))
         run_a, run_dir = submit.submit(home, cfg)
         metrics = run_dir / "metrics.jsonl"
         _wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 150, lambda: cluster.log("superlink1"))
-        proxy.arm()  # round 1 is done: hold the first object pull of round 2
+        proxy.arm()  # round 1 is done: hold the nodes' first such request of round 2
         _wait_for(proxy.holding.is_set, 60, lambda: cluster.log("n0") + cluster.log("n1"))
-        time.sleep(1.0)  # the executors poll every 0.2 s: they have acquired the task and wait for its input
+        held()
         cluster.kill("superlink1")
-        superlink("2")  # same database: the nodes stay registered
+        cluster.superlink("superlink2", port, "--insecure", "--no-auth")  # same database: the nodes stay registered
         _wait_for(lambda: submit.status(home, run_a)[0]["status"].startswith("finished"), 60,
                   lambda: cluster.log("superlink2"))
-        proxy.release()  # the held pulls fail; the nodes' retries now meet a finished run
-        out = subprocess.run(_cli("run", "--resume", run_dir, "--flwr-home", home, "--wait"), capture_output=True,
-                             text=True, timeout=240, env=flower.flower_env(home))
-        assert out.returncode == 0, out.stdout + out.stderr
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        proxy.release()  # the held requests fail; the nodes' retries now meet a finished run
+        rows = resume(run_dir, home)
         assert [r["round"] for r in rows] == [1, 2, 3], rows
         assert all(r["replies"] == 2 for r in rows), (rows, cluster.log("n0"), cluster.log("n1"))
-        for i in range(2):
-            assert node_log(i).count("warm executor ready") == 1, cluster.log(f"n{i}")
+        return run_dir, rows
     finally:
         proxy.close()
         cluster.stop()
+
+
+@pytest.mark.slow
+def test_superlink_killed_mid_task_then_resume_with_warm_nodes(tmp_path: Path) -> None:
+    """The SuperLink dies while both warm executors hold a round-2 task of run A whose input is still arriving
+    (the proxy holds their first object pull of round 2). The resumed run must get a reply from both warm nodes in
+    every round, and the executors must not have restarted (the model stays loaded)."""
+    # the executors poll every 0.2 s: after a second they have acquired the task and wait for its input
+    restart_mid_round_then_resume(tmp_path, b"/v1/fleet/pull-object", held=lambda: time.sleep(1.0))
+    for i in range(2):
+        log = (tmp_path / f"n{i}.log").read_text(errors="replace")
+        assert log.count("warm executor ready") == 1, log[-3000:]
 
 
 @contextlib.contextmanager

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_deploy import RESTARTED_RUN, restart_mid_round_then_resume
 from test_deploy_ranks import run_two_nodes
 from test_personal import PATHOLOGICAL
 
-from fedpeft import report
+from fedpeft import config, report
 from fedpeft.clients import node_store
 from fedpeft.clients.node_store import NodeState, NodeStateError
 from fedpeft.deploy import launch
@@ -21,7 +22,7 @@ from fedpeft.errors import FedPeftError
 from fedpeft.simulation import runner
 from fedpeft.simulation.inprocess import node_id
 
-from conftest import interrupt_and_resume
+from conftest import interrupt_and_resume, tiny_overrides
 
 
 def _state(rnd: int, value: float = 1.0) -> NodeState:
@@ -97,14 +98,16 @@ def _as_deployed(monkeypatch, state_dir: Path | None) -> None:
     monkeypatch.setattr(InProcessGrid, "context", context)
 
 
+def _newest(node: Path) -> dict[str, np.ndarray]:
+    """The tensors of the newest state stored in ``node`` (``<state dir>/<run>/node-<id>``), as ``<record>/<key>``."""
+    got = node_store.load(node.parent.parent, node.parent.name, int(node.name.split("-")[1]), before_round=10**6)
+    assert got is not None
+    return {f"{r}/{k}": a for r, arrays in got.arrays.items() for k, a in arrays.items()}
+
+
 def _final_states(state_dir: Path) -> dict[str, dict[str, np.ndarray]]:
     """node -> the tensors of its newest stored state."""
-    out = {}
-    for node in sorted(state_dir.glob("*/node-*")):
-        got = node_store.load(state_dir, node.parent.name, int(node.name.split("-")[1]), before_round=10**6)
-        assert got is not None
-        out[node.name] = {f"{r}/{k}": a for r, arrays in got.arrays.items() for k, a in arrays.items()}
-    return out
+    return {node.name: _newest(node) for node in sorted(state_dir.glob("*/node-*"))}
 
 
 def test_a_resumed_deployment_continues_each_nodes_personal_head_and_error_feedback(tiny_cfg, monkeypatch,
@@ -165,3 +168,55 @@ def test_deployed_nodes_write_their_state_where_fedpeft_node_state_dir_says(tmp_
         assert got is not None and got.round == 2 and got.arrays["fedpeft.personal"]
         heads.append(np.concatenate([a.ravel() for a in got.arrays["fedpeft.personal"].values()]))
     assert not np.array_equal(heads[0], heads[1])  # each node's own head
+
+
+#: a personal head and a top-10 % uplink with error feedback on two nodes; federated evaluation after round 3 only
+ON_NODES = {**PATHOLOGICAL, "data.classes_per_client": 2, "federation.personalization": "head",
+            "compression.uplink": "topk:0.1", "federation.rounds": 3, "federation.eval_every": 3}
+
+
+def _tensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of every safetensors file under ``path``, by file and tensor name."""
+    from safetensors.numpy import load_file
+
+    return {f"{f.relative_to(path)}:{k}": v for f in sorted(path.rglob("*.safetensors"))
+            for k, v in load_file(f).items()}
+
+
+@pytest.mark.slow
+def test_a_resume_through_real_processes_continues_each_nodes_stored_state(tmp_path: Path, monkeypatch) -> None:
+    """Real SuperLink + two warm ``fedpeft node --state-dir`` SuperNodes (personal head, top-k uplink with error
+    feedback). In round 2 the proxy holds the first reply a node sends (that node has trained round 2 and stored its
+    state of round 2), the SuperLink is killed and restarted, and ``fedpeft run --resume`` continues from round 1's
+    checkpoint (test_deploy.restart_mid_round_then_resume). Each node must restore its state of round 1 (not the
+    round-2 file of the dead run, and not start fresh), and its final head and residual, the global adapter and
+    the metrics must equal, bit for bit, those of an uninterrupted run with the same seed on the in-process engine
+    run as a deployment (the same ClientApp and ServerApp code on the same partitions, seeds and thread count; the
+    uninterrupted real-process run equals it too, but a second cluster would double the wall time)."""
+    stores = [tmp_path / f"s{i}" for i in range(2)]
+    ahead: list[Path] = []  # round-2 files of the dead run when the SuperLink died
+    run_dir, rows = restart_mid_round_then_resume(
+        tmp_path, b"/v1/fleet/push-messages", ON_NODES, lambda i: ["--state-dir", stores[i]],
+        held=lambda: ahead.extend(p for s in stores for p in s.glob("*/node-*/round-2.safetensors")))
+    assert ahead, "no node had stored round 2 when the SuperLink died"
+    nodes = [next((store / run_dir.name).glob("node-*")) for store in stores]  # partition -> its node's states
+    for i, node in enumerate(nodes):  # each node restored round 1's state, and stored rounds 2 and 3 anew
+        log = (tmp_path / f"n{i}.log").read_text(errors="replace")
+        assert log.count("restored its state of round 1 from") == 1 and "fresh client state" not in log, log[-3000:]
+        assert sorted(p.name for p in node.iterdir()) == ["round-2.safetensors", "round-3.safetensors"]
+    with monkeypatch.context() as m:
+        _as_deployed(m, tmp_path / "in-process")
+        want = runner.simulate(config.load(None, tiny_overrides(tmp_path / "all.jsonl", tmp_path / "runs-in-process",
+                                                                **{**RESTARTED_RUN, **ON_NODES})))
+    # the same metrics, but for the node ids that name each client's evaluation
+    ids = {node.name.removeprefix("node-"): str(node_id(i)) for i, node in enumerate(nodes)}
+    rows[-1]["fed_eval_clients"] = {ids[k]: v for k, v in rows[-1]["fed_eval_clients"].items()}
+    assert [[r.get(k) for k in KEYS] for r in rows] == [[r.get(k) for k in KEYS] for r in report.read_metrics(want)]
+    got_adapter, want_adapter = _tensors(run_dir / "adapter"), _tensors(want / "adapter")
+    assert got_adapter.keys() == want_adapter.keys() and all(np.isfinite(v).all() for v in got_adapter.values())
+    assert all(np.array_equal(got_adapter[k], want_adapter[k]) for k in want_adapter)
+    for i, node in enumerate(nodes):
+        got, expected = _newest(node), _newest(tmp_path / "in-process" / want.name / f"node-{node_id(i)}")
+        assert {k.split("/")[0] for k in got} == {"fedpeft.personal", "fedpeft.error-feedback"}
+        assert got.keys() == expected.keys() and all(np.isfinite(v).all() for v in got.values())
+        assert [k for k in expected if not np.array_equal(got[k], expected[k])] == [], f"node of partition {i}"
