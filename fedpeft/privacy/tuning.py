@@ -13,7 +13,7 @@ group to the scenario. Only measured defaults are here (:data:`EVIDENCE`).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ class DPDefault:
     """Values that local DP-SGD takes together when the scenario sets none of their keys nor of ``also``."""
 
     values: dict[Key, Any]
-    also: tuple[Key, ...] = field(default=())  # keys whose presence means the user chose this group's shape
+    also: tuple[Key, ...] = ()  # keys whose presence means the user chose this group's shape
 
     def blocked_by(self, raw: dict[str, Any]) -> bool:
         """True when the scenario sets any key of the group (then the group is left as the scenario has it)."""
