@@ -29,6 +29,8 @@ from pathlib import Path
 from flwr.app import Error, Message
 from flwr.serverapp import Grid
 
+from fedpeft import protocol
+
 log = logging.getLogger(__name__)
 
 @dataclass
@@ -97,7 +99,7 @@ class LiveFlights:
     def _done(self, flight: Flight, reply: Message, status: str) -> None:
         self.arrived.append(reply)
         msg = flight.message.metadata
-        row = {"round": int(msg.group_id) if msg.group_id.isdigit() else 0, "node": msg.dst_node_id,
+        row = {"round": protocol.round_of(msg.group_id), "node": msg.dst_node_id,
                "kind": "train", "start": round(flight.sent - self.started, 3),
                "finish": round(time.monotonic() - self.started, 3), "status": status}
         with open(self.log_path, "a") as f:

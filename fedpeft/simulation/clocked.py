@@ -149,7 +149,7 @@ class ClockedGrid(InProcessGrid):
         node = msg.metadata.dst_node_id
         pid = node - NODE_ID_BASE
         dev, loss, seed = self.devices[pid], self.cfg.network.loss, self.cfg.run.seed
-        rnd = int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else 0
+        rnd = protocol.round_of(msg.metadata.group_id)
         label, work = _work(msg)
         msg.metadata.__dict__["_message_id"] = f"{rnd}-{node}-{label}-{self.seq}"
         bytes_down = protocol.record_bytes(msg.content)
