@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -137,12 +138,29 @@ def token_inputs(model: nn.Module, path: str, vocab: int, seq_len: int,
     x = capture_inputs(model, probe, [path])[path][0]
     positional = not torch.allclose(x[0], x[-1], rtol=1e-6, atol=1e-7)
     length = seq_len if positional else 1
-    outs = []
+    out: torch.Tensor | None = None  # filled in place: one copy of positions x vocab x d, not three
     per = max(1, chunk // length)
     for start in range(0, vocab, per):
         ids = torch.arange(start, min(vocab, start + per)).unsqueeze(1).repeat(1, length)
-        outs.append(capture_inputs(model, ids, [path])[path])
-    return torch.cat(outs).transpose(0, 1).contiguous(), positional
+        x = capture_inputs(model, ids, [path])[path]  # tokens x positions x d
+        if out is None:
+            out = x.new_empty((length, vocab, x.shape[-1]))
+        out[:, start:start + x.shape[0]] = x.transpose(0, 1)
+    assert out is not None  # vocab >= 1
+    return out, positional
+
+
+ROW_CHUNK = 1 << 16  # rows of a candidate table handled at once in float64 (64k x d=384: 200 MB)
+
+
+def by_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = ROW_CHUNK) -> torch.Tensor:
+    """``fn`` applied to the rows of ``x`` (… × d) a chunk at a time, results joined back in ``x``'s leading
+    shape: a row-wise float64 computation on a whole positions x vocab x d table (gigabytes for a model with
+    learned positions and a large vocabulary) never holds more than one chunk's temporaries."""
+    lead, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    parts = [fn(flat[i:i + chunk]) for i in range(0, flat.shape[0], chunk)]
+    out = torch.cat(parts) if parts else fn(flat)
+    return out.reshape(*lead, *out.shape[1:])
 
 
 def noise_floor_rank(s: torch.Tensor, ratio: float = 10.0, level: float = 1e-3) -> int:
@@ -211,12 +229,15 @@ def row_basis(rows: torch.Tensor, bound: int, rel_floor: float = 1e-13) -> tuple
 
 def residuals(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Normalised distance of each row of ``x`` (… × d) from span(basis): 0 = inside, 1 = orthogonal."""
-    x = x.to(torch.float64)
-    norm = x.norm(dim=-1)
     if basis.shape[0] == 0:
         return torch.ones(x.shape[:-1], dtype=torch.float64)
-    proj = (x @ basis.T) @ basis
-    res = (x - proj).norm(dim=-1) / norm.clamp_min(1e-300)
+
+    def rows(c: torch.Tensor) -> torch.Tensor:  # (n x d) -> (n x 2): ‖x‖, ‖x - proj‖
+        c = c.to(torch.float64)
+        return torch.stack([c.norm(dim=-1), (c - (c @ basis.T) @ basis).norm(dim=-1)], dim=-1)
+    both = by_rows(rows, x)
+    norm, dist = both[..., 0], both[..., 1]
+    res = dist / norm.clamp_min(1e-300)
     return torch.where(norm > 1e-12 * float(norm.max()), res, torch.ones_like(res))  # zero inputs (padding rows)
 
 

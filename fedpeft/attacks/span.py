@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from fedpeft.attacks.lora_io import (
+    by_rows,
     count_cut,
     gap_cut,
     lora_modules,
@@ -167,6 +168,11 @@ def a_channel_residuals(obs: Observation, group: list, cands: torch.Tensor, boun
     return residuals(cands, basis), basis.shape[0]
 
 
+def _through(cands: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``A·x`` of every candidate in float64, a chunk of rows at a time."""
+    return by_rows(lambda c: c.to(torch.float64) @ a.T, cands)
+
+
 def b_channel_residuals(obs: Observation, group: list, cands: torch.Tensor, bound: int,
                         rounds: str = "all") -> tuple[torch.Tensor, int]:
     """Geometric mean of the residuals of the projected candidates A·x against each module's (and round's)
@@ -183,7 +189,7 @@ def b_channel_residuals(obs: Observation, group: list, cands: torch.Tensor, boun
             basis, _ = row_basis(gb, bound)
             if basis.shape[0] == 0 or basis.shape[0] >= a.shape[0]:
                 continue  # zero, or spans all of R^r: no information
-            total += residuals(cands.to(torch.float64) @ a.T, basis).clamp_min(1e-300).log()
+            total += residuals(_through(cands, a), basis).clamp_min(1e-300).log()
             views += 1
             rank = max(rank, basis.shape[0])
     if views == 0:
@@ -205,9 +211,11 @@ def dropout_cut(cands: torch.Tensor, p: float, z: float = 3.0) -> torch.Tensor:
     sparse error whose squared norm, relative to ‖x‖², has mean p and variance p(1 − p)·Σ x_i⁴ / ‖x‖⁴.
     (A LayerNorm after the dropout, as in GPT-2's first block, rescales x̃; measured, the same bound holds.)
     """
-    w = cands.to(torch.float64) ** 2
-    w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)
-    return (p + z * (p * (1 - p) * (w ** 2).sum(-1)).sqrt()).sqrt()
+    def rows(c: torch.Tensor) -> torch.Tensor:
+        w = c.to(torch.float64) ** 2
+        w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)
+        return (p + z * (p * (1 - p) * (w ** 2).sum(-1)).sqrt()).sqrt()
+    return by_rows(rows, cands)
 
 
 def _accepted(res: torch.Tensor, cands: torch.Tensor, obs: Observation, use: str, k: int, bound: int,
