@@ -13,7 +13,7 @@ def _whole_residuals(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 
 def test_chunked_row_computations_equal_the_whole_table(monkeypatch) -> None:
-    monkeypatch.setattr(lora_io.by_rows, "__defaults__", (7,))  # many chunks, a ragged last one
+    monkeypatch.setattr(lora_io, "ROW_CHUNK", 7)  # many chunks, a ragged last one
     torch.manual_seed(0)
     x = torch.randn(5, 300, 16)
     x[1, 3] = 0  # a zero input (padding row) stays at residual 1

@@ -153,12 +153,12 @@ def token_inputs(model: nn.Module, path: str, vocab: int, seq_len: int,
 ROW_CHUNK = 1 << 16  # rows of a candidate table handled at once in float64 (64k x d=384: 200 MB)
 
 
-def by_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = ROW_CHUNK) -> torch.Tensor:
+def by_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``fn`` applied to the rows of ``x`` (… × d) a chunk at a time, results joined back in ``x``'s leading
     shape: a row-wise float64 computation on a whole positions x vocab x d table (gigabytes for a model with
     learned positions and a large vocabulary) never holds more than one chunk's temporaries."""
     lead, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
-    parts = [fn(flat[i:i + chunk]) for i in range(0, flat.shape[0], chunk)]
+    parts = [fn(flat[i:i + ROW_CHUNK]) for i in range(0, flat.shape[0], ROW_CHUNK)]
     out = torch.cat(parts) if parts else fn(flat)
     return out.reshape(*lead, *out.shape[1:])
 
