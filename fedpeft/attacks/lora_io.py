@@ -163,6 +163,15 @@ def by_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torc
     return out.reshape(*lead, *out.shape[1:])
 
 
+def row_mean(x: torch.Tensor) -> torch.Tensor:
+    """The float64 mean of the rows of ``x`` (… × d), summed a chunk at a time (see :func:`by_rows`)."""
+    flat = x.reshape(-1, x.shape[-1])
+    total = flat.new_zeros(flat.shape[-1], dtype=torch.float64)
+    for i in range(0, flat.shape[0], ROW_CHUNK):
+        total += flat[i:i + ROW_CHUNK].to(torch.float64).sum(0)
+    return total / max(1, flat.shape[0])
+
+
 def noise_floor_rank(s: torch.Tensor, ratio: float = 10.0, level: float = 1e-3) -> int:
     """The rank above a noise floor in the singular values ``s`` (descending): the last drop of at least
     ``ratio`` times between neighbours that lands below ``level``·s_max, else all of ``s``.

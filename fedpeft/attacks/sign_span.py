@@ -29,11 +29,13 @@ round, where dL/dA only grows by a common factor, is pure signs and fits worse b
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from fedpeft.attacks.lora_io import by_rows
 from fedpeft.attacks.observation import AttackResult, NotApplicable, Observation, register_attack
 from fedpeft.attacks.span import first_layer, update_pairs
 
@@ -109,6 +111,11 @@ def logistic_fit(x: torch.Tensor, signs: torch.Tensor, start: torch.Tensor | Non
     return margins, u, float(F.softplus(-signs * margins).sum() + 0.5 * lam * (u ** 2).sum())
 
 
+def _correlation(resid: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Σ_r (resid_r · x)² for each candidate row x of ``c`` (float64)."""
+    return ((c.to(torch.float64) @ resid.T) ** 2).sum(-1)
+
+
 def pursuit(targets: torch.Tensor, cands: torch.Tensor, per_position: int, max_picks: int, width: int = 24,
             floor: float = 0.01, fit: str = "sign") -> tuple[list[tuple[int, int]], list[float], torch.Tensor]:
     """Greedy pursuit over candidate inputs (positions × vocab × d): the chosen (position, token) pairs in
@@ -119,8 +126,8 @@ def pursuit(targets: torch.Tensor, cands: torch.Tensor, per_position: int, max_p
         raise ValueError(f"sign_span fit must be 'sign' or 'magnitude', got {fit!r}")
     signs = torch.sign(targets)
     n_pos, vocab, d = cands.shape
-    flat = cands.reshape(-1, d).to(torch.float64)
-    norms = flat.norm(dim=-1)
+    flat = cands.reshape(-1, d)  # rows go to float64 a chunk (or a pick) at a time: the table is gigabytes
+    norms = by_rows(lambda c: c.to(torch.float64).norm(dim=-1), flat)
     usable = norms > 1e-12 * float(norms.max())  # zero inputs (a padding embedding) explain nothing
     norms = norms.clamp_min(1e-12 * float(norms.max()))
     picks: list[int] = []
@@ -128,7 +135,7 @@ def pursuit(targets: torch.Tensor, cands: torch.Tensor, per_position: int, max_p
     taken = torch.zeros(n_pos, dtype=torch.long)
     u, resid, first = None, signs, None
     while len(picks) < max_picks:
-        score = ((resid @ flat.T) ** 2).sum(0) / norms ** 2
+        score = by_rows(partial(_correlation, resid), flat) / norms ** 2
         score[~usable] = 0.0
         if first is None:
             first = score.clone()
@@ -140,7 +147,7 @@ def pursuit(targets: torch.Tensor, cands: torch.Tensor, per_position: int, max_p
             break
         best = None
         for i in tries:
-            x = flat[picks + [i]] / norms[picks + [i], None]
+            x = flat[picks + [i]].to(torch.float64) / norms[picks + [i], None]
             margins, u_new, loss = logistic_fit(x, signs, u) if fit == "sign" else soft_sign_fit(x, targets, u)
             if best is None or loss < best[0]:
                 best = (loss, i, margins, u_new)

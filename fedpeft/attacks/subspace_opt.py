@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fedpeft.attacks.lora_io import by_rows, row_mean
 from fedpeft.attacks.observation import AttackResult, Observation, register_attack
 from fedpeft.attacks.span import first_layer
 
@@ -41,28 +42,37 @@ def update_rows(obs: Observation, group: list, d: int) -> torch.Tensor:
 
 def energy_scores(rows: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
     """||rows · x̂||² / ||rows||²_F for centred, unit-norm candidate inputs (positions × vocab)."""
-    x = cands.to(torch.float64)
-    x = x - x.reshape(-1, x.shape[-1]).mean(0)
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-    return ((x @ rows.T) ** 2).sum(-1) / (rows ** 2).sum().clamp_min(1e-300)
+    mean, total = row_mean(cands), (rows ** 2).sum().clamp_min(1e-300)
+
+    def score(c: torch.Tensor) -> torch.Tensor:
+        x = c.to(torch.float64) - mean
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        return ((x @ rows.T) ** 2).sum(-1) / total
+    return by_rows(score, cands)
+
+
+def weighted_cosines(cands: torch.Tensor, vh: torch.Tensor, w: torch.Tensor, centre: bool) -> torch.Tensor:
+    """Σ_i w_i (v_i · x)² / ||x||² for every candidate input x (centred on the table's mean if ``centre``),
+    one chunk of rows at a time in float64 (the table is positions × vocab × d: gigabytes as float64)."""
+    mean = row_mean(cands) if centre else None
+
+    def score(c: torch.Tensor) -> torch.Tensor:
+        x = c.to(torch.float64) if mean is None else c.to(torch.float64) - mean
+        return (((x @ vh.T) ** 2) * w).sum(-1) / (x ** 2).sum(-1).clamp_min(1e-300)
+    return by_rows(score, cands)
 
 
 def projection_scores(rows: torch.Tensor, cands: torch.Tensor, k: int, centre: bool = True) -> torch.Tensor:
     """||V_k x̂||² / ||x̂||²: the squared cosine between a (centred) candidate and the top-k subspace."""
-    x = cands.to(torch.float64)
-    if centre:
-        x = x - x.reshape(-1, x.shape[-1]).mean(0)
     _, _, vh = torch.linalg.svd(rows, full_matrices=False)
     vk = vh[: max(1, min(k, vh.shape[0]))]
-    return ((x @ vk.T) ** 2).sum(-1) / (x ** 2).sum(-1).clamp_min(1e-300)
+    return weighted_cosines(cands, vk, vk.new_ones(vk.shape[0]), centre)
 
 
 def wiener_scores(rows: torch.Tensor, cands: torch.Tensor, bound: int) -> torch.Tensor:
     """Projection with Wiener weights 1 − τ²/s_i² on the top directions, where τ is the singular-value
     edge of the noise estimated from the smallest singular values (rows ≤ d: they are noise-only when
     the client has fewer distinct inputs than rows). Without noise this is the span test's subspace."""
-    x = cands.to(torch.float64)
-    x = x - x.reshape(-1, x.shape[-1]).mean(0)
     _, s, vh = torch.linalg.svd(rows, full_matrices=False)
     n, d = rows.shape
     sigma = float(s[-1]) / max(d ** 0.5 - n ** 0.5, 1.0)
@@ -71,15 +81,25 @@ def wiener_scores(rows: torch.Tensor, cands: torch.Tensor, bound: int) -> torch.
     w[min(bound, n):] = 0.0
     if float(w.sum()) == 0.0:
         w[0] = 1.0
-    return (((x @ vh.T) ** 2) * w).sum(-1) / (x ** 2).sum(-1).clamp_min(1e-300)
+    return weighted_cosines(cands, vh, w, centre=True)
+
+
+SPARSE_POOL = 4096  # candidates the sparse codes are fitted over (the nearest to the subspace)
 
 
 def sparse_scores(rows: torch.Tensor, cands: torch.Tensor, k: int, lam: float, iters: int) -> torch.Tensor:
-    """Singular-value-weighted non-negative sparse codes of the top-k directions over the candidates."""
-    x = cands.to(torch.float64).reshape(-1, cands.shape[-1])
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    """Singular-value-weighted non-negative sparse codes of the top-k directions over the candidates.
+
+    The codes are fitted over the :data:`SPARSE_POOL` candidates with the largest squared cosine to the top-k
+    subspace (all of them in a small table); the others score 0. Over a whole real table (two million
+    positions × tokens) the codes alone would take gigabytes, and a candidate far from the subspace gets no
+    mass under the non-negative ℓ1 penalty anyway."""
     _, s, vh = torch.linalg.svd(rows, full_matrices=False)
     k = max(1, min(k, vh.shape[0]))
+    near = weighted_cosines(cands, vh[:k], vh.new_ones(k), centre=False).flatten()
+    pool = torch.topk(near, min(SPARSE_POOL, near.numel())).indices
+    x = cands.reshape(-1, cands.shape[-1])[pool].to(torch.float64)
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-300)
     target = vh[:k] * s[:k, None] / s[0]  # k × d, signs of singular vectors are arbitrary: fit ±
     target = torch.cat([target, -target])
     w = torch.zeros(target.shape[0], x.shape[0], dtype=torch.float64)
@@ -87,7 +107,9 @@ def sparse_scores(rows: torch.Tensor, cands: torch.Tensor, k: int, lam: float, i
     for _ in range(iters):  # ISTA with non-negativity: min ||W X − T||² / 2 + lam ||W||_1
         grad = (w @ x - target) @ x.T
         w = torch.clamp(w - step * (grad + lam), min=0.0)
-    return w.sum(0).reshape(cands.shape[:-1])
+    out = torch.zeros(near.numel(), dtype=torch.float64)
+    out[pool] = w.sum(0)
+    return out.reshape(cands.shape[:-1])
 
 
 @register_attack("subspace_opt")
