@@ -63,6 +63,13 @@ def test_unreachable_target_epsilon_and_unknown_attack_fail_before_work(tmp_path
 def test_binomial_tail_and_tied_canary_exposure() -> None:
     assert audit.binomial_tail(0, 10, 0.1) == 1.0
     assert audit.binomial_tail(10, 10, 0.5) == pytest.approx(0.5 ** 10)
+    exact = sum(math.comb(40, k) * 0.3 ** k * 0.7 ** (40 - k) for k in range(15, 41))
+    assert audit.binomial_tail(15, 40, 0.3) == pytest.approx(exact, rel=1e-12)
+    # thousands of trials (a frontier cell's distinct tokens): C(n, k) alone overflows a float
+    assert audit.binomial_tail(2000, 4000, 0.5) == pytest.approx(0.5 + math.comb(4000, 2000) / 2 ** 4001,
+                                                                 rel=1e-9)
+    assert audit.binomial_tail(900, 4000, 0.1) < 1e-100 and 1 - 1e-7 < audit.binomial_tail(300, 4000, 0.1) < 1
+    assert audit.binomial_tail(5, 4, 0.5) == 0.0 and audit.binomial_tail(1, 4, 0.0) == 0.0
     exp, top = audit.canary_exposure(torch.zeros(50), [3, 4, 5], list(range(10)), samples=500)
     assert top == pytest.approx(math.log2(1000)) and exp < 1.5  # a flat ranking exposes nothing
 

@@ -65,7 +65,15 @@ def binomial_tail(hits: int, n: int, p: float) -> float:
     if hits <= 0:
         return 1.0
     p = min(max(p, 0.0), 1.0)
-    return min(1.0, sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(hits, n + 1)))
+    if hits > n or p == 0.0:
+        return 0.0
+    if p == 1.0:
+        return 1.0
+    # in logs: C(n, k) overflows a float from n ~ 1,030 (a frontier cell's distinct tokens reach thousands)
+    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p)
+            + (n - k) * math.log1p(-p) for k in range(hits, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
 
 
 def canary_exposure(scores: torch.Tensor, canary: list[int], alphabet: list[int], samples: int = 20000,
