@@ -148,6 +148,12 @@ def train_reply(update: Payload, metrics: dict[str, float]) -> RecordDict:
     return RecordDict({UPDATE: payload_record(update), METRICS: record})
 
 
+def hides_metrics(p: PrivacySection) -> bool:
+    """Whether clients send :func:`public_metrics` only (any DP mode, unless privacy.release_client_metrics):
+    their FedAvg weight is then 1, which SecAgg+'s weight cap must match."""
+    return p.mode != "none" and not p.release_client_metrics
+
+
 def public_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """The metrics a client may send under DP without opting in: :data:`PUBLIC_METRICS`, and weight 1."""
     return {"num-examples": 1, **{k: v for k, v in metrics.items() if k in PUBLIC_METRICS}}

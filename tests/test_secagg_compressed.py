@@ -338,3 +338,20 @@ def test_a_field_beyond_32_bits_is_refused_naming_the_knobs():
 
     with pytest.raises(PrivacyError, match="distributed_grid"):
         DistributedDP(clip=1.0, dim=10**7, clients=5000, min_survivors=2, noise_multiplier=10.0, grid=4.0)
+
+
+def test_local_dp_clients_hide_their_sizes_and_the_integer_sum_still_carries_them(tmp_path):
+    """Under local DP-SGD the clients send weight 1 (their sizes are private), so SecAgg+'s weight cap is 1 too: with
+    the cap at the largest partition (750 examples here) a weight of 1 quantized onto 8 bits' 255 levels was 0,
+    and every round's sum came back empty (found in the frontier's local / int8-secure cell)."""
+    from fedpeft import report
+    from fedpeft.simulation import runner
+
+    from conftest import tiny_overrides, write_classification
+
+    path = write_classification(tmp_path / "big.jsonl", n=3000)  # 750 training examples a client
+    cfg = config.load(None, tiny_overrides(path, tmp_path / "runs", **{
+        **SECAGG, **BITS, "privacy.mode": "local", "privacy.target_epsilon": 8.0, "data.num_clients": 3,
+        "federation.rounds": 1, "train.local_steps": 1}))
+    rows = report.read_metrics(runner.simulate(cfg))
+    assert rows[0]["replies"] == 3 and rows[0]["dropped"] == 0

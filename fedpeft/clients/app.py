@@ -203,7 +203,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-steps": result.steps,
                "train-seconds": result.seconds, "encode-ms": enc.encode_ms,
                "client-seconds": time.perf_counter() - t0, "partition-id": partition_id, **extra}
-    if cfg.privacy.mode != "none" and not cfg.privacy.release_client_metrics:
+    if protocol.hides_metrics(cfg.privacy):
         metrics = protocol.public_metrics(metrics)
     _persist(context, rnd)
     return Message(protocol.train_reply(enc.payload, attacker.metrics(metrics)), reply_to=msg)

@@ -262,7 +262,9 @@ class SecureAggregator:
         self.field = protocol.secure_field(p, layout.total, cfg.federation.clients_per_round or cfg.data.num_clients)
         self.ddp = self.field.ddp
         self.width = self.field.width  # elements summed (+ the clip indicator)
-        uniform = self.client_dp or self.ddp is not None
+        # every weight is 1: client-level / distributed DP average uniformly; under local DP the clients hide their
+        # sizes (a cap of the largest partition would quantize a weight of 1 to 0 and the sum to nothing)
+        uniform = self.client_dp or self.ddp is not None or protocol.hides_metrics(p)
         self.max_weight = 1.0 if uniform else float(p.secagg_max_weight or max(1, max_partition))
         timeout = p.secagg_timeout or cfg.federation.round_timeout
         f = self.field
