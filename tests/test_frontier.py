@@ -69,6 +69,33 @@ def test_a_refused_combination_is_recorded_with_its_reason(tmp_path: Path) -> No
     assert row["status"].startswith("refused: ") and "secagg_bits" in row["status"]
 
 
+def test_a_failed_cell_is_recorded_the_sweep_goes_on_and_a_resume_runs_it_again(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch
+                                                                                  ) -> None:
+    from fedpeft.audit import capture
+    from fedpeft.errors import FedPeftError
+
+    cfg = _cfg(tmp_path)
+    real = capture.audit_run
+
+    def flaky(cell_cfg, **kwargs):
+        if cell_cfg.privacy.mode == "none":
+            raise FedPeftError("no client update was applied in rounds 1-1")
+        return real(cell_cfg, **kwargs)
+
+    monkeypatch.setattr(capture, "audit_run", flaky)
+    out = frontier.run_frontier(cfg, ["mode=none,local", "epsilon=8,inf", "codec=none"], canaries=0)
+    rows = {r["cell"]: r for r in frontier.read_rows(out)}
+    assert rows["none/inf/none/lora"]["status"] == "failed: no client update was applied in rounds 1-1"
+    assert rows["local/8/none/lora"]["status"] == "done"  # the cell after the failure ran
+    assert frontier.remaining(out) == 1 and "1 failed" in (out / "frontier.md").read_text()
+    monkeypatch.setattr(capture, "audit_run", real)
+    frontier.run_frontier(resume=out)
+    rows = {r["cell"]: r for r in frontier.read_rows(out)}  # one row a cell: the failed one's last
+    assert len(frontier.read_rows(out)) == 2 and rows["none/inf/none/lora"]["status"] == "done"
+    assert frontier.remaining(out) == 0 and "failed" not in (out / "frontier.md").read_text()
+
+
 def test_frontier_end_to_end(swept: tuple[config.Config, Path]) -> None:
     cfg, out = swept
     rows = {r["cell"]: r for r in frontier.read_rows(out)}

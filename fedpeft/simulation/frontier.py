@@ -178,7 +178,9 @@ def _epsilon_audit(cfg: Config, canaries: int) -> dict[str, Any]:
 
 
 def run_cell(cfg: Config, cell: dict[str, str], out_dir: Path, canaries: int = 1000) -> dict[str, Any]:
-    """Train, attack and audit one cell; its frontier.csv row (``status`` = ``done`` or ``refused: why``)."""
+    """Train, attack and audit one cell; its frontier.csv row (``status`` = ``done``, ``refused: why`` when the
+    combination cannot run, or ``failed: why`` when its run stopped with an error: the sweep goes on, and a
+    resumed sweep runs that cell again)."""
     from fedpeft.audit import capture
 
     start = time.perf_counter()
@@ -189,7 +191,11 @@ def run_cell(cfg: Config, cell: dict[str, str], out_dir: Path, canaries: int = 1
     except FedPeftError as e:
         log.info("frontier cell %s refused: %s", row["cell"], e)
         return {**row, "status": f"refused: {e}", "seconds": round(time.perf_counter() - start, 1)}
-    run_dir = capture.audit_run(cell_cfg, rounds=[cell_cfg.federation.rounds], clients=[0])
+    try:
+        run_dir = capture.audit_run(cell_cfg, rounds=[cell_cfg.federation.rounds], clients=[0])
+    except FedPeftError as e:
+        log.error("frontier cell %s failed: %s", row["cell"], e)
+        return {**row, "status": f"failed: {e}", "seconds": round(time.perf_counter() - start, 1)}
     metrics = report.read_metrics(run_dir)
     evals = [m for m in metrics if m.get("eval_accuracy") is not None or m.get("eval_perplexity") is not None]
     last = evals[-1] if evals else {}
@@ -206,12 +212,19 @@ def run_cell(cfg: Config, cell: dict[str, str], out_dir: Path, canaries: int = 1
 
 
 def read_rows(out_dir: Path) -> list[dict[str, Any]]:
-    """The finished cells of a frontier directory (frontier.csv), numbers parsed back."""
+    """The finished cells of a frontier directory (frontier.csv), numbers parsed back; a cell that was run again
+    after a failure appears once, with its last row."""
     path = out_dir / CSV_FILE
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{k: _parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        last = {r["cell"]: {k: _parse(v) for k, v in r.items()} for r in csv.DictReader(f)}
+    return list(last.values())
+
+
+def _settled(out_dir: Path) -> set[str]:
+    """Cells that a resumed sweep does not run again: done or refused (a failed cell is run again)."""
+    return {r["cell"] for r in read_rows(out_dir) if not str(r["status"]).startswith("failed")}
 
 
 def _parse(text: str) -> Any:
@@ -263,7 +276,7 @@ def run_frontier(cfg: Config | None = None, grid_specs: Sequence[str] = (), resu
     from fedpeft.simulation import frontier_report
 
     cfg, out, todo, canaries = prepare(cfg, grid_specs, resume, canaries)
-    done = {r["cell"] for r in read_rows(out)}
+    done = _settled(out)
     for i, cell in enumerate(todo):
         if cell_key(cell) in done:
             continue
@@ -281,6 +294,6 @@ def run_frontier(cfg: Config | None = None, grid_specs: Sequence[str] = (), resu
 def remaining(out_dir: Path) -> int:
     """Cells of a frontier directory not yet in its frontier.csv."""
     saved = json.loads((out_dir / GRID_FILE).read_text())
-    done = {r["cell"] for r in read_rows(out_dir)}
+    done = _settled(out_dir)
     return sum(cell_key(c) not in done for c in cells(saved["grid"]))
 

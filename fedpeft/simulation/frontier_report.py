@@ -21,9 +21,11 @@ def _eps(value: Any) -> str:
 
 
 def write(out: Path, cfg: Config, rows: list[dict[str, Any]]) -> None:
-    """frontier.md (one table, refused cells listed with their reason) and, where cells ran, frontier.png."""
+    """frontier.md (one table, refused and failed cells listed with their reason) and, where cells ran,
+    frontier.png."""
     done = [r for r in rows if r["status"] == "done"]
-    refused = [r for r in rows if r["status"] != "done"]
+    refused = [r for r in rows if str(r["status"]).startswith("refused")]
+    failed = [r for r in rows if str(r["status"]).startswith("failed")]
     utility = "accuracy" if cfg.model.task == "classification" else "perplexity"
     cols = ["mode", "target ε", "reported ε", "codec", "adapter", utility, "leakage", "best attack", "token F1",
             "up / round", "ε lower bound (audit)", "s"]
@@ -35,11 +37,14 @@ def write(out: Path, cfg: Config, rows: list[dict[str, Any]]) -> None:
             f"Model `{cfg.model.name}`, adapter `{cfg.adapter.type}` r {cfg.adapter.r}, data `{cfg.data.source}` over "
             f"{cfg.data.num_clients} clients, {f.rounds} round(s) x {t.local_steps or t.local_epochs} local "
             f"step(s) (epochs if fractional) at batch {t.batch_size}, lr {t.lr:g}; delta {cfg.privacy.delta:g}. "
-            f"{len(done)} cell(s) run, {len(refused)} refused.\n",
+            f"{len(done)} cell(s) run, {len(refused)} refused" + (f", {len(failed)} failed" if failed else "") + ".\n",
             report.markdown_table(cols, table) if done else "No cell has finished yet.\n"]
     if refused:
         text += ["\n## Refused combinations\n", *(f"- `{r['cell']}`: {r['status'].removeprefix('refused: ')}"
                                                    for r in refused)]
+    if failed:
+        text += ["\n## Failed cells (run again by `fedpeft frontier --resume`)\n",
+                 *(f"- `{r['cell']}`: {r['status'].removeprefix('failed: ')}" for r in failed)]
     text += ["\n## Legend\n", *NOTES]
     (out / "frontier.md").write_text("\n".join(text) + "\n")
     if cfg.output.plots and done:
