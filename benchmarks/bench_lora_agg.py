@@ -3,9 +3,10 @@ LoRA r = 16 on all-MiniLM-L6 shapes (12 modules of 384 x 384 on query/value + th
 Target (issue 19): <= 1 s per round on one core.
 
 Each mode aggregates what travels under it: ``naive`` the A and B deltas with FedAvg plus the
-``lora_agg_error`` the server computes every round, ``exact`` and ``svd`` the same deltas by their product
-means, ``freeze_a`` B only, ``share_a`` A only (both with FedAvg). Updates are dense Gaussian deltas (codec
-``none``); the global factors are non-zero (a later round).
+``lora_agg_error`` the server computes every round, ``exact``, ``svd``, ``svd_delta`` (which also steps its
+dense float64 state) and ``stack`` (which folds into its correction) the same deltas by their product means,
+``zeropad`` the factors, ``freeze_a`` B only, ``share_a`` A only (both with FedAvg). All clients at r = 16.
+Updates are dense Gaussian deltas (codec ``none``); the global factors are non-zero (a later round).
 
     python benchmarks/bench_lora_agg.py [--clients 100] [--repeats 3] [--no-append]
 """
@@ -34,7 +35,7 @@ from bench_robust_aggregation import RANK, minilm_lora, seconds  # noqa: E402
 from common import append_results, machine, table  # noqa: E402
 
 TARGET_S = 1.0
-MODES = ("naive", "exact", "svd", "freeze_a", "share_a")
+MODES = ("naive", "exact", "svd", "svd_delta", "zeropad", "stack", "freeze_a", "share_a")
 HELD_BACK = {"freeze_a": ".lora_A.", "share_a": lora.PERSONAL}  # the factor that does not travel
 
 
