@@ -152,3 +152,20 @@ def test_cli_frontier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "Refused combinations" in (out / "frontier.md").read_text()
     assert main(["frontier", "--resume", str(out)]) == 0  # nothing left: rewrites the report
     assert main(["frontier", *sets, "--grid", "mode=central"]) == 2
+
+
+def test_a_finished_cell_leaves_no_attack_state_behind(tmp_path: Path) -> None:
+    """A cell's observations (with the attacks' candidate tables: GBs on MiniLM) sit in reference cycles; the
+    sweep frees them after each cell, or a default grid's cells pile up past the machine's memory."""
+    import gc
+
+    from fedpeft.attacks.observation import Observation
+
+    gc.collect()
+    gc.disable()  # only the sweep's own collection may free them
+    try:
+        frontier.run_frontier(_cfg(tmp_path), ["mode=none", "epsilon=inf", "codec=none"], canaries=0)
+        alive = [o for o in gc.get_objects() if isinstance(o, Observation)]
+    finally:
+        gc.enable()
+    assert alive == []

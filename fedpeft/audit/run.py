@@ -24,6 +24,7 @@ Verdicts (thresholds from ``[audit]``; defaults below):
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -325,6 +326,7 @@ def run_audit(cfg: Config, cells: list[dict[str, Any]] | None = None,
         with torch.random.fork_rng(devices=[]):
             for i in range(len(rows), len(cells)):
                 rows.append(json.loads(json.dumps(run_cell(cfg, cells[i], src, on_victim))))  # as a resume reads it
+                gc.collect()  # free the cell's attack tables, which sit in reference cycles, before the next
                 _persist(out, rows)
                 log.info("audit cell %d/%d: %s -> %s", i + 1, len(cells), cells[i], rows[-1]["verdict"])
                 if tracker is not None:

@@ -25,6 +25,7 @@ securely) is recorded as ``refused`` with the refusal's message. Each finished c
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import logging
 import math
@@ -283,6 +284,7 @@ def run_frontier(cfg: Config | None = None, grid_specs: Sequence[str] = (), resu
         if on_start:
             on_start(i, len(todo), {"cell": cell_key(cell), **cell})
         row = run_cell(cfg, cell, out, canaries)
+        gc.collect()  # a cell's attack tables (GBs on MiniLM) sit in reference cycles: without this, cells pile up
         _append(out, row)
         frontier_report.write(out, cfg, read_rows(out))
         if on_cell:
