@@ -1,7 +1,6 @@
 """Mixed LoRA ranks (simulations/mixed-rank.toml: MiniLM + BBC, 8 clients, ranks {2, 4, 8, 16}, Dirichlet 0.3):
 final server accuracy of each mixed-rank aggregator (svd, svd_delta, zeropad, stack; each also with
-federation.lora_rank_weighting "rank" or "slice": "svd_delta+slice"; svd_delta with adapter.rank_download =
-"full": "svd_delta+full") beside every client at r = 16 (naive FedAvg),
+federation.lora_rank_weighting "rank" or "slice": "svd_delta+slice") beside every client at r = 16 (naive FedAvg),
 the same seeds, side by side in one run; uplink and downlink bytes of the whole run.
 
 Targets (issue 19): the best mixed-rank aggregator beats zeropad by >= 2 points and ends within 1 point of all
@@ -37,8 +36,6 @@ ARMS = {"svd": ['federation.lora_aggregation="svd"'], "svd_delta": ['federation.
 # rank-aware weighting (federation.lora_rank_weighting) of each mixed-rank aggregator: "svd_delta+slice", ...
 ARMS.update({f"{mode}+{w}": [*ARMS[mode], f'federation.lora_rank_weighting="{w}"']
              for mode in ("svd", "svd_delta", "zeropad", "stack") for w in ("rank", "slice")})
-# rank_download = "full": every client holds the whole global adapter and trains its first r_i components on it
-ARMS.update({f"{arm}+full": [*ARMS[arm], 'adapter.rank_download="full"'] for arm in ("svd_delta", "svd_delta+slice")})
 BASELINES = ("zeropad", "zeropad+prune", "all r=16")  # not candidates for "best mixed-rank"
 
 

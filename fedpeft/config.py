@@ -83,11 +83,6 @@ class AdapterSection:
                                  "partitions the larger ranks in equal shares (by_size); node: a deployed node's own "
                                  "rank (fedpeft node --rank, at most adapter.r), which the server learns from its "
                                  "replies")
-    rank_download: str = option("own", choices=("own", "full"),
-                                help="mixed ranks: own = a client is sent its rank's share of the global adapter and "
-                                     "trains that; full = it is sent the whole rank-r adapter, trains its first "
-                                     "client-rank components with the rest frozen, and sends those back (downlink at "
-                                     "rank r, uplink at its own; needs federation.lora_aggregation = 'svd_delta')")
     rank_prune_decay: float = option(0.0, lo=0.0, hi=0.99,
                                      help="mixed ranks: HetLoRA self-pruning, a client of rank r drops to "
                                           "max(1, floor(decay * r)) when its trailing components are small "

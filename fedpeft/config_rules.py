@@ -64,8 +64,7 @@ def validate(cfg: Config) -> None:
                       min_local_examples=1)
     if cfg.federation.lora_aggregation != "naive":
         _validate_lora(cfg)
-    if (cfg.adapter.client_ranks or cfg.adapter.rank_rule == "node" or cfg.adapter.rank_prune_decay
-            or cfg.adapter.rank_download != "own"):
+    if cfg.adapter.client_ranks or cfg.adapter.rank_rule == "node" or cfg.adapter.rank_prune_decay:
         _validate_ranks(cfg)
     if cfg.federation.lora_rank_weighting != "examples" and not (cfg.adapter.client_ranks
                                                                  or cfg.adapter.rank_rule == "node"):
@@ -233,11 +232,8 @@ def _validate_ranks(cfg: Config) -> None:
     ranks, r, rule = cfg.adapter.client_ranks, cfg.adapter.r, cfg.adapter.rank_rule
     key = "adapter.rank_rule = 'node'" if rule == "node" else f"adapter.client_ranks = {ranks}"
     if not lora.mixed_ranks(ranks, rule):
-        what, off = ((f"adapter.rank_prune_decay = {cfg.adapter.rank_prune_decay} prunes", "rank_prune_decay = 0")
-                     if cfg.adapter.rank_prune_decay else
-                     (f"adapter.rank_download = {cfg.adapter.rank_download!r} applies to", "rank_download = 'own'"))
-        raise ConfigError(f"{what} mixed LoRA ranks: set adapter.client_ranks or adapter.rank_rule = 'node' "
-                          f"(or {off})")
+        raise ConfigError(f"adapter.rank_prune_decay = {cfg.adapter.rank_prune_decay} prunes mixed LoRA ranks: set "
+                          "adapter.client_ranks or adapter.rank_rule = 'node' (or rank_prune_decay = 0)")
     if rule == "node" and ranks:
         raise ConfigError(f"{key} takes each node's rank from its node config: leave adapter.client_ranks empty "
                           f"(got {ranks}), or choose adapter.rank_rule 'cycle' or 'by_size'")
@@ -249,10 +245,6 @@ def _validate_ranks(cfg: Config) -> None:
     if mode not in lora.MIXED_RANK_MODES:
         raise ConfigError(f"federation.lora_aggregation = {mode!r} cannot aggregate clients of different LoRA ranks "
                           f"({key}); choose one of: {', '.join(map(repr, lora.MIXED_RANK_MODES))}")
-    if cfg.adapter.rank_download == "full" and mode != "svd_delta":
-        raise ConfigError(f"adapter.rank_download = 'full' needs federation.lora_aggregation = 'svd_delta' (got "
-                          f"{mode!r}): only svd_delta adds a client's change to its components and keeps the rest "
-                          "of the global adapter; the others would erase or zero-average the components it froze")
     if cfg.run.engine != "inprocess" and rule != "node":
         raise ConfigError(f"{key} needs run.engine = 'inprocess' (the server must know each node's partition to "
                           f"send it its rank; got {cfg.run.engine!r}); a deployment sets each node's rank with "

@@ -18,7 +18,6 @@ leaves its product unchanged, so every mean above holds for mixed ranks too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -151,20 +150,6 @@ def truncate(state: AdapterState, r: int) -> AdapterState:
     after an SVD these are the top ``r`` singular directions)."""
     return {k: v if (d := _rank_dim(k)) is None else v.narrow(d, 0, min(r, v.shape[d])).clone()
             for k, v in state.items()}
-
-
-def tail_freezer(model: nn.Module, r: int) -> Callable[[], None]:
-    """A gradient hook (``train_local(grad_hook=...)``) that zeroes every LoRA factor's gradient beyond its first
-    ``r`` rank components: a rank-``r`` client trains its share of a higher-rank adapter that it holds whole
-    (``adapter.rank_download = "full"``), the rest stays as received."""
-    tails = [(p, d) for n, p in model.named_parameters() if p.requires_grad and (d := _rank_dim(n)) is not None
-             and p.shape[d] > r]
-
-    def freeze() -> None:
-        for p, d in tails:
-            if p.grad is not None:
-                p.grad.narrow(d, r, p.shape[d] - r).zero_()
-    return freeze
 
 
 def pad(state: AdapterState, r: int) -> AdapterState:

@@ -124,14 +124,12 @@ def train(msg: Message, context: Context) -> Message:
     _restore(context, rt, cfg, partition_id, rnd)
     rank = _rank(cfg, rt, partition_id, context)
     if rank is None:
-        global_state = received = receive_global(msg, context, rt.layout, cfg.compression.downlink)
-    else:  # the server sends this node's rank once it knows it, the whole adapter before (rank_rule = node) or
-        sent = _sent_rank(instruction, cfg)  # always (rank_download = full: the node trains its share of it)
+        global_state = receive_global(msg, context, rt.layout, cfg.compression.downlink)
+    else:  # the server sends this node's rank once it knows it, the whole adapter before (rank_rule = node)
+        sent = _sent_rank(instruction, cfg)
         rank = min(rank, sent)
-        received = receive_global(msg, context, _rank_layout(rt, sent), cfg.compression.downlink)
-        global_state = lora.truncate(received, rank)
-        if cfg.adapter.rank_download != "full":
-            received = global_state
+        global_state = lora.truncate(receive_global(msg, context, _rank_layout(rt, sent), cfg.compression.downlink),
+                                     rank)
     layout = rt.layout if rank is None else _rank_layout(rt, rank)
     if cfg.federation.lora_aggregation in lora.CORRECTED:
         lora.set_correction(rt.model, receive_correction(msg, global_state))
@@ -154,20 +152,17 @@ def train(msg: Message, context: Context) -> Message:
         extra.update(split_metrics)
     else:
         # with this node's personal tensors (at their init the first time); a lower rank zero-padded to the model's
-        start = _with_personal(rt, context, received if rank is None else lora.pad(received, cfg.adapter.r))
+        start = _with_personal(rt, context, global_state if rank is None else lora.pad(global_state, cfg.adapter.r))
         models.set_adapter_state(rt.model, start)
-        hooks = [] if controls is None else [_corrector(rt.model, *controls)]
-        if rank is not None and rank < cfg.adapter.r:  # components beyond the rank: zero, or received and frozen
-            hooks.append(lora.tail_freezer(rt.model, rank))
         result = train_local(rt.model, dataset, rt.collate, cfg.train, rt.device, seed=seed,
                              proximal_mu=protocol.number(instruction, "proximal-mu"), dp=local_dp,
                              fisher=codec.wants_fisher, step_every=cfg.tracking.step_every,
-                             grad_hook=_chain(hooks),
+                             grad_hook=None if controls is None else _corrector(rt.model, *controls),
                              on_step=getattr(context, "on_step", None)  # the in-process engine's progress
                              or step_writer(context.run_config, rnd, context.node_id))  # Ray's (progress.py)
         extra.update(tracking.step_metrics(result.step_log))
         state = models.adapter_state(rt.model)
-        if rank is not None:  # the components beyond the rank stayed as they started (frozen)
+        if rank is not None:  # the components beyond the rank stayed at zero (zero gradients)
             state = lora.truncate(state, rank)
             if cfg.adapter.rank_prune_decay > 0:  # HetLoRA self-pruning: drop small trailing components
                 new = lora.pruned_rank(state, rank, cfg.adapter.rank_prune_decay, cfg.adapter.rank_prune_threshold)
@@ -282,17 +277,6 @@ def _controls(msg: Message, context: Context, layout: Layout) -> tuple[models.Ad
     return c, {k: torch.tensor(v) for k, v in _arrays(context.state[SCAFFOLD_STATE]).items()}
 
 
-def _chain(hooks: list[Callable[[], None]]) -> Callable[[], None] | None:
-    """One gradient hook that runs ``hooks`` in order (None when there are none)."""
-    if not hooks:
-        return None
-
-    def run() -> None:
-        for hook in hooks:
-            hook()
-    return run
-
-
 def _corrector(model: torch.nn.Module, c: models.AdapterState, ci: models.AdapterState) -> Callable[[], None]:
     """The gradient hook of SCAFFOLD's local steps: every gradient += c - c_i."""
     pairs = [(p, c[n] - ci[n]) for n, p in model.named_parameters() if p.requires_grad and n in c]
@@ -356,11 +340,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     rank = _rank(cfg, rt, pid, context)
     if rank is None:
         global_state = make_codec("none").decode(payload, rt.layout)
-    else:  # mixed ranks: the adapter this node trains on (as its train message), zero-padded to the model's rank
+    else:  # mixed ranks: the adapter at the rank this node trains (as its train message), zero-padded to the model's
         sent = _sent_rank(instruction, cfg)
-        held = sent if cfg.adapter.rank_download == "full" else min(rank, sent)
-        global_state = lora.pad(lora.truncate(make_codec("none").decode(payload, _rank_layout(rt, sent)), held),
-                                cfg.adapter.r)
+        global_state = lora.pad(lora.truncate(make_codec("none").decode(payload, _rank_layout(rt, sent)),
+                                              min(rank, sent)), cfg.adapter.r)
     if cfg.federation.lora_aggregation in lora.CORRECTED:
         lora.set_correction(rt.model, receive_correction(msg, global_state))
     models.set_adapter_state(rt.model, _with_personal(rt, context, global_state))

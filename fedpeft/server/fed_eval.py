@@ -56,15 +56,15 @@ def contents(global_state: models.AdapterState, layout: Layout, nodes: list[int]
              correction: Corrections | None, personal_steps: int = 0,
              ranks: RankPlan | None = None) -> dict[int, RecordDict]:
     """Each node's evaluate content: one for all, or under mixed ranks one per rank, the global adapter truncated
-    to the rank the node is sent for training (:meth:`RankPlan.sent`)."""
+    to the rank the node trains (:meth:`RankPlan.rank`)."""
     if ranks is None:
         content = evaluate_instruction(global_state, layout, rnd, correction, personal_steps)
         return {node: content for node in nodes}
     by_rank: dict[int, RecordDict] = {}
-    for r in sorted({ranks.sent(node) for node in nodes}):
+    for r in sorted({ranks.rank(node) for node in nodes}):
         by_rank[r] = evaluate_instruction(lora.truncate(global_state, r), ranks.layout_of(r), rnd, correction,
                                           personal_steps, rank=r)
-    return {node: by_rank[ranks.sent(node)] for node in nodes}
+    return {node: by_rank[ranks.rank(node)] for node in nodes}
 
 
 def evaluations(grid: Grid, global_state: models.AdapterState, layout: Layout, rnd: int,

@@ -4,18 +4,15 @@ rank, its share of the global adapter and the layout its payloads use.
 The server keeps the global factors at rank ``R = adapter.r``. A node of rank ``r_i`` is sent the first ``r_i``
 rank components of every LoRA factor (:func:`fedpeft.lora.truncate`; after ``svd`` these are the top ``r_i``
 singular directions, FlexLoRA's per-client truncation), encoded with its own layout, so its downlink and
-uplink bytes are those of a rank-``r_i`` adapter. Under ``adapter.rank_download = "full"`` every node is sent the
-whole rank-``R`` adapter (downlink bytes at rank ``R``), trains its first ``r_i`` components with the others frozen
-(:func:`fedpeft.lora.tail_freezer`), so it trains the global model itself rather than its truncation, and sends
-back those ``r_i`` components (uplink at rank ``r_i``); ``svd_delta`` adds their change and keeps the rest.
+uplink bytes are those of a rank-``r_i`` adapter.
 
 Where the rank comes from: ``cycle`` / ``by_size`` follow the node's partition, which only the in-process
 engine knows; under ``node`` (a deployment) each node trains at its node-config ``rank`` and the server learns
 it from the node's replies: a node it has not heard from is sent the whole rank-``R`` adapter. Every reply
-declares its rank (metric ``lora-rank``), which must be between 1 and the rank the node trains this round
+declares its rank (metric ``lora-rank``), which must be between 1 and the rank the node was sent this round
 (a node may prune its rank, HetLoRA; it cannot grow it), and its payload is decoded with that rank's layout (a
 payload of another rank fails the layout's fingerprint check): a reply that breaks either is dropped and logged.
-A valid reply's rank is what the node trains from then on.
+A valid reply's rank is what the node is sent from then on.
 """
 
 from __future__ import annotations
@@ -36,7 +33,7 @@ class RankPlan:
     """Each node's LoRA rank, and the per-rank contents and layouts of the messages."""
 
     def __init__(self, cfg: Config, sizes: list[int], template: models.AdapterState) -> None:
-        self.rule, self.max_rank, self.download = cfg.adapter.rank_rule, cfg.adapter.r, cfg.adapter.rank_download
+        self.rule, self.max_rank = cfg.adapter.rank_rule, cfg.adapter.r
         self.ranks = ([] if self.rule == "node" else
                       lora.client_ranks(cfg.adapter.client_ranks, self.rule, sizes))  # by partition
         self.codec = make_codec(cfg.compression.downlink)  # lossless (config_rules)
@@ -58,7 +55,7 @@ class RankPlan:
         self.partition_of = partition_of
 
     def rank(self, node: int) -> int:
-        """The LoRA rank ``node`` trains this round."""
+        """The LoRA rank ``node`` is sent this round."""
         if node in self.learned:
             return self.learned[node]
         if self.rule == "node":
@@ -68,10 +65,6 @@ class RankPlan:
             raise FedPeftError(f"node {node} has no known partition, so no LoRA rank (adapter.client_ranks)")
         return self.ranks[pid]
 
-    def sent(self, node: int) -> int:
-        """The rank of the adapter ``node`` is sent: its own, or the server's under ``rank_download = "full"``."""
-        return self.max_rank if self.download == "full" else self.rank(node)
-
     def layout_of(self, r: int) -> Layout:
         """The layout of a rank-``r`` adapter."""
         if r not in self.layouts:
@@ -79,18 +72,18 @@ class RankPlan:
         return self.layouts[r]
 
     def layout(self, node: int) -> Layout:
-        """The layout of what ``node`` is sent."""
-        return self.layout_of(self.sent(node))
+        """The layout of what ``node`` is sent (its rank's)."""
+        return self.layout_of(self.rank(node))
 
     def reply_layout(self, node: int, metrics: Mapping[str, float]) -> Layout:
-        """The layout of ``node``'s reply: its declared rank's, checked against the rank it trains."""
+        """The layout of ``node``'s reply: its declared rank's, checked against the rank it was sent."""
         sent = self.rank(node)
         declared = metrics.get(RANK_METRIC)
         if declared is None:
             raise PayloadError(f"the reply declares no {RANK_METRIC!r} (mixed LoRA ranks)")
         if declared != int(declared) or not 1 <= declared <= sent:
             raise PayloadError(f"declared {RANK_METRIC} = {declared:g} is not between 1 and the rank {sent} the "
-                               "node trains")
+                               "node was sent")
         return self.layout_of(int(declared))
 
     def learn(self, replies: RoundReplies) -> None:
@@ -112,12 +105,12 @@ class RankPlan:
 
     def contents(self, global_state: models.AdapterState, sampled: list[int], rnd: int,
                  config: dict[str, Any]) -> dict[int, protocol.RecordDict]:
-        """Each sampled node's training instruction: the global adapter truncated to the rank it is sent (one
-        content object per rank)."""
+        """Each sampled node's training instruction: the global adapter truncated to its rank (one content
+        object per rank)."""
         by_rank: dict[int, protocol.RecordDict] = {}
         out = {}
         for node in sampled:
-            r = self.sent(node)
+            r = self.rank(node)
             if r not in by_rank:
                 payload = self.codec.encode(lora.truncate(global_state, r), self.layout_of(r))
                 by_rank[r] = protocol.train_instruction(payload, {**config, "downlink": "full", RANK_METRIC: r,
