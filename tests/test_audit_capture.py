@@ -135,3 +135,25 @@ def test_capture_refuses_split_learning_runs(tiny_cfg):
     cfg = tiny_cfg(**{"split.enabled": True, "model.tiny_layers": 4})
     with pytest.raises(ConfigError, match="smashed"):
         capture.check(cfg)
+
+
+def test_a_round_without_the_selected_client_falls_back_to_its_lowest_partition() -> None:
+    """Client sampling (100 of 500) rarely draws partition 0: the frontier's attacked round must not go empty."""
+    from fedpeft.audit.capture import Recorder
+    from fedpeft.server.loop import ObservedUpdate
+
+    def upd(rnd: int, pid: int) -> ObservedUpdate:
+        return ObservedUpdate(round=rnd, node=100 + pid, partition_id=pid, start_state={}, delta={}, metrics={})
+
+    strict, fallback = Recorder(rounds=[2], clients=[0]), Recorder(rounds=[2], clients=[0], fallback=True)
+    for rec in (strict, fallback):
+        for u in (upd(1, 0), upd(1, 4), upd(2, 5), upd(2, 3), upd(2, 7)):
+            rec(u)
+        rec.finish()
+    assert strict.captured == []  # partition 0 took part in round 1 only
+    assert [(c.update.round, c.update.partition_id) for c in fallback.captured] == [(2, 3)]
+    both = Recorder(rounds=[1], clients=[0], fallback=True)
+    for u in (upd(1, 4), upd(1, 0)):
+        both(u)
+    both.finish()  # the selected client took part: no fallback added
+    assert [(c.update.round, c.update.partition_id) for c in both.captured] == [(1, 0)]

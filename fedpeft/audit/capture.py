@@ -70,17 +70,25 @@ class Recorder:
 
     ``rounds`` / ``clients`` (partition ids; None = all) select what is attacked; ``stack`` earlier
     updates of the same client are kept as history (the state dicts are referenced, not copied).
+    ``fallback``: in a selected round where none of ``clients`` took part (a sampled federation), the update of
+    the lowest partition that did is selected instead (:meth:`finish`), so the round is not left unattacked.
     """
 
     def __init__(self, rounds: Sequence[int] | None = None, clients: Sequence[int] | None = None,
-                 stack: int = 0) -> None:
+                 stack: int = 0, fallback: bool = False) -> None:
         self.rounds = set(rounds) if rounds else None
         self.clients = set(clients) if clients else None
         self.stack = stack
+        self.fallback = fallback
         self.captured: list[Captured] = []
         self._past: dict[int, deque[ObservedUpdate]] = {}
+        self._lowest: dict[int, ObservedUpdate] = {}  # fallback: per selected round, its lowest partition's update
 
     def __call__(self, u: ObservedUpdate) -> None:
+        if self.fallback and u.partition_id >= 0 and (self.rounds is None or u.round in self.rounds):
+            low = self._lowest.get(u.round)
+            if low is None or u.partition_id < low.partition_id:
+                self._lowest[u.round] = u
         if self.clients is not None and u.partition_id not in self.clients and u.partition_id >= 0:
             return  # (a secure sum, partition -1, is always kept)
         past = self._past.setdefault(u.partition_id, deque(maxlen=max(1, self.stack)))
@@ -88,6 +96,13 @@ class Recorder:
             self.captured.append(Captured(u, list(past) if self.stack else []))
         if self.stack:
             past.append(u)
+
+    def finish(self) -> None:
+        """After the run: under ``fallback``, each selected round without a selected client's update gets its
+        lowest partition's update (no history)."""
+        covered = {c.update.round for c in self.captured if c.update.partition_id >= 0}
+        self.captured += [Captured(u) for rnd, u in sorted(self._lowest.items()) if rnd not in covered]
+        self._lowest = {}
 
 
 
@@ -272,21 +287,23 @@ def _row(cfg: Config, cap: Captured, truth: str, rows: list[list[int]], found: d
 
 def audit_run(cfg: Config, attacks: Sequence[str] | None = None, rounds: Sequence[int] | None = None,
               clients: Sequence[int] | None = None, stack: int = 0,
-              on_update: UpdateCallback | None = None) -> Path:
+              on_update: UpdateCallback | None = None, fallback: bool = False) -> Path:
     """Run the scenario, attack the selected (round, client) updates the server decoded, and write
     ``audit.md`` / ``audit.csv`` / ``audit.png`` into the run directory (returned).
 
     ``rounds`` / ``clients`` (partition ids) select the attacked updates (None = all); ``stack`` gives
-    each attack that many earlier updates of the same client as history. ``on_update(i, total, row)``
-    is called after each attacked update (progress display).
+    each attack that many earlier updates of the same client as history; ``fallback``: a selected round that
+    none of ``clients`` took part in is attacked on its lowest partition's update (:class:`Recorder`).
+    ``on_update(i, total, row)`` is called after each attacked update (progress display).
     """
     from fedpeft.compression import make_codec
     from fedpeft.runtime import get_runtime
     from fedpeft.simulation import runner
 
     cfg = check(cfg, attacks)
-    recorder = Recorder(rounds, clients, stack)
+    recorder = Recorder(rounds, clients, stack, fallback)
     run_dir = runner.simulate(cfg, observers=[recorder])
+    recorder.finish()
     log.info("capture: %d update(s) selected in %s", len(recorder.captured), run_dir)
     rt = get_runtime(cfg)
     model = rt.model

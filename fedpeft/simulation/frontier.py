@@ -193,7 +193,8 @@ def run_cell(cfg: Config, cell: dict[str, str], out_dir: Path, canaries: int = 1
         log.info("frontier cell %s refused: %s", row["cell"], e)
         return {**row, "status": f"refused: {e}", "seconds": round(time.perf_counter() - start, 1)}
     try:
-        run_dir = capture.audit_run(cell_cfg, rounds=[cell_cfg.federation.rounds], clients=[0])
+        # client 0's update of the last round, or with client sampling the lowest partition that took part
+        run_dir = capture.audit_run(cell_cfg, rounds=[cell_cfg.federation.rounds], clients=[0], fallback=True)
     except FedPeftError as e:
         log.error("frontier cell %s failed: %s", row["cell"], e)
         return {**row, "status": f"failed: {e}", "seconds": round(time.perf_counter() - start, 1)}

@@ -105,7 +105,8 @@ NOTES = [
     "`not released`: local DP-SGD clients keep their epsilon unless `privacy.release_client_metrics` (each derives "
     "its noise for the target).",
     "- **leakage**: the worst verdict of the attack suite (fedpeft audit --capture, docs/audit.md) on what the "
-    "server observed in the last round: client 0's decoded update, or under SecAgg+ (int8-secure, distributed) "
+    "server observed in the last round: client 0's decoded update (the lowest partition that took part, where "
+    "client 0 was not sampled), or under SecAgg+ (int8-secure, distributed) "
     "only the unmasked mean of the sum, scored against every client's examples. Under client-level DP the server "
     "sees each clipped update before it adds noise, so its verdict is that of the clipped update. `n/a`: nothing "
     "was attacked.",
