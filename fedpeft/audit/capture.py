@@ -105,7 +105,6 @@ class Recorder:
         self._lowest = {}
 
 
-
 def _rouge_to(target: Sequence[int], candidate: Sequence[int]) -> float:
     """ROUGE-L of ``candidate`` against ``target`` (argument order fits ``functools.partial``)."""
     return rouge_l(candidate, target)
