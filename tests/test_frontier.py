@@ -154,6 +154,23 @@ def test_cli_frontier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["frontier", *sets, "--grid", "mode=central"]) == 2
 
 
+def test_cli_frontier_exits_1_when_a_cell_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from fedpeft.audit import capture
+    from fedpeft.cli import main
+    from fedpeft.errors import FedPeftError
+
+    def broken(cell_cfg, **kwargs):
+        raise FedPeftError("no client update was applied in rounds 1-1")
+
+    monkeypatch.setattr(capture, "audit_run", broken)
+    data = write_classification(tmp_path / "topics.jsonl", n=60)
+    sets = [a for s in tiny_overrides(data, tmp_path / "runs", **FAST) for a in ("--set", s)]
+    assert main(["frontier", *sets, "--grid", "mode=none", "--grid", "epsilon=inf", "--grid", "codec=none",
+                 "--canaries", "0"]) == 1
+    assert "1 cell(s) failed" in capsys.readouterr().err  # the console (stderr); stdout keeps the JSON line
+
+
 def test_a_finished_cell_leaves_no_attack_state_behind(tmp_path: Path) -> None:
     """A cell's observations (with the attacks' candidate tables: GBs on MiniLM) sit in reference cycles; the
     sweep frees them after each cell, or a default grid's cells pile up past the machine's memory."""

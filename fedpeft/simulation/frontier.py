@@ -295,7 +295,7 @@ def run_frontier(cfg: Config | None = None, grid_specs: Sequence[str] = (), resu
 
 
 def remaining(out_dir: Path) -> int:
-    """Cells of a frontier directory not yet in its frontier.csv."""
+    """Cells of a frontier directory that a resume would run: not yet in its frontier.csv, or failed there."""
     saved = json.loads((out_dir / GRID_FILE).read_text())
     done = _settled(out_dir)
     return sum(cell_key(c) not in done for c in cells(saved["grid"]))
