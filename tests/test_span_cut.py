@@ -7,7 +7,9 @@ values above their noise bulk and takes that many best-ranked inputs.
 
 The sequences: a client that keeps the padding in the loss (labels = ids, the attention mask alone hides the
 padding) makes the first pad of each sentence visible and labels the sentence's last token with it;
-``span_decode`` ends a sentence at a pad and trims trailing pads.
+``span_decode`` ends a sentence at a pad and trims trailing pads. A zero pad embedding (``padding_idx``) hides
+the pad from the first block, so the decoder tries the public pad id at every position, masks it as the client
+does, and the label channel counts a pad-ended sentence as known to the end.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from plain_victims import padded_victim
 from fedpeft.attacks import run_attack
 from fedpeft.attacks.lora_io import count_cut, noise_floor_rank, signal_rank
 from fedpeft.attacks.metrics import summarize, token_prf, unpadded
+from fedpeft.attacks.span_decode import padding_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,3 +63,22 @@ def test_span_decode_trims_padding_kept_in_the_loss(arch: str, batch_sizes: tupl
             result = run_attack("span_decode", obs)
             rows.append(summarize(result, ids, mask)["exact"])
     assert sum(rows) / len(rows) >= 0.9
+
+
+def test_padding_mask_masks_the_trailing_pads_after_the_sentence() -> None:
+    ids = torch.tensor([[5, 6, 0, 0], [5, 6, 7, 8], [0, 0, 0, 0]])
+    assert padding_mask(ids, 0, 2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert padding_mask(ids, 0, 0).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]  # pad = EOS: kept once
+    assert padding_mask(ids, None, 2).tolist() == torch.ones_like(ids).tolist()
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_span_decode_reads_padded_word_batches_whose_pad_embedding_is_zero(batch_size: int) -> None:
+    """LLaMA, WordPiece sentences ([CLS] the ... [SEP], pad id 0 with a zero embedding), a float32 SGD step,
+    the padding kept in the loss. Measured before: exact 0.50 / 1.00 / 1.00 at B = 2 and 0.25 / 0.75 / 1.00
+    at B = 4 (the pad never a candidate; with it, 0.75 / 0.75 / 1.00 at B = 4 until the label channel counted
+    pad-ended sentences as known)."""
+    for seed in range(3):
+        obs, ids, mask = padded_victim(batch_size, seed, arch="llama", dtype=torch.float32, text="words",
+                                       sgd_lr=0.01, pad_in_loss=True)
+        assert summarize(run_attack("span_decode", obs), ids, mask)["exact"] == 1.0

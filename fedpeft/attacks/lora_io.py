@@ -50,13 +50,15 @@ def lora_modules(model: nn.Module, frozen_a: bool = False) -> list[LoraModule]:
     return found
 
 
-def _input_ids_kwargs(model: nn.Module, ids: torch.Tensor) -> dict:
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+def _input_ids_kwargs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else mask}
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, ids: torch.Tensor, paths: list[str]) -> dict[str, torch.Tensor]:
-    """The inputs (batch × seq × d_in) that the lora_A maps under ``paths`` read for token ids ``ids``."""
+def capture_inputs(model: nn.Module, ids: torch.Tensor, paths: list[str],
+                   mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The inputs (batch × seq × d_in) that the lora_A maps under ``paths`` read for token ids ``ids``
+    (attention ``mask``: 0 on padding; default all ones)."""
     modules = dict(model.named_modules())
     got: dict[str, torch.Tensor] = {}
     handles = []
@@ -74,7 +76,7 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, paths: list[str]) -> dic
         target = next(iter(lora_a.values())) if isinstance(lora_a, nn.ModuleDict) else lora_a
         handles.append(target.register_forward_pre_hook(hook_for(p)))
     try:
-        model(**_input_ids_kwargs(model, ids))
+        model(**_input_ids_kwargs(model, ids, mask))
     except _Stop:
         pass
     finally:

@@ -50,11 +50,28 @@ def _candidates(res0: AttackResult, positional: bool, seq_len: int, max_cands: i
     return [list(bag)] * seq_len
 
 
+def padding_mask(ids: torch.Tensor, pad: int | None, eos: int | None) -> torch.Tensor:
+    """The attention mask a client gives right-padded ``ids`` (batch × L): 0 on each row's trailing run of
+    ``pad`` tokens after its first token (the run's first token kept where pad is also EOS: the sentence's
+    own end, as :func:`trim_padding` keeps it)."""
+    mask = torch.ones_like(ids)
+    if pad is None:
+        return mask
+    for row, seq in zip(mask, ids.tolist()):
+        end = len(seq)
+        while end > 1 and seq[end - 1] == pad:
+            end -= 1
+        row[end + (pad == eos and end < len(seq)):] = 0
+    return mask
+
+
 def _layer1_residuals(model: torch.nn.Module, path: str, prefixes: list[list[int]], basis: torch.Tensor,
-                      penalty: float) -> torch.Tensor:
-    """Residual of each prefix's last layer-1 input; an input that repeats an earlier position of the
-    same prefix (a constant prefix under RoPE) is trivially in the span and gets ``penalty``."""
-    x = capture_inputs(model, torch.tensor(prefixes), [path])[path]
+                      penalty: float, pad: int | None = None, eos: int | None = None) -> torch.Tensor:
+    """Residual of each prefix's last layer-1 input (padding masked as the client masks it:
+    :func:`padding_mask`); an input that repeats an earlier position of the same prefix (a constant
+    prefix under RoPE) is trivially in the span and gets ``penalty``."""
+    ids = torch.tensor(prefixes)
+    x = capture_inputs(model, ids, [path], padding_mask(ids, pad, eos))[path]
     res = residuals(x[:, -1], basis)
     if x.shape[1] > 1:
         cos = torch.nn.functional.cosine_similarity(x[:, -1:], x[:, :-1], dim=-1).max(dim=1).values
@@ -75,7 +92,7 @@ def _chained(values: list[float], gap: float) -> float:
 
 def greedy_decode(model: torch.nn.Module, path: str, basis: torch.Tensor, cands: list[list[int]], length: int,
                   beams: int, ratio: float = 1e3, tau: float = 0.05, end_ratio: float = 10.0,
-                  pad: int | None = None) -> list[tuple[list[int], float]]:
+                  pad: int | None = None, eos: int | None = None) -> list[tuple[list[int], float]]:
     """Extend prefixes token by token, keeping extensions whose layer-1 input is in the span.
 
     True extensions sit close to the span and close to each other (residual about 1e-15-1e-12 for a
@@ -97,7 +114,7 @@ def greedy_decode(model: torch.nn.Module, path: str, basis: torch.Tensor, cands:
         exts = [(p + [c], s) for p, s in prefixes for c in cands[pos]]
         if not exts:
             break
-        res = _layer1_residuals(model, path, [e for e, _ in exts], basis, tau)
+        res = _layer1_residuals(model, path, [e for e, _ in exts], basis, tau, pad, eos)
         groups = [[j for j, (e, _) in enumerate(exts) if e[:-1] == pre] for pre, _ in prefixes]
         bests = [float(res[idx].min()) for idx in groups]
         top = _chained([level, *bests], end_ratio) if pos else max(bests)
@@ -132,15 +149,17 @@ def _label_params(model: torch.nn.Module, max_elems: int) -> tuple[list[str], li
     return [n for n, _ in chosen], [p for _, p in chosen]
 
 
-def last_tokens(obs: Observation, prefixes: list[list[int]], max_elems: int = 200_000,
-                chunk: int = 64) -> list[int] | None:
+def last_tokens(obs: Observation, prefixes: list[list[int]], pad: int | None = None, eos: int | None = None,
+                max_elems: int = 200_000, chunk: int = 64) -> list[int] | None:
     """The invisible last token of each sequence from the label channel (single-step gradients only).
 
     Prefixes may differ in length (a padded batch: padding has label -100 and is masked out, so it adds
     nothing). With the prefixes known, the loss is averaged over N = Σ_i len(prefix_i) labels and
     diff = N·(∇θ[known part of the loss] − g_obs) = Σ_i ∇θ logit_{i,last}[y_i] = Σ_i W[y_i]·H_i
     (W: the output embedding, H_i = ∂h_{i,last}/∂θ). Scoring every y needs only u_i = H_i·diff and
-    H_i·H_jᵀ (d-dimensional), so it is cheap for any vocabulary size.
+    H_i·H_jᵀ (d-dimensional), so it is cheap for any vocabulary size. A prefix that ends in ``pad`` comes
+    from a client that keeps the padding in the loss: it is known to the end (padding, masked by
+    :func:`padding_mask`, with seq_len − 1 labels), its last token is ``pad`` and it adds only known terms.
     """
     if obs.kind != "gradient" or obs.task != "causal_lm" or len(prefixes) != obs.batch_size or \
             not all(prefixes):
@@ -151,21 +170,25 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], max_elems: int = 20
     if head is None or getattr(head, "bias", None) is not None:
         return None
     names, params = _label_params(model, max_elems)
-    n = sum(len(p) for p in prefixes)  # labels of the full sequences (one more token each)
+    complete = [pad is not None and p[-1] == pad for p in prefixes]
+    open_ = [i for i, c in enumerate(complete) if not c]
+    n = sum(obs.seq_len - 1 if c else len(p) for p, c in zip(prefixes, complete))  # the batch's labels
     hidden: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _m, args: hidden.append(args[0]))
     try:
         with torch.enable_grad():
             known = torch.zeros((), dtype=torch.float64)
-            for prefix in prefixes:  # one sequence at a time: the lengths differ
-                ids = torch.tensor([prefix])
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+            for prefix, done in zip(prefixes, complete):  # one sequence at a time: the lengths differ
+                ids = torch.tensor([prefix + [pad] * (obs.seq_len - len(prefix))] if done else [prefix])
+                logits = model(input_ids=ids, attention_mask=padding_mask(ids, pad, eos)).logits[0]
                 logp = torch.log_softmax(logits, -1)
-                known = known - logp[:-1].gather(-1, ids[0, 1:, None]).sum() + torch.logsumexp(logits[-1], -1)
+                known = known - logp[:-1].gather(-1, ids[0, 1:, None]).sum()
+                if not done:
+                    known = known + torch.logsumexp(logits[-1], -1)
             g_known = torch.autograd.grad(known / n, params, retain_graph=True)
             diff = torch.cat([(gk - obs.update[nm].to(gk.dtype)).flatten() for gk, nm in zip(g_known, names)]) * n
             jac_h = []
-            for h in hidden:  # 1 × len_i × d
+            for h in (hidden[i] for i in open_):  # 1 × len_i × d
                 d = h.shape[-1]
                 rows = []
                 for start in range(0, d, chunk):
@@ -177,8 +200,13 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], max_elems: int = 20
                 jac_h.append(torch.cat(rows))  # d × P
     finally:
         handle.remove()
-    b = len(prefixes)
-    w = head.weight.detach().to(diff.dtype)  # vocab × d
+    matched = iter(_match_labels(head.weight.detach().to(diff.dtype), diff, jac_h) if open_ else [])
+    return [pad if pad is not None and c else next(matched) for c in complete]
+
+
+def _match_labels(w: torch.Tensor, diff: torch.Tensor, jac_h: list[torch.Tensor]) -> list[int]:
+    """The labels y_i minimising ||diff − Σ_i W[y_i]·H_i||² (best cosine, then coordinate descent)."""
+    b = len(jac_h)
     u = [w @ (jh @ diff) for jh in jac_h]  # vocab: <J_i[y], diff>
     gram = [[jac_h[i] @ jac_h[j].T for j in range(b)] for i in range(b)]
     self_sq = [((w @ gram[i][i]) * w).sum(1) for i in range(b)]  # ||J_i[y]||²
@@ -231,9 +259,11 @@ def run(obs: Observation, beams: int | None = None, max_cands: int = 64, ratio: 
     beams = beams or 2 * obs.batch_size
     length = obs.seq_len - 1 if obs.task == "causal_lm" else obs.seq_len  # causal LM: last token invisible
     pad, eos = special_ids(model)
-    decoded = greedy_decode(model, group[0].path, basis, cands, length, beams, ratio, tau, end_ratio, pad)
+    if pad is not None:  # public; may be invisible at layer 0 (a zero padding_idx embedding) yet in the loss
+        cands = [c if pad in c or not pos else [*c, pad] for pos, c in enumerate(cands)]
+    decoded = greedy_decode(model, group[0].path, basis, cands, length, beams, ratio, tau, end_ratio, pad, eos)
     seqs = [p for p, _ in decoded][: obs.batch_size]
-    tails = last_tokens(obs, seqs) if length < obs.seq_len else None
+    tails = last_tokens(obs, seqs, pad, eos) if length < obs.seq_len else None
     if tails is not None:
         seqs = [s + [t] for s, t in zip(seqs, tails)]
     seqs = [trim_padding(s, pad, eos) for s in seqs]
