@@ -147,9 +147,10 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     from fedpeft.simulation import frontier
 
     cfg = None if args.resume else config.load(args.scenario, args.overrides)
-    if args.resume and (args.scenario or args.overrides or args.grid):
-        raise FedPeftError("--resume continues a frontier with its own scenario and grid: drop SCENARIO, --set, --grid")
-    cfg, out, cells, _ = frontier.prepare(cfg, args.grid, args.resume, args.canaries)
+    if args.resume and (args.scenario or args.overrides or args.grid or args.mode_set):
+        raise FedPeftError("--resume continues a frontier with its own scenario, grid and settings: drop SCENARIO, "
+                           "--set, --grid, --mode-set")
+    cfg, out, cells, _ = frontier.prepare(cfg, args.grid, args.resume, args.canaries, args.mode_set)
     console.print(f"frontier directory [bold]{out}[/] · {len(cells)} cell(s), {frontier.remaining(out)} to run")
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:

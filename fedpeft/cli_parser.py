@@ -70,6 +70,10 @@ def _frontier_parser(sub: argparse._SubParsersAction) -> None:
                     help="one axis, e.g. --grid epsilon=1,3,8,inf (repeatable; replaces that axis of the default "
                          "grid mode=none,local,client,distributed epsilon=8,inf codec=none,compeft:0.1,int8-secure "
                          "adapter=lora). Adapters: lora, ffa (FFA-LoRA)")
+    fr.add_argument("--mode-set", action="append", default=[], metavar="MODE:SECTION.KEY=VALUE",
+                    help="a setting of one privacy mode's cells only, e.g. --mode-set local:train.lr=0.02 "
+                         "(repeatable). Local DP-SGD cells take the DP-friendly batch 64 x 4 steps at lr 2e-2 "
+                         "unless privacy.dp_defaults = false")
     fr.add_argument("--canaries", type=int, default=1000,
                     help="empirical epsilon audit canaries per local / client-level DP cell (0 = no audit)")
     fr.add_argument("--resume", type=Path, metavar="FRONTIER_DIR",

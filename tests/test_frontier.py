@@ -53,6 +53,26 @@ def test_grid_cells_and_refusals() -> None:
         frontier.cells(frontier.parse_grid(["mode=none", "epsilon=8"]))
 
 
+def test_each_mode_trains_with_its_own_settings(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    settings = frontier.mode_settings(cfg, ["local:train.local_steps=3", "client:train.lr=0.03"])
+    assert settings == {"local": {"train.lr": 2e-2, "train.batch_size": 64, "train.local_steps": 3,
+                                  "privacy.physical_batch_size": 16}, "client": {"train.lr": 0.03}}
+    cell = {"mode": "local", "epsilon": "8", "codec": "none", "adapter": "lora"}
+    local = frontier.cell_config(cfg, cell, tmp_path, settings)
+    assert (local.privacy.mode, local.privacy.target_epsilon, local.train.local_steps, local.train.batch_size) == \
+        ("local", 8.0, 3, 64)
+    plain = frontier.cell_config(cfg, {**cell, "mode": "none", "epsilon": "inf"}, tmp_path, settings)
+    assert (plain.train.local_steps, plain.train.lr) == (cfg.train.local_steps, cfg.train.lr)
+    off = config.load(None, [*tiny_overrides(Path(cfg.data.path), tmp_path / "runs", **FAST),
+                             "privacy.dp_defaults=false"])
+    assert frontier.mode_settings(off) == {}  # local DP-SGD keeps the shared settings
+    with pytest.raises(ConfigError, match="MODE one of none, local, client, distributed"):
+        frontier.mode_settings(cfg, ["central:train.lr=0.1"])
+    with pytest.raises(ConfigError, match="settings of mode local: unknown key train.bogus; valid keys"):
+        frontier.mode_settings(cfg, ["local:train.bogus=1"])
+
+
 @pytest.mark.parametrize("sampling,rate", [("poisson", 1.0), ("poisson", 0.25), ("fixed", 1.0)])
 def test_noise_for_epsilon_reaches_the_target(sampling: str, rate: float) -> None:
     z = noise_for_epsilon(3.0, 1e-5, 4, rate, sampling)
@@ -115,7 +135,13 @@ def test_frontier_end_to_end(swept: tuple[config.Config, Path]) -> None:
     assert (audit[0]["client"], audit[0]["node"], audit[0]["truth"]) == ("-1", "-1", "sum")
     text = (out / "frontier.md").read_text()
     assert "| distributed | 8 |" in text and (out / "frontier.png").stat().st_size > 0
-    assert json.loads((out / frontier.GRID_FILE).read_text())["canaries"] == 100
+    saved = json.loads((out / frontier.GRID_FILE).read_text())
+    assert saved["canaries"] == 100 and saved["settings"]["local"]["train.batch_size"] == 64
+    local_cfg = config.load(out / local["run_dir"] / "config.toml")  # the DP-friendly group, local cells only
+    assert (local_cfg.train.batch_size, local_cfg.train.local_steps, local_cfg.privacy.physical_batch_size) == \
+        (64, 4, 16)
+    assert config.load(out / plain["run_dir"] / "config.toml").train.local_steps == 2
+    assert "mode `local` trains with its own `train.lr = 0.02`" in text
 
 
 def test_a_killed_sweep_resumes_to_the_same_result(swept: tuple[config.Config, Path], tmp_path: Path) -> None:
@@ -152,6 +178,7 @@ def test_cli_frontier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "Refused combinations" in (out / "frontier.md").read_text()
     assert main(["frontier", "--resume", str(out)]) == 0  # nothing left: rewrites the report
     assert main(["frontier", *sets, "--grid", "mode=central"]) == 2
+    assert main(["frontier", "--resume", str(out), "--mode-set", "local:train.lr=0.1"]) == 2
 
 
 def test_cli_frontier_exits_1_when_a_cell_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -13,6 +13,10 @@ The grid crosses four axes (``key=v1,v2`` like ``fedpeft audit --grid``; unset a
   inside SecAgg+ and pairs with ``codec=none`` only;
 * ``adapter``: ``lora`` (factor averaging) or ``ffa`` (FFA-LoRA, ``federation.lora_aggregation = "freeze_a"``).
 
+Every cell trains with the scenario's settings, except where its privacy mode has settings of its own
+(:func:`mode_settings`): local DP-SGD takes the measured DP-friendly group (larger, fewer noisy steps) unless
+``privacy.dp_defaults`` is off, and ``MODE:section.key=value`` specs add or replace any mode's settings.
+
 Each cell runs the scenario with the capture audit (:func:`fedpeft.audit.capture.audit_run`: the attack suite on
 what the server observes in the last round: client 0's decoded update, or under SecAgg+ the unmasked mean of
 the sum) and, for local and client-level DP, the one-run empirical epsilon audit of the same mechanism
@@ -35,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft import api, report
-from fedpeft.config import Config
+from fedpeft.config import Config, parse_override
 from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.rundir import new_run_dir
 
@@ -104,6 +108,33 @@ def cell_key(cell: dict[str, str]) -> str:
     return "/".join(str(cell[a]) for a in AXES)
 
 
+def mode_settings(cfg: Config, specs: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """Each privacy mode's ``section.key`` settings on top of the scenario's shared ones.
+
+    The shared ``[train]`` is the non-DP cells' (DP-SGD with it loses most of its utility: docs/privacy.md), so
+    local DP-SGD takes the measured DP-friendly group (:data:`fedpeft.privacy.tuning.DP_DEFAULTS`' first: batch 64
+    x 4 steps at lr 2e-2 in chunks of 16) while ``privacy.dp_defaults`` is on. ``specs`` (``MODE:section.key=value``)
+    add or replace settings; each mode's are validated against the scenario here, before any cell runs."""
+    from fedpeft.privacy.tuning import DP_DEFAULTS
+
+    out: dict[str, dict[str, Any]] = {m: {} for m in MODES}
+    if cfg.privacy.dp_defaults:
+        out["local"] = {f"{section}.{key}": v for (section, key), v in DP_DEFAULTS[0].values.items()}
+    for spec in specs:
+        mode, sep, setting = spec.partition(":")
+        if not sep or mode.strip() not in MODES:
+            raise ConfigError(f"frontier mode setting {spec!r}: expected MODE:section.key=value with MODE one of "
+                              f"{', '.join(MODES)}, e.g. local:train.lr=0.02")
+        section, key, value = parse_override(setting)
+        out[mode.strip()][f"{section}.{key}"] = value
+    for mode, values in out.items():
+        try:
+            api.resolve_config(cfg, values)
+        except ConfigError as e:
+            raise ConfigError(f"frontier settings of mode {mode}: {e}") from None
+    return {m: v for m, v in out.items() if v}
+
+
 def cell_overrides(cfg: Config, cell: dict[str, str]) -> dict[str, Any]:
     """The ``section.key`` overrides that turn the scenario into this cell."""
     from fedpeft.privacy.accounting import noise_for_epsilon
@@ -129,9 +160,11 @@ def cell_overrides(cfg: Config, cell: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def cell_config(cfg: Config, cell: dict[str, str], out_dir: Path) -> Config:
-    """The validated config of one cell (its runs under ``out_dir/cells``); ConfigError where it is refused."""
-    overrides = cell_overrides(cfg, cell)
+def cell_config(cfg: Config, cell: dict[str, str], out_dir: Path,
+                settings: dict[str, dict[str, Any]] | None = None) -> Config:
+    """The validated config of one cell (its runs under ``out_dir/cells``): the scenario, its mode's
+    ``settings`` (:func:`mode_settings`), the cell's axes; ConfigError where it is refused."""
+    overrides = {**(settings or {}).get(cell["mode"], {}), **cell_overrides(cfg, cell)}
     overrides.update({"output.dir": str(out_dir / "cells"), "run.engine": "inprocess",
                       "run.name": f"{cfg.run.name}-{cell_key(cell).replace('/', '-').replace(':', '')}"})
     return api.resolve_config(cfg, overrides)
@@ -178,16 +211,17 @@ def _epsilon_audit(cfg: Config, canaries: int) -> dict[str, Any]:
             "epsilon_audit": f"{result.verdict} (claim {result.claimed_epsilon:.3g})"}
 
 
-def run_cell(cfg: Config, cell: dict[str, str], out_dir: Path, canaries: int = 1000) -> dict[str, Any]:
-    """Train, attack and audit one cell; its frontier.csv row (``status`` = ``done``, ``refused: why`` when the
-    combination cannot run, or ``failed: why`` when its run stopped with an error: the sweep goes on, and a
-    resumed sweep runs that cell again)."""
+def run_cell(cfg: Config, cell: dict[str, str], out_dir: Path, canaries: int = 1000,
+             settings: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train, attack and audit one cell (with its mode's ``settings``); its frontier.csv row (``status`` =
+    ``done``, ``refused: why`` when the combination cannot run, or ``failed: why`` when its run stopped with an
+    error: the sweep goes on, and a resumed sweep runs that cell again)."""
     from fedpeft.audit import capture
 
     start = time.perf_counter()
     row: dict[str, Any] = {"cell": cell_key(cell), **cell}
     try:
-        cell_cfg = cell_config(cfg, cell, out_dir)
+        cell_cfg = cell_config(cfg, cell, out_dir, settings)
         capture.check(cell_cfg)
     except FedPeftError as e:
         log.info("frontier cell %s refused: %s", row["cell"], e)
@@ -249,9 +283,10 @@ def _append(out_dir: Path, row: dict[str, Any]) -> None:
 
 
 def prepare(cfg: Config | None, grid_specs: Sequence[str] = (), resume: Path | None = None,
-            canaries: int = 1000) -> tuple[Config, Path, list[dict[str, str]], int]:
-    """A new frontier directory (or the one to resume) with its config, grid and canaries; the cells to run.
-    Everything is validated here, before any cell starts."""
+            canaries: int = 1000, mode_specs: Sequence[str] = ()) -> tuple[Config, Path, list[dict[str, str]], int]:
+    """A new frontier directory (or the one to resume) with its config, grid, per-mode settings
+    (:func:`mode_settings` of ``mode_specs``) and canaries; the cells to run. Everything is validated here,
+    before any cell starts."""
     if resume is not None:
         resume = Path(resume)
         if not (resume / GRID_FILE).is_file():
@@ -262,36 +297,44 @@ def prepare(cfg: Config | None, grid_specs: Sequence[str] = (), resume: Path | N
     cfg = api.resolve_config(cfg)
     grid = parse_grid(grid_specs)
     todo = cells(grid)
+    settings = mode_settings(cfg, mode_specs)
     out = new_run_dir(cfg.output.dir, f"{cfg.run.name}-frontier")
     (out / "config.toml").write_text(cfg.to_toml())
-    (out / GRID_FILE).write_text(json.dumps({"grid": grid, "canaries": canaries}, indent=1))
+    (out / GRID_FILE).write_text(json.dumps({"grid": grid, "canaries": canaries, "settings": settings}, indent=1))
     return cfg, out, todo, canaries
 
 
 def run_frontier(cfg: Config | None = None, grid_specs: Sequence[str] = (), resume: Path | None = None,
                  canaries: int = 1000, on_cell: CellCallback | None = None,
-                 on_start: CellCallback | None = None) -> Path:
+                 on_start: CellCallback | None = None, mode_specs: Sequence[str] = ()) -> Path:
     """Run every cell not yet in ``frontier.csv`` and write frontier.md / frontier.png; returns the directory.
+    ``mode_specs``: per-mode settings ``MODE:section.key=value`` (:func:`mode_settings`).
 
     ``on_start(i, total, cell)`` / ``on_cell(i, total, row)`` are called around each cell (progress display).
     """
     from fedpeft.simulation import frontier_report
 
-    cfg, out, todo, canaries = prepare(cfg, grid_specs, resume, canaries)
+    cfg, out, todo, canaries = prepare(cfg, grid_specs, resume, canaries, mode_specs)
+    settings = saved_settings(out)
     done = _settled(out)
     for i, cell in enumerate(todo):
         if cell_key(cell) in done:
             continue
         if on_start:
             on_start(i, len(todo), {"cell": cell_key(cell), **cell})
-        row = run_cell(cfg, cell, out, canaries)
+        row = run_cell(cfg, cell, out, canaries, settings)
         gc.collect()  # a cell's attack tables (GBs on MiniLM) sit in reference cycles: without this, cells pile up
         _append(out, row)
-        frontier_report.write(out, cfg, read_rows(out))
+        frontier_report.write(out, cfg, read_rows(out), settings)
         if on_cell:
             on_cell(i, len(todo), row)
-    frontier_report.write(out, cfg, read_rows(out))
+    frontier_report.write(out, cfg, read_rows(out), settings)
     return out
+
+
+def saved_settings(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The per-mode settings a frontier directory runs with (none in a directory written before they existed)."""
+    return dict(json.loads((out_dir / GRID_FILE).read_text()).get("settings", {}))
 
 
 def remaining(out_dir: Path) -> int:

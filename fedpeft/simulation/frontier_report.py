@@ -20,9 +20,10 @@ def _eps(value: Any) -> str:
     return "∞" if isinstance(value, float) and math.isinf(value) else report.fmt(value, 3)
 
 
-def write(out: Path, cfg: Config, rows: list[dict[str, Any]]) -> None:
-    """frontier.md (one table, refused and failed cells listed with their reason) and, where cells ran,
-    frontier.png."""
+def write(out: Path, cfg: Config, rows: list[dict[str, Any]],
+          settings: dict[str, dict[str, Any]] | None = None) -> None:
+    """frontier.md (one table, refused and failed cells listed with their reason, each mode's own ``settings``)
+    and, where cells ran, frontier.png."""
     done = [r for r in rows if r["status"] == "done"]
     refused = [r for r in rows if str(r["status"]).startswith("refused")]
     failed = [r for r in rows if str(r["status"]).startswith("failed")]
@@ -38,6 +39,8 @@ def write(out: Path, cfg: Config, rows: list[dict[str, Any]]) -> None:
             f"{cfg.data.num_clients} clients, {f.rounds} round(s) x {t.local_steps or t.local_epochs} local "
             f"step(s) (epochs if fractional) at batch {t.batch_size}, lr {t.lr:g}; delta {cfg.privacy.delta:g}. "
             f"{len(done)} cell(s) run, {len(refused)} refused" + (f", {len(failed)} failed" if failed else "") + ".\n",
+            *(f"- mode `{mode}` trains with its own " + ", ".join(f"`{k} = {v}`" for k, v in values.items()) + "\n"
+              for mode, values in (settings or {}).items()),
             report.markdown_table(cols, table) if done else "No cell has finished yet.\n"]
     if refused:
         text += ["\n## Refused combinations\n", *(f"- `{r['cell']}`: {r['status'].removeprefix('refused: ')}"
