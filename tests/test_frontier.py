@@ -71,6 +71,8 @@ def test_each_mode_trains_with_its_own_settings(tmp_path: Path) -> None:
         frontier.mode_settings(cfg, ["central:train.lr=0.1"])
     with pytest.raises(ConfigError, match="settings of mode local: unknown key train.bogus; valid keys"):
         frontier.mode_settings(cfg, ["local:train.bogus=1"])
+    with pytest.raises(ConfigError, match="settings of mode client: .*train.lr"):
+        frontier.mode_settings(cfg, ["client:train.lr=-1"])
 
 
 @pytest.mark.parametrize("sampling,rate", [("poisson", 1.0), ("poisson", 0.25), ("fixed", 1.0)])

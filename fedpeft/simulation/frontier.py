@@ -114,7 +114,8 @@ def mode_settings(cfg: Config, specs: Sequence[str] = ()) -> dict[str, dict[str,
     The shared ``[train]`` is the non-DP cells' (DP-SGD with it loses most of its utility: docs/privacy.md), so
     local DP-SGD takes the measured DP-friendly group (:data:`fedpeft.privacy.tuning.DP_DEFAULTS`' first: batch 64
     x 4 steps at lr 2e-2 in chunks of 16) while ``privacy.dp_defaults`` is on. ``specs`` (``MODE:section.key=value``)
-    add or replace settings; each mode's are validated against the scenario here, before any cell runs."""
+    add or replace settings; each mode's are validated here, before any cell runs, on that mode's cell without a
+    codec (an error there that the cell without the settings does not have names the setting)."""
     from fedpeft.privacy.tuning import DP_DEFAULTS
 
     out: dict[str, dict[str, Any]] = {m: {} for m in MODES}
@@ -127,12 +128,19 @@ def mode_settings(cfg: Config, specs: Sequence[str] = ()) -> dict[str, dict[str,
                               f"{', '.join(MODES)}, e.g. local:train.lr=0.02")
         section, key, value = parse_override(setting)
         out[mode.strip()][f"{section}.{key}"] = value
-    for mode, values in out.items():
+    settings = {m: v for m, v in out.items() if v}
+    for mode, values in settings.items():  # on the mode's most permissive cell: no codec, plain LoRA
+        probe = cell_overrides(cfg, {"mode": mode, "epsilon": "inf" if mode == "none" else "8", "codec": "none",
+                                     "adapter": "lora"})
         try:
-            api.resolve_config(cfg, values)
+            api.resolve_config(cfg, {**values, **probe})
         except ConfigError as e:
+            try:
+                api.resolve_config(cfg, probe)
+            except ConfigError:
+                continue  # the scenario refuses this mode anyway: each of its cells records why
             raise ConfigError(f"frontier settings of mode {mode}: {e}") from None
-    return {m: v for m, v in out.items() if v}
+    return settings
 
 
 def cell_overrides(cfg: Config, cell: dict[str, str]) -> dict[str, Any]:
