@@ -75,7 +75,7 @@ def test_padding_mask_masks_the_trailing_pads_after_the_sentence() -> None:
 @pytest.mark.parametrize("batch_size", [2, 4])
 def test_span_decode_reads_padded_word_batches_whose_pad_embedding_is_zero(batch_size: int) -> None:
     """LLaMA, WordPiece sentences ([CLS] the ... [SEP], pad id 0 with a zero embedding), a float32 SGD step,
-    the padding kept in the loss. Measured before: exact 0.50 / 1.00 / 1.00 at B = 2 and 0.25 / 0.75 / 1.00
+    the padding kept in the loss. Measured before: exact 0.50 / 0.50 / 1.00 at B = 2 and 0.25 / 0.75 / 1.00
     at B = 4 (the pad never a candidate; with it, 0.75 / 0.75 / 1.00 at B = 4 until the label channel counted
     pad-ended sentences as known)."""
     for seed in range(3):
