@@ -300,7 +300,7 @@ def prepare(cfg: Config | None, grid_specs: Sequence[str] = (), resume: Path | N
         if not (resume / GRID_FILE).is_file():
             raise ConfigError(f"{resume} is not a frontier directory (no {GRID_FILE})")
         cfg = api.resolve_config(resume / "config.toml")
-        saved = json.loads((resume / GRID_FILE).read_text())
+        saved = _saved(resume)
         return cfg, resume, cells(saved["grid"]), int(saved["canaries"])
     cfg = api.resolve_config(cfg)
     grid = parse_grid(grid_specs)
@@ -323,7 +323,7 @@ def run_frontier(cfg: Config | None = None, grid_specs: Sequence[str] = (), resu
     from fedpeft.simulation import frontier_report
 
     cfg, out, todo, canaries = prepare(cfg, grid_specs, resume, canaries, mode_specs)
-    settings = saved_settings(out)
+    settings: dict[str, dict[str, Any]] = _saved(out).get("settings", {})  # none in an older directory
     done = _settled(out)
     for i, cell in enumerate(todo):
         if cell_key(cell) in done:
@@ -340,14 +340,13 @@ def run_frontier(cfg: Config | None = None, grid_specs: Sequence[str] = (), resu
     return out
 
 
-def saved_settings(out_dir: Path) -> dict[str, dict[str, Any]]:
-    """The per-mode settings a frontier directory runs with (none in a directory written before they existed)."""
-    return dict(json.loads((out_dir / GRID_FILE).read_text()).get("settings", {}))
+def _saved(out_dir: Path) -> dict[str, Any]:
+    """A frontier directory's grid.json: its grid, canaries and per-mode settings."""
+    return dict(json.loads((out_dir / GRID_FILE).read_text()))
 
 
 def remaining(out_dir: Path) -> int:
     """Cells of a frontier directory that a resume would run: not yet in its frontier.csv, or failed there."""
-    saved = json.loads((out_dir / GRID_FILE).read_text())
     done = _settled(out_dir)
-    return sum(cell_key(c) not in done for c in cells(saved["grid"]))
+    return sum(cell_key(c) not in done for c in cells(_saved(out_dir)["grid"]))
 
