@@ -58,10 +58,7 @@ def padding_mask(ids: torch.Tensor, pad: int | None, eos: int | None) -> torch.T
     if pad is None:
         return mask
     for row, seq in zip(mask, ids.tolist()):
-        end = len(seq)
-        while end > 1 and seq[end - 1] == pad:
-            end -= 1
-        row[end + (pad == eos and end < len(seq)):] = 0
+        row[1 + len(trim_padding(seq[1:], pad, eos)):] = 0
     return mask
 
 
