@@ -174,7 +174,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     console.print((out / "frontier.md").read_text())
     console.print(f"frontier written to [bold]{out}[/]")
     print(json.dumps({"frontier_dir": str(out)}))
-    failed = sum(str(r["status"]).startswith("failed") for r in frontier.read_rows(out))
+    failed = sum(map(frontier.failed, frontier.read_rows(out)))
     if failed:
         console.print(f"[red]{failed} cell(s) failed[/] (frontier.md lists why); run them again with: fedpeft "
                       f"frontier --resume {out}")

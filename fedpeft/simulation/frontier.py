@@ -266,9 +266,15 @@ def read_rows(out_dir: Path) -> list[dict[str, Any]]:
     return list(last.values())
 
 
+def failed(row: dict[str, Any]) -> bool:
+    """Whether a frontier.csv row is a cell whose run stopped with an error (status ``failed: why``): the report
+    lists it with its reason, a resumed sweep runs it again, and ``fedpeft frontier`` exits 1."""
+    return str(row["status"]).startswith("failed")
+
+
 def _settled(out_dir: Path) -> set[str]:
     """Cells that a resumed sweep does not run again: done or refused (a failed cell is run again)."""
-    return {r["cell"] for r in read_rows(out_dir) if not str(r["status"]).startswith("failed")}
+    return {r["cell"] for r in read_rows(out_dir) if not failed(r)}
 
 
 def _parse(text: str) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 
 from fedpeft import report
 from fedpeft.config import Config
+from fedpeft.simulation import frontier
 
 VERDICT_COLORS = {"fail": "tab:red", "warn": "tab:orange", "pass": "tab:green", "n/a": "tab:gray"}
 MODE_MARKERS = {"none": "o", "local": "s", "client": "^", "distributed": "D"}
@@ -26,7 +27,7 @@ def write(out: Path, cfg: Config, rows: list[dict[str, Any]],
     and, where cells ran, frontier.png."""
     done = [r for r in rows if r["status"] == "done"]
     refused = [r for r in rows if str(r["status"]).startswith("refused")]
-    failed = [r for r in rows if str(r["status"]).startswith("failed")]
+    failed = [r for r in rows if frontier.failed(r)]
     utility = "accuracy" if cfg.model.task == "classification" else "perplexity"
     cols = ["mode", "target ε", "reported ε", "codec", "adapter", utility, "leakage", "best attack", "token F1",
             "up / round", "ε lower bound (audit)", "s"]
