@@ -1,12 +1,14 @@
 """DP-friendly defaults: under local DP-SGD, groups of keys the scenario leaves unset take the measured DP values
-together; a group any of whose keys the scenario sets is left to the scenario; the suggestion names the setting."""
+together; a group any of whose keys the scenario sets is left to the scenario; the suggestion names the setting.
+Under client-level and distributed DP the noise hint says how large the noise on each round's mean is against the
+clip norm."""
 
 from __future__ import annotations
 
 import pytest
 
 from fedpeft import config
-from fedpeft.privacy.tuning import DP_DEFAULTS, apply_dp_defaults, suggestions
+from fedpeft.privacy.tuning import DP_DEFAULTS, NOISE_WARNING, apply_dp_defaults, noise_hint, suggestions
 
 BEST, FALLBACK = (group.values for group in DP_DEFAULTS)
 NON_DP = config.load(None, [])
@@ -55,3 +57,53 @@ def test_suggestions_name_the_measured_setting() -> None:
     assert "0.948" in line
     assert suggestions(config.load(None, ['privacy.mode="local"'])) == []
     assert suggestions(config.load(None, [])) == []
+
+
+DISTRIBUTED = ['privacy.mode="distributed"', 'privacy.secure_aggregation="secaggplus"', "data.num_clients=100",
+               "federation.clients_per_round=50", "privacy.secagg_min_survivors=40",
+               "privacy.server_noise_multiplier=1.5"]
+
+
+def test_the_noise_hint_is_the_norm_of_the_noise_the_clients_add_to_the_mean() -> None:
+    """The hint's ratio against the real client encoder: 50 clients noise a zero update each (what SecAgg+ sums),
+    and the float mean of the sum has the norm the hint predicts (d = 2,000: the norm's own spread is ~1.6 %)."""
+    import numpy as np
+
+    from fedpeft import protocol
+
+    cfg = config.load(None, DISTRIBUTED)
+    d, m = 2000, 50
+    warn, line = noise_hint(cfg, d)
+    ratio = float(line.split("expected norm of ")[1].split(" x")[0])
+    ddp = protocol.secure_field(cfg.privacy, d, m).ddp
+    rng = np.random.default_rng(0)
+    total = sum(ddp.encode(np.zeros(d), rng) for _ in range(m))
+    measured = float(np.linalg.norm(total * ddp.scale / m)) / cfg.privacy.clip_norm
+    assert measured == pytest.approx(ratio, rel=0.05)
+    assert warn == (ratio >= NOISE_WARNING) and ratio > 1  # 1.5 x sqrt(50 / 40) x sqrt(2000) / 50 ~ 1.5
+
+
+def test_the_noise_hint_scales_with_the_summed_elements_and_the_clients_and_names_the_levers() -> None:
+    client = config.load(None, ['privacy.mode="client"', "data.num_clients=200", "federation.clients_per_round=40",
+                                "privacy.server_noise_multiplier=1.2"])
+    warn, line = noise_hint(client, 1600)  # z sqrt(d) / m = 1.2 x 40 / 40
+    assert warn and "1.2 x the clip norm" in line and "1600 summed elements" in line
+    assert "freeze_a" in line and "clients per round" in line
+    quiet, small = noise_hint(client, 16)  # 1.2 x 4 / 40 = 0.12
+    assert not quiet and "0.12 x" in small and "freeze_a" not in small
+    kept = config.load(None, [*DISTRIBUTED, "privacy.secagg_keep=0.25"])
+    assert "500 summed elements" in noise_hint(kept, 2000)[1]  # a shared subspace sums a quarter
+    assert noise_hint(config.load(None, ['privacy.mode="local"']), 1600) is None
+    assert noise_hint(NON_DP, 1600) is None
+
+
+def test_a_distributed_run_logs_the_hint_with_its_adapter_size(tiny_cfg, tmp_path, caplog) -> None:
+    from fedpeft.server.loop import FederatedServer
+
+    cfg = tiny_cfg(**{"privacy.mode": "distributed", "privacy.secure_aggregation": "secaggplus",
+                      "data.num_clients": 4, "privacy.secagg_min_survivors": 3})
+    with caplog.at_level("INFO", logger="fedpeft.server.loop"):
+        server = FederatedServer(cfg, tmp_path / "run")
+    elements = sum(t.numel() for t in server.global_state.values())
+    (record,) = [r for r in caplog.records if "noise on each round's mean" in r.getMessage()]
+    assert f"{elements} summed elements" in record.getMessage() and record.levelname == "WARNING"

@@ -38,6 +38,7 @@ from fedpeft.config import Config
 from fedpeft.errors import ConfigError, FedPeftError, PayloadError
 from fedpeft.privacy import check_privacy
 from fedpeft.privacy.server_dp import ServerPrivacy
+from fedpeft.privacy.tuning import noise_hint
 from fedpeft.privacy.tuning import suggestions as dp_suggestions
 from fedpeft.report import METRICS_FILE
 from fedpeft.runtime import PROCESS_RUNTIMES, RuntimeCache
@@ -113,6 +114,9 @@ class FederatedServer:
         for line in dp_suggestions(cfg):
             log.warning(line)
         self.global_state = self.rt.initial_adapter()
+        hint = noise_hint(cfg, sum(t.numel() for t in self.global_state.values()))
+        if hint is not None:
+            log.log(logging.WARNING if hint[0] else logging.INFO, hint[1])
         self.layout = self.rt.layout
         self.uplink = make_codec(cfg.compression.uplink)
         self.downlink = Downlink(cfg, self.layout, self.global_state)
