@@ -93,7 +93,7 @@ def update_norms(run_dir: Path) -> dict[str, float]:
     if field.ddp is not None:
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         n = min(int(r["replies"]) for r in rows)
-        std = field.ddp.sigma_share * n**0.5 * field.ddp.scale / n  # per coordinate of one round's mean
+        std = field.ddp.mean_noise_std(n)  # per coordinate of one round's mean
         out["noise_norm"] = std * (change.numel() * len(rows)) ** 0.5
     return out
 

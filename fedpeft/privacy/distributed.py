@@ -106,6 +106,10 @@ class DistributedDP:
         """Std of one client's discrete Gaussian share (integer units)."""
         return self.noise_multiplier * self.sensitivity / math.sqrt(self.min_survivors)
 
+    def mean_noise_std(self, n: int) -> float:
+        """Float std per element of the noise on the mean of ``n`` noised updates (n shares summed, divided by n)."""
+        return self.sigma_share * math.sqrt(n) * self.scale / n
+
     @cached_property
     def half_range(self) -> int:
         """c: SecAgg+ clips each element of a noised update to +-c (exceeded with probability < p)."""

@@ -96,18 +96,19 @@ def noise_hint(cfg: Config, elements: int) -> tuple[bool, str] | None:
     in the sum; ``warn`` when it is at least :data:`NOISE_WARNING`. None for other modes (or a distributed field
     that cannot be built: the run's own checks name why)."""
     from fedpeft.errors import PrivacyError
-    from fedpeft.privacy.distributed import DistributedDP
 
     p = cfg.privacy
     m = cfg.federation.clients_per_round or cfg.data.num_clients
     if p.mode == "distributed":
-        summed = elements if p.secagg_keep >= 1 else max(1, math.ceil(p.secagg_keep * elements))
+        from fedpeft import protocol  # the clients' own field (flwr: imported only where a run starts)
+
         try:
-            ddp = DistributedDP(clip=p.clip_norm, dim=summed, clients=m, min_survivors=p.secagg_min_survivors,
-                                noise_multiplier=p.server_noise_multiplier, grid=p.distributed_grid)
+            ddp = protocol.secure_field(p, elements, m).ddp
         except PrivacyError:
             return None
-        ratio = ddp.sigma_share * math.sqrt(m) * ddp.scale / m * math.sqrt(summed) / p.clip_norm
+        assert ddp is not None  # distributed mode always builds one
+        summed = ddp.dim  # after secagg_keep's shared subspace
+        ratio = ddp.mean_noise_std(m) * math.sqrt(summed) / p.clip_norm
     elif p.mode in ("client", "both") and p.clip_norm > 0:
         summed = elements
         ratio = p.server_noise_multiplier * math.sqrt(summed) / m
