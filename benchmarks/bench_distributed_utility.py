@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fedpeft  # noqa: E402
-from fedpeft.privacy.accounting import noise_for_epsilon  # noqa: E402
+from fedpeft import config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results, table  # noqa: E402
@@ -60,8 +60,7 @@ def arm_settings(arm: str, args: argparse.Namespace, delta: float) -> dict[str, 
            "privacy.secagg_min_survivors": int(0.8 * args.per_round)}
     if arm == "clip":
         return {**ddp, "privacy.server_noise_multiplier": 0.01}
-    z = noise_for_epsilon(args.eps, delta, args.rounds, 1.0, "fixed")
-    return {**ddp, "privacy.server_noise_multiplier": round(z, 4)}
+    return {**ddp, "privacy.target_epsilon": args.eps}  # the run derives its z (fedpeft.privacy.tuning)
 
 
 def adapter_change(run_dir: Path) -> torch.Tensor:
@@ -70,7 +69,6 @@ def adapter_change(run_dir: Path) -> torch.Tensor:
 
     from safetensors.torch import load_file
 
-    from fedpeft import config
     from fedpeft.server.loop import FederatedServer
 
     cfg = config.load(str(run_dir / "config.toml"), [])
@@ -84,7 +82,7 @@ def update_norms(run_dir: Path) -> dict[str, float]:
     """Signal against noise: the L2 norm of the global adapter's change over the run and, under distributed DP,
     the norm its noise alone is expected to have (per-coordinate std of the released mean x sqrt(elements x
     rounds), at the fewest survivors)."""
-    from fedpeft import config, protocol
+    from fedpeft import protocol
 
     cfg = config.load(str(run_dir / "config.toml"), [])
     change = adapter_change(run_dir)
@@ -109,6 +107,7 @@ def run_arm(sets: dict[str, object], out: str) -> dict[str, object]:
             "bytes_up": int(result.metrics[-1].get("bytes_up", 0)),
             "range_clipped": int(sum(float(m.get("secagg_clipped", 0.0)) for m in result.metrics)),
             "seconds": round(time.perf_counter() - start, 1), "run_dir": str(result.run_dir),
+            "z": config.load(str(result.run_dir / "config.toml")).privacy.server_noise_multiplier,
             **update_norms(result.run_dir)}
 
 
@@ -127,8 +126,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--eval-examples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", nargs="*", default=[], type=lambda s: tuple(s.split("=", 1)),
-                   help="extra overrides shared by every arm (KEY=VALUE, JSON values)")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="extra overrides shared by every arm (TOML values, else strings, as fedpeft's --set)")
     p.add_argument("--log", default="runs/bench_distributed_utility.jsonl")
     p.add_argument("--out", default="runs/bench-ddp-utility")
     p.add_argument("--resume", action="store_true")
@@ -144,7 +143,7 @@ def main() -> None:
             a, b = (adapter_change(Path(d)) for d in args.norms)
             print(f"cosine of the two changes: {float(a @ b / (a.norm() * b.norm())):.4f}")
         return
-    args.set = [(k, json.loads(v)) for k, v in args.set]
+    args.set = [(f"{section}.{key}", value) for section, key, value in map(config.parse_override, args.set)]
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -168,9 +167,8 @@ def main() -> None:
     ref = rows.get("clear", {}).get("accuracy", [None])[-1]
     out = []
     for arm, r in rows.items():
-        sets = json.loads(r["key"])
         final = r["accuracy"][-1]
-        out.append([arm, sets.get("privacy.server_noise_multiplier", "") if arm != "clear" else "",
+        out.append([arm, f"{r['z']:.4g}" if arm != "clear" else "",
                     f"{r['epsilon']:.2f}" if arm != "clear" else "inf", " / ".join(f"{a:.3f}" for a in r["accuracy"]),
                     f"{100 * (final - ref):+.1f}" if ref is not None else "", min(r["replies"]),
                     f"{r['change_norm']:.3f}" if "change_norm" in r else "",

@@ -273,14 +273,17 @@ class PrivacySection:
     accountant: str = option("rdp", choices=("rdp", "prv"))
     noise_multiplier: float = option(1.0, lo=0.0, help="local DP-SGD noise multiplier")
     max_grad_norm: float = option(1.0, lo=0.0, help="local DP-SGD per-example clip")
-    target_epsilon: float = option(0.0, lo=0.0, help="local DP-SGD: derive the noise for this epsilon (0 = off)")
+    target_epsilon: float = option(0.0, lo=0.0, help="derive the noise for this epsilon over the run (0 = off): "
+                                    "DP-SGD's noise multiplier under local / both, server_noise_multiplier "
+                                    "(replaced) under client / distributed")
     physical_batch_size: int = option(0, lo=0, help="local DP-SGD: split each Poisson-sampled batch into forward/"
                                                    "backward chunks of at most this many examples, clipped into one "
                                                    "noisy step (gradient accumulation: same update and epsilon, less "
                                                    "memory; 0 = off)")
     clip_norm: float = option(1.0, lo=0.0, help="client-level / distributed DP: update clip norm C")
     server_noise_multiplier: float = option(1.0, lo=0.0, help="client-level DP: z (noise std z*C/m); distributed "
-                                                            "DP: the summed noise std / sensitivity")
+                                                            "DP: the summed noise std / sensitivity; set from "
+                                                            "target_epsilon when that is > 0")
     adaptive_clip: bool = option(False, help="quantile-based adaptive clipping")
     target_quantile: float = option(0.5, lo=0.0, hi=1.0)
     clip_lr: float = option(0.2, lo=0.0)
@@ -569,7 +572,7 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict (as read from TOML)."""
-    from fedpeft.privacy.tuning import apply_dp_defaults  # DP-SGD's own defaults for keys left unset
+    from fedpeft.privacy.tuning import apply_dp_defaults, apply_target_epsilon
 
     raw = apply_dp_defaults(raw)
     sections = _section_types()
@@ -580,7 +583,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
     from fedpeft.config_rules import validate  # the cross-section rules need the Config classes above
 
     validate(cfg)
-    return cfg
+    return apply_target_epsilon(cfg)  # client-level / distributed DP: the noise multiplier of target_epsilon
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -75,6 +75,24 @@ def test_each_mode_trains_with_its_own_settings(tmp_path: Path) -> None:
         frontier.mode_settings(cfg, ["client:train.lr=-1"])
 
 
+@pytest.mark.parametrize("mode", ["client", "distributed"])
+def test_a_server_noise_cell_gets_the_noise_of_its_own_rounds(tmp_path: Path, mode: str) -> None:
+    # the mode's settings give it 3 rounds where the scenario has 1: its noise must cover all 3 (before, the
+    # frontier derived it from the scenario's rounds and the cell's accountant reported more than its epsilon)
+    cfg = config.load(None, [*tiny_overrides(write_classification(tmp_path / "t.jsonl", n=120), tmp_path / "runs",
+                                             **FAST), "data.num_clients=8", "federation.clients_per_round=4",
+                             "privacy.delta=1e-3"])
+    settings = frontier.mode_settings(cfg, [f"{mode}:federation.rounds=3"])
+    cell = frontier.cell_config(cfg, {"mode": mode, "epsilon": "4", "codec": "none", "adapter": "lora"}, tmp_path,
+                                settings)
+    p = cell.privacy
+    sampling, rate = (p.client_sampling, 0.5) if mode == "client" else ("fixed", 1.0)
+    acc = ClientLevelAccountant("rdp", sampling)
+    for _ in range(cell.federation.rounds):
+        acc.step(p.server_noise_multiplier, rate)
+    assert cell.federation.rounds == 3 and 3.96 <= acc.epsilon(p.delta) <= 4.0
+
+
 @pytest.mark.parametrize("sampling,rate", [("poisson", 1.0), ("poisson", 0.25), ("fixed", 1.0)])
 def test_noise_for_epsilon_reaches_the_target(sampling: str, rate: float) -> None:
     z = noise_for_epsilon(3.0, 1e-5, 4, rate, sampling)

@@ -36,6 +36,19 @@ def test_adaptive_clipping_with_compression_and_resume(tiny_cfg, monkeypatch):
     assert [[r[k] for k in keys] for r in report.read_metrics(run_dir)] == [[r[k] for k in keys] for r in full]
 
 
+@pytest.mark.parametrize("mode, key", [("client", "epsilon_client"), ("distributed", "epsilon_distributed")])
+def test_a_target_epsilon_run_ends_at_its_target(tiny_cfg, mode, key):
+    # client-level / distributed DP take their noise from privacy.target_epsilon (before: ignored, z stayed the
+    # given 0.5 and this run ended at epsilon 10.8 / 37.5); the accountant's last epsilon is the target within 1 %
+    extra = {**DP, "privacy.mode": mode, "privacy.target_epsilon": 3.0, "federation.rounds": 2}
+    if mode == "distributed":
+        extra.update({"privacy.secure_aggregation": "secaggplus", "privacy.secagg_min_survivors": 2})
+    cfg = tiny_cfg(**extra)
+    assert cfg.privacy.server_noise_multiplier != DP["privacy.server_noise_multiplier"]  # replaced
+    rows = report.read_metrics(runner.simulate(cfg))
+    assert len(rows) == 2 and 2.97 <= rows[-1][key] <= 3.0
+
+
 @pytest.mark.parametrize("adapter", ["lora", "prefix", "prompt"])
 def test_local_dp_sgd_run_accounts_every_round(tiny_cfg, adapter):
     extra = {"privacy.mode": "both", "privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0,

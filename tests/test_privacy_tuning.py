@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 
 from fedpeft import config
+from fedpeft.errors import PrivacyError
+from fedpeft.privacy.accounting import ClientLevelAccountant
 from fedpeft.privacy.tuning import DP_DEFAULTS, NOISE_WARNING, apply_dp_defaults, noise_hint, suggestions
 
 BEST, FALLBACK = (group.values for group in DP_DEFAULTS)
@@ -107,3 +109,29 @@ def test_a_distributed_run_logs_the_hint_with_its_adapter_size(tiny_cfg, tmp_pat
     elements = sum(t.numel() for t in server.global_state.values())
     (record,) = [r for r in caplog.records if "noise on each round's mean" in r.getMessage()]
     assert f"{elements} summed elements" in record.getMessage() and record.levelname == "WARNING"
+
+
+POPULATION = ["data.num_clients=500", "federation.clients_per_round=100", "federation.rounds=3", "privacy.delta=1e-4",
+              "privacy.target_epsilon=8"]
+
+
+@pytest.mark.parametrize("mode, sampling, accountant, rate", [
+    ("client", "poisson", "rdp", 0.2), ("client", "fixed", "rdp", 0.2), ("client", "poisson", "prv", 0.2),
+    ("distributed", "fixed", "rdp", 1.0)])  # distributed: rate 1, replace-one, as fedpeft.privacy.server_dp charges
+def test_target_epsilon_sets_the_server_noise_the_accountant_needs(mode, sampling, accountant, rate) -> None:
+    cfg = config.load(None, [*POPULATION, f'privacy.mode="{mode}"', f'privacy.client_sampling="{sampling}"',
+                             f'privacy.accountant="{accountant}"', "privacy.server_noise_multiplier=0.3",
+                             'privacy.secure_aggregation="secaggplus"' if mode == "distributed" else "run.seed=0"])
+    z = cfg.privacy.server_noise_multiplier
+    acc = ClientLevelAccountant(accountant if mode == "client" else "rdp", sampling)
+    for _ in range(3):
+        acc.step(z, rate)
+    assert z != 0.3 and 7.92 <= acc.epsilon(1e-4) <= 8.0  # the given 0.3 replaced; at most the target, within 1 %
+    assert config.loads(cfg.to_toml()) == cfg  # the run's config.toml derives the same value again
+
+
+def test_target_epsilon_under_local_dp_sgd_leaves_the_server_noise_and_an_unreachable_one_is_refused() -> None:
+    both = config.load(None, [*POPULATION, 'privacy.mode="both"', "privacy.server_noise_multiplier=0.7"])
+    assert both.privacy.server_noise_multiplier == 0.7  # under `both` the target is DP-SGD's
+    with pytest.raises(PrivacyError, match="target epsilon 1e-06 is unreachable over 3 round"):
+        config.load(None, [*POPULATION, 'privacy.mode="client"', "privacy.target_epsilon=1e-6"])

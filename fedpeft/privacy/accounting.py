@@ -27,7 +27,7 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any
 
 from fedpeft.errors import PrivacyError
@@ -208,6 +208,7 @@ class ClientLevelAccountant:
             self._acc.history = history
 
 
+@lru_cache(maxsize=64)  # a config derives it on every load (tuning.apply_target_epsilon): seconds each
 def noise_for_epsilon(target_epsilon: float, delta: float, rounds: int, sample_rate: float = 1.0,
                       sampling: str = "poisson", kind: str = "rdp", max_noise: float = 100.0) -> float:
     """The smallest server noise multiplier whose :class:`ClientLevelAccountant` epsilon after ``rounds``

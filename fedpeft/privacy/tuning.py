@@ -9,13 +9,17 @@ used). A group is all or nothing: its values are measured together (a rate of 2e
 unstable, a batch of 64 with the non-DP 15 steps quadruples the work), so setting any of its keys leaves the
 group to the scenario. Only measured defaults are here (:data:`EVIDENCE`).
 
-Under client-level and distributed DP, :func:`noise_hint` says before the first round how large the noise on each
-round's released mean is against the clip norm, the most a mean of clipped updates can move.
+Under client-level and distributed DP, ``privacy.target_epsilon`` sets the server noise multiplier the run's
+accountant needs for that epsilon (:func:`apply_target_epsilon`, called by ``from_dict`` too), and :func:`noise_hint`
+says before the first round how large the noise on each round's released mean is against the clip norm, the most a
+mean of clipped updates can move.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,7 +27,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fedpeft.config import Config
 
+log = logging.getLogger(__name__)
 DP_MODES = ("local", "both")
+#: the modes whose ``target_epsilon`` sets ``server_noise_multiplier`` (under ``both`` it is DP-SGD's target)
+SERVER_NOISE_MODES = ("client", "distributed")
 Key = tuple[str, str]
 
 
@@ -70,6 +77,30 @@ def apply_dp_defaults(raw: dict[str, Any]) -> dict[str, Any]:
             if isinstance(table, dict):
                 table[key] = value
     return out
+
+
+def apply_target_epsilon(cfg: Config) -> Config:
+    """``cfg`` with, under client-level or distributed DP and ``privacy.target_epsilon > 0``, the smallest
+    ``server_noise_multiplier`` whose accounted epsilon after the run's rounds is at most the target, accounted as
+    the server charges the run: client-level DP at the sampling rate m / N with ``client_sampling`` and
+    ``accountant``; distributed DP at rate 1, replace-one (``fedpeft.privacy.server_dp``). Derived from the config
+    alone, so the server, every client and a resumed run compute the same value; a value given for
+    ``server_noise_multiplier`` is replaced. Other modes: ``cfg`` unchanged."""
+    p = cfg.privacy
+    if p.mode not in SERVER_NOISE_MODES or not p.target_epsilon > 0:
+        return cfg
+    from fedpeft.privacy.accounting import noise_for_epsilon  # opacus: only where it is needed (CLI start-up)
+
+    rounds = cfg.federation.rounds
+    if p.mode == "client":
+        rate = (cfg.federation.clients_per_round or cfg.data.num_clients) / cfg.data.num_clients
+        z = noise_for_epsilon(p.target_epsilon, p.delta, rounds, min(rate, 1.0), p.client_sampling, p.accountant)
+    else:
+        z = noise_for_epsilon(p.target_epsilon, p.delta, rounds, 1.0, "fixed", "rdp")
+    if z != p.server_noise_multiplier:
+        log.info("%s DP: target epsilon %g at delta %g over %d round(s) takes server noise multiplier %.4g",
+                 p.mode, p.target_epsilon, p.delta, rounds, z)
+    return dataclasses.replace(cfg, privacy=dataclasses.replace(p, server_noise_multiplier=z))
 
 
 def suggestions(cfg: Config) -> list[str]:

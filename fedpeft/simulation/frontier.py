@@ -130,8 +130,8 @@ def mode_settings(cfg: Config, specs: Sequence[str] = ()) -> dict[str, dict[str,
         out[mode.strip()][f"{section}.{key}"] = value
     settings = {m: v for m, v in out.items() if v}
     for mode, values in settings.items():  # on the mode's most permissive cell: no codec, plain LoRA
-        probe = cell_overrides(cfg, {"mode": mode, "epsilon": "inf" if mode == "none" else "8", "codec": "none",
-                                     "adapter": "lora"})
+        probe = cell_overrides({"mode": mode, "epsilon": "inf" if mode == "none" else "8", "codec": "none",
+                                "adapter": "lora"})
         try:
             api.resolve_config(cfg, {**values, **probe})
         except ConfigError as e:
@@ -143,22 +143,13 @@ def mode_settings(cfg: Config, specs: Sequence[str] = ()) -> dict[str, dict[str,
     return settings
 
 
-def cell_overrides(cfg: Config, cell: dict[str, str]) -> dict[str, Any]:
+def cell_overrides(cell: dict[str, str]) -> dict[str, Any]:
     """The ``section.key`` overrides that turn the scenario into this cell."""
-    from fedpeft.privacy.accounting import noise_for_epsilon
-
-    p, eps = cfg.privacy, _epsilon(cell["epsilon"])
     out: dict[str, Any] = {"privacy.mode": cell["mode"], "federation.lora_aggregation": ADAPTERS[cell["adapter"]],
                            "privacy.secure_aggregation": "none", "privacy.secagg_bits": 0}
-    rounds = cfg.federation.rounds
-    if cell["mode"] == "local":
-        out["privacy.target_epsilon"] = eps
-    elif cell["mode"] == "client":
-        q = (cfg.federation.clients_per_round or cfg.data.num_clients) / cfg.data.num_clients
-        out["privacy.server_noise_multiplier"] = noise_for_epsilon(eps, p.delta, rounds, q, p.client_sampling,
-                                                                   p.accountant)
-    elif cell["mode"] == "distributed":  # charged at rate 1, replace-one (fedpeft.privacy.server_dp)
-        out["privacy.server_noise_multiplier"] = noise_for_epsilon(eps, p.delta, rounds, 1.0, "fixed", "rdp")
+    if cell["mode"] != "none":  # each mode's noise for this epsilon over the cell's own rounds (privacy.tuning)
+        out["privacy.target_epsilon"] = _epsilon(cell["epsilon"])
+    if cell["mode"] == "distributed":
         out["privacy.secure_aggregation"] = "secaggplus"
     if cell["codec"] in SECURE_CODECS:
         out.update({"compression.uplink": "none", "privacy.secure_aggregation": "secaggplus",
@@ -172,7 +163,7 @@ def cell_config(cfg: Config, cell: dict[str, str], out_dir: Path,
                 settings: dict[str, dict[str, Any]] | None = None) -> Config:
     """The validated config of one cell (its runs under ``out_dir/cells``): the scenario, its mode's
     ``settings`` (:func:`mode_settings`), the cell's axes; ConfigError where it is refused."""
-    overrides = {**(settings or {}).get(cell["mode"], {}), **cell_overrides(cfg, cell)}
+    overrides = {**(settings or {}).get(cell["mode"], {}), **cell_overrides(cell)}
     overrides.update({"output.dir": str(out_dir / "cells"), "run.engine": "inprocess",
                       "run.name": f"{cfg.run.name}-{cell_key(cell).replace('/', '-').replace(':', '')}"})
     return api.resolve_config(cfg, overrides)
