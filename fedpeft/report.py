@@ -66,7 +66,8 @@ def round_line(row: dict[str, Any], total: int) -> str:
                        ("personal_eval_accuracy", "personal acc"), ("personal_eval_worst", "personal worst")):
         if row.get(key) is not None:
             parts.append(f"{label} {row[key]:.4f}")
-    for key, label in (("epsilon_client", "ε client"), ("epsilon_local", "ε local")):
+    for key, label in (("epsilon_client", "ε client"), ("epsilon_distributed", "ε distributed"),
+                       ("epsilon_local", "ε local")):
         if row.get(key) is not None:
             parts.append(f"{label} {row[key]:.3g}")
     parts.append(f"up {human_bytes(row['bytes_up'])} down {human_bytes(row['bytes_down'])}")
@@ -79,8 +80,9 @@ def round_line(row: dict[str, Any], total: int) -> str:
 ROUND_COLUMNS = ["round", "replies", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
                  "fed_eval_loss", "fed_eval_accuracy", "fed_eval_perplexity", "fed_eval_client_mean", "fed_eval_worst",
                  "personal_eval_accuracy", "personal_eval_perplexity", "personal_eval_client_mean",
-                 "personal_eval_worst", "backdoor_success", "epsilon_client", "epsilon_local", "clip_norm", "bytes_up",
-                 "bytes_down", "split_bytes_up", "split_bytes_down", "seconds", "sim_time", "staleness_mean"]
+                 "personal_eval_worst", "backdoor_success", "epsilon_client", "epsilon_distributed", "epsilon_local",
+                 "clip_norm", "bytes_up", "bytes_down", "split_bytes_up", "split_bytes_down", "seconds", "sim_time",
+                 "staleness_mean"]
 BYTE_PARTS = ["up_positions", "up_values", "up_scales", "up_header", "up_framing"]
 
 
@@ -110,7 +112,7 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
                                                                     "personal_eval_client_mean", "personal_eval_worst",
                                                                     "gen_exact_match", "gen_rougeL", "mc_accuracy",
                                                                     "mc_accuracy_greedy", "epsilon_client",
-                                                                    "epsilon_local")
+                                                                    "epsilon_distributed", "epsilon_local")
                                    if last.get(k) is not None),
             *_split_lines(cfg, rows),
             *_clock_lines(cfg, rows),

@@ -45,8 +45,16 @@ def test_a_target_epsilon_run_ends_at_its_target(tiny_cfg, mode, key):
         extra.update({"privacy.secure_aggregation": "secaggplus", "privacy.secagg_min_survivors": 2})
     cfg = tiny_cfg(**extra)
     assert cfg.privacy.server_noise_multiplier != DP["privacy.server_noise_multiplier"]  # replaced
-    rows = report.read_metrics(runner.simulate(cfg))
+    run_dir = runner.simulate(cfg)
+    rows = report.read_metrics(run_dir)
     assert len(rows) == 2 and 2.97 <= rows[-1][key] <= 3.0
+    summary = (run_dir / "summary.md").read_text()
+    assert f"{key} {report.fmt(rows[-1][key])}" in summary and "derived from target epsilon 3 over 2" in summary
+    assert "exceeded" not in summary
+    from fedpeft.privacy.statement import guarantee_lines
+
+    over = "\n".join(guarantee_lines(cfg, [*rows, {**rows[-1], key: 3.5}]))  # e.g. a round more than planned
+    assert "**exceeded** (epsilon 3.5)" in over
 
 
 @pytest.mark.parametrize("adapter", ["lora", "prefix", "prompt"])

@@ -14,7 +14,7 @@ def guarantee_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
     if p.mode == "none":
         return ["- privacy: no differential privacy (updates and metrics travel as computed)"]
     lines = [f"- privacy: mode `{p.mode}`, delta {p.delta:g}, accountant `{p.accountant}`, rounds 1-{len(rows)} "
-             "covered"]
+             "covered", *_server_noise_lines(cfg, rows)]
     if p.mode in ("client", "both"):
         eps = rows[-1].get("epsilon_client") if rows else None
         relation = ("add/remove one client; each eligible client joins a round independently with probability "
@@ -48,3 +48,19 @@ def guarantee_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
                      "(client level, adaptive clipping) each client's 0/1 clip indicator to the server, which "
                      "releases only their noised count; updates are weighted uniformly")
     return lines
+
+
+def _server_noise_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
+    """Client-level / distributed DP: the noise multiplier used and, when it came from ``target_epsilon``, the
+    target and whether the accounted epsilon stayed within it (a round at a higher sampling rate than planned,
+    or more rounds than planned, spends more)."""
+    p = cfg.privacy
+    if p.mode not in ("client", "both", "distributed"):
+        return []
+    line = f"  - noise multiplier z = {p.server_noise_multiplier:.4g}"
+    if p.mode in ("client", "distributed") and p.target_epsilon > 0:
+        key = "epsilon_client" if p.mode == "client" else "epsilon_distributed"
+        eps = rows[-1].get(key) if rows else None
+        line += (f", derived from target epsilon {p.target_epsilon:g} over {cfg.federation.rounds} planned rounds"
+                 + (f": **exceeded** (epsilon {eps:.4g})" if eps is not None and eps > p.target_epsilon else ""))
+    return [line]
