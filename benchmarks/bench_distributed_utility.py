@@ -80,8 +80,8 @@ def adapter_change(run_dir: Path) -> torch.Tensor:
 
 def update_norms(run_dir: Path) -> dict[str, float]:
     """Signal against noise: the L2 norm of the global adapter's change over the run and, under distributed DP,
-    the norm its noise alone is expected to have (per-coordinate std of the released mean x sqrt(elements x
-    rounds), at the fewest survivors)."""
+    the norm its noise alone is expected to have (per-coordinate std of the released mean x the server learning
+    rate x sqrt(elements x rounds), at the fewest survivors)."""
     from fedpeft import protocol
 
     cfg = config.load(str(run_dir / "config.toml"), [])
@@ -91,7 +91,7 @@ def update_norms(run_dir: Path) -> dict[str, float]:
     if field.ddp is not None:
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         n = min(int(r["replies"]) for r in rows)
-        std = field.ddp.mean_noise_std(n)  # per coordinate of one round's mean
+        std = field.ddp.mean_noise_std(n) * cfg.federation.server_lr  # per coordinate of one round's step
         out["noise_norm"] = std * (change.numel() * len(rows)) ** 0.5
     return out
 
