@@ -1,7 +1,7 @@
 """DP-friendly defaults: under local DP-SGD, groups of keys the scenario leaves unset take the measured DP values
 together; a group any of whose keys the scenario sets is left to the scenario; the suggestion names the setting.
 Under client-level and distributed DP the noise hint says how large the noise on each round's mean is against the
-clip norm."""
+clip norm, and target_epsilon sets the server noise multiplier the run's accountant needs."""
 
 from __future__ import annotations
 
