@@ -107,7 +107,7 @@ def run_arm(sets: dict[str, object], out: str) -> dict[str, object]:
             "bytes_up": int(result.metrics[-1].get("bytes_up", 0)),
             "range_clipped": int(sum(float(m.get("secagg_clipped", 0.0)) for m in result.metrics)),
             "seconds": round(time.perf_counter() - start, 1), "run_dir": str(result.run_dir),
-            "z": config.load(str(result.run_dir / "config.toml")).privacy.server_noise_multiplier,
+            "z": result.config.privacy.server_noise_multiplier,
             **update_norms(result.run_dir)}
 
 
