@@ -6,6 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from fedpeft.config import Config
+from fedpeft.privacy.tuning import SERVER_NOISE_MODES
+
+#: the metrics.jsonl key of each DP mode's accounted epsilon (under ``both``: both the client and the local one)
+EPSILON_KEYS = {"local": "epsilon_local", "client": "epsilon_client", "distributed": "epsilon_distributed"}
 
 
 def guarantee_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
@@ -58,9 +62,8 @@ def _server_noise_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
     if p.mode not in ("client", "both", "distributed"):
         return []
     line = f"  - noise multiplier z = {p.server_noise_multiplier:.4g}"
-    if p.mode in ("client", "distributed") and p.target_epsilon > 0:
-        key = "epsilon_client" if p.mode == "client" else "epsilon_distributed"
-        eps = rows[-1].get(key) if rows else None
+    if p.mode in SERVER_NOISE_MODES and p.target_epsilon > 0:
+        eps = rows[-1].get(EPSILON_KEYS[p.mode]) if rows else None
         line += (f", derived from target epsilon {p.target_epsilon:g} over {cfg.federation.rounds} planned rounds"
                  + (f": **exceeded** (epsilon {eps:.4g})" if eps is not None and eps > p.target_epsilon else ""))
     return [line]

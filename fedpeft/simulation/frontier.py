@@ -41,6 +41,7 @@ from typing import Any
 from fedpeft import api, report
 from fedpeft.config import Config, parse_override
 from fedpeft.errors import ConfigError, FedPeftError
+from fedpeft.privacy.statement import EPSILON_KEYS
 from fedpeft.rundir import new_run_dir
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def _reported_epsilon(mode: str, metrics: list[dict[str, Any]]) -> float | None:
     DP-SGD without ``privacy.release_client_metrics``: each client's noise is derived for the target)."""
     if mode == "none":
         return math.inf
-    key = {"local": "epsilon_local", "client": "epsilon_client", "distributed": "epsilon_distributed"}[mode]
+    key = EPSILON_KEYS[mode]
     values = [m[key] for m in metrics if m.get(key) is not None]
     return max(values) if values else None
 
