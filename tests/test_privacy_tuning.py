@@ -135,3 +135,24 @@ def test_target_epsilon_under_local_dp_sgd_leaves_the_server_noise_and_an_unreac
     assert both.privacy.server_noise_multiplier == 0.7  # under `both` the target is DP-SGD's
     with pytest.raises(PrivacyError, match="target epsilon 1e-06 is unreachable over 3 round"):
         config.load(None, [*POPULATION, 'privacy.mode="client"', "privacy.target_epsilon=1e-6"])
+
+
+def test_distributed_target_epsilon_holds_under_the_exact_gaussian_privacy_profile() -> None:
+    """An accountant outside opacus and fedpeft: two rounds of the Gaussian mechanism with replace-one sensitivity
+    2C and std z C compose to one with mu = 2 sqrt(2) / z, whose exact delta(eps) (Balle & Wang 2018) is
+    Phi(-eps / mu + mu / 2) - e^eps Phi(-eps / mu - mu / 2). The derived z must give at most the target there, and
+    not far below it (RDP's slack): a z derived for sensitivity C (half as large) would give 18.4."""
+    import math
+    from statistics import NormalDist
+
+    phi = NormalDist().cdf
+    delta = 1 / 500**1.1
+    cfg = config.load(None, ['privacy.mode="distributed"', 'privacy.secure_aggregation="secaggplus"',
+                             "data.num_clients=500", "federation.clients_per_round=100", "federation.rounds=2",
+                             f"privacy.delta={delta}", "privacy.target_epsilon=8"])
+    mu = 2 * math.sqrt(2) / cfg.privacy.server_noise_multiplier
+    lo, hi = 0.0, 50.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if phi(-mid / mu + mu / 2) - math.exp(mid) * phi(-mid / mu - mu / 2) > delta else (lo, mid)
+    assert 6.5 <= hi <= 8.0  # 7.15 at z = 1.4725
