@@ -137,6 +137,28 @@ def test_target_epsilon_under_local_dp_sgd_leaves_the_server_noise_and_an_unreac
         config.load(None, [*POPULATION, 'privacy.mode="client"', "privacy.target_epsilon=1e-6"])
 
 
+@pytest.mark.parametrize("accountant, clients, per_round, rounds, delta, lowest", [
+    ("rdp", 500, 100, 3, 1e-4, 6.0), ("prv", 500, 100, 3, 1e-4, 7.9),
+    ("rdp", 1000, 10, 10, 1e-5, 6.0), ("prv", 1000, 10, 10, 1e-5, 7.9)])
+def test_client_level_target_epsilon_holds_under_an_outside_accountant(accountant, clients, per_round, rounds,
+                                                                      delta, lowest) -> None:
+    """Google's dp_accounting (privacy loss distributions, add/remove one client, pessimistic discretization):
+    the z derived for target 8 under Poisson client sampling must give at most 8 there. RDP's derivation leaves
+    slack (6.7 / 6.3); PRV's is tight (7.99)."""
+    import dp_accounting as dpa
+    from dp_accounting import pld
+
+    cfg = config.load(None, ['privacy.mode="client"', 'privacy.client_sampling="poisson"',
+                             f'privacy.accountant="{accountant}"', f"data.num_clients={clients}",
+                             f"federation.clients_per_round={per_round}", f"federation.rounds={rounds}",
+                             f"privacy.delta={delta}", "privacy.target_epsilon=8"])
+    outside = pld.PLDAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                value_discretization_interval=1e-3)
+    gaussian = dpa.GaussianDpEvent(cfg.privacy.server_noise_multiplier)
+    outside.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(per_round / clients, gaussian), rounds))
+    assert lowest <= outside.get_epsilon(delta) <= 8.0
+
+
 def test_distributed_target_epsilon_holds_under_the_exact_gaussian_privacy_profile() -> None:
     """An accountant outside opacus and fedpeft: two rounds of the Gaussian mechanism with replace-one sensitivity
     2C and std z C compose to one with mu = 2 sqrt(2) / z, whose exact delta(eps) (Balle & Wang 2018) is
