@@ -128,3 +128,18 @@ def test_default_attacks_read_adam_clients_with_sign_span(tmp_path: Path) -> Non
     assert adam["per_attack"]["sign_span"]["token_f1"] >= 0.75, adam["per_attack"]
     assert adam["token_f1"] >= adam["per_attack"]["sign_span"]["token_f1"]
     assert "sign_span" not in sgd["per_attack"] and "span" in sgd["per_attack"]
+
+
+def test_a_cell_no_attack_applies_to_is_n_a_not_pass(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """With only ``sign_span`` configured, an SGD client is not attacked at all: its cell says ``n/a`` and audit.md
+    names the reason; the AdamW cell beside it is attacked and gets a real verdict."""
+    code = cli.main(["audit", str(SCENARIO), "--set", f'output.dir="{tmp_path}"', "--set", "audit.seeds=1",
+                     "--set", 'audit.attacks=["sign_span"]', "--grid", "batch_size=1", "--grid", "round=later",
+                     "--grid", "codec=none", "--grid", "dp=none", "--grid", "steps=5", "--grid", "optimizer=adamw,sgd"])
+    assert code == 0
+    out = Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["audit_dir"])
+    rows = {r["optimizer"]: r for r in csv.DictReader(open(out / "audit.csv"))}
+    assert rows["sgd"]["verdict"] == "n/a" and rows["sgd"]["best_attack"] == "-"
+    assert rows["adamw"]["verdict"] in ("fail", "warn", "pass") and rows["adamw"]["best_attack"] == "sign_span"
+    md = (out / "audit.md").read_text()
+    assert "1 n/a (no attack applies)" in md and "- `sign_span`: sign_span reads the update of an Adam(W)" in md

@@ -40,7 +40,7 @@ from fedpeft import report
 from fedpeft.attacks.metrics import ranking_score, rouge_l, rouge_n, token_prf
 from fedpeft.attacks.observation import NotApplicable, Observation, State, run_attack
 from fedpeft.audit import run
-from fedpeft.audit.report import metric_legend, plot
+from fedpeft.audit.report import metric_legend, not_applicable_lines, plot, verdict_counts
 from fedpeft.config import Config
 from fedpeft.errors import ConfigError
 
@@ -191,6 +191,7 @@ def attack_update(obs: Observation, rows: list[list[int]], vocab: int, cfg: Conf
     """Run the configured attacks on one observation and aggregate them like one grid cell (one seed).
     ``prior``: token counts of text the client does not hold (the frequency-guess baseline; None = chance)."""
     per: dict[str, dict[str, float]] = {}
+    skipped: dict[str, str] = {}
     canary_frac = 0.0
     for name in cfg.audit.attacks:
         try:
@@ -198,6 +199,7 @@ def attack_update(obs: Observation, rows: list[list[int]], vocab: int, cfg: Conf
             result = run_attack(name, obs, **run._attack_params(cfg.audit, name, canary, alphabet, cfg.run.seed))
         except NotApplicable as e:
             log.info("capture: %s not applicable: %s", name, e)
+            skipped[name] = str(e)
             continue
         per[name] = score(result, rows)
         if name == "label_and_canary" and result.extra.get("canaries"):  # the attack's own (tie-aware) rank
@@ -220,7 +222,7 @@ def attack_update(obs: Observation, rows: list[list[int]], vocab: int, cfg: Conf
         "hit_pvalue": min(pvalues, default=1.0),
         "ranking_attacks": len(ranking), "canary_exposure": canary_frac,
         "per_attack": {a: {k: m.get(k, 0.0) for k in ("token_f1", "top_true", "rouge2", "exact")}
-                       for a, m in per.items()}}
+                       for a, m in per.items()}, "not_applicable": skipped}
     row["lift"] = run.lift(row["top_true"], baseline)
     row["verdict"] = run.verdict(row, cfg.audit)
     return row
@@ -371,7 +373,6 @@ def write(out: Path, cfg: Config, rows: list[dict[str, Any]], metrics: list[dict
     attacks = [a for a in cfg.audit.attacks if any(a in r["per_attack"] for r in rows)]
     detail = [[r["round"], r["client"], *(r["per_attack"].get(a, {}).get("token_f1") for a in attacks),
                *(r["per_attack"].get(a, {}).get("top_true") for a in attacks)] for r in rows]
-    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("fail", "warn", "pass")}
     a, t = cfg.adapter, cfg.train
     targets = "+".join(a.target_modules) or "peft default"
     text = [f"# Privacy audit of a federated run: `{cfg.run.name}`\n",
@@ -381,13 +382,13 @@ def write(out: Path, cfg: Config, rows: list[dict[str, Any]], metrics: list[dict
             f"attacks: batch size {t.batch_size}, local steps {t.local_steps or t.local_epochs}, lr {t.lr:g}, "
             f"optimizer {t.optimizer}, sequence length <= {cfg.model.max_length}.\n",
             _run_summary(cfg, metrics) + "\n",
-            f"Verdicts: {counts['fail']} fail, {counts['warn']} warn, {counts['pass']} pass (of {len(rows)} attacked "
-            "updates).\n"]
+            f"Verdicts: {verdict_counts(rows)} (of {len(rows)} observed updates).\n"]
     if not rows:
         text.append("No individual update was observed (secure aggregation, or nothing selected): there is "
                     "nothing for this server to attack.\n")
     else:
-        text += [report.markdown_table(cols, table), "\n### Per attack (token F1, then top_true)\n",
+        text += [report.markdown_table(cols, table), *not_applicable_lines(rows),
+                 "\n### Per attack (token F1, then top_true)\n",
                  report.markdown_table(["round", "client", *(f"F1 {x}" for x in attacks),
                                         *(f"top {x}" for x in attacks)], detail)]
     text += ["", "## Legend\n", *metric_legend(cfg), *NOTES, *(FEDBUFF_NOTES if cfg.federation.buffer_size else [])]

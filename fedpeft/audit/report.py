@@ -14,7 +14,26 @@ from fedpeft import report
 from fedpeft.audit.grid import GRID_KEYS
 from fedpeft.config import Config
 
-VERDICT_COLORS = {"fail": "tab:red", "warn": "tab:orange", "pass": "tab:green"}
+VERDICT_COLORS = {"fail": "tab:red", "warn": "tab:orange", "pass": "tab:green", "n/a": "tab:gray"}
+
+
+def verdict_counts(rows: list[dict[str, Any]]) -> str:
+    """``"1 fail, 0 warn, 2 pass"``, with ``", 1 n/a (no attack applies)"`` where a row had no attack."""
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICT_COLORS}
+    line = f"{counts['fail']} fail, {counts['warn']} warn, {counts['pass']} pass"
+    return line + (f", {counts['n/a']} n/a (no attack applies)" if counts["n/a"] else "")
+
+
+def not_applicable_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per attack that did not apply to some row, with its reason (the first one met)."""
+    why: dict[str, str] = {}
+    for r in rows:
+        for attack, reason in r.get("not_applicable", {}).items():
+            why.setdefault(attack, reason)
+    if not why:
+        return []
+    return ["\nNot applicable (the attack did not run there; a row with no attack at all is `n/a`, not `pass`):\n",
+            *(f"- `{a}`: {reason}" for a, reason in why.items()), ""]
 
 
 def _eps(value: float) -> str:
@@ -29,7 +48,8 @@ def metric_legend(cfg: Config) -> list[str]:
         f"an attack closes >= {a.warn_lift:g} of the gap between the frequency guess's ranking score and 1 "
         f"(**lift**) with binomial p-value < {a.warn_pvalue:g} / (ranking attacks) at the guess's hit rate, or the "
         f"planted canary reaches >= {a.canary_warn:g} of its maximum exposure; `pass` = no attack distinguishable "
-        "from the frequency guess at that level (evidence about these attacks, not a privacy guarantee).",
+        "from the frequency guess at that level (evidence about these attacks, not a privacy guarantee); `n/a` = "
+        "none of the attacks applies to that update (reasons listed under the table): it was not attacked.",
         "- **token_f1**: bag-of-tokens F1 of the recovered set (best attack); **rouge2**, **exact**: best "
         "recovered sequence per true sequence (ROUGE-2 F, exact-match rate); **top_true**: fraction of the "
         "distinct true tokens among the top-|true| ranked tokens of the best ranking attack (threshold-free); "
@@ -112,15 +132,13 @@ def write(out: Path, cfg: Config, rows: list[dict[str, Any]], victim: str = "") 
     attacks = [a for a in cfg.audit.attacks if any(a in r["per_attack"] for r in rows)]
     detail = [[*(r[k] for k in varying), *(r["per_attack"].get(a, {}).get("token_f1") for a in attacks),
                *(r["per_attack"].get(a, {}).get("top_true") for a in attacks)] for r in rows]
-    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("fail", "warn", "pass")}
     text = [f"# Privacy audit: `{cfg.run.name}`\n",
             f"Honest-but-curious server attacking one client's reply. Victim: {victim}; LoRA alpha "
             f"{cfg.adapter.alpha:g}, {cfg.audit.seq_len}-token private sequences, lr {cfg.train.lr:g}, "
             f"{cfg.audit.seeds} victim(s) per cell, seed {cfg.run.seed}.\n",
             "Fixed for every cell: " + ", ".join(f"`{k}={v}`" for k, v in fixed.items()) + ".\n",
-            f"Verdicts: {counts['fail']} fail, {counts['warn']} warn, {counts['pass']} pass "
-            f"(of {len(rows)} cells).\n",
-            report.markdown_table(cols, table),
+            f"Verdicts: {verdict_counts(rows)} (of {len(rows)} cells).\n",
+            report.markdown_table(cols, table), *not_applicable_lines(rows),
             "\n### Per attack (token F1, then top_true; means over seeds)\n",
             report.markdown_table([*varying, *(f"F1 {a}" for a in attacks), *(f"top {a}" for a in attacks)], detail),
             "", legend(cfg)]

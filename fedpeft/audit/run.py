@@ -19,6 +19,8 @@ Verdicts (thresholds from ``[audit]``; defaults below):
   hit rate; or a planted canary reaches :data:`CANARY_WARN` of its maximum exposure.
 * ``pass`` — no attack distinguishable from the frequency guess at that level. This is evidence about
   *these* attacks, not a privacy proof (that is what epsilon is for).
+* ``n/a`` — none of the configured attacks applies to this update (each one's reason is kept in
+  ``not_applicable``): the suite says nothing about it, so it is not a ``pass``.
 """
 
 from __future__ import annotations
@@ -117,12 +119,14 @@ def attack_view(view: ClientView, audit: AuditSection, seed: int = 0,
     canary = ids[0, :CANARY_LEN].tolist()
     alphabet = sorted(set(src.alphabet() if src is not None else []) | set(canary))
     per: dict[str, dict[str, float]] = {}
+    skipped: dict[str, str] = {}
     canary_frac = 0.0
     for name in audit.attacks:
         try:
             result = run_attack(name, view.obs, **_attack_params(audit, name, canary, alphabet, seed))
         except NotApplicable as e:
             log.info("audit: %s not applicable: %s", name, e)
+            skipped[name] = str(e)
             continue
         row = summarize(result, ids)
         if name == "span" and "rows" in result.extra:
@@ -142,8 +146,8 @@ def attack_view(view: ClientView, audit: AuditSection, seed: int = 0,
     prior = src.prior if src is not None else torch.zeros(view.truth.vocab_size)
     baseline = ranking_score(prior, ids.flatten().tolist())["top_true"]
     best_attack = max(per, key=lambda a: (per[a].get("token_f1", 0.0), per[a].get("top_true", 0.0)), default="-")
-    return {"per_attack": per, "distinct": distinct, "chance": chance, "baseline": baseline,
-            "canary_frac": canary_frac, "best_attack": best_attack, **best}
+    return {"per_attack": per, "not_applicable": skipped, "distinct": distinct, "chance": chance,
+            "baseline": baseline, "canary_frac": canary_frac, "best_attack": best_attack, **best}
 
 
 def _budget(results: list[dict[str, Any]], tokens: int) -> str:
@@ -160,7 +164,10 @@ def lift(top_true: float, baseline: float) -> float:
 
 
 def verdict(row: dict[str, Any], audit: AuditSection) -> str:
-    """``fail`` / ``warn`` / ``pass`` of one aggregated cell (see the module docstring)."""
+    """``fail`` / ``warn`` / ``pass`` of one aggregated cell, ``n/a`` where no attack applied (see the module
+    docstring)."""
+    if not row["per_attack"]:
+        return "n/a"
     if row["token_f1"] >= audit.fail_f1 or row["rouge2"] >= audit.fail_f1 or row["exact"] > 0:
         return "fail"
     ranked = row["ranking_attacks"] or 1
@@ -223,7 +230,9 @@ def run_cell(cfg: Config, cell: dict[str, Any], src: VictimSource | None = None,
                            "utility_cos": sum(v.utility_cos for v in views) / n,
                            "per_attack": {a: {k: sum(r["per_attack"].get(a, {}).get(k, 0.0) for r in results) / n
                                               for k in ("token_f1", "top_true", "rouge2", "exact")}
-                                          for a in cfg.audit.attacks if any(a in r["per_attack"] for r in results)}}
+                                          for a in cfg.audit.attacks if any(a in r["per_attack"] for r in results)},
+                           "not_applicable": {a: why for r in results for a, why in r["not_applicable"].items()
+                                              if not any(a in q["per_attack"] for q in results)}}
     row["lift"] = lift(row["top_true"], row["baseline"])
     row["verdict"] = verdict(row, cfg.audit)
     row["seconds"] = time.perf_counter() - start

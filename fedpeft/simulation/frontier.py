@@ -186,7 +186,8 @@ def _reported_epsilon(mode: str, metrics: list[dict[str, Any]]) -> float | None:
 
 
 def _attacks(run_dir: Path) -> dict[str, Any]:
-    """The worst verdict over the attacked updates of a captured run (fail > warn > pass) and its best F1."""
+    """The worst verdict over the observed updates of a captured run (fail > warn > pass > n/a: no attack
+    applied) and its best F1; ``attacked``: the updates some attack applied to."""
     with open(run_dir / "audit.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -194,7 +195,7 @@ def _attacks(run_dir: Path) -> dict[str, Any]:
     order = {"fail": 2, "warn": 1, "pass": 0}
     worst = max(rows, key=lambda r: (order.get(r["verdict"], -1), float(r["token_f1"] or 0)))
     return {"verdict": worst["verdict"], "best_attack": worst["best_attack"], "token_f1": float(worst["token_f1"]),
-            "top_true": float(worst["top_true"]), "attacked": len(rows)}
+            "top_true": float(worst["top_true"]), "attacked": sum(r["verdict"] != "n/a" for r in rows)}
 
 
 def _epsilon_audit(cfg: Config, canaries: int) -> dict[str, Any]:

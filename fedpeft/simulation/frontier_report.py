@@ -113,7 +113,7 @@ NOTES = [
     "client 0 was not sampled), or under SecAgg+ (int8-secure, distributed) "
     "only the unmasked mean of the sum, scored against every client's examples. Under client-level DP the server "
     "sees each clipped update before it adds noise, so its verdict is that of the clipped update. `n/a`: nothing "
-    "was attacked.",
+    "was attacked (no update observed, or none of the attacks applies to it: the cell's audit.md names why).",
     "- **ε lower bound (audit)**: the one-run empirical epsilon audit (Steinke, Nasr & Jagielski 2023) of the "
     "cell's mechanism (local: one full-batch DP-SGD step at the target; client: the run's rounds) with the "
     "frontier's canaries; `fail` would be a privacy bug. Distributed DP has no empirical audit here (n/a).",
