@@ -334,8 +334,8 @@ class AuditSection:
                            help="grid axes 'key=v1,v2' (keys: see docs/audit.md); unset keys come from the scenario")
     attacks: list[str] = option(["span", "span_decode", "subspace_opt", "sign_span", "label_and_canary"],
                               help="attacks run on every cell (those that do not apply are skipped: sign_span "
-                                   "runs on Adam(W) clients only; grad_match is slow on real vocabularies: add "
-                                   "it here)")
+                                   "runs on Adam(W) clients only; grad_match and unroll are slow on real "
+                                   "vocabularies: add them here)")
     seeds: int = option(3, lo=1, hi=100, help="victims (private batches) per cell; verdict on the mean over seeds")
     seq_len: int = option(16, lo=2, hi=512, help="tokens per private example (scenario examples are truncated)")
     text: str = option("words", choices=("words", "uniform"),

@@ -363,7 +363,7 @@ def adamw_victim(arch: str, seed: int, ids: torch.Tensor, steps: int = 5, lr: fl
     update = {n: (q.detach() - global_state[n]).clone() for n, q in params.items()}
     return Observation(model=model, global_state=global_state, update=update, kind="delta",
                        batch_size=ids.shape[0], num_examples=ids.shape[0], seq_len=ids.shape[1], local_steps=steps,
-                       lr=lr, optimizer="adamw", task=task, dropout=config_dropout(model))
+                       lr=lr, optimizer="adamw", weight_decay=0.01, task=task, dropout=config_dropout(model))
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -429,5 +429,5 @@ def smollm2_victim(batch_size: int, seed: int, r: int = 8, optimizer: str = "sgd
         update = {n: u * (-1.0 / lr) for n, u in update.items()}
     obs = Observation(model=model, global_state=global_state, update=update, kind="gradient" if sgd else "delta",
                       batch_size=batch_size, num_examples=batch_size, seq_len=seq_len, local_steps=steps, lr=lr,
-                      optimizer=optimizer, task="causal_lm")
+                      optimizer=optimizer, weight_decay=0.0 if sgd else 0.01, task="causal_lm")
     return obs, ids, mask

@@ -14,6 +14,7 @@ from fedpeft.attacks import (  # noqa: F401
     span,
     span_decode,
     subspace_opt,
+    unroll,
 )
 from fedpeft.attacks.observation import ATTACKS, AttackResult, NotApplicable, Observation, register_attack, run_attack
 

@@ -54,7 +54,10 @@ class Observation:
     θ_local − θ_global), possibly compressed or noised. ``history``: earlier (global_state, update)
     pairs of the same client. The remaining fields are public metadata; ``dropout``: the fraction of a
     first-block LoRA input's coordinates the client's dropout zeroes while it trains (model and LoRA
-    dropout combined, 1 − (1 − p_model)(1 − p_lora); read from the public model and adapter config).
+    dropout combined, 1 − (1 − p_model)(1 − p_lora); read from the public model and adapter config);
+    ``weight_decay``: the public optimizer's (decoupled for AdamW, an L2 term for SGD); ``max_grad_norm``: the
+    client's clip of the gradient's total norm before each step (0 = none); ``schedule``: its learning-rate
+    schedule (``constant``, ``linear``, ``cosine``, "... after warm-up").
     """
 
     model: nn.Module
@@ -68,6 +71,9 @@ class Observation:
     local_steps: int = 1
     lr: float = 1.0
     optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0
+    schedule: str = "constant"
     task: str = "causal_lm"
     dropout: float = 0.0
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -88,6 +94,8 @@ class Observation:
         return cls(model=model, global_state=global_state, update=delta, kind="delta", history=list(history or []),
                    batch_size=train.batch_size, num_examples=num_examples, seq_len=seq_len,
                    local_steps=local_steps or train.local_steps or 1, lr=train.lr, optimizer=train.optimizer,
+                   weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
+                   schedule=train.schedule if not train.warmup_steps else f"{train.schedule} after warm-up",
                    task=task, dropout=config_dropout(model))
 
     @property

@@ -307,4 +307,6 @@ def _observation(model: torch.nn.Module, pairs: list[tuple[State, State]], train
         pairs = [(g, {k: v * (-1.0 / train.lr) for k, v in u.items()}) for g, u in pairs]
     return Observation(model=model, global_state=pairs[-1][0], update=pairs[-1][1], kind=kind, history=pairs[:-1],
                        batch_size=b, num_examples=b, seq_len=seq_len, local_steps=train.local_steps, lr=train.lr,
-                       optimizer=train.optimizer, task=task, dropout=config_dropout(model))
+                       optimizer=train.optimizer, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
+                       schedule=train.schedule if not train.warmup_steps else f"{train.schedule} after warm-up",
+                       task=task, dropout=config_dropout(model))

@@ -1,0 +1,84 @@
+"""``unroll``: the replay of a client's local training as a verifier of whole texts, and the search it drives.
+
+Victims are built with plain transformers + peft (``tests/plain_victims.py``), not fedpeft's training code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from plain_victims import SENTENCES, adamw_victim, wordpiece
+
+from fedpeft.attacks import NotApplicable, run_attack, unroll
+from fedpeft.attacks.unroll import Replay
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _ids(seed: int, length: int) -> torch.Tensor:
+    return torch.tensor([wordpiece()(SENTENCES[seed])["input_ids"][:length]])
+
+
+@pytest.mark.parametrize("later", [False, True])
+def test_the_replay_reproduces_an_independent_clients_adamw_update(later: bool) -> None:
+    """Five torch AdamW steps (weight decay 0.01) on a tiny LLaMA: the true sentence replays to the received
+    update; one wrong token, two swapped tokens or the wrong weight decay do not."""
+    ids = _ids(0, 16)
+    obs = adamw_victim("llama", 0, ids, later=later)
+    truth = ids[0].tolist()
+    wrong, swapped = list(truth), list(truth)
+    wrong[7] = 2000
+    swapped[3], swapped[9] = swapped[9], swapped[3]
+    same, off, moved = Replay(obs).cosines([truth, wrong, swapped])
+    assert same > 0.9999 and off < 0.9 and moved < 0.9, (same, off, moved)
+    (no_decay,) = Replay(dataclasses.replace(obs, weight_decay=0.0)).cosines([truth])
+    assert no_decay < same
+
+
+def test_the_search_puts_a_shuffled_sentence_back_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given the sentence's tokens in a random order as the only pool, the search finds the order: the replay's
+    cosine is a verifier, not a token score."""
+    ids = _ids(1, 8)
+    obs = adamw_victim("llama", 1, ids)
+    truth = ids[0].tolist()
+    shuffled = random.Random(0).sample(truth, len(truth))
+    assert shuffled != truth and len(set(truth)) == len(truth)
+    monkeypatch.setattr(unroll, "_start", lambda obs, pool: (shuffled, shuffled, torch.zeros(30522)))
+    result = run_attack("unroll", obs, replays=3000, batch=32)
+    assert result.sequences == [truth], (result.sequences, result.extra)
+    assert result.extra["cosine"] > 0.9999 and result.extra["replays"] < 3000
+
+
+def test_unroll_refuses_what_it_cannot_replay() -> None:
+    obs = adamw_victim("llama", 0, _ids(0, 8))
+    for change, word in [({"batch_size": 2}, "batch size"), ({"dropout": 0.1}, "dropout"),
+                         ({"task": "classification"}, "causal"), ({"kind": "gradient"}, "kind"),
+                         ({"optimizer": "adam", "weight_decay": 0.01}, "weight decay")]:
+        with pytest.raises(NotApplicable, match=word):
+            run_attack("unroll", dataclasses.replace(obs, **change))
+
+
+def test_the_replay_reproduces_fedpeft_s_own_client_with_its_gradient_clip(tmp_path) -> None:
+    """The audit's victim: fedpeft's train_local, five AdamW steps with a total-norm clip of 0.1 (public in
+    the Observation), in fp32: the true text replays to cosine 1; without the clip the replay no longer matches.
+    (Under CPU bf16 autocast, ``train.precision = "auto"`` on a host with native bf16, it replays to 0.999.)"""
+    from pathlib import Path
+
+    from fedpeft import config
+    from fedpeft.audit import run as audit
+    from fedpeft.audit.grid import client_view
+
+    scenario = Path(__file__).resolve().parents[1] / "simulations" / "privacy-audit.toml"
+    cfg = config.load(scenario, [f'output.dir="{tmp_path}"', "audit.seeds=1", "train.max_grad_norm=0.1",
+                                 'train.optimizer="adamw"', "train.lr=0.01", 'train.precision="fp32"'])
+    cfg, cells = audit.check(cfg, ["batch_size=1", "round=later", "codec=none", "dp=none", "steps=5",
+                                   "optimizer=adamw"])
+    view = client_view(cfg, cells[0], 0)
+    obs, truth = view.obs, view.truth.input_ids[0].tolist()
+    assert obs.max_grad_norm == 0.1 and obs.optimizer == "adamw" and obs.local_steps == 5
+    (same,) = Replay(obs).cosines([truth])
+    (unclipped,) = Replay(dataclasses.replace(obs, max_grad_norm=0.0)).cosines([truth])
+    assert same > 0.9999 and unclipped < 0.999, (same, unclipped)  # Adam undoes most of a clip: 0.995 without it
