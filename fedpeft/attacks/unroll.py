@@ -82,6 +82,7 @@ class Replay:
         if set(self.names) != set(obs.global_state) or not self.names:
             raise NotApplicable("unroll replays LoRA adapters only (every adapter tensor a LoRA A or B factor)")
         self.obs = obs
+        self.vocab = int(obs.working_model().get_input_embeddings().weight.shape[0])
         self.start = {n: obs.global_state[n].detach().float() for n in self.names}
         self.target = torch.cat([obs.update[n].detach().float().flatten() for n in self.names])
 
@@ -95,12 +96,7 @@ class Replay:
         (b1, b2), decay = ADAM_BETAS, 1 - obs.lr * obs.weight_decay  # AdamW's decoupled decay
         for step in range(1, obs.local_steps + 1):
             live = {k: p.requires_grad_(True) for k, p in params.items()}
-            for k, (path, factor) in self.names.items():
-                setattr(self.layers[path], factor, live[k])
-            logits = self.model(input_ids=texts).logits[:, :-1]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), texts[:, 1:].reshape(-1),
-                                   reduction="sum") / (texts.shape[1] - 1)  # the sum of every text's mean loss
-            grads = torch.autograd.grad(loss, list(live.values()))
+            grads = self._gradients(live, texts)
             with torch.no_grad():
                 if obs.max_grad_norm > 0:  # torch's clip_grad_norm_, per candidate over every adapter tensor
                     norm = torch.stack([g.reshape(n, -1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
@@ -116,6 +112,27 @@ class Replay:
                     denom = (v2[k].sqrt() / (1 - b2 ** step) ** 0.5).add_(ADAM_EPS)
                     params[k] = p * decay - (obs.lr / (1 - b1 ** step)) * m[k] / denom
         return torch.cat([(params[k] - self.start[k][None]).reshape(n, -1) for k in self.names], 1)
+
+    def _gradients(self, live: dict[str, torch.Tensor], texts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each text's loss gradient at its own adapter ``live`` (one LoRA pair per row)."""
+        for k, (path, factor) in self.names.items():
+            setattr(self.layers[path], factor, live[k])
+        logits = self.model(input_ids=texts).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), texts[:, 1:].reshape(-1),
+                               reduction="sum") / (texts.shape[1] - 1)  # the sum of every text's mean loss
+        return torch.autograd.grad(loss, list(live.values()))
+
+    def first_step_alignment(self, texts: list[list[int]], chunk: int = 256) -> torch.Tensor:
+        """Cosine between each text's negative loss gradient at the global adapter (the direction of its first
+        step) and the received update: one pass instead of a replay, to shortlist candidates."""
+        out = []
+        for i in range(0, len(texts), chunk):
+            rows = torch.tensor(texts[i:i + chunk])
+            live = {k: v[None].repeat(len(rows), *([1] * v.dim())).requires_grad_(True) for k, v in self.start.items()}
+            grads = self._gradients(live, rows)
+            flat = -torch.cat([g.detach().reshape(len(rows), -1) for g in grads], 1)
+            out.append(F.cosine_similarity(flat, self.target[None]))
+        return torch.cat(out)
 
     def cosines(self, texts: list[list[int]], chunk: int = 64) -> list[float]:
         """Cosine between each text's replayed update and the received one."""
@@ -153,10 +170,12 @@ def _start(obs: Observation, pool: int) -> tuple[list[int], list[int], torch.Ten
 
 @register_attack("unroll")
 def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48, done: float = 0.9999,
-        seed: int = 0, **_: Any) -> AttackResult:
+        seed: int = 0, fill: int = 0, shortlist: int = 64, **_: Any) -> AttackResult:
     """Local search over texts scored by the replayed update's cosine with the received one (module
     docstring). ``pool``: extra candidate tokens beside the start's picks; ``replays``: the budget of replayed
-    texts; ``batch``: proposals per round (one batched replay); ``done``: the cosine that ends the search."""
+    texts; ``batch``: proposals per round (one batched replay); ``done``: the cosine that ends the search;
+    ``fill``: after the search, up to this many times, the least confirmed position is refilled from the
+    whole vocabulary (:func:`_fill_position`: a one-pass shortlist, then ``shortlist`` full replays)."""
     if obs.batch_size != 1 or obs.kind != "delta":
         raise NotApplicable(f"unroll replays one example's local training (batch size {obs.batch_size}, "
                             f"update kind {obs.kind!r})")
@@ -189,23 +208,52 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
             current, best = texts[i], cos[i]
         if rounds % 50 == 0:
             log.info("unroll: %d replays, cosine %.4f", used, best)
+    before = (best, _confirmed(replay, current, best, obs) if fill else [])
+    for _step in range(fill):
+        falls = _falls(replay, current, best, obs)
+        level = 0.5 * sorted(falls)[len(falls) // 2]
+        weakest = min(range(len(current)), key=falls.__getitem__)
+        if falls[weakest] >= level:
+            break  # every token confirmed
+        current, best, spent = _fill_position(replay, current, best, weakest, shortlist)
+        used += spent
     confirmed = _confirmed(replay, current, best, obs)
     scores = token_scores.clone().float()
     scores[current] = scores.max() + 1.0
     scores[confirmed] = scores.max() + 1.0
     return AttackResult("unroll", token_scores=scores, bag=confirmed, sequences=[current],
-                        extra={"cosine": best, "replays": used + len(current), "picks": picks,
-                               "pool": len(pool_ids)})
+                        extra={"cosine": best, "cosine_before_fill": before[0], "bag_before_fill": before[1],
+                               "replays": used + len(current),
+                               "picks": picks, "pool": len(pool_ids)})
+
+
+def _falls(replay: Replay, text: list[int], cosine: float, obs: Observation) -> list[float]:
+    """How much the cosine falls when the pad token takes each position's place in turn."""
+    pad = getattr(obs.working_model().config, "pad_token_id", None) or 0
+    return [cosine - c for c in replay.cosines([text[:i] + [pad] + text[i + 1:] for i in range(len(text))])]
 
 
 def _confirmed(replay: Replay, text: list[int], cosine: float, obs: Observation) -> list[int]:
     """The tokens of ``text`` the replay vouches for: putting the pad token in a token's place lowers the
     cosine by at least half the median fall over all positions (measured near a solution on a tiny LLaMA:
     right tokens 0.12-0.30, a wrong last token 0.03)."""
-    pad = getattr(obs.working_model().config, "pad_token_id", None) or 0
-    falls = [cosine - c for c in replay.cosines([text[:i] + [pad] + text[i + 1:] for i in range(len(text))])]
+    falls = _falls(replay, text, cosine, obs)
     level = 0.5 * sorted(falls)[len(falls) // 2]
     return sorted({v for v, fall in zip(text, falls) if fall >= level})
+
+
+def _fill_position(replay: Replay, text: list[int], cosine: float, position: int,
+                   shortlist: int) -> tuple[list[int], float, int]:
+    """Every vocabulary token at ``position`` scored by :meth:`Replay.first_step_alignment` in the context of
+    the rest of ``text``; the ``shortlist`` best are replayed in full and the best kept if it raises the
+    cosine. Returns the text, its cosine and the full replays spent."""
+    texts = [text[:position] + [v] + text[position + 1:] for v in range(replay.vocab)]
+    top = torch.topk(replay.first_step_alignment(texts), shortlist).indices.tolist()
+    cos = replay.cosines([texts[v] for v in top])
+    i = max(range(len(cos)), key=cos.__getitem__)
+    log.info("unroll: position %d, best of %d shortlisted tokens: cosine %.4f (was %.4f)", position, shortlist,
+             cos[i], cosine)
+    return (texts[top[i]], cos[i], len(top)) if cos[i] > cosine else (text, cosine, len(top))
 
 
 def _propose(text: list[int], pool: list[int], weights: torch.Tensor, g: torch.Generator) -> list[int]:
