@@ -1,7 +1,7 @@
 """``unroll``: search for the client's text by replaying its whole local training (multi-step threat model).
 
 The server holds the model, the global adapter the client started from and the public training recipe
-(optimizer, learning rate, local steps, weight decay). For any candidate text it can replay the client's
+(optimizer, learning rate, local steps, weight decay, gradient clip). For any candidate text it can replay the client's
 local training and compare the update that comes out with the one it received. The true text reproduces
 it (to float rounding: cosine 1); on a tiny LLaMA after five AdamW steps a text with one wrong token
 reaches a cosine of about 0.55-0.70, and every further wrong token or misplaced pair lowers it. The replay
@@ -14,6 +14,7 @@ with what the picks leave unexplained (the residual of the first block's sign fi
 positions, move one token, put a pool token at one position. Each round replays ``batch`` distinct
 proposals at once and keeps the best one if it raises the cosine; the search stops at cosine ``done`` or
 after ``replays`` replays. Tokens outside the pool are never tried: the pool bounds what it can recover.
+``fill`` then refills the least confirmed positions from the whole vocabulary (:func:`_fill_position`).
 The recovered text is the sequence; its bag keeps the tokens the replay confirms (:func:`_confirmed`), so
 fillers the search could not place do not count as found.
 
@@ -21,8 +22,8 @@ The replay swaps every LoRA layer of a copy of the base model for a batched one 
 candidate text), so a single forward and backward pass trains ``batch`` candidates; the optimizer step is
 applied per candidate with the public settings (torch's defaults for Adam's betas and epsilon, constant
 learning rate, the client's clip of the gradient's total norm, mean token cross-entropy as the causal-LM
-loss). Applies to one example (batch size
-1) of a causal LM without dropout whose LoRA update arrived as a delta.
+loss). Applies to one example (batch size 1) of a causal LM without dropout whose LoRA update arrived as a
+delta.
 """
 
 from __future__ import annotations
@@ -197,12 +198,15 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
     weights = torch.ones(len(pool_ids))
     weights[:len(picks)] = 3.0  # the picks are right far more often than the rest of the pool
     used, rounds = 1, 0
-    while used < replays and best < done:
+    while used < replays and best < done and rounds < replays:
         proposals = {tuple(_propose(current, pool_ids, weights, g)) for _ in range(batch)}
         proposals.discard(tuple(current))
         texts = [list(p) for p in proposals]
+        rounds += 1
+        if not texts:  # a pool of one token: every move gives the same text
+            continue
         cos = replay.cosines(texts)
-        used, rounds = used + len(texts), rounds + 1
+        used += len(texts)
         i = max(range(len(cos)), key=cos.__getitem__)
         if cos[i] > best:
             current, best = texts[i], cos[i]
