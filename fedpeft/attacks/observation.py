@@ -28,6 +28,11 @@ State = dict[str, torch.Tensor]
 T = TypeVar("T")
 
 
+def public_schedule(train: Any) -> str:
+    """The client's learning-rate schedule as an :class:`Observation` names it (from a ``TrainSection``)."""
+    return train.schedule if not train.warmup_steps else f"{train.schedule} after warm-up"
+
+
 def config_dropout(model: nn.Module) -> float:
     """The fraction of a first-block LoRA input's coordinates that dropout zeroes while a client trains, from
     the public configs: the base model's embedding / hidden dropout (``hidden_dropout_prob``, ``embd_pdrop``)
@@ -95,8 +100,7 @@ class Observation:
                    batch_size=train.batch_size, num_examples=num_examples, seq_len=seq_len,
                    local_steps=local_steps or train.local_steps or 1, lr=train.lr, optimizer=train.optimizer,
                    weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
-                   schedule=train.schedule if not train.warmup_steps else f"{train.schedule} after warm-up",
-                   task=task, dropout=config_dropout(model))
+                   schedule=public_schedule(train), task=task, dropout=config_dropout(model))
 
     @property
     def token_bound(self) -> int:

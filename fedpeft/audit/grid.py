@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fedpeft import config
-from fedpeft.attacks.observation import Observation, State, config_dropout
+from fedpeft.attacks.observation import Observation, State, config_dropout, public_schedule
 from fedpeft.audit.victim import Truth, VictimSource, _later_round, victim_source
 from fedpeft.compression import Layout, make_codec
 from fedpeft.errors import ConfigError, FedPeftError
@@ -308,5 +308,4 @@ def _observation(model: torch.nn.Module, pairs: list[tuple[State, State]], train
     return Observation(model=model, global_state=pairs[-1][0], update=pairs[-1][1], kind=kind, history=pairs[:-1],
                        batch_size=b, num_examples=b, seq_len=seq_len, local_steps=train.local_steps, lr=train.lr,
                        optimizer=train.optimizer, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
-                       schedule=train.schedule if not train.warmup_steps else f"{train.schedule} after warm-up",
-                       task=task, dropout=config_dropout(model))
+                       schedule=public_schedule(train), task=task, dropout=config_dropout(model))
