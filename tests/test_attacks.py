@@ -135,7 +135,7 @@ def test_subspace_ranking_survives_ternary_compression_and_adam() -> None:
 
 @pytest.mark.parametrize("name", ATTACKS.names())
 def test_every_registered_attack_runs_on_the_tiny_model(name: str) -> None:
-    adam = {"steps": 3, "optimizer": "adam", "lr": 1e-3} if name == "sign_span" else {}  # Adam(W) clients only
+    adam = {"steps": 3, "optimizer": "adam", "lr": 1e-3} if name in ("sign_span", "unroll") else {}  # Adam clients
     obs, truth = make_victim(batch_size=1, seed=0, r=8, **adam)
     if name == "sign_span":
         with pytest.raises(NotApplicable):
@@ -144,7 +144,7 @@ def test_every_registered_attack_runs_on_the_tiny_model(name: str) -> None:
         with pytest.raises(NotApplicable):
             run_attack(name, obs)
         return
-    params = {"iterations": 3} if name == "grad_match" else {}
+    params = {"iterations": 3} if name == "grad_match" else {"replays": 100} if name == "unroll" else {}
     result = run_attack(name, obs, **params)
     assert isinstance(result, AttackResult) and result.attack == name and result.seconds > 0
     summarize(result, truth.input_ids)
@@ -159,7 +159,7 @@ def test_attacks_on_soft_prompts_run_or_say_not_applicable(adapter: str) -> None
         try:
             result = run_attack(name, obs, iterations=3)
         except NotApplicable:
-            assert name in ("span", "span_decode", "subspace_opt", "sign_span", "smashed")
+            assert name in ("span", "span_decode", "subspace_opt", "sign_span", "smashed", "unroll")
             continue
         assert isinstance(result, AttackResult)
     rows = summarize(run_attack("grad_match", obs, iterations=40), truth.input_ids)

@@ -56,7 +56,7 @@ def test_the_search_puts_a_shuffled_sentence_back_in_order(monkeypatch: pytest.M
 def test_unroll_refuses_what_it_cannot_replay() -> None:
     obs = adamw_victim("llama", 0, _ids(0, 8))
     for change, word in [({"batch_size": 2}, "batch size"), ({"dropout": 0.1}, "dropout"),
-                         ({"task": "classification"}, "causal"), ({"kind": "gradient"}, "kind"),
+                         ({"task": "classification"}, "causal"), ({"kind": "gradient"}, "one SGD step"),
                          ({"optimizer": "adam", "weight_decay": 0.01}, "weight decay")]:
         with pytest.raises(NotApplicable, match=word):
             run_attack("unroll", dataclasses.replace(obs, **change))
@@ -113,3 +113,16 @@ def test_fill_finds_a_token_the_pool_lacks(monkeypatch: pytest.MonkeyPatch) -> N
     assert without.sequences[0] != truth and truth[-1] not in without.sequences[0][-1:]
     result = run_attack("unroll", obs, replays=200, fill=1)
     assert result.sequences == [truth] and result.extra["cosine"] > 0.9999, result.extra
+
+
+def test_a_one_step_sgd_gradient_replays_too() -> None:
+    """The audit's single-step SGD client (kind "gradient": the delta rescaled by -1/lr): the true text replays to
+    cosine 1, one wrong token does not."""
+    from fedpeft.audit.victim import make_victim
+
+    obs, truth = make_victim(batch_size=1, seed=0, r=8)
+    assert obs.kind == "gradient" and obs.local_steps == 1
+    text = truth.input_ids[0].tolist()
+    wrong = text[:3] + [(text[3] + 1) % truth.vocab_size] + text[4:]
+    same, off = Replay(obs).cosines([text, wrong])
+    assert same > 0.9999 and off < 0.99, (same, off)

@@ -23,7 +23,7 @@ candidate text), so a single forward and backward pass trains ``batch`` candidat
 applied per candidate with the public settings (torch's defaults for Adam's betas and epsilon, constant
 learning rate, the client's clip of the gradient's total norm, mean token cross-entropy as the causal-LM
 loss). Applies to one example (batch size 1) of a causal LM without dropout whose LoRA update arrived as a
-delta.
+delta (or as the gradient of one SGD step).
 """
 
 from __future__ import annotations
@@ -73,7 +73,9 @@ class Replay:
                 self.layers[path] = batched
         for p in model.parameters():
             p.requires_grad_(False)
-        self.model = model.train()  # the client trains in train mode (dropout is 0 here: checked by the attack)
+        # the client trained without dropout (checked by the attack), so eval mode is its computation: models whose
+        # configs keep dropout layers (then switched off by the client) would draw masks in train mode
+        self.model = model.eval()
         self.names: dict[str, tuple[str, str]] = {}  # adapter state name -> (layer path, "A" / "B")
         for name in obs.global_state:
             for path in self.layers:
@@ -85,7 +87,9 @@ class Replay:
         self.obs = obs
         self.vocab = int(obs.working_model().get_input_embeddings().weight.shape[0])
         self.start = {n: obs.global_state[n].detach().float() for n in self.names}
-        self.target = torch.cat([obs.update[n].detach().float().flatten() for n in self.names])
+        # a "gradient" observation is a one-step SGD delta rescaled by -1/lr: its replayed delta points the other way
+        sign = -1.0 if obs.kind == "gradient" else 1.0
+        self.target = sign * torch.cat([obs.update[n].detach().float().flatten() for n in self.names])
 
     def updates(self, texts: torch.Tensor) -> torch.Tensor:
         """The update (local − global, flattened in ``names`` order) the client would send for each row."""
@@ -177,9 +181,10 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
     texts; ``batch``: proposals per round (one batched replay); ``done``: the cosine that ends the search;
     ``fill``: after the search, up to this many times, the least confirmed position is refilled from the
     whole vocabulary (:func:`_fill_position`: a one-pass shortlist, then ``shortlist`` full replays)."""
-    if obs.batch_size != 1 or obs.kind != "delta":
+    one_sgd_step = obs.local_steps == 1 and obs.optimizer.lower() == "sgd"
+    if obs.batch_size != 1 or not (obs.kind == "delta" or one_sgd_step):
         raise NotApplicable(f"unroll replays one example's local training (batch size {obs.batch_size}, "
-                            f"update kind {obs.kind!r})")
+                            f"update kind {obs.kind!r}; a gradient only from one SGD step)")
     if obs.task != "causal_lm" or obs.dropout > 0:
         raise NotApplicable(f"unroll replays a causal LM trained without dropout (task {obs.task!r}, dropout "
                             f"{obs.dropout:g}): with dropout the client's random masks are not public")
