@@ -93,10 +93,12 @@ def test_warn_needs_a_ranking_better_than_the_frequency_guess() -> None:
     """3x uniform chance but below the frequency guess is no evidence; well above the guess warns."""
     cfg = config.load(None, [])
     row = {"token_f1": 0.1, "rouge2": 0.0, "exact": 0.0, "top_true": 0.25, "baseline": 0.3, "chance": 0.005,
-           "hit_pvalue": audit.binomial_tail(25, 100, 0.3), "ranking_attacks": 2, "canary_exposure": 0.0}
+           "hit_pvalue": audit.binomial_tail(25, 100, 0.3), "ranking_attacks": 2, "canary_exposure": 0.0,
+           "per_attack": {"span": {}, "subspace_opt": {}}}
     assert audit.verdict(row, cfg.audit) == "pass"
     row.update(top_true=0.6, hit_pvalue=audit.binomial_tail(60, 100, 0.3))
     assert audit.lift(0.6, 0.3) == pytest.approx(3 / 7) and audit.verdict(row, cfg.audit) == "warn"
+    assert audit.verdict({**row, "per_attack": {}}, cfg.audit) == "n/a"  # no attack ran: not evidence either way
 
 
 def test_seeds_aggregate_into_a_mean_and_interval(tmp_path: Path) -> None:
