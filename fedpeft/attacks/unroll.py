@@ -60,7 +60,7 @@ class _BatchedLoRA(torch.nn.Module):
 
 
 class Replay:
-    """The client's local training replayed on many candidate texts at once (float32, as clients train)."""
+    """The client's local training replayed on many candidate texts at once, in float32 on the CPU."""
 
     def __init__(self, obs: Observation) -> None:
         model = copy.deepcopy(obs.working_model().get_base_model()).float()
