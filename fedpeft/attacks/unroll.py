@@ -217,23 +217,27 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
             current, best = texts[i], cos[i]
         if rounds % 50 == 0:
             log.info("unroll: %d replays, cosine %.4f", used, best)
-    before = (best, _confirmed(replay, current, best, obs) if fill else [])
+    falls = _falls(replay, current, best, obs)
+    used += len(current)
+    before = (best, _confirmed(current, falls))
     for _step in range(fill):
-        falls = _falls(replay, current, best, obs)
-        level = 0.5 * sorted(falls)[len(falls) // 2]
         weakest = min(range(len(current)), key=falls.__getitem__)
-        if falls[weakest] >= level:
+        if falls[weakest] >= _level(falls):
             break  # every token confirmed
-        current, best, spent = _fill_position(replay, current, best, weakest, shortlist)
+        text, cosine, spent = _fill_position(replay, current, best, weakest, shortlist)
         used += spent
-    confirmed = _confirmed(replay, current, best, obs)
+        if text == current:
+            break  # nothing better there: a second scan of the same position would find the same
+        current, best = text, cosine
+        falls = _falls(replay, current, best, obs)
+        used += len(current)
+    confirmed = _confirmed(current, falls)
     scores = token_scores.clone().float()
     scores[current] = scores.max() + 1.0
     scores[confirmed] = scores.max() + 1.0
     return AttackResult("unroll", token_scores=scores, bag=confirmed, sequences=[current],
                         extra={"cosine": best, "cosine_before_fill": before[0], "bag_before_fill": before[1],
-                               "replays": used + len(current),
-                               "picks": picks, "pool": len(pool_ids)})
+                               "replays": used, "picks": picks, "pool": len(pool_ids)})
 
 
 def _falls(replay: Replay, text: list[int], cosine: float, obs: Observation) -> list[float]:
@@ -242,12 +246,16 @@ def _falls(replay: Replay, text: list[int], cosine: float, obs: Observation) -> 
     return [cosine - c for c in replay.cosines([text[:i] + [pad] + text[i + 1:] for i in range(len(text))])]
 
 
-def _confirmed(replay: Replay, text: list[int], cosine: float, obs: Observation) -> list[int]:
+def _level(falls: list[float]) -> float:
+    """Half the median fall: a token whose fall reaches it is confirmed (measured near a solution on a tiny
+    LLaMA: right tokens 0.12-0.30, a wrong last token 0.03)."""
+    return 0.5 * sorted(falls)[len(falls) // 2]
+
+
+def _confirmed(text: list[int], falls: list[float]) -> list[int]:
     """The tokens of ``text`` the replay vouches for: putting the pad token in a token's place lowers the
-    cosine by at least half the median fall over all positions (measured near a solution on a tiny LLaMA:
-    right tokens 0.12-0.30, a wrong last token 0.03)."""
-    falls = _falls(replay, text, cosine, obs)
-    level = 0.5 * sorted(falls)[len(falls) // 2]
+    cosine by at least :func:`_level` (``falls`` from :func:`_falls`)."""
+    level = _level(falls)
     return sorted({v for v, fall in zip(text, falls) if fall >= level})
 
 
