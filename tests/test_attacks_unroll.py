@@ -10,10 +10,9 @@ import random
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from plain_victims import SENTENCES, adamw_victim, tiny_lm, wordpiece
+from plain_victims import SENTENCES, adamw_victim, wordpiece
 
-from fedpeft.attacks import NotApplicable, Observation, run_attack, unroll
+from fedpeft.attacks import NotApplicable, run_attack, unroll
 from fedpeft.attacks.unroll import Replay
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,28 +84,11 @@ def test_the_replay_reproduces_fedpeft_s_own_client_with_its_gradient_clip(tmp_p
     assert same > 0.9999 and unclipped < 0.999, (same, unclipped)  # Adam undoes most of a clip: 0.995 without it
 
 
-def _small_vocab_victim(seed: int, length: int = 12, vocab: int = 400) -> tuple[Observation, list[int]]:
-    """Five torch AdamW steps (weight decay 0.01) of a tiny LLaMA over a 400-token vocabulary on random ids."""
-    model = get_peft_model(tiny_lm("llama", vocab, 64, seed, torch.float32),
-                           LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
-                                      lora_dropout=0.0, task_type="CAUSAL_LM"))
-    ids = torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    start = {n: p.detach().clone() for n, p in params.items()}
-    opt = torch.optim.AdamW(list(params.values()), lr=1e-3)
-    for _ in range(5):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-    update = {n: (p.detach() - start[n]).clone() for n, p in params.items()}
-    return Observation(model=model, global_state=start, update=update, kind="delta", seq_len=length, local_steps=5,
-                       lr=1e-3, optimizer="adamw", weight_decay=0.01), ids[0].tolist()
-
-
 def test_fill_finds_a_token_the_pool_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The search cannot place a token outside its pool; the fill stage scans the whole vocabulary at the least
     confirmed position (one pass each, then full replays of the shortlist) and finds the last token."""
-    obs, truth = _small_vocab_victim(3)
+    ids = torch.randint(3, 400, (1, 12), generator=torch.Generator().manual_seed(3))
+    obs, truth = adamw_victim("llama", 3, ids, vocab=400), ids[0].tolist()
     start = truth[:-1] + [5 if truth[-1] != 5 else 6]
     monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400)))
     without = run_attack("unroll", obs, replays=200)
