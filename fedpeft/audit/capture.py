@@ -38,7 +38,7 @@ import torch
 
 from fedpeft import report
 from fedpeft.attacks.metrics import ranking_score, rouge_l, rouge_n, token_prf
-from fedpeft.attacks.observation import NotApplicable, Observation, State, run_attack
+from fedpeft.attacks.observation import Observation, State
 from fedpeft.audit import run
 from fedpeft.audit.report import metric_legend, not_applicable_lines, plot, verdict_counts
 from fedpeft.config import Config
@@ -190,22 +190,8 @@ def attack_update(obs: Observation, rows: list[list[int]], vocab: int, cfg: Conf
                   alphabet: list[int], prior: torch.Tensor | None = None) -> dict[str, Any]:
     """Run the configured attacks on one observation and aggregate them like one grid cell (one seed).
     ``prior``: token counts of text the client does not hold (the frequency-guess baseline; None = chance)."""
-    per: dict[str, dict[str, float]] = {}
-    skipped: dict[str, str] = {}
-    canary_frac = 0.0
-    for name in cfg.audit.attacks:
-        try:
-            # the grid's attack settings (grad_match budget, canary ranking), so both modes are comparable
-            result = run_attack(name, obs, **run._attack_params(cfg.audit, name, canary, alphabet, cfg.run.seed))
-        except NotApplicable as e:
-            log.info("capture: %s not applicable: %s", name, e)
-            skipped[name] = str(e)
-            continue
-        per[name] = score(result, rows)
-        if name == "label_and_canary" and result.extra.get("canaries"):  # the attack's own (tie-aware) rank
-            rep = result.extra["canaries"][0]
-            per[name]["canary_exposure"] = rep["exposure"] / rep["max_exposure"]
-            canary_frac = max(canary_frac, per[name]["canary_exposure"])
+    per, skipped, canary_frac = run.run_attacks(obs, cfg.audit, canary, alphabet, cfg.run.seed,
+                                                functools.partial(score, rows=rows))
     distinct = len({t for r in rows for t in r})
     chance = distinct / vocab
     flat = [t for r in rows for t in r]

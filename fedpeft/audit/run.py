@@ -26,6 +26,7 @@ Verdicts (thresholds from ``[audit]``; defaults below):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -40,7 +41,7 @@ import torch
 
 from fedpeft.attacks.label_and_canary import canary_rank
 from fedpeft.attacks.metrics import exposure, ranking_score, summarize
-from fedpeft.attacks.observation import ATTACKS, NotApplicable, run_attack
+from fedpeft.attacks.observation import ATTACKS, AttackResult, NotApplicable, Observation, run_attack
 from fedpeft.audit.grid import GRID_KEYS, ClientView, client_view, parse_dp, plan
 from fedpeft.audit.victim import VictimSource, victim_source
 from fedpeft.config import AuditSection, Config
@@ -111,6 +112,34 @@ def _attack_params(audit: AuditSection, name: str, canary: list[int], alphabet: 
     return {}
 
 
+def run_attacks(obs: Observation, audit: AuditSection, canary: list[int], alphabet: list[int], seed: int,
+                score: Callable[[AttackResult], dict[str, float]]) -> tuple[dict[str, dict[str, float]],
+                                                                            dict[str, str], float]:
+    """Every configured attack on one observation, with the grid's attack settings (so the grid and a captured
+    run are comparable): each attack's metrics (``score(result)``, plus ``span_rows`` for ``span`` and
+    ``canary_exposure`` for ``label_and_canary``: its own tie-aware rank), the attacks that did not apply (with
+    why) and the highest canary exposure (fraction of the maximum)."""
+    per: dict[str, dict[str, float]] = {}
+    skipped: dict[str, str] = {}
+    canary_frac = 0.0
+    for name in audit.attacks:
+        try:
+            result = run_attack(name, obs, **_attack_params(audit, name, canary, alphabet, seed))
+        except NotApplicable as e:
+            log.info("audit: %s not applicable: %s", name, e)
+            skipped[name] = str(e)
+            continue
+        row = score(result)
+        if name == "span" and "rows" in result.extra:
+            row["span_rows"] = float(result.extra["rows"])
+        if name == "label_and_canary" and result.extra.get("canaries"):
+            report = result.extra["canaries"][0]
+            row["canary_exposure"] = report["exposure"] / report["max_exposure"]
+            canary_frac = max(canary_frac, row["canary_exposure"])
+        per[name] = row
+    return per, skipped, canary_frac
+
+
 def attack_view(view: ClientView, audit: AuditSection, seed: int = 0,
                 src: VictimSource | None = None) -> dict[str, Any]:
     """Run the configured attacks on one observation; the per-attack metrics, the cell's best values and
@@ -118,25 +147,8 @@ def attack_view(view: ClientView, audit: AuditSection, seed: int = 0,
     ids = view.truth.input_ids
     canary = ids[0, :CANARY_LEN].tolist()
     alphabet = sorted(set(src.alphabet() if src is not None else []) | set(canary))
-    per: dict[str, dict[str, float]] = {}
-    skipped: dict[str, str] = {}
-    canary_frac = 0.0
-    for name in audit.attacks:
-        try:
-            result = run_attack(name, view.obs, **_attack_params(audit, name, canary, alphabet, seed))
-        except NotApplicable as e:
-            log.info("audit: %s not applicable: %s", name, e)
-            skipped[name] = str(e)
-            continue
-        row = summarize(result, ids)
-        if name == "span" and "rows" in result.extra:
-            row["span_rows"] = float(result.extra["rows"])
-        if name == "label_and_canary" and result.extra.get("canaries"):  # the attack's own (tie-aware) rank
-            report = result.extra["canaries"][0]
-            frac = report["exposure"] / report["max_exposure"]
-            row["canary_exposure"] = frac
-            canary_frac = max(canary_frac, frac)
-        per[name] = row
+    per, skipped, canary_frac = run_attacks(view.obs, audit, canary, alphabet, seed,
+                                            functools.partial(summarize, truth=ids))
     distinct = len(set(ids.flatten().tolist()))
     best = {"token_f1": 0.0, "rouge2": 0.0, "exact": 0.0, "top_true": 0.0}
     for row in per.values():
