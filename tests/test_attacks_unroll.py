@@ -97,6 +97,33 @@ def test_fill_finds_a_token_the_pool_lacks(monkeypatch: pytest.MonkeyPatch) -> N
     assert result.sequences == [truth] and result.extra["cosine"] > 0.9999, result.extra
 
 
+def test_a_vain_scan_passes_the_fill_to_the_next_weakest_position(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refill that finds nothing better at the weakest position does not end the fill: the next scan goes to
+    the next weakest position (a second scan of the same one, in the same text, would find the same)."""
+    ids = torch.randint(3, 400, (1, 12), generator=torch.Generator().manual_seed(3))
+    obs, truth = adamw_victim("llama", 3, ids, vocab=400), ids[0].tolist()
+    start = truth[:-2] + [v if v not in truth[-2:] else v + 2 for v in (5, 6)]  # two positions wrong
+    monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400)))
+    real, scanned = unroll._fill_position, []
+
+    def first_in_vain(replay, text, cosine, position, shortlist):  # type: ignore[no-untyped-def]
+        scanned.append(position)
+        found = real(replay, text, cosine, position, shortlist)
+        return (text, cosine, found[2]) if len(scanned) == 1 else found
+
+    monkeypatch.setattr(unroll, "_fill_position", first_in_vain)
+    run_attack("unroll", obs, replays=50, fill=2)
+    assert len(scanned) == 2 and scanned[0] != scanned[1], scanned
+
+
+def test_the_bag_keeps_the_start_s_picks_unless_the_replay_refutes_them() -> None:
+    """Confirmed: the pad in a token's place lowers the cosine by at least half the median fall; a pick of the
+    ranking attack also stays with any positive fall, and goes when the pad does as well as it (fall <= 0)."""
+    text, falls = [11, 12, 13, 14], [0.30, 0.01, -0.02, 0.25]  # level: half the median fall, 0.125
+    assert unroll._confirmed(text, falls, picks=[]) == [11, 14]
+    assert unroll._confirmed(text, falls, picks=[12, 13]) == [11, 12, 14]
+
+
 def test_a_one_step_sgd_gradient_replays_too() -> None:
     """The audit's single-step SGD client (kind "gradient": the delta rescaled by -1/lr): the true text replays to
     cosine 1, one wrong token does not."""

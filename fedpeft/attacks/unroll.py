@@ -15,8 +15,8 @@ positions, move one token, put a pool token at one position. Each round replays 
 proposals at once and keeps the best one if it raises the cosine; the search stops at cosine ``done`` or
 after ``replays`` replays. Tokens outside the pool are never tried: the pool bounds what it can recover.
 ``fill`` then refills the least confirmed positions from the whole vocabulary (:func:`_fill_position`).
-The recovered text is the sequence; its bag keeps the tokens the replay confirms (:func:`_confirmed`), so
-fillers the search could not place do not count as found.
+The recovered text is the sequence; its bag keeps the tokens the replay confirms and the start's picks it does
+not refute (:func:`_confirmed`), so fillers the search could not place do not count as found.
 
 The replay swaps every LoRA layer of a copy of the base model for a batched one (one LoRA pair per
 candidate text), so a single forward and backward pass trains ``batch`` candidates; the optimizer step is
@@ -179,8 +179,9 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
     """Local search over texts scored by the replayed update's cosine with the received one (module
     docstring). ``pool``: extra candidate tokens beside the start's picks; ``replays``: the budget of replayed
     texts; ``batch``: proposals per round (one batched replay); ``done``: the cosine that ends the search;
-    ``fill``: after the search, up to this many times, the least confirmed position is refilled from the
-    whole vocabulary (:func:`_fill_position`: a one-pass shortlist, then ``shortlist`` full replays)."""
+    ``fill``: after the search, up to this many scans, the least confirmed position not yet scanned in vain
+    is refilled from the whole vocabulary (:func:`_fill_position`: a one-pass shortlist, then ``shortlist``
+    full replays)."""
     one_sgd_step = obs.local_steps == 1 and obs.optimizer.lower() == "sgd"
     if obs.batch_size != 1 or not (obs.kind == "delta" or one_sgd_step):
         raise NotApplicable(f"unroll replays one example's local training (batch size {obs.batch_size}, "
@@ -219,19 +220,21 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
             log.info("unroll: %d replays, cosine %.4f", used, best)
     falls = _falls(replay, current, best, obs)
     used += len(current)
-    before = (best, _confirmed(current, falls))
+    before = (best, _confirmed(current, falls, picks))
+    scanned: set[int] = set()  # positions whose scan found nothing better in the current text
     for _step in range(fill):
-        weakest = min(range(len(current)), key=falls.__getitem__)
-        if falls[weakest] >= _level(falls):
-            break  # every token confirmed
+        weakest = min((i for i in range(len(current)) if i not in scanned), key=falls.__getitem__, default=None)
+        if weakest is None or falls[weakest] >= _level(falls):
+            break  # every position confirmed or scanned in vain
         text, cosine, spent = _fill_position(replay, current, best, weakest, shortlist)
         used += spent
-        if text == current:
-            break  # nothing better there: a second scan of the same position would find the same
-        current, best = text, cosine
+        if text == current:  # a second scan of it would find the same: the next weakest position gets the scan
+            scanned.add(weakest)
+            continue
+        current, best, scanned = text, cosine, set()
         falls = _falls(replay, current, best, obs)
         used += len(current)
-    confirmed = _confirmed(current, falls)
+    confirmed = _confirmed(current, falls, picks)
     scores = token_scores.clone().float()
     scores[current] = scores.max() + 1.0
     scores[confirmed] = scores.max() + 1.0
@@ -252,11 +255,13 @@ def _level(falls: list[float]) -> float:
     return 0.5 * sorted(falls)[len(falls) // 2]
 
 
-def _confirmed(text: list[int], falls: list[float]) -> list[int]:
+def _confirmed(text: list[int], falls: list[float], picks: list[int]) -> list[int]:
     """The tokens of ``text`` the replay vouches for: putting the pad token in a token's place lowers the
-    cosine by at least :func:`_level` (``falls`` from :func:`_falls`)."""
-    level = _level(falls)
-    return sorted({v for v, fall in zip(text, falls) if fall >= level})
+    cosine by at least :func:`_level` (``falls`` from :func:`_falls`); the ranking attack's ``picks`` stay
+    unless the replay refutes them (the pad in their place does not lower the cosine). Far from a solution
+    the falls are noisy and the level drops right tokens, which the picks (rarely wrong) then keep."""
+    level, keep = _level(falls), set(picks)
+    return sorted({v for v, fall in zip(text, falls) if fall >= level or (v in keep and fall > 0)})
 
 
 def _fill_position(replay: Replay, text: list[int], cosine: float, position: int,
