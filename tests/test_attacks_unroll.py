@@ -97,6 +97,18 @@ def test_fill_finds_a_token_the_pool_lacks(monkeypatch: pytest.MonkeyPatch) -> N
     assert result.sequences == [truth] and result.extra["cosine"] > 0.9999, result.extra
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_replay_on_a_cuda_gpu_matches_the_cpu() -> None:
+    """The replay runs on a CUDA GPU where there is one: the true text still replays to cosine 1, and a text one
+    token off gets the cosine the CPU gives it."""
+    ids = _ids(0, 16)
+    obs, truth = adamw_victim("llama", 0, ids), ids[0].tolist()
+    wrong = truth[:5] + [(truth[5] + 1) % 30522] + truth[6:]
+    gpu = Replay(obs, torch.device("cuda")).cosines([truth, wrong])
+    cpu = Replay(obs, torch.device("cpu")).cosines([truth, wrong])
+    assert gpu[0] > 0.9999 and abs(gpu[1] - cpu[1]) < 1e-3, (gpu, cpu)
+
+
 def test_a_vain_scan_passes_the_fill_to_the_next_weakest_position(monkeypatch: pytest.MonkeyPatch) -> None:
     """A refill that finds nothing better at the weakest position does not end the fill: the next scan goes to
     the next weakest position (a second scan of the same one, in the same text, would find the same)."""

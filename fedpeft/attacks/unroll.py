@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from fedpeft.attacks.observation import AttackResult, NotApplicable, Observation, register_attack, run_attack
 from fedpeft.attacks.sign_span import logistic_fit, update_rows
 from fedpeft.attacks.span import first_layer
+from fedpeft.training import select_device
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,12 @@ class _BatchedLoRA(torch.nn.Module):
 
 
 class Replay:
-    """The client's local training replayed on many candidate texts at once, in float32 on the CPU."""
+    """The client's local training replayed on many candidate texts at once, in float32, on ``device``
+    (``select_device``'s choice by default: a CUDA GPU where there is one, else the CPU)."""
 
-    def __init__(self, obs: Observation) -> None:
-        model = copy.deepcopy(obs.working_model().get_base_model()).float()
+    def __init__(self, obs: Observation, device: torch.device | None = None) -> None:
+        self.device = device or select_device("auto")
+        model = copy.deepcopy(obs.working_model().get_base_model()).float().to(self.device)
         self.layers: dict[str, _BatchedLoRA] = {}
         for path, module in list(model.named_modules()):
             if "default" in getattr(module, "lora_A", {}):
@@ -86,14 +89,14 @@ class Replay:
             raise NotApplicable("unroll replays LoRA adapters only (every adapter tensor a LoRA A or B factor)")
         self.obs = obs
         self.vocab = int(obs.working_model().get_input_embeddings().weight.shape[0])
-        self.start = {n: obs.global_state[n].detach().float() for n in self.names}
+        self.start = {n: obs.global_state[n].detach().float().to(self.device) for n in self.names}
         # a "gradient" observation is a one-step SGD delta rescaled by -1/lr: its replayed delta points the other way
         sign = -1.0 if obs.kind == "gradient" else 1.0
-        self.target = sign * torch.cat([obs.update[n].detach().float().flatten() for n in self.names])
+        self.target = sign * torch.cat([obs.update[n].detach().float().flatten() for n in self.names]).to(self.device)
 
     def updates(self, texts: torch.Tensor) -> torch.Tensor:
         """The update (local − global, flattened in ``names`` order) the client would send for each row."""
-        obs, n = self.obs, texts.shape[0]
+        obs, n, texts = self.obs, texts.shape[0], texts.to(self.device)
         opt = obs.optimizer.lower()
         params = {k: v[None].repeat(n, *([1] * v.dim())) for k, v in self.start.items()}
         m = {k: torch.zeros_like(v) for k, v in params.items()}
@@ -132,11 +135,11 @@ class Replay:
         step) and the received update: one pass instead of a replay, to shortlist candidates."""
         out = []
         for i in range(0, len(texts), chunk):
-            rows = torch.tensor(texts[i:i + chunk])
+            rows = torch.tensor(texts[i:i + chunk], device=self.device)
             live = {k: v[None].repeat(len(rows), *([1] * v.dim())).requires_grad_(True) for k, v in self.start.items()}
             grads = self._gradients(live, rows)
             flat = -torch.cat([g.detach().reshape(len(rows), -1) for g in grads], 1)
-            out.append(F.cosine_similarity(flat, self.target[None]))
+            out.append(F.cosine_similarity(flat, self.target[None]).cpu())
         return torch.cat(out)
 
     def cosines(self, texts: list[list[int]], chunk: int = 64) -> list[float]:
@@ -175,13 +178,13 @@ def _start(obs: Observation, pool: int) -> tuple[list[int], list[int], torch.Ten
 
 @register_attack("unroll")
 def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48, done: float = 0.9999,
-        seed: int = 0, fill: int = 0, shortlist: int = 64, **_: Any) -> AttackResult:
+        seed: int = 0, fill: int = 0, shortlist: int = 64, device: str = "auto", **_: Any) -> AttackResult:
     """Local search over texts scored by the replayed update's cosine with the received one (module
     docstring). ``pool``: extra candidate tokens beside the start's picks; ``replays``: the budget of replayed
     texts; ``batch``: proposals per round (one batched replay); ``done``: the cosine that ends the search;
     ``fill``: after the search, up to this many scans, the least confirmed position not yet scanned in vain
     is refilled from the whole vocabulary (:func:`_fill_position`: a one-pass shortlist, then ``shortlist``
-    full replays)."""
+    full replays); ``device``: where the replays run (``auto``: a CUDA GPU where there is one)."""
     one_sgd_step = obs.local_steps == 1 and obs.optimizer.lower() == "sgd"
     if obs.batch_size != 1 or not (obs.kind == "delta" or one_sgd_step):
         raise NotApplicable(f"unroll replays one example's local training (batch size {obs.batch_size}, "
@@ -194,7 +197,7 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
     if obs.optimizer.lower() not in ("sgd", "adamw") and not (obs.optimizer.lower() == "adam" and not obs.weight_decay):
         raise NotApplicable(f"unroll replays SGD, AdamW and Adam without weight decay (optimizer {obs.optimizer!r}, "
                             f"weight decay {obs.weight_decay:g})")
-    replay = Replay(obs)
+    replay = Replay(obs, select_device(device))
     picks, pool_ids, token_scores = _start(obs, pool)
     length = obs.seq_len
     current = (picks + [v for v in pool_ids if v not in picks])[:length]
