@@ -128,16 +128,6 @@ def test_a_vain_scan_passes_the_fill_to_the_next_weakest_position(monkeypatch: p
     assert len(scanned) == 2 and scanned[0] != scanned[1], scanned
 
 
-def test_the_search_never_drops_the_last_copy_of_a_pick() -> None:
-    """Moves may reorder the picks and replace a duplicate of one, never remove a pick from the text."""
-    text, pool = [7, 8, 9, 7, 10], [7, 8, 9, 10, 11, 12, 13]
-    weights, g = torch.ones(len(pool)), torch.Generator().manual_seed(0)
-    kept = [unroll._propose(text, pool, weights, g, frozenset({7, 8, 9})) for _ in range(500)]
-    free = [unroll._propose(text, pool, weights, g) for _ in range(500)]
-    assert all({7, 8, 9} <= set(t) for t in kept) and any(t.count(7) == 1 for t in kept)
-    assert any(not {7, 8, 9} <= set(t) for t in free)
-
-
 def test_the_bag_keeps_the_start_s_picks_unless_the_replay_refutes_them() -> None:
     """Confirmed: the pad in a token's place lowers the cosine by at least half the median fall; a pick of the
     ranking attack also stays with any positive fall, and goes when the pad does as well as it (fall <= 0)."""

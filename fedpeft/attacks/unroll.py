@@ -11,9 +11,7 @@ searches over texts with it.
 Start: the picks of a ranking attack (``sign_span`` for an Adam(W) client, ``span`` otherwise) in pick
 order, the remaining positions filled from a *pool*: the picks and the ``pool`` tokens that correlate most
 with what the picks leave unexplained (the residual of the first block's sign fit). Moves: swap two
-positions, move one token, put a pool token at one position (never replacing the last copy of a pick:
-the picks are rarely wrong, and a wrong order can make dropping a right one raise the cosine for a while).
-Each round replays ``batch`` distinct
+positions, move one token, put a pool token at one position. Each round replays ``batch`` distinct
 proposals at once and keeps the best one if it raises the cosine; the search stops at cosine ``done`` or
 after ``replays`` replays. Tokens outside the pool are never tried: the pool bounds what it can recover.
 ``fill`` then refills the least confirmed positions from the whole vocabulary (:func:`_fill_position`).
@@ -180,14 +178,10 @@ def _start(obs: Observation, pool: int) -> tuple[list[int], list[int], torch.Ten
 
 @register_attack("unroll")
 def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48, done: float = 0.9999,
-        seed: int = 0, fill: int = 0, shortlist: int = 64, keep_picks: bool = True, device: str = "auto",
-        **_: Any) -> AttackResult:
+        seed: int = 0, fill: int = 0, shortlist: int = 64, device: str = "auto", **_: Any) -> AttackResult:
     """Local search over texts scored by the replayed update's cosine with the received one (module
     docstring). ``pool``: extra candidate tokens beside the start's picks; ``replays``: the budget of replayed
     texts; ``batch``: proposals per round (one batched replay); ``done``: the cosine that ends the search;
-    ``keep_picks``: the search reorders the start's picks but never drops one (on the first-round tiny LLaMA
-    they were 32 of 33 right; without the lock the search traded right picks for wrong tokens that raised
-    the cosine on the way);
     ``fill``: after the search, up to this many scans, the least confirmed position not yet scanned in vain
     is refilled from the whole vocabulary (:func:`_fill_position`: a one-pass shortlist, then ``shortlist``
     full replays); ``device``: where the replays run (``auto``: a CUDA GPU where there is one)."""
@@ -212,10 +206,9 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
     g = torch.Generator().manual_seed(seed)
     weights = torch.ones(len(pool_ids))
     weights[:len(picks)] = 3.0  # the picks are right far more often than the rest of the pool
-    keep = frozenset(picks if keep_picks else ())
     used, rounds = 1, 0
     while used < replays and best < done and rounds < replays:
-        proposals = {tuple(_propose(current, pool_ids, weights, g, keep)) for _ in range(batch)}
+        proposals = {tuple(_propose(current, pool_ids, weights, g)) for _ in range(batch)}
         proposals.discard(tuple(current))
         texts = [list(p) for p in proposals]
         rounds += 1
@@ -288,20 +281,15 @@ def _fill_position(replay: Replay, text: list[int], cosine: float, position: int
     return (texts[top[i]], cos[i], len(top)) if cos[i] > cosine else (text, cosine, len(top))
 
 
-def _propose(text: list[int], pool: list[int], weights: torch.Tensor, g: torch.Generator,
-             keep: frozenset[int] = frozenset()) -> list[int]:
-    """One random move: swap two positions (1/4), move one token (1/4), put a pool token somewhere (1/2); a
-    move that would take the last copy of a ``keep`` token out of the text is drawn again."""
-    while True:
-        out = list(text)
-        r = float(torch.rand(1, generator=g))
-        i, j = torch.randint(0, len(out), (2,), generator=g).tolist()
-        if r < 0.25:
-            out[i], out[j] = out[j], out[i]
-        elif r < 0.5:
-            out.insert(j, out.pop(i))
-        else:
-            out[i] = pool[int(torch.multinomial(weights, 1, generator=g))]
-            if text[i] in keep and out[i] != text[i] and text.count(text[i]) == 1:
-                continue  # swaps and moves keep every token: a draw always ends
-        return out
+def _propose(text: list[int], pool: list[int], weights: torch.Tensor, g: torch.Generator) -> list[int]:
+    """One random move: swap two positions (1/4), move one token (1/4), put a pool token somewhere (1/2)."""
+    out = list(text)
+    r = float(torch.rand(1, generator=g))
+    i, j = torch.randint(0, len(out), (2,), generator=g).tolist()
+    if r < 0.25:
+        out[i], out[j] = out[j], out[i]
+    elif r < 0.5:
+        out.insert(j, out.pop(i))
+    else:
+        out[i] = pool[int(torch.multinomial(weights, 1, generator=g))]
+    return out
