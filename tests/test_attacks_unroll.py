@@ -12,7 +12,7 @@ import pytest
 import torch
 from plain_victims import SENTENCES, adamw_victim, wordpiece
 
-from fedpeft.attacks import NotApplicable, run_attack, unroll
+from fedpeft.attacks import NotApplicable, Observation, run_attack, unroll
 from fedpeft.attacks.unroll import Replay
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,11 +84,17 @@ def test_the_replay_reproduces_fedpeft_s_own_client_with_its_gradient_clip(tmp_p
     assert same > 0.9999 and unclipped < 0.999, (same, unclipped)  # Adam undoes most of a clip: 0.995 without it
 
 
+def _random_text_victim(seed: int) -> tuple[Observation, list[int]]:
+    """Five AdamW steps of the plain tiny LLaMA over a 400-token vocabulary on 12 random ids (a vocabulary small
+    enough for the fill's whole-vocabulary scans to take seconds)."""
+    ids = torch.randint(3, 400, (1, 12), generator=torch.Generator().manual_seed(seed))
+    return adamw_victim("llama", seed, ids, vocab=400), ids[0].tolist()
+
+
 def test_fill_finds_a_token_the_pool_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The search cannot place a token outside its pool; the fill stage scans the whole vocabulary at the least
     confirmed position (one pass each, then full replays of the shortlist) and finds the last token."""
-    ids = torch.randint(3, 400, (1, 12), generator=torch.Generator().manual_seed(3))
-    obs, truth = adamw_victim("llama", 3, ids, vocab=400), ids[0].tolist()
+    obs, truth = _random_text_victim(3)
     start = truth[:-1] + [5 if truth[-1] != 5 else 6]
     monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400)))
     without = run_attack("unroll", obs, replays=200)
@@ -112,13 +118,13 @@ def test_the_replay_on_a_cuda_gpu_matches_the_cpu() -> None:
 def test_a_vain_scan_passes_the_fill_to_the_next_weakest_position(monkeypatch: pytest.MonkeyPatch) -> None:
     """A refill that finds nothing better at the weakest position does not end the fill: the next scan goes to
     the next weakest position (a second scan of the same one, in the same text, would find the same)."""
-    ids = torch.randint(3, 400, (1, 12), generator=torch.Generator().manual_seed(3))
-    obs, truth = adamw_victim("llama", 3, ids, vocab=400), ids[0].tolist()
+    obs, truth = _random_text_victim(3)
     start = truth[:-2] + [v if v not in truth[-2:] else v + 2 for v in (5, 6)]  # two positions wrong
     monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400)))
     real, scanned = unroll._fill_position, []
 
-    def first_in_vain(replay, text, cosine, position, shortlist):  # type: ignore[no-untyped-def]
+    def first_in_vain(replay: Replay, text: list[int], cosine: float, position: int,
+                      shortlist: int) -> tuple[list[int], float, int]:
         scanned.append(position)
         found = real(replay, text, cosine, position, shortlist)
         return (text, cosine, found[2]) if len(scanned) == 1 else found
