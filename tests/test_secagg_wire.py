@@ -1,9 +1,11 @@
 """The compact SecAgg+ key exchange under a packed field: public keys travel as X9.62 compressed EC points and encrypted
 key shares as raw Fernet tokens; the server restores Flower's exact PEM / base64 bytes, and a malformed key costs that
-client only."""
+client only. On the dense field (Flower's own forms) a malformed key or masked vector costs that client only too."""
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 
 import numpy as np
@@ -15,7 +17,13 @@ from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_
 from test_secagg import DROPOUT_OK, SECAGG, RecordingGrid, flat, make_cfg, one_round, secagg_bound, weighted
 
 from fedpeft import protocol
-from fedpeft.compression.secure import compact_key_exchange, expand_key_exchange, levels_for
+from fedpeft.compression.secure import (
+    check_dense_field,
+    check_key_exchange,
+    compact_key_exchange,
+    expand_key_exchange,
+    levels_for,
+)
 from fedpeft.errors import PayloadError
 from fedpeft.simulation.inprocess import node_id
 
@@ -90,3 +98,106 @@ def test_the_server_receives_compact_keys_and_a_malformed_key_costs_that_client(
     bound = secagg_bound(weights, server.secagg.max_weight, [plain["clients"][n][0] for n in survivors], c,
                          levels_for(8))
     assert float(np.abs(mean - expected).max()) <= bound
+
+
+# ---------------------------------------------------------------- the dense field: Flower's own forms, checked
+
+def npy(array: np.ndarray, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, **kwargs)
+    return buf.getvalue()
+
+
+def masked_arrays() -> list[bytes]:
+    return [npy(np.array([7], np.int64)), npy(np.arange(20, dtype=np.int64))]
+
+
+def test_a_well_formed_dense_reply_passes_the_checks_unchanged() -> None:
+    values = flower_values()
+    before = dict(values)
+    check_key_exchange(values, protocol.KEY_EXCHANGE)
+    assert values == before
+    check_dense_field(masked_arrays(), [(1,), (20,)], 20)
+
+
+@pytest.mark.parametrize("arrays, why", [
+    (masked_arrays()[:1], "2 byte strings"),
+    ([masked_arrays()[0], npy(np.arange(19, dtype=np.int64))], "shape"),
+    ([masked_arrays()[0], npy(np.arange(20, dtype=np.float64))], "dtype"),
+    ([masked_arrays()[0], npy(np.arange(1, 21, dtype=np.int64))], "outside"),  # 20 is not below the modulus
+    ([masked_arrays()[0], npy(np.array([-1] + [0] * 19, np.int64))], "outside"),
+    ([masked_arrays()[0], npy(np.array([object()] * 20), allow_pickle=True)], "dtype"),  # refused before reading
+    ([masked_arrays()[0], masked_arrays()[1][:-8]], "not a .npy"),  # cut short
+    ([masked_arrays()[0], b"\x80\x04junk"], "not a .npy"),
+])
+def test_a_malformed_dense_masked_vector_is_a_payload_error(arrays, why) -> None:
+    with pytest.raises(PayloadError, match=why):
+        check_dense_field(arrays, [(1,), (20,)], 20)
+
+
+@pytest.mark.parametrize("key, value", [(Key.PUBLIC_KEY_1, b"-----BEGIN PUBLIC KEY-----\njunk"),
+                                        (Key.PUBLIC_KEY_2, b"\x02" + b"\x01" * 48),  # compact where PEM is due
+                                        (Key.CIPHERTEXT_LIST, [b"not base64!"])])
+def test_a_malformed_dense_key_is_a_payload_error(key, value) -> None:
+    values = flower_values()
+    values[key] = value
+    with pytest.raises(PayloadError, match="SecAgg"):
+        check_key_exchange(values, protocol.KEY_EXCHANGE)
+
+
+class DenseCorruptingGrid(RecordingGrid):
+    """The in-process grid; one node's dense reply is spoiled on the way to the server (``how``)."""
+
+    victim = node_id(1)
+    how = "vector"
+    spoiled_for = -1
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            if reply.has_error() or reply.metadata.src_node_id != self.victim:
+                continue
+            values = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+            if self.how == "vector" and Key.MASKED_PARAMETERS in values:
+                factor, vector = values[Key.MASKED_PARAMETERS]
+                values[Key.MASKED_PARAMETERS] = [factor, vector[:-8]]  # one element short
+            elif self.how == "range" and Key.MASKED_PARAMETERS in values:
+                factor, vector = values[Key.MASKED_PARAMETERS]
+                spoiled = np.load(io.BytesIO(vector))
+                spoiled[0] = 2**62  # far outside the field
+                values[Key.MASKED_PARAMETERS] = [factor, npy(spoiled)]
+            elif self.how == "key" and Key.PUBLIC_KEY_1 in values:
+                values[Key.PUBLIC_KEY_1] = values[Key.PUBLIC_KEY_1][:-30]
+            elif self.how == "share" and Key.CIPHERTEXT_LIST in values:  # well-formed, but does not decrypt
+                tokens = list(values[Key.CIPHERTEXT_LIST])
+                raw = bytearray(base64.urlsafe_b64decode(tokens[0]))
+                raw[-1] ^= 1
+                values[Key.CIPHERTEXT_LIST] = [base64.urlsafe_b64encode(bytes(raw)), *tokens[1:]]
+                self.spoiled_for = int(values[Key.DESTINATION_LIST][0])
+        return replies
+
+
+@pytest.mark.parametrize("how", ["vector", "range", "key"])
+def test_a_malformed_dense_reply_costs_that_client_not_the_round(data, plain, monkeypatch, how):
+    """Flower's workflow would parse and sum the int64 arrays itself: a short one halted the round."""
+    monkeypatch.setattr(test_secagg, "RecordingGrid", DenseCorruptingGrid)
+    monkeypatch.setattr(DenseCorruptingGrid, "how", how)
+    cfg = make_cfg(data, **SECAGG, **DROPOUT_OK)
+    assert not protocol.packs_masked(cfg.privacy)  # Flower's own dense forms on the wire
+    server, grid, row, start = one_round(cfg, data[1] / f"dense-{how}")
+    assert isinstance(grid, DenseCorruptingGrid)
+    assert row["replies"] == 2 and row["dropped"] == 1 and row["train_loss"] is not None
+    test_secagg.assert_survivors_mean(cfg, server, start, plain, DenseCorruptingGrid.victim)
+
+
+def test_a_key_share_that_does_not_decrypt_costs_the_neighbour_it_was_for(data, plain, monkeypatch):
+    """What the server cannot check (only the receiving neighbour can open a share): that neighbour fails the
+    next stage and is left out; the round goes on (the limit docs/privacy.md states)."""
+    monkeypatch.setattr(test_secagg, "RecordingGrid", DenseCorruptingGrid)
+    monkeypatch.setattr(DenseCorruptingGrid, "how", "share")
+    cfg = make_cfg(data, **SECAGG, **DROPOUT_OK)
+    server, grid, row, start = one_round(cfg, data[1] / "dense-share")
+    neighbour = grid.spoiled_for
+    assert neighbour in plain["clients"] and neighbour != DenseCorruptingGrid.victim
+    assert row["replies"] == 2 and list(row["dropped_nodes"]) == [str(neighbour)]
+    test_secagg.assert_survivors_mean(cfg, server, start, plain, neighbour)

@@ -11,7 +11,9 @@ per-round seed, so masks and positions line up).
 The key exchange travels compact too (:func:`compact_key_exchange`, :func:`expand_key_exchange`): Flower's SecAgg+
 sends public keys as PEM text and the encrypted key shares as base64 Fernet tokens; the client sends their binary
 forms (X9.62 compressed EC points, raw tokens) and the server restores the exact bytes Flower's workflow expects
-(lossless; a key that is not a point on the curve is that client's :class:`PayloadError`).
+(lossless; a key that is not a point on the curve is that client's :class:`PayloadError`). Where the field is not
+packed, the server still checks what Flower's workflow would parse (:func:`check_key_exchange`,
+:func:`check_dense_field`), so a malformed dense reply costs that client only.
 
 ``sint:b,range=r[,keep=f]`` is the same quantizer without secure aggregation: each element is clipped
 to ``+-r`` and rounded stochastically (unbiased inside the range) onto ``2**b - 1`` points (``2**b - 2``
@@ -24,12 +26,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -167,7 +171,7 @@ def _convert(values: dict[str, Any], keys: Mapping[str, str], single: Callable[[
                 values[key] = [listed(v) for v in value]
             else:
                 raise PayloadError("wrong type")
-        except (binascii.Error, ValueError, PayloadError) as e:
+        except (binascii.Error, ValueError, UnsupportedAlgorithm, PayloadError) as e:
             raise PayloadError(f"SecAgg+ {key!r}: {e}") from None
 
 
@@ -180,6 +184,44 @@ def compact_key_exchange(values: dict[str, Any], keys: Mapping[str, str]) -> Non
 def expand_key_exchange(values: dict[str, Any], keys: Mapping[str, str]) -> None:
     """Server side, in place: the exact PEM and base64 bytes Flower sent; :class:`PayloadError` if malformed."""
     _convert(values, keys, _pem, _token)
+
+
+def check_key_exchange(values: dict[str, Any], keys: Mapping[str, str]) -> None:
+    """Server side, dense field: each public key is a canonical PEM key on Flower's curve and each key share a
+    canonical base64 token (values unchanged); :class:`PayloadError` if not, before any neighbour is sent them."""
+    def pem(value: bytes) -> bytes:
+        _point(value)
+        return value
+
+    def token(value: bytes) -> bytes:
+        _raw_token(value)
+        return value
+
+    _convert(values, keys, pem, token)
+
+
+def check_dense_field(arrays: Any, shapes: list[tuple[int, ...]], modulus: int) -> None:
+    """Server side: Flower's dense masked vector (one ``.npy`` byte string per array, as its SecAgg+ mod sends) has
+    ``shapes``, an integer dtype and every element in ``[0, modulus)``; :class:`PayloadError` if not. Read with
+    numpy's format reader, never unpickled; each header is checked before any element is read."""
+    require(isinstance(arrays, list) and len(arrays) == len(shapes) and all(isinstance(a, bytes) for a in arrays),
+            f"expected {len(shapes)} byte strings of masked parameters")
+    for i, (data, shape) in enumerate(zip(arrays, shapes)):
+        buf = io.BytesIO(data)
+        try:
+            version = np.lib.format.read_magic(buf)
+            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            require(version in header, f"masked array {i}: .npy version {version} is not 1.0 or 2.0")
+            got, _, dtype = header[version](buf)
+            require(tuple(got) == tuple(shape) and dtype.kind in "iu",
+                    f"masked array {i} has shape {tuple(got)} and dtype {dtype}, expected {tuple(shape)} integers")
+            buf.seek(0)
+            values = np.lib.format.read_array(buf, allow_pickle=False)
+        except (ValueError, TypeError, EOFError) as e:
+            raise PayloadError(f"masked array {i} is not a .npy array: {e}") from None
+        require(values.shape == tuple(shape), f"masked array {i} holds {values.size} values, expected {shape}")
+        require(values.size == 0 or (int(values.min()) >= 0 and int(values.max()) < modulus),
+                f"masked array {i}: values outside [0, {modulus})")
 
 
 @dataclass(frozen=True)

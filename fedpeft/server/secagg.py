@@ -22,9 +22,9 @@ sized to what the sum can reach (:func:`fedpeft.protocol.secure_field`), clients
 the round's shared subspace (the server's per-round seed travels in the instruction), and each masked
 element travels at about ``log2(modulus)`` bits (base-modulus digits, :func:`fedpeft.compression.secure.pack_field`;
 the integer uplink's modulus is the exact ``m * L + 1``, not a power of 2), public keys as compressed EC points and
-key shares in binary form: the grid restores Flower's own forms before the workflow reads them. A malformed packed
-vector or key becomes that client's error reply, so the workflow drops that client (its masks are
-reconstructed) and the round goes on.
+key shares in binary form: the grid restores Flower's own forms before the workflow reads them. A malformed masked
+vector or key, packed or dense (Flower's int64 arrays are checked before its workflow parses them), becomes that
+client's error reply, so the workflow drops that client (its masks are reconstructed) and the round goes on.
 Under distributed DP (:mod:`fedpeft.privacy.distributed`) the clients' vectors are noised integers on
 Flower's grid with a quantization step of exactly 1, so the unmasked sum is their exact integer sum.
 
@@ -61,7 +61,13 @@ from flwr.serverapp import Grid
 
 from fedpeft import protocol
 from fedpeft.compression import Layout
-from fedpeft.compression.secure import expand_key_exchange, subspace, unpack_field
+from fedpeft.compression.secure import (
+    check_dense_field,
+    check_key_exchange,
+    expand_key_exchange,
+    subspace,
+    unpack_field,
+)
 from fedpeft.config import Config
 from fedpeft.errors import PayloadError
 from fedpeft.models import AdapterState
@@ -147,35 +153,40 @@ class _WireGrid(DelegatingGrid):
         for reply in replies:
             if not reply.has_error():
                 self.result.bytes_up[stage] = self.result.bytes_up.get(stage, 0) + protocol.record_bytes(reply.content)
-                if self.field.packed:
-                    reply = self._unpacked(reply, originals.get(reply.metadata.src_node_id))
+                reply = self._received(reply, originals.get(reply.metadata.src_node_id))
             if reply.has_error():
                 log.warning("SecAgg+ %s: node %s failed: %s", stage, reply.metadata.src_node_id, reply.error.reason)
             out.append(reply)
         return out
 
-    def _unpacked(self, reply: Message, original: Message | None) -> Message:
-        """A compact reply as Flower sent it: PEM public keys, base64 key shares, a packed masked vector as
-        Flower's two int64 arrays (factor, vector); malformed: an error reply (costs that client only)."""
+    def _received(self, reply: Message, original: Message | None) -> Message:
+        """A reply as Flower's workflow reads it. Packed field: the compact reply as Flower sent it (PEM public keys,
+        base64 key shares, the masked vector as Flower's two int64 arrays, factor and vector); dense: checked as
+        received. Malformed: an error reply (costs that client only)."""
         stage_reply = reply.content.config_records.get(RECORD_KEY_CONFIGS)
         if stage_reply is None:
             return reply
         if original is None:
             raise PayloadError(f"SecAgg+ reply from node {reply.metadata.src_node_id}, which was sent nothing")
-        content = _copy_records(reply.content)  # what was received stays as received
+        packed = self.field.packed
+        content = _copy_records(reply.content) if packed else reply.content  # what was received stays as received
         values = content.config_records[RECORD_KEY_CONFIGS]
         try:
-            expand_key_exchange(values, protocol.KEY_EXCHANGE)  # type: ignore[arg-type]
+            keys = expand_key_exchange if packed else check_key_exchange
+            keys(values, protocol.KEY_EXCHANGE)  # type: ignore[arg-type]
             if Key.MASKED_PARAMETERS in values:
-                packed = values[Key.MASKED_PARAMETERS]
-                if not (isinstance(packed, list) and len(packed) == 1 and isinstance(packed[0], bytes)):
+                masked = values[Key.MASKED_PARAMETERS]
+                if not packed:
+                    check_dense_field(masked, [(1,), (self.field.width,)], self.field.modulus_range)
+                    return reply
+                if not (isinstance(masked, list) and len(masked) == 1 and isinstance(masked[0], bytes)):
                     raise PayloadError("expected one packed byte string of masked parameters")
-                arrays = unpack_field(packed[0], [1, self.field.width], self.field.modulus_range)
+                arrays = unpack_field(masked[0], [1, self.field.width], self.field.modulus_range)
                 values[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in arrays]
         except PayloadError as e:
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"malformed SecAgg+ reply: {e}"),
                            reply_to=original)
-        return Message(content, reply_to=original)
+        return Message(content, reply_to=original) if packed else reply
 
 
 class _RoundStrategy(Strategy):
