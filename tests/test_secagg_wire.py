@@ -145,6 +145,14 @@ def test_a_malformed_dense_key_is_a_payload_error(key, value) -> None:
         check_key_exchange(values, protocol.KEY_EXCHANGE)
 
 
+UNMASK = {  # spoilt unmask replies: (node ids, key shares) -> what the server receives
+    "unasked": lambda ids, shares: ([999_999, *ids[1:]], shares),
+    "missing": lambda ids, shares: (ids[:-1], shares[:-1]),
+    "uneven": lambda ids, shares: (ids, shares[:-1]),
+    "short share": lambda ids, shares: (ids, [shares[0][:3], *shares[1:]]),
+}
+
+
 class DenseCorruptingGrid(RecordingGrid):
     """The in-process grid; one node's dense reply is spoiled on the way to the server (``how``)."""
 
@@ -168,6 +176,9 @@ class DenseCorruptingGrid(RecordingGrid):
                 values[Key.MASKED_PARAMETERS] = [factor, npy(spoiled)]
             elif self.how == "key" and Key.PUBLIC_KEY_1 in values:
                 values[Key.PUBLIC_KEY_1] = values[Key.PUBLIC_KEY_1][:-30]
+            elif self.how in UNMASK and Key.SHARE_LIST in values:
+                values[Key.NODE_ID_LIST], values[Key.SHARE_LIST] = UNMASK[self.how](list(values[Key.NODE_ID_LIST]),
+                                                                                   list(values[Key.SHARE_LIST]))
             elif self.how == "share" and Key.CIPHERTEXT_LIST in values:  # well-formed, but does not decrypt
                 tokens = list(values[Key.CIPHERTEXT_LIST])
                 raw = bytearray(base64.urlsafe_b64decode(tokens[0]))
@@ -201,3 +212,15 @@ def test_a_key_share_that_does_not_decrypt_costs_the_neighbour_it_was_for(data, 
     assert neighbour in plain["clients"] and neighbour != DenseCorruptingGrid.victim
     assert row["replies"] == 2 and list(row["dropped_nodes"]) == [str(neighbour)]
     test_secagg.assert_survivors_mean(cfg, server, start, plain, neighbour)
+
+
+@pytest.mark.parametrize("how", list(UNMASK))
+def test_a_malformed_unmask_reply_costs_that_client_not_the_round(data, plain, monkeypatch, how):
+    """Flower's workflow would zip the lists strictly and look every node up: a spoilt reply halted the round.
+    Refused, it is one share fewer: the others reconstruct every secret and the victim's update stays in the sum."""
+    monkeypatch.setattr(test_secagg, "RecordingGrid", DenseCorruptingGrid)
+    monkeypatch.setattr(DenseCorruptingGrid, "how", how)
+    cfg = make_cfg(data, **SECAGG, **DROPOUT_OK)
+    server, grid, row, start = one_round(cfg, data[1] / f"unmask-{how}")
+    assert row["replies"] == 3 and row["train_loss"] is not None
+    test_secagg.assert_survivors_mean(cfg, server, start, plain, -1)  # all three in the mean

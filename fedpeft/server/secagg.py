@@ -174,6 +174,8 @@ class _WireGrid(DelegatingGrid):
         try:
             keys = expand_key_exchange if packed else check_key_exchange
             keys(values, protocol.KEY_EXCHANGE)  # type: ignore[arg-type]
+            if Key.SHARE_LIST in values:
+                _check_shares(values, original.content.config_records[RECORD_KEY_CONFIGS])
             if Key.MASKED_PARAMETERS in values:
                 masked = values[Key.MASKED_PARAMETERS]
                 if not packed:
@@ -187,6 +189,20 @@ class _WireGrid(DelegatingGrid):
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"malformed SecAgg+ reply: {e}"),
                            reply_to=original)
         return Message(content, reply_to=original) if packed else reply
+
+
+def _check_shares(values: Any, request: Any) -> None:
+    """An unmask reply names exactly the neighbours it was asked about (active and dead), once each, with one Shamir
+    share each (4 index bytes, then 16-byte chunks), as Flower's workflow unpacks it; :class:`PayloadError` if not.
+    A share of the right form but the wrong value cannot be told apart here (see docs/privacy.md)."""
+    asked = sorted(int(n) for key in (Key.ACTIVE_NODE_ID_LIST, Key.DEAD_NODE_ID_LIST) for n in request.get(key, []))
+    nids, shares = values.get(Key.NODE_ID_LIST), values.get(Key.SHARE_LIST)
+    if not (isinstance(nids, list) and isinstance(shares, list) and len(nids) == len(shares)):
+        raise PayloadError("unmask reply: node ids and key shares must be two lists of one length")
+    if sorted(nids) != asked:
+        raise PayloadError(f"unmask reply names nodes {sorted(nids)}, it was asked about {asked}")
+    if not all(isinstance(s, bytes) and len(s) >= 20 and (len(s) - 4) % 16 == 0 for s in shares):
+        raise PayloadError("unmask reply: a key share is not 4 index bytes and 16-byte chunks")
 
 
 class _RoundStrategy(Strategy):
