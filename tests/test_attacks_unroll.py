@@ -92,8 +92,8 @@ def _random_text_victim(seed: int) -> tuple[Observation, list[int]]:
 
 
 def test_fill_finds_a_token_the_pool_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The search cannot place a token outside its pool; the fill stage scans the whole vocabulary at the least
-    confirmed position (one pass each, then full replays of the shortlist) and finds the last token."""
+    """The search cannot place a token outside its pool; the fill stage scans the whole vocabulary at the earliest
+    unconfirmed position (one pass each, then full replays of the shortlist) and finds the last token."""
     obs, truth = _random_text_victim(3)
     start = truth[:-1] + [5 if truth[-1] != 5 else 6]
     monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400)))
@@ -101,6 +101,19 @@ def test_fill_finds_a_token_the_pool_lacks(monkeypatch: pytest.MonkeyPatch) -> N
     assert without.sequences[0] != truth and truth[-1] not in without.sequences[0][-1:]
     result = run_attack("unroll", obs, replays=200, fill=1)
     assert result.sequences == [truth] and result.extra["cosine"] > 0.9999, result.extra
+
+
+def test_fill_inserts_a_missing_token_and_the_tail_shifts_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A text that lacks one token the pool lacks too has the rest of the sentence one place early (what the
+    search leaves when it dropped it): put in place, the token leaves the tail misplaced; inserted, the tail
+    shifts back. The scan tries both and the sentence comes back whole."""
+    obs, truth = _random_text_victim(3)
+    k = next(i for i in range(3, 8) if truth.count(truth[i]) == 1)
+    filler = next(v for v in range(5, 400) if v not in truth)
+    start = truth[:k] + truth[k + 1:] + [filler]
+    monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400)))
+    result = run_attack("unroll", obs, replays=100, fill=2)
+    assert result.sequences == [truth] and result.extra["cosine"] > 0.9999, (result.sequences, truth, result.extra)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -115,23 +128,23 @@ def test_the_replay_on_a_cuda_gpu_matches_the_cpu() -> None:
     assert gpu[0] > 0.9999 and abs(gpu[1] - cpu[1]) < 1e-3, (gpu, cpu)
 
 
-def test_a_vain_scan_passes_the_fill_to_the_next_weakest_position(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A refill that finds nothing better at the weakest position does not end the fill: the next scan goes to
-    the next weakest position (a second scan of the same one, in the same text, would find the same)."""
+def test_a_vain_scan_is_not_repeated_and_the_fill_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refill that finds nothing better does not end the fill, and the same scan (place, in place or inserted) is
+    not run again on the same text (it would find the same): the fill goes on to the other places."""
     obs, truth = _random_text_victim(3)
     start = truth[:-2] + [v if v not in truth[-2:] else v + 2 for v in (5, 6)]  # two positions wrong
     monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400)))
-    real, scanned = unroll._fill_position, []
+    real, scans = unroll._fill_position, []
 
-    def first_in_vain(replay: Replay, text: list[int], cosine: float, position: int,
-                      shortlist: int) -> tuple[list[int], float, int]:
-        scanned.append(position)
-        found = real(replay, text, cosine, position, shortlist)
-        return (text, cosine, found[2]) if len(scanned) == 1 else found
+    def first_in_vain(replay: Replay, text: list[int], cosine: float, position: int, shortlist: int,
+                      inserted: bool = False) -> tuple[list[int], float, int]:
+        scans.append((tuple(text), position, inserted))
+        found = real(replay, text, cosine, position, shortlist, inserted)
+        return (text, cosine, found[2]) if len(scans) == 1 else found
 
     monkeypatch.setattr(unroll, "_fill_position", first_in_vain)
     run_attack("unroll", obs, replays=50, fill=2)
-    assert len(scanned) == 2 and scanned[0] != scanned[1], scanned
+    assert len(scans) >= 2 and len(set(scans)) == len(scans), scans
 
 
 def test_the_bag_keeps_the_start_s_picks_unless_the_replay_refutes_them() -> None:

@@ -8,13 +8,14 @@ reaches a cosine of about 0.55-0.70, and every further wrong token or misplaced 
 is therefore a verifier of whole texts, where the single-step attacks only score tokens: this attack
 searches over texts with it.
 
-Start: the picks of a ranking attack (``sign_span`` for an Adam(W) client, ``span`` otherwise) in pick
-order, the remaining positions filled from a *pool*: the picks and the ``pool`` tokens that correlate most
-with what the picks leave unexplained (the residual of the first block's sign fit). Moves: swap two
-positions, move one token, put a pool token at one position. Each round replays ``batch`` distinct
-proposals at once and keeps the best one if it raises the cosine; the search stops at cosine ``done`` or
-after ``replays`` replays. Tokens outside the pool are never tried: the pool bounds what it can recover.
-``fill`` then refills the least confirmed positions from the whole vocabulary (:func:`_fill_position`).
+Start: the picks of a ranking attack (``sign_span`` for an Adam(W) client, ``span`` otherwise) in pick order, the
+remaining positions filled from a *pool*: the picks and the ``pool`` tokens that correlate most with what the picks
+leave unexplained (the residual of the first block's sign fit). Moves: swap two positions, move one token, insert
+or delete a token (the tail shifts), put a pool token at one position. Each round replays ``batch`` distinct
+proposals at once and keeps the best one if it raises the cosine; the search stops at cosine ``done`` or after
+``replays`` replays. Tokens outside the pool are never tried: the pool bounds what it can recover. ``fill`` then
+refills from the whole vocabulary (:func:`_fill_position`), each step at two places: a token inserted where one is
+likeliest missing (:func:`_gap`), a token in place at the earliest unconfirmed position.
 The recovered text is the sequence; its bag keeps the tokens the replay confirms and the start's picks it does
 not refute (:func:`_confirmed`), so fillers the search could not place do not count as found.
 
@@ -179,12 +180,13 @@ def _start(obs: Observation, pool: int) -> tuple[list[int], list[int], torch.Ten
 @register_attack("unroll")
 def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48, done: float = 0.9999,
         seed: int = 0, fill: int = 0, shortlist: int = 64, device: str = "auto", **_: Any) -> AttackResult:
-    """Local search over texts scored by the replayed update's cosine with the received one (module
-    docstring). ``pool``: extra candidate tokens beside the start's picks; ``replays``: the budget of replayed
-    texts; ``batch``: proposals per round (one batched replay); ``done``: the cosine that ends the search;
-    ``fill``: after the search, up to this many scans, the least confirmed position not yet scanned in vain
-    is refilled from the whole vocabulary (:func:`_fill_position`: a one-pass shortlist, then ``shortlist``
-    full replays); ``device``: where the replays run (``auto``: a CUDA GPU where there is one)."""
+    """Local search over texts scored by the replayed update's cosine with the received one (module docstring).
+    ``pool``: extra candidate tokens beside the start's picks; ``replays``: the budget of replayed texts;
+    ``batch``: proposals per round (one batched replay); ``done``: the cosine that ends the search; ``fill``:
+    after the search, up to this many refill steps, each a scan of the whole vocabulary at the likeliest place
+    of a missing token (inserted, :func:`_gap`) and, unless that raised the cosine, one at the earliest
+    unconfirmed position (in place) (:func:`_fill_position`: a one-pass shortlist, then ``shortlist`` full
+    replays); ``device``: where the replays run (``auto``: a CUDA GPU where there is one)."""
     one_sgd_step = obs.local_steps == 1 and obs.optimizer.lower() == "sgd"
     if obs.batch_size != 1 or not (obs.kind == "delta" or one_sgd_step):
         raise NotApplicable(f"unroll replays one example's local training (batch size {obs.batch_size}, "
@@ -224,19 +226,27 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
     falls = _falls(replay, current, best, obs)
     used += len(current)
     before = (best, _confirmed(current, falls, picks))
-    scanned: set[int] = set()  # positions whose scan found nothing better in the current text
+    vain: set[tuple[int, bool]] = set()  # (position, inserted) scans that found nothing better in the current text
     for _step in range(fill):
-        weakest = min((i for i in range(len(current)) if i not in scanned), key=falls.__getitem__, default=None)
-        if weakest is None or falls[weakest] >= _level(falls):
-            break  # every position confirmed or scanned in vain
-        text, cosine, spent = _fill_position(replay, current, best, weakest, shortlist)
+        # two places a step, in causal order: the likeliest place of a missing token (a run of right tokens one
+        # place early looks confirmed) and the earliest unconfirmed position (a causal LM's late tokens move the
+        # update least, so the least confirmed position is nearly always the last one, where a fix gains least)
+        level = _level(falls)
+        gap, spent = _gap(replay, current, obs, {p for p, inserted in vain if inserted})
         used += spent
-        if text == current:  # a second scan of it would find the same: the next weakest position gets the scan
-            scanned.add(weakest)
-            continue
-        current, best, scanned = text, cosine, set()
-        falls = _falls(replay, current, best, obs)
-        used += len(current)
+        unconfirmed = next((i for i in range(len(current)) if (i, False) not in vain and falls[i] < level), None)
+        scans = [(p, inserted) for p, inserted in ((gap, True), (unconfirmed, False)) if p is not None]
+        if not scans:
+            break  # every place scanned in vain
+        for position, inserted in scans:
+            text, cosine, spent = _fill_position(replay, current, best, position, shortlist, inserted)
+            used += spent
+            if text != current:
+                current, best, vain = text, cosine, set()
+                falls = _falls(replay, current, best, obs)
+                used += len(current)
+                break  # a new text: the next step finds its places
+            vain.add((position, inserted))  # a second scan of it, in the same text, would find the same
     confirmed = _confirmed(current, falls, picks)
     scores = token_scores.clone().float()
     scores[current] = scores.max() + 1.0
@@ -246,10 +256,27 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
                                "replays": used, "picks": picks, "pool": len(pool_ids)})
 
 
+def _pad(obs: Observation) -> int:
+    return getattr(obs.working_model().config, "pad_token_id", None) or 0
+
+
 def _falls(replay: Replay, text: list[int], cosine: float, obs: Observation) -> list[float]:
     """How much the cosine falls when the pad token takes each position's place in turn."""
-    pad = getattr(obs.working_model().config, "pad_token_id", None) or 0
+    pad = _pad(obs)
     return [cosine - c for c in replay.cosines([text[:i] + [pad] + text[i + 1:] for i in range(len(text))])]
+
+
+def _gap(replay: Replay, text: list[int], obs: Observation, scanned: set[int]) -> tuple[int | None, int]:
+    """Where a token is likeliest missing: the position (not in ``scanned``) at which the pad inserted, the tail
+    shifted right, replays to the highest cosine (measured on tiny LLaMAs: the start of a run of right tokens one
+    place early, which the falls call confirmed). The first and last positions are left out (inserting at the last
+    only replaces its token). Returns the position (None if none is left) and the replays spent."""
+    n, pad = len(text), _pad(obs)
+    positions = [p for p in range(1, n - 1) if p not in scanned]
+    if not positions:
+        return None, 0
+    cos = replay.cosines([(text[:p] + [pad] + text[p:])[:n] for p in positions])
+    return positions[max(range(len(cos)), key=cos.__getitem__)], len(positions)
 
 
 def _level(falls: list[float]) -> float:
@@ -267,29 +294,44 @@ def _confirmed(text: list[int], falls: list[float], picks: list[int]) -> list[in
     return sorted({v for v, fall in zip(text, falls) if fall >= level or (v in keep and fall > 0)})
 
 
-def _fill_position(replay: Replay, text: list[int], cosine: float, position: int,
-                   shortlist: int) -> tuple[list[int], float, int]:
-    """Every vocabulary token at ``position`` scored by :meth:`Replay.first_step_alignment` in the context of
-    the rest of ``text``; the ``shortlist`` best are replayed in full and the best kept if it raises the
-    cosine. Returns the text, its cosine and the full replays spent."""
-    texts = [text[:position] + [v] + text[position + 1:] for v in range(replay.vocab)]
+def _fill_position(replay: Replay, text: list[int], cosine: float, position: int, shortlist: int,
+                   inserted: bool = False) -> tuple[list[int], float, int]:
+    """Every vocabulary token at ``position``: in its token's place, or ``inserted`` before it (the tail shifts
+    right, the last token falls off: a search that dropped a token the pool lacks leaves the rest one place early),
+    scored by :meth:`Replay.first_step_alignment` in the context of the rest of ``text``; the ``shortlist`` best are
+    replayed in full and the best kept if it raises the cosine. Returns the text, its cosine and the full replays
+    spent."""
+    n = len(text)
+    if inserted:
+        texts = [(text[:position] + [v] + text[position:])[:n] for v in range(replay.vocab)]
+    else:
+        texts = [text[:position] + [v] + text[position + 1:] for v in range(replay.vocab)]
     top = torch.topk(replay.first_step_alignment(texts), shortlist).indices.tolist()
     cos = replay.cosines([texts[v] for v in top])
     i = max(range(len(cos)), key=cos.__getitem__)
-    log.info("unroll: position %d, best of %d shortlisted tokens: cosine %.4f (was %.4f)", position, shortlist,
-             cos[i], cosine)
+    log.info("unroll: position %d, best of %d shortlisted tokens %s: cosine %.4f (was %.4f)", position, shortlist,
+             "inserted" if inserted else "in place", cos[i], cosine)
     return (texts[top[i]], cos[i], len(top)) if cos[i] > cosine else (text, cosine, len(top))
 
 
 def _propose(text: list[int], pool: list[int], weights: torch.Tensor, g: torch.Generator) -> list[int]:
-    """One random move: swap two positions (1/4), move one token (1/4), put a pool token somewhere (1/2)."""
+    """One random move: swap two positions (1/5), move one token (1/5), insert a pool token (the tail shifts right,
+    the last token falls off; 1/10), delete a token (the tail shifts left, a pool token at the end; 1/10), put a
+    pool token in a token's place (1/2). The shifts move a run of right tokens at a wrong offset in one step."""
     out = list(text)
     r = float(torch.rand(1, generator=g))
     i, j = torch.randint(0, len(out), (2,), generator=g).tolist()
-    if r < 0.25:
+    token = pool[int(torch.multinomial(weights, 1, generator=g))]
+    if r < 0.2:
         out[i], out[j] = out[j], out[i]
-    elif r < 0.5:
+    elif r < 0.4:
         out.insert(j, out.pop(i))
+    elif r < 0.5:
+        out.insert(i, token)
+        out.pop()
+    elif r < 0.6:
+        out.pop(i)
+        out.append(token)
     else:
-        out[i] = pool[int(torch.multinomial(weights, 1, generator=g))]
+        out[i] = token
     return out
