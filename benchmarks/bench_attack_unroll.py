@@ -8,7 +8,7 @@ LLaMA (2 layers, hidden 64, RoPE, dropout off) over the packaged MiniLM WordPiec
 r = 8 on q/k/v, five torch AdamW steps (lr 1e-3, weight decay 0.01) on the first 16 WordPiece tokens of
 sentence s, first round (B = 0) unless ``--later``. The server knows the optimiser, its settings and the
 steps. Per seed: ``sign_span``'s bag F1 (the start of the search), the bag F1 of the tokens the replay
-confirms after the search and after the refill of ``--fill`` positions from the whole vocabulary, how many
+confirms after the search and after ``--fill`` refill steps from the whole vocabulary, how many
 of the 16 positions the final sequence has right, whether it is the sentence, the cosine of its replayed
 update with the received one after the search and at the end, the replays spent and the seconds.
 """
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--replays", type=int, default=15000)
     ap.add_argument("--later", action="store_true")
-    ap.add_argument("--fill", type=int, default=2, help="positions refilled from the whole vocabulary")
+    ap.add_argument("--fill", type=int, default=2, help="refill steps from the whole vocabulary (unroll's fill)")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -68,7 +68,7 @@ def main() -> None:
     means = ["mean", *(f"{statistics.mean(float(r[i]) for r in rows):.2f}" for i in (1, 2, 3))]
     body = (f"Tiny random LLaMA, {'later' if args.later else 'first'} round, five torch AdamW steps on one "
             f"16-token English sentence (tests/plain_victims.py::adamw_victim), replay budget {args.replays}, "
-            f"{args.fill} position(s) refilled from the whole vocabulary, one torch thread. search F1: the bag "
+            f"{args.fill} refill step(s) from the whole vocabulary, one torch thread. search F1: the bag "
             "the replay confirms after the search; unroll F1: after the refill.\n\n"
             + table(HEADER, [*rows, means + [""] * (len(HEADER) - 4)]))
     print(body)
