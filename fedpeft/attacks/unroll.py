@@ -90,6 +90,7 @@ class Replay:
             raise NotApplicable("unroll replays LoRA adapters only (every adapter tensor a LoRA A or B factor)")
         self.obs = obs
         self.vocab = int(obs.working_model().get_input_embeddings().weight.shape[0])
+        self.pad = getattr(obs.working_model().config, "pad_token_id", None) or 0  # what _falls and _gap put in
         self.start = {n: obs.global_state[n].detach().float().to(self.device) for n in self.names}
         # a "gradient" observation is a one-step SGD delta rescaled by -1/lr: its replayed delta points the other way
         sign = -1.0 if obs.kind == "gradient" else 1.0
@@ -223,7 +224,7 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
             current, best = texts[i], cos[i]
         if rounds % 50 == 0:
             log.info("unroll: %d replays, cosine %.4f", used, best)
-    falls = _falls(replay, current, best, obs)
+    falls = _falls(replay, current, best)
     used += len(current)
     before = (best, _confirmed(current, falls, picks))
     vain: set[tuple[int, bool]] = set()  # (position, inserted) scans that found nothing better in the current text
@@ -232,7 +233,7 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
         # place early looks confirmed) and the earliest unconfirmed position (a causal LM's late tokens move the
         # update least, so the least confirmed position is nearly always the last one, where a fix gains least)
         level = _level(falls)
-        gap, spent = _gap(replay, current, obs, {p for p, inserted in vain if inserted})
+        gap, spent = _gap(replay, current, {p for p, inserted in vain if inserted})
         used += spent
         unconfirmed = next((i for i in range(len(current)) if (i, False) not in vain and falls[i] < level), None)
         scans = [(p, inserted) for p, inserted in ((gap, True), (unconfirmed, False)) if p is not None]
@@ -243,7 +244,7 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
             used += spent
             if text != current:
                 current, best, vain = text, cosine, set()
-                falls = _falls(replay, current, best, obs)
+                falls = _falls(replay, current, best)
                 used += len(current)
                 break  # a new text: the next step finds its places
             vain.add((position, inserted))  # a second scan of it, in the same text, would find the same
@@ -256,26 +257,28 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
                                "replays": used, "picks": picks, "pool": len(pool_ids)})
 
 
-def _pad(obs: Observation) -> int:
-    return getattr(obs.working_model().config, "pad_token_id", None) or 0
+def _put(text: list[int], position: int, token: int, inserted: bool = False) -> list[int]:
+    """``text`` with ``token`` at ``position``: in its token's place, or inserted before it (the tail shifts right,
+    the last token falls off)."""
+    if inserted:
+        return (text[:position] + [token] + text[position:])[:len(text)]
+    return text[:position] + [token] + text[position + 1:]
 
 
-def _falls(replay: Replay, text: list[int], cosine: float, obs: Observation) -> list[float]:
+def _falls(replay: Replay, text: list[int], cosine: float) -> list[float]:
     """How much the cosine falls when the pad token takes each position's place in turn."""
-    pad = _pad(obs)
-    return [cosine - c for c in replay.cosines([text[:i] + [pad] + text[i + 1:] for i in range(len(text))])]
+    return [cosine - c for c in replay.cosines([_put(text, i, replay.pad) for i in range(len(text))])]
 
 
-def _gap(replay: Replay, text: list[int], obs: Observation, scanned: set[int]) -> tuple[int | None, int]:
+def _gap(replay: Replay, text: list[int], scanned: set[int]) -> tuple[int | None, int]:
     """Where a token is likeliest missing: the position (not in ``scanned``) at which the pad inserted, the tail
     shifted right, replays to the highest cosine (measured on tiny LLaMAs: the start of a run of right tokens one
     place early, which the falls call confirmed). The first and last positions are left out (inserting at the last
     only replaces its token). Returns the position (None if none is left) and the replays spent."""
-    n, pad = len(text), _pad(obs)
-    positions = [p for p in range(1, n - 1) if p not in scanned]
+    positions = [p for p in range(1, len(text) - 1) if p not in scanned]
     if not positions:
         return None, 0
-    cos = replay.cosines([(text[:p] + [pad] + text[p:])[:n] for p in positions])
+    cos = replay.cosines([_put(text, p, replay.pad, inserted=True) for p in positions])
     return positions[max(range(len(cos)), key=cos.__getitem__)], len(positions)
 
 
@@ -301,11 +304,7 @@ def _fill_position(replay: Replay, text: list[int], cosine: float, position: int
     scored by :meth:`Replay.first_step_alignment` in the context of the rest of ``text``; the ``shortlist`` best are
     replayed in full and the best kept if it raises the cosine. Returns the text, its cosine and the full replays
     spent."""
-    n = len(text)
-    if inserted:
-        texts = [(text[:position] + [v] + text[position:])[:n] for v in range(replay.vocab)]
-    else:
-        texts = [text[:position] + [v] + text[position + 1:] for v in range(replay.vocab)]
+    texts = [_put(text, position, v, inserted) for v in range(replay.vocab)]
     top = torch.topk(replay.first_step_alignment(texts), shortlist).indices.tolist()
     cos = replay.cosines([texts[v] for v in top])
     i = max(range(len(cos)), key=cos.__getitem__)

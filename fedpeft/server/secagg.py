@@ -176,11 +176,10 @@ class _WireGrid(DelegatingGrid):
             keys(values, protocol.KEY_EXCHANGE)  # type: ignore[arg-type]
             if Key.SHARE_LIST in values:
                 _check_shares(values, original.content.config_records[RECORD_KEY_CONFIGS])
-            if Key.MASKED_PARAMETERS in values:
-                masked = values[Key.MASKED_PARAMETERS]
-                if not packed:
-                    check_dense_field(masked, [(1,), (self.field.width,)], self.field.modulus_range)
-                    return reply
+            masked = values.get(Key.MASKED_PARAMETERS)
+            if masked is not None and not packed:
+                check_dense_field(masked, [(1,), (self.field.width,)], self.field.modulus_range)
+            elif masked is not None:
                 if not (isinstance(masked, list) and len(masked) == 1 and isinstance(masked[0], bytes)):
                     raise PayloadError("expected one packed byte string of masked parameters")
                 arrays = unpack_field(masked[0], [1, self.field.width], self.field.modulus_range)
