@@ -1,6 +1,6 @@
 """``unroll`` against ``sign_span`` on five AdamW steps: one English sentence, independent victims.
 
-Usage: ``python benchmarks/bench_attack_unroll.py [--seeds 0,1,2] [--replays 15000] [--fill 2] [--later]
+Usage: ``python benchmarks/bench_attack_unroll.py [--seeds 0,1,2] [--replays 15000] [--fill 8] [--later]
 [--no-append]``
 
 Victim: ``tests/plain_victims.py::adamw_victim("llama", ...)`` (plain transformers + peft): a tiny random
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--replays", type=int, default=15000)
     ap.add_argument("--later", action="store_true")
-    ap.add_argument("--fill", type=int, default=2, help="refill steps from the whole vocabulary (unroll's fill)")
+    ap.add_argument("--fill", type=int, default=8, help="refill steps from the whole vocabulary (unroll's fill)")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)

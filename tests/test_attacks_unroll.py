@@ -97,7 +97,7 @@ def test_fill_finds_a_token_the_pool_lacks(monkeypatch: pytest.MonkeyPatch) -> N
     obs, truth = _random_text_victim(3)
     start = truth[:-1] + [5 if truth[-1] != 5 else 6]
     monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400)))
-    without = run_attack("unroll", obs, replays=200)
+    without = run_attack("unroll", obs, replays=200, fill=0)
     assert without.sequences[0] != truth and truth[-1] not in without.sequences[0][-1:]
     result = run_attack("unroll", obs, replays=200, fill=1)
     assert result.sequences == [truth] and result.extra["cosine"] > 0.9999, result.extra
@@ -114,6 +114,54 @@ def test_fill_inserts_a_missing_token_and_the_tail_shifts_back(monkeypatch: pyte
     monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400)))
     result = run_attack("unroll", obs, replays=100, fill=2)
     assert result.sequences == [truth] and result.extra["cosine"] > 0.9999, (result.sequences, truth, result.extra)
+
+
+def test_a_wrong_token_is_put_right_in_place_even_where_an_insertion_also_raises_the_cosine(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One wrong token inside the text: the token inserted at the gap (the tail shifted) can raise the cosine too, but
+    less than the token put in place; each refill step scans both places and keeps the better, so one step puts
+    the sentence back (scanned first and kept, the insertion used to take the step and shift a right tail)."""
+    obs, truth = _random_text_victim(5)
+    filler = next(v for v in range(5, 400) if v not in truth)
+    start = truth[:6] + [filler] + truth[7:]
+    monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400)))
+    result = run_attack("unroll", obs, replays=1, fill=1)
+    assert result.sequences == [truth] and result.extra["cosine"] > 0.9999, (result.sequences, truth, result.extra)
+
+
+def test_an_adam_clients_scan_scores_by_the_gradients_signs() -> None:
+    """Adam's first step moves every coordinate along the gradient's sign: scored by the signs, the true token ranks
+    at the top of a scan (every other position from there on wrong); scored by the raw gradient's cosine (what an
+    SGD client's scan uses) it falls well down the list at some positions."""
+    for seed in (3, 7):
+        obs, truth = _random_text_victim(seed)
+        by_signs, by_gradient = Replay(obs), Replay(dataclasses.replace(obs, optimizer="sgd"))
+        ranks: dict[str, list[int]] = {"signs": [], "gradient": []}
+        for k in range(1, len(truth)):
+            text = list(truth)
+            for j in range(k, len(truth), 2):
+                text[j] = 5 if truth[j] != 5 else 6
+            texts = [unroll._put(text, k, v) for v in range(400)]
+            for name, replay in (("signs", by_signs), ("gradient", by_gradient)):
+                score = replay.first_step_alignment(texts, prefix=k)
+                ranks[name].append(int((score > score[truth[k]]).sum()))
+        assert max(ranks["signs"]) <= 1 and max(ranks["gradient"]) >= 5, (seed, ranks)
+
+
+@pytest.mark.parametrize("later", [False, True])
+def test_a_scan_with_a_shared_prefix_scores_as_the_whole_pass_does(later: bool) -> None:
+    """Texts that share their first p tokens skip those positions' output layer (one fixed gradient on the hidden
+    states instead): the first-step alignments are the whole pass's, in place and inserted, early and late."""
+    obs, truth = _random_text_victim(4)
+    obs = adamw_victim("llama", 4, torch.tensor([truth]), later=later, vocab=400)
+    replay = Replay(obs)
+    for p in (2, 6, 11):
+        for inserted in (False, True):
+            texts = [unroll._put(truth, p, v, inserted) for v in range(0, 400, 3)]
+            whole, shared = replay.first_step_alignment(texts), replay.first_step_alignment(texts, prefix=p)
+            assert torch.allclose(whole, shared, atol=1e-6) and whole.abs().max() > 0.05, (p, inserted)
+    texts = [truth, truth[:1] + [7] + truth[2:]]  # not one prefix: the second text is scored with the first's
+    assert not torch.allclose(replay.first_step_alignment(texts, prefix=4), replay.first_step_alignment(texts))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -13,9 +13,11 @@ remaining positions filled from a *pool*: the picks and the ``pool`` tokens that
 leave unexplained (the residual of the first block's sign fit). Moves: swap two positions, move one token, insert
 or delete a token (the tail shifts), put a pool token at one position. Each round replays ``batch`` distinct
 proposals at once and keeps the best one if it raises the cosine; the search stops at cosine ``done`` or after
-``replays`` replays. Tokens outside the pool are never tried: the pool bounds what it can recover. ``fill`` then
-refills from the whole vocabulary (:func:`_fill_position`), each step at two places: a token inserted where one is
-likeliest missing (:func:`_gap`), a token in place at the earliest unconfirmed position.
+``replays`` replays. Tokens outside the pool are never tried by the search. ``fill`` then refills from the whole
+vocabulary (:func:`_refill`), each step at two places, the better kept: a token in place at the earliest
+unconfirmed position, a token inserted where one is likeliest missing (:func:`_gap`). A scan scores every
+vocabulary token in one pass by its first step's direction (for Adam, the gradient's signs) against the update, then
+replays the best few in full (:func:`_fill_position`).
 The recovered text is the sequence; its bag keeps the tokens the replay confirms and the start's picks it does
 not refute (:func:`_confirmed`), so fillers the search could not place do not count as found.
 
@@ -94,6 +96,7 @@ class Replay:
         self.start = {n: obs.global_state[n].detach().float().to(self.device) for n in self.names}
         # a "gradient" observation is a one-step SGD delta rescaled by -1/lr: its replayed delta points the other way
         sign = -1.0 if obs.kind == "gradient" else 1.0
+        self._split_ok: bool | None = None  # see _splits
         self.target = sign * torch.cat([obs.update[n].detach().float().flatten() for n in self.names]).to(self.device)
 
     def updates(self, texts: torch.Tensor) -> torch.Tensor:
@@ -123,26 +126,79 @@ class Replay:
                     params[k] = p * decay - (obs.lr / (1 - b1 ** step)) * m[k] / denom
         return torch.cat([(params[k] - self.start[k][None]).reshape(n, -1) for k in self.names], 1)
 
-    def _gradients(self, live: dict[str, torch.Tensor], texts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each text's loss gradient at its own adapter ``live`` (one LoRA pair per row)."""
+    def _gradients(self, live: dict[str, torch.Tensor], texts: torch.Tensor,
+                   fixed: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Each text's loss gradient at its own adapter ``live`` (one LoRA pair per row). ``fixed``: the gradient
+        of the first ``len(fixed)`` loss terms on the hidden states, shared by every text (:meth:`_prefix_gradient`)."""
         for k, (path, factor) in self.names.items():
             setattr(self.layers[path], factor, live[k])
-        logits = self.model(input_ids=texts).logits[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), texts[:, 1:].reshape(-1),
-                               reduction="sum") / (texts.shape[1] - 1)  # the sum of every text's mean loss
+        if fixed is None:
+            logits = self.model(input_ids=texts).logits[:, :-1]
+            labels = texts[:, 1:]
+            shared = 0.0
+        else:
+            body, head = self._split()
+            hidden = body(input_ids=texts).last_hidden_state
+            logits = head(hidden[:, len(fixed):-1])
+            labels = texts[:, len(fixed) + 1:]
+            shared = (hidden[:, :len(fixed)] * fixed).sum()  # the shared terms' gradient, through the hidden states
+        loss = (F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+                + shared) / (texts.shape[1] - 1)  # the sum of every text's mean loss
         return torch.autograd.grad(loss, list(live.values()))
 
-    def first_step_alignment(self, texts: list[list[int]], chunk: int = 256) -> torch.Tensor:
-        """Cosine between each text's negative loss gradient at the global adapter (the direction of its first
-        step) and the received update: one pass instead of a replay, to shortlist candidates."""
+    def first_step_alignment(self, texts: list[list[int]], chunk: int = 256, prefix: int = 0) -> torch.Tensor:
+        """Cosine between the direction of each text's first step at the global adapter (the negative loss
+        gradient; its signs for Adam(W)) and the received update: one pass instead of a replay, to shortlist
+        candidates. Texts that share
+        their first ``prefix`` tokens (a scan of one position) share those positions' logits in a causal LM:
+        their loss terms enter as one fixed gradient on the hidden states (:meth:`_prefix_gradient`), so the
+        output layer runs only on the later positions (the same gradient, at a fraction of the cost)."""
+        fixed = self._prefix_gradient(texts[0][:prefix]) if prefix >= 2 and self._splits() else None
         out = []
         for i in range(0, len(texts), chunk):
             rows = torch.tensor(texts[i:i + chunk], device=self.device)
             live = {k: v[None].repeat(len(rows), *([1] * v.dim())).requires_grad_(True) for k, v in self.start.items()}
-            grads = self._gradients(live, rows)
+            grads = self._gradients(live, rows, fixed)
             flat = -torch.cat([g.detach().reshape(len(rows), -1) for g in grads], 1)
+            if self.obs.optimizer.lower().startswith("adam"):
+                flat = torch.sign(flat)  # Adam's first step moves every coordinate by lr along the gradient's sign
             out.append(F.cosine_similarity(flat, self.target[None]).cpu())
         return torch.cat(out)
+
+    def _prefix_gradient(self, prefix: list[int]) -> torch.Tensor:
+        """The gradient of the loss terms that lie inside ``prefix`` (positions 0 .. len − 2, whose logits and
+        labels every text with this prefix shares) on the final hidden states, at the global adapter."""
+        body, head = self._split()
+        for k, (path, factor) in self.names.items():
+            setattr(self.layers[path], factor, self.start[k][None])
+        with torch.no_grad():
+            hidden = body(input_ids=torch.tensor([prefix], device=self.device)).last_hidden_state[0, :-1]
+        hidden.requires_grad_(True)
+        loss = F.cross_entropy(head(hidden), torch.tensor(prefix[1:], device=self.device), reduction="sum")
+        return torch.autograd.grad(loss, hidden)[0]
+
+    def _split(self) -> tuple[Any, Any]:
+        """The causal LM's body (input ids to final hidden states) and its output layer (None where it has none)."""
+        model: Any = self.model  # a transformers causal LM
+        return getattr(model, str(model.base_model_prefix), None), model.get_output_embeddings()
+
+    def _splits(self) -> bool:
+        """Whether the model's logits are its output layer on its body's hidden states (no scaling or capping in
+        between), checked once on a short text: only then can shared positions be skipped."""
+        if self._split_ok is not None:
+            return self._split_ok
+        body, head = self._split()
+        self._split_ok = False
+        if not isinstance(body, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+            return False
+        text = torch.arange(4, device=self.device)[None] % self.vocab
+        for k, (path, factor) in self.names.items():
+            setattr(self.layers[path], factor, self.start[k][None])
+        with torch.no_grad():
+            whole = self.model(input_ids=text).logits
+            split = head(body(input_ids=text).last_hidden_state)
+        self._split_ok = bool(torch.allclose(whole, split, rtol=1e-5, atol=1e-6))
+        return self._split_ok
 
     def cosines(self, texts: list[list[int]], chunk: int = 64) -> list[float]:
         """Cosine between each text's replayed update and the received one."""
@@ -180,14 +236,14 @@ def _start(obs: Observation, pool: int) -> tuple[list[int], list[int], torch.Ten
 
 @register_attack("unroll")
 def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48, done: float = 0.9999,
-        seed: int = 0, fill: int = 0, shortlist: int = 64, device: str = "auto", **_: Any) -> AttackResult:
+        seed: int = 0, fill: int = 8, shortlist: int = 64, device: str = "auto", **_: Any) -> AttackResult:
     """Local search over texts scored by the replayed update's cosine with the received one (module docstring).
     ``pool``: extra candidate tokens beside the start's picks; ``replays``: the budget of replayed texts;
-    ``batch``: proposals per round (one batched replay); ``done``: the cosine that ends the search; ``fill``:
-    after the search, up to this many refill steps, each a scan of the whole vocabulary at the likeliest place
-    of a missing token (inserted, :func:`_gap`) and, unless that raised the cosine, one at the earliest
-    unconfirmed position (in place) (:func:`_fill_position`: a one-pass shortlist, then ``shortlist`` full
-    replays); ``device``: where the replays run (``auto``: a CUDA GPU where there is one)."""
+    ``batch``: proposals per round (one batched replay); ``done``: the cosine that ends the search and the refill;
+    ``fill``: after the search, up to this many refill steps (:func:`_refill`), each a scan of the whole vocabulary
+    at the earliest unconfirmed position (in place) and at the likeliest place of a missing token (inserted,
+    :func:`_gap`) (:func:`_fill_position`: a one-pass shortlist, then ``shortlist`` full replays); ``device``:
+    where the replays run (``auto``: a CUDA GPU where there is one)."""
     one_sgd_step = obs.local_steps == 1 and obs.optimizer.lower() == "sgd"
     if obs.batch_size != 1 or not (obs.kind == "delta" or one_sgd_step):
         raise NotApplicable(f"unroll replays one example's local training (batch size {obs.batch_size}, "
@@ -227,27 +283,8 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
     falls = _falls(replay, current, best)
     used += len(current)
     before = (best, _confirmed(current, falls, picks))
-    vain: set[tuple[int, bool]] = set()  # (position, inserted) scans that found nothing better in the current text
-    for _step in range(fill):
-        # two places a step, in causal order: the likeliest place of a missing token (a run of right tokens one
-        # place early looks confirmed) and the earliest unconfirmed position (a causal LM's late tokens move the
-        # update least, so the least confirmed position is nearly always the last one, where a fix gains least)
-        level = _level(falls)
-        gap, spent = _gap(replay, current, {p for p, inserted in vain if inserted})
-        used += spent
-        unconfirmed = next((i for i in range(len(current)) if (i, False) not in vain and falls[i] < level), None)
-        scans = [(p, inserted) for p, inserted in ((gap, True), (unconfirmed, False)) if p is not None]
-        if not scans:
-            break  # every place scanned in vain
-        for position, inserted in scans:
-            text, cosine, spent = _fill_position(replay, current, best, position, shortlist, inserted)
-            used += spent
-            if text != current:
-                current, best, vain = text, cosine, set()
-                falls = _falls(replay, current, best)
-                used += len(current)
-                break  # a new text: the next step finds its places
-            vain.add((position, inserted))  # a second scan of it, in the same text, would find the same
+    current, best, falls, spent = _refill(replay, current, best, falls, fill, shortlist, done)
+    used += spent
     confirmed = _confirmed(current, falls, picks)
     scores = token_scores.clone().float()
     scores[current] = scores.max() + 1.0
@@ -255,6 +292,44 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
     return AttackResult("unroll", token_scores=scores, bag=confirmed, sequences=[current],
                         extra={"cosine": best, "cosine_before_fill": before[0], "bag_before_fill": before[1],
                                "replays": used, "picks": picks, "pool": len(pool_ids)})
+
+
+def _refill(replay: Replay, text: list[int], cosine: float, falls: list[float], steps: int, shortlist: int,
+            done: float) -> tuple[list[int], float, list[float], int]:
+    """Up to ``steps`` refill steps from the whole vocabulary, each scanning two places of ``text``
+    (:func:`_fill_position`): the earliest unconfirmed position in place (a causal LM's late tokens move the update
+    least, so the least confirmed position is nearly always the last one, where a fix gains least) and the likeliest
+    place of a missing token, inserted (:func:`_gap`: a run of right tokens one place early looks confirmed). The
+    better scan is kept if it raises the cosine (the inserted token alone can raise it while the tail it shifts was
+    right: scanned first, it used to take the place of the token in place). Returns the text, its cosine, its
+    ``falls`` (:func:`_falls`) and the replays spent. Ends early at cosine ``done``."""
+    used = 0
+    vain: set[tuple[int, bool]] = set()  # (position, inserted) scans that found nothing better in the current text
+    for _step in range(steps):
+        if cosine >= done:
+            break
+        level = _level(falls)
+        unconfirmed = next((i for i in range(len(text)) if (i, False) not in vain and falls[i] < level), None)
+        gap, spent = _gap(replay, text, {p for p, inserted in vain if inserted})
+        used += spent
+        scans = [(p, inserted) for p, inserted in ((unconfirmed, False), (gap, True)) if p is not None]
+        if not scans:
+            break  # every place scanned in vain
+        found = []
+        for position, inserted in scans:
+            new, new_cosine, spent = _fill_position(replay, text, cosine, position, shortlist, inserted)
+            used += spent
+            found.append((new_cosine, new))
+            if new_cosine >= done:
+                break  # the sentence: no need for the other place
+        best_cosine, best_text = max(found, key=lambda f: f[0])
+        if best_cosine > cosine:
+            text, cosine, vain = best_text, best_cosine, set()
+            falls = _falls(replay, text, cosine)
+            used += len(text)
+        else:
+            vain.update(scans)  # a second scan of these places, in the same text, would find the same
+    return text, cosine, falls, used
 
 
 def _put(text: list[int], position: int, token: int, inserted: bool = False) -> list[int]:
@@ -305,7 +380,7 @@ def _fill_position(replay: Replay, text: list[int], cosine: float, position: int
     replayed in full and the best kept if it raises the cosine. Returns the text, its cosine and the full replays
     spent."""
     texts = [_put(text, position, v, inserted) for v in range(replay.vocab)]
-    top = torch.topk(replay.first_step_alignment(texts), shortlist).indices.tolist()
+    top = torch.topk(replay.first_step_alignment(texts, prefix=position), shortlist).indices.tolist()
     cos = replay.cosines([texts[v] for v in top])
     i = max(range(len(cos)), key=cos.__getitem__)
     log.info("unroll: position %d, best of %d shortlisted tokens %s: cosine %.4f (was %.4f)", position, shortlist,
