@@ -126,12 +126,16 @@ class Replay:
                     params[k] = p * decay - (obs.lr / (1 - b1 ** step)) * m[k] / denom
         return torch.cat([(params[k] - self.start[k][None]).reshape(n, -1) for k in self.names], 1)
 
+    def _load(self, params: dict[str, torch.Tensor]) -> None:
+        """Put one LoRA pair per batch row into the batched layers (``params``: adapter state name -> (n, ...))."""
+        for k, (path, factor) in self.names.items():
+            setattr(self.layers[path], factor, params[k])
+
     def _gradients(self, live: dict[str, torch.Tensor], texts: torch.Tensor,
                    fixed: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Each text's loss gradient at its own adapter ``live`` (one LoRA pair per row). ``fixed``: the gradient
         of the first ``len(fixed)`` loss terms on the hidden states, shared by every text (:meth:`_prefix_gradient`)."""
-        for k, (path, factor) in self.names.items():
-            setattr(self.layers[path], factor, live[k])
+        self._load(live)
         if fixed is None:
             logits = self.model(input_ids=texts).logits[:, :-1]
             labels = texts[:, 1:]
@@ -149,10 +153,10 @@ class Replay:
     def first_step_alignment(self, texts: list[list[int]], chunk: int = 256, prefix: int = 0) -> torch.Tensor:
         """Cosine between the direction of each text's first step at the global adapter (the negative loss
         gradient; its signs for Adam(W)) and the received update: one pass instead of a replay, to shortlist
-        candidates. Texts that share
-        their first ``prefix`` tokens (a scan of one position) share those positions' logits in a causal LM:
-        their loss terms enter as one fixed gradient on the hidden states (:meth:`_prefix_gradient`), so the
-        output layer runs only on the later positions (the same gradient, at a fraction of the cost)."""
+        candidates. Texts that share their first ``prefix`` tokens (a scan of one position) share those positions'
+        logits in a causal LM: their loss terms enter as one fixed gradient on the hidden states
+        (:meth:`_prefix_gradient`), so the output layer runs only on the later positions (the same gradient, at a
+        fraction of the cost)."""
         fixed = self._prefix_gradient(texts[0][:prefix]) if prefix >= 2 and self._splits() else None
         out = []
         for i in range(0, len(texts), chunk):
@@ -169,8 +173,7 @@ class Replay:
         """The gradient of the loss terms that lie inside ``prefix`` (positions 0 .. len − 2, whose logits and
         labels every text with this prefix shares) on the final hidden states, at the global adapter."""
         body, head = self._split()
-        for k, (path, factor) in self.names.items():
-            setattr(self.layers[path], factor, self.start[k][None])
+        self._load({k: v[None] for k, v in self.start.items()})
         with torch.no_grad():
             hidden = body(input_ids=torch.tensor([prefix], device=self.device)).last_hidden_state[0, :-1]
         hidden.requires_grad_(True)
@@ -192,8 +195,7 @@ class Replay:
         if not isinstance(body, torch.nn.Module) or not isinstance(head, torch.nn.Module):
             return False
         text = torch.arange(4, device=self.device)[None] % self.vocab
-        for k, (path, factor) in self.names.items():
-            setattr(self.layers[path], factor, self.start[k][None])
+        self._load({k: v[None] for k, v in self.start.items()})
         with torch.no_grad():
             whole = self.model(input_ids=text).logits
             split = head(body(input_ids=text).last_hidden_state)
