@@ -96,8 +96,8 @@ class Replay:
         self.start = {n: obs.global_state[n].detach().float().to(self.device) for n in self.names}
         # a "gradient" observation is a one-step SGD delta rescaled by -1/lr: its replayed delta points the other way
         sign = -1.0 if obs.kind == "gradient" else 1.0
-        self._split_ok: bool | None = None  # see _splits
         self.target = sign * torch.cat([obs.update[n].detach().float().flatten() for n in self.names]).to(self.device)
+        self.splits = self._logits_split()
 
     def updates(self, texts: torch.Tensor) -> torch.Tensor:
         """The update (local − global, flattened in ``names`` order) the client would send for each row."""
@@ -157,7 +157,7 @@ class Replay:
         logits in a causal LM: their loss terms enter as one fixed gradient on the hidden states
         (:meth:`_prefix_gradient`), so the output layer runs only on the later positions (the same gradient, at a
         fraction of the cost)."""
-        fixed = self._prefix_gradient(texts[0][:prefix]) if prefix >= 2 and self._splits() else None
+        fixed = self._prefix_gradient(texts[0][:prefix]) if prefix >= 2 and self.splits else None
         out = []
         for i in range(0, len(texts), chunk):
             rows = torch.tensor(texts[i:i + chunk], device=self.device)
@@ -185,13 +185,10 @@ class Replay:
         model: Any = self.model  # a transformers causal LM
         return getattr(model, str(model.base_model_prefix), None), model.get_output_embeddings()
 
-    def _splits(self) -> bool:
+    def _logits_split(self) -> bool:
         """Whether the model's logits are its output layer on its body's hidden states (no scaling or capping in
-        between), checked once on a short text: only then can shared positions be skipped."""
-        if self._split_ok is not None:
-            return self._split_ok
+        between), checked on a short text: only then can a scan skip its shared prefix's output layer."""
         body, head = self._split()
-        self._split_ok = False
         if not isinstance(body, torch.nn.Module) or not isinstance(head, torch.nn.Module):
             return False
         text = torch.arange(4, device=self.device)[None] % self.vocab
@@ -199,8 +196,7 @@ class Replay:
         with torch.no_grad():
             whole = self.model(input_ids=text).logits
             split = head(body(input_ids=text).last_hidden_state)
-        self._split_ok = bool(torch.allclose(whole, split, rtol=1e-5, atol=1e-6))
-        return self._split_ok
+        return bool(torch.allclose(whole, split, rtol=1e-5, atol=1e-6))
 
     def cosines(self, texts: list[list[int]], chunk: int = 64) -> list[float]:
         """Cosine between each text's replayed update and the received one."""
