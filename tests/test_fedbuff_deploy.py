@@ -46,7 +46,9 @@ def test_fedbuff_on_a_real_deployment_does_not_wait_for_the_slow_node(tmp_path: 
     # (node, partition, staleness) of every applied update, by the partition each node reports
     applied = [[tuple(b) for b in r["buffered"]] for r in rows]
     node_of = {p: node for entries in applied for node, p, _ in entries}
-    assert sorted(p for _, p, _ in applied[0]) == [0, 1], applied  # the first update did not wait for node 2
+    # the first update did not wait for node 2 (a fast node may fill both of its slots: it was sent the next
+    # version as soon as it replied, and FedBuff takes whichever two replies arrive first)
+    assert len(applied[0]) == 2 and 2 not in [p for _, p, _ in applied[0]], applied
     slow = [(rnd, tau) for rnd, entries in enumerate(applied, 1) for _, p, tau in entries if p == 2]
     assert slow and all(tau >= 1 for _, tau in slow), applied  # it arrived later, trained from an older version
     assert rows[slow[0][0] - 1]["staleness_max"] >= 1
