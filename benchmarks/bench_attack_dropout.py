@@ -1,6 +1,6 @@
 """Dropout-aware span attacks: one sentence read through the client's dropout, on independent victims.
 
-Usage: ``python benchmarks/bench_attack_dropout.py [--victims bert,bert-lora-dropout,gpt2,gpt2-words,minilm]
+Usage: ``python benchmarks/bench_attack_dropout.py [--victims bert,bert-lora-dropout,gpt2,gpt2-words,gpt2-cut,minilm]
 [--seeds 3] [--no-append]``
 
 Each victim is built with plain transformers + peft (``tests/plain_victims.py::dropout_victim``): a client
@@ -12,7 +12,9 @@ dropout off; the server rescales the step to the gradient and knows the dropout 
   besides (an independent mask per adapted module; combined rate 0.19).
 * ``gpt2``: tiny causal LM (2 layers, hidden 128, dropout 0.1 on embeddings, residuals, attention), LoRA
   r = 16 on c_attn, 12 random ids; attack ``span_decode`` (the last token from the label channel).
-* ``gpt2-words``: the same GPT-2 over MiniLM's WordPiece vocabulary (30,522), an English sentence.
+* ``gpt2-words``: the same GPT-2 over MiniLM's WordPiece vocabulary (30,522), an English sentence (its last
+  token, from the label channel, is then always ``[SEP]``). ``gpt2-cut``: the same sentences cut before their
+  final full stop and ``[SEP]``, so that the last token is a word ("morning", "stairs", "busy", "week").
 * ``minilm``: the packaged pretrained all-MiniLM-L6-v2 (hidden 384, its own dropout 0.1, new 2-class head),
   LoRA r = 8 on query/value (16 rows for at most 14 tokens), an English sentence; attack ``span``.
 
@@ -48,18 +50,21 @@ SENTENCES = [
     "We should leave early because the roads will be busy.",
     "My brother bought a new bicycle last week.",
 ]
-#: victim -> (plain_victims.dropout_victim arch, rank, attack, English text, LoRA dropout)
-VICTIMS = {"bert": ("bert", 16, "span", False, 0.0), "bert-lora-dropout": ("bert", 16, "span", False, 0.1),
-           "gpt2": ("gpt2", 16, "span_decode", False, 0.0), "gpt2-words": ("gpt2", 16, "span_decode", True, 0.0),
-           "minilm": ("minilm", 8, "span", True, 0.0)}
+#: victim -> (plain_victims.dropout_victim arch, rank, attack, English text (None: random ids; else the number of
+#: final WordPiece tokens cut off), LoRA dropout)
+VICTIMS = {"bert": ("bert", 16, "span", None, 0.0), "bert-lora-dropout": ("bert", 16, "span", None, 0.1),
+           "gpt2": ("gpt2", 16, "span_decode", None, 0.0), "gpt2-words": ("gpt2", 16, "span_decode", 0, 0.0),
+           "gpt2-cut": ("gpt2", 16, "span_decode", 2, 0.0),
+           "minilm": ("minilm", 8, "span", 0, 0.0)}
 
 
 def _victim(name: str, seed: int) -> tuple[Observation, torch.Tensor]:
-    arch, rank, _, words, lora_dropout = VICTIMS[name]
-    if not words:
+    arch, rank, _, cut, lora_dropout = VICTIMS[name]
+    if cut is None:
         return dropout_victim(arch, seed, r=rank, lora_dropout=lora_dropout)
     tok = wordpiece()
     ids = torch.tensor([tok(SENTENCES[seed % len(SENTENCES)], truncation=True, max_length=14)["input_ids"]])
+    ids = ids[:, :ids.shape[1] - cut]
     return dropout_victim(arch, seed, r=rank, vocab=len(tok), ids=ids, lora_dropout=lora_dropout)
 
 

@@ -11,12 +11,13 @@ import dataclasses
 
 import pytest
 import torch
-from plain_victims import dropout_victim
+from plain_victims import dropout_victim, wordpiece
 
 from fedpeft.attacks import run_attack
 from fedpeft.attacks.metrics import summarize, token_prf
 from fedpeft.attacks.observation import config_dropout
 from fedpeft.attacks.span import dropout_cut, joint_sequence
+from fedpeft.attacks.span_decode import last_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,6 +42,24 @@ def test_span_decode_reads_a_causal_sentence_through_dropout(seed: int) -> None:
     assert result.sequences == ids.tolist()  # the invisible last token from the label channel
     assert summarize(result, ids)["token_f1"] >= 0.9  # every visible token in the bag
     assert token_prf(run_attack("span", _unaware(obs)).bag, ids[0].tolist())["f1"] < 0.2
+
+
+@pytest.mark.parametrize(("sentence", "cut", "seed"), [
+    ("The old man walked slowly to the station every morning.", 0, 0),  # last token [SEP]
+    ("My brother bought a new bicycle last week.", 2, 3),  # cut before ". [SEP]": last token "week"
+])
+def test_the_label_channel_reads_the_last_token_through_dropout_on_a_large_vocabulary(sentence: str, cut: int,
+                                                                                      seed: int) -> None:
+    """GPT-2 over the 30,522-token WordPiece vocabulary with dropout 0.1, the prefix known: matched away from
+    the directions the server's own dropout masks move the known part along, the last token is read; matched
+    on the eval-mode gradient alone it ranked 561st / 87th on these two victims and is missed."""
+    ids = torch.tensor([wordpiece()(sentence)["input_ids"]])
+    obs, ids = dropout_victim("gpt2", seed, r=16, vocab=len(wordpiece()), ids=ids[:, :ids.shape[1] - cut])
+    prefix, last = ids[0, :-1].tolist(), int(ids[0, -1])
+    rng = torch.get_rng_state()
+    assert last_tokens(obs, [prefix]) == [last]
+    assert torch.equal(torch.get_rng_state(), rng) and not obs.working_model().training
+    assert last_tokens(obs, [prefix], noise_samples=0) != [last]
 
 
 def test_dropout_cut_holds_the_members_of_a_dropped_out_span() -> None:

@@ -23,6 +23,7 @@ without padding.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -147,7 +148,7 @@ def _label_params(model: torch.nn.Module, max_elems: int) -> tuple[list[str], li
 
 
 def last_tokens(obs: Observation, prefixes: list[list[int]], pad: int | None = None, eos: int | None = None,
-                max_elems: int = 200_000, chunk: int = 64) -> list[int] | None:
+                max_elems: int = 200_000, chunk: int = 64, noise_samples: int = 256) -> list[int] | None:
     """The invisible last token of each sequence from the label channel (single-step gradients only).
 
     Prefixes may differ in length (a padded batch: padding has label -100 and is masked out, so it adds
@@ -157,6 +158,12 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], pad: int | None = N
     H_i·H_jᵀ (d-dimensional), so it is cheap for any vocabulary size. A prefix that ends in ``pad`` comes
     from a client that keeps the padding in the loss: it is known to the end (padding, masked by
     :func:`padding_mask`, with seq_len − 1 labels), its last token is ``pad`` and it adds only known terms.
+
+    A client that trained with dropout (``obs.dropout`` > 0) computed its known part under masks the server
+    does not know, and that noise in diff swamps the label term on a large vocabulary. The server draws
+    ``noise_samples`` masks of its own (the public rates: the model in train mode, a fixed seed), takes the
+    principal directions of the known part's gradient across them, and matches in their orthogonal
+    complement (:func:`_noise_directions`).
     """
     if obs.kind != "gradient" or obs.task != "causal_lm" or len(prefixes) != obs.batch_size or \
             not all(prefixes):
@@ -170,19 +177,24 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], pad: int | None = N
     complete = [pad is not None and p[-1] == pad for p in prefixes]
     open_ = [i for i, c in enumerate(complete) if not c]
     n = sum(obs.seq_len - 1 if c else len(p) for p, c in zip(prefixes, complete))  # the batch's labels
+
+    def known_part() -> torch.Tensor:
+        """The loss terms that do not depend on the unknown labels, over the batch's N labels."""
+        known = torch.zeros((), dtype=torch.float64)
+        for prefix, done in zip(prefixes, complete):  # one sequence at a time: the lengths differ
+            ids = torch.tensor([prefix + [pad] * (obs.seq_len - len(prefix))] if done else [prefix])
+            logits = model(input_ids=ids, attention_mask=padding_mask(ids, pad, eos)).logits[0]
+            logp = torch.log_softmax(logits, -1)
+            known = known - logp[:-1].gather(-1, ids[0, 1:, None]).sum()
+            if not done:
+                known = known + torch.logsumexp(logits[-1], -1)
+        return known / n
+
     hidden: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _m, args: hidden.append(args[0]))
     try:
         with torch.enable_grad():
-            known = torch.zeros((), dtype=torch.float64)
-            for prefix, done in zip(prefixes, complete):  # one sequence at a time: the lengths differ
-                ids = torch.tensor([prefix + [pad] * (obs.seq_len - len(prefix))] if done else [prefix])
-                logits = model(input_ids=ids, attention_mask=padding_mask(ids, pad, eos)).logits[0]
-                logp = torch.log_softmax(logits, -1)
-                known = known - logp[:-1].gather(-1, ids[0, 1:, None]).sum()
-                if not done:
-                    known = known + torch.logsumexp(logits[-1], -1)
-            g_known = torch.autograd.grad(known / n, params, retain_graph=True)
+            g_known = torch.autograd.grad(known_part(), params, retain_graph=True)
             diff = torch.cat([(gk - obs.update[nm].to(gk.dtype)).flatten() for gk, nm in zip(g_known, names)]) * n
             jac_h = []
             for h in (hidden[i] for i in open_):  # 1 × len_i × d
@@ -197,8 +209,36 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], pad: int | None = N
                 jac_h.append(torch.cat(rows))  # d × P
     finally:
         handle.remove()
+    if obs.dropout > 0 and noise_samples > 1 and open_:
+        noise = _noise_directions(model, params, known_part, noise_samples)
+        diff = diff - noise @ (noise.T @ diff)
+        jac_h = [jh - (jh @ noise) @ noise.T for jh in jac_h]
     matched = iter(_match_labels(head.weight.detach().to(diff.dtype), diff, jac_h) if open_ else [])
     return [pad if pad is not None and c else next(matched) for c in complete]
+
+
+def _noise_directions(model: torch.nn.Module, params: list[torch.nn.Parameter],
+                      loss: Callable[[], torch.Tensor], samples: int, seed: int = 0) -> torch.Tensor:
+    """Orthonormal principal directions (P × k) of ∇θ ``loss()`` across ``samples`` dropout masks: the model
+    in train mode (its public dropout rates), masks from a fixed seed, the caller's random state untouched.
+    Measured on 2-layer GPT-2s over a 30,522-token vocabulary with dropout 0.1 (docs/audit.md): matched in
+    the complement of 256 such directions the true last token ranked first in 16 of 16 cases, against
+    ranks up to 803 with the eval-mode gradient alone; 64 masks were too few."""
+    was_training = model.training
+    grads = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.train()
+        try:
+            with torch.enable_grad():
+                for _ in range(samples):
+                    grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss(), params)]))
+        finally:
+            model.train(was_training)
+    stacked = torch.stack(grads)
+    centred = stacked - stacked.mean(0)
+    u, s, _ = torch.linalg.svd(centred.T, full_matrices=False)
+    return u[:, s > s[0] * 1e-9] if s[0] > 0 else u[:, :0]
 
 
 def _match_labels(w: torch.Tensor, diff: torch.Tensor, jac_h: list[torch.Tensor]) -> list[int]:
@@ -234,11 +274,12 @@ def trim_padding(seq: list[int], pad: int | None, eos: int | None) -> list[int]:
 
 @register_attack("span_decode")
 def run(obs: Observation, beams: int | None = None, max_cands: int = 64, ratio: float = 1e3, tau: float = 0.05,
-        end_ratio: float = 10.0, cut: str = "gap", **_unused: Any) -> AttackResult:
+        end_ratio: float = 10.0, cut: str = "gap", noise_samples: int = 256, **_unused: Any) -> AttackResult:
     """Layer-0 span check, then greedy layer-1 decoding with ``beams`` prefixes (default 2 × batch size);
     the best batch-size sequences are returned, each with its own length, trailing padding trimmed
     (:func:`trim_padding`). ``ratio``, ``tau``, ``end_ratio``: see :func:`greedy_decode`; ``cut``: the
-    layer-0 span's bag rule (:func:`fedpeft.attacks.span.run`: "gap", "outlier" or "spectrum")."""
+    layer-0 span's bag rule (:func:`fedpeft.attacks.span.run`: "gap", "outlier" or "spectrum");
+    ``noise_samples``: dropout masks drawn to denoise the label channel (:func:`last_tokens`)."""
     model = obs.working_model()
     vocab = model.get_input_embeddings().num_embeddings
     groups = shared_groups(model, 1, token_local=False, vocab=vocab)  # cheap checks first: NotApplicable
@@ -260,7 +301,7 @@ def run(obs: Observation, beams: int | None = None, max_cands: int = 64, ratio: 
         cands = [c if pad in c or not pos else [*c, pad] for pos, c in enumerate(cands)]
     decoded = greedy_decode(model, group[0].path, basis, cands, length, beams, ratio, tau, end_ratio, pad, eos)
     seqs = [p for p, _ in decoded][: obs.batch_size]
-    tails = last_tokens(obs, seqs, pad, eos) if length < obs.seq_len else None
+    tails = last_tokens(obs, seqs, pad, eos, noise_samples=noise_samples) if length < obs.seq_len else None
     if tails is not None:
         seqs = [s + [t] for s, t in zip(seqs, tails)]
     seqs = [trim_padding(s, pad, eos) for s in seqs]
