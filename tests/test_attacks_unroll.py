@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from plain_victims import SENTENCES, adamw_victim, wordpiece
+from plain_victims import SENTENCES, adamw_victim, dropout_victim, wordpiece
 
 from fedpeft.attacks import NotApplicable, Observation, run_attack, unroll
 from fedpeft.attacks.unroll import Replay
@@ -46,7 +46,7 @@ def test_the_search_puts_a_shuffled_sentence_back_in_order(monkeypatch: pytest.M
     truth = ids[0].tolist()
     shuffled = random.Random(0).sample(truth, len(truth))
     assert shuffled != truth and len(set(truth)) == len(truth)
-    monkeypatch.setattr(unroll, "_start", lambda obs, pool: (shuffled, shuffled, torch.zeros(30522)))
+    monkeypatch.setattr(unroll, "_start", lambda obs, pool: (shuffled, shuffled, torch.zeros(30522), []))
     result = run_attack("unroll", obs, replays=3000, batch=32)
     assert result.sequences == [truth], (result.sequences, result.extra)
     assert result.extra["cosine"] > 0.9999 and result.extra["replays"] < 3000
@@ -96,7 +96,7 @@ def test_fill_finds_a_token_the_pool_lacks(monkeypatch: pytest.MonkeyPatch) -> N
     unconfirmed position (one pass each, then full replays of the shortlist) and finds the last token."""
     obs, truth = _random_text_victim(3)
     start = truth[:-1] + [5 if truth[-1] != 5 else 6]
-    monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400)))
+    monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400), []))
     without = run_attack("unroll", obs, replays=200, fill=0)
     assert without.sequences[0] != truth and truth[-1] not in without.sequences[0][-1:]
     result = run_attack("unroll", obs, replays=200, fill=1)
@@ -111,7 +111,7 @@ def test_fill_inserts_a_missing_token_and_the_tail_shifts_back(monkeypatch: pyte
     k = next(i for i in range(3, 8) if truth.count(truth[i]) == 1)
     filler = next(v for v in range(5, 400) if v not in truth)
     start = truth[:k] + truth[k + 1:] + [filler]
-    monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400)))
+    monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400), []))
     result = run_attack("unroll", obs, replays=100, fill=2)
     assert result.sequences == [truth] and result.extra["cosine"] > 0.9999, (result.sequences, truth, result.extra)
 
@@ -124,7 +124,7 @@ def test_a_wrong_token_is_put_right_in_place_even_where_an_insertion_also_raises
     obs, truth = _random_text_victim(5)
     filler = next(v for v in range(5, 400) if v not in truth)
     start = truth[:6] + [filler] + truth[7:]
-    monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400)))
+    monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400), []))
     result = run_attack("unroll", obs, replays=1, fill=1)
     assert result.sequences == [truth] and result.extra["cosine"] > 0.9999, (result.sequences, truth, result.extra)
 
@@ -181,7 +181,7 @@ def test_a_vain_scan_is_not_repeated_and_the_fill_goes_on(monkeypatch: pytest.Mo
     not run again on the same text (it would find the same): the fill goes on to the other places."""
     obs, truth = _random_text_victim(3)
     start = truth[:-2] + [v if v not in truth[-2:] else v + 2 for v in (5, 6)]  # two positions wrong
-    monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400)))
+    monkeypatch.setattr(unroll, "_start", lambda obs, pool: (start, start, torch.zeros(400), []))
     real, scans = unroll._fill_position, []
 
     def first_in_vain(replay: Replay, text: list[int], cosine: float, position: int, shortlist: int,
@@ -214,3 +214,15 @@ def test_a_one_step_sgd_gradient_replays_too() -> None:
     wrong = text[:3] + [(text[3] + 1) % truth.vocab_size] + text[4:]
     same, off = Replay(obs).cosines([text, wrong])
     assert same > 0.9999 and off < 0.99, (same, off)
+
+
+def test_unroll_reads_a_dropout_clients_sentence_over_the_rank_budget() -> None:
+    """GPT-2 with dropout 0.1 at r = 8 (8 rows for 11 visible tokens: over the span test's budget), one SGD step:
+    the search, the per-position sweep and the label channel, comparing updates away from the dropout noise
+    directions, read the sentence; the same search comparing whole updates does not (its wrong text matched the
+    noisy update better than the truth)."""
+    obs, ids = dropout_victim("gpt2", 0, r=8)
+    kwargs = {"replays": 300, "fill": 0, "noise_samples": 128}
+    assert run_attack("span_decode", obs).sequences != ids.tolist()
+    assert run_attack("unroll", obs, **kwargs).sequences == ids.tolist()
+    assert run_attack("unroll", obs, **{**kwargs, "noise_samples": 0}).sequences != ids.tolist()

@@ -275,3 +275,28 @@ def outlier_cut(values: torch.Tensor, z: float = 5.0) -> float:
     v = values.flatten().to(torch.float64)
     med = v.median()
     return float(med - z * 1.4826 * (v - med).abs().median())
+
+
+def dropout_directions(model: nn.Module, params: list[nn.Parameter], loss: Callable[[], torch.Tensor],
+                       samples: int, seed: int = 0) -> torch.Tensor:
+    """Orthonormal principal directions (P × k) of ∇θ ``loss()`` across ``samples`` dropout masks: the model
+    in train mode (its public dropout rates), masks from a fixed seed, the caller's random state untouched.
+    A client's dropout noise lies mostly along these directions: compared in their orthogonal complement, a
+    gradient computed without the client's masks matches the client's (measured on 2-layer GPT-2s over a
+    30,522-token vocabulary with dropout 0.1, docs/audit.md: the label channel's true last token ranked first
+    in 16 of 16 cases against ranks up to 803 without; 64 masks were too few)."""
+    was_training = model.training
+    grads = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.train()
+        try:
+            with torch.enable_grad():
+                for _ in range(samples):
+                    grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss(), params)]))
+        finally:
+            model.train(was_training)
+    stacked = torch.stack(grads)
+    centred = stacked - stacked.mean(0)
+    u, s, _ = torch.linalg.svd(centred.T, full_matrices=False)
+    return u[:, s > s[0] * 1e-9] if s[0] > 0 else u[:, :0]

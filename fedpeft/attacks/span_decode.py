@@ -23,13 +23,19 @@ without padding.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fedpeft.attacks import span
-from fedpeft.attacks.lora_io import capture_inputs, reads_left_to_right, residuals, row_basis, shared_groups
+from fedpeft.attacks.lora_io import (
+    capture_inputs,
+    dropout_directions,
+    reads_left_to_right,
+    residuals,
+    row_basis,
+    shared_groups,
+)
 from fedpeft.attacks.observation import AttackResult, NotApplicable, Observation, register_attack
 
 log = logging.getLogger(__name__)
@@ -163,7 +169,7 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], pad: int | None = N
     does not know, and that noise in diff swamps the label term on a large vocabulary. The server draws
     ``noise_samples`` masks of its own (the public rates: the model in train mode, a fixed seed), takes the
     principal directions of the known part's gradient across them, and matches in their orthogonal
-    complement (:func:`_noise_directions`).
+    complement (:func:`fedpeft.attacks.lora_io.dropout_directions`).
     """
     if obs.kind != "gradient" or obs.task != "causal_lm" or len(prefixes) != obs.batch_size or \
             not all(prefixes):
@@ -210,35 +216,11 @@ def last_tokens(obs: Observation, prefixes: list[list[int]], pad: int | None = N
     finally:
         handle.remove()
     if obs.dropout > 0 and noise_samples > 1 and open_:
-        noise = _noise_directions(model, params, known_part, noise_samples)
+        noise = dropout_directions(model, params, known_part, noise_samples)
         diff = diff - noise @ (noise.T @ diff)
         jac_h = [jh - (jh @ noise) @ noise.T for jh in jac_h]
     matched = iter(_match_labels(head.weight.detach().to(diff.dtype), diff, jac_h) if open_ else [])
     return [pad if pad is not None and c else next(matched) for c in complete]
-
-
-def _noise_directions(model: torch.nn.Module, params: list[torch.nn.Parameter],
-                      loss: Callable[[], torch.Tensor], samples: int, seed: int = 0) -> torch.Tensor:
-    """Orthonormal principal directions (P × k) of ∇θ ``loss()`` across ``samples`` dropout masks: the model
-    in train mode (its public dropout rates), masks from a fixed seed, the caller's random state untouched.
-    Measured on 2-layer GPT-2s over a 30,522-token vocabulary with dropout 0.1 (docs/audit.md): matched in
-    the complement of 256 such directions the true last token ranked first in 16 of 16 cases, against
-    ranks up to 803 with the eval-mode gradient alone; 64 masks were too few."""
-    was_training = model.training
-    grads = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model.train()
-        try:
-            with torch.enable_grad():
-                for _ in range(samples):
-                    grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss(), params)]))
-        finally:
-            model.train(was_training)
-    stacked = torch.stack(grads)
-    centred = stacked - stacked.mean(0)
-    u, s, _ = torch.linalg.svd(centred.T, full_matrices=False)
-    return u[:, s > s[0] * 1e-9] if s[0] > 0 else u[:, :0]
 
 
 def _match_labels(w: torch.Tensor, diff: torch.Tensor, jac_h: list[torch.Tensor]) -> list[int]:
