@@ -25,8 +25,11 @@ The replay swaps every LoRA layer of a copy of the base model for a batched one 
 candidate text), so a single forward and backward pass trains ``batch`` candidates; the optimizer step is
 applied per candidate with the public settings (torch's defaults for Adam's betas and epsilon, constant
 learning rate, the client's clip of the gradient's total norm, mean token cross-entropy as the causal-LM
-loss). Applies to one example (batch size 1) of a causal LM without dropout whose LoRA update arrived as a
-delta (or as the gradient of one SGD step).
+loss). Applies to one example (batch size 1) of a causal LM whose LoRA update arrived as a delta (or as the
+gradient of one SGD step), without dropout, or with dropout after one SGD step: the replay has no masks, so its
+cosines are then taken away from the dropout noise directions (:meth:`Replay.denoise`). For learned-position
+models the start is each position's best token and a per-position sweep follows the search (:func:`_sweep`); for
+a gradient the last token comes from the label channel (:func:`_label_tail`).
 """
 
 from __future__ import annotations
@@ -81,8 +84,8 @@ class Replay:
                 self.layers[path] = batched
         for p in model.parameters():
             p.requires_grad_(False)
-        # the client trained without dropout (checked by the attack), so eval mode is its computation: models whose
-        # configs keep dropout layers (then switched off by the client) would draw masks in train mode
+        # eval mode: the client's computation where it trained without dropout; with dropout (one SGD step only,
+        # checked by the attack) the maskless replay, compared away from the noise directions (:meth:`denoise`)
         self.model = model.eval()
         self.names: dict[str, tuple[str, str]] = {}  # adapter state name -> (layer path, "A" / "B")
         for name in obs.global_state:
@@ -313,11 +316,8 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
         rounds += 1
         if not texts:  # a pool of one token: every move gives the same text
             continue
-        cos = replay.cosines(texts)
+        current, best = _keep_best(replay, texts, current, best)
         used += len(texts)
-        i = max(range(len(cos)), key=cos.__getitem__)
-        if cos[i] > best:
-            current, best = texts[i], cos[i]
         if rounds % 50 == 0:
             log.info("unroll: %d replays, cosine %.4f", used, best)
     for _sweep_round in range(sweeps):  # each position's own candidates, then the last token from the labels
@@ -327,7 +327,7 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
         before_sweep = current
         current, best, spent = _sweep(replay, current, best, positional)
         used += spent
-        current, best = _label_tail(obs, replay, current, best)
+        current, best = _label_tail(obs, replay, current, best, noise_samples)
         if current == before_sweep:
             break
     falls = _falls(replay, current, best)
@@ -394,19 +394,24 @@ def _sweep(replay: Replay, text: list[int], cosine: float,
         texts = [_put(text, position, v) for v in cands if v != text[position]]
         if not texts:
             continue
-        cos = replay.cosines(texts)
+        text, cosine = _keep_best(replay, texts, text, cosine)
         used += len(texts)
-        i = max(range(len(cos)), key=cos.__getitem__)
-        if cos[i] > cosine:
-            text, cosine = texts[i], cos[i]
     return text, cosine, used
 
 
-def _label_tail(obs: Observation, replay: Replay, text: list[int], cosine: float) -> tuple[list[int], float]:
+def _keep_best(replay: Replay, texts: list[list[int]], text: list[int], cosine: float) -> tuple[list[int], float]:
+    """Replay ``texts``: the best of them and its cosine if it beats ``cosine``, else ``text`` and ``cosine``."""
+    cos = replay.cosines(texts)
+    i = max(range(len(cos)), key=cos.__getitem__)
+    return (texts[i], cos[i]) if cos[i] > cosine else (text, cosine)
+
+
+def _label_tail(obs: Observation, replay: Replay, text: list[int], cosine: float,
+                noise_samples: int) -> tuple[list[int], float]:
     """``text`` with its last token from the label channel (:func:`fedpeft.attacks.span_decode.last_tokens`, a
-    gradient observation only), kept if the replay matches better: the last token is an input nowhere, so the
-    search's pool and the span ranking hold it only by chance."""
-    tail = last_tokens(obs, [text[:-1]]) if obs.kind == "gradient" else None
+    gradient observation only; ``noise_samples`` dropout masks), kept if the replay matches better: the last
+    token is an input nowhere, so the search's pool and the span ranking hold it only by chance."""
+    tail = last_tokens(obs, [text[:-1]], noise_samples=noise_samples) if obs.kind == "gradient" else None
     if not tail or tail[0] == text[-1]:
         return text, cosine
     new = text[:-1] + tail
