@@ -111,7 +111,7 @@ class Replay:
         (:func:`fedpeft.attacks.lora_io.dropout_directions`; one SGD step, where the update is that gradient).
         Without them a replay (no masks) of a wrong text can match a dropout client's update better than the
         true text does (measured: 0.80 against 0.78 on a GPT-2 over WordPiece); with them the true text scored
-        above every text a search reached."""
+        above the current one at every sweep of the searches measured (docs/audit.md)."""
         model = self.obs.working_model()
         named = dict(model.named_parameters())
         ids = torch.tensor([text])
