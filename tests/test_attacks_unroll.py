@@ -219,8 +219,7 @@ def test_a_one_step_sgd_gradient_replays_too() -> None:
 def test_unroll_reads_a_dropout_clients_sentence_over_the_rank_budget() -> None:
     """GPT-2 with dropout 0.1 at r = 8 (8 rows for 11 visible tokens: over the span test's budget), one SGD step:
     the search, the per-position sweep and the label channel, comparing updates away from the dropout noise
-    directions, read the sentence; the same search comparing whole updates does not (its wrong text matched the
-    noisy update better than the truth)."""
+    directions, read the sentence; the same search comparing whole updates does not."""
     obs, ids = dropout_victim("gpt2", 0, r=8)
     kwargs = {"replays": 300, "fill": 0, "noise_samples": 128}
     assert run_attack("span_decode", obs).sequences != ids.tolist()
