@@ -414,9 +414,7 @@ def _label_tail(obs: Observation, replay: Replay, text: list[int], cosine: float
     tail = last_tokens(obs, [text[:-1]], noise_samples=noise_samples) if obs.kind == "gradient" else None
     if not tail or tail[0] == text[-1]:
         return text, cosine
-    new = text[:-1] + tail
-    new_cosine = replay.cosines([new])[0]
-    return (new, new_cosine) if new_cosine > cosine else (text, cosine)
+    return _keep_best(replay, [text[:-1] + tail], text, cosine)
 
 
 def _put(text: list[int], position: int, token: int, inserted: bool = False) -> list[int]:
