@@ -225,3 +225,21 @@ def test_unroll_reads_a_dropout_clients_sentence_over_the_rank_budget() -> None:
     assert run_attack("span_decode", obs).sequences != ids.tolist()
     assert run_attack("unroll", obs, **kwargs).sequences == ids.tolist()
     assert run_attack("unroll", obs, **{**kwargs, "noise_samples": 0}).sequences != ids.tolist()
+
+
+def test_a_stray_token_is_deleted_and_the_label_channel_ends_the_text() -> None:
+    """A text with a token the client's lacks (the rest one place late, its last token pushed off): the deletion
+    scan removes the stray and takes the freed last place from the label channel; with the pad there instead it
+    does not read the sentence."""
+    obs, ids = dropout_victim("gpt2", 0, r=8)
+    truth = ids[0].tolist()
+    stray = next(v for v in range(3, 100) if v not in truth)
+    text = truth[:6] + [stray] + truth[6:-1]
+    replay = Replay(obs)
+    replay.denoise(text, 128)
+    (cosine,) = replay.cosines([text])
+    found, found_cosine, _ = unroll._deletion(replay, text, cosine,
+                                              lambda prefix: unroll._last_token(obs, replay, prefix, 128))
+    assert found == truth and found_cosine > cosine, (found, truth)
+    padded, _, _ = unroll._deletion(replay, text, cosine, lambda prefix: replay.pad)
+    assert padded != truth
