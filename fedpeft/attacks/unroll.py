@@ -353,7 +353,8 @@ def _refill(replay: Replay, text: list[int], cosine: float, falls: list[float], 
             done: float, last: Callable[[list[int]], int]) -> tuple[list[int], float, list[float], int]:
     """Up to ``steps`` refill steps from the whole vocabulary, each scanning two places of ``text``
     (:func:`_fill_position`): the earliest unconfirmed position in place (a causal LM's late tokens move the update
-    least, so the least confirmed position is nearly always the last one, where a fix gains least) and the likeliest
+    least, so the least confirmed position is nearly always the last one, where a fix gains least; where every
+    position is confirmed, the least confirmed not yet scanned in vain) and the likeliest
     place of a missing token, inserted (:func:`_gap`: a run of right tokens one place early looks confirmed); and
     every deletion (:func:`_deletion`, ``last`` filling the freed end: a token the text lacks leaves the rest one
     place late). The best is kept if it raises the cosine (the inserted token alone can raise it while the tail it
@@ -366,10 +367,12 @@ def _refill(replay: Replay, text: list[int], cosine: float, falls: list[float], 
         if cosine >= done:
             break
         level = _level(falls)
-        unconfirmed = next((i for i in range(len(text)) if (i, False) not in vain and falls[i] < level), None)
+        unscanned = [i for i in range(len(text)) if (i, False) not in vain]
+        in_place = next((i for i in unscanned if falls[i] < level),  # else the least confirmed: noise can lift a
+                        min(unscanned, key=falls.__getitem__) if unscanned else None)  # wrong token over the level
         gap, spent = _gap(replay, text, {p for p, inserted in vain if inserted})
         used += spent
-        scans = [(p, inserted) for p, inserted in ((unconfirmed, False), (gap, True)) if p is not None]
+        scans = [(p, inserted) for p, inserted in ((in_place, False), (gap, True)) if p is not None]
         if not scans and deleted_in_vain:
             break  # every place scanned in vain
         found = []
