@@ -271,10 +271,10 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
     ``pool``: extra candidate tokens beside the start's picks; ``replays``: the budget of replayed texts;
     ``batch``: proposals per round (one batched replay); ``done``: the cosine that ends the search and the refill;
     ``fill``: after the search, up to this many refill steps (:func:`_refill`), each a scan of the whole vocabulary
-    at the earliest unconfirmed position (in place) and at the likeliest place of a missing token (inserted,
-    :func:`_gap`) (:func:`_fill_position`: a one-pass shortlist, then ``shortlist`` full replays), and every
-    deletion (:func:`_deletion`); ``device``:
-    where the replays run (``auto``: a CUDA GPU where there is one). After the search, up to ``sweeps`` rounds
+    at the earliest unconfirmed position (in place; else the least confirmed) and at the likeliest place of a
+    missing token (inserted, :func:`_gap`) (:func:`_fill_position`: a one-pass shortlist, then ``shortlist`` full
+    replays), and every deletion (:func:`_deletion`); ``device``: where the replays run (``auto``: a CUDA GPU
+    where there is one). After the search, up to ``sweeps`` rounds
     of :func:`_sweep` (learned positions: each position's own best tokens) and :func:`_label_tail` (a gradient: the
     last token from the label channel). A client with dropout (one SGD step only): cosines are measured away
     from ``noise_samples`` directions of dropout noise (:meth:`Replay.denoise`), re-estimated at the best text
