@@ -243,3 +243,28 @@ def test_a_stray_token_is_deleted_and_the_label_channel_ends_the_text() -> None:
     assert found == truth and found_cosine > cosine, (found, truth)
     padded, _, _ = unroll._deletion(replay, text, cosine, lambda prefix: replay.pad)
     assert padded != truth
+
+
+def test_where_every_position_looks_confirmed_the_least_confirmed_is_scanned_in_place(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Noise can lift a wrong token's fall over the confirmation level: with no position below it, the refill's
+    in-place scan goes to the least confirmed position (then the next, once that one was scanned in vain)."""
+
+    class Flat:  # a replay under which no change raises the cosine
+        pad = 0
+
+        def cosines(self, texts: list[list[int]]) -> list[float]:
+            return [0.0] * len(texts)
+
+    scanned = []
+
+    def record(replay: object, text: list[int], cosine: float, position: int, shortlist: int,
+               inserted: bool = False) -> tuple[list[int], float, int]:
+        scanned.append((position, inserted))
+        return text, cosine, 0
+
+    monkeypatch.setattr(unroll, "_fill_position", record)
+    falls = [0.30, 0.20, 0.25, 0.22, 0.28]  # level: half the median fall, 0.125: every position confirmed
+    unroll._refill(Flat(), [5, 6, 7, 8, 9], 0.5, falls, steps=2, shortlist=4, done=0.9999,  # type: ignore[arg-type]
+                   last=lambda prefix: 0)
+    assert [p for p, inserted in scanned if not inserted] == [1, 3]
