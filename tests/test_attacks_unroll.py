@@ -265,6 +265,6 @@ def test_where_every_position_looks_confirmed_the_least_confirmed_is_scanned_in_
 
     monkeypatch.setattr(unroll, "_fill_position", record)
     falls = [0.30, 0.20, 0.25, 0.22, 0.28]  # level: half the median fall, 0.125: every position confirmed
-    unroll._refill(Flat(), [5, 6, 7, 8, 9], 0.5, falls, steps=2, shortlist=4, done=0.9999,  # type: ignore[arg-type]
+    unroll._refill(Flat(), [5, 6, 7, 8, 9], 0.5, falls, steps=2, shortlist=4, done=0.9999,
                    last=lambda prefix: 0)
     assert [p for p, inserted in scanned if not inserted] == [1, 3]

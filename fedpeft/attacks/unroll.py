@@ -368,8 +368,8 @@ def _refill(replay: Replay, text: list[int], cosine: float, falls: list[float], 
             break
         level = _level(falls)
         unscanned = [i for i in range(len(text)) if (i, False) not in vain]
-        in_place = next((i for i in unscanned if falls[i] < level),  # else the least confirmed: noise can lift a
-                        min(unscanned, key=falls.__getitem__) if unscanned else None)  # wrong token over the level
+        below = [i for i in unscanned if falls[i] < level]  # else the least confirmed: noise can lift a wrong token
+        in_place = below[0] if below else min(unscanned, key=falls.__getitem__, default=None)  # over the level
         gap, spent = _gap(replay, text, {p for p, inserted in vain if inserted})
         used += spent
         scans = [(p, inserted) for p, inserted in ((in_place, False), (gap, True)) if p is not None]
@@ -455,7 +455,8 @@ def _label_tail(obs: Observation, replay: Replay, text: list[int], cosine: float
 
 def _last_token(obs: Observation, replay: Replay, prefix: list[int], noise_samples: int) -> int:
     """The token after ``prefix`` if it ends the client's text: from the label channel for a gradient observation
-    (:func:`fedpeft.attacks.span_decode.last_tokens`, ``noise_samples`` dropout masks), else the pad token."""
+    (:func:`fedpeft.attacks.span_decode.last_tokens`, ``noise_samples`` dropout masks); the pad token where the
+    label channel does not apply (a delta, an output layer with a bias)."""
     tail = last_tokens(obs, [prefix], noise_samples=noise_samples) if obs.kind == "gradient" else None
     return tail[0] if tail else replay.pad
 
