@@ -17,7 +17,7 @@ from fedpeft.attacks import run_attack
 from fedpeft.attacks.metrics import summarize, token_prf
 from fedpeft.attacks.observation import config_dropout
 from fedpeft.attacks.span import dropout_cut, joint_sequence
-from fedpeft.attacks.span_decode import last_tokens
+from fedpeft.attacks.span_decode import last_tokens, next_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,6 +60,19 @@ def test_the_label_channel_reads_the_last_token_through_dropout_on_a_large_vocab
     assert last_tokens(obs, [prefix]) == [last]
     assert torch.equal(torch.get_rng_state(), rng) and not obs.working_model().training
     assert last_tokens(obs, [prefix], noise_samples=0) != [last]
+
+
+@pytest.mark.parametrize(("sentence", "seed"), [("My brother bought a new bicycle last week.", 3),
+                                              ("She found a small black cat under the table.", 1)])
+def test_the_label_channel_reads_the_token_before_the_last_into_a_short_list(sentence: str, seed: int) -> None:
+    """The token one place before the last (".", before [SEP]), the prefix known and the last label's term left
+    as interference: in the label channel's short list of 8 through dropout; matched on the eval-mode gradient
+    alone it ranked 18th / below 50th on these two victims and is missed."""
+    ids = torch.tensor([wordpiece()(sentence)["input_ids"]])
+    obs, ids = dropout_victim("gpt2", seed, r=16, vocab=len(wordpiece()), ids=ids)
+    text = ids[0].tolist()
+    assert text[-2] in next_tokens(obs, text[:-2], len(text) - 1, 8)
+    assert text[-2] not in next_tokens(obs, text[:-2], len(text) - 1, 8, noise_samples=0)
 
 
 def test_dropout_cut_holds_the_members_of_a_dropped_out_span() -> None:

@@ -245,6 +245,23 @@ def test_a_stray_token_is_deleted_and_the_label_channel_ends_the_text() -> None:
     assert padded != truth
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_last_two_tokens_are_read_from_the_label_channel(seed: int) -> None:
+    """A text whose last two tokens are wrong: the tail move takes the place before the last from the label
+    channel's short list (the later label's term left as interference) and the end after it, and reads the
+    sentence."""
+    obs, ids = dropout_victim("gpt2", seed, r=8)
+    truth = ids[0].tolist()
+    text = truth[:-2] + [v for v in range(3, 100) if v not in truth][:2]
+    replay = Replay(obs)
+    replay.denoise(text, 128)
+    (cosine,) = replay.cosines([text])
+    found, found_cosine, _ = unroll._tail(replay, text, cosine,
+                                          lambda prefix: unroll._last_token(obs, replay, prefix, 128),
+                                          unroll._next_reader(obs, 128))
+    assert found == truth and found_cosine > cosine
+
+
 def test_where_every_position_looks_confirmed_the_least_confirmed_is_scanned_in_place(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Noise can lift a wrong token's fall over the confirmation level: with no position below it, the refill's

@@ -47,10 +47,12 @@ from fedpeft.attacks.lora_io import dropout_directions
 from fedpeft.attacks.observation import AttackResult, NotApplicable, Observation, register_attack, run_attack
 from fedpeft.attacks.sign_span import logistic_fit, update_rows
 from fedpeft.attacks.span import first_layer
-from fedpeft.attacks.span_decode import last_tokens
+from fedpeft.attacks.span_decode import last_tokens, next_tokens
 from fedpeft.training import select_device
 
 log = logging.getLogger(__name__)
+Last = Callable[[list[int]], int]  #: the token that ends a client text after a prefix
+Nexts = Callable[[list[int], int], list[int]]  #: a short list of tokens after a prefix, in a text of so many labels
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  #: torch's defaults, what a client that sets none uses
 
@@ -273,13 +275,14 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
     ``fill``: after the search, up to this many refill steps (:func:`_refill`), each a scan of the whole vocabulary
     at the earliest unconfirmed position (in place; else the least confirmed) and at the likeliest place of a
     missing token (inserted, :func:`_gap`) (:func:`_fill_position`: a one-pass shortlist, then ``shortlist`` full
-    replays), and every deletion (:func:`_deletion`); ``device``: where the replays run (``auto``: a CUDA GPU
-    where there is one). After the search, up to ``sweeps`` rounds
-    of :func:`_sweep` (learned positions: each position's own best tokens) and :func:`_label_tail` (a gradient: the
-    last token from the label channel). A client with dropout (one SGD step only): cosines are measured away
-    from ``noise_samples`` directions of dropout noise (:meth:`Replay.denoise`), re-estimated at the best text
-    every ``refresh`` replays of the search and at each sweep round (1,024 by default: on a GPT-2 over WordPiece at
-    r = 8 the truth's lead over a text with four wrong tokens was 0.045 with 256 and 0.099 with 1,024)."""
+    replays), every deletion (:func:`_deletion`) and, for a gradient, the last two tokens from the label channel
+    (:func:`_tail`); ``device``: where the replays run (``auto``: a CUDA GPU where there is one). After the search,
+    up to ``sweeps`` rounds of :func:`_sweep` (learned positions: each position's own best tokens) and
+    :func:`_label_tail` (a gradient: the last token from the label channel). A client with dropout (one SGD step
+    only): cosines are measured away from ``noise_samples`` directions of dropout noise (:meth:`Replay.denoise`),
+    re-estimated at the best text every ``refresh`` replays of the search and at each sweep round (1,024 by
+    default: on a GPT-2 over WordPiece at r = 8 the truth's lead over a text with four wrong tokens was 0.045 with
+    256 and 0.099 with 1,024)."""
     one_sgd_step = obs.local_steps == 1 and obs.optimizer.lower() == "sgd"
     if obs.batch_size != 1 or not (obs.kind == "delta" or one_sgd_step):
         raise NotApplicable(f"unroll replays one example's local training (batch size {obs.batch_size}, "
@@ -338,7 +341,8 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
     used += len(current)
     before = (best, _confirmed(current, falls, picks))
     current, best, falls, spent = _refill(replay, current, best, falls, fill, shortlist, done,
-                                          lambda prefix: _last_token(obs, replay, prefix, noise_samples))
+                                          lambda prefix: _last_token(obs, replay, prefix, noise_samples),
+                                          _next_reader(obs, noise_samples))
     used += spent
     confirmed = _confirmed(current, falls, picks)
     scores = token_scores.clone().float()
@@ -350,19 +354,21 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
 
 
 def _refill(replay: Replay, text: list[int], cosine: float, falls: list[float], steps: int, shortlist: int,
-            done: float, last: Callable[[list[int]], int]) -> tuple[list[int], float, list[float], int]:
+            done: float, last: Last, nexts: Nexts | None = None) -> tuple[list[int], float, list[float], int]:
     """Up to ``steps`` refill steps from the whole vocabulary, each scanning two places of ``text``
     (:func:`_fill_position`): the earliest unconfirmed position in place (a causal LM's late tokens move the update
     least, so the least confirmed position is nearly always the last one, where a fix gains least; where every
-    position is confirmed, the least confirmed not yet scanned in vain) and the likeliest
-    place of a missing token, inserted (:func:`_gap`: a run of right tokens one place early looks confirmed); and
-    every deletion (:func:`_deletion`, ``last`` filling the freed end: a token the text lacks leaves the rest one
-    place late). The best is kept if it raises the cosine (the inserted token alone can raise it while the tail it
-    shifts was right: scanned first, it used to take the place of the token in place). Returns the text, its
-    cosine, its ``falls`` (:func:`_falls`) and the replays spent. Ends early at cosine ``done``."""
+    position is confirmed, the least confirmed not yet scanned in vain) and the likeliest place of a missing token,
+    inserted (:func:`_gap`: a run of right tokens one place early looks confirmed); and every deletion
+    (:func:`_deletion`, ``last`` filling the freed end: a token the text lacks leaves the rest one place late); and,
+    where the label channel reads ``nexts``, the last two tokens from it (:func:`_tail`) in the text and in its
+    best deletion (a stray token deleted leaves the end to fix). The best is kept if it raises the cosine (the
+    inserted token alone can raise it while the tail it shifts was right: scanned first, it used to take the place
+    of the token in place). Returns the text, its cosine, its ``falls`` (:func:`_falls`) and the replays spent.
+    Ends early at cosine ``done``."""
     used = 0
     vain: set[tuple[int, bool]] = set()  # (position, inserted) scans that found nothing better in the current text
-    deleted_in_vain = False  # every deletion tried in the current text
+    moved_in_vain = False  # every deletion (and the tail read) tried in the current text
     for _step in range(steps):
         if cosine >= done:
             break
@@ -373,13 +379,17 @@ def _refill(replay: Replay, text: list[int], cosine: float, falls: list[float], 
         gap, spent = _gap(replay, text, {p for p, inserted in vain if inserted})
         used += spent
         scans = [(p, inserted) for p, inserted in ((in_place, False), (gap, True)) if p is not None]
-        if not scans and deleted_in_vain:
+        if not scans and moved_in_vain:
             break  # every place scanned in vain
         found = []
-        if not deleted_in_vain:
+        if not moved_in_vain:
             new, new_cosine, spent = _deletion(replay, text, cosine, last)
             used += spent
             found.append((new_cosine, new))
+            for base, base_cosine in ((text, cosine), (new, new_cosine)) if nexts is not None else ():
+                tailed, tailed_cosine, spent = _tail(replay, base, base_cosine, last, nexts)  # and its best deletion's
+                used += spent
+                found.append((tailed_cosine, tailed))
         for position, inserted in scans:
             new, new_cosine, spent = _fill_position(replay, text, cosine, position, shortlist, inserted)
             used += spent
@@ -388,35 +398,68 @@ def _refill(replay: Replay, text: list[int], cosine: float, falls: list[float], 
                 break  # the sentence: no need for the other place
         best_cosine, best_text = max(found, key=lambda f: f[0])
         if best_cosine > cosine:
-            text, cosine, vain, deleted_in_vain = best_text, best_cosine, set(), False
+            text, cosine, vain, moved_in_vain = best_text, best_cosine, set(), False
             falls = _falls(replay, text, cosine)
             used += len(text)
         else:
             vain.update(scans)  # a second scan of these places, in the same text, would find the same
-            deleted_in_vain = True
+            moved_in_vain = True
     return text, cosine, falls, used
 
 
-def _deletion(replay: Replay, text: list[int], cosine: float, last: Callable[[list[int]], int],
+def _deletion(replay: Replay, text: list[int], cosine: float, last: Last,
               keep: int = 3) -> tuple[list[int], float, int]:
     """Every position of ``text`` but the last deleted in turn (the tail shifts left, the last token repeated at
     the end); for the ``keep`` best of these, the freed last place filled by ``last(prefix)`` (the label channel
-    where there is one: a call costs about as much as 500 replays); the best of all kept if it raises the cosine.
+    where there is one: a call costs about as much as 500 replays).
     A search that put in a token the client's text lacks leaves the rest one place late, and no single token put
     in place or inserted undoes that (measured on a GPT-2 over WordPiece with dropout at r = 8: one stray token
     before the last four, where the in-place and inserted scans found nothing better; the stray's deletion ranked
     first of the deletions and, with the label channel's last token, raised the cosine from 0.486 to 0.513, the
-    truth's 0.555, one in-place scan away). Returns the text, its cosine and the replays spent."""
+    truth's 0.555, one in-place scan away). Returns the best deletion, also where it does not raise the cosine
+    (the caller may still fix its end, :func:`_tail`), its cosine and the replays spent."""
     shorter = [text[:p] + text[p + 1:] for p in range(len(text) - 1)]
     if not shorter:
         return text, cosine, 0
     cos = replay.cosines([s + [text[-1]] for s in shorter])
     order = sorted(range(len(shorter)), key=lambda i: -cos[i])[:keep]
     filled = [shorter[i] + [last(shorter[i])] for i in order]
-    kept = (shorter[order[0]] + [text[-1]], cos[order[0]]) if cos[order[0]] > cosine else (text, cosine)
-    new, new_cosine = _keep_best(replay, filled, *kept)
-    log.info("unroll: best of %d deletions: cosine %.4f (was %.4f)", len(shorter), new_cosine, cosine)
-    return new, new_cosine, len(shorter) + len(filled)
+    texts, cos = [shorter[order[0]] + [text[-1]], *filled], [cos[order[0]], *replay.cosines(filled)]
+    i = max(range(len(cos)), key=cos.__getitem__)
+    log.info("unroll: best of %d deletions: cosine %.4f (was %.4f)", len(shorter), cos[i], cosine)
+    return texts[i], cos[i], len(shorter) + len(filled)
+
+
+def _tail(replay: Replay, text: list[int], cosine: float, last: Last,
+          nexts: Nexts) -> tuple[list[int], float, int]:
+    """The last two tokens of ``text`` from the label channel: ``nexts``' short list for the place before the last
+    (each replayed with the current last token), then the token that ends the text after the list's first and
+    after the best replayed (``last``); the best of these kept if it raises the cosine. A causal LM's last tokens
+    move the update least, so the replay's scans rank the true ones low there, where the label channel reads
+    them best (:func:`fedpeft.attacks.span_decode.next_tokens`). Returns the text, its cosine and the replays
+    spent (each label channel read costs about as much as 500 replays)."""
+    if len(text) < 3:
+        return text, cosine, 0
+    head = text[:-2]
+    cands = nexts(head, len(text) - 1)
+    if not cands:
+        return text, cosine, 0
+    texts = [head + [c, text[-1]] for c in cands]
+    cos = replay.cosines(texts)
+    best = cands[max(range(len(cos)), key=cos.__getitem__)]
+    ended = [head + [c, last(head + [c])] for c in dict.fromkeys([cands[0], best])]
+    texts, cos = texts + ended, cos + replay.cosines(ended)
+    i = max(range(len(cos)), key=cos.__getitem__)
+    log.info("unroll: the last two tokens from the label channel: cosine %.4f (was %.4f)", cos[i], cosine)
+    return (texts[i], cos[i], len(texts)) if cos[i] > cosine else (text, cosine, len(texts))
+
+
+def _next_reader(obs: Observation, noise_samples: int, k: int = 8) -> Nexts | None:
+    """``nexts`` for :func:`_tail`: the label channel's ``k`` likeliest tokens after a prefix in a text of the
+    given number of labels; None for a delta (no label channel)."""
+    if obs.kind != "gradient":
+        return None
+    return lambda prefix, labels: next_tokens(obs, prefix, labels, k, noise_samples) or []
 
 
 def _sweep(replay: Replay, text: list[int], cosine: float,
