@@ -73,6 +73,8 @@ def test_the_label_channel_reads_the_token_before_the_last_into_a_short_list(sen
     text = ids[0].tolist()
     assert text[-2] in next_tokens(obs, text[:-2], len(text) - 1, 8)
     assert text[-2] not in next_tokens(obs, text[:-2], len(text) - 1, 8, noise_samples=0)
+    with pytest.raises(ValueError, match="labels"):  # fewer labels than the prefix itself has
+        next_tokens(obs, text[:-2], len(text) - 4, 8)
 
 
 def test_dropout_cut_holds_the_members_of_a_dropped_out_span() -> None:
