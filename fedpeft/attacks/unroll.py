@@ -386,10 +386,11 @@ def _refill(replay: Replay, text: list[int], cosine: float, falls: list[float], 
             new, new_cosine, spent = _deletion(replay, text, cosine, last)
             used += spent
             found.append((new_cosine, new))
-            for base, base_cosine in ((text, cosine), (new, new_cosine)) if nexts is not None else ():
-                tailed, tailed_cosine, spent = _tail(replay, base, base_cosine, last, nexts)  # and its best deletion's
-                used += spent
-                found.append((tailed_cosine, tailed))
+            if nexts is not None:
+                for base, base_cosine in ((text, cosine), (new, new_cosine)):  # the text and its best deletion
+                    tailed, tailed_cosine, spent = _tail(replay, base, base_cosine, last, nexts)
+                    used += spent
+                    found.append((tailed_cosine, tailed))
         for position, inserted in scans:
             new, new_cosine, spent = _fill_position(replay, text, cosine, position, shortlist, inserted)
             used += spent
