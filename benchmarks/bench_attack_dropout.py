@@ -22,7 +22,9 @@ dropout off; the server rescales the step to the gradient and knows the dropout 
   LoRA r = 8 on query/value (16 rows for at most 14 tokens), an English sentence; attack ``span``.
 
 Per victim and seed: bag-of-token F1 and exact sentence, for the dropout-aware attack and for the same attack
-told dropout = 0 (the exact subspace test). Appends a dated section to ``benchmarks/RESULTS.md``.
+told dropout = 0 (the exact subspace test); for ``unroll`` with dropout, the final text's consistency p-value
+(``Replay.consistency``: uniform where the text is the client's; the search and the refill stop at 0.5). Appends a
+dated section to ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -88,19 +90,21 @@ def main() -> None:
             for mode, view in (("aware", obs), ("exact test", dataclasses.replace(obs, dropout=0.0, _cache={},
                                                                                   _shared=set()))):
                 t0 = time.perf_counter()
-                m = summarize(run_attack(attack, view, **(UNROLL if attack == "unroll" else {})), ids)
+                res = run_attack(attack, view, **(UNROLL if attack == "unroll" else {}))
+                m, p = summarize(res, ids), res.extra.get("consistency")
                 f1, exact = m["token_f1"], m.get("exact", 0.0)
                 per.setdefault(f"{mode} f1", []).append(f1)
                 per.setdefault(f"{mode} exact", []).append(exact)
                 rows.append([name, attack, mode, seed, ids.shape[1], f"{obs.dropout:.2f}", f"{f1:.2f}",
-                             f"{exact:.0f}", f"{time.perf_counter() - t0:.1f}"])
+                             f"{exact:.0f}", "-" if p is None else f"{p:.2f}", f"{time.perf_counter() - t0:.1f}"])
                 print(*rows[-1], flush=True)
         summary.append([name, attack, *(f"{statistics.mean(per[k]):.2f}" for k in
                                         ("aware f1", "aware exact", "exact test f1", "exact test exact"))])
     body = ("One sentence, one SGD step with dropout on, later round; bag-of-token F1 and exact sentence, mean over "
             f"{args.seeds} seeds (victims: see the script's docstring).\n\n"
             + table(["victim", "attack", "aware F1", "aware exact", "exact-test F1", "exact-test exact"], summary)
-            + "\n\n" + table(["victim", "attack", "mode", "seed", "tokens", "dropout", "F1", "exact", "seconds"],
+            + "\n\n" + table(["victim", "attack", "mode", "seed", "tokens", "dropout", "F1", "exact", "consistency p",
+                                "seconds"],
                              rows))
     print(body)
     if not args.no_append:

@@ -277,14 +277,10 @@ def outlier_cut(values: torch.Tensor, z: float = 5.0) -> float:
     return float(med - z * 1.4826 * (v - med).abs().median())
 
 
-def dropout_directions(model: nn.Module, params: list[nn.Parameter], loss: Callable[[], torch.Tensor],
-                       samples: int, seed: int = 0) -> torch.Tensor:
-    """Orthonormal principal directions (P × k) of ∇θ ``loss()`` across ``samples`` dropout masks: the model
-    in train mode (its public dropout rates), masks from a fixed seed, the caller's random state untouched.
-    A client's dropout noise lies mostly along these directions: compared in their orthogonal complement, a
-    gradient computed without the client's masks matches the client's (measured on 2-layer GPT-2s over a
-    30,522-token vocabulary with dropout 0.1, docs/audit.md: the label channel's true last token ranked first
-    in 16 of 16 cases against ranks up to 803 without; 64 masks were too few)."""
+def dropout_gradients(model: nn.Module, params: list[nn.Parameter], loss: Callable[[], torch.Tensor],
+                      samples: int, seed: int = 0) -> torch.Tensor:
+    """∇θ ``loss()`` (flattened over ``params``) under ``samples`` dropout masks, one row each (samples × P): the
+    model in train mode (its public dropout rates), masks from ``seed``, the caller's random state untouched."""
     was_training = model.training
     grads = []
     with torch.random.fork_rng(devices=[]):
@@ -296,7 +292,17 @@ def dropout_directions(model: nn.Module, params: list[nn.Parameter], loss: Calla
                     grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss(), params)]))
         finally:
             model.train(was_training)
-    stacked = torch.stack(grads)
+    return torch.stack(grads)
+
+
+def dropout_directions(model: nn.Module, params: list[nn.Parameter], loss: Callable[[], torch.Tensor],
+                       samples: int, seed: int = 0) -> torch.Tensor:
+    """Orthonormal principal directions (P × k) of ∇θ ``loss()`` across ``samples`` dropout masks
+    (:func:`dropout_gradients`). A client's dropout noise lies mostly along these directions: compared in their
+    orthogonal complement, a gradient computed without the client's masks matches the client's (measured on
+    2-layer GPT-2s over a 30,522-token vocabulary with dropout 0.1, docs/audit.md: the label channel's true last
+    token ranked first in 16 of 16 cases against ranks up to 803 without; 64 masks were too few)."""
+    stacked = dropout_gradients(model, params, loss, samples, seed)
     centred = stacked - stacked.mean(0)
     u, s, _ = torch.linalg.svd(centred.T, full_matrices=False)
     return u[:, s > s[0] * 1e-9] if s[0] > 0 else u[:, :0]

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fedpeft.attacks.lora_io import dropout_directions
+from fedpeft.attacks.lora_io import dropout_directions, dropout_gradients
 from fedpeft.attacks.observation import AttackResult, NotApplicable, Observation, register_attack, run_attack
 from fedpeft.attacks.sign_span import logistic_fit, update_rows
 from fedpeft.attacks.span import first_layer
@@ -108,6 +108,8 @@ class Replay:
         self.target = sign * torch.cat([obs.update[n].detach().float().flatten() for n in self.names]).to(self.device)
         self.splits = self._logits_split()
         self.noise: torch.Tensor | None = None  # directions of the client's dropout noise (:meth:`denoise`)
+        self._noise_at: tuple[tuple[int, ...], int] | None = None  # the text and masks ``noise`` was drawn with
+        self._p_values: dict[tuple[Any, ...], float] = {}  # :meth:`consistency` per text and settings
 
     def denoise(self, text: list[int], samples: int) -> None:
         """Compare updates from now on away from the client's dropout noise: the principal directions of the
@@ -116,16 +118,54 @@ class Replay:
         Without them a replay (no masks) of a wrong text can match a dropout client's update better than the
         true text does (measured: 0.80 against 0.78 on a GPT-2 over WordPiece); with them the true text scored
         above the current one at every sweep of the searches measured (docs/audit.md)."""
+        self.noise = self._directions(text, samples)
+        self._noise_at = (tuple(text), samples)
+
+    def _directions(self, text: list[int], samples: int) -> torch.Tensor:
+        """The principal directions of the dropout noise at ``text`` (:meth:`denoise`), on ``device``; those in
+        use where they were drawn at the same text with as many masks (the same draw: the masks' seed is fixed)."""
+        if self.noise is not None and self._noise_at == (tuple(text), samples):
+            return self.noise
+        return dropout_directions(*self._dropout_loss(text), samples).float().to(self.device)
+
+    def _dropout_loss(self, text: list[int]) -> tuple[torch.nn.Module, list[torch.nn.Parameter],
+                                                         Callable[[], torch.Tensor]]:
+        """The client's model, its adapter parameters (``names`` order) and its loss on ``text``: what
+        :func:`fedpeft.attacks.lora_io.dropout_gradients` draws dropout masks over."""
         model = self.obs.working_model()
         named = dict(model.named_parameters())
         ids = torch.tensor([text])
-        directions = dropout_directions(model, [named[n] for n in self.names],
-                                        lambda: model(input_ids=ids, labels=ids).loss, samples)
-        self.noise = directions.float().to(self.device)
+        return model, [named[n] for n in self.names], lambda: model(input_ids=ids, labels=ids).loss
+
+    def consistency(self, text: list[int], samples: int = 128, directions: int = 1024, seed: int = 1) -> float:
+        """Whether ``text`` explains the received update up to the client's dropout noise (one SGD step): the
+        rank p-value (1 + #{c_j <= c}) / (samples + 1) of the received update's cosine c with ``text``'s replay
+        among the cosines c_j of ``samples`` updates the server draws itself at ``text`` with fresh dropout masks
+        (clipped and decayed as the client's step), all compared away from ``directions`` noise directions drawn
+        at ``text`` itself (:meth:`denoise`'s, independent of the search's current ones). Where
+        ``text`` is the client's, the received update is one more such draw, so the p-value is uniform; a wrong
+        text's update matches worse than its own draws (measured on a GPT-2 over WordPiece at r = 8, docs/audit.md:
+        the truth's rank among 128 draws spread over 3-127 on twelve sentences; one wrong token or one deletion
+        put the received update 1.3-7 standard deviations below the draws' mean)."""
+        obs, key = self.obs, (tuple(text), samples, directions, seed)
+        if key in self._p_values:
+            return self._p_values[key]
+        draws = dropout_gradients(*self._dropout_loss(text), samples, seed).float().to(self.device)
+        if obs.max_grad_norm > 0:  # the client's clip of the gradient's total norm
+            draws = draws * (obs.max_grad_norm / (draws.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
+        start = torch.cat([self.start[n].flatten() for n in self.names])
+        draws = -obs.lr * (draws + obs.weight_decay * start)  # the one SGD step's delta, as :meth:`updates`
+        noise = self._directions(text, directions)
+        replayed = _away(self.updates(torch.tensor([text])), noise)
+        cos = F.cosine_similarity(replayed, _away(draws, noise))
+        received = F.cosine_similarity(replayed, _away(self.target[None], noise))
+        p = self._p_values[key] = float((1 + (cos <= received).sum()) / (samples + 1))
+        log.info("unroll: consistency of the text with the update under dropout: p = %.3f", p)
+        return p
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (rows of updates) without its components along the dropout noise directions, if any."""
-        return x if self.noise is None else x - (x @ self.noise) @ self.noise.T
+        return x if self.noise is None else _away(x, self.noise)
 
     def updates(self, texts: torch.Tensor) -> torch.Tensor:
         """The update (local − global, flattened in ``names`` order) the client would send for each row."""
@@ -235,6 +275,11 @@ class Replay:
         return out
 
 
+def _away(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Rows ``x`` without their components along the orthonormal columns of ``noise``."""
+    return x - (x @ noise) @ noise.T
+
+
 def _start(obs: Observation, pool: int,
            per_position: int = 32) -> tuple[list[int], list[int], torch.Tensor, list[list[int]]]:
     """The ranking attack's picks (pick order), the pool (picks first, then the ``pool`` tokens that correlate
@@ -268,7 +313,7 @@ def _start(obs: Observation, pool: int,
 @register_attack("unroll")
 def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48, done: float = 0.9999,
         seed: int = 0, fill: int = 8, shortlist: int = 64, device: str = "auto", noise_samples: int = 1024,
-        refresh: int = 2000, sweeps: int = 4, **_: Any) -> AttackResult:
+        refresh: int = 2000, sweeps: int = 4, stop_p: float = 0.5, **_: Any) -> AttackResult:
     """Local search over texts scored by the replayed update's cosine with the received one (module docstring).
     ``pool``: extra candidate tokens beside the start's picks; ``replays``: the budget of replayed texts;
     ``batch``: proposals per round (one batched replay); ``done``: the cosine that ends the search and the refill;
@@ -282,7 +327,11 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
     only): cosines are measured away from ``noise_samples`` directions of dropout noise (:meth:`Replay.denoise`),
     re-estimated at the best text every ``refresh`` replays of the search and at each sweep round (1,024 by
     default: on a GPT-2 over WordPiece at r = 8 the truth's lead over a text with four wrong tokens was 0.045 with
-    256 and 0.099 with 1,024)."""
+    256 and 0.099 with 1,024). Where dropout keeps every cosine far below ``done``, the search (at each
+    re-estimate) and the refill (after a step that found nothing better) end once the text explains the update to
+    within the dropout noise: :meth:`Replay.consistency` at least ``stop_p`` (0: never). The truth stops there with
+    probability 1 - ``stop_p``; a wrong text that stops there ends the attack short of the sentence, so the default
+    is the cautious one (no wrong text measured reached 0.5, docs/audit.md)."""
     one_sgd_step = obs.local_steps == 1 and obs.optimizer.lower() == "sgd"
     if obs.batch_size != 1 or not (obs.kind == "delta" or one_sgd_step):
         raise NotApplicable(f"unroll replays one example's local training (batch size {obs.batch_size}, "
@@ -306,6 +355,8 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
         current = (picks + [v for v in pool_ids if v not in picks])[:length]
     current += [current[-1]] * (length - len(current))
     noisy = obs.dropout > 0 and noise_samples > 1
+    stop = (lambda text: replay.consistency(text, directions=noise_samples) >= stop_p) \
+        if noisy and stop_p > 0 else None
     if noisy:
         replay.denoise(current, noise_samples)
     best = replay.cosines([current])[0]
@@ -317,6 +368,8 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
         if noisy and used - denoised >= refresh:  # the noise directions of a text nearer the client's
             replay.denoise(current, noise_samples)
             best, denoised = replay.cosines([current])[0], used
+            if stop is not None and stop(current):
+                break
         proposals = {tuple(_propose(current, pool_ids, weights, g, positional)) for _ in range(batch)}
         proposals.discard(tuple(current))
         texts = [list(p) for p in proposals]
@@ -342,19 +395,21 @@ def run(obs: Observation, pool: int = 300, replays: int = 20000, batch: int = 48
     before = (best, _confirmed(current, falls, picks))
     current, best, falls, spent = _refill(replay, current, best, falls, fill, shortlist, done,
                                           lambda prefix: _last_token(obs, replay, prefix, noise_samples),
-                                          _next_reader(obs, noise_samples))
+                                          _next_reader(obs, noise_samples), stop)
     used += spent
     confirmed = _confirmed(current, falls, picks)
+    extra = {"consistency": replay.consistency(current, directions=noise_samples)} if noisy else {}
     scores = token_scores.clone().float()
     scores[current] = scores.max() + 1.0
     scores[confirmed] = scores.max() + 1.0
     return AttackResult("unroll", token_scores=scores, bag=confirmed, sequences=[current],
                         extra={"cosine": best, "cosine_before_fill": before[0], "bag_before_fill": before[1],
-                               "replays": used, "picks": picks, "pool": len(pool_ids)})
+                               "replays": used, "picks": picks, "pool": len(pool_ids), **extra})
 
 
 def _refill(replay: Replay, text: list[int], cosine: float, falls: list[float], steps: int, shortlist: int,
-            done: float, last: Last, nexts: Nexts | None = None) -> tuple[list[int], float, list[float], int]:
+            done: float, last: Last, nexts: Nexts | None = None,
+            stop: Callable[[list[int]], bool] | None = None) -> tuple[list[int], float, list[float], int]:
     """Up to ``steps`` refill steps from the whole vocabulary, each scanning two places of ``text``
     (:func:`_fill_position`): the earliest unconfirmed position in place (a causal LM's late tokens move the update
     least, so the least confirmed position is nearly always the last one, where a fix gains least; where every
@@ -365,7 +420,7 @@ def _refill(replay: Replay, text: list[int], cosine: float, falls: list[float], 
     best deletion (a stray token deleted leaves the end to fix). The best is kept if it raises the cosine (the
     inserted token alone can raise it while the tail it shifts was right: scanned first, it used to take the place
     of the token in place). Returns the text, its cosine, its ``falls`` (:func:`_falls`) and the replays spent.
-    Ends early at cosine ``done``."""
+    Ends early at cosine ``done``, or after a step that found nothing better where ``stop(text)`` holds."""
     used = 0
     vain: set[tuple[int, bool]] = set()  # (position, inserted) scans that found nothing better in the current text
     moved_in_vain = False  # every deletion (and the tail read) tried in the current text
@@ -405,6 +460,8 @@ def _refill(replay: Replay, text: list[int], cosine: float, falls: list[float], 
         else:
             vain.update(scans)  # a second scan of these places, in the same text, would find the same
             moved_in_vain = True
+            if stop is not None and stop(text):
+                break
     return text, cosine, falls, used
 
 
