@@ -30,7 +30,9 @@ loss). Applies to one example (batch size 1) of a causal LM whose LoRA update ar
 gradient of one SGD step), without dropout, or with dropout after one SGD step: the replay has no masks, so its
 cosines are then taken away from the dropout noise directions (:meth:`Replay.denoise`). For learned-position
 models the start is each position's best token and a per-position sweep follows the search (:func:`_sweep`); for
-a gradient the last token comes from the label channel (:func:`_label_tail`).
+a gradient the last token comes from the label channel (:func:`_label_tail`). Under dropout no cosine reaches
+``done``: the search and the refill then also stop where the text explains the update to within the dropout noise
+(:meth:`Replay.consistency`).
 """
 
 from __future__ import annotations
