@@ -148,13 +148,14 @@ class Replay:
         ``text`` is the client's, the received update is one more such draw, so the p-value is uniform; a wrong
         text's update matches worse than its own draws (measured on a GPT-2 over WordPiece at r = 8, docs/audit.md:
         the truth's rank among 128 draws spread over 3-127 on twelve sentences; one wrong token or one deletion
-        put the received update 1.3-7 standard deviations below the draws' mean)."""
+        put the received update 1.3-7 standard deviations below the draws' mean). ``seed``: the draws' masks, other
+        than the directions' (seed 0): draws from those masks would lie in the span the projection removes."""
         obs, key = self.obs, (tuple(text), samples, directions, seed)
         if key in self._p_values:
             return self._p_values[key]
         draws = dropout_gradients(*self._dropout_loss(text), samples, seed).float().to(self.device)
         if obs.max_grad_norm > 0:  # the client's clip of the gradient's total norm
-            draws = draws * (obs.max_grad_norm / (draws.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
+            draws = draws * _clip_scale(draws.norm(dim=1, keepdim=True), obs.max_grad_norm)
         start = torch.cat([self.start[n].flatten() for n in self.names])
         draws = -obs.lr * (draws + obs.weight_decay * start)  # the one SGD step's delta, as :meth:`updates`
         noise = self._directions(text, directions)
@@ -183,7 +184,7 @@ class Replay:
             with torch.no_grad():
                 if obs.max_grad_norm > 0:  # torch's clip_grad_norm_, per candidate over every adapter tensor
                     norm = torch.stack([g.reshape(n, -1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
-                    coef = (obs.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+                    coef = _clip_scale(norm, obs.max_grad_norm)
                     grads = tuple(g * coef.view(-1, *([1] * (g.dim() - 1))) for g in grads)
                 for (k, p), g in zip(live.items(), grads):
                     p = p.detach()
@@ -275,6 +276,11 @@ class Replay:
             ups = self.updates(torch.tensor(texts[i:i + chunk]))
             out += F.cosine_similarity(self._project(ups), self._project(self.target[None])).tolist()
         return out
+
+
+def _clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor torch's ``clip_grad_norm_`` scales gradients of total norm ``norm`` by (at most 1)."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
 
 
 def _away(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
