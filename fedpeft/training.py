@@ -37,9 +37,18 @@ def select_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports one: ``taskset``, a container's
+    cpuset), not every core of the machine: more torch threads than that only contend."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 def set_threads(threads: int, workers: int = 1) -> int:
-    """Set torch's intra-op threads: ``threads`` if given, else the cores divided among the workers."""
-    n = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    """Set torch's intra-op threads: ``threads`` if given, else the usable cores divided among the workers."""
+    n = threads or max(1, usable_cores() // max(1, workers))
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

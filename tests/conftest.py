@@ -118,3 +118,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """An xdist worker keeps to one core of its own (``gw0`` the first, ``gw1`` the second, ...), and so do the
+    processes it starts: torch's threads of one worker never contend with the other's (fedpeft sizes its
+    threads by the cores a process may use)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker.startswith("gw") and len(cores) > 1:
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+        import torch
+
+        torch.set_num_threads(1)

@@ -102,6 +102,17 @@ def test_a_refused_node_retries_until_its_old_session_expires(tmp_path, monkeypa
     assert ("is its key registered" in caplog.text) == (code != 0)
 
 
+def test_waiting_on_a_home_without_a_connection_or_a_superlink_names_the_cause(tmp_path: Path) -> None:
+    with pytest.raises(FedPeftError, match="no SuperLink connection in"):
+        flower.wait_run(tmp_path / "empty-home", 1, timeout=5)
+    home = tmp_path / "home"
+    flower.write_connection(home, f"127.0.0.1:{flower.free_port()}")  # insecure; nobody listens there
+    before = os.environ.get("FLWR_HOME")
+    with pytest.raises(FedPeftError, match="run list failed"):
+        flower.wait_run(home, 1, timeout=5)
+    assert os.environ.get("FLWR_HOME") == before  # the private home does not leak into this process
+
+
 def test_node_local_data_file_is_the_whole_partition(tmp_path: Path) -> None:
     from fedpeft.runtime import Runtime
 

@@ -1,4 +1,4 @@
-"""Drive Flower's own processes: a SuperLink on a free loopback port, ``flwr run`` / ``flwr ls``.
+"""Drive Flower's own processes: a SuperLink on a free loopback port, ``flwr run``, the run's status.
 
 Shared by the Ray simulation engine and the deployment commands. Each use gets a private
 ``FLWR_HOME`` (connections are configured there, never in a pyproject), and the processes it starts
@@ -7,6 +7,8 @@ run in their own process group so they can be torn down completely.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -17,9 +19,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
@@ -157,17 +161,61 @@ def run_log(home: Path, run_id: int, timeout: float = 60.0) -> str:
     return res.stdout
 
 
+@contextlib.contextmanager
+def control_client(home: Path) -> Iterator[Any]:
+    """Flower's Control API client for the connection configured in ``home``, in this process: a ``flwr ls``
+    process costs about a second of CPU, which a poll every 2 s would take from the run it waits for."""
+    import click
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.utils import init_http_client_from_connection
+
+    before = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = str(home)  # where Flower reads the connection, its certificates and tokens
+    client = None
+    try:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # Flower prints "Using SuperLink: ..." there
+                client = init_http_client_from_connection(read_superlink_connection(CONNECTION))
+        except click.ClickException as e:
+            raise FedPeftError(f"no SuperLink connection in {home}: {e.format_message()}") from None
+        yield client
+    finally:
+        if client is not None:
+            client.close()
+        if before is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = before
+
+
+def run_status(client: Any, run_id: int) -> str:
+    """The run's status as ``flwr ls`` prints it (``running``, ``finished:completed``, ...)."""
+    import click
+    from flwr.cli.utils import flwr_cli_exc_handler
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    try:
+        with flwr_cli_exc_handler():
+            runs = list(client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict.values())
+    except click.ClickException as e:
+        raise FedPeftError(f"the SuperLink's run list failed: {e.format_message()}") from None
+    if not runs:
+        return ""
+    status = runs[0].status
+    return f"{status.status}:{status.sub_status}" if status.sub_status else str(status.status)
+
+
 def wait_run(home: Path, run_id: int, poll: float = 2.0, timeout: float | None = None) -> str:
-    """Poll ``flwr ls`` until the run finishes; returns its final status (e.g. finished:completed)."""
+    """Poll the SuperLink until the run finishes; returns its final status (e.g. finished:completed)."""
     deadline = None if timeout is None else time.time() + timeout
-    while True:
-        runs = flwr(home, "ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
-        status = str(runs[0].get("status", "")) if runs else ""
-        if status.startswith("finished"):
-            return status
-        if deadline is not None and time.time() > deadline:
-            raise FedPeftError(f"run {run_id} did not finish within {timeout:.0f} s (status {status!r})")
-        time.sleep(poll)
+    with control_client(home) as client:
+        while True:
+            status = run_status(client, run_id)
+            if status.startswith("finished"):
+                return status
+            if deadline is not None and time.time() > deadline:
+                raise FedPeftError(f"run {run_id} did not finish within {timeout:.0f} s (status {status!r})")
+            time.sleep(poll)
 
 
 def cleanup(home: Path) -> None:
