@@ -50,6 +50,11 @@ class Server:
     fingerprint: str
     hidden: int
     max_length: int
+    log: Path
+
+    def logged(self, text: str) -> int:
+        """How often the server's log (-v: info lines too; wrapped by the console) holds ``text``."""
+        return " ".join(self.log.read_text(errors="replace").split()).count(text)
 
     def rss(self) -> int:
         """The server process's resident memory in bytes."""
@@ -105,14 +110,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     scenario = tmp / "scenario.toml"
     scenario.write_text(cfg.to_toml())
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fedpeft.cli", "split-server", str(scenario), "--port", str(port),
-                             "--certs", str(pki)], stdout=subprocess.PIPE, stderr=open(tmp / "server.log", "wb"),
-                            start_new_session=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen([sys.executable, "-m", "fedpeft.cli", "-v", "split-server", str(scenario), "--port",
+                             str(port), "--certs", str(pki)], stdout=subprocess.PIPE,
+                            stderr=open(tmp / "server.log", "wb"), start_new_session=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         fingerprint = cut_model(Runtime(cfg).model, cfg.model.task, 1, 0).fingerprint  # while the server boots
         line = proc.stdout.readline() if proc.stdout else ""
         assert line and json.loads(line)["split_server"].endswith(f":{port}"), (tmp / "server.log").read_text()
-        yield Server(proc, f"localhost:{port}", pki, fingerprint, cfg.model.tiny_hidden_size, cfg.model.max_length)
+        yield Server(proc, f"localhost:{port}", pki, fingerprint, cfg.model.tiny_hidden_size, cfg.model.max_length,
+                     tmp / "server.log")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -175,7 +182,13 @@ def test_a_sequence_beyond_max_length_is_refused_before_any_work(server: Server)
     assert grown < 64e6
     within = mallory.send(encode(Kind.FORWARD, "long", 3, _forward(server.hidden, 4, server.max_length), text=token))
     assert within.kind == Kind.REPLY  # a frame inside the limits is served
+    freed = server.logged("freed the forward state of")
     mallory.end()  # ... and its forward state is freed with the stream: a rejoin finds nothing to backpropagate
+    # (once the server has seen the stream end: a rejoin that overtakes it keeps the state, as a reconnect should)
+    deadline = time.time() + 30
+    while server.logged("freed the forward state of") == freed:
+        assert time.time() < deadline, "the server never logged the end of mallory's stream"
+        time.sleep(0.05)
     again = RawStream(server.channel("mallory-long"))
     assert again.send(encode(Kind.OPEN, "long", 0, text=open_text(token, server.fingerprint), code=REJOIN)).kind \
         == Kind.REPLY

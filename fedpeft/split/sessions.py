@@ -355,11 +355,16 @@ class Dispatcher:
         """Free the forward state of the sessions last (re)opened on ``peer``'s stream; they stay rejoinable."""
         with self._lock:
             mine = [(k, s) for k, s in self.sessions.items() if s.stream is peer]
+        freed = []
         for key, session in mine:
             with session.lock:
                 if session.stream is peer and not session.gone:
                     session.stream = None
                     self._drop(key, session)
+                    freed.append(self.body_id(key))
+        if freed:
+            log.info("the split stream of %s ended: freed the forward state of %s (rejoinable)",
+                     peer.identity or "a plaintext peer", ", ".join(freed))
         if mine:
             release_freed_memory()
 
