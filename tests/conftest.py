@@ -132,8 +132,3 @@ def pytest_configure(config: pytest.Config) -> None:
 
         torch.set_num_threads(1)
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The ``slow`` tests (real processes, 10-60 s each) first, the rest in their order: two xdist workers then
-    end together on the short tests instead of one waiting for the other's last long test."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
