@@ -182,11 +182,11 @@ def test_a_sequence_beyond_max_length_is_refused_before_any_work(server: Server)
     assert grown < 64e6
     within = mallory.send(encode(Kind.FORWARD, "long", 3, _forward(server.hidden, 4, server.max_length), text=token))
     assert within.kind == Kind.REPLY  # a frame inside the limits is served
-    freed = server.logged("freed the forward state of")
+    freed = server.logged("freed the forward state of mallory-long/long")
     mallory.end()  # ... and its forward state is freed with the stream: a rejoin finds nothing to backpropagate
     # (once the server has seen the stream end: a rejoin that overtakes it keeps the state, as a reconnect should)
     deadline = time.time() + 30
-    while server.logged("freed the forward state of") == freed:
+    while server.logged("freed the forward state of mallory-long/long") == freed:
         assert time.time() < deadline, "the server never logged the end of mallory's stream"
         time.sleep(0.05)
     again = RawStream(server.channel("mallory-long"))
