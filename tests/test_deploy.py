@@ -326,11 +326,12 @@ def test_superlink_restart_then_resume_continues_the_run(tmp_path: Path) -> None
             key = certs.make_node_key(tmp_path / "keys", name=f"n{i}")
             submit.register_node(home, key.public)
             cluster.start(f"n{i}", _cli("node", "--superlink", address, "--ca", pki.ca_cert, "--key", key.private,
-                                        "--port", flower.free_port(), "--partition-id", i),
+                                        "--port", flower.free_port(), "--partition-id", i, *(["--warm"] if i else [])),
                           tmp_path / f"home-n{i}")
-        # a node reconnects to the new SuperLink with Flower's backoff (up to 20 s a try), then starts a cold
-        # ClientApp process: the first resumed round gets a round timeout well above that (one CI run on a loaded
-        # machine lost a node's reply at 60 s); a healthy round takes seconds, so the timeout costs nothing
+        # node 0 runs Flower's per-message ClientApp process, node 1 is warm: both reconnect to the new SuperLink
+        # with Flower's backoff (up to 20 s a try), node 0 then starts a cold ClientApp process: the first resumed
+        # round gets a round timeout well above that (one CI run on a loaded machine lost a node's reply at 60 s);
+        # a healthy round takes seconds, so the timeout costs nothing
         cfg = config.load(None, tiny_overrides(data, tmp_path / "runs", **{
             "data.num_clients": 2, "federation.rounds": 3, "federation.round_timeout": 180.0, "run.threads": 1}))
         _, run_dir = submit.submit(home, cfg)
@@ -346,7 +347,6 @@ def test_superlink_restart_then_resume_continues_the_run(tmp_path: Path) -> None
         assert (run_dir / "adapter").is_dir()
     finally:
         cluster.stop()
-
 
 
 def _wait_for(pred: Callable[[], object], timeout: float, what: Callable[[], str]) -> None:

@@ -97,8 +97,10 @@ def test_node_ranks_need_node_configs_so_a_simulation_refuses_them(tiny_cfg) -> 
 
 
 def run_two_nodes(tmp_path: Path, extra: dict, node_args: list[list]) -> tuple[list[str], Path]:
-    """A 2-round run of the tiny scenario (with ``extra``) on a real insecure SuperLink and two ``fedpeft node``
-    SuperNodes on partitions 0 and 1 (each with its ``node_args``), all torn down after; (the overrides, run dir)."""
+    """A 2-round run of the tiny scenario (with ``extra``) on a real insecure SuperLink and two warm ``fedpeft node``
+    SuperNodes on partitions 0 and 1 (each with its ``node_args``), all torn down after; (the overrides, run dir).
+    Warm, as a per-message ClientApp process would cost each round two imports of torch and transformers; the cold
+    path has its own deployment tests in test_deploy.py."""
     port = flower.free_port()
     cluster = Cluster(tmp_path)
     data = write_classification(tmp_path / "all.jsonl", n=120)
@@ -111,7 +113,8 @@ def run_two_nodes(tmp_path: Path, extra: dict, node_args: list[list]) -> tuple[l
         flower.wait_healthy(port, link)
         for i, own in enumerate(node_args):
             cluster.start(f"n{i}", _cli("node", "--superlink", f"127.0.0.1:{port}", "--insecure", "--port",
-                                        flower.free_port(), "--partition-id", i, *own), tmp_path / f"home-n{i}")
+                                        flower.free_port(), "--partition-id", i, "--warm", *own),
+                          tmp_path / f"home-n{i}")
         home = tmp_path / "home-cli"
         out = subprocess.run(_cli("run", "--superlink", f"127.0.0.1:{port}", "--insecure", "--flwr-home", home,
                                   "--wait", *[a for s in sets for a in ("--set", s)]),

@@ -14,9 +14,10 @@ HEAVY = ("torch", "transformers", "peft", "flwr", "opacus", "ray")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _imports_after(argv: list[str], cwd: Path) -> tuple[int, list[str], str]:
-    """Run ``fedpeft.cli.main(argv)`` in a fresh interpreter: exit code, heavy packages imported, stderr."""
-    code = (f"import io, contextlib, json, sys\nfrom fedpeft.cli import main\n"
+def _imports_after(argv: list[str], cwd: Path, prelude: str = "") -> tuple[int, list[str], str]:
+    """Run ``prelude`` then ``fedpeft.cli.main(argv)`` in a fresh interpreter: exit code, heavy packages imported,
+    stderr."""
+    code = (f"import io, contextlib, json, sys\n{prelude}\nfrom fedpeft.cli import main\n"
             f"with contextlib.redirect_stdout(io.StringIO()):\n"
             f"    try:\n        rc = main({argv!r})\n    except SystemExit as e:\n        rc = e.code\n"
             f"print(json.dumps([rc, sorted(m for m in {HEAVY!r} if m in sys.modules)]))")
@@ -99,3 +100,22 @@ def test_long_commands_refuse_a_bad_key_before_the_heavy_stack(tmp_path: Path, a
     rc, heavy, err = _imports_after([*argv, "--set", "run.bogus=1"], tmp_path)
     assert rc == 2 and "unknown key run.bogus" in err and "Traceback" not in err
     assert heavy == []
+
+
+def test_submitting_a_deployment_loads_no_model_stack_and_leaves_hardware_checks_to_the_nodes(
+        cls_data: Path, tmp_path: Path) -> None:
+    """``fedpeft run`` only writes the connection and the run directory and hands the app to ``flwr run`` (replaced
+    here by a stub: a real submission is tested in test_deploy.py): it loads no torch, so it starts in a fraction of
+    a second, and it does not refuse what this machine's hardware cannot run (fp16 base weights on a CPU-only
+    submitter), since the ServerApp and the nodes run the model and check their own hardware."""
+    from conftest import tiny_overrides
+
+    sets = tiny_overrides(cls_data, tmp_path / "runs", **{"model.dtype": "fp16"})
+    stub = "from fedpeft.deploy import flower\nflower.run_app = lambda home, app, run_config: 7"
+    rc, heavy, err = _imports_after(["run", "--superlink", "127.0.0.1:9", "--insecure", "--flwr-home",
+                                     str(tmp_path / "home"), *[a for s in sets for a in ("--set", s)]], tmp_path,
+                                    prelude=stub)
+    assert rc == 0, err
+    assert heavy == []
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert 'dtype = "fp16"' in (run_dir / "config.toml").read_text()

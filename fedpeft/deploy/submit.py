@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from fedpeft import data
+from fedpeft import sources
 from fedpeft.adversary import require_simulation
 from fedpeft.config import Config
 from fedpeft.deploy import flower
@@ -45,7 +45,7 @@ def scenario_label_names(cfg: Config) -> list[str] | None:
     if cfg.model.task != "classification":
         return None
     try:
-        return list(data.load_examples(cfg.data, cfg.model.task, seed=cfg.run.seed).label_names)
+        return list(sources.load_examples(cfg.data, cfg.model.task, seed=cfg.run.seed).label_names)
     except (FedPeftError, OSError) as ex:
         log.warning("cannot read the scenario's labels here (%s); each node will number its own labels, which "
                     "only agrees with the server if every node has exactly the scenario's label set", ex)
@@ -62,7 +62,7 @@ def run_config(cfg: Config, run_dir: Path, resume: bool) -> dict[str, str | bool
 
 def submit(home: Path, cfg: Config | None = None, resume: Path | None = None) -> tuple[int, Path]:
     """Submit a new run of ``cfg`` (or continue the run in ``resume``); returns (run id, run dir)."""
-    cfg, run_dir = runner.prepare(cfg, resume)
+    cfg, run_dir = runner.prepare(cfg, resume, local=False)  # the ServerApp and nodes check their own hardware
     if cfg.federation.round_timeout == 0:
         log.warning("federation.round_timeout = 0: a node that dies mid-round stalls the run forever; "
                     "set a finite timeout for deployments")

@@ -50,11 +50,14 @@ def run_config(cfg: Config, run_dir: Path, resume: bool) -> dict[str, str | bool
             "simulation": True}  # simulations seed DP noise so that runs are reproducible
 
 
-def prepare(cfg: Config | None = None, resume: Path | None = None) -> tuple[Config, Path]:
+def prepare(cfg: Config | None = None, resume: Path | None = None, local: bool = True) -> tuple[Config, Path]:
     """A new run directory with the resolved config, or the config of the run to resume.
 
     A resume recovers and verifies the checkpoint here, before any engine starts, so a corrupt or
-    inconsistent one fails at once with a message naming the file.
+    inconsistent one fails at once with a message naming the file. ``local``: the run executes on this machine (a
+    simulation), so what its hardware cannot do (fp16 on a CPU, QLoRA without CUDA) is refused now; a deployment's
+    ServerApp and nodes check their own hardware when they build the model, so submitting one from a CPU-only machine
+    to GPU nodes is not refused here (and loads no torch).
     """
     if resume is not None:
         from fedpeft.server import checkpoint  # torch: only when resuming
@@ -68,10 +71,11 @@ def prepare(cfg: Config | None = None, resume: Path | None = None) -> tuple[Conf
         raise ConfigError("no configuration given")
     if cfg.data.source == "file" and not Path(cfg.data.path).expanduser().is_file():  # before the run directory
         raise DataError(f"data file not found: {cfg.data.path} (data.path)")
-    from fedpeft.precision import check_hardware  # dtype / QLoRA / device_map this machine cannot run
-    from fedpeft.training import select_device
+    if local:
+        from fedpeft.precision import check_hardware  # dtype / QLoRA / device_map this machine cannot run
+        from fedpeft.training import select_device
 
-    check_hardware(cfg.model, select_device(cfg.run.device))
+        check_hardware(cfg.model, select_device(cfg.run.device))
     run_dir = new_run_dir(cfg.output.dir, cfg.run.name)
     (run_dir / CONFIG_FILE).write_text(cfg.to_toml())
     return cfg, run_dir
