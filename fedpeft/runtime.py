@@ -44,6 +44,7 @@ class Runtime:
         self.cfg = cfg
         self.device = select_device(cfg.run.device)
         precision.check_hardware(cfg.model, self.device)  # dtype / QLoRA / device_map refused before any loading
+        precision.warn_emulated_bf16(cfg, self.device)
         if data_path:  # a deployed node's own file: all of it is partition 0, no global eval split
             node_data = dataclasses.replace(cfg.data, source="file", path=data_path)
             self.examples = data.load_examples(node_data, cfg.model.task, seed=cfg.run.seed,
