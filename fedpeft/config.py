@@ -59,6 +59,10 @@ class ModelSection:
     gguf_file: str = option("", help="GGUF weights file inside the model directory (e.g. SmolLM2)")
     tiny_hidden_size: int = option(64, lo=8, help="hidden size of tiny-* test models")
     tiny_layers: int = option(2, lo=1, help="layers of tiny-* test models")
+    attention_dropout: float = option(-1.0, lo=-1.0, hi=0.9,
+                                      help="dropout on the attention probabilities while training; -1 = the "
+                                           "model's own (MiniLM/BERT and GPT-2 0.1, LLaMA 0); 0 lets PyTorch's "
+                                           "fused attention kernel run on the CPU (docs/performance.md)")
     dtype: str = option("fp32", choices=("fp32", "bf16", "fp16"),
                         help="base weights' dtype (adapters stay fp32); fp16 only on a GPU (docs/gpu.md)")
     quantization: str = option("none", choices=("none", "4bit", "8bit"),

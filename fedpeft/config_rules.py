@@ -52,6 +52,9 @@ def validate(cfg: Config) -> None:
     if cfg.privacy.mode in ("local", "both") and cfg.adapter.type == "ia3":
         raise ConfigError("local DP-SGD supports adapter.type = 'lora', 'prefix' or 'prompt', not 'ia3' "
                           "(peft keeps IA3 vectors in a ParameterDict, which gets no per-example gradients)")
+    if -1.0 < cfg.model.attention_dropout < 0.0:
+        raise ConfigError(f"model.attention_dropout = {cfg.model.attention_dropout}: use -1 (the model's own) or a "
+                          "probability in [0, 0.9]")
     if cfg.adapter.type == "lora" and cfg.adapter.alpha <= 0:
         raise ConfigError("adapter.alpha must be > 0 for LoRA")
     _validate_strategy(cfg)

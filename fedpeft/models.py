@@ -113,6 +113,21 @@ def _load_failure(name: str, err: Exception) -> str:
             f"forbids downloads), or a built-in: {', '.join([*PACKAGED_MODELS, *TINY_MODELS])}")
 
 
+#: where model configs keep the dropout on attention probabilities (BERT family, GPT-2, LLaMA family)
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")
+
+
+def _attention_dropout(cfg: ModelSection, mcfg: PretrainedConfig) -> dict[str, float]:
+    """The model-config overrides for ``model.attention_dropout`` (none at -1, the model's own)."""
+    if cfg.attention_dropout < 0:
+        return {}
+    keys = [k for k in ATTENTION_DROPOUT_KEYS if hasattr(mcfg, k)]
+    if not keys:
+        raise ModelError(f"model.attention_dropout = {cfg.attention_dropout}: the config of {cfg.name!r} "
+                         f"({type(mcfg).__name__}) has none of {', '.join(ATTENTION_DROPOUT_KEYS)}; leave it at -1")
+    return {k: cfg.attention_dropout for k in keys}
+
+
 def _tiny_config(cfg: ModelSection, vocab_size: int) -> PretrainedConfig:
     h, n = cfg.tiny_hidden_size, cfg.tiny_layers
     heads = 4 if h % 4 == 0 else 1
@@ -193,6 +208,8 @@ def load_base_model(cfg: ModelSection, num_labels: int = 0, seed: int = 0) -> nn
         torch.manual_seed(seed)
         if cfg.name in TINY_MODELS:
             mcfg = _tiny_config(cfg, vocab_size=len(byte_tokenizer()))
+            for key, p in _attention_dropout(cfg, mcfg).items():
+                setattr(mcfg, key, p)
             if classification and cfg.pooling == "model":
                 mcfg.num_labels = num_labels
                 model = AutoModelForSequenceClassification.from_config(mcfg)
@@ -204,6 +221,9 @@ def load_base_model(cfg: ModelSection, num_labels: int = 0, seed: int = 0) -> nn
             path = model_path(cfg.name)
             kwargs: dict = {"local_files_only": _offline(path), **_gguf_file(cfg), **placement(cfg)}
             try:
+                if cfg.attention_dropout >= 0:  # from_pretrained hands keys of the model's config to the config
+                    kwargs.update(_attention_dropout(cfg, AutoConfig.from_pretrained(
+                        path, local_files_only=kwargs["local_files_only"], **_gguf_file(cfg))))
                 if classification and cfg.pooling == "model":
                     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
                 elif classification:

@@ -147,3 +147,26 @@ def test_prefix_tuning_refused_exactly_where_peft_cannot_pass_prefixes(pooling):
     model(**_batch("classification")).loss.backward()
     prefix = [p for n, p in model.named_parameters() if "prompt_encoder" in n]
     assert prefix and all(p.grad is not None and p.grad.abs().sum() > 0 for p in prefix)
+
+
+@pytest.mark.parametrize("name, task, key", [("tiny-bert", "classification", "attention_probs_dropout_prob"),
+                                             ("tiny-gpt2", "causal_lm", "attn_pdrop"),
+                                             ("tiny-llama", "causal_lm", "attention_dropout")])
+def test_attention_dropout_sets_the_models_own_key_and_minus_one_keeps_it(name, task, key) -> None:
+    own = getattr(_model(name, task, "lora")[1].config, key)
+    assert own == (0.0 if name == "tiny-llama" else 0.1)  # the architectures' defaults
+    for p in (0.0, 0.3):
+        base = _model(name, task, "lora", **{"model.attention_dropout": p})[1]
+        assert getattr(base.config, key) == p
+    if name == "tiny-bert":  # what the attention layers use while training
+        drops = [m.dropout.p for n, m in base.named_modules() if n.endswith("attention.self")]
+        assert drops and set(drops) == {0.3}
+
+
+def test_attention_dropout_out_of_range_or_on_a_model_without_it_is_refused(monkeypatch) -> None:
+    with pytest.raises(config.ConfigError, match=r"model.attention_dropout = -0.5: use -1"):
+        _model("tiny-bert", "classification", "lora", **{"model.attention_dropout": -0.5})
+    monkeypatch.setattr(models, "ATTENTION_DROPOUT_KEYS", ("no_such_key",))
+    with pytest.raises(ModelError, match="has none of no_such_key; leave it at -1"):
+        _model("tiny-bert", "classification", "lora", **{"model.attention_dropout": 0.0})
+    _model("tiny-bert", "classification", "lora")  # -1 (the default) never looks
