@@ -71,7 +71,7 @@ def emulated_bf16_keys(cfg: Config, device: torch.device) -> list[str]:
     keys = []
     if cfg.model.dtype == "bf16":
         keys.append("model.dtype = 'bf16'")
-    if cfg.train.precision == "bf16":
+    if cfg.train.precision == "bf16" and not cfg.split.enabled:  # split learning never autocasts
         keys.append("train.precision = 'bf16'")
     return keys
 

@@ -97,21 +97,12 @@ def device_facts() -> dict[str, Any]:
                      cuda=torch.version.cuda, bf16=bool(torch.cuda.is_bf16_supported()))
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         facts.update(device="mps", bf16=False)
-    else:
+    else:  # bf16: native on this CPU, the rule train.precision = "auto" follows
+        from fedpeft.training import cpu_has_native_bf16
+
         facts.update(device="cpu", device_name=platform.processor() or platform.machine(),
-                     cpu_capability=torch.backends.cpu.get_cpu_capability(), bf16=_cpu_bf16())
+                     cpu_capability=torch.backends.cpu.get_cpu_capability(), bf16=cpu_has_native_bf16())
     return facts
-
-
-def _cpu_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (a private torch query; False where a build lacks it)."""
-    import torch
-
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
 
 
 def environment() -> dict[str, Any]:

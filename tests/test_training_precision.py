@@ -84,13 +84,15 @@ def test_bf16_evaluation_stays_close_to_fp32(tiny_cfg, one_thread) -> None:
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_a_cpu_can_only_emulate_is_named_in_a_warning(tiny_cfg, monkeypatch, caplog, native: bool) -> None:
     """Emulated bf16 ran a MiniLM step 28x slower than fp32: an explicit bf16 on such a CPU gets a warning
-    naming the keys; ``auto`` (which picks fp32 there) and a CPU with native bf16 get none."""
+    naming the keys; ``auto`` (which picks fp32 there), split learning (which trains in fp32 whatever
+    ``train.precision`` says) and a CPU with native bf16 get none."""
     import fedpeft.training
     from fedpeft.runtime import Runtime
 
     monkeypatch.setattr(fedpeft.training, "cpu_has_native_bf16", lambda: native)
     for overrides, keys in (({"train.precision": "bf16", "model.dtype": "bf16"}, ["train.precision", "model.dtype"]),
-                            ({"train.precision": "bf16"}, ["train.precision"]), ({}, [])):
+                            ({"train.precision": "bf16"}, ["train.precision"]), ({}, []),
+                            ({"train.precision": "bf16", "split.enabled": True, "model.tiny_layers": 3}, [])):
         caplog.clear()
         with caplog.at_level("WARNING", logger="fedpeft.precision"):
             Runtime(tiny_cfg(**overrides))

@@ -77,3 +77,14 @@ def test_doctor_reports_versions_and_device(capsys):
     assert {p["name"] for p in facts["packages"]} == set(versions.KEY_PACKAGES)
     assert facts["device"]["device"] in ("cpu", "cuda", "mps") and isinstance(facts["device"]["bf16"], bool)
     assert facts["device"]["torch_threads"] >= 1
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_doctor_reports_the_cpu_bf16_that_training_decides_by(monkeypatch, native: bool) -> None:
+    """`fedpeft doctor`'s bf16 on a CPU is the rule ``train.precision = "auto"`` follows, not another probe."""
+    import fedpeft.training
+
+    if versions.device_facts()["device"] != "cpu":
+        pytest.skip("a CUDA or MPS machine reports its accelerator's bf16")
+    monkeypatch.setattr(fedpeft.training, "cpu_has_native_bf16", lambda: native)
+    assert versions.device_facts()["bf16"] is native
