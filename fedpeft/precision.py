@@ -57,8 +57,9 @@ def check_hardware(cfg: ModelSection, device: torch.device) -> None:
                           "accelerate); or leave model.device_map empty")
 
 
-def emulated_bf16_keys(cfg: Config, device: torch.device) -> list[str]:
-    """The keys of ``cfg`` that ask for bf16 compute on a CPU that has no native bf16 (AVX512-BF16 or AMX-BF16).
+def warn_emulated_bf16(cfg: Config, device: torch.device) -> None:
+    """Warn (once per model load) when ``cfg`` asks for bf16 compute on a CPU without native bf16 (AVX512-BF16 or
+    AMX-BF16), naming the keys.
 
     torch emulates bf16 there: on a 2-core EPYC without it, a bf16 ``torch.mm`` at MiniLM's shapes ran at 1.3
     GFLOP/s against 162 in fp32 and a MiniLM training step under bf16 autocast took 30.4 s against 1.07 s
@@ -67,18 +68,12 @@ def emulated_bf16_keys(cfg: Config, device: torch.device) -> list[str]:
     from fedpeft.training import cpu_has_native_bf16
 
     if device.type != "cpu" or cpu_has_native_bf16():
-        return []
+        return
     keys = []
     if cfg.model.dtype == "bf16":
         keys.append("model.dtype = 'bf16'")
     if cfg.train.precision == "bf16" and not cfg.split.enabled:  # split learning never autocasts
         keys.append("train.precision = 'bf16'")
-    return keys
-
-
-def warn_emulated_bf16(cfg: Config, device: torch.device) -> None:
-    """Warn (once per model load) when :func:`emulated_bf16_keys` finds bf16 that this CPU can only emulate."""
-    keys = emulated_bf16_keys(cfg, device)
     if keys:
         log.warning("%s on a CPU without native bf16 (no AVX512-BF16 / AMX-BF16 in /proc/cpuinfo): torch emulates "
                     "bf16 here, measured about 28x slower than fp32 for a MiniLM training step; use "
