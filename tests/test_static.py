@@ -44,3 +44,14 @@ def test_every_module_enters_torch_through_import_torch() -> None:
                     offenders.append(str(path.relative_to(ROOT)))
                 break
     assert not offenders, f"import torch before any torch submodule in: {offenders}"
+
+
+def test_every_benchmark_script_is_in_the_benchmarks_index() -> None:
+    """benchmarks/README.md lists each script once, in a table row of its own: a new benchmark must say there what
+    it measures, and a removed one must leave the index."""
+    import re
+
+    scripts = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name != "common.py")
+    index = (ROOT / "benchmarks" / "README.md").read_text()
+    listed = re.findall(r"^\| `([\w.]+\.py)` \|", index, flags=re.M)
+    assert sorted(listed) == scripts, f"benchmarks/README.md rows {sorted(listed)} against scripts {scripts}"
