@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,15 @@ from rich.table import Table
 from fedpeft import api, config, report
 from fedpeft.cli_parser import build_parser
 from fedpeft.errors import FedPeftError, error_line
+from fedpeft.progress import clock_text
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # no newlines inserted into paths and lines of logs
+
+
+def _print_report(path: Path) -> None:
+    """Print a markdown report as written: no rich markup (a report's ``[lo, hi]`` is text, not a style tag) and
+    no wrapping inserted into its table rows (the terminal wraps)."""
+    console.print(path.read_text(), markup=False, highlight=False, soft_wrap=True)
 
 
 def _summary_table(run_dir: Path) -> Table:
@@ -93,7 +101,7 @@ def cmd_compare_compression(args: argparse.Namespace) -> int:
 
         sweep_dir = sweep.compare_compression(cfg, codecs, args.both_directions, on_done=done, on_round=each_round,
                                               resume=args.resume)
-    console.print((sweep_dir / "compression.md").read_text())
+    _print_report(sweep_dir / "compression.md")
     console.print(f"sweep written to [bold]{sweep_dir}[/]")
     print(json.dumps({"sweep_dir": str(sweep_dir)}))
     return 0
@@ -130,12 +138,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
         def finished(i: int, total: int, row: dict[str, Any]) -> None:
             cell = ", ".join(f"{k}={row[k]}" for k in varying)
-            progress.console.print(f"[bold]{row['verdict']}[/] {cell}: F1 {row['token_f1']:.2f}, top "
+            progress.console.print(f"[bold]{row['verdict']}[/] {escape(cell)}: F1 {row['token_f1']:.2f}, top "
                                    f"{row['top_true']:.2f} (frequency guess {row['baseline']:.2f}, chance "
                                    f"{row['chance']:.3f}), {row['seconds']:.0f} s")
 
-        out = run_audit(cfg, cells, on_cell=finished, on_victim=lambda: progress.advance(task), resume=args.resume)
-    console.print((out / "audit.md").read_text())
+        total, started = len(cells) * cfg.audit.seeds, time.monotonic()
+        attacked = [len(done) * cfg.audit.seeds]
+
+        def victim_done() -> None:
+            progress.advance(task)
+            attacked[0] += 1
+            if not console.is_terminal:  # rich draws the bar on a terminal only: a log gets a line per victim
+                console.print(f"audit: {attacked[0]}/{total} victims attacked "
+                              f"({clock_text(time.monotonic() - started)} this session)")
+
+        out = run_audit(cfg, cells, on_cell=finished, on_victim=victim_done, resume=args.resume)
+    _print_report(out / "audit.md")
     console.print(f"audit written to [bold]{out}[/]")
     print(json.dumps({"audit_dir": str(out)}))
     return 0
@@ -171,7 +189,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             console.print(f"[yellow]interrupted[/]; continue with: fedpeft frontier --resume {out}")
             return 130
-    console.print((out / "frontier.md").read_text())
+    _print_report(out / "frontier.md")
     console.print(f"frontier written to [bold]{out}[/]")
     print(json.dumps({"frontier_dir": str(out)}))
     failed = sum(map(frontier.failed, frontier.read_rows(out)))
@@ -236,7 +254,7 @@ def _audit_epsilon(args: argparse.Namespace, cfg: config.Config) -> int:
                                              on_step=lambda done, total: progress.update(task, completed=done)))
     out = new_run_dir(cfg.output.dir, f"{cfg.run.name}-epsilon-audit")
     write_report(results, cfg, out)
-    console.print((out / "audit.md").read_text())
+    _print_report(out / "audit.md")
     verdict = "fail" if any(r.verdict == "fail" for r in results) else "pass"
     print(json.dumps({"audit_dir": str(out), "verdict": verdict,
                       "levels": {r.level: {"epsilon_lower_bound": r.bound.epsilon_lower_bound,
@@ -256,7 +274,7 @@ def _audit_capture(args: argparse.Namespace, loaded: config.Config, attacks: lis
                           f"(frequency guess {row['baseline']:.2f})")
 
         out = capture.audit_run(cfg, rounds=args.rounds, clients=args.clients, on_update=done)
-    console.print((out / "audit.md").read_text())
+    _print_report(out / "audit.md")
     console.print(f"audit written to [bold]{out}[/]")
     print(json.dumps({"audit_dir": str(out)}))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,12 @@ def test_audit_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
                      "--grid", "batch_size=1", "--grid", "round=later",
                      "--grid", "codec=none,compeft:0.1", "--grid", "dp=none,local:eps=1"])
     assert code == 0
-    out = Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["audit_dir"])
+    printed = capsys.readouterr()
+    out = Path(json.loads(printed.out.strip().splitlines()[-1])["audit_dir"])
+    # not a terminal (no progress bar drawn): a line per attacked victim, and the report printed as written
+    assert re.findall(r"^audit: (\d+)/4 victims attacked \(\d+:\d\d this session\)$", printed.err, re.M) == \
+        ["1", "2", "3", "4"]
+    assert "and [lo, hi] is the 95 % Student-t interval" in printed.err  # rich markup would eat "[lo, hi]"
     for name in ("audit.md", "audit.csv", "audit.json", "audit.png", "config.toml"):
         assert (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader(open(out / "audit.csv")))
