@@ -25,6 +25,13 @@ from fedpeft.progress import clock_text
 console = Console(stderr=True, soft_wrap=True)  # no newlines inserted into paths and lines of logs
 
 
+def _log_line(text: str) -> None:
+    """A progress line for logs: rich draws its progress bars on a terminal only, so when the output is not one
+    (``> run.log``) long work says where it is with plain lines instead."""
+    if not console.is_terminal:
+        console.print(text, markup=False, highlight=False)
+
+
 def _print_report(path: Path) -> None:
     """Print a markdown report as written: no rich markup (a report's ``[lo, hi]`` is text, not a style tag) and
     no wrapping inserted into its table rows (the terminal wraps)."""
@@ -89,9 +96,13 @@ def cmd_compare_compression(args: argparse.Namespace) -> int:
         task = progress.add_task(f"{len(codecs)} codec(s)", total=len(codecs) * rounds,
                                  completed=len(finished) * rounds)
 
+        started = time.monotonic()
+
         def each_round(spec: str, row: dict[str, Any]) -> None:
             progress.update(task, description=f"{spec}: round {row['round']}/{rounds}",
                             completed=codecs.index(spec) * rounds + row["round"])
+            elapsed = clock_text(time.monotonic() - started)
+            _log_line(f"compare-compression: {spec} round {row['round']}/{rounds} ({elapsed} this session)")
 
         def done(row: dict[str, Any]) -> None:
             acc = report.fmt(row["final_accuracy"])
@@ -148,9 +159,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         def victim_done() -> None:
             progress.advance(task)
             attacked[0] += 1
-            if not console.is_terminal:  # rich draws the bar on a terminal only: a log gets a line per victim
-                console.print(f"audit: {attacked[0]}/{total} victims attacked "
-                              f"({clock_text(time.monotonic() - started)} this session)")
+            _log_line(f"audit: {attacked[0]}/{total} victims attacked ({clock_text(time.monotonic() - started)} "
+                      "this session)")
 
         out = run_audit(cfg, cells, on_cell=finished, on_victim=victim_done, resume=args.resume)
     _print_report(out / "audit.md")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,9 @@ def test_compare_compression_end_to_end(cls_data, tmp_path):
     res = subprocess.run([sys.executable, "-m", "fedpeft.cli", "compare-compression", *sets,
                           "--codecs", "none,fp16,compeft:0.1"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
+    # stderr is a pipe, not a terminal: no progress bar, a line per round of each codec instead
+    assert re.findall(r"^compare-compression: (\S+) round (\d)/2 \(\d+:\d\d this session\)$", res.stderr, re.M) == \
+        [(codec, r) for codec in ("none", "fp16", "compeft:0.1") for r in "12"]
     sweep = json.loads(res.stdout.strip().splitlines()[-1])["sweep_dir"]
     rows = {r["codec"]: r for r in csv.DictReader(open(f"{sweep}/compression.csv"))}
     assert list(rows) == ["none", "fp16", "compeft:0.1"]
