@@ -22,7 +22,7 @@ from fedpeft.cli_parser import build_parser
 from fedpeft.errors import FedPeftError, error_line
 from fedpeft.progress import clock_text
 
-console = Console(stderr=True, soft_wrap=True)  # no newlines inserted into paths and lines of logs
+console = Console(stderr=True, soft_wrap=True)  # the terminal wraps: no newlines inside paths or table rows
 
 
 def _log_line(text: str) -> None:
@@ -33,9 +33,8 @@ def _log_line(text: str) -> None:
 
 
 def _print_report(path: Path) -> None:
-    """Print a markdown report as written: no rich markup (a report's ``[lo, hi]`` is text, not a style tag) and
-    no wrapping inserted into its table rows (the terminal wraps)."""
-    console.print(path.read_text(), markup=False, highlight=False, soft_wrap=True)
+    """Print a markdown report as written: no rich markup (a report's ``[lo, hi]`` is text, not a style tag)."""
+    console.print(path.read_text(), markup=False, highlight=False)
 
 
 def _summary_table(run_dir: Path) -> Table:
