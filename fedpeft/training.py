@@ -9,6 +9,7 @@ was interrupted and resumed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -54,9 +55,11 @@ def set_threads(threads: int, workers: int = 1) -> int:
     return n
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX-BF16, read from Linux's
-    /proc/cpuinfo): there bf16 autocast is faster than fp32; elsewhere torch emulates bf16 and is slower."""
+    /proc/cpuinfo once per process: every training and evaluation call asks): there bf16 autocast is faster than
+    fp32; elsewhere torch emulates bf16 and is slower."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
