@@ -25,11 +25,12 @@ from fedpeft.progress import clock_text
 console = Console(stderr=True, soft_wrap=True)  # the terminal wraps: no newlines inside paths or table rows
 
 
-def _log_line(text: str) -> None:
-    """A progress line for logs: rich draws its progress bars on a terminal only, so when the output is not one
-    (``> run.log``) long work says where it is with plain lines instead."""
+def _log_line(text: str, since: float) -> None:
+    """A progress line for logs, ``text (m:ss this session)`` with the time since ``since`` (``time.monotonic``):
+    rich draws its progress bars on a terminal only, so when the output is not one (``> run.log``) long work says
+    where it is with plain lines instead."""
     if not console.is_terminal:
-        console.print(text, markup=False, highlight=False)
+        console.print(f"{text} ({clock_text(time.monotonic() - since)} this session)", markup=False, highlight=False)
 
 
 def _print_report(path: Path) -> None:
@@ -100,8 +101,7 @@ def cmd_compare_compression(args: argparse.Namespace) -> int:
         def each_round(spec: str, row: dict[str, Any]) -> None:
             progress.update(task, description=f"{spec}: round {row['round']}/{rounds}",
                             completed=codecs.index(spec) * rounds + row["round"])
-            elapsed = clock_text(time.monotonic() - started)
-            _log_line(f"compare-compression: {spec} round {row['round']}/{rounds} ({elapsed} this session)")
+            _log_line(f"compare-compression: {spec} round {row['round']}/{rounds}", started)
 
         def done(row: dict[str, Any]) -> None:
             acc = report.fmt(row["final_accuracy"])
@@ -153,13 +153,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                    f"{row['chance']:.3f}), {row['seconds']:.0f} s")
 
         total, started = len(cells) * cfg.audit.seeds, time.monotonic()
-        attacked = [len(done) * cfg.audit.seeds]
+        attacked = len(done) * cfg.audit.seeds
 
         def victim_done() -> None:
+            nonlocal attacked
             progress.advance(task)
-            attacked[0] += 1
-            _log_line(f"audit: {attacked[0]}/{total} victims attacked ({clock_text(time.monotonic() - started)} "
-                      "this session)")
+            attacked += 1
+            _log_line(f"audit: {attacked}/{total} victims attacked", started)
 
         out = run_audit(cfg, cells, on_cell=finished, on_victim=victim_done, resume=args.resume)
     _print_report(out / "audit.md")
