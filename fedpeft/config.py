@@ -299,8 +299,8 @@ class PrivacySection:
                                        "RDP only); without client-level DP the server samples a fixed size")
     release_client_metrics: bool = option(False, help="under DP, clients also send train loss, example count and "
                                                       "local epsilon in the clear (outside the guarantee)")
-    secagg_min_survivors: int = option(3, lo=2, help="SecAgg+: a round whose sum holds fewer masked updates "
-                                                     "releases nothing (global adapter unchanged)")
+    secagg_min_survivors: int = option(3, lo=2, help="SecAgg+: a round with fewer masked updates is not unmasked "
+                                                     "and releases nothing (global adapter unchanged)")
     secure_aggregation: str = option("none", choices=("none", "secaggplus"),
                                    help="Flower SecAgg+: the server sees only the sum of the updates (docs/privacy.md)")
     secagg_num_shares: float = option(1.0, lo=0.0, help="SecAgg+ shares per client secret: > 1 = that many (an "

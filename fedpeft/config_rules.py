@@ -339,6 +339,8 @@ def _validate_secure_uplink(cfg: Config) -> None:
             raise ConfigError("privacy.mode = 'distributed' sizes its own integer grid and field "
                               "(privacy.distributed_grid): leave privacy.secagg_bits = 0; privacy.secagg_keep "
                               "composes with it")
+    if p.secagg_bits == 1:
+        raise ConfigError("privacy.secagg_bits = 1 is no grid (2**1 - 1 = 1 point): use 0 (the dense uplink) or 2..16")
     if (p.secagg_bits or p.secagg_keep < 1) and not secure:
         raise ConfigError("privacy.secagg_bits / privacy.secagg_keep shape the SecAgg+ upload: set "
                           "privacy.secure_aggregation = 'secaggplus', or without it use compression.uplink = "

@@ -159,6 +159,35 @@ def public_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {"num-examples": 1, **{k: v for k, v in metrics.items() if k in PUBLIC_METRICS}}
 
 
+def _finite(key: str, value: object) -> float:
+    """``value`` as a float if it is a finite int or float (not a bool), else :class:`PayloadError` (an int too
+    large for a float included: an in-process reply is not bounded by protobuf's 64-bit integers)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if math.isfinite(number):
+            return number
+    raise PayloadError(f"metric {key!r} must be a finite number, got {value!r}")
+
+
+def parse_metrics(record: Mapping[str, object]) -> dict[str, float]:
+    """Validate a training reply's metrics (as a MetricRecord, or SecAgg+'s cleartext FitRes metrics): finite
+    numbers, a whole positive ``num-examples`` below :data:`MAX_NUM_EXAMPLES`, a ``clip-indicator`` of exactly
+    0 or 1 (adaptive clipping counts them); raises :class:`PayloadError`."""
+    metrics = {k: _finite(k, v) for k, v in record.items()}
+    for k in REQUIRED_METRICS:
+        if k not in metrics:
+            raise PayloadError(f"reply metrics lack {k!r}")
+    if not 0 < metrics["num-examples"] < MAX_NUM_EXAMPLES or metrics["num-examples"] != int(metrics["num-examples"]):
+        raise PayloadError(f"num-examples must be a positive integer below {MAX_NUM_EXAMPLES}, "
+                           f"got {metrics['num-examples']}")
+    if metrics.get("clip-indicator", 0.0) not in (0.0, 1.0):
+        raise PayloadError(f"clip-indicator must be 0 or 1, got {metrics['clip-indicator']}")
+    return metrics
+
+
 def parse_reply(content: RecordDict) -> tuple[Payload, dict[str, float]]:
     """Validate a reply's structure and metrics; returns the payload and metrics (raises PayloadError)."""
     if set(content.keys()) != {UPDATE, METRICS}:
@@ -166,17 +195,7 @@ def parse_reply(content: RecordDict) -> tuple[Payload, dict[str, float]]:
     metrics_rec = content[METRICS]
     if not isinstance(metrics_rec, MetricRecord):
         raise PayloadError("reply metrics are not a MetricRecord")
-    metrics: dict[str, float] = {}
-    for k, v in metrics_rec.items():
-        if not isinstance(v, (int, float)) or not np.isfinite(v):
-            raise PayloadError(f"metric {k!r} must be a finite number, got {v!r}")
-        metrics[k] = float(v)
-    for k in REQUIRED_METRICS:
-        if k not in metrics:
-            raise PayloadError(f"reply metrics lack {k!r}")
-    if not 0 < metrics["num-examples"] < MAX_NUM_EXAMPLES or metrics["num-examples"] != int(metrics["num-examples"]):
-        raise PayloadError(f"num-examples must be a positive integer below {MAX_NUM_EXAMPLES}, "
-                           f"got {metrics['num-examples']}")
+    metrics = parse_metrics(metrics_rec)
     return record_payload(content[UPDATE]), metrics
 
 
@@ -201,9 +220,9 @@ def parse_evaluate_reply(content: RecordDict, classification: bool) -> dict[str,
         raise PayloadError(f"evaluate metrics must be {sorted(expected)}, got {sorted(record.keys())}")
     m: dict[str, float] = {}
     for k, v in record.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
-            raise PayloadError(f"evaluate metric {k!r} must be a finite number >= 0, got {v!r}")
-        m[k] = float(v)
+        m[k] = _finite(k, v)
+        if m[k] < 0:
+            raise PayloadError(f"evaluate metric {k!r} must be >= 0, got {v!r}")
     for k in ("num-examples", "eval-weight", "eval-correct"):
         if k in m and (m[k] != int(m[k]) or m[k] >= MAX_NUM_EXAMPLES):
             raise PayloadError(f"evaluate metric {k!r} must be a whole number below {MAX_NUM_EXAMPLES}, got {m[k]}")

@@ -186,3 +186,38 @@ def test_a_deployed_nodes_own_file_is_split_the_same_way(tiny_cfg, tmp_path):
     train, held = client_eval_split(np.arange(40), 0.25, seed=rt.cfg.run.seed, partition_id=0)
     assert np.array_equal(rt.partitions[0], train) and np.array_equal(rt.client_eval_partitions[0], held)
     assert len(rt.client_dataset(0)) == 30 and len(rt.client_eval_dataset(0)) == 10
+
+
+@pytest.mark.parametrize("lie", ["inflated", "loss"])
+def test_a_node_cannot_outweigh_the_others_in_federated_evaluation(tiny_cfg, monkeypatch, lie):
+    """One node of three claimed 999,999 examples, none correct: the round's fed_eval_accuracy was that node's
+    (5.7e-8 in an outside check). Now its claim is weighed as its held-out split (its own accuracy kept as it
+    reported it), and a mean loss above sanity.max_loss drops the reply."""
+    honest = client_app._local_eval
+    calls = []
+
+    def second_node_lies(rt, dataset, cfg):
+        counts = honest(rt, dataset, cfg)
+        calls.append(1)
+        if len(calls) % 3 != 2:
+            return counts
+        if lie == "inflated":
+            return {"examples": 999_999, "weight": 999_999, "loss_sum": 0.5 * 999_999, "correct": 0}
+        return {**counts, "loss_sum": 1e300}
+
+    monkeypatch.setattr(client_app, "_local_eval", second_node_lies)
+    cfg = tiny_cfg(**FED)
+    rows = report.read_metrics(runner.simulate(cfg))
+    sizes = [len(p) for p in get_runtime(cfg).client_eval_partitions]
+    liar = str(NODE_ID_BASE + 1)
+    for r in rows:
+        if lie == "inflated":
+            assert r["fed_eval_replies"] == 3 and r["fed_eval_clients"][liar] == 0.0
+            assert r["fed_eval_examples"] == sum(sizes)  # the liar counts as its own split, not 999,999
+            honest_acc = [v for n, v in r["fed_eval_clients"].items() if n != liar]
+            assert r["fed_eval_accuracy"] == pytest.approx(
+                sum(a * sizes[int(n) - NODE_ID_BASE] for n, a in r["fed_eval_clients"].items()) / sum(sizes))
+            assert r["fed_eval_accuracy"] >= min(honest_acc) * (sum(sizes) - sizes[1]) / sum(sizes)
+        else:
+            assert r["fed_eval_replies"] == 2 and "max_loss" in r["fed_eval_dropped"][liar]
+            assert math.isfinite(r["fed_eval_loss"])

@@ -177,11 +177,15 @@ DROPOUT_OK = {"privacy.secagg_min_survivors": 2}  # these tests release a sum of
 
 def test_a_round_whose_sum_holds_fewer_than_the_minimum_survivors_releases_nothing(data):
     """The fault: a 3-client round with one dropout released a sum of two, from which each of the two can
-    subtract its own update and learn the other's. By default (3) such a round releases nothing."""
+    subtract its own update and learn the other's. By default (3) such a round releases nothing, and the server
+    does not learn that sum either: the round stops before the unmask stage (Flower's reconstruction threshold,
+    2 of 3 shares here, would have let it unmask; distributed DP accounts for 3 noise shares in any sum)."""
     cfg = make_cfg(data, **SECAGG)
     server, grid, row, start = one_round(cfg, data[1] / "secagg-min", drop=(node_id(1), Stage.COLLECT_MASKED_VECTORS))
     assert row["replies"] == 0 and row["train_loss"] is None and row["secagg_withheld"] == 1
     assert all(torch.equal(server.global_state[k], start[k]) for k in start)
+    assert not [node for node, stage, _ in grid.sent if stage == Stage.UNMASK]
+    assert "not unmasked" in row["dropped_nodes"][str(node_id(0))]
 
 
 def test_a_client_dropping_out_of_the_masked_vector_stage_still_lets_the_round_finish(data, plain):
@@ -267,6 +271,7 @@ def test_a_lossy_downlink_reaches_the_clients_under_secagg_as_in_a_plain_run(dat
     ({"privacy.secagg_num_shares": 3, "privacy.secagg_reconstruction_threshold": 3}, "below privacy.secagg_num"),
     ({"data.num_clients": 6, "federation.clients_per_round": 6, "privacy.secagg_num_shares": 4}, "must be odd"),
     ({"privacy.secure_aggregation": "secagg"}, "choose one of"),
+    ({"privacy.secagg_bits": 1}, "is no grid"),  # passed, then Flower's workflow raised at the run's start
     ({"privacy.mode": "client", "privacy.adaptive_clip": True, "privacy.clip_count_noise": 1.0,
       "privacy.secagg_clipping_range": 0.5}, "clip indicators"),
 ])

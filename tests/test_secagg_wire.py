@@ -153,6 +153,32 @@ UNMASK = {  # spoilt unmask replies: (node ids, key shares) -> what the server r
 }
 
 
+def _fit_metric(key: str, value: object):
+    def spoil(content, values) -> None:
+        content.config_records["fitres.metrics"][key] = value
+    return spoil
+
+
+def _foreign_destination(content, values) -> None:
+    values[Key.DESTINATION_LIST] = [999_999, *values[Key.DESTINATION_LIST][1:]]
+
+
+SPOILT = {  # reply entry present in the stage to spoil -> how (on the reply content, its SecAgg+ values)
+    "no public key": (Key.PUBLIC_KEY_1, lambda content, values: values.pop(Key.PUBLIC_KEY_1)),
+    "no destinations": (Key.DESTINATION_LIST, lambda content, values: values.pop(Key.DESTINATION_LIST)),
+    "foreign destination": (Key.DESTINATION_LIST, _foreign_destination),
+    "no masked vector": (Key.MASKED_PARAMETERS, lambda content, values: values.pop(Key.MASKED_PARAMETERS)),
+    "no stage record": (Key.MASKED_PARAMETERS, lambda content, values: content.config_records.pop(RECORD_KEY_CONFIGS)),
+    "no fitres metrics": (Key.MASKED_PARAMETERS, lambda content, values: content.config_records.pop("fitres.metrics")),
+    "no fitres status": (Key.MASKED_PARAMETERS, lambda content, values: content.config_records.pop("fitres.status")),
+    "weight 0": (Key.MASKED_PARAMETERS, _fit_metric("num-examples", 0)),
+    "weight -5": (Key.MASKED_PARAMETERS, _fit_metric("num-examples", -5.0)),
+    "weight nan": (Key.MASKED_PARAMETERS, _fit_metric("num-examples", float("nan"))),
+    "text metric": (Key.MASKED_PARAMETERS, _fit_metric("train-loss", "low")),
+    "no shares": (Key.SHARE_LIST, lambda content, values: values.pop(Key.SHARE_LIST)),
+}
+
+
 class DenseCorruptingGrid(RecordingGrid):
     """The in-process grid; one node's dense reply is spoiled on the way to the server (``how``)."""
 
@@ -179,6 +205,8 @@ class DenseCorruptingGrid(RecordingGrid):
             elif self.how in UNMASK and Key.SHARE_LIST in values:
                 values[Key.NODE_ID_LIST], values[Key.SHARE_LIST] = UNMASK[self.how](list(values[Key.NODE_ID_LIST]),
                                                                                    list(values[Key.SHARE_LIST]))
+            elif self.how in SPOILT and SPOILT[self.how][0] in values:
+                SPOILT[self.how][1](reply.content, values)
             elif self.how == "share" and Key.CIPHERTEXT_LIST in values:  # well-formed, but does not decrypt
                 tokens = list(values[Key.CIPHERTEXT_LIST])
                 raw = bytearray(base64.urlsafe_b64decode(tokens[0]))
@@ -224,3 +252,36 @@ def test_a_malformed_unmask_reply_costs_that_client_not_the_round(data, plain, m
     server, grid, row, start = one_round(cfg, data[1] / f"unmask-{how}")
     assert row["replies"] == 3 and row["train_loss"] is not None
     test_secagg.assert_survivors_mean(cfg, server, start, plain, -1)  # all three in the mean
+
+
+@pytest.mark.parametrize("how", [h for h in SPOILT if h != "no shares"])
+def test_a_reply_without_what_the_workflow_reads_costs_that_client_not_the_round(data, plain, monkeypatch, how):
+    """Flower's workflow reads each stage's entries without a check: a missing one (KeyError), unequal or foreign
+    destinations (a strict zip), or a cleartext weight of 0 or NaN (a division by zero, NaN in metrics.jsonl)
+    halted the round or the run for every client. Each is now that client's error reply before its stage."""
+    monkeypatch.setattr(test_secagg, "RecordingGrid", DenseCorruptingGrid)
+    monkeypatch.setattr(DenseCorruptingGrid, "how", how)
+    cfg = make_cfg(data, **SECAGG, **DROPOUT_OK)
+    server, grid, row, start = one_round(cfg, data[1] / f"spoilt-{how.replace(' ', '-')}")
+    assert row["replies"] == 2 and list(row["dropped_nodes"]) == [str(DenseCorruptingGrid.victim)]
+    assert np.isfinite(row["train_loss"])
+    test_secagg.assert_survivors_mean(cfg, server, start, plain, DenseCorruptingGrid.victim)
+
+
+def test_an_unmask_reply_without_shares_costs_one_share_not_the_round(data, plain, monkeypatch):
+    monkeypatch.setattr(test_secagg, "RecordingGrid", DenseCorruptingGrid)
+    monkeypatch.setattr(DenseCorruptingGrid, "how", "no shares")
+    cfg = make_cfg(data, **SECAGG, **DROPOUT_OK)
+    server, grid, row, start = one_round(cfg, data[1] / "spoilt-no-shares")
+    assert row["replies"] == 3
+    test_secagg.assert_survivors_mean(cfg, server, start, plain, -1)
+
+
+def test_secagg_counts_only_the_cleartext_metrics_the_sanity_checks_keep(data, plain, monkeypatch):
+    """A claim of 1e300 clipped elements was summed into the row before the sanity check dropped the metric."""
+    monkeypatch.setattr(test_secagg, "RecordingGrid", DenseCorruptingGrid)
+    monkeypatch.setattr(DenseCorruptingGrid, "how", "clipped")
+    monkeypatch.setitem(SPOILT, "clipped", (Key.MASKED_PARAMETERS, _fit_metric("secagg-clipped", 1e300)))
+    cfg = make_cfg(data, **SECAGG, **DROPOUT_OK)
+    server, grid, row, start = one_round(cfg, data[1] / "spoilt-clipped")
+    assert row["replies"] == 3 and row["secagg_clipped"] == 0 and row["sanity_metrics_dropped"] == 1

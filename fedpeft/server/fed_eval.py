@@ -32,6 +32,7 @@ from fedpeft.compression import Layout, make_codec
 from fedpeft.config import Config
 from fedpeft.errors import PayloadError, error_line
 from fedpeft.server.ranks import RANK_METRIC, RankPlan
+from fedpeft.server.sanity import ReplyChecks
 
 log = logging.getLogger(__name__)
 PERSONAL = "personal_eval"  # row key prefix of the personalized evaluation
@@ -68,27 +69,30 @@ def contents(global_state: models.AdapterState, layout: Layout, nodes: list[int]
 
 
 def evaluations(grid: Grid, global_state: models.AdapterState, layout: Layout, rnd: int,
-                correction: Corrections | None, cfg: Config, ranks: RankPlan | None = None) -> dict[str, Any]:
+                correction: Corrections | None, cfg: Config, ranks: RankPlan | None = None,
+                checks: ReplyChecks | None = None) -> dict[str, Any]:
     """The round's federated evaluation: every connected node evaluates the model as received (``fed_eval_*``;
     ``fed_eval_model`` says whether that is the global model or, with share_a's own B, a personal one) and,
     with ``federation.personalization = "finetune"``, again after fine-tuning it on its own training data
-    (``personal_eval_*``). ``ranks``: mixed LoRA ranks (each node gets the adapter at its own rank)."""
+    (``personal_eval_*``). ``ranks``: mixed LoRA ranks (each node gets the adapter at its own rank); ``checks``:
+    the sanity checks, which bound what a node may claim (:meth:`ReplyChecks.evaluation`)."""
     nodes, timeout = sorted(grid.get_node_ids()), cfg.federation.round_timeout or None
     row = federated_evaluate(grid, contents(global_state, layout, nodes, rnd, correction, ranks=ranks), rnd,
-                             cfg.model.task, timeout)
+                             cfg.model.task, timeout, checks=checks)
     own = cfg.federation.lora_aggregation == "share_a" or cfg.federation.personalization == "head"
     row["fed_eval_model"] = "personal" if own else "global"  # with the node's own B / head
     if cfg.federation.personalization == "finetune":
         sent = contents(global_state, layout, nodes, rnd, correction, cfg.federation.personal_steps, ranks)
-        row.update(federated_evaluate(grid, sent, rnd, cfg.model.task, timeout, PERSONAL))
+        row.update(federated_evaluate(grid, sent, rnd, cfg.model.task, timeout, PERSONAL, checks))
         row[f"{PERSONAL}_model"] = "personal"
     return row
 
 
-def federated_evaluate(grid: Grid, sent: dict[int, RecordDict], rnd: int, task: str,
-                       timeout: float | None, prefix: str = "fed_eval") -> dict[str, Any]:
+def federated_evaluate(grid: Grid, sent: dict[int, RecordDict], rnd: int, task: str, timeout: float | None,
+                       prefix: str = "fed_eval", checks: ReplyChecks | None = None) -> dict[str, Any]:
     """Send each node its content (``sent``: node -> content) as an evaluate message; aggregate the valid replies
-    into the row's metrics (keys ``{prefix}_loss``, ...); ``{prefix}_bytes_down`` adds up every node's message."""
+    (bounded by the sanity ``checks`` when given) into the row's metrics (keys ``{prefix}_loss``, ...);
+    ``{prefix}_bytes_down`` adds up every node's message."""
     classification = task == "classification"
     nodes = list(sent)
     messages = [Message(content, node, protocol.EVALUATE, group_id=f"{rnd}-{prefix}")
@@ -104,7 +108,10 @@ def federated_evaluate(grid: Grid, sent: dict[int, RecordDict], rnd: int, task: 
             try:
                 counts[node] = protocol.parse_evaluate_reply(reply.content, classification)
                 bytes_up += protocol.record_bytes(reply.content)
+                if checks is not None:
+                    counts[node] = checks.evaluation(counts[node], node, rnd)
             except PayloadError as e:
+                counts.pop(node, None)
                 dropped[node] = f"malformed evaluate reply: {e}"
         if node in dropped:
             log.warning("round %d: evaluation of node %s dropped: %s", rnd, node, dropped[node])

@@ -22,7 +22,7 @@ import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +228,9 @@ class FederatedServer:
             self.ranks.bind(partition_of)
         if self.checks is not None and partition_of is not None:
             sizes = [len(p) for p in self.rt.partitions]
+            held = [len(p) for p in self.rt.client_eval_partitions]
             self.checks.partition_size = lambda node: None if (pid := partition_of(node)) is None else sizes[pid]
+            self.checks.eval_size = lambda node: None if (pid := partition_of(node)) is None else held[pid]
         self.tracker = tracking.for_run(self.cfg, self.run_dir, max(len(p) for p in self.rt.partitions))
         try:
             for rnd in range(self.round + 1, self.cfg.federation.rounds + 1):
@@ -299,10 +301,7 @@ class FederatedServer:
     def _collect(self, grid: Grid, contents: dict[int, protocol.RecordDict], rnd: int) -> RoundReplies:
         """Send the instructions and collect the replies: decoded per client, or a secure sum (SecAgg+)."""
         if self.secagg:
-            replies = self.secagg.run_round(grid, contents, rnd)
-            if self.checks is not None:  # only the cleartext metrics are per client here
-                replies.clients = [replace(c, metrics=replies.checked_metrics(self.checks, c.metrics, c.node, rnd))
-                                   for c in replies.clients]
+            replies = self.secagg.run_round(grid, contents, rnd, self.checks)  # checks: the cleartext metrics
             if replies.secure_mean is not None:  # all the server holds: the mean, no node (-1), no partition (-1)
                 for observe in self.observers:
                     observe(ObservedUpdate(rnd, -1, -1, self.downlink.broadcast, replies.secure_mean,
@@ -438,7 +437,7 @@ class FederatedServer:
         """Every connected node evaluates the global adapter on its own held-out split, and with personalization
         a fine-tuned copy of it (server/fed_eval.py)."""
         return fed_eval.evaluations(grid, self.global_state, self.layout, rnd, self._correction_records(), self.cfg,
-                                    self.ranks)
+                                    self.ranks, self.checks)
 
     def finish(self) -> None:
         """Write the final adapter (a peft adapter usable outside fedpeft, see :mod:`fedpeft.export`; with a

@@ -77,6 +77,7 @@ class ReplyChecks:
     ranges: dict[str, Range]
     largest_partition: int
     partition_size: Callable[[int], int | None] = lambda node: None
+    eval_size: Callable[[int], int | None] = lambda node: None  # federated evaluation: the node's held-out split
 
     @property
     def decode_bound(self) -> float:
@@ -117,6 +118,25 @@ class ReplyChecks:
         if claim > cap:
             log.warning("round %d: node %s claims %g examples; weighed as %g (its partition)", rnd, node, claim, cap)
         return min(claim, cap)
+
+    def evaluation(self, counts: Mapping[str, float], node: int, rnd: int) -> dict[str, float]:
+        """A federated-evaluation reply's counts as the server adds them up: :class:`PayloadError` when its claim
+        reaches ``sanity.max_num_examples`` or its mean loss exceeds ``sanity.max_loss``; under ``sanity.weights =
+        "partition"`` a claim beyond the held-out split the server knows for the node (the in-process engine's) is
+        weighed as that split: every count scaled down alike, so the node's own accuracy and loss stay as reported.
+        A deployed node's split is its own file's, which the server does not know: its claim stands."""
+        claim = counts["num-examples"]
+        self.check_claim(counts)
+        loss = counts["eval-loss-sum"] / counts["eval-weight"]
+        if loss > self.cfg.max_loss:
+            raise PayloadError(f"mean evaluation loss {loss:g} is above sanity.max_loss = {self.cfg.max_loss:g}")
+        size = self.eval_size(node)
+        if self.cfg.weights != "partition" or size is None or claim <= max(1, size):
+            return dict(counts)
+        cap = float(max(1, size))
+        log.warning("round %d: node %s claims %g evaluated examples; weighed as %g (its held-out split)", rnd, node,
+                    claim, cap)
+        return {k: v * cap / claim for k, v in counts.items()}
 
 
 # ---- norms -------------------------------------------------------------------------------------------

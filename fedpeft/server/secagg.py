@@ -50,7 +50,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common import FitIns, Parameters, ndarray_to_bytes, parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
@@ -74,6 +75,7 @@ from fedpeft.models import AdapterState
 from fedpeft.protocol import DP_FLAG, PAYLOAD_TYPE, SLACK, SUBSPACE_SEED, WEIGHT_CAP, SecureField
 from fedpeft.server.delegating import DelegatingGrid
 from fedpeft.server.replies import UP_KEYS, ClientReply, RoundReplies
+from fedpeft.server.sanity import ReplyChecks
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +102,24 @@ class SecureRound:
     bytes_up: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage (collect includes training)
     failure: str = ""
-    withheld: bool = False  # the sum was computed but held too few updates to release
+    withheld: bool = False  # fewer masked updates than privacy.secagg_min_survivors: not unmasked, nothing released
 
-    def replies(self, sampled: Iterable[int]) -> RoundReplies:
-        """The round as every other round reads it: cleartext metadata per client, the secure mean
-        standing in for their deltas, all SecAgg+ traffic as framing."""
+    def replies(self, sampled: Iterable[int], checks: ReplyChecks | None = None, rnd: int = 0) -> RoundReplies:
+        """The round as every other round reads it: cleartext metadata per client (weighed and checked by the
+        sanity ``checks`` when given), the secure mean standing in for their deltas, all SecAgg+ traffic as
+        framing."""
         total_up = sum(self.bytes_up.values())
         up: dict[str, float] = {**dict.fromkeys(UP_KEYS, 0.0), "bytes_up": total_up, "up_framing": total_up}
-        stats: dict[str, float] = {"secagg_clipped": sum(m.get("secagg-clipped", 0.0) for m in self.metrics),
+        dropped = {node: self.failure or "not in the secure sum" for node in sampled if node not in self.nodes}
+        out = RoundReplies(dropped=dropped, secure_mean=self.mean, up=up, bytes_down=sum(self.bytes_down.values()),
+                           clip_indicators=indicators_from_sum(self.indicator_sum, len(self.nodes)))
+        for node, metrics in zip(self.nodes, self.metrics):
+            weight = metrics["num-examples"]  # a whole number in [1, MAX_NUM_EXAMPLES): protocol.parse_metrics
+            if checks is not None:
+                weight = checks.weight(metrics, node, rnd)
+                metrics = out.checked_metrics(checks, metrics, node, rnd)
+            out.clients.append(ClientReply(node, weight, metrics))
+        stats: dict[str, float] = {"secagg_clipped": sum(c.metrics.get("secagg-clipped", 0.0) for c in out.clients),
                                    "secagg_withheld": float(self.withheld)}
         for stage, n in self.bytes_down.items():
             stats[f"secagg_down_{stage}"] = n
@@ -118,11 +130,8 @@ class SecureRound:
         if stats["secagg_clipped"]:
             log.warning("SecAgg+ clipped %d update elements to +-privacy.secagg_clipping_range",
                         stats["secagg_clipped"])
-        clients = [ClientReply(node, m.get("num-examples", 1.0), m) for node, m in zip(self.nodes, self.metrics)]
-        dropped = {node: self.failure or "not in the secure sum" for node in sampled if node not in self.nodes}
-        return RoundReplies(clients=clients, dropped=dropped, secure_mean=self.mean, up=up,
-                            bytes_down=sum(self.bytes_down.values()), secagg=stats,
-                            clip_indicators=indicators_from_sum(self.indicator_sum, len(self.nodes)))
+        out.secagg = stats
+        return out
 
 
 def _copy_records(content: RecordDict) -> RecordDict:
@@ -163,19 +172,27 @@ class _WireGrid(DelegatingGrid):
         """A reply as Flower's workflow reads it. Packed field: the compact reply as Flower sent it (PEM public keys,
         base64 key shares, the masked vector as Flower's two int64 arrays, factor and vector); dense: checked as
         received. Malformed: an error reply (costs that client only)."""
-        stage_reply = reply.content.config_records.get(RECORD_KEY_CONFIGS)
-        if stage_reply is None:
-            return reply
         if original is None:
             raise PayloadError(f"SecAgg+ reply from node {reply.metadata.src_node_id}, which was sent nothing")
         packed = self.field.packed
         content = _copy_records(reply.content) if packed else reply.content  # what was received stays as received
-        values = content.config_records[RECORD_KEY_CONFIGS]
+        request = original.content.config_records[RECORD_KEY_CONFIGS]
         try:
+            values = content.config_records.get(RECORD_KEY_CONFIGS)
+            if values is None:
+                raise PayloadError(f"no {RECORD_KEY_CONFIGS!r} record")
+            stage = str(request[Key.STAGE])
+            missing = [key for key in STAGE_REPLY[stage] if key not in values]
+            if missing:
+                raise PayloadError(f"{stage} reply lacks {missing}")
+            if stage == Stage.SHARE_KEYS:
+                _check_destinations(values, request)
+            if stage == Stage.COLLECT_MASKED_VECTORS:
+                _check_fitres(content)
             keys = expand_key_exchange if packed else check_key_exchange
             keys(values, protocol.KEY_EXCHANGE)  # type: ignore[arg-type]
-            if Key.SHARE_LIST in values:
-                _check_shares(values, original.content.config_records[RECORD_KEY_CONFIGS])
+            if stage == Stage.UNMASK:
+                _check_shares(values, request)
             masked = values.get(Key.MASKED_PARAMETERS)
             if masked is not None and not packed:
                 check_dense_field(masked, [(1,), (self.field.width,)], self.field.modulus_range)
@@ -188,6 +205,38 @@ class _WireGrid(DelegatingGrid):
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"malformed SecAgg+ reply: {e}"),
                            reply_to=original)
         return Message(content, reply_to=original) if packed else reply
+
+
+#: what each stage's reply must carry for Flower's workflow to read it (a missing entry would halt the round)
+STAGE_REPLY = {Stage.SETUP: (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2),
+               Stage.SHARE_KEYS: (Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST),
+               Stage.COLLECT_MASKED_VECTORS: (Key.MASKED_PARAMETERS,),
+               Stage.UNMASK: (Key.NODE_ID_LIST, Key.SHARE_LIST)}
+
+
+def _check_destinations(values: Any, request: Any) -> None:
+    """A share-keys reply sends one encrypted key share to each of some of the neighbours it was sent the keys of,
+    once each; :class:`PayloadError` if not (Flower's workflow would halt the round on unequal lists)."""
+    dsts, ctxts = values[Key.DESTINATION_LIST], values[Key.CIPHERTEXT_LIST]
+    if not (isinstance(dsts, list) and isinstance(ctxts, list) and len(dsts) == len(ctxts)):
+        raise PayloadError("share-keys reply: destinations and key shares must be two lists of one length")
+    neighbours = {int(k) for k in request if k.isdigit()}
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dsts) or len(set(dsts)) != len(dsts) \
+            or not set(dsts) <= neighbours:
+        raise PayloadError(f"share-keys reply sends to {sorted(dsts)}, not to distinct neighbours among "
+                           f"{sorted(neighbours)}")
+
+
+def _check_fitres(content: RecordDict) -> None:
+    """A masked-vector reply holds the legacy FitRes records Flower's workflow reads, with cleartext metrics that
+    pass :func:`fedpeft.protocol.parse_metrics`; :class:`PayloadError` if not."""
+    try:
+        fitres = compat.recorddict_to_fitres(content, keep_input=True)
+        if not isinstance(fitres.num_examples, int) or isinstance(fitres.num_examples, bool):
+            raise TypeError(f"num_examples {fitres.num_examples!r} is not an integer")
+    except (KeyError, TypeError, ValueError) as e:
+        raise PayloadError(f"masked-vector reply is not a legacy FitRes: {type(e).__name__}: {e}") from None
+    protocol.parse_metrics(fitres.metrics)
 
 
 def _check_shares(values: Any, request: Any) -> None:
@@ -224,8 +273,7 @@ class _RoundStrategy(Strategy):
     def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[None, dict]:
         for proxy, res in results:
             self.result.nodes.append(int(proxy.node_id))
-            self.result.metrics.append({k: float(v) for k, v in res.metrics.items()
-                                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            self.result.metrics.append(protocol.parse_metrics(res.metrics))  # checked as received (_check_fitres)
         if results:
             arrays = parameters_to_ndarrays(results[0][1].parameters)
             if len(arrays) != 1 or arrays[0].shape != (self.width,) or not np.all(np.isfinite(arrays[0])):
@@ -249,8 +297,10 @@ class _RoundStrategy(Strategy):
 
 
 class _SecAggPlus(SecAggPlusWorkflow):
-    """Flower's workflow with two changes: any modulus above the quantization range (not only a power of 2), and a
-    node lost before it shared its key shares is not "dead".
+    """Flower's workflow with three changes: any modulus above the quantization range (not only a power of 2), a
+    node lost before it shared its key shares is not "dead", and a round with fewer than ``min_survivors`` masked
+    vectors stops before the unmask stage, so the server never learns a sum of fewer (Flower's own check is its
+    reconstruction threshold, which may be lower; distributed DP's noise is accounted for ``min_survivors`` shares).
 
     Flower 1.41 counts every node sampled at setup as dead in the unmask stage if it is no longer
     active, and asks the survivors for its key shares; a node that dropped during setup or share-keys
@@ -270,10 +320,20 @@ class _SecAggPlus(SecAggPlusWorkflow):
         finally:
             self.modulus_range = exact
 
+    def __init__(self, min_survivors: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.min_survivors = min_survivors
+        self.masked = -1  # masked vectors of the round's collect stage (-1: it did not finish)
+
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         ok = super().share_keys_stage(grid, context, state)
         state.sampled_node_ids = set(state.active_node_ids)
         return ok
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        ok = super().collect_masked_vectors_stage(grid, context, state)
+        self.masked = len(state.active_node_ids)
+        return ok and self.masked >= self.min_survivors
 
 
 class SecureAggregator:
@@ -295,7 +355,7 @@ class SecureAggregator:
         timeout = p.secagg_timeout or cfg.federation.round_timeout
         f = self.field
         self.workflow = _SecAggPlus(
-            num_shares=_shares(p.secagg_num_shares),
+            self.min_survivors, num_shares=_shares(p.secagg_num_shares),
             reconstruction_threshold=_shares(p.secagg_reconstruction_threshold),
             max_weight=self.max_weight, clipping_range=f.clipping_range,
             quantization_range=f.quantization_range, modulus_range=f.modulus_range,
@@ -305,8 +365,10 @@ class SecureAggregator:
             log.warning("SecAgg+ rounding can add up to %.3g to an update's norm (clip norm %.3g): raise "
                         "privacy.secagg_quantization_range", self.slack, p.clip_norm)
 
-    def run_round(self, grid: Grid, contents: dict[int, RecordDict], rnd: int) -> RoundReplies:
-        """Drive the four SecAgg+ stages for the sampled nodes (keys of ``contents``)."""
+    def run_round(self, grid: Grid, contents: dict[int, RecordDict], rnd: int,
+                  checks: ReplyChecks | None = None) -> RoundReplies:
+        """Drive the four SecAgg+ stages for the sampled nodes (keys of ``contents``); ``checks``: the sanity
+        checks of the clients' cleartext metrics."""
         result = SecureRound()
         wire = _WireGrid(grid, result, self.field)
         seed = int(np.random.default_rng([self.cfg.run.seed, 0x5ECA, rnd]).integers(2**31))  # public, resumable
@@ -316,26 +378,27 @@ class SecureAggregator:
                             MAIN_PARAMS_RECORD: ArrayRecord()})
         context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=state,
                                         run_config={}), strategy=strategy)
+        self.workflow.masked = -1
         try:
             self.workflow(wire, context)
         except (PayloadError, ValueError, KeyError, TypeError, IndexError) as e:  # a malformed masked vector
             result.failure = f"{type(e).__name__}: {e}"
-        if not result.failure and strategy.vector is not None and len(result.nodes) < self.min_survivors:
-            result.failure = (f"only {len(result.nodes)} masked update(s) in the sum, fewer than "
-                              f"privacy.secagg_min_survivors = {self.min_survivors}: nothing released")
+        if not result.failure and 0 <= self.workflow.masked < self.min_survivors:  # stopped before the unmask stage
+            result.failure = (f"only {self.workflow.masked} masked update(s) arrived, fewer than "
+                              f"privacy.secagg_min_survivors = {self.min_survivors}: the sum was not unmasked")
             result.withheld = True
         if strategy.vector is None or result.failure:
             result.nodes, result.metrics = [], []
             result.failure = result.failure or "SecAgg+ halted (too few nodes or shares left; see the log)"
             log.warning("round %d: %s", rnd, result.failure)
-            return result.replies(contents)
+            return result.replies(contents, checks, rnd)
         vec = self._expand(strategy.vector, len(result.nodes), seed)
         result.mean = {name: torch.from_numpy(vec[lo:hi].reshape(shape).astype(np.float32))
                        for name, shape, lo, hi in zip(self.layout.names, self.layout.shapes,
                                                       self.layout.offsets[:-1], self.layout.offsets[1:])}
         if self.adaptive:
             result.indicator_sum = float(vec[-1]) * len(result.nodes)
-        return result.replies(contents)
+        return result.replies(contents, checks, rnd)
 
     def _expand(self, vec: np.ndarray, n: int, seed: int) -> np.ndarray:
         """The unmasked mean in adapter coordinates: distributed DP's exact integer sum times the grid step,
