@@ -94,6 +94,8 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
     rows = read_metrics(run_dir)
     cols = [c for c in ROUND_COLUMNS if any(c in r for r in rows)]
     last = rows[-1] if rows else {}
+    local = [r["epsilon_local"] for r in rows if r.get("epsilon_local") is not None]
+    final = {**last, "epsilon_local": max(local)} if local else last  # a client's epsilon only grows: the run's largest
     up = sum(r.get("bytes_up", 0) for r in rows)
     dense = sum(r.get("bytes_up_fp32", 0) for r in rows)
     text = [f"# Run `{run_dir.name}`\n",
@@ -104,7 +106,7 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
             f"ratio {dense / up:.1f}x)" if up else "- uplink total 0 B",
             "- uplink bytes by part: " + ", ".join(
                 f"{k[3:]} {human_bytes(sum(r.get(k, 0) for r in rows))}" for k in BYTE_PARTS),
-            "- final: " + ", ".join(f"{k} {fmt(last[k])}" for k in ("eval_loss", "eval_accuracy", "eval_perplexity",
+            "- final: " + ", ".join(f"{k} {fmt(final[k])}" for k in ("eval_loss", "eval_accuracy", "eval_perplexity",
                                                                     "fed_eval_loss", "fed_eval_accuracy",
                                                                     "fed_eval_perplexity", "fed_eval_client_mean",
                                                                     "fed_eval_worst", "personal_eval_accuracy",
@@ -113,7 +115,7 @@ def write_run_report(run_dir: Path, cfg: Config) -> None:
                                                                     "gen_exact_match", "gen_rougeL", "mc_accuracy",
                                                                     "mc_accuracy_greedy", "epsilon_client",
                                                                     "epsilon_distributed", "epsilon_local")
-                                   if last.get(k) is not None),
+                                   if final.get(k) is not None),
             *_split_lines(cfg, rows),
             *_clock_lines(cfg, rows),
             *_fed_eval_lines(rows),

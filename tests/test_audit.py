@@ -149,3 +149,22 @@ def test_a_cell_no_attack_applies_to_is_n_a_not_pass(tmp_path: Path, capsys: pyt
     assert rows["adamw"]["verdict"] in ("fail", "warn", "pass") and rows["adamw"]["best_attack"] == "sign_span"
     md = (out / "audit.md").read_text()
     assert "1 n/a (no attack applies)" in md and "- `sign_span`: sign_span reads the update of an Adam(W)" in md
+
+
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+def test_a_client_dp_cell_is_charged_with_the_run_s_client_sampling(tmp_path: Path, sampling: str) -> None:
+    """The epsilon column of a client:Z cell is what the run's accountant would charge: fixed-size sampling is the
+    replace-one relation at sensitivity 2C (the cell used the Poisson accountant whatever the run sampled)."""
+    from fedpeft.audit.grid import client_view
+    from fedpeft.privacy import ClientLevelAccountant
+
+    cfg = _cfg(tmp_path, f'privacy.client_sampling="{sampling}"')
+    cfg, cells = audit.check(cfg, ["batch_size=1", "round=later", "codec=none", "dp=client:1", "steps=1"])
+    view = client_view(cfg, cells[0], 0)
+    expected = {}
+    for scheme in ("poisson", "fixed"):
+        acc = ClientLevelAccountant(cfg.privacy.accountant, scheme)
+        acc.step(1.0, 1.0)  # every client of the scenario in every round
+        expected[scheme] = acc.epsilon(cfg.privacy.delta)
+    assert view.epsilon == pytest.approx(expected[sampling])
+    assert expected["fixed"] > 1.5 * expected["poisson"]

@@ -101,3 +101,18 @@ def test_under_dp_clients_send_no_values_of_their_data_unless_opted_in(tiny_cfg,
                                                observers=[seen.append]))
     assert all(u.metrics["num-examples"] > 1 and "train-loss" in u.metrics for u in seen)
     assert rows[0]["train_loss"] is not None and (mode == "client" or rows[0]["epsilon_local"] > 0)
+
+
+def test_the_summary_gives_the_largest_local_epsilon_of_the_run(tmp_path):
+    """Each row's epsilon_local is the largest among that round's clients; the summary's final value is the
+    run's largest (it was the last round's, lower when the most-charged client sat the last round out)."""
+    import json
+
+    from fedpeft import config
+
+    cfg = config.load(None, ['privacy.mode="local"', "output.plots=false"])
+    rows = [{"round": r, "replies": 2, "seconds": 1.0, "epsilon_local": e} for r, e in enumerate([4.81, 9.68, 7.45], 1)]
+    (tmp_path / report.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report.write_run_report(tmp_path, cfg)
+    final = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("- final:"))
+    assert final == f"- final: epsilon_local {report.fmt(9.68)}"

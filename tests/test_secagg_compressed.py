@@ -20,9 +20,9 @@ from fedpeft import config, protocol
 from fedpeft.compression import make_codec
 from fedpeft.compression.bits import nbytes_for
 from fedpeft.compression.secure import digit_groups, levels_for, subspace, unpack_field
-from fedpeft.errors import ConfigError
+from fedpeft.errors import ConfigError, PrivacyError
 from fedpeft.privacy.accounting import FIXED_ORDERS, ClientLevelAccountant
-from fedpeft.privacy.distributed import DistributedDP, discrete_gaussian
+from fedpeft.privacy.distributed import TAIL_PROBABILITY, DistributedDP, discrete_gaussian
 from fedpeft.simulation.inprocess import node_id
 
 data, plain = test_secagg.data, test_secagg.plain  # the module-scoped fixtures of the plain reference round
@@ -164,6 +164,18 @@ def test_distributed_accounting_is_the_gaussian_mechanism_at_the_weakest_release
     rdp = compute_rdp(q=1.0, noise_multiplier=1.3 / 2, steps=1, orders=FIXED_ORDERS)
     assert acc.epsilon(1e-5) == pytest.approx(get_privacy_spent(orders=FIXED_ORDERS, rdp=rdp, delta=1e-5)[0])
     assert 10 * dp.levels < 2**dp.modulus_bits <= 2 * 10 * dp.levels  # the smallest field the sum cannot wrap
+
+
+def test_distributed_accounting_charges_the_tau_term_of_the_largest_sum():
+    """Kairouz et al.'s tau grows with the shares in the sum while the Gaussian part shrinks: with small shares the
+    weakest sum is the largest one, not the n_min one (10 elements, shares of std 0.57)."""
+    dp = DistributedDP(clip=1.0, dim=10, clients=50, min_survivors=5, noise_multiplier=0.6, grid=0.1)
+    assert 0.5 < dp.sigma_share < 0.6
+    weakest = min(dp.noise_multiplier_for(n) for n in range(dp.min_survivors, dp.clients + 1))
+    assert weakest == dp.noise_multiplier_for(dp.clients) < dp.noise_multiplier_for(dp.min_survivors)
+    assert dp.accounted_noise_multiplier <= weakest
+    with pytest.raises(PrivacyError, match="needs >= 0.5"):  # below it the sum bound does not apply
+        DistributedDP(clip=1.0, dim=10, clients=50, min_survivors=5, noise_multiplier=0.5, grid=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -329,13 +341,16 @@ def test_the_distributed_accountant_resumes_and_the_summary_states_the_guarantee
         fresh.step(0.8, 1.0)
     assert again["epsilon_distributed"] == pytest.approx(fresh.epsilon(cfg.privacy.delta))
     assert rows[1]["epsilon_distributed"] < again["epsilon_distributed"]
+    # delta: privacy.delta plus, per round, (1 + e^eps) x the chance that SecAgg+ clips a noised element
+    tail = 3 * (1 + math.exp(again["epsilon_distributed"])) * TAIL_PROBABILITY
+    assert again["delta_distributed"] == pytest.approx(cfg.privacy.delta + tail, rel=1e-12)
+    assert again["delta_distributed"] > cfg.privacy.delta
     text = "\n".join(guarantee_lines(cfg, [*rows, again]))
-    assert f"epsilon {again['epsilon_distributed']}" in text and "no amplification by sampling" in text
+    assert f"epsilon {again['epsilon_distributed']} at delta {again['delta_distributed']:.4g}" in text
+    assert "no amplification by sampling" in text
 
 
 def test_a_field_beyond_32_bits_is_refused_naming_the_knobs():
-    from fedpeft.errors import PrivacyError
-
     with pytest.raises(PrivacyError, match="distributed_grid"):
         DistributedDP(clip=1.0, dim=10**7, clients=5000, min_survivors=2, noise_multiplier=10.0, grid=4.0)
 

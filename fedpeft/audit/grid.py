@@ -282,10 +282,10 @@ def client_view(cfg: config.Config, cell: dict[str, Any], seed: int, src: Victim
     if ldp is not None:
         epsilon = ldp.epsilon()
     elif mode == "client":
-        acc = ClientLevelAccountant(cfg.privacy.accountant)
+        acc = ClientLevelAccountant(cfg.privacy.accountant, cfg.privacy.client_sampling)  # as the run charges it
         m = cfg.federation.clients_per_round or cfg.data.num_clients
         for _ in range(rounds):
-            acc.step(value, m / cfg.data.num_clients)
+            acc.step(value, min(1.0, m / cfg.data.num_clients))
         epsilon = acc.epsilon(cfg.privacy.delta)
     else:
         epsilon = math.inf

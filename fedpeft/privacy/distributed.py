@@ -25,7 +25,8 @@ constant 2 on the ``tau d`` term), ``tau = 10 sum_{k<n} exp(-2 pi^2 sigma^2 k / 
 ``sigma_share >= 2``). The server knows who is in the sum and samples them itself, so no amplification by
 sampling applies against it: each round is charged as a Gaussian mechanism with sampling rate 1 under the
 replace-one relation (``Delta' = 2 Delta``, :func:`fedpeft.privacy.accounting.rdp_fixed_size_gaussian`),
-at the effective noise multiplier :attr:`DistributedDP.accounted_noise_multiplier`. SecAgg+'s clipping of
+at the effective noise multiplier :attr:`DistributedDP.accounted_noise_multiplier` (the fewest shares' Gaussian
+part with the most shares' ``tau``; a share std below 0.5 is refused). SecAgg+'s clipping of
 a noised element (probability < ``p``) adds at most ``(1 + e^eps) p`` to delta per round.
 """
 
@@ -80,6 +81,10 @@ class DistributedDP:
         if not 1 <= self.min_survivors <= self.clients:
             raise PrivacyError(f"secagg_min_survivors = {self.min_survivors} must be between 1 and the "
                                f"{self.clients} clients per round")
+        if self.sigma_share < 0.5:
+            raise PrivacyError(f"distributed DP: each client's noise share has std {self.sigma_share:.3g} grid steps; "
+                               "the accounting of a sum of discrete Gaussians needs >= 0.5: raise "
+                               "privacy.server_noise_multiplier or privacy.distributed_grid")
         if self.modulus_bits > 32:
             raise PrivacyError(f"distributed DP needs a {self.modulus_bits}-bit field for {self.clients} clients of "
                                f"{self.levels} steps; SecAgg+ allows 32: lower privacy.distributed_grid or "
@@ -138,8 +143,11 @@ class DistributedDP:
 
     @cached_property
     def accounted_noise_multiplier(self) -> float:
-        """What every released round is charged: the weakest sum SecAgg+ releases holds n_min shares."""
-        return self.noise_multiplier_for(self.min_survivors)
+        """What every released round is charged: the weakest sum SecAgg+ releases. Its Gaussian part is weakest
+        with the fewest shares (n_min), its tau term largest with the most (m): both worst cases are charged at once
+        (with ``sigma_share`` of 2 or more tau is about 0 and this is ``noise_multiplier_for(n_min)``)."""
+        z_raw = math.sqrt(self.min_survivors) * self.sigma_share / self.sensitivity
+        return 1.0 / math.sqrt(1.0 / z_raw**2 + self.tau(self.clients) * self.dim / 2)
 
     def encode(self, update: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One client's noised integer vector: clip to C, scale, conditional stochastic rounding, + noise."""

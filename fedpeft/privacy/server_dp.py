@@ -10,6 +10,7 @@ actually received whatever the codec did (a ternary vector can have a larger nor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,6 +22,7 @@ from fedpeft.errors import PrivacyError
 from fedpeft.models import AdapterState
 from fedpeft.privacy.accounting import ClientLevelAccountant
 from fedpeft.privacy.client_dp import AdaptiveClipper, add_server_noise, clip_to_norm, dp_average
+from fedpeft.privacy.distributed import TAIL_PROBABILITY
 from fedpeft.privacy.sampling import ClientSample, sample_clients
 
 
@@ -98,7 +100,9 @@ class ServerPrivacy:
         """Distributed DP: charge one round at the weakest released sum's noise multiplier, sampling rate 1
         (the server picks and sees who is in the sum: no amplification against it), replace-one relation."""
         self.accountant.step(noise_multiplier, 1.0)
-        return {"epsilon_distributed": self.accountant.epsilon(self.cfg.delta),
+        eps = self.accountant.epsilon(self.cfg.delta)
+        tail = self.accountant.rounds * (1 + math.exp(min(eps, 700.0))) * TAIL_PROBABILITY  # SecAgg+ clipped a share
+        return {"epsilon_distributed": eps, "delta_distributed": self.cfg.delta + tail,
                 "noise_multiplier_accounted": noise_multiplier}
 
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

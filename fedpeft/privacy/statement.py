@@ -29,10 +29,17 @@ def guarantee_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"  - client level (unit: a client's whole data): epsilon {eps if eps is not None else 'n/a'}"
                      f" against anyone who sees the global adapters; neighbouring federations: {relation}. The "
                      "server itself sees each decoded update (use SecAgg+ or local DP against the server)")
+        if p.client_sampling == "poisson":
+            lines.append("  - **outside the guarantee** (Poisson sampling): each round's counts in metrics.jsonl "
+                         "(sampled, replies, sample_rate) and a round skipped for fewer than federation.min_clients "
+                         "valid replies (the adapter then stays unchanged) depend on which clients exist: keep "
+                         "metrics.jsonl with the server, publish the adapters")
     if p.mode == "distributed":
         eps = rows[-1].get("epsilon_distributed") if rows else None
-        shown = eps if eps is not None else "n/a"
-        lines.append(f"  - client level (unit: a client's whole data), distributed: epsilon {shown} against the "
+        delta = rows[-1].get("delta_distributed", p.delta) if rows else p.delta
+        shown = f"{eps} at delta {delta:.4g}" if eps is not None else "n/a"
+        lines.append(f"  - client level (unit: a client's whole data), distributed: epsilon {shown} (privacy.delta "
+                     "plus, per round, (1 + e^epsilon) x 1e-12 for a noise share SecAgg+ would clip) against the "
                      "server and anyone after it. Each client clips to C, rounds onto an integer grid and adds a "
                      "discrete Gaussian share inside SecAgg+; any privacy.secagg_min_survivors shares give the sum "
                      "the accounted noise; replace-one relation, no amplification by sampling (the server picks "
