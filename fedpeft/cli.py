@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -22,6 +22,9 @@ from fedpeft.cli_parser import build_parser
 from fedpeft.errors import FedPeftError, error_line
 from fedpeft.progress import clock_text
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
 console = Console(stderr=True, soft_wrap=True)  # the terminal wraps: no newlines inside paths or table rows
 
 
@@ -31,6 +34,14 @@ def _log_line(text: str, since: float) -> None:
     where it is with plain lines instead."""
     if not console.is_terminal:
         console.print(f"{text} ({clock_text(time.monotonic() - since)} this session)", markup=False, highlight=False)
+
+
+def _progress(unit: str = "") -> Progress:
+    """The progress bar of a long command, drawn on a terminal only (off one, :func:`_log_line` writes lines)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}" + unit),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
 
 
 def _print_report(path: Path) -> None:
@@ -72,7 +83,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 progress = shown.enter_context(api.showing(run_dir, cfg.federation.rounds, done_rounds, console))
             runner.execute(cfg, run_dir, resume=args.resume is not None, engine=args.engine, progress=progress)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]; continue with: fedpeft simulate --resume {run_dir}")
+        if (run_dir / "checkpoint" / "manifest.json").exists():
+            console.print(f"[yellow]interrupted[/]; continue with: fedpeft simulate --resume {run_dir}")
+        else:
+            console.print(f"[yellow]interrupted[/] before the first checkpoint: nothing to resume in {run_dir}")
         return 130
     console.print(_summary_table(run_dir))
     console.print(f"adapter, metrics and report in [bold]{run_dir}[/]")
@@ -81,8 +95,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare_compression(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from fedpeft.simulation import sweep
 
     if args.resume is not None:
@@ -91,8 +103,7 @@ def cmd_compare_compression(args: argparse.Namespace) -> int:
         cfg, finished = config.load(args.scenario, args.overrides), []
         codecs = sweep.split_codecs(args.codecs) if args.codecs else list(cfg.compression.sweep)
     rounds = cfg.federation.rounds
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+    with _progress(" rounds") as progress:
         task = progress.add_task(f"{len(codecs)} codec(s)", total=len(codecs) * rounds,
                                  completed=len(finished) * rounds)
 
@@ -107,7 +118,7 @@ def cmd_compare_compression(args: argparse.Namespace) -> int:
             acc = report.fmt(row["final_accuracy"])
             ratio = report.fmt(row["ratio_vs_fp32"], 3)
             progress.console.print(f"{row['codec']}: up {report.human_bytes(row['uplink_bytes_per_round'])}/round "
-                                   f"({ratio}x smaller than fp32), final accuracy {acc}")
+                                   f"(fp32 dense / this: {ratio}x), final accuracy {acc}")
 
         sweep_dir = sweep.compare_compression(cfg, codecs, args.both_directions, on_done=done, on_round=each_round,
                                               resume=args.resume)
@@ -129,8 +140,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return _audit_capture(args, config.load(args.scenario, args.overrides), attacks)
     loaded = None if args.resume is not None else config.load(args.scenario, args.overrides)
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from fedpeft.audit.grid import GRID_KEYS
     from fedpeft.audit.run import check, load_progress, run_audit
 
@@ -139,8 +148,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         cfg, cells, done = load_progress(args.resume)
     else:
         cfg, cells = check(loaded, args.grid, attacks)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+    with _progress() as progress:
         task = progress.add_task(f"audit: {len(cells)} cell(s) x {cfg.audit.seeds} victim(s)",
                                  total=len(cells) * cfg.audit.seeds, completed=len(done) * cfg.audit.seeds)
 

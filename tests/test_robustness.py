@@ -78,9 +78,12 @@ def test_a_crashing_client_is_an_error_reply_not_a_crash(tiny_cfg, monkeypatch, 
         return original(self, message, context)
 
     monkeypatch.setattr(type(client_app), "__call__", call)
+    caplog.set_level(logging.WARNING)  # what `fedpeft simulate` shows without -v: one line, no traceback
     rows = report.read_metrics(runner.simulate(tiny_cfg(**{"federation.rounds": 1})))
     assert (rows[0]["replies"], rows[0]["dropped"]) == (2, 1)
-    assert "out of memory on this node" in caplog.text
+    assert [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()] == [
+        "round 1: node 1002 failed: RuntimeError: out of memory on this node"]
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
     assert rows[0]["dropped_nodes"] == {"1002": "failed: RuntimeError: out of memory on this node"}  # any run
 
 
@@ -161,3 +164,44 @@ def test_sampling_keeps_64_bit_node_ids_exact(tiny_cfg, tmp_path):
     for rnd in (1, 2, 3):
         sampled = server._sample(Nodes(), rnd)
         assert len(sampled) == 3 and set(sampled) <= set(ids)
+
+
+@pytest.mark.parametrize("metrics, why", [
+    ({"num-examples": 2**70}, "must be a positive integer"),  # in-process ints are not bounded by protobuf
+    ({"num-examples": 10, "train-loss": 10**400}, "finite number"),  # too large for a float
+    ({"num-examples": True}, "finite number"),
+    ({"num-examples": 10, "clip-indicator": 0.5}, "clip-indicator must be 0 or 1"),
+    ({"num-examples": 10, "clip-indicator": 2.0}, "clip-indicator must be 0 or 1"),
+    ({"train-loss": 0.5}, "lack 'num-examples'")])
+def test_reply_metrics_are_finite_numbers_and_a_clip_indicator_is_0_or_1(metrics, why):
+    """A clip indicator of 0.5 passed every reply check and stopped the run in the clipper, after the round's
+    adapter had been applied; an int too large for a float raised TypeError past the reply's error handling."""
+    with pytest.raises(protocol.PayloadError, match=why):
+        protocol.parse_metrics(metrics)
+    assert protocol.parse_metrics({"num-examples": 10, "clip-indicator": 1}) == {"num-examples": 10.0,
+                                                                                 "clip-indicator": 1.0}
+    with pytest.raises(protocol.PayloadError, match="finite"):
+        protocol.parse_evaluate_reply(RecordDict({protocol.METRICS: MetricRecord(
+            {"num-examples": 4.0, "eval-weight": 4.0, "eval-loss-sum": 2**1100, "eval-correct": 3.0})}), True)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_ctrl_c_names_a_resume_only_when_there_is_a_checkpoint(cls_data, tmp_path, monkeypatch, capsys, checkpointed):
+    """Ctrl-C in round 1 printed "continue with: fedpeft simulate --resume RUN", and that resume then failed: there
+    was no checkpoint yet."""
+    from fedpeft import cli
+
+    from conftest import tiny_overrides
+
+    def interrupt(cfg, run_dir, **kwargs):
+        if checkpointed:
+            (run_dir / "checkpoint").mkdir()
+            (run_dir / "checkpoint" / "manifest.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "execute", interrupt)
+    sets = [x for s in tiny_overrides(cls_data, tmp_path / "runs") for x in ("--set", s)]
+    assert cli.main(["simulate", "--quiet", *sets]) == 130
+    err = capsys.readouterr().err
+    assert ("continue with: fedpeft simulate --resume" in err) == checkpointed
+    assert ("before the first checkpoint: nothing to resume" in err) != checkpointed
