@@ -122,6 +122,9 @@ def test_what_fedbuff_cannot_account_or_run_is_refused(setup):
         setup["cfg"](**{"federation.buffer_size": 2, "devices.clock": False, "run.engine": "ray"})
     with pytest.raises(ConfigError, match="buffer_size <= federation.concurrency"):
         setup["cfg"](**{"federation.buffer_size": 3, "federation.concurrency": 2})
+    with pytest.raises(ConfigError, match="strategy = 'scaffold' is not supported"):  # it was accepted, then every
+        setup["cfg"](**{"federation.buffer_size": 2, "federation.strategy": "scaffold",  # reply was dropped
+                        "train.optimizer": "sgd"})
 
 
 def test_fedbuff_waits_for_and_sends_only_to_clients_the_trace_has_online(setup, tmp_path):

@@ -82,6 +82,7 @@ class BodyServer:
         # overwritten (in process it is shared with the run's model, which evaluation loads trained adapters into)
         self._initial = {n: p.detach().clone() for n, p in body.named_parameters() if n in names}
         self.hidden_size = int(body._stack.config.hidden_size)
+        self._dtype = next(body.parameters()).dtype  # what a forward's activations must be
         self.max_seq_len = 0  # tokens per sequence a forward may carry (the split server sets it); 0 = unbounded
         self._slots: dict[str, _Slot] = {}
         self._sessions: dict[str, _Session] = {}
@@ -174,6 +175,9 @@ class BodyServer:
             mask = mask.to(self.device)
             with torch.enable_grad():
                 out = slot.body(inp, mask)
+            if not bool(torch.isfinite(out).all()):  # finite but absurd activations (1e20) overflow in the body
+                raise SplitError(f"forward of client {client_id!r} step {step}: the body's output is not finite for "
+                                 "these activations; refused")
             session.pending[step] = _Pending(inp, out, mask, slot.version)
             session.pending.move_to_end(step)
             while len(session.pending) > self.max_pending:
@@ -207,16 +211,28 @@ class BodyServer:
                 slot.optimizer.zero_grad(set_to_none=True)
             out.backward(grad.to(device=out.device, dtype=out.dtype))
             if slot.optimizer is not None:
-                if self.train_cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(list(slot.params.values()), self.train_cfg.max_grad_norm)
-                slot.optimizer.step()
-                slot.version += 1
+                self._step(slot, client_id, step)
             grad_in = inp.grad
             assert grad_in is not None  # the received activations: a leaf the body output depends on
         for s in [s for s in session.pending if s <= step]:
             del session.pending[s]
         session.last_step = step
         return {"grad": grad_in.detach().to("cpu")}
+
+    def _step(self, slot: _Slot, client_id: str, step: int) -> None:
+        """Clip and apply the adapters' gradients, unless one is not finite (a gradient of 3e38 is finite on the
+        wire and overflows in the body): then nothing is applied and :class:`SplitError` answers the client. With
+        shared adapters one client's step is every client's model."""
+        assert slot.optimizer is not None
+        params = list(slot.params.values())
+        if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+            slot.optimizer.zero_grad(set_to_none=True)
+            raise SplitError(f"backward of client {client_id!r} step {step}: the adapters' gradient is not finite; "
+                             "nothing applied")
+        if self.train_cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.train_cfg.max_grad_norm)
+        slot.optimizer.step()
+        slot.version += 1
 
     def close(self, client_id: str) -> None:
         """End the session: free its pending graphs (the client's adapters stay for its next session)."""
@@ -232,6 +248,11 @@ class BodyServer:
             raise SplitError(f"forward of client {client_id!r} step {step}: hidden {tuple(hidden.shape)} "
                              f"{hidden.dtype} and attention_mask {tuple(mask.shape)} must be "
                              f"[B, T, {self.hidden_size}] floats and [B, T]")
+        if hidden.dtype != self._dtype:
+            raise SplitError(f"forward of client {client_id!r} step {step}: hidden is {hidden.dtype}, this body "
+                             f"computes in {self._dtype} (the bf16 wire arrives in the sender's own dtype)")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise SplitError(f"forward of client {client_id!r} step {step}: attention_mask must hold only 0 and 1")
         if self.max_seq_len and hidden.shape[1] > self.max_seq_len:
             raise SplitError(f"forward of client {client_id!r} step {step}: {hidden.shape[1]} tokens per sequence, "
                              f"this body takes at most {self.max_seq_len} (the model's max_length)")

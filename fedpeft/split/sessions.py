@@ -231,10 +231,13 @@ class Dispatcher:
                 session.seen = time.monotonic()
                 return self._handle(key, frame, session, data, fingerprint, peer)
             except SplitError as exc:
-                log.warning("split %s of %s step %d refused: %s", frame.kind.name, frame.client_id, frame.step, exc)
+                self._warn("refused", peer, "split %s of %s step %d refused: %s", frame.kind.name, frame.client_id,
+                           frame.step, exc)
                 return _error(ErrorCode.REJECTED, str(exc), frame)
             except Exception as exc:  # the body failed: answer, keep serving
-                log.exception("split %s of %s step %d failed", frame.kind.name, frame.client_id, frame.step)
+                self._warn("failed", peer, "split %s of %s step %d failed: %s: %s", frame.kind.name, frame.client_id,
+                           frame.step, type(exc).__name__, exc)
+                log.debug("split %s of %s step %d failed", frame.kind.name, frame.client_id, frame.step, exc_info=True)
                 return _error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", frame)
             finally:
                 session.seen = time.monotonic()
