@@ -102,3 +102,28 @@ def test_scaffold_resumes_exactly(tiny_cfg, monkeypatch):
     full = report.read_metrics(runner.simulate(tiny_cfg(**extra)))
     resumed = report.read_metrics(interrupt_and_resume(tiny_cfg(**extra), 3, monkeypatch))
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
+
+
+def test_a_control_delta_that_is_not_its_own_update_s_is_left_out(tiny_cfg, monkeypatch):
+    """Found by an outside review: with 2 clients (no relative norm screen) one client sent an honest update and a
+    control delta of norm 9,000; the server's c grew to 8,400 and steered the other client's every step. Over a
+    lossless uplink each control delta must be option II's -c - update / (K lr) for the update it came with."""
+    import inspect
+
+    honest = scaffold.control_delta
+
+    def hostile(c, delta, steps, lr):
+        dc = honest(c, delta, steps, lr)
+        if inspect.currentframe().f_back.f_locals.get("partition_id") == 0:  # the ClientApp of partition 0
+            n = sum(v.numel() for v in dc.values())
+            return {k: 9000 / n**0.5 * torch.ones_like(v) for k, v in dc.items()}
+        return dc
+
+    clean = report.read_metrics(runner.simulate(tiny_cfg(**SCAFFOLD, **{"data.num_clients": 2})))
+    assert all("excluded_nodes" not in r for r in clean)  # honest replies pass the check
+    monkeypatch.setattr(scaffold, "control_delta", hostile)
+    rows = report.read_metrics(runner.simulate(tiny_cfg(**SCAFFOLD, **{"data.num_clients": 2})))
+    for r in rows:
+        assert list(r["excluded_nodes"]) == ["1000"] and "SCAFFOLD control delta" in r["excluded_nodes"]["1000"]
+        assert r["replies"] == 2  # a valid reply, left out by the aggregator
+    assert rows[-1]["eval_loss"] < 2 * clean[-1]["eval_loss"]
