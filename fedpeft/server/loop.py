@@ -128,7 +128,7 @@ class FederatedServer:
             self.aggregator.population = cfg.data.num_clients
             self.uplink_layout = scaffold.uplink_layout(self.layout)
             if self.uplink.lossless:  # each control delta can be checked against its own update
-                self.aggregator.step_scale = lambda claim: num_local_steps(cfg.train, int(claim)) * cfg.train.lr
+                self.aggregator.check_with = cfg.train
         self.aggregator.seed = cfg.run.seed
         self.ranks = (RankPlan(cfg, [len(p) for p in self.rt.partitions], self.global_state)
                       if lora.mixed_ranks(cfg.adapter.client_ranks, cfg.adapter.rank_rule)

@@ -131,9 +131,9 @@ class ReplyChecks:
         if loss > self.cfg.max_loss:
             raise PayloadError(f"mean evaluation loss {loss:g} is above sanity.max_loss = {self.cfg.max_loss:g}")
         size = self.eval_size(node)
-        if self.cfg.weights != "partition" or size is None or claim <= max(1, size):
+        cap = None if size is None else max(1, size)
+        if self.cfg.weights != "partition" or cap is None or claim <= cap:
             return dict(counts)
-        cap = float(max(1, size))
         log.warning("round %d: node %s claims %g evaluated examples; weighed as %g (its held-out split)", rnd, node,
                     claim, cap)
         return {k: v * cap / claim for k, v in counts.items()}

@@ -11,8 +11,6 @@ of client-level DP (refused by :mod:`fedpeft.config_rules`).
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fedpeft import lazy
@@ -23,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from fedpeft import scaffold
+    from fedpeft.config import TrainSection
     from fedpeft.models import AdapterState
     from fedpeft.server.replies import RoundReplies
 else:  # on first use: checking a configuration imports this module (fedpeft/lazy.py)
@@ -41,14 +40,14 @@ class Scaffold(FedAvg):
     needs_individual_updates = True
     supports_client_dp = False
     population = 0  # N = data.num_clients (set by the server loop); 0: the round's replies are everyone
-    #: set by the server loop when the uplink is lossless: a reply's num-examples -> K lr of that client
-    step_scale: Callable[[float], float] | None = None
+    #: set by the server loop when the uplink is lossless: the clients' training settings, to check each control delta
+    check_with: TrainSection | None = None
 
     def aggregate(self, replies: RoundReplies, global_state: AdapterState) -> AdapterState:
         parts = [scaffold.split(d) for d in replies.deltas]
         weights = replies.weights
-        if self.step_scale is not None:
-            kept = self._consistent(replies, parts, global_state)
+        if self.check_with is not None:
+            kept = self._consistent(replies, parts, global_state, self.check_with)
             parts, weights = [parts[i] for i in kept], [weights[i] for i in kept]
             if not parts:
                 return global_state
@@ -59,20 +58,22 @@ class Scaffold(FedAvg):
         return self.apply(global_state, weighted_mean([u for u, _ in parts], weights))
 
     def _consistent(self, replies: RoundReplies, parts: list[tuple[AdapterState, AdapterState]],
-                    global_state: AdapterState) -> list[int]:
+                    global_state: AdapterState, train: TrainSection) -> list[int]:
         """The replies whose control delta is option II's ``-c - Δy_i / (K lr)`` for their own update (what an
-        honest client computes; exact over a lossless uplink); the others are left out of the round, logged in
-        ``excluded``. Without this one client could steer ``c`` within the norm bounds, and ``c`` steers every
-        client's steps (measured: docs/lora-aggregation.md, "SCAFFOLD")."""
-        assert self.step_scale is not None
+        honest client computes, :func:`fedpeft.scaffold.control_delta`, with ``K`` from its num-examples; exact
+        over a lossless uplink); the others are left out of the round, logged in ``excluded``. Without this one
+        client could steer ``c`` within the norm bounds, and ``c`` steers every client's steps (measured:
+        docs/lora-aggregation.md, "SCAFFOLD")."""
+        from fedpeft.privacy.client_dp import global_norm
+        from fedpeft.training import num_local_steps
+
         c = self.control(global_state)
         clients = [r for r in replies.clients if r.delta is not None]
         kept = []
         for i, ((update, control), reply) in enumerate(zip(parts, clients)):
-            scale = self.step_scale(reply.metrics["num-examples"])
-            expected = {k: -c[k] - update[k] / scale for k in c}
-            off = math.sqrt(sum(float((control[k] - expected[k]).double().pow(2).sum()) for k in c))
-            size = math.sqrt(sum(float(expected[k].double().pow(2).sum()) for k in c))
+            steps = num_local_steps(train, int(reply.metrics["num-examples"]))
+            expected = scaffold.control_delta(c, update, steps, train.lr)
+            off, size = global_norm({k: control[k] - expected[k] for k in c}), global_norm(expected)
             if off <= CONTROL_TOLERANCE * size + 1e-12:
                 kept.append(i)
             else:
