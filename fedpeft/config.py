@@ -170,7 +170,8 @@ class FederationSection:
 
     rounds: int = option(3, lo=1)
     clients_per_round: int = option(0, lo=0, help="clients sampled per round (0 = all)")
-    min_clients: int = option(1, lo=1, help="a round needs at least this many valid replies")
+    min_clients: int = option(1, lo=1, help="a round needs at least this many valid replies (not under "
+                                            "client-level DP: it releases the noised sum of what arrived)")
     strategy: str = option("fedavg", choices=_registered("fedpeft.server.aggregators", "AGGREGATORS"),
                            help="registered aggregator (fedpeft.server.aggregators)")
     lora_aggregation: str = option("naive", choices=_registered("fedpeft.lora", "MODES"),

@@ -1,5 +1,7 @@
 """Client-level DP inside the federated loop: epsilon every round, resume continues the same curve."""
 
+from pathlib import Path
+
 import pytest
 
 from fedpeft import report
@@ -116,3 +118,26 @@ def test_the_summary_gives_the_largest_local_epsilon_of_the_run(tmp_path):
     report.write_run_report(tmp_path, cfg)
     final = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("- final:"))
     assert final == f"- final: epsilon_local {report.fmt(9.68)}"
+
+
+def test_under_client_level_dp_a_round_below_the_quorum_still_releases_the_noise(tiny_cfg, monkeypatch):
+    """Whether the adapter moves must not depend on who took part: with every client failing, each round
+    releases the noise alone (before: the round was skipped, the adapter stayed, and an observer of the
+    adapters learnt that fewer than min_clients updates arrived, which the accountant never charged)."""
+    from fedpeft.clients.app import app as client_app
+    from fedpeft.errors import FedPeftError
+
+    def call(self, message, context):
+        raise RuntimeError("this client's data loader failed")
+
+    monkeypatch.setattr(type(client_app), "__call__", call)
+    cfg = tiny_cfg(**{**DP, "federation.min_clients": 2})
+    with pytest.raises(FedPeftError, match=r"no client update was applied in rounds 1-3, the global adapter holds "
+                                           r"no client's update \(only DP noise\): 0 valid updates: client-level "
+                                           r"DP released the noise alone \(3x"):
+        runner.simulate(cfg)
+    (run_dir,) = Path(cfg.output.dir).iterdir()
+    rows = report.read_metrics(run_dir)
+    assert len(rows) == 3 and all(r["replies"] == 0 for r in rows)
+    assert len({r["eval_loss"] for r in rows}) == 3  # the adapter moved every round: noise, charged
+    assert rows[0]["epsilon_client"] < rows[1]["epsilon_client"] < rows[2]["epsilon_client"]

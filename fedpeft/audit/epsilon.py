@@ -100,7 +100,7 @@ def audit_client_level(cfg: Config, canaries: int = 1000, seed: int = 0, noise_d
     for rnd in range(cfg.federation.rounds):
         sample = server.sample(sampler, members)
         updates = ({"update": _basis(canaries, int(axis[i]), c)} for i in sample.clients)  # one at a time
-        noisy = server.aggregate(updates if sample.clients else [{"update": torch.zeros(canaries)}])
+        noisy = server.aggregate(updates, {"update": torch.zeros(canaries)})
         scores += noisy["update"][axis].double()
         server.end_round([])
         if on_round is not None:

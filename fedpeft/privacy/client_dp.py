@@ -103,17 +103,19 @@ def clip_to_norm(decoded: Mapping[str, torch.Tensor], clip_norm: float) -> dict[
     return _scaled(decoded, clip_factor(decoded, clip_norm))
 
 
-def dp_average(updates: Iterable[Mapping[str, torch.Tensor]], expected_clients: float) -> dict[str, torch.Tensor]:
+def dp_average(updates: Iterable[Mapping[str, torch.Tensor]], expected_clients: float,
+               like: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Uniform average with a fixed denominator: ``sum(updates) / expected_clients``.
 
     ``expected_clients`` is the round's expected size fixed before sampling (``q N`` under Poisson sampling,
     the sample size under fixed-size sampling), *not* the number of replies that arrived, so the
     sensitivity of the average to one client stays ``C / m``. ``updates`` is read once (a generator keeps
-    one update in memory at a time).
+    one update in memory at a time). With no update the sum is zeros shaped like ``like`` (a DP release
+    happens whoever replied: the noise alone).
     """
     if expected_clients < 1:
         raise PrivacyError(f"expected_clients must be >= 1, got {expected_clients}")
-    total: dict[str, torch.Tensor] | None = None
+    total = None if like is None else {k: torch.zeros_like(v, dtype=torch.float32) for k, v in like.items()}
     for u in updates:
         if total is None:
             total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in u.items()}
@@ -124,7 +126,7 @@ def dp_average(updates: Iterable[Mapping[str, torch.Tensor]], expected_clients: 
                 raise PayloadError(f"update tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(total[k].shape)}")
             total[k] += v.detach().to(torch.float32)
     if total is None:
-        raise PrivacyError("dp_average needs at least one update (a round with no replies adds only noise)")
+        raise PrivacyError("dp_average needs at least one update or a template (`like`) to average none")
     return {k: v / expected_clients for k, v in total.items()}
 
 

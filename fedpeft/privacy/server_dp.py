@@ -75,11 +75,12 @@ class ServerPrivacy:
         return add_server_noise(mean, c, self.update_noise_multiplier / self.noise_divisor, self.expected,
                                 self.generator)
 
-    def aggregate(self, deltas: Iterable[AdapterState]) -> AdapterState:
+    def aggregate(self, deltas: Iterable[AdapterState], like: AdapterState) -> AdapterState:
         """Clip each decoded update, divide the sum by the round's expected size E, add noise std z*C/E
-        (``deltas`` is read once, one update at a time)."""
+        (``deltas`` is read once, one update at a time; with none the release is the noise alone, shaped like
+        ``like``)."""
         c = self.clip_norm
-        return self._noise(dp_average((clip_to_norm(d, c) for d in deltas), self.expected), c)
+        return self._noise(dp_average((clip_to_norm(d, c) for d in deltas), self.expected, like), c)
 
     def release_secure(self, secure_mean: AdapterState, n: int) -> AdapterState:
         """DP-FedAvg on a SecAgg+ sum of ``n`` uniformly weighted updates the clients clipped already:

@@ -31,9 +31,10 @@ def guarantee_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
                      "server itself sees each decoded update (use SecAgg+ or local DP against the server)")
         if p.client_sampling == "poisson":
             lines.append("  - **outside the guarantee** (Poisson sampling): each round's counts in metrics.jsonl "
-                         "(sampled, replies, sample_rate) and a round skipped for fewer than federation.min_clients "
-                         "valid replies (the adapter then stays unchanged) depend on which clients exist: keep "
-                         "metrics.jsonl with the server, publish the adapters")
+                         "(sampled, replies, sample_rate) depend on which clients exist: keep metrics.jsonl with "
+                         "the server, publish the adapters (every round releases the noised sum, the noise alone "
+                         "when no update arrived; federation.min_clients does not skip rounds under client-level "
+                         "DP)")
     if p.mode == "distributed":
         eps = rows[-1].get("epsilon_distributed") if rows else None
         delta = rows[-1].get("delta_distributed", p.delta) if rows else p.delta

@@ -244,8 +244,9 @@ class FederatedServer:
         if not self.applied and self.not_applied:
             causes = "; ".join(f"{why} ({n}x, e.g. {self.not_applied_example[why]})"
                                for why, n in self.not_applied.most_common(3))
+            state = "holds no client's update (only DP noise)" if self.privacy.active else "is unchanged"
             raise FedPeftError(f"no client update was applied in rounds {self.first_round}-{self.round}, the "
-                               f"global adapter is unchanged: {causes}")
+                               f"global adapter {state}: {causes}")
 
     def _record(self, grid: Grid, rnd: int, row: dict[str, Any]) -> None:
         """Append the round's row to metrics.jsonl; checkpoint every output.checkpoint_every rounds and last."""
@@ -323,14 +324,14 @@ class FederatedServer:
         return replies
 
     def _aggregate(self, replies: RoundReplies, rnd: int) -> float | None:
-        """Step the global adapter with the aggregator if enough valid updates arrived (the quorum guard);
-        returns the round's example-weighted training loss (None when the round is skipped)."""
-        if len(replies.clients) < self.cfg.federation.min_clients:
+        """Step the global adapter with the aggregator if enough valid updates arrived (the quorum guard; under
+        client-level DP the noised release happens whatever arrived, see :meth:`_below_quorum`); returns the
+        round's example-weighted training loss (None when the round is skipped)."""
+        if self._below_quorum(replies, rnd):
             log.warning("round %d: %d valid update(s) < federation.min_clients = %d; global adapter unchanged",
                         rnd, len(replies.clients), self.cfg.federation.min_clients)
-            whys = Counter(replies.dropped.values()).most_common(1)
             self._not_applied(f"{len(replies.clients)} valid update(s) < federation.min_clients = "
-                              f"{self.cfg.federation.min_clients}", whys[0][0] if whys else "no client was sampled")
+                              f"{self.cfg.federation.min_clients}", self._why(replies))
             return None
         saved, t = self.aggregator.state_dict()
         saved = {k: v.clone() for k, v in saved.items()}  # buffers are updated in place
@@ -345,8 +346,23 @@ class FederatedServer:
             self._not_applied("the new global adapter was rejected by the sanity bounds", problem)
             return None
         self.global_state = new_state
-        self.applied += 1
+        if replies.clients:
+            self.applied += 1
+        else:  # client-level DP released the noise alone (_below_quorum)
+            self._not_applied("0 valid updates: client-level DP released the noise alone", self._why(replies))
         return replies.train_loss()
+
+    def _below_quorum(self, replies: RoundReplies, rnd: int) -> bool:
+        """Whether the round is skipped for fewer than ``federation.min_clients`` valid updates. Not under
+        client-level DP: whether a round is skipped would depend on who took part (with Poisson sampling, on
+        which clients exist), a release the accountant does not charge; DP-FedAvg releases the noised sum of
+        whatever arrived (the noise alone when nothing did), which it does charge."""
+        few = len(replies.clients) < self.cfg.federation.min_clients
+        if few and self.privacy.active:
+            log.info("round %d: %d valid update(s) < federation.min_clients = %d; client-level DP releases the "
+                     "noised sum anyway", rnd, len(replies.clients), self.cfg.federation.min_clients)
+            return False
+        return few
 
     def _naive_lora_error(self, replies: RoundReplies) -> dict[str, float | None]:
         """``lora_agg_error`` of factor averaging (docs/lora-aggregation.md) under ``naive`` (the exact and svd
@@ -357,14 +373,20 @@ class FederatedServer:
         error = lora.agg_error(lora.pair_means(replies.deltas, replies.weights, self.global_state))
         return {} if error is None else {"lora_agg_error": error}
 
+    @staticmethod
+    def _why(replies: RoundReplies) -> str:
+        """The most common reason the round's sampled clients sent no valid update."""
+        whys = Counter(replies.dropped.values()).most_common(1)
+        return whys[0][0] if whys else "no client was sampled"
+
     def _not_applied(self, kind: str, details: str) -> None:
         """Count a round that left the global adapter unchanged, by kind (the first details kept)."""
         self.not_applied[kind] += 1
         self.not_applied_example.setdefault(kind, details)
 
     def _account(self, replies: RoundReplies) -> dict[str, float]:
-        """Privacy metrics: client-level DP is charged every round (the noisy release happens whatever
-        arrived); local DP-SGD reports the largest client epsilon."""
+        """Privacy metrics: client-level DP is charged every round (the noised release happens whatever
+        arrived, :meth:`_below_quorum`); local DP-SGD reports the largest client epsilon."""
         row = self.privacy.end_round(replies.clip_indicators) if self.privacy.active else {}
         if self.secagg is not None and self.secagg.ddp is not None:  # charged whether or not the sum was released
             row.update(self.privacy.charge_distributed(self.secagg.ddp.accounted_noise_multiplier))

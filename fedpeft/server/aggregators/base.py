@@ -98,10 +98,11 @@ def weighted_mean(deltas: list[AdapterState], weights: list[float]) -> AdapterSt
     return out
 
 
-def mean_update(replies: RoundReplies, privacy: ServerPrivacy | None) -> AdapterState:
+def mean_update(replies: RoundReplies, privacy: ServerPrivacy | None, global_state: AdapterState) -> AdapterState:
     """The round's mean update: SecAgg+'s secure mean or the example-weighted mean; under client-level DP
-    the clipped fixed-denominator mean plus noise (of the secure sum, or of the decoded updates)."""
+    the clipped fixed-denominator mean plus noise (of the secure sum, or of the decoded updates: the noise
+    alone, shaped like ``global_state``, when no update arrived)."""
     dp = privacy if privacy is not None and privacy.active else None
     if replies.secure_mean is not None:
         return dp.release_secure(replies.secure_mean, len(replies.clients)) if dp else replies.secure_mean
-    return dp.aggregate(replies.deltas) if dp else weighted_mean(replies.deltas, replies.weights)
+    return dp.aggregate(replies.deltas, global_state) if dp else weighted_mean(replies.deltas, replies.weights)

@@ -27,7 +27,7 @@ class FedAvg(Aggregator):
     """global + server_lr * mean; subclasses change the step direction (:meth:`direction`)."""
 
     def aggregate(self, replies: RoundReplies, global_state: AdapterState) -> AdapterState:
-        return self.apply(global_state, mean_update(replies, self.privacy))
+        return self.apply(global_state, mean_update(replies, self.privacy, global_state))
 
     def apply(self, global_state: AdapterState, mean_delta: AdapterState) -> AdapterState:
         """One server-optimizer step from the averaged delta."""
