@@ -1,7 +1,7 @@
 """SCAFFOLD vs FedAvg on a label-skewed split (MiniLM + BBC News, 8 clients, Dirichlet 0.3; simulations/noniid.toml
 with its split and aggregation overridden): final server accuracy, both with plain SGD local steps at one constant
 learning rate (SCAFFOLD's option-II control variates assume them), the same seeds, side by side in one run; uplink
-and downlink bytes of the whole run (SCAFFOLD's uplink carries the control variate: twice the elements).
+and downlink bytes of the whole run (SCAFFOLD's downlink adds the dense control variate; its uplink is FedAvg's).
 
 Usage: python benchmarks/bench_scaffold.py [--seeds 0,1,2] [--lr 0.1] [--set federation.rounds=6 ...] [--no-append]
 """

@@ -180,23 +180,19 @@ def _validate_strategy(cfg: Config) -> None:
 
 
 def _validate_scaffold(cfg: Config) -> None:
-    """SCAFFOLD's control variates travel in each client's own payload and are averaged unnoised."""
-    from fedpeft.compression import make_codec
-
+    """SCAFFOLD derives each client's control delta from its individual update and sends ``c`` unnoised."""
     key = "federation.strategy = 'scaffold'"
     if cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation != "none":
-        raise ConfigError(f"{key} sends each client's control variate in the clear and averages it unnoised: it does "
-                          f"not combine with privacy.mode = {cfg.privacy.mode!r} / privacy.secure_aggregation = "
-                          f"{cfg.privacy.secure_aggregation!r}; use privacy.mode = 'none' and no secure aggregation")
+        raise ConfigError(f"{key} derives each client's control variate from its individual update and sends their "
+                          f"unnoised mean to the clients: it does not combine with privacy.mode = "
+                          f"{cfg.privacy.mode!r} / privacy.secure_aggregation = {cfg.privacy.secure_aggregation!r}; "
+                          "use privacy.mode = 'none' and no secure aggregation")
     if cfg.split.enabled or cfg.federation.lora_aggregation != "naive":
         raise ConfigError(f"{key} needs split.enabled = false and federation.lora_aggregation = 'naive'")
     if cfg.train.optimizer != "sgd" or cfg.train.schedule != "constant" or cfg.train.warmup_steps:
         raise ConfigError(f"{key} estimates each control variate as (x - y_i) / (K lr), which assumes K plain SGD "
                           f"steps at one learning rate: set train.optimizer = 'sgd' (got {cfg.train.optimizer!r}), "
                           "train.schedule = 'constant' and train.warmup_steps = 0")
-    if make_codec(cfg.compression.uplink).wants_fisher:
-        raise ConfigError(f"{key} with a Fisher-ranked uplink ({cfg.compression.uplink!r}) is not supported (the "
-                          "control variate has no Fisher estimate); use select=magnitude")
 
 
 def _validate_lora(cfg: Config) -> None:

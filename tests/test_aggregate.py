@@ -6,8 +6,7 @@ import torch
 from fedpeft import config
 from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.server.aggregators import AGGREGATORS as OPTIMIZERS
-from fedpeft.server.aggregators import make_aggregator as make_server_optimizer
-from fedpeft.server.aggregators import weighted_mean
+from fedpeft.server.aggregators import make_aggregator, weighted_mean
 from fedpeft.server.replies import ClientReply, RoundReplies
 
 
@@ -22,6 +21,14 @@ def test_fedavg_with_server_lr_one_applies_the_mean():
     opt = make_server_optimizer(cfg)
     g = {"w": torch.ones(3)}
     assert torch.equal(opt.apply(g, {"w": torch.full((3,), 0.5)})["w"], torch.full((3,), 1.5))
+
+
+def make_server_optimizer(fed):
+    """The aggregator of ``fed``; SCAFFOLD's gets the clients' train section, as the server loop gives it."""
+    agg = make_aggregator(fed)
+    if fed.strategy == "scaffold":
+        agg.train = config.load(None, ["train.optimizer=sgd"]).train
+    return agg
 
 
 def _federation(name, **kw):

@@ -176,12 +176,6 @@ def train(msg: Message, context: Context) -> Message:
             context.state[PERSONAL_STATE] = _record({k: v.numpy() for k, v in personal.items()})
         state = {k: v for k, v in state.items() if k in global_state}  # the model's order, as before
     delta = attacker.update(models.subtract(state, global_state), seed)  # before EF / clip / encode: any codec
-    if controls is not None:  # SCAFFOLD: c_i += Δc_i, which travels in the same payload as the update
-        c, ci = controls
-        dc = scaffold.control_delta(c, delta, result.steps, cfg.train.lr)
-        context.state[SCAFFOLD_STATE] = _record({k: (ci[k] + dc[k]).numpy() for k in ci})
-        delta, layout = scaffold.join(delta, dc), scaffold.uplink_layout(layout)
-
     if local_dp is not None:
         context.state[LOCAL_DP_STATE] = ConfigRecord({"json": json.dumps(local_dp.state_dict())})
         extra["epsilon-local"] = local_dp.epsilon()
@@ -193,6 +187,10 @@ def train(msg: Message, context: Context) -> Message:
     enc = update.encode_update(delta, codec, layout, rng=np.random.default_rng(seed), fisher=fisher, ef=ef, clip=clip)
     if ef is not None:
         context.state[EF_STATE] = _record(ef.state_dict())
+    if controls is not None:  # SCAFFOLD: c_i += Δc_i of the update as sent; the server derives the same Δc_i
+        c, ci = controls
+        dc = scaffold.control_delta(c, enc.sent, result.steps, cfg.train.lr)
+        context.state[SCAFFOLD_STATE] = _record({k: (ci[k] + dc[k]).numpy() for k in ci})
     if enc.clip_indicator is not None and enc.update_norm is not None:  # client-level DP clipped the update
         extra.update({"clip-indicator": enc.clip_indicator, "update-norm": enc.update_norm})
     metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "train-steps": result.steps,
@@ -230,7 +228,7 @@ def _restore(context: Context, rt: Runtime, cfg: config.Config, partition_id: in
         full = rt.full_state(rt.initial_adapter())
         shapes = {k: tuple(v.shape) for k, v in (full if rank is None else lora.truncate(full, rank)).items()}
         node_store.check_shapes(saved, {PERSONAL_STATE: shapes, SCAFFOLD_STATE: shapes,
-                                        EF_STATE: {**shapes, **{scaffold.PREFIX + k: v for k, v in shapes.items()}}})
+                                        EF_STATE: shapes})
         for rec, arrays in saved.arrays.items():
             if rec in STORED:
                 context.state[rec] = _record(arrays)

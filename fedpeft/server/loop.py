@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from fedpeft import export, generation, lora, models, protocol, scaffold, tracking
+from fedpeft import export, generation, lora, models, protocol, tracking
 from fedpeft.adversary import Ledger
 from fedpeft.compression import make_codec
 from fedpeft.config import Config
@@ -123,12 +123,8 @@ class FederatedServer:
         self.rng = np.random.default_rng(cfg.run.seed)
         self.privacy = ServerPrivacy(cfg)
         self.aggregator = make_aggregator(cfg.federation, self.privacy)
-        self.uplink_layout = self.layout  # what a reply's payload holds: with SCAFFOLD the control variate too
-        if isinstance(self.aggregator, Scaffold):
-            self.aggregator.population = cfg.data.num_clients
-            self.uplink_layout = scaffold.uplink_layout(self.layout)
-            if self.uplink.lossless:  # each control delta can be checked against its own update
-                self.aggregator.check_with = cfg.train
+        if isinstance(self.aggregator, Scaffold):  # derives each client's control delta from its update
+            self.aggregator.population, self.aggregator.train = cfg.data.num_clients, cfg.train
         self.aggregator.seed = cfg.run.seed
         self.ranks = (RankPlan(cfg, [len(p) for p in self.rt.partitions], self.global_state)
                       if lora.mixed_ranks(cfg.adapter.client_ranks, cfg.adapter.rank_rule)
@@ -310,7 +306,7 @@ class FederatedServer:
                     observe(ObservedUpdate(rnd, -1, -1, self.downlink.broadcast, replies.secure_mean,
                                            {"summed": float(len(replies.clients))}))
             return replies
-        layout = self.uplink_layout if self.ranks is None else self.ranks.reply_layout
+        layout = self.layout if self.ranks is None else self.ranks.reply_layout
         replies = collect(grid, contents, rnd, self.uplink, layout,
                           self.cfg.federation.round_timeout or None, self.checks)
         if self.ranks is not None:

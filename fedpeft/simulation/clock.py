@@ -140,7 +140,7 @@ def check_async(cfg: Config) -> None:
                               f"{' or '.join(map(repr, allowed))}")
     if cfg.split.enabled:
         raise ConfigError(f"{k} (FedBuff) with split.enabled is not supported: set federation.buffer_size = 0")
-    if fed.strategy == "scaffold":  # every reply was dropped: its control variate is not in FedBuff's layout
+    if fed.strategy == "scaffold":  # each control delta needs the c its client was sent
         raise ConfigError(f"{k} (FedBuff) with federation.strategy = 'scaffold' is not supported (its control "
                           "variates assume synchronous rounds): choose another strategy or federation.buffer_size = 0")
     from fedpeft.compression import make_codec
