@@ -1,8 +1,10 @@
 """Client-level DP inside the federated loop: epsilon every round, resume continues the same curve."""
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedpeft import report
 from fedpeft.privacy import ClientLevelAccountant
@@ -15,7 +17,12 @@ DP = {"privacy.mode": "client", "privacy.server_noise_multiplier": 0.5, "privacy
 
 
 def test_client_level_dp_run_reports_epsilon_each_round(tiny_cfg):
-    rows = report.read_metrics(runner.simulate(tiny_cfg(**DP)))
+    from fedpeft.privacy.server_dp import LEDGER_FILE
+
+    run_dir = runner.simulate(tiny_cfg(**DP))
+    rows = report.read_metrics(run_dir)
+    ledger = [json.loads(line) for line in (run_dir / LEDGER_FILE).read_text().splitlines()]
+    assert ledger == [{"noise_multiplier": 0.5, "sample_rate": 0.5}] * 3  # every charge, for an outside accountant
     eps = [r["epsilon_client"] for r in rows]
     # Poisson sampling: each of the 4 clients joins with q = 2/4, so the round size varies around 2
     assert all(r["replies"] == r["sampled"] and r["sample_rate"] == 0.5 for r in rows)
@@ -141,3 +148,59 @@ def test_under_client_level_dp_a_round_below_the_quorum_still_releases_the_noise
     assert len(rows) == 3 and all(r["replies"] == 0 for r in rows)
     assert len({r["eval_loss"] for r in rows}) == 3  # the adapter moved every round: noise, charged
     assert rows[0]["epsilon_client"] < rows[1]["epsilon_client"] < rows[2]["epsilon_client"]
+
+
+def test_under_client_level_dp_the_relative_norm_screen_is_off(tiny_cfg):
+    """Found by an outside review: the screen's limit (norm_multiple x the round's median norm) comes from the
+    other clients' updates, so adding one client could decide whether another's clipped update was in the noised
+    sum (released sum moved by 1.56 C in their example). Under client-level DP only the absolute bound screens."""
+    strict = {**DP, "federation.clients_per_round": 4, "federation.rounds": 1, "sanity.norm_multiple": 1.5}
+    plain = report.read_metrics(runner.simulate(tiny_cfg(**{**strict, "privacy.mode": "none"})))
+    assert plain[0]["sanity_dropped"] >= 1  # the same round without DP: the relative screen drops updates
+    rows = report.read_metrics(runner.simulate(tiny_cfg(**strict)))
+    assert rows[0]["sampled"] == rows[0]["replies"] == 4 and rows[0]["sanity_dropped"] == 0
+
+
+def _noise(server, shape=(64,)):
+    return server.aggregate([], {"w": torch.zeros(shape)})["w"]
+
+
+def test_outside_simulations_the_server_noise_is_not_derived_from_run_seed(tiny_cfg):
+    """Found by an outside review: the noise generator was seeded from run.seed (in config.toml) in deployments
+    too, so anyone holding the adapters and the config could regenerate the noise and read the clipped sum."""
+    from fedpeft.privacy.server_dp import ServerPrivacy
+
+    cfg = tiny_cfg(**DP)
+    seeded = [_noise(ServerPrivacy(cfg, seeded=True)) for _ in range(2)]
+    assert torch.equal(*seeded)  # simulations: reproducible
+    deployed = [_noise(ServerPrivacy(cfg)) for _ in range(2)]
+    assert not torch.equal(*deployed) and not torch.equal(deployed[0], seeded[0])
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_a_resume_charges_the_releases_made_after_the_checkpoint_unless_they_replay(tiny_cfg, tmp_path, seeded):
+    """Rounds released after the checkpoint and released again by the resumed run are two releases in a deployment
+    (fresh noise, both charged: the ledger holds the lost ones); a simulation replays them with the same noise, so
+    its ledger is cut back and the epsilon curve continues as before."""
+    from fedpeft.privacy.server_dp import LEDGER_FILE, ServerPrivacy
+
+    cfg, ledger = tiny_cfg(**DP), tmp_path / LEDGER_FILE
+    first = ServerPrivacy(cfg, seeded=seeded, ledger=ledger)
+    for _ in range(2):
+        first.end_round([])
+    meta, tensors = first.state()
+    assert meta["ledger_entries"] == 2
+    lost = _noise(first)
+    for _ in range(2):  # released, then the server crashed before the next checkpoint
+        first.end_round([])
+    resumed = ServerPrivacy(cfg, seeded=seeded, ledger=ledger)
+    resumed.restore(meta, tensors)
+    assert torch.equal(_noise(resumed), lost) == seeded  # a deployment never reuses the lost rounds' noise
+    resumed.end_round([])
+    charged = 3 if seeded else 5
+    ref = ClientLevelAccountant("rdp")
+    for _ in range(charged):
+        ref.step(DP["privacy.server_noise_multiplier"], 0.5)
+    assert resumed.accountant.rounds == charged
+    assert resumed.accountant.epsilon(1e-3) == pytest.approx(ref.epsilon(1e-3))
+    assert len(ledger.read_text().splitlines()) == charged

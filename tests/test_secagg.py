@@ -64,7 +64,7 @@ def one_round(cfg: config.Config, run_dir: Path, drop: tuple[int, str] | None = 
     """Run round 1 of ``cfg`` on a RecordingGrid; returns (server, grid, metrics row, initial global)."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     run_dir.mkdir(parents=True, exist_ok=True)
-    server = FederatedServer(cfg, run_dir)
+    server = FederatedServer(cfg, run_dir, simulation=True)  # seeded DP noise, as simulate runs
     start = {k: v.clone() for k, v in server.global_state.items()}
     grid = RecordingGrid(client_app, cfg.data.num_clients, runner.run_config(cfg, run_dir, False), drop=drop)
     row = server.run_round(grid, 1)

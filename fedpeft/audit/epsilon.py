@@ -91,7 +91,7 @@ def audit_client_level(cfg: Config, canaries: int = 1000, seed: int = 0, noise_d
     run = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_clients=max(population, planned)),
                               federation=dataclasses.replace(cfg.federation,
                                                              clients_per_round=min(planned, population)))
-    server = ServerPrivacy(run)
+    server = ServerPrivacy(run, seeded=True)  # an experiment: reproducible noise
     server.noise_divisor = noise_divisor
     c = server.clip_norm
     members = [int(i) for i in np.flatnonzero(included)]

@@ -6,12 +6,26 @@ empirical epsilon audit run this same object.
 The order with compression is the one documented in :mod:`fedpeft.privacy.client_dp`: the server
 clips every *decoded* update to the round's clip norm, so the sensitivity bound holds for what was
 actually received whatever the codec did (a ternary vector can have a larger norm than its source).
+
+Noise and resume. Outside simulations the noise generator is seeded from the operating system's entropy, never
+from ``run.seed`` (which ``config.toml`` publishes: anyone holding it could regenerate and subtract the noise).
+Every charge is appended to the run's privacy ledger (``privacy-ledger.jsonl``, fsynced before the release
+leaves the server), and a checkpoint records how many entries its accountant holds. A deployment that resumes
+draws fresh noise and charges the ledger's entries after the checkpoint: rounds released before a crash and
+released again by the resumed run are both accounted (reusing their noise would let anyone holding both
+releases subtract it). A simulation seeds its noise from ``run.seed`` for reproducible experiments: its re-run
+rounds are the same releases, so its resume continues the same noise and truncates the ledger instead.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
+import secrets
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,11 +39,17 @@ from fedpeft.privacy.client_dp import AdaptiveClipper, add_server_noise, clip_to
 from fedpeft.privacy.distributed import TAIL_PROBABILITY
 from fedpeft.privacy.sampling import ClientSample, sample_clients
 
+LEDGER_FILE = "privacy-ledger.jsonl"
+log = logging.getLogger(__name__)
+
 
 class ServerPrivacy:
-    """Server-side client-level DP for one run (inactive unless privacy.mode is 'client' or 'both')."""
+    """Server-side client-level DP for one run (inactive unless privacy.mode is 'client' or 'both').
 
-    def __init__(self, cfg: Config) -> None:
+    ``seeded``: draw the noise from ``run.seed`` (simulations and experiments only; see the module docstring);
+    ``ledger``: the file each charge is appended to (None: not kept)."""
+
+    def __init__(self, cfg: Config, seeded: bool = False, ledger: Path | None = None) -> None:
         p = cfg.privacy
         self.cfg = p
         self.active = p.mode in ("client", "both")
@@ -48,7 +68,9 @@ class ServerPrivacy:
                                         noise_multiplier=p.server_noise_multiplier, target_quantile=p.target_quantile,
                                         lr=p.clip_lr, count_noise_std=p.clip_count_noise or None)
                         if self.active and p.adaptive_clip else None)
-        self.generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + 17)
+        self.seeded = seeded
+        self.generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + 17 if seeded else secrets.randbits(63))
+        self.ledger = ledger if self.active or self.distributed else None
 
     @property
     def clip_norm(self) -> float:
@@ -91,7 +113,7 @@ class ServerPrivacy:
         """Charge the round's real sampling rate to the accountant, adapt the clip norm; returns the round's
         privacy metrics."""
         used_clip = self.clip_norm
-        self.accountant.step(self.cfg.server_noise_multiplier, self.sample_rate)
+        self._charge(self.cfg.server_noise_multiplier, self.sample_rate)
         if self.clipper:
             self.clipper.update(indicators, self.generator)
         return {"epsilon_client": self.accountant.epsilon(self.cfg.delta), "clip_norm": used_clip,
@@ -100,21 +122,51 @@ class ServerPrivacy:
     def charge_distributed(self, noise_multiplier: float) -> dict[str, float]:
         """Distributed DP: charge one round at the weakest released sum's noise multiplier, sampling rate 1
         (the server picks and sees who is in the sum: no amplification against it), replace-one relation."""
-        self.accountant.step(noise_multiplier, 1.0)
+        self._charge(noise_multiplier, 1.0)
         eps = self.accountant.epsilon(self.cfg.delta)
         tail = self.accountant.rounds * (1 + math.exp(min(eps, 700.0))) * TAIL_PROBABILITY  # SecAgg+ clipped a share
         return {"epsilon_distributed": eps, "delta_distributed": self.cfg.delta + tail,
                 "noise_multiplier_accounted": noise_multiplier}
 
+    def _charge(self, noise_multiplier: float, sample_rate: float) -> None:
+        """One release to the accountant, and to the ledger on disk before the release leaves the server."""
+        self.accountant.step(noise_multiplier, sample_rate)
+        if self.ledger is not None:
+            with open(self.ledger, "a") as f:
+                f.write(json.dumps({"noise_multiplier": noise_multiplier, "sample_rate": sample_rate}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _ledger_lines(self) -> list[str]:
+        """The ledger's complete entries (a partial last line, cut by a crash, is not an entry)."""
+        if self.ledger is None or not self.ledger.is_file():
+            return []
+        return [line for line in self.ledger.read_text().split("\n")[:-1] if line]
+
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """JSON state and tensor state (the noise generator) for the checkpoint."""
+        """JSON state (with the number of ledger entries the accountant holds) and tensor state (the noise
+        generator) for the checkpoint."""
         meta = {"accountant": self.accountant.state_dict(),
-                "clipper": self.clipper.state_dict() if self.clipper else None}
+                "clipper": self.clipper.state_dict() if self.clipper else None,
+                "ledger_entries": len(self._ledger_lines())}
         return meta, {"generator": self.generator.get_state()}
 
     def restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Continue from :meth:`state` (same epsilon curve, same clip norm, same noise stream)."""
+        """Continue from :meth:`state`: the same epsilon curve and clip norm; seeded, the same noise stream (the
+        ledger cut back to the checkpoint); otherwise fresh noise, and every release the ledger holds after the
+        checkpoint charged as well."""
         self.accountant.load_state_dict(meta["accountant"])
         if self.clipper and meta.get("clipper"):
             self.clipper.load_state_dict(meta["clipper"])
-        self.generator.set_state(tensors["generator"])
+        lines, held = self._ledger_lines(), int(meta.get("ledger_entries", 0))
+        if self.seeded:
+            self.generator.set_state(tensors["generator"])
+            if self.ledger is not None and self.ledger.is_file():
+                self.ledger.write_text("".join(line + "\n" for line in lines[:held]))
+            return
+        for line in lines[held:]:
+            entry = json.loads(line)
+            self.accountant.step(float(entry["noise_multiplier"]), float(entry["sample_rate"]))
+        if lines[held:]:
+            log.warning("charged %d release(s) made after the checkpoint to the accountant (the resumed rounds "
+                        "release again, with fresh noise)", len(lines) - held)

@@ -18,7 +18,14 @@ def guarantee_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
     if p.mode == "none":
         return ["- privacy: no differential privacy (updates and metrics travel as computed)"]
     lines = [f"- privacy: mode `{p.mode}`, delta {p.delta:g}, accountant `{p.accountant}`, rounds 1-{len(rows)} "
-             "covered", *_server_noise_lines(cfg, rows)]
+             "covered" + ("" if p.mode == "local" else " (every charge in privacy-ledger.jsonl)"),
+             *_server_noise_lines(cfg, rows),
+             "  - covered: the released global adapters. **Outside the guarantee**: this summary's round table and "
+             "metrics.jsonl (counts, byte sizes, timings, drop reasons): keep them with the server"]
+    if p.mode in ("client", "both"):
+        lines.append("  - server noise: drawn from run.seed in a simulation (reproducible; anyone holding config.toml "
+                     "can remove it, so a simulation's adapters are not private), from the operating system's "
+                     "entropy in a deployment")
     if p.mode in ("client", "both"):
         eps = rows[-1].get("epsilon_client") if rows else None
         relation = ("add/remove one client; each eligible client joins a round independently with probability "
@@ -30,11 +37,9 @@ def guarantee_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
                      f" against anyone who sees the global adapters; neighbouring federations: {relation}. The "
                      "server itself sees each decoded update (use SecAgg+ or local DP against the server)")
         if p.client_sampling == "poisson":
-            lines.append("  - **outside the guarantee** (Poisson sampling): each round's counts in metrics.jsonl "
-                         "(sampled, replies, sample_rate) depend on which clients exist: keep metrics.jsonl with "
-                         "the server, publish the adapters (every round releases the noised sum, the noise alone "
-                         "when no update arrived; federation.min_clients does not skip rounds under client-level "
-                         "DP)")
+            lines.append("  - Poisson sampling: each round's counts (sampled, replies, sample_rate) depend on which "
+                         "clients exist; every round releases the noised sum (the noise alone when no update "
+                         "arrived: federation.min_clients does not skip rounds under client-level DP)")
     if p.mode == "distributed":
         eps = rows[-1].get("epsilon_distributed") if rows else None
         delta = rows[-1].get("delta_distributed", p.delta) if rows else p.delta

@@ -33,7 +33,8 @@ def make_app(observers: Sequence[Observer] = ()) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         """Load the configuration from the run config and run the federated rounds."""
         cfg = config.from_run_config(context.run_config)
-        require_simulation(cfg, bool(context.run_config.get("simulation", False)))  # no planted attackers deployed
+        simulation = bool(context.run_config.get("simulation", False))  # seeded DP noise, planted attackers
+        require_simulation(cfg, simulation)  # no planted attackers deployed
         given = str(context.run_config.get("run-dir", ""))
         run_dir = Path(given) if given else new_run_dir(cfg.output.dir, cfg.run.name)  # empty: flwr run .
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -44,7 +45,8 @@ def make_app(observers: Sequence[Observer] = ()) -> ServerApp:
         server = BufferedServer if cfg.federation.buffer_size else FederatedServer  # FedBuff: asynchronous.py
         grid = with_poll_interval(grid, cfg.federation.poll_interval)  # a deployment: Flower's 3 s -> ours
         grid = announcing(grid, context.run_config)  # the Ray engine's step progress (fedpeft/progress.py)
-        server(cfg, run_dir, resume=resume, observers=observers, runtimes=runtimes_of(context)).run(grid)
+        server(cfg, run_dir, resume=resume, observers=observers, runtimes=runtimes_of(context),
+               simulation=simulation).run(grid)
 
     return server_app
 

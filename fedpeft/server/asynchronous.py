@@ -62,13 +62,13 @@ class BufferedServer(FederatedServer):
     (:class:`~fedpeft.server.async_grid.LiveFlights`)."""
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, observers: Sequence[Observer] = (),
-                 runtimes: RuntimeCache = PROCESS_RUNTIMES) -> None:
+                 runtimes: RuntimeCache = PROCESS_RUNTIMES, simulation: bool = False) -> None:
         self.dispatched: dict[int, int] = {}  # node in flight -> the version it trains from
         self.residual_version: dict[int, int] = {}  # node -> the version its error-feedback residual was made at
         self.async_row: dict[str, Any] = {}
         self.sent_states: dict[int, AdapterState] = {}  # with observers: version -> the adapter sent as it
         self.flights: Any = None  # the ClockedGrid itself, or LiveFlights around a real Grid
-        super().__init__(cfg, run_dir, resume=resume, observers=observers, runtimes=runtimes)
+        super().__init__(cfg, run_dir, resume=resume, observers=observers, runtimes=runtimes, simulation=simulation)
         fed = cfg.federation
         self.concurrency = fed.concurrency or fed.clients_per_round or cfg.data.num_clients
 

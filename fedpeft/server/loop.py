@@ -37,7 +37,7 @@ from fedpeft.compression import make_codec
 from fedpeft.config import Config
 from fedpeft.errors import ConfigError, FedPeftError, PayloadError
 from fedpeft.privacy import check_privacy
-from fedpeft.privacy.server_dp import ServerPrivacy
+from fedpeft.privacy.server_dp import LEDGER_FILE, ServerPrivacy
 from fedpeft.privacy.tuning import noise_hint
 from fedpeft.privacy.tuning import suggestions as dp_suggestions
 from fedpeft.report import METRICS_FILE
@@ -99,10 +99,12 @@ class FederatedServer:
     """Owns the global adapter, the aggregator, client sampling and the run directory.
 
     ``observers`` are called with every valid decoded update (before aggregation); in-process only.
+    ``simulation``: the run is an experiment whose DP noise may come from ``run.seed`` (reproducible); a
+    deployment's noise comes from the operating system's entropy (:mod:`fedpeft.privacy.server_dp`).
     """
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, observers: Sequence[Observer] = (),
-                 runtimes: RuntimeCache = PROCESS_RUNTIMES) -> None:
+                 runtimes: RuntimeCache = PROCESS_RUNTIMES, simulation: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.observers = list(observers)
@@ -121,7 +123,7 @@ class FederatedServer:
         self.uplink = make_codec(cfg.compression.uplink)
         self.downlink = Downlink(cfg, self.layout, self.global_state)
         self.rng = np.random.default_rng(cfg.run.seed)
-        self.privacy = ServerPrivacy(cfg)
+        self.privacy = ServerPrivacy(cfg, seeded=simulation, ledger=run_dir / LEDGER_FILE)
         self.aggregator = make_aggregator(cfg.federation, self.privacy)
         if isinstance(self.aggregator, Scaffold):  # derives each client's control delta from its update
             self.aggregator.population, self.aggregator.train = cfg.data.num_clients, cfg.train
@@ -312,7 +314,8 @@ class FederatedServer:
         if self.ranks is not None:
             self.ranks.learn(replies)
         if self.checks is not None:
-            replies.sanity.update(screen_norms(replies, self.global_state, self.cfg.sanity, rnd))
+            replies.sanity.update(screen_norms(replies, self.global_state, self.cfg.sanity, rnd,
+                                               relative=not self.privacy.active))  # DP clips to C instead
         for c, delta in zip(replies.clients, replies.deltas):
             for observe in self.observers:
                 observe(ObservedUpdate(rnd, c.node, int(c.metrics.get("partition-id", -1)),

@@ -172,10 +172,11 @@ def measure(delta: AdapterState, global_state: AdapterState, pairs: list[tuple[s
             **delta_w_norms(delta, global_state, pairs)}
 
 
-def _limits(measured: list[Norms], cfg: SanitySection) -> dict[str, float]:
-    """Per norm name: the largest value allowed this round (multiple x the lower median, the absolute bound)."""
+def _limits(measured: list[Norms], cfg: SanitySection, relative: bool) -> dict[str, float]:
+    """Per norm name: the largest value allowed this round (multiple x the lower median when ``relative``, the
+    absolute bound)."""
     limits: dict[str, float] = {}
-    if cfg.norm_multiple > 0 and len(measured) >= MIN_RELATIVE:
+    if relative and cfg.norm_multiple > 0 and len(measured) >= MIN_RELATIVE:
         for name in measured[0]:
             median = sorted(m[name][0] for m in measured)[(len(measured) - 1) // 2]
             if median > 0:  # a tensor no honest client changed (LoRA A in the first round) has no scale
@@ -185,15 +186,18 @@ def _limits(measured: list[Norms], cfg: SanitySection) -> dict[str, float]:
     return limits
 
 
-def screen_norms(replies: RoundReplies, global_state: AdapterState, cfg: SanitySection, rnd: int) -> dict[str, int]:
+def screen_norms(replies: RoundReplies, global_state: AdapterState, cfg: SanitySection, rnd: int,
+                 relative: bool = True) -> dict[str, int]:
     """Drop (or, with ``norm_action = clip``, scale down into bounds) every update whose norms exceed this
-    round's limits; edits ``replies`` in place and returns the counts for the round's row."""
+    round's limits; edits ``replies`` in place and returns the counts for the round's row. ``relative = False``
+    keeps only the absolute bound: under client-level DP a limit drawn from the other clients' updates would
+    let one client decide whether another's update is in the noised sum (a sensitivity far above C)."""
     updates = [(c, c.delta) for c in replies.clients if c.delta is not None]
     if cfg.norm_action == "off" or not updates:
         return {}
     pairs = list(lora_pairs(sorted(global_state)).items())
     measured = [measure(delta, global_state, pairs) for _, delta in updates]
-    limits = _limits(measured, cfg)
+    limits = _limits(measured, cfg, relative)
     kept, dropped, clipped = [], 0, 0
     for (c, delta), m in zip(updates, measured):
         over = {name: (m[name], limit) for name, limit in limits.items() if m[name][0] > limit}
