@@ -20,13 +20,12 @@ def guarantee_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
     lines = [f"- privacy: mode `{p.mode}`, delta {p.delta:g}, accountant `{p.accountant}`, rounds 1-{len(rows)} "
              "covered" + ("" if p.mode == "local" else " (every charge in privacy-ledger.jsonl)"),
              *_server_noise_lines(cfg, rows),
-             "  - covered: the released global adapters. **Outside the guarantee**: this summary's round table and "
-             "metrics.jsonl (counts, byte sizes, timings, drop reasons): keep them with the server"]
+             "  - **outside the guarantee**: this summary's round table and metrics.jsonl (counts, byte sizes, "
+             "timings, drop reasons): keep them with the server, publish the adapters"]
     if p.mode in ("client", "both"):
         lines.append("  - server noise: drawn from run.seed in a simulation (reproducible; anyone holding config.toml "
                      "can remove it, so a simulation's adapters are not private), from the operating system's "
                      "entropy in a deployment")
-    if p.mode in ("client", "both"):
         eps = rows[-1].get("epsilon_client") if rows else None
         relation = ("add/remove one client; each eligible client joins a round independently with probability "
                     "q = clients_per_round / eligible clients (Poisson), charged per round"
