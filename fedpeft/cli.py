@@ -177,8 +177,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_frontier(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from fedpeft.simulation import frontier
 
     cfg = None if args.resume else config.load(args.scenario, args.overrides)
@@ -187,12 +185,13 @@ def cmd_frontier(args: argparse.Namespace) -> int:
                            "--set, --grid, --mode-set")
     cfg, out, cells, _ = frontier.prepare(cfg, args.grid, args.resume, args.canaries, args.mode_set)
     console.print(f"frontier directory [bold]{out}[/] · {len(cells)} cell(s), {frontier.remaining(out)} to run")
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as progress:
+    with _progress(" cells") as progress:
         task = progress.add_task("frontier", total=len(cells), completed=len(cells) - frontier.remaining(out))
+        started = time.monotonic()
 
         def start(i: int, total: int, cell: dict[str, Any]) -> None:
             progress.update(task, description=f"frontier: {cell['cell']}")
+            _log_line(f"frontier: cell {i + 1}/{total} {cell['cell']} started", started)
 
         def done(i: int, total: int, row: dict[str, Any]) -> None:
             what = (f"accuracy {report.fmt(row['accuracy'])}, leakage {row['verdict']}, up "
@@ -242,8 +241,6 @@ def cmd_split_server(args: argparse.Namespace) -> int:
 
 
 def _audit_epsilon(args: argparse.Namespace, cfg: config.Config) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from fedpeft.audit.epsilon import (
         CLIENT_CANARIES,
         RECORD_CANARIES,
@@ -257,15 +254,17 @@ def _audit_epsilon(args: argparse.Namespace, cfg: config.Config) -> int:
     if cfg.privacy.mode == "none":
         raise FedPeftError("--epsilon-lower-bound audits a DP run: set privacy.mode = 'client', 'local' or 'both'")
     results: list[EpsilonAudit] = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as progress:
+    started = time.monotonic()
+    with _progress() as progress:
         if cfg.privacy.mode in ("client", "both"):
             k = args.canaries or CLIENT_CANARIES
+            _log_line(f"epsilon audit: {cfg.federation.rounds} round(s) with {k} canary clients", started)
             task = progress.add_task(f"rounds with {k} canary clients", total=cfg.federation.rounds)
             results.append(audit_client_level(cfg, k, seed=cfg.run.seed,
                                               on_round=lambda done, total: progress.update(task, completed=done)))
         if cfg.privacy.mode in ("local", "both"):
             k = args.canaries or RECORD_CANARIES
+            _log_line(f"epsilon audit: DP-SGD over {k} canary records", started)
             task = progress.add_task(f"DP-SGD steps over {k} canary records", total=1)
             results.append(audit_local_dpsgd(cfg, k, seed=cfg.run.seed,
                                              on_step=lambda done, total: progress.update(task, completed=done)))

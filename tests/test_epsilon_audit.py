@@ -54,8 +54,11 @@ def test_the_command_writes_each_level_beside_its_claim(tmp_path, capsys) -> Non
     rc = cli.main(["audit", "--epsilon-lower-bound", "--canaries", "200", "--set", "privacy.mode=both",
                    "--set", "privacy.server_noise_multiplier=2", "--set", "privacy.noise_multiplier=2",
                    "--set", f"output.dir={tmp_path}"])
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr()
+    out = json.loads(printed.out.strip().splitlines()[-1])
     assert rc == 0 and out["verdict"] == "pass" and set(out["levels"]) == {"client", "example"}
+    # off a terminal (a log file) plain lines say where the work is: no progress bar is drawn there
+    assert "canary clients (" in printed.err and "epsilon audit: DP-SGD over 200 canary records (" in printed.err
     assert all(v["epsilon_lower_bound"] < v["claimed_epsilon"] for v in out["levels"].values())
     header, *rows = (tmp_path / next(p.name for p in tmp_path.iterdir()) / "audit.csv").read_text().splitlines()
     assert header.startswith("level,claimed_epsilon,epsilon_lower_bound,verdict") and len(rows) == 2

@@ -194,8 +194,10 @@ def test_cli_frontier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     sets = [a for s in tiny_overrides(data, tmp_path / "runs", **FAST) for a in ("--set", s)]
     assert main(["frontier", *sets, "--grid", "mode=client", "--grid", "epsilon=8", "--grid", "codec=int8-secure",
                  "--canaries", "0"]) == 0
-    out = Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["frontier_dir"])
+    printed = capsys.readouterr()
+    out = Path(json.loads(printed.out.strip().splitlines()[-1])["frontier_dir"])
     assert "Refused combinations" in (out / "frontier.md").read_text()
+    assert "frontier: cell 1/" in printed.err and " started (" in printed.err  # plain lines off a terminal
     assert main(["frontier", "--resume", str(out)]) == 0  # nothing left: rewrites the report
     assert main(["frontier", *sets, "--grid", "mode=central"]) == 2
     assert main(["frontier", "--resume", str(out), "--mode-set", "local:train.lr=0.1"]) == 2
