@@ -69,7 +69,7 @@ def test_the_store_refuses_what_is_not_this_nodes_state(tmp_path):
 
 def test_fedpeft_node_passes_its_state_dir_in_the_node_config(tmp_path):
     opts = launch.NodeOptions("h:9092", partition_id=0, state_dir=tmp_path / "state")
-    assert launch.node_config(opts) == f'partition-id=0 state-dir="{(tmp_path / "state").resolve()}"'
+    assert launch.node_config(opts) == f'partition-id=0 state-dir="{(tmp_path / "state").resolve()}" deployed=true'
     assert (tmp_path / "state").is_dir()
     with pytest.raises(FedPeftError, match="--state-dir .* may not contain spaces"):
         launch.node_config(launch.NodeOptions("h:9092", partition_id=0, state_dir=tmp_path / "a b"))
@@ -220,3 +220,33 @@ def test_a_resume_through_real_processes_continues_each_nodes_stored_state(tmp_p
         assert {k.split("/")[0] for k in got} == {"fedpeft.personal", "fedpeft.error-feedback"}
         assert got.keys() == expected.keys() and all(np.isfinite(v).all() for v in got.values())
         assert [k for k in expected if not np.array_equal(got[k], expected[k])] == [], f"node of partition {i}"
+
+
+def _local_dp_steps(state_dir: Path) -> dict[str, int]:
+    """node -> DP-SGD steps its newest stored accountant holds."""
+    out = {}
+    for node in sorted(state_dir.glob("*/node-*")):
+        got = node_store.load(node.parent.parent, node.parent.name, int(node.name.split("-")[1]), before_round=10**6)
+        history = json.loads(got.configs["fedpeft.local-dp"]["json"])["history"]
+        out[node.name] = sum(int(h[2]) for h in history)
+    return out
+
+
+def test_a_resumed_deployment_keeps_charging_the_rounds_it_trains_again(tiny_cfg, monkeypatch, tmp_path, caplog):
+    """Found by an outside review: a node restored its accountant from the state before the resumed round, so a
+    round trained and sent before the crash (after the server's checkpoint) was charged once though released twice.
+    Checkpoints every 2 of 4 rounds, crash at round 4: round 3 is retrained, and each node's accountant holds 5
+    rounds of steps (4 without the crash)."""
+    extra = {"privacy.mode": "local", "privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0,
+             "privacy.delta": 1e-3, "federation.rounds": 4, "output.checkpoint_every": 2, "train.local_steps": 1,
+             "data.num_clients": 2, "train.batch_size": 4}
+    with monkeypatch.context() as m:
+        _as_deployed(m, tmp_path / "full")
+        runner.simulate(tiny_cfg(**extra))
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="fedpeft.clients.app"):
+        _as_deployed(m, tmp_path / "resumed")
+        interrupt_and_resume(tiny_cfg(**extra), 4, m)
+    full, resumed = _local_dp_steps(tmp_path / "full"), _local_dp_steps(tmp_path / "resumed")
+    assert len(full) == 2 and set(full.values()) == {4}
+    assert resumed.keys() == full.keys() and set(resumed.values()) == {5}
+    assert caplog.text.count("its DP-SGD accountant continues from round 3") == 2

@@ -299,6 +299,42 @@ def test_target_epsilon_sets_the_noise_for_the_whole_run() -> None:
         derive_noise_multiplier(0.001, 1e-5, 0.5, 10_000)
 
 
+def test_a_client_never_takes_more_steps_than_its_target_epsilon_was_planned_for() -> None:
+    """Found by an outside review: past the planned steps (a resumed deployment retraining rounds, FedBuff
+    dispatching a fast client more often than there are server rounds) DP-SGD only warned, and with the
+    client's epsilon hidden nobody saw the target exceeded. Under a target the client now declines the round."""
+    cfg = PrivacySection(mode="local", target_epsilon=3.0, delta=1e-5)
+    ldp = LocalDP(cfg, dataset_size=100, batch_size=10, total_steps=4)
+    ds = torch.utils.data.TensorDataset(torch.randn(100, 5), torch.randn(100, 1))
+    model = nn.Linear(5, 1)
+    for _ in range(2):  # two rounds of 2 steps: the plan
+        model, opt, loader = ldp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(ds),
+                                              steps=2)
+        for batch in loader:
+            if batch is not None:
+                torch.nn.functional.mse_loss(model(batch[0]), batch[1]).backward()
+            opt.step()
+            opt.zero_grad()
+        ldp.release()
+    assert ldp.steps == 4 and ldp.epsilon() <= 3.0
+    with pytest.raises(PrivacyError, match=r"privacy budget spent: 4 of the 4 DP-SGD steps planned for "
+                                           r"privacy.target_epsilon = 3 are taken, 2 more would exceed it"):
+        ldp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(ds), steps=2)
+    given = LocalDP(PrivacySection(mode="local", noise_multiplier=1.0), dataset_size=100, batch_size=10,
+                    total_steps=4)
+    given._accountant.history = [(1.0, 0.1, 4)]  # no target: the client may go on (its epsilon just grows)
+    other = nn.Linear(5, 1)
+    given.make_private(other, torch.optim.SGD(other.parameters(), lr=0.1), DataLoader(ds), steps=2)
+    given.release()
+
+
+def test_delta_is_checked_against_the_clients_own_dataset() -> None:
+    """The server checks delta < 1/n against the scenario's partitions; a deployed node's own data file can be
+    smaller, so the node checks it too (found by an outside review: n = 50 trained at delta = 0.05)."""
+    with pytest.raises(PrivacyError, match=r"privacy.delta = 0.05 is >= 1/N = 1/50 \(this client's dataset"):
+        LocalDP(PrivacySection(mode="local", delta=0.05), dataset_size=50, batch_size=10, total_steps=5)
+
+
 def test_make_private_rejects_misuse() -> None:
     model = lora_bert()
     ds = DataLoader(Items(12))

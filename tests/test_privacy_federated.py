@@ -204,3 +204,34 @@ def test_a_resume_charges_the_releases_made_after_the_checkpoint_unless_they_rep
     assert resumed.accountant.rounds == charged
     assert resumed.accountant.epsilon(1e-3) == pytest.approx(ref.epsilon(1e-3))
     assert len(ledger.read_text().splitlines()) == charged
+
+
+def test_a_deployed_node_never_seeds_its_dp_noise_whatever_the_run_config_says():
+    """Found by an outside review: the run config's simulation flag, which the server sets, seeded each client's
+    DP-SGD noise from values the server knows. A node started by fedpeft node says deployed=true in its node config
+    (which the server cannot change), and then never seeds."""
+    from flwr.app import Context, RecordDict
+
+    from fedpeft.clients.app import _simulated
+
+    def context(**node_config):
+        return Context(run_id=1, node_id=5, node_config={"partition-id": 0, **node_config}, state=RecordDict(),
+                       run_config={"simulation": True})
+
+    assert _simulated(context()) and not _simulated(context(deployed=True))
+
+
+def test_a_node_refuses_federated_evaluation_that_dp_keeps_on_the_node(tiny_cfg, tmp_path):
+    """The server refuses federated evaluation under DP without release_client_metrics; a node does not rely on it."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpeft.clients.app import evaluate
+    from fedpeft.errors import PrivacyError
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # a Message needs them (Flower 1.41)
+    cfg = tiny_cfg(**DP)
+    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(),
+                  run_config=runner.run_config(cfg, tmp_path, False))
+    with pytest.raises(PrivacyError, match="federated evaluation under DP sends this node's exact evaluation counts"):
+        evaluate(Message(RecordDict(), dst_node_id=5, message_type="evaluate"), ctx)

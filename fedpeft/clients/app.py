@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from fedpeft import adversary, config, lora, models, privacy, protocol, scaffold, tracking, update
 from fedpeft.clients import node_runtime, node_store, secagg
 from fedpeft.compression import Layout, make_codec
-from fedpeft.errors import ConfigError, PayloadError
+from fedpeft.errors import ConfigError, PayloadError, PrivacyError
 from fedpeft.progress import step_writer
 from fedpeft.runtime import Runtime
 from fedpeft.split.plugin import split_of
@@ -48,6 +48,7 @@ RANK_STATE = "fedpeft.lora-rank"  # mixed ranks: the rank this node pruned itsel
 STORE_STATE = "fedpeft.node-store"  # node config state-dir: this Flower run already looked for a stored state
 #: what a node store keeps across Flower runs (the lossy-downlink copy belongs to the old run's broadcasts)
 STORED = (EF_STATE, LOCAL_DP_STATE, SCAFFOLD_STATE, PERSONAL_STATE, RANK_STATE)
+NEWEST_ROUND = 2**62  # node_store.load(..., before_round=NEWEST_ROUND): the newest stored state of any round
 
 
 def _arrays(record: object) -> dict:
@@ -133,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
     layout = rt.layout if rank is None else _rank_layout(rt, rank)
     if cfg.federation.lora_aggregation in lora.CORRECTED:
         lora.set_correction(rt.model, receive_correction(msg, global_state))
-    attacker = adversary.attack_for(cfg, partition_id, bool(context.run_config.get("simulation", False)))
+    attacker = adversary.attack_for(cfg, partition_id, _simulated(context))
     dataset = attacker.data(rt.client_dataset(0 if data_path else partition_id), rt, partition_id)
     n_examples = len(dataset)  # type: ignore[arg-type]  # a map-style dataset: sized
     seed = client_seed(int(protocol.number(instruction, "seed")), rnd, partition_id)
@@ -141,7 +142,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.privacy.mode in ("local", "both"):
         local_dp = privacy.LocalDP(cfg.privacy, dataset_size=n_examples, batch_size=cfg.train.batch_size,
                                    total_steps=cfg.federation.rounds * num_local_steps(cfg.train, n_examples),
-                                   seed=seed if context.run_config.get("simulation", False) else None)
+                                   seed=seed if _simulated(context) else None)
         if LOCAL_DP_STATE in context.state:
             local_dp.load_state_dict(json.loads(str(context.state[LOCAL_DP_STATE]["json"])))
     extra: dict[str, float] = {}
@@ -202,6 +203,13 @@ def train(msg: Message, context: Context) -> Message:
     return Message(protocol.train_reply(enc.payload, attacker.metrics(metrics)), reply_to=msg)
 
 
+def _simulated(context: Context) -> bool:
+    """Whether this node is a simulated one (seeded DP-SGD noise, the adversary harness): the run config says so
+    and the node is not a deployed one (``fedpeft node`` sets ``deployed`` in its node config, which the server
+    cannot change; a SuperNode started otherwise should set it too: docs/deploy.md)."""
+    return bool(context.run_config.get("simulation", False)) and not context.node_config.get("deployed", False)
+
+
 def _store(context: Context) -> tuple[Path, str] | None:
     """(state directory, run name) when this node keeps its state on disk (node config ``state-dir``, from
     ``fedpeft node --state-dir``); the run name is the run directory's, which a resumed run keeps."""
@@ -219,9 +227,12 @@ def _restore(context: Context, rt: Runtime, cfg: config.Config, partition_id: in
     context.state[STORE_STATE] = ConfigRecord({"round": rnd})
     try:
         saved = node_store.load(*where, context.node_id, rnd)
+        _keep_spent(context, where, saved)
         if saved is None:
             return
         for rec, values in saved.configs.items():
+            if rec == LOCAL_DP_STATE and rec in context.state:
+                continue  # _keep_spent took a newer accountant
             if rec in STORED:
                 context.state[rec] = ConfigRecord(values)
         rank = _rank(cfg, rt, partition_id, context)  # a stored self-pruned rank shapes the rest
@@ -237,6 +248,18 @@ def _restore(context: Context, rt: Runtime, cfg: config.Config, partition_id: in
         for rec in STORED:
             context.state.pop(rec, None)
         log.warning("node %d starts with fresh client state: %s", context.node_id, e)
+
+
+def _keep_spent(context: Context, where: tuple[Path, str], saved: node_store.NodeState | None) -> None:
+    """Local DP: the accountant of the newest stored round, also of a round after ``saved`` (the resumed run trains
+    it again). That round's update was sent, so its DP-SGD steps stay charged, and charged again when retrained: a
+    node's accountant never rolls back."""
+    newest = node_store.load(*where, context.node_id, NEWEST_ROUND)
+    if newest is None or LOCAL_DP_STATE not in newest.configs or (saved is not None and newest.round <= saved.round):
+        return
+    context.state[LOCAL_DP_STATE] = ConfigRecord(newest.configs[LOCAL_DP_STATE])
+    log.warning("node %d: its DP-SGD accountant continues from round %d, which the resumed run trains again (those "
+                "steps are charged twice)", context.node_id, newest.round)
 
 
 def _persist(context: Context, rnd: int) -> None:
@@ -328,6 +351,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter (with this node's personal tensors, if any) on the node's own
     held-out split (data.client_eval_fraction); reply with counts the server can add up."""
     cfg = config.from_run_config(context.run_config)
+    if protocol.hides_metrics(cfg.privacy):  # the server refuses this too (config_rules); a node does not rely on it
+        raise PrivacyError("federated evaluation under DP sends this node's exact evaluation counts, which the run's "
+                           "configuration keeps on the node (privacy.release_client_metrics = false): refused")
     set_threads(cfg.run.threads, workers=int(context.run_config.get("workers", 1)))
     data_path = str(context.node_config.get("data-path", "")) or None
     rt = node_runtime(cfg, context)
@@ -346,6 +372,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         lora.set_correction(rt.model, receive_correction(msg, global_state))
     models.set_adapter_state(rt.model, _with_personal(rt, context, global_state))
     steps = int(protocol.number(instruction, "personal-steps")) if "personal-steps" in instruction else 0
+    steps = min(steps, cfg.federation.personal_steps) if cfg.federation.personalization == "finetune" else 0
     if steps > 0:  # personalization: fine-tune a copy on this node's own training data; it never leaves the node
         rnd = int(protocol.number(instruction, "round"))
         train_local(rt.model, rt.client_dataset(pid), rt.collate, cfg.train, rt.device,

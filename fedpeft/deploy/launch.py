@@ -91,7 +91,7 @@ class NodeOptions:
 
 def node_config(opts: NodeOptions) -> str:
     """The ``--node-config`` string: ``data-path`` (absolute) and/or ``partition-id``/``num-partitions``, ``rank``
-    and ``state-dir`` (absolute)."""
+    and ``state-dir`` (absolute), and ``deployed``."""
     items = []
     if opts.data is not None:
         path = Path(opts.data).expanduser().resolve()
@@ -112,6 +112,7 @@ def node_config(opts: NodeOptions) -> str:
         items.append(f"rank={int(opts.rank)}")
     if opts.state_dir is not None:
         items.append(f'state-dir="{_plain_dir(opts.state_dir, "--state-dir")}"')
+    items.append("deployed=true")  # whatever the run config says, this node is no simulation (clients/app.py)
     return " ".join(items)
 
 

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 EMPTY_ROUND_LIMIT = 0.25
 
 
-def _check_delta(delta: float, n: int, what: str) -> None:
+def check_delta(delta: float, n: int, what: str) -> None:
+    """Refuse a delta of 0 or at least 1/n for the ``n`` units (clients or records) ``what`` names."""
     if not delta > 0:
         raise PrivacyError("privacy.delta must be > 0 when DP is on (delta = 0 makes epsilon infinite)")
     if delta >= 1.0 / n:
@@ -55,7 +56,7 @@ def check_privacy(cfg: PrivacySection, num_clients: int, clients_per_round: int,
         if not cfg.max_grad_norm > 0:
             raise PrivacyError("privacy.max_grad_norm must be > 0 for DP-SGD (the per-example clip bounds "
                                "the sensitivity)")
-        _check_delta(cfg.delta, min_local_examples, "smallest client dataset, record-level DP")
+        check_delta(cfg.delta, min_local_examples, "smallest client dataset, record-level DP")
         if cfg.target_epsilon > 0:
             if batch_size is not None and local_steps is not None:
                 from fedpeft.privacy.dpsgd import derive_noise_multiplier
@@ -72,7 +73,7 @@ def check_privacy(cfg: PrivacySection, num_clients: int, clients_per_round: int,
         if not (cfg.clip_norm > 0 and cfg.server_noise_multiplier > 0):
             raise PrivacyError("privacy.mode = 'distributed' needs privacy.clip_norm > 0 (the sensitivity) and "
                                "privacy.server_noise_multiplier > 0 (the summed noise; 0 gives epsilon = infinity)")
-        _check_delta(cfg.delta, num_clients, "number of clients, client-level (distributed) DP")
+        check_delta(cfg.delta, num_clients, "number of clients, client-level (distributed) DP")
 
     if cfg.mode in ("client", "both"):
         if cfg.client_sampling == "fixed" and cfg.accountant != "rdp":
@@ -90,7 +91,7 @@ def check_privacy(cfg: PrivacySection, num_clients: int, clients_per_round: int,
         if not cfg.server_noise_multiplier > 0:
             raise PrivacyError("privacy.server_noise_multiplier = 0 with client-level DP on gives no privacy "
                                "(epsilon = infinity): set it > 0")
-        _check_delta(cfg.delta, num_clients, "number of clients, client-level DP")
+        check_delta(cfg.delta, num_clients, "number of clients, client-level DP")
         if cfg.adaptive_clip:
             if not 0 < cfg.target_quantile < 1:
                 raise PrivacyError(f"privacy.target_quantile = {cfg.target_quantile} must be strictly between "

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 from fedpeft.config import PrivacySection
 from fedpeft.errors import PrivacyError
 from fedpeft.privacy.accounting import compute_epsilon, history_from_json, history_to_json, make_accountant
+from fedpeft.privacy.checks import check_delta
 from fedpeft.privacy.soft_prompt import per_example_prompts  # (importing it registers the SoftPrompt sampler)
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ class LocalDP:
         self.dataset_size = int(dataset_size)
         self.batch_size = int(batch_size)
         self.total_steps = int(total_steps)
+        self.target_epsilon = float(cfg.target_epsilon)  # > 0: a client never takes more than total_steps
+        check_delta(cfg.delta, dataset_size, "this client's dataset, record-level DP")  # a node's own data
         self.sample_rate = min(1.0, batch_size / dataset_size)
         self.expected_batch_size = self.sample_rate * dataset_size
         if cfg.target_epsilon > 0:
@@ -187,6 +190,11 @@ class LocalDP:
         wrapped), an Opacus ``DPOptimizer`` (use it instead of ``optimizer``), and a loader yielding
         ``steps`` Poisson batches (default ``1 / q``); an empty draw is yielded as ``None``.
         """
+        n_steps = steps if steps is not None else max(1, int(round(1 / self.sample_rate)))
+        if self.target_epsilon > 0 and self.steps + n_steps > self.total_steps:
+            raise PrivacyError(f"privacy budget spent: {self.steps} of the {self.total_steps} DP-SGD steps planned for "
+                               f"privacy.target_epsilon = {self.target_epsilon:g} are taken, {n_steps} more would "
+                               "exceed it: this client declines the round")
         if self._hooks is not None:
             self.release()
         if hasattr(model, "autograd_grad_sample_hooks"):
@@ -215,14 +223,13 @@ class LocalDP:
                                    expected_batch_size=self.expected_batch_size,
                                    loss_reduction="mean", generator=self._generator(1))
         dp_optimizer.attach_step_hook(self._charge_step)
-        n_steps = steps if steps is not None else max(1, int(round(1 / self.sample_rate)))
         sampler = UniformWithReplacementSampler(num_samples=self.dataset_size, sample_rate=self.sample_rate,
                                                 generator=self._generator(2), steps=n_steps)
         dp_loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_or_none(data_loader.collate_fn),
                                num_workers=0)
-        if self.steps + n_steps > self.total_steps:
-            log.warning("DP-SGD will run %d steps in total, more than the %d planned: epsilon will exceed "
-                        "its target", self.steps + n_steps, self.total_steps)
+        if self.steps + n_steps > self.total_steps:  # a given noise multiplier: epsilon grows past the plan
+            log.warning("DP-SGD will run %d steps in total, more than the %d planned", self.steps + n_steps,
+                        self.total_steps)
         return model, dp_optimizer, dp_loader
 
     def _charge_step(self, optimizer: DPOptimizer) -> None:

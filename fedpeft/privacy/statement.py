@@ -58,6 +58,8 @@ def guarantee_lines(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
                      "loss, example counts, steps, timings and local epsilon were sent in the clear; train_loss in "
                      "metrics.jsonl is their unnoised average" + (
                          "; federated evaluation: each client's eval counts, and fed_eval_clients per client"
+                         + (" (personal_eval_*: after a fine-tune on its training data without DP)"
+                            if cfg.federation.personalization == "finetune" else "")
                          if cfg.federation.evaluation != "server" else ""))
     else:
         lines.append("  - released in the clear: the clients' simulation index, split-learning traffic sizes and "
