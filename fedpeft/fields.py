@@ -47,7 +47,9 @@ def _from_text(where: str, ftype: Any, value: Any) -> Any:
 
 def _typed(where: str, ftype: Any, value: Any) -> Any:
     if typing.get_origin(ftype) in (list, types.GenericAlias) or ftype == list[str]:
-        integers = typing.get_args(ftype) == (int,)  # list[int]: whole numbers (also written as "0,3")
+        integers = typing.get_args(ftype) == (int,)  # list[int]: whole numbers (also written as "0,3" or 0)
+        if integers and isinstance(value, int) and not isinstance(value, bool):
+            value = [value]  # --set adversary.clients=0: one client
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
             if integers and all(v.lstrip("-").isdigit() for v in value):

@@ -26,6 +26,9 @@ def test_overrides_are_typed_and_round_trip():
     assert (cfg.federation.rounds, cfg.train.lr, cfg.adapter.target_modules) == (7, 0.5, ["q", "k", "v"])
     assert cfg.run.name == "x y" and cfg.output.plots is False
     assert config.loads(cfg.to_toml()) == cfg
+    lists = [config.load(None, ["adversary.attack=scale", f"adversary.clients={v}"]).adversary.clients
+             for v in ("0", "[0]", "0,", "[0, 2]", "0,2")]  # a single id is a list of one (it was refused)
+    assert lists == [[0], [0], [0], [0, 2], [0, 2]]
 
 
 @pytest.mark.parametrize("override, fragment", [

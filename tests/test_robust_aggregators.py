@@ -63,8 +63,17 @@ def test_trimmed_mean_drops_the_extremes_of_the_reported_values():
     out = _agg("trimmed_mean", *CLIENTS, trim_fraction=0.2)
     # k = floor(0.2 * 5) = 1 from each end; coord 3: r = 3, k = 0: mean(2, 4, 6) x 3/5; coord 4: mean(2, 5, 5)
     assert torch.allclose(out, torch.tensor([3.0, -1.0, 0.0, 4.0 * 3 / 5, 4.0]))
-    assert torch.allclose(_agg("trimmed_mean", *CLIENTS, trim_fraction=0.0), torch.tensor(CLIENTS).mean(dim=0))
+    assert torch.allclose(_agg("trimmed_mean", *CLIENTS, trim_fraction=0.0, byzantine_clients=0),
+                          torch.tensor(CLIENTS).mean(dim=0))
     assert torch.allclose(_agg("trimmed_mean", *CLIENTS, trim_fraction=0.5), _agg("median", *CLIENTS))
+
+
+def test_trimmed_mean_trims_at_least_byzantine_clients_per_side():
+    """Found by an outside review: at 4 clients floor(0.2 x 4) = 0, so trimmed_mean was a plain mean and one
+    sign-flipped update at -100 against three at +1 gave -24.25. It trims byzantine_clients (default 1) at least."""
+    four = ([1.0], [1.0], [1.0], [-100.0])
+    assert torch.equal(_agg("trimmed_mean", *four), torch.tensor([1.0]))  # drops -100 and one +1
+    assert torch.equal(_agg("trimmed_mean", *four, byzantine_clients=0), torch.tensor([-24.25]))
 
 
 def test_norm_bounded_mean_clips_to_the_median_norm_or_the_configured_bound():

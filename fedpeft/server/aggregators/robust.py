@@ -144,11 +144,14 @@ class CoordinateMedian(ReporterStatistic):
 
 @AGGREGATORS.register("trimmed_mean")
 class TrimmedMean(ReporterStatistic):
-    """Coordinate-wise trimmed mean (Yin et al., 2018): drop the ``floor(trim_fraction * r)`` smallest and
-    largest reported values, average the rest; tolerates that many hostile reporters per side."""
+    """Coordinate-wise trimmed mean (Yin et al., 2018): drop the ``max(floor(trim_fraction * r),
+    byzantine_clients)`` smallest and largest reported values (at most ``(r - 1) // 2``), average the rest;
+    tolerates that many hostile reporters per side. The ``byzantine_clients`` floor keeps a small round from
+    trimming nothing (4 clients at 0.2 would otherwise be a plain mean)."""
 
     def statistic(self, ordered: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        k = torch.minimum((self.cfg.trim_fraction * r).floor().long(), (r - 1).clamp_min(0) // 2)
+        k = (self.cfg.trim_fraction * r).floor().long().clamp_min(self.cfg.byzantine_clients)
+        k = torch.minimum(k, (r - 1).clamp_min(0) // 2)
         pos = torch.arange(ordered.shape[1]).unsqueeze(0)
         keep = (pos >= k.unsqueeze(1)) & (pos < (r - k).unsqueeze(1))
         total = torch.where(keep, ordered, torch.zeros_like(ordered)).sum(dim=1)
