@@ -66,7 +66,7 @@ def test_command_lines(tmp_path: Path) -> None:
     data = write_classification(tmp_path / "d.jsonl", n=12)
     opts = launch.NodeOptions("h:9092", data=data, partition_id=1, ca=tmp_path / "ca.crt", warm=True)
     node = launch.node_args(opts)
-    assert node[node.index("--node-config") + 1] == f'data-path="{data.resolve()}" partition-id=1'
+    assert node[node.index("--node-config") + 1] == f'data-path="{data.resolve()}" partition-id=1 deployed=true'
     assert ["--isolation", "process"] == node[node.index("--isolation"):node.index("--isolation") + 2]
     with pytest.raises(FedPeftError, match="--data"):
         launch.node_args(launch.NodeOptions("h:9092"))
