@@ -348,7 +348,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     opts = launch.NodeOptions(args.superlink, args.data, args.partition_id, args.num_partitions, args.ca, args.key,
                               args.port, args.insecure, args.warm, args.max_wait, args.poll_interval,
-                              args.rank, args.state_dir)
+                              args.rank, args.state_dir, args.max_epsilon)
     return launch.run_node(opts, args.flwr_home)
 
 

@@ -153,6 +153,10 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--state-dir", type=Path, help="keep this node's client state (personal tensors, error "
                                                      "feedback, SCAFFOLD, local DP) here, so that a resumed run "
                                                      "continues it (docs/deploy.md)")
+    node.add_argument("--max-epsilon", type=float, help="this node's own privacy limit: it trains only under "
+                                                        "record-level DP-SGD (privacy.mode local or both) and declines "
+                                                        "any round that would take its epsilon above this, whatever "
+                                                        "the server's run configuration says (docs/privacy.md)")
     node.add_argument("--ca", type=Path, help="CA certificate of the SuperLink")
     node.add_argument("--key", type=Path, help="node private key (from `fedpeft node-key`)")
     node.add_argument("--port", type=int, default=9094, help="local Runtime API port (one per node on a host)")

@@ -46,6 +46,10 @@ def _reply(node: int, payload_rank: int, metrics: dict[str, float]) -> Message:
 def test_node_config_carries_the_rank() -> None:
     opts = launch.NodeOptions("h:9092", partition_id=1, rank=4)
     assert launch.node_config(opts) == "partition-id=1 rank=4 deployed=true"
+    limited = launch.NodeOptions("h:9092", partition_id=1, max_epsilon=3)
+    assert launch.node_config(limited) == "partition-id=1 max-epsilon=3.0 deployed=true"
+    with pytest.raises(FedPeftError, match="--max-epsilon 0"):
+        launch.node_config(launch.NodeOptions("h:9092", partition_id=1, max_epsilon=0))
     with pytest.raises(FedPeftError, match="--rank 0"):
         launch.node_config(launch.NodeOptions("h:9092", partition_id=1, rank=0))
 

@@ -235,3 +235,36 @@ def test_a_node_refuses_federated_evaluation_that_dp_keeps_on_the_node(tiny_cfg,
                   run_config=runner.run_config(cfg, tmp_path, False))
     with pytest.raises(PrivacyError, match="federated evaluation under DP sends this node's exact evaluation counts"):
         evaluate(Message(RecordDict(), dst_node_id=5, message_type="evaluate"), ctx)
+
+
+def _with_node_config(monkeypatch, **node_config):
+    """The in-process engine's nodes with extra node config entries (what fedpeft node sets on a real node)."""
+    from fedpeft.simulation.inprocess import InProcessGrid
+
+    original = InProcessGrid.context
+
+    def context(self, node):
+        ctx = original(self, node)
+        ctx.node_config.update(node_config)
+        return ctx
+
+    monkeypatch.setattr(InProcessGrid, "context", context)
+
+
+def test_a_node_with_a_privacy_limit_trains_only_under_dp_sgd_within_it(tiny_cfg, monkeypatch):
+    """A node's own limit (fedpeft node --max-epsilon, node config max-epsilon): the server's run configuration
+    can neither turn DP-SGD off for it nor spend more than the limit."""
+    from fedpeft.errors import FedPeftError
+
+    local = {"privacy.mode": "local", "privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0,
+             "privacy.delta": 1e-3, "federation.rounds": 2, "train.local_steps": 2, "data.num_clients": 2}
+    _with_node_config(monkeypatch, **{"max-epsilon": 50.0})
+    rows = report.read_metrics(runner.simulate(tiny_cfg(**local)))
+    assert [r["replies"] for r in rows] == [2, 2]  # within the limit
+    with pytest.raises(FedPeftError, match=r"this node trains only under record-level DP-SGD within epsilon 50 "
+                                           r"\(node config max-epsilon\); the run's privacy.mode = 'none'"):
+        runner.simulate(tiny_cfg(**{**local, "privacy.mode": "none"}))
+    _with_node_config(monkeypatch, **{"max-epsilon": 0.5})
+    with pytest.raises(FedPeftError, match=r"this node's privacy limit: 2 more DP-SGD steps would take its epsilon "
+                                           r"to .*, above its max-epsilon 0.5"):
+        runner.simulate(tiny_cfg(**local))

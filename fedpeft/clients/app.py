@@ -139,10 +139,14 @@ def train(msg: Message, context: Context) -> Message:
     n_examples = len(dataset)  # type: ignore[arg-type]  # a map-style dataset: sized
     seed = client_seed(int(protocol.number(instruction, "seed")), rnd, partition_id)
     local_dp = None
+    limit = float(context.node_config.get("max-epsilon", 0.0))  # the node's own limit (fedpeft node --max-epsilon)
+    if limit > 0 and cfg.privacy.mode not in ("local", "both"):
+        raise PrivacyError(f"this node trains only under record-level DP-SGD within epsilon {limit:g} (node config "
+                           f"max-epsilon); the run's privacy.mode = {cfg.privacy.mode!r}: refused")
     if cfg.privacy.mode in ("local", "both"):
         local_dp = privacy.LocalDP(cfg.privacy, dataset_size=n_examples, batch_size=cfg.train.batch_size,
                                    total_steps=cfg.federation.rounds * num_local_steps(cfg.train, n_examples),
-                                   seed=seed if _simulated(context) else None)
+                                   seed=seed if _simulated(context) else None, max_epsilon=limit)
         if LOCAL_DP_STATE in context.state:
             local_dp.load_state_dict(json.loads(str(context.state[LOCAL_DP_STATE]["json"])))
     extra: dict[str, float] = {}

@@ -10,6 +10,7 @@ plus one long-lived :mod:`fedpeft.deploy.warm` executor, so the model stays load
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -87,11 +88,12 @@ class NodeOptions:
     poll_interval: float = 0.5  # seconds between the SuperNode's pulls when idle (Flower 1.41's own: 3)
     rank: int | None = None  # node config "rank": this node's LoRA rank (adapter.rank_rule = "node")
     state_dir: Path | None = None  # node config "state-dir": client state kept across resumed runs
+    max_epsilon: float | None = None  # node config "max-epsilon": this node trains only under DP-SGD within it
 
 
 def node_config(opts: NodeOptions) -> str:
     """The ``--node-config`` string: ``data-path`` (absolute) and/or ``partition-id``/``num-partitions``, ``rank``
-    and ``state-dir`` (absolute), and ``deployed``."""
+    and ``state-dir`` (absolute), ``max-epsilon``, and ``deployed``."""
     items = []
     if opts.data is not None:
         path = Path(opts.data).expanduser().resolve()
@@ -112,6 +114,10 @@ def node_config(opts: NodeOptions) -> str:
         items.append(f"rank={int(opts.rank)}")
     if opts.state_dir is not None:
         items.append(f'state-dir="{_plain_dir(opts.state_dir, "--state-dir")}"')
+    if opts.max_epsilon is not None:
+        if not (opts.max_epsilon > 0 and math.isfinite(opts.max_epsilon)):
+            raise FedPeftError(f"--max-epsilon {opts.max_epsilon}: a privacy limit is a finite epsilon above 0")
+        items.append(f"max-epsilon={float(opts.max_epsilon)!r}")
     items.append("deployed=true")  # whatever the run config says, this node is no simulation (clients/app.py)
     return " ".join(items)
 

@@ -112,7 +112,7 @@ class LocalDP:
     """The client's DP-SGD configuration and accountant, persisted across rounds as plain JSON."""
 
     def __init__(self, cfg: PrivacySection, dataset_size: int, batch_size: int, total_steps: int,
-                 *, seed: int | None = None) -> None:
+                 *, seed: int | None = None, max_epsilon: float = 0.0) -> None:
         if dataset_size < 1 or batch_size < 1 or total_steps < 1:
             raise PrivacyError(f"LocalDP needs dataset_size, batch_size and total_steps >= 1, got "
                                f"{dataset_size}, {batch_size}, {total_steps}")
@@ -126,6 +126,7 @@ class LocalDP:
         self.batch_size = int(batch_size)
         self.total_steps = int(total_steps)
         self.target_epsilon = float(cfg.target_epsilon)  # > 0: a client never takes more than total_steps
+        self.max_epsilon = float(max_epsilon)  # > 0: the node's own limit (node config max-epsilon)
         check_delta(cfg.delta, dataset_size, "this client's dataset, record-level DP")  # a node's own data
         self.sample_rate = min(1.0, batch_size / dataset_size)
         self.expected_batch_size = self.sample_rate * dataset_size
@@ -195,6 +196,9 @@ class LocalDP:
             raise PrivacyError(f"privacy budget spent: {self.steps} of the {self.total_steps} DP-SGD steps planned for "
                                f"privacy.target_epsilon = {self.target_epsilon:g} are taken, {n_steps} more would "
                                "exceed it: this client declines the round")
+        if self.max_epsilon > 0 and (after := self.epsilon_after(n_steps)) > self.max_epsilon:
+            raise PrivacyError(f"this node's privacy limit: {n_steps} more DP-SGD steps would take its epsilon to "
+                               f"{after:.3g}, above its max-epsilon {self.max_epsilon:g} (node config): declined")
         if self._hooks is not None:
             self.release()
         if hasattr(model, "autograd_grad_sample_hooks"):
@@ -270,6 +274,12 @@ class LocalDP:
             self._hooks = None
         self._undo_prompts()
         self._undo_prompts = lambda: None
+
+    def epsilon_after(self, steps: int) -> float:
+        """The epsilon this client would have spent after ``steps`` more DP-SGD steps (at the configured delta)."""
+        ahead = make_accountant(self.kind)
+        ahead.history = [*self._accountant.history, (self.noise_multiplier, self.sample_rate, steps)]
+        return compute_epsilon(ahead, self.delta)
 
     def epsilon(self, delta: float | None = None) -> float:
         """Epsilon spent so far over all rounds at ``delta`` (default: the configured delta)."""
