@@ -230,8 +230,10 @@ def _restore(context: Context, rt: Runtime, cfg: config.Config, partition_id: in
         return  # no store, already looked, or the engine restored the node state itself (in-process checkpoint)
     context.state[STORE_STATE] = ConfigRecord({"round": rnd})
     try:
-        saved = node_store.load(*where, context.node_id, rnd)
-        _keep_spent(context, where, saved)
+        newest = node_store.load(*where, context.node_id, NEWEST_ROUND)
+        # usually the newest file is before round rnd, and is the one to restore: read it once
+        saved = newest if newest is None or newest.round < rnd else node_store.load(*where, context.node_id, rnd)
+        _keep_spent(context, newest, saved)
         if saved is None:
             return
         for rec, values in saved.configs.items():
@@ -254,11 +256,10 @@ def _restore(context: Context, rt: Runtime, cfg: config.Config, partition_id: in
         log.warning("node %d starts with fresh client state: %s", context.node_id, e)
 
 
-def _keep_spent(context: Context, where: tuple[Path, str], saved: node_store.NodeState | None) -> None:
-    """Local DP: the accountant of the newest stored round, also of a round after ``saved`` (the resumed run trains
-    it again). That round's update was sent, so its DP-SGD steps stay charged, and charged again when retrained: a
-    node's accountant never rolls back."""
-    newest = node_store.load(*where, context.node_id, NEWEST_ROUND)
+def _keep_spent(context: Context, newest: node_store.NodeState | None, saved: node_store.NodeState | None) -> None:
+    """Local DP: the accountant of the ``newest`` stored round, also of a round after ``saved`` (the resumed run
+    trains it again). That round's update was sent, so its DP-SGD steps stay charged, and charged again when
+    retrained: a node's accountant never rolls back."""
     if newest is None or LOCAL_DP_STATE not in newest.configs or (saved is not None and newest.round <= saved.round):
         return
     context.state[LOCAL_DP_STATE] = ConfigRecord(newest.configs[LOCAL_DP_STATE])
